@@ -1,0 +1,132 @@
+"""Sparse attention forward: FlashAttention-style online softmax over the KEPT key blocks only.
+
+Q/K are int8 with one scale per block (Q's scale carries softmax scale * log2 e, so scores are
+in log2 units and exp2 is exact). P.V runs in fp8 e4m3 (V per-channel scaled, P scaled by
+P_SCALE) on GPUs with fp8 tensor cores, fp16 elsewhere; accumulation is fp32.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import INTERPRET, round_to_e4m3
+
+
+@triton.jit
+def _sparse_attn_fwd(
+    Q, K, VT, QS, KS, VS, O, CNT, IDX, SKIP, PVT,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
+    sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
+    N_Q, N_K, H, KV_GROUP,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_SCALE: tl.constexpr,
+    EMULATE_FP8: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // KV_GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    # Q, K and V^T are padded to whole blocks by the quantizer: no load masks needed
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_n + offs_d[None, :])
+    q_scale = tl.load(QS + b * sqs_b + h * sqs_h + pid_m)
+    k_base = K + b * sk_b + hk * sk_h
+    v_base = VT + b * sv_b + hk * sv_h
+    ks_base = KS + b * sks_b + hk * sks_h
+    idx_base = IDX + b * si_b + h * si_h + pid_m * si_q
+    count = tl.load(CNT + b * sc_b + h * sc_h + pid_m)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_skip = 0
+    if PV_SKIP:
+        neg_lam = -tl.load(PVT + h)
+        row_valid = offs_m < N_Q
+
+    for it in range(0, count):
+        kb = tl.load(idx_base + it)
+        start_n = kb * BLOCK_N
+        cols = start_n + offs_n
+        k_t = tl.load(k_base + cols[None, :].to(tl.int64) * sk_n + offs_d[:, None])  # (HEAD_DIM, BLOCK_N)
+        k_scale = tl.load(ks_base + kb)
+        s = tl.dot(q, k_t).to(tl.float32) * (q_scale * k_scale)
+        if IS_CAUSAL:
+            ok = (cols[None, :] < N_K) & (cols[None, :] <= offs_m[:, None] + (N_K - N_Q))
+        else:
+            ok = (cols < N_K)[None, :]
+        s = tl.where(ok, s, float("-inf"))
+        m_loc = tl.max(s, 1)
+        v = tl.load(v_base + offs_d[None, :] * sv_d + cols[:, None].to(tl.int64))  # (BLOCK_N, HEAD_DIM), N-contiguous
+        do_pv = True
+        if PV_SKIP:
+            # skip when no real row of the tile can gain anything from this block
+            need = ((m_loc - m_i) >= neg_lam) & row_valid
+            do_pv = tl.max(need.to(tl.int32), 0) > 0
+        if do_pv:
+            m_new = tl.maximum(m_i, m_loc)
+            m_use = m_new
+            if IS_CAUSAL:  # a row may still have seen no key at all: avoid -inf - -inf
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if PV_FP8:
+                p8 = p * P_SCALE
+                if EMULATE_FP8:
+                    p8 = round_to_e4m3(p8)
+                pv = tl.dot(p8.to(tl.float8e4nv), v)
+            else:
+                pv = tl.dot(p.to(tl.float16), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        else:
+            n_skip += 1
+
+    vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc * (vs[None, :] / P_SCALE) / l_safe[:, None]
+    o_ptr = O + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_n + offs_d[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D_OUT)[None, :])
+    if PV_SKIP:
+        tl.store(SKIP + b * sc_b + h * sc_h + pid_m, n_skip)
+
+
+def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, pvthreshd,
+                    n_q: int, n_k: int, d_out: int, out_dtype, block_m: int, block_n: int,
+                    is_causal: bool, pv_skip: bool, num_warps: int = 8, num_stages: int = 3):
+    """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), skipped (B,H,NQ) or None)."""
+    B, H, nq_pad, hd = q_i8.shape
+    Hkv = k_i8.shape[1]
+    NQ = triton.cdiv(n_q, block_m)
+    if q_i8.dtype != torch.int8 or k_i8.dtype != torch.int8:
+        raise ValueError("q and k must be int8 (quantize them with kernels.quantize.quant_pool)")
+    if v_t.dtype not in (torch.float8_e4m3fn, torch.float16):
+        raise ValueError("v must be fp8 e4m3 or fp16, transposed (B, H, D, N)")
+    if H % Hkv or k_i8.shape[0] != B or v_t.shape[:3] != (B, Hkv, hd) or k_i8.shape[-1] != hd:
+        raise ValueError(f"shape mismatch: q {tuple(q_i8.shape)}, k {tuple(k_i8.shape)}, v^T {tuple(v_t.shape)}")
+    if nq_pad != NQ * block_m or k_i8.shape[2] % block_n or v_t.shape[3] != k_i8.shape[2]:
+        raise ValueError("quantized q/k/v must be padded to whole blocks")
+    if counts.shape != (B, H, NQ) or indices.shape[:3] != (B, H, NQ) or counts.dtype != torch.int32:
+        raise ValueError(f"block lists must be (B,H,{NQ}) int32 counts + (B,H,{NQ},NK) indices")
+    if indices.shape[3] * block_n < n_k or indices.stride(-1) != 1:
+        raise ValueError("index lists must cover every key block and be contiguous per row")
+    out = torch.empty(B, H, n_q, d_out, dtype=out_dtype, device=q_i8.device)
+    skipped = torch.zeros(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
+    pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()
+    pv_fp8 = v_t.dtype == torch.float8_e4m3fn
+    _sparse_attn_fwd[(NQ, B * H)](
+        q_i8, k_i8, v_t, q_scale, k_scale, v_scale, out, counts, indices, skipped, pvt,
+        q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
+        v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        q_scale.stride(0), q_scale.stride(1), k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
+        counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
+        n_q, n_k, H, H // Hkv,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
+        PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_SCALE=256.0 if pv_fp8 else 1.0, EMULATE_FP8=INTERPRET,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, (skipped if pv_skip else None)

@@ -1,0 +1,125 @@
+"""Fused step 0 + stage-1 pooling: one pass over Q (or K) per token block gives the int8 block,
+its scale, the block's mean vector and its mean pairwise cosine similarity. V gets its own
+per-channel fp8/fp16 cast, written transposed so the P.V product reads it K-major."""
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import INTERPRET, round_to_e4m3
+
+
+@triton.jit
+def _quant_pool_kernel(
+    X, MEAN, XQ, SCALE, POOL, SIM,
+    sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n,
+    N, H, extra_scale,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = offs_n < N
+    dmask = offs_d < D_TRUE
+    x = tl.load(X + b * sx_b + h * sx_h + offs_n[:, None].to(tl.int64) * sx_n + offs_d[None, :],
+                mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if SUBTRACT_MEAN:
+        mu = tl.load(MEAN + b * sm_b + h * sm_h + offs_d, mask=dmask, other=0.0)
+        x = tl.where(valid[:, None], x - mu[None, :], 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-20)
+    xs = x * (127.0 / amax)
+    xq = tl.where(xs >= 0, tl.floor(xs + 0.5), -tl.floor(0.5 - xs))  # round half away from zero
+    # padded rows / columns are written as zeros so the attention kernel reads without masks
+    tl.store(XQ + b * sq_b + h * sq_h + offs_n[:, None].to(tl.int64) * sq_n + offs_d[None, :], xq.to(tl.int8))
+    tl.store(SCALE + b * ss_b + h * ss_h + blk, amax / 127.0 * extra_scale)
+    if WANT_POOL:
+        cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
+        tl.store(POOL + b * sp_b + h * sp_h + blk * sp_n + offs_d, tl.sum(x, 0) / cnt)
+        norm = tl.sqrt(tl.sum(x * x, 1))
+        unit = tl.where(norm[:, None] > 0, x / tl.maximum(norm, 1e-20)[:, None], 0.0)
+        s = tl.sum(unit, 0)
+        tl.store(SIM + b * ss_b + h * ss_h + blk, tl.sum(s * s, 0) / (cnt * cnt))
+
+
+@triton.jit
+def _quant_v_kernel(V, VSCALE, VT, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, N, H,
+                    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
+                    EMULATE_FP8: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    dmask = offs_d < D_TRUE
+    x = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None].to(tl.int64) * sv_n + offs_d[None, :],
+                mask=(offs_n < N)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    s = tl.load(VSCALE + b * svs_b + h * svs_h + offs_d, mask=dmask, other=1.0)
+    y = x / s[None, :]
+    if PV_FP8:
+        if EMULATE_FP8:
+            y = round_to_e4m3(y)
+        y = y.to(tl.float8e4nv)
+    else:
+        y = y.to(tl.float16)
+    tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + offs_n[:, None], y)
+
+
+def _check(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be (B, H, N, D), got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{name} must be fp16/bf16/fp32, got {x.dtype}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in the head dimension")
+
+
+def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 1.0,
+               mean: torch.Tensor | None = None, want_pool: bool = True):
+    """x (B,H,N,D) -> int8 (B,H,nb*block,head_dim), scale (B,H,nb) fp32 (times extra_scale),
+    pooled (B,H,nb,D) fp32, sim (B,H,nb) fp32. `mean` (B,H,D) fp32 is subtracted first (K smoothing)."""
+    _check(x, "x")
+    B, H, N, D = x.shape
+    if head_dim < D or head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim {head_dim} must be a power of two >= {D}")
+    nb = triton.cdiv(N, block)
+    dev = x.device
+    xq = torch.empty(B, H, nb * block, head_dim, dtype=torch.int8, device=dev)
+    scale = torch.empty(B, H, nb, dtype=torch.float32, device=dev)
+    pool = torch.empty(B, H, nb, head_dim, dtype=torch.float32, device=dev) if want_pool else scale
+    sim = torch.empty(B, H, nb, dtype=torch.float32, device=dev) if want_pool else scale
+    if mean is not None:
+        mean = mean.float().contiguous()
+    m = mean if mean is not None else scale
+    _quant_pool_kernel[(nb, B * H)](
+        x, m, xq, scale, pool, sim,
+        x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1),
+        xq.stride(0), xq.stride(1), xq.stride(2), scale.stride(0), scale.stride(1),
+        pool.stride(0), pool.stride(1), pool.stride(2) if want_pool else 0,
+        N, H, float(extra_scale),
+        BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
+        num_warps=4,
+    )
+    if want_pool:
+        return xq, scale, pool[..., :D], sim
+    return xq, scale, None, None
+
+
+def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool):
+    """v (B,H,N,D) / scale (B,H,D) -> transposed (B,H,head_dim,nb*block) fp8 e4m3 or fp16, zero padded."""
+    _check(v, "v")
+    B, H, N, D = v.shape
+    nb = triton.cdiv(N, block)
+    if scale.shape != (B, H, D) or scale.dtype != torch.float32:
+        raise ValueError("v scale must be fp32 (B, H, D)")
+    scale = scale.contiguous()
+    vt = torch.empty(B, H, head_dim, nb * block, dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16, device=v.device)
+    _quant_v_kernel[(nb, B * H)](
+        v, scale, vt, v.stride(0), v.stride(1), v.stride(2), scale.stride(0), scale.stride(1),
+        vt.stride(0), vt.stride(1), vt.stride(2), N, H,
+        BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET, num_warps=4,
+    )
+    return vt

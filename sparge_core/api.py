@@ -1,0 +1,200 @@
+"""The public entry point: sparge_attention(q, k, v, params, ...)."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .blockmask import SpargeBlockMask, causal_block_mask, check_dense_mask, num_blocks
+from .layout import from_hnd, to_hnd
+from .params import SpargeParams
+from .reference import LOG2E, TINY, FP8_MAX, expand_kv, select_blocks, sparge_reference
+from .stats import SpargeStats
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+CPU_BLOCKS = (128, 64)  # reference backend: the shapes the kernels use on most GPUs
+
+
+def block_sizes(device: torch.device, backend: str = "auto") -> tuple[int, int]:
+    """(BLKQ, BLKK) that the mask predictor and the kernel agree on for this device."""
+    if _resolve_backend(device, backend) == "triton":
+        from ..kernels.config import default_config
+
+        cfg = default_config(device)
+        return cfg.block_m, cfg.block_n
+    return CPU_BLOCKS
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve_backend(device: torch.device, backend: str) -> str:
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if backend == "triton" and not _triton_usable(device):
+        raise ValueError("the Triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
+    return backend
+
+
+def validate_qkv(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, N, D), got {getattr(x, 'shape', type(x))}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {x.dtype}; supported: fp16, bf16, fp32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    B, H, N, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim")
+    if k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"{H} query heads cannot share {k.shape[1]} key/value heads (GQA needs a divisor)")
+    if N == 0 or k.shape[2] == 0 or D == 0:
+        raise ValueError("empty sequence or head dim")
+
+
+def _dense(q, k, v, scale, is_causal):
+    H = q.shape[1]
+    return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), scale=scale, is_causal=is_causal)
+
+
+def _dense_reason(q, k, params: SpargeParams, block_q: int) -> Optional[str]:
+    if q.shape[2] < block_q:
+        return f"sequence of {q.shape[2]} tokens is shorter than one {block_q}-token query block: nothing to skip"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the sparse kernel"
+    if params.is_causal and q.shape[2] > k.shape[2]:
+        return "causal attention with more queries than keys"
+    return None
+
+
+def _as_block_mask(block_mask, B, H, n_q, n_k, block_q, block_k, device) -> SpargeBlockMask:
+    if isinstance(block_mask, SpargeBlockMask):
+        if (block_mask.block_q, block_mask.block_k) != (block_q, block_k):
+            raise ValueError(f"block mask uses {block_mask.block_q}x{block_mask.block_k} blocks; this backend needs {block_q}x{block_k}")
+        if block_mask.kv_num_blocks.shape != (B, H, num_blocks(n_q, block_q)):
+            raise ValueError("block mask does not match the batch, heads or length of q")
+        return block_mask
+    check_dense_mask(block_mask, block_q, block_k, n_q, n_k)
+    if block_mask.shape[0] not in (1, B) or block_mask.shape[1] not in (1, H):
+        raise ValueError(f"block mask batch/heads {tuple(block_mask.shape[:2])} do not broadcast to ({B}, {H})")
+    dense = block_mask.to(device).expand(B, H, -1, -1).contiguous()
+    return SpargeBlockMask.from_dense(dense, block_q, block_k, n_q, n_k)
+
+
+def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str):
+    from ..kernels.attn_fwd import sparse_attn_fwd
+    from ..kernels.config import default_config
+    from ..kernels.quantize import quant_pool, quant_v
+
+    cfg = default_config(q.device)
+    B, H, N, D = q.shape
+    Nk = k.shape[2]
+    hd = 64 if D <= 64 else 128  # other head dims are zero padded; the true scale is kept
+    pv_fp8 = cfg.pv_fp8 if pv_dtype == "auto" else pv_dtype == "fp8"
+    want_pool = block_mask is None
+    q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=want_pool)
+    k_mean = k.mean(dim=2, dtype=torch.float32)
+    k_i8, k_s, k_pool, k_sim = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=want_pool)
+    v_scale = (torch.linalg.vector_norm(v, math.inf, dim=2, dtype=torch.float32) / FP8_MAX).clamp_min(TINY)
+    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8)
+    if block_mask is None:
+        mask = select_blocks(q_pool, q_sim, k_pool, k_sim, params, scale, N, Nk, cfg.block_m, cfg.block_n)
+        block_mask = SpargeBlockMask.from_dense(mask, cfg.block_m, cfg.block_n, N, Nk)
+    pv_skip = params.pv_skip_enabled()
+    out, skipped = sparse_attn_fwd(
+        q_i8, k_i8, v_t, q_s, k_s, v_scale, block_mask.kv_num_blocks, block_mask.kv_indices,
+        params.per_head("pvthreshd", H, q.device), N, Nk, D, q.dtype, cfg.block_m, cfg.block_n,
+        params.is_causal, pv_skip, cfg.num_warps, cfg.num_stages,
+    )
+    return out, block_mask, (skipped.sum() if skipped is not None else 0)
+
+
+def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: str = "HND",
+                     grid: Optional[tuple] = None, n_grid_tokens: Optional[int] = None,
+                     scale: Optional[float] = None, return_stats: bool = False, backend: str = "auto",
+                     block_mask=None, pv_dtype: str = "auto"):
+    """Sparse + quantized attention (SpargeAttn).
+
+    q (B, H, N, D), k and v (B, Hkv, Nk, D) for layout "HND"; (B, N, H, D) for "NHD".
+    grid: the (t, h, w) token grid of the first t*h*w tokens; when given, q, k and v are
+        visited in 3D Hilbert order (tokens after the grid, e.g. text, stay in place).
+    block_mask: optional user mask (bool (B|1, H|1, NQ, NK) or SpargeBlockMask) instead of prediction.
+    backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton" or "reference".
+    Returns out in q's dtype and layout, and SpargeStats when return_stats.
+    """
+    params = SpargeParams() if params is None else params
+    if not isinstance(params, SpargeParams):
+        raise ValueError("params must be a SpargeParams")
+    if pv_dtype not in ("auto", "fp8", "fp16", "fp32"):
+        raise ValueError(f"pv_dtype must be auto, fp8, fp16 or fp32, got {pv_dtype!r}")
+    q, k, v = to_hnd(q, layout), to_hnd(k, layout), to_hnd(v, layout)
+    validate_qkv(q, k, v)
+    B, H, N, D = q.shape
+    params.check_heads(H)
+    scale = D ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    be = _resolve_backend(q.device, backend)
+    block_q, block_k = block_sizes(q.device, be)
+    if be == "triton" and pv_dtype == "fp32":
+        raise ValueError("the Triton backend computes P.V in fp8 or fp16, not fp32")
+
+    reason = _dense_reason(q, k, params, block_q)
+    if reason is not None:
+        out = _dense(q, k, v, scale, params.is_causal)
+        stats = SpargeStats("dense", dense_reason=reason, heads=H)
+        return (from_hnd(out, layout), stats) if return_stats else from_hnd(out, layout)
+
+    perm = None
+    if grid is not None:
+        from .hilbert import TokenPermutation
+
+        grid = tuple(int(g) for g in grid)
+        n_grid = math.prod(grid)
+        if n_grid_tokens is not None and n_grid_tokens != n_grid:
+            raise ValueError(f"grid {grid} has {n_grid} tokens but n_grid_tokens is {n_grid_tokens}")
+        if k.shape[2] != N:
+            raise ValueError("a token grid needs self-attention (q and k of the same length)")
+        perm = TokenPermutation.for_grid(grid, N, device=q.device)
+        q, k, v = perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2)
+
+    if block_mask is not None:
+        block_mask = _as_block_mask(block_mask, B, H, N, k.shape[2], block_q, block_k, q.device)
+        if params.is_causal:  # never attend to the future, whatever the mask says
+            dense = block_mask.to_dense() & causal_block_mask(*block_mask.kv_indices.shape[2:], block_q, block_k, N, k.shape[2], q.device)
+            block_mask = SpargeBlockMask.from_dense(dense, block_q, block_k, N, k.shape[2])
+
+    if be == "triton":
+        in_dtype = q.dtype
+        if in_dtype == torch.float32:  # the kernels read fp16/bf16: fp32 is cast, the output cast back
+            q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
+        out, block_mask, skipped = _triton_forward(q, k, v, params, scale, block_mask, pv_dtype)
+        out = out.to(in_dtype)
+    else:
+        pvd = "fp16" if pv_dtype == "auto" else pv_dtype
+        dense_mask = block_mask.to_dense() if block_mask is not None else None
+        out, mask, skipped_rows = sparge_reference(q, k, v, params, block_q, block_k, scale, pvd, mask=dense_mask)
+        block_mask = SpargeBlockMask.from_dense(mask, block_q, block_k, N, k.shape[2]) if dense_mask is None else block_mask
+        skipped = skipped_rows.sum()
+
+    if perm is not None:
+        out = perm.invert(out, 2)
+    out = from_hnd(out, layout)
+    if not return_stats:
+        return out
+    nq, nk = block_mask.kv_indices.shape[2:]
+    per_head = causal_block_mask(nq, nk, block_q, block_k, N, k.shape[2]).sum().item() if params.is_causal else nq * nk
+    stats = SpargeStats(be, block_mask.kv_num_blocks.sum(), B * H * per_head, skipped, None, block_mask, block_q, block_k, H)
+    return out, stats

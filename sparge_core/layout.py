@@ -1,0 +1,26 @@
+"""Layouts at the edge: the core works in (B, H, N, D)."""
+import torch
+from einops import rearrange
+
+LAYOUTS = ("HND", "NHD")
+
+
+def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "HND":
+        return x
+    if layout == "NHD":
+        return rearrange(x, "b n h d -> b h n d")
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def from_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "HND" else rearrange(x, "b h n d -> b n h d")
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """ComfyUI's (B, N, H*D) -> (B, H, N, D)."""
+    return rearrange(x, "b n (h d) -> b h n d", h=heads)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return rearrange(x, "b h n d -> b n (h d)")

@@ -1,0 +1,98 @@
+"""Parameters of the SpargeAttn method, validated once at the edge.
+
+Every threshold may be a Python number (same for all heads) or a 1-D tensor with one
+value per attention head; `per_head()` turns either into an (H,) float32 tensor.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Union
+
+import torch
+
+Threshold = Union[float, int, torch.Tensor]
+DEFAULT_CDF = 0.98
+
+
+def _check_range(name: str, value: Threshold, lo: float, hi: float, lo_open: bool) -> None:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.dim() > 1:
+        raise ValueError(f"{name} must be a number or a 1-D per-head tensor, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    if torch.isnan(t).any():
+        raise ValueError(f"{name} is NaN")
+    bad = (t <= lo) if lo_open else (t < lo)
+    bad |= t > hi
+    if bad.any():
+        lo_br = "(" if lo_open else "["
+        raise ValueError(f"{name} must lie in {lo_br}{lo}, {hi}], got {t.tolist()}")
+
+
+@dataclass(frozen=True)
+class SpargeParams:
+    """Hyper-parameters of one sparse attention call (see ALGORITHM.md).
+
+    simthreshd1: a block counts as self-similar when its mean pairwise cosine exceeds this.
+        Non-self-similar query blocks keep every key block; non-self-similar key blocks are kept
+        for every query. -1 switches the rule off (every block counts as self-similar).
+    cdfthreshd:  keep the fewest key blocks whose predicted attention mass reaches this (CDF mode).
+    topk:        keep this fraction of key blocks per query block (top-k mode). Exactly one of
+                 cdfthreshd / topk is set.
+    pvthreshd:   skip a block's P.V when every row's block max is more than this many log2 units
+                 below its running max. inf never skips.
+    """
+
+    simthreshd1: Threshold = 0.6
+    cdfthreshd: Optional[Threshold] = None  # None and no topk: CDF mode with DEFAULT_CDF
+    topk: Optional[Threshold] = None
+    pvthreshd: Threshold = 50.0
+    attention_sink: bool = False
+    is_causal: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cdfthreshd is None and self.topk is None:
+            object.__setattr__(self, "cdfthreshd", DEFAULT_CDF)
+        if self.cdfthreshd is not None and self.topk is not None:
+            raise ValueError("set exactly one of cdfthreshd (CDF mode) or topk (top-k mode), not both")
+        _check_range("simthreshd1", self.simthreshd1, -1.0, 1.0, lo_open=False)
+        if self.cdfthreshd is not None:
+            _check_range("cdfthreshd", self.cdfthreshd, 0.0, 1.0, lo_open=True)
+        if self.topk is not None:
+            _check_range("topk", self.topk, 0.0, 1.0, lo_open=True)
+        _check_range("pvthreshd", self.pvthreshd, 0.0, math.inf, lo_open=True)
+        for name in ("attention_sink", "is_causal"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool")
+
+    @property
+    def mode(self) -> str:
+        return "cdf" if self.cdfthreshd is not None else "topk"
+
+    def per_head(self, name: str, heads: int, device=None) -> torch.Tensor:
+        """The threshold `name` as an (heads,) float32 tensor."""
+        t = torch.as_tensor(getattr(self, name), dtype=torch.float32).flatten()
+        if t.numel() == 1:
+            t = t.expand(heads)
+        elif t.numel() != heads:
+            raise ValueError(f"{name} has {t.numel()} per-head values but the call has {heads} heads")
+        return t.to(device).contiguous()
+
+    def check_heads(self, heads: int) -> None:
+        for f in ("simthreshd1", "cdfthreshd", "topk", "pvthreshd"):
+            if getattr(self, f) is not None:
+                self.per_head(f, heads)
+
+    def pv_skip_enabled(self) -> bool:
+        return bool(torch.isfinite(torch.as_tensor(self.pvthreshd, dtype=torch.float64)).any())
+
+    def replace(self, **changes) -> "SpargeParams":
+        return replace(self, **changes)
+
+    def describe(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.tolist() if isinstance(v, torch.Tensor) else v
+        return out

@@ -1,0 +1,223 @@
+"""The whole SpargeAttn method in plain PyTorch (fp32 math, any device).
+
+This is the specification the Triton kernels are tested against, so it models their
+arithmetic exactly: the same int8 rounding, the same fp8/fp16 P.V rounding, the same block
+visiting order and the same P.V skip rule. It is written for clarity, not speed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .blockmask import causal_block_mask, num_blocks
+from .params import SpargeParams
+
+LOG2E = 1.4426950408889634
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+P_SCALE_FP8 = 256.0  # P in [0,1] is stored as fp8(P*256): keeps small probabilities out of fp8 subnormals
+TINY = 1e-20
+
+
+# ----------------------------------------------------------------------------- helpers
+def split_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, nb, block, D), zero padded at the end."""
+    n = x.shape[2]
+    nb = num_blocks(n, block)
+    x = F.pad(x, (0, 0, 0, nb * block - n))
+    return x.unflatten(2, (nb, block))
+
+
+def block_token_counts(n: int, block: int, device=None) -> torch.Tensor:
+    nb = num_blocks(n, block)
+    starts = torch.arange(nb, device=device) * block
+    return torch.clamp(n - starts, max=block).float()
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """GQA: repeat each key/value head for the query heads that share it."""
+    group = heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+# ----------------------------------------------------------------------------- step 0
+def smooth_k(k: torch.Tensor) -> torch.Tensor:
+    """Subtract the mean key: every score of a query row shifts by the same amount, so the
+    softmax is unchanged, but the int8 range is spent on what differs between keys."""
+    return k - k.mean(dim=2, keepdim=True)
+
+
+def quantize_int8_per_block(x: torch.Tensor, block: int):
+    """int8 with one scale per block of tokens. Returns (values as int8 (B,H,N,D), scale (B,H,nb))."""
+    n = x.shape[2]
+    xb = split_blocks(x.float(), block)
+    amax = xb.abs().amax(dim=(-1, -2)).clamp_min(TINY)
+    xq = round_half_away(xb * (127.0 / amax)[..., None, None]).clamp(-127, 127)
+    return xq.flatten(2, 3)[:, :, :n].to(torch.int8), amax / 127.0
+
+
+def quantize_v(v: torch.Tensor, pv_dtype: str):
+    """V with one scale per channel over all tokens. Returns (fp32 values as the kernel sees them, scale (B,H,D))."""
+    v = v.float()
+    scale = (v.abs().amax(dim=2) / FP8_MAX).clamp_min(TINY)
+    vs = v / scale[:, :, None, :]
+    if pv_dtype == "fp8":
+        vs = vs.to(torch.float8_e4m3fn).float()
+    elif pv_dtype == "fp16":
+        vs = vs.half().float()
+    elif pv_dtype != "fp32":
+        raise ValueError(f"unknown pv_dtype {pv_dtype!r}")
+    return vs, scale
+
+
+def round_p(p: torch.Tensor, pv_dtype: str) -> torch.Tensor:
+    if pv_dtype == "fp8":
+        return (p * P_SCALE_FP8).to(torch.float8_e4m3fn).float() / P_SCALE_FP8
+    if pv_dtype == "fp16":
+        return p.half().float()
+    return p
+
+
+# ----------------------------------------------------------------------------- stage 1
+def pool_and_similarity(x: torch.Tensor, block: int):
+    """Per block: the mean token (B,H,nb,D) and the mean pairwise cosine similarity (B,H,nb).
+
+    mean_{i,j} cos(x_i, x_j) = ||sum_i x_i/||x_i|| ||^2 / n^2, computed without the n^2 pairs."""
+    n = x.shape[2]
+    xb = split_blocks(x.float(), block)
+    cnt = block_token_counts(n, block, x.device)
+    pooled = xb.sum(-2) / cnt[:, None]
+    norm = xb.norm(dim=-1, keepdim=True)
+    unit = torch.where(norm > 0, xb / norm.clamp_min(TINY), torch.zeros_like(xb))
+    s = unit.sum(-2)
+    sim = (s * s).sum(-1) / (cnt * cnt)
+    return pooled, sim
+
+
+def select_blocks(q_pool, q_sim, k_pool, k_sim, params: SpargeParams, scale: float, n_q: int, n_k: int, block_q: int, block_k: int):
+    """From pooled blocks to the boolean block mask (B,H,NQ,NK). Shared by every backend."""
+    B, H, NQ, _ = q_pool.shape
+    NK = k_pool.shape[2]
+    dev = q_pool.device
+    k_pool, k_sim = expand_kv(k_pool, H), expand_kv(k_sim[..., None], H)[..., 0]
+    theta = params.per_head("simthreshd1", H, dev)[None, :, None]
+    q_ss = q_sim > theta  # (B,H,NQ)
+    k_ss = k_sim > theta  # (B,H,NK)
+
+    scores = (q_pool @ k_pool.transpose(-1, -2)) * scale
+    causal = causal_block_mask(NQ, NK, block_q, block_k, n_q, n_k, dev) if params.is_causal else None
+    if causal is not None:
+        scores = scores.masked_fill(~causal, -math.inf)
+    # a key block that its mean does not represent gets no predicted mass (it is kept anyway below)
+    scores = scores.masked_fill(~k_ss[:, :, None, :], -math.inf)
+    prob = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+
+    sorted_p, order = torch.sort(prob, dim=-1, descending=True)
+    if params.mode == "cdf":
+        tau = params.per_head("cdfthreshd", H, dev)[None, :, None, None]
+        mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        keep_sorted = mass_before < tau
+    else:
+        n_valid = causal.sum(-1).double() if causal is not None else torch.full((NQ,), float(NK), device=dev, dtype=torch.float64)
+        topk = params.per_head("topk", H, dev).double()[None, :, None]
+        n_keep = torch.ceil(topk * n_valid - 1e-9).clamp_min(1)  # (1,H,NQ)
+        keep_sorted = (torch.arange(NK, device=dev)[None, None, None, :] < n_keep[..., None]).expand(B, H, NQ, NK).clone()
+    keep_sorted[..., 0] = True  # always at least one block
+    mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+    mask |= ~q_ss[..., :, None]  # a query block its mean does not represent attends densely
+    mask |= ~k_ss[..., None, :]  # and so is such a key block attended by every query
+    if params.attention_sink:
+        mask[..., 0] = True
+    if causal is not None:
+        mask &= causal
+    return mask
+
+
+def predict_block_mask(q, k, params: SpargeParams, block_q: int, block_k: int, scale: float | None = None):
+    """Stage 1 on un-quantized inputs (B,H,N,D); k may have fewer (GQA) heads."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qp, qs = pool_and_similarity(q, block_q)
+    kp, ks = pool_and_similarity(smooth_k(k.float()), block_k)
+    return select_blocks(qp, qs, kp, ks, params, scale, q.shape[2], k.shape[2], block_q, block_k)
+
+
+# ----------------------------------------------------------------------------- stage 2
+def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int, block_k: int,
+                               scale: float | None = None, pv_dtype: str = "fp8"):
+    """Sparse, quantized attention over the kept blocks of `mask` (B,H,NQ,NK), with P.V skipping.
+
+    Returns (out in q.dtype (B,H,N,D), pv_skipped per query block (B,H,NQ) int64)."""
+    B, H, N, D = q.shape
+    Nk = k.shape[2]
+    dev = q.device
+    scale = D ** -0.5 if scale is None else scale
+    NQ, NK = num_blocks(N, block_q), num_blocks(Nk, block_k)
+
+    qq, qscale = quantize_int8_per_block(q, block_q)
+    kq, kscale = quantize_int8_per_block(smooth_k(k.float()), block_k)
+    # scores come out in log2 units so the softmax can use exp2
+    qd = split_blocks(qq.float(), block_q) * (qscale * (scale * LOG2E))[..., None, None]  # (B,H,NQ,BQ,D)
+    kd = expand_kv(split_blocks(kq.float(), block_k) * kscale[..., None, None], H)  # (B,H,NK,BK,D)
+    vq, vscale = quantize_v(v, pv_dtype)
+    vd = expand_kv(split_blocks(vq, block_k), H)
+    vscale = expand_kv(vscale[:, :, None, :], H)[:, :, 0]
+
+    q_pos = torch.arange(NQ * block_q, device=dev).view(NQ, block_q)
+    row_valid = q_pos < N
+    lam = params.per_head("pvthreshd", H, dev)[None, :, None, None]
+
+    m = torch.full((B, H, NQ, block_q), -math.inf, device=dev)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(B, H, NQ, block_q, D, device=dev)
+    skipped = torch.zeros(B, H, NQ, dtype=torch.int64, device=dev)
+    for j in range(NK):  # ascending, like the kernel's index lists
+        keep = mask[..., j]
+        if not keep.any():
+            continue
+        k_pos = j * block_k + torch.arange(block_k, device=dev)
+        s = torch.einsum("bhqid,bhjd->bhqij", qd, kd[:, :, j])
+        invalid = (k_pos >= Nk)[None, None, :]
+        if params.is_causal:
+            invalid = invalid | (k_pos[None, None, :] > q_pos[:, :, None] + (Nk - N))
+        s = s.masked_fill(invalid, -math.inf)
+        m_loc = s.amax(-1)
+        # skip P.V when no (real) row of the tile gains anything from this block
+        row_needs = ((m_loc - m) >= -lam) & row_valid
+        do = keep & row_needs.any(-1)
+        skipped += (keep & ~do).long()
+
+        m_new = torch.where(do[..., None], torch.maximum(m, m_loc), m)
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp2(m - m_safe)
+        p = torch.exp2(s - m_safe[..., None])
+        pv = round_p(p, pv_dtype) @ vd[:, :, j, None]
+        upd = do[..., None]
+        l = torch.where(upd, l * alpha + p.sum(-1), l)
+        acc = torch.where(upd[..., None], acc * alpha[..., None] + pv, acc)
+        m = m_new
+    out = acc / l.clamp_min(TINY)[..., None] * vscale[:, :, None, None, :]
+    out = out.flatten(2, 3)[:, :, :N]
+    return out.to(q.dtype), skipped
+
+
+def dense_attention(q, k, v, scale: float | None = None, is_causal: bool = False) -> torch.Tensor:
+    """Exact attention in fp32 (the truth for error measurements)."""
+    H = q.shape[1]
+    out = F.scaled_dot_product_attention(
+        q.float(), expand_kv(k.float(), H), expand_kv(v.float(), H), is_causal=is_causal, scale=scale
+    )
+    return out.to(q.dtype)
+
+
+def sparge_reference(q, k, v, params: SpargeParams, block_q: int, block_k: int, scale=None, pv_dtype="fp8", mask=None):
+    """Stage 1 + stage 2. Returns (out, mask, pv_skipped)."""
+    if mask is None:
+        mask = predict_block_mask(q, k, params, block_q, block_k, scale)
+    out, skipped = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, scale, pv_dtype)
+    return out, mask, skipped

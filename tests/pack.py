@@ -1,0 +1,18 @@
+"""Import the repository root as the package `sparge_attention`, the way ComfyUI imports a
+custom-node folder, whatever the checkout's directory is called."""
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "sparge_attention"
+
+
+def load_pack(name: str = NAME):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
