@@ -1,14 +1,65 @@
 """Sparse attention forward: FlashAttention-style online softmax over the KEPT key blocks only.
 
 Q/K are int8 with one scale per block (Q's scale carries softmax scale * log2 e, so scores are
-in log2 units and exp2 is exact). P.V runs in fp8 e4m3 (V per-channel scaled, P scaled by
-P_SCALE) on GPUs with fp8 tensor cores, fp16 elsewhere; accumulation is fp32.
+in log2 units and exp2 is exact). P.V runs in fp8 e4m3 (V per-channel scaled) on GPUs with fp8
+tensor cores, fp16 elsewhere; accumulation is fp32. Structure follows Triton's fused-attention
+tutorial: one program per (query block, batch*head), an inner helper per key block, and the
+partial last key block peeled off so full blocks need no masking.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .fp8 import INTERPRET, round_to_e4m3
+
+# int32 -> fp32 without the slow conversion unit: for |x| < 2^22, adding 1.5*2^23 puts x in the
+# mantissa of a float whose bit pattern is (x + 0x4B400000). int8 dots with D <= 128 stay below
+# 128*127*127 ~ 2^21, so this is exact.
+MAGIC_I = tl.constexpr(0x4B400000)
+MAGIC_F = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _block(acc, l_i, m_i, n_skip, q, k_ptrs, v_ptrs, sk_n, qk_scale, kb, offs_m, offs_n, N_Q, N_K, neg_lam,
+           BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+           PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    start_n = kb * BLOCK_N
+    k_t = tl.load(k_ptrs + start_n.to(tl.int64) * sk_n)  # (HEAD_DIM, BLOCK_N) int8
+    s_i = tl.dot(q, k_t)
+    s = ((s_i + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F) * qk_scale
+    cols = start_n + offs_n
+    if IS_CAUSAL:
+        s = tl.where((cols[None, :] < N_K) & (cols[None, :] <= offs_m[:, None] + (N_K - N_Q)), s, float("-inf"))
+    elif MASK_KEYS:
+        s = tl.where((cols < N_K)[None, :], s, float("-inf"))
+    m_loc = tl.max(s, 1)
+    v = tl.load(v_ptrs + start_n)  # (BLOCK_N, HEAD_DIM), N-contiguous
+    do_pv = True
+    if PV_SKIP:
+        # skip when no real row of the tile can gain anything from this block
+        need = ((m_loc - m_i) >= neg_lam) & (offs_m < N_Q)
+        do_pv = tl.max(need.to(tl.int32), 0) > 0
+    if do_pv:
+        m_new = tl.maximum(m_i, m_loc)
+        m_use = m_new
+        if IS_CAUSAL:  # a row may still have seen no key at all: avoid -inf - -inf
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # P is computed pre-scaled by 2^P_LOG2 (keeps small probabilities out of fp8 subnormals);
+        # l carries the same factor, so it cancels in acc / l
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - (m_use - P_LOG2)[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if PV_FP8:
+            if EMULATE_FP8:
+                p = round_to_e4m3(p)
+            pv = tl.dot(p.to(tl.float8e4nv), v)
+        else:
+            pv = tl.dot(p.to(tl.float16), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    else:
+        n_skip += 1
+    return acc, l_i, m_i, n_skip
 
 
 @triton.jit
@@ -18,7 +69,7 @@ def _sparse_attn_fwd(
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
     N_Q, N_K, H, KV_GROUP,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_SCALE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -33,8 +84,8 @@ def _sparse_attn_fwd(
     # Q, K and V^T are padded to whole blocks by the quantizer: no load masks needed
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_n + offs_d[None, :])
     q_scale = tl.load(QS + b * sqs_b + h * sqs_h + pid_m)
-    k_base = K + b * sk_b + hk * sk_h
-    v_base = VT + b * sv_b + hk * sv_h
+    k_ptrs = K + b * sk_b + hk * sk_h + offs_n[None, :].to(tl.int64) * sk_n + offs_d[:, None]
+    v_ptrs = VT + b * sv_b + hk * sv_h + offs_d[None, :] * sv_d + offs_n[:, None]
     ks_base = KS + b * sks_b + hk * sks_h
     idx_base = IDX + b * si_b + h * si_h + pid_m * si_q
     count = tl.load(CNT + b * sc_b + h * sc_h + pid_m)
@@ -43,52 +94,30 @@ def _sparse_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_skip = 0
+    neg_lam = 0.0
     if PV_SKIP:
         neg_lam = -tl.load(PVT + h)
-        row_valid = offs_m < N_Q
 
-    for it in range(0, count):
+    # the partial last key block can only be the last entry (lists are ascending): peel it
+    n_full = count
+    if count > 0:
+        last = tl.load(idx_base + count - 1)
+        if (last + 1) * BLOCK_N > N_K:
+            n_full = count - 1
+    for it in range(0, n_full):
         kb = tl.load(idx_base + it)
-        start_n = kb * BLOCK_N
-        cols = start_n + offs_n
-        k_t = tl.load(k_base + cols[None, :].to(tl.int64) * sk_n + offs_d[:, None])  # (HEAD_DIM, BLOCK_N)
-        k_scale = tl.load(ks_base + kb)
-        s = tl.dot(q, k_t).to(tl.float32) * (q_scale * k_scale)
-        if IS_CAUSAL:
-            ok = (cols[None, :] < N_K) & (cols[None, :] <= offs_m[:, None] + (N_K - N_Q))
-        else:
-            ok = (cols < N_K)[None, :]
-        s = tl.where(ok, s, float("-inf"))
-        m_loc = tl.max(s, 1)
-        v = tl.load(v_base + offs_d[None, :] * sv_d + cols[:, None].to(tl.int64))  # (BLOCK_N, HEAD_DIM), N-contiguous
-        do_pv = True
-        if PV_SKIP:
-            # skip when no real row of the tile can gain anything from this block
-            need = ((m_loc - m_i) >= neg_lam) & row_valid
-            do_pv = tl.max(need.to(tl.int32), 0) > 0
-        if do_pv:
-            m_new = tl.maximum(m_i, m_loc)
-            m_use = m_new
-            if IS_CAUSAL:  # a row may still have seen no key at all: avoid -inf - -inf
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_use)
-            p = tl.math.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if PV_FP8:
-                p8 = p * P_SCALE
-                if EMULATE_FP8:
-                    p8 = round_to_e4m3(p8)
-                pv = tl.dot(p8.to(tl.float8e4nv), v)
-            else:
-                pv = tl.dot(p.to(tl.float16), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        else:
-            n_skip += 1
+        qk_scale = q_scale * tl.load(ks_base + kb)
+        acc, l_i, m_i, n_skip = _block(acc, l_i, m_i, n_skip, q, k_ptrs, v_ptrs, sk_n, qk_scale, kb, offs_m, offs_n,
+                                       N_Q, N_K, neg_lam, BLOCK_N, False, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8)
+    if n_full < count:
+        kb = tl.load(idx_base + n_full)
+        qk_scale = q_scale * tl.load(ks_base + kb)
+        acc, l_i, m_i, n_skip = _block(acc, l_i, m_i, n_skip, q, k_ptrs, v_ptrs, sk_n, qk_scale, kb, offs_m, offs_n,
+                                       N_Q, N_K, neg_lam, BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8)
 
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc * (vs[None, :] / P_SCALE) / l_safe[:, None]
+    out = acc * vs[None, :] / l_safe[:, None]
     o_ptr = O + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_n + offs_d[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D_OUT)[None, :])
     if PV_SKIP:
@@ -108,6 +137,8 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         raise ValueError("v must be fp8 e4m3 or fp16, transposed (B, H, D, N)")
     if H % Hkv or k_i8.shape[0] != B or v_t.shape[:3] != (B, Hkv, hd) or k_i8.shape[-1] != hd:
         raise ValueError(f"shape mismatch: q {tuple(q_i8.shape)}, k {tuple(k_i8.shape)}, v^T {tuple(v_t.shape)}")
+    if hd > 128:
+        raise ValueError("head dims above 128 are not supported (int8 dot sums must stay below 2^22)")
     if nq_pad != NQ * block_m or k_i8.shape[2] % block_n or v_t.shape[3] != k_i8.shape[2]:
         raise ValueError("quantized q/k/v must be padded to whole blocks")
     if counts.shape != (B, H, NQ) or indices.shape[:3] != (B, H, NQ) or counts.dtype != torch.int32:
@@ -126,7 +157,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
         n_q, n_k, H, H // Hkv,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
-        PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_SCALE=256.0 if pv_fp8 else 1.0, EMULATE_FP8=INTERPRET,
+        PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, (skipped if pv_skip else None)

@@ -16,7 +16,7 @@ from .stats import SpargeStats
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
-CPU_BLOCKS = (128, 64)  # reference backend: the shapes the kernels use on most GPUs
+CPU_BLOCKS = (64, 128)  # reference backend: the same blocks as the GPU kernels (kernels/config.py)
 
 
 def block_sizes(device: torch.device, backend: str = "auto") -> tuple[int, int]:

@@ -1,0 +1,69 @@
+"""Shared bits of the GPU benchmarks: loading the pack, timing, error metrics, random masks."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from pack import load_pack  # noqa: E402
+
+load_pack()
+
+SHAPES = {  # name: (B, H, N, D, grid, n_text)
+    "wan480": (1, 12, 32760, 128, (21, 30, 52), 0),
+    "hunyuan544": (1, 24, 67320, 128, (33, 34, 60), 0),
+    "wan720": (1, 40, 75600, 128, (21, 45, 80), 0),
+}
+
+
+def rel_l1(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).abs().sum() / b.abs().sum()).item()
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+
+def bench_ms(fn, warmup=25, rep=100):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def sdpa_cudnn(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def random_block_mask(B, H, nq, nk, density, device, seed=0):
+    """Each query block keeps round(density * nk) random key blocks (at least one)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    keep = max(1, round(density * nk))
+    scores = torch.rand(B, H, nq, nk, generator=g, device=device)
+    idx = scores.topk(keep, dim=-1).indices
+    return torch.zeros(B, H, nq, nk, dtype=torch.bool, device=device).scatter_(-1, idx, True)
+
+
+def card_name():
+    return torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
+
+
+def save(result: dict, stem: str):
+    out = os.environ.get("OUT") or str(ROOT / "bench" / "results")
+    os.makedirs(out, exist_ok=True)
+    path = Path(out) / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path

@@ -1,0 +1,137 @@
+"""Engine check on the GPU: correctness at the Wan 480p and HunyuanVideo 544p shapes, kernel
+tile sweep, and first timings as ratios to SDPA-cuDNN measured in the same run.
+
+    python bench/gpu_check.py [--shapes wan480,hunyuan544] [--sweep] [--skip-ref]
+"""
+import argparse
+import datetime
+import math
+import time
+
+import torch
+import triton
+
+from common import SHAPES, bench_ms, card_name, cosine, random_block_mask, rel_l1, save, sdpa_cudnn, sdpa_flash
+from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+from sparge_attention.kernels.quantize import quant_pool, quant_v
+from sparge_attention.sparge_core import SpargeBlockMask, SpargeParams, sparge_attention
+from sparge_attention.sparge_core.reference import FP8_MAX, LOG2E, TINY, sparse_attention_reference
+
+SWEEP = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 2), (64, 128, 4, 3),
+         (64, 128, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4)]
+KEEP_ALL = SpargeParams(simthreshd1=-1.0, cdfthreshd=1.0, pvthreshd=math.inf)
+
+
+def prepare(q, k, v, bm, bn):
+    D = q.shape[-1]
+    qi, qs, _, _ = quant_pool(q, bm, D, extra_scale=D ** -0.5 * LOG2E, want_pool=False)
+    ki, ks, _, _ = quant_pool(k, bn, D, mean=k.mean(dim=2, dtype=torch.float32), want_pool=False)
+    vs = (torch.linalg.vector_norm(v, math.inf, dim=2, dtype=torch.float32) / FP8_MAX).clamp_min(TINY)
+    vt = quant_v(v, vs, bn, D, True)
+    return qi, ki, vt, qs, ks, vs
+
+
+def kernel_fn(prep, bmask, N, D, bm, bn, warps, stages, pv_skip=False):
+    qi, ki, vt, qs, ks, vs = prep
+    pvt = torch.full((qi.shape[1],), 1e4 if pv_skip else math.inf, device=qi.device)
+    return lambda: sparse_attn_fwd(qi, ki, vt, qs, ks, vs, bmask.kv_num_blocks, bmask.kv_indices, pvt,
+                                   N, N, D, torch.bfloat16, bm, bn, False, pv_skip, warps, stages)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="wan480,hunyuan544")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--skip-ref", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.date.today().isoformat(), "shapes": {}}
+    rows = []
+    for name in args.shapes.split(","):
+        B, H, N, D, grid, _ = SHAPES[name]
+        q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        r = res["shapes"][name] = {"shape": [B, H, N, D]}
+        t_cudnn = bench_ms(lambda: sdpa_cudnn(q, k, v))
+        t_flash = bench_ms(lambda: sdpa_flash(q, k, v))
+        r["cudnn_ms"], r["flash_ms"] = t_cudnn, t_flash
+        rows.append((name, "SDPA cuDNN", t_cudnn, 1.0, "", ""))
+        rows.append((name, "SDPA flash", t_flash, t_flash / t_cudnn, "", ""))
+        ref = sdpa_cudnn(q, k, v)
+        # correctness with nothing skipped: quantization error only
+        out, st = sparge_attention(q, k, v, KEEP_ALL, return_stats=True)
+        r["keep_all"] = {"rel_l1_vs_sdpa": rel_l1(out, ref), "cosine": cosine(out, ref), "sparsity": st.sparsity,
+                         "nan": bool(torch.isnan(out).any())}
+        bm, bn = st.block_q, st.block_k
+        nq, nk = triton.cdiv(N, bm), triton.cdiv(N, bn)
+        from sparge_attention.kernels.config import default_config
+        cfg = default_config(dev)
+        prep = prepare(q, k, v, bm, bn)
+        for dens in (1.0, 0.5, 0.25, 0.1):
+            mask = random_block_mask(B, H, nq, nk, dens, dev, seed=1)
+            bmask = SpargeBlockMask.from_dense(mask, bm, bn, N, N)
+            entry = r.setdefault("density", {}).setdefault(str(dens), {})
+            if dens < 1.0 and not args.skip_ref:
+                out_k = sparge_attention(q, k, v, KEEP_ALL, block_mask=mask)
+                ref_m, _ = sparse_attention_reference(q, k, v, mask, KEEP_ALL, bm, bn, pv_dtype="fp8")
+                entry["rel_l1_vs_reference"] = rel_l1(out_k, ref_m)
+                entry["cosine_vs_reference"] = cosine(out_k, ref_m)
+                del ref_m, out_k
+            t = bench_ms(kernel_fn(prep, bmask, N, D, bm, bn, cfg.num_warps, cfg.num_stages))
+            entry["kernel_ms"], entry["x_cudnn"] = t, t / t_cudnn
+            entry["eff_tops"] = 4 * B * H * N * N * D / t / 1e9
+            rows.append((name, f"kernel density {dens}", t, t / t_cudnn, f"{entry['eff_tops']:.0f} TOPS",
+                         f"L1 vs ref {entry.get('rel_l1_vs_reference', float('nan')):.4f}"))
+            if dens == 1.0:
+                t2 = bench_ms(kernel_fn(prep, bmask, N, D, bm, bn, cfg.num_warps, cfg.num_stages, pv_skip=True))
+                entry["kernel_pvskip_branch_ms"] = t2
+                rows.append((name, "kernel density 1.0, pv-skip branch on", t2, t2 / t_cudnn, "", ""))
+        # full call: prediction + quantization + kernel
+        for label, p in (("full call keep-all", KEEP_ALL), ("full call cdf 0.9 sim off", SpargeParams(simthreshd1=-1.0, cdfthreshd=0.9, pvthreshd=math.inf))):
+            _, st = sparge_attention(q, k, v, p, return_stats=True)
+            t = bench_ms(lambda: sparge_attention(q, k, v, p))
+            rows.append((name, label, t, t / t_cudnn, f"sparsity {st.sparsity:.3f}", ""))
+            r[label] = {"ms": t, "x_cudnn": t / t_cudnn, "sparsity": st.sparsity}
+        # prediction + quantization alone (everything before the attention kernel)
+        def pred_only():
+            D_ = q.shape[-1]
+            _, _, qp, qsim = quant_pool(q, bm, D_, extra_scale=D_ ** -0.5 * LOG2E)
+            _, _, kp, ksim = quant_pool(k, bn, D_, mean=k.mean(dim=2, dtype=torch.float32))
+            vs = (torch.linalg.vector_norm(v, math.inf, dim=2, dtype=torch.float32) / FP8_MAX).clamp_min(TINY)
+            quant_v(v, vs, bn, D_, True)
+            from sparge_attention.sparge_core.reference import select_blocks
+            m = select_blocks(qp, qsim, kp, ksim, KEEP_ALL.replace(cdfthreshd=0.9), D_ ** -0.5, N, N, bm, bn)
+            SpargeBlockMask.from_dense(m, bm, bn, N, N)
+        t = bench_ms(pred_only)
+        r["prediction_quant_ms"], r["prediction_quant_x_cudnn"] = t, t / t_cudnn
+        rows.append((name, "prediction + quantization", t, t / t_cudnn, "", ""))
+        if args.sweep:
+            sw = r["sweep"] = {}
+            for (bm_, bn_, w, s) in SWEEP:
+                try:
+                    prep_ = prepare(q, k, v, bm_, bn_)
+                    nq_, nk_ = triton.cdiv(N, bm_), triton.cdiv(N, bn_)
+                    for dens in (1.0, 0.25):
+                        mk = SpargeBlockMask.from_dense(random_block_mask(B, H, nq_, nk_, dens, dev, seed=2), bm_, bn_, N, N)
+                        t = bench_ms(kernel_fn(prep_, mk, N, D, bm_, bn_, w, s))
+                        sw[f"{bm_}x{bn_} w{w} s{s} d{dens}"] = t / t_cudnn
+                        rows.append((name, f"sweep {bm_}x{bn_} w{w} s{s} d{dens}", t, t / t_cudnn, "", ""))
+                except Exception as e:  # a config that does not compile is a result too
+                    sw[f"{bm_}x{bn_} w{w} s{s}"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+                    rows.append((name, f"sweep {bm_}x{bn_} w{w} s{s}", float("nan"), float("nan"), "failed", str(e)[:60]))
+        del q, k, v, prep
+        torch.cuda.empty_cache()
+    res["rows"] = rows
+    path = save(res, f"{res['date']}-{card_name()}-gpu_check")
+    print(f"\n{res['card']}  torch {res['torch']}  triton {res['triton']}")
+    print(f"{'shape':<11} {'what':<42} {'ms':>8} {'x cuDNN':>8}  notes")
+    for n, w, t, x, a, b in rows:
+        print(f"{n:<11} {w:<42} {t:8.3f} {x:8.3f}  {a} {b}")
+    for name, r in res["shapes"].items():
+        print(name, "keep-all vs SDPA:", {k_: round(v_, 5) if isinstance(v_, float) else v_ for k_, v_ in r["keep_all"].items()})
+    print("saved", path)
+
+
+if __name__ == "__main__":
+    main()
