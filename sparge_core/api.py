@@ -165,10 +165,12 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         n_grid = math.prod(grid)
         if n_grid_tokens is not None and n_grid_tokens != n_grid:
             raise ValueError(f"grid {grid} has {n_grid} tokens but n_grid_tokens is {n_grid_tokens}")
-        if k.shape[2] != N:
-            raise ValueError("a token grid needs self-attention (q and k of the same length)")
+        if k.shape[2] < n_grid or N < n_grid:
+            raise ValueError(f"grid {grid} has {n_grid} tokens but q has {N} and k {k.shape[2]}")
+        # grid tokens come first in q and k alike; the tails (text tokens) may differ in length
         perm = TokenPermutation.for_grid(grid, N, device=q.device)
-        q, k, v = perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2)
+        perm_k = perm if k.shape[2] == N else TokenPermutation.for_grid(grid, k.shape[2], device=q.device)
+        q, k, v = perm.apply(q, 2), perm_k.apply(k, 2), perm_k.apply(v, 2)
 
     if block_mask is not None:
         block_mask = _as_block_mask(block_mask, B, H, N, k.shape[2], block_q, block_k, q.device)

@@ -9,6 +9,8 @@ def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "HND":
         return x
     if layout == "NHD":
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:  # a clear ValueError, not einops' error
+            raise ValueError(f"an NHD tensor must be 4-D (B, N, H, D), got {getattr(x, 'shape', type(x))}")
         return rearrange(x, "b n h d -> b h n d")
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
