@@ -64,13 +64,13 @@ def _block(acc, l_i, m_i, n_skip, q, k_ptrs, v_ptrs, sk_n, qk_scale, kb, offs_m,
 
 @triton.jit
 def _sparse_attn_fwd(
-    Q, K, VT, QS, KS, VS, O, CNT, IDX, SKIP, PVT,
+    Q, K, VT, QS, KS, VS, O, OPERM, CNT, IDX, SKIP, PVT,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
     N_Q, N_K, H, KV_GROUP,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
-    EMULATE_FP8: tl.constexpr,
+    EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -118,7 +118,10 @@ def _sparse_attn_fwd(
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc * vs[None, :] / l_safe[:, None]
-    o_ptr = O + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_n + offs_d[None, :]
+    rows = offs_m
+    if HAS_PERM:  # scatter rows back to the caller's token order
+        rows = tl.load(OPERM + offs_m, mask=offs_m < N_Q, other=0)
+    o_ptr = O + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_n + offs_d[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D_OUT)[None, :])
     if PV_SKIP:
         tl.store(SKIP + b * sc_b + h * sc_h + pid_m, n_skip)
@@ -126,8 +129,11 @@ def _sparse_attn_fwd(
 
 def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, pvthreshd,
                     n_q: int, n_k: int, d_out: int, out_dtype, block_m: int, block_n: int,
-                    is_causal: bool, pv_skip: bool, num_warps: int = 8, num_stages: int = 3):
-    """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), skipped (B,H,NQ) or None)."""
+                    is_causal: bool, pv_skip: bool, num_warps: int = 4, num_stages: int = 3,
+                    out_perm: torch.Tensor | None = None):
+    """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), skipped (B,H,NQ) or None).
+
+    out_perm (int32 (n_q,)): query row i is written to output row out_perm[i]."""
     B, H, nq_pad, hd = q_i8.shape
     Hkv = k_i8.shape[1]
     NQ = triton.cdiv(n_q, block_m)
@@ -145,12 +151,15 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         raise ValueError(f"block lists must be (B,H,{NQ}) int32 counts + (B,H,{NQ},NK) indices")
     if indices.shape[3] * block_n < n_k or indices.stride(-1) != 1:
         raise ValueError("index lists must cover every key block and be contiguous per row")
+    if out_perm is not None and (out_perm.dtype != torch.int32 or out_perm.shape != (n_q,)):
+        raise ValueError(f"out_perm must be int32 ({n_q},)")
     out = torch.empty(B, H, n_q, d_out, dtype=out_dtype, device=q_i8.device)
     skipped = torch.zeros(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
     pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()
     pv_fp8 = v_t.dtype == torch.float8_e4m3fn
     _sparse_attn_fwd[(NQ, B * H)](
-        q_i8, k_i8, v_t, q_scale, k_scale, v_scale, out, counts, indices, skipped, pvt,
+        q_i8, k_i8, v_t, q_scale, k_scale, v_scale, out, out_perm if out_perm is not None else counts,
+        counts, indices, skipped, pvt,
         q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_scale.stride(0), q_scale.stride(1), k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
@@ -158,6 +167,6 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         n_q, n_k, H, H // Hkv,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_PERM=out_perm is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out, (skipped if pv_skip else None)

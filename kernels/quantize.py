@@ -10,11 +10,11 @@ from .fp8 import INTERPRET, round_to_e4m3
 
 @triton.jit
 def _quant_pool_kernel(
-    X, MEAN, XQ, SCALE, POOL, SIM,
+    X, PERM, MEAN, XQ, SCALE, POOL, SIM,
     sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n,
     N, H, extra_scale,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
-    SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, HAS_PERM: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -24,7 +24,10 @@ def _quant_pool_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     valid = offs_n < N
     dmask = offs_d < D_TRUE
-    x = tl.load(X + b * sx_b + h * sx_h + offs_n[:, None].to(tl.int64) * sx_n + offs_d[None, :],
+    rows = offs_n
+    if HAS_PERM:  # gather tokens in curve order while quantizing: no separate permute pass
+        rows = tl.load(PERM + offs_n, mask=valid, other=0)
+    x = tl.load(X + b * sx_b + h * sx_h + rows[:, None].to(tl.int64) * sx_n + offs_d[None, :],
                 mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     if SUBTRACT_MEAN:
         mu = tl.load(MEAN + b * sm_b + h * sm_h + offs_d, mask=dmask, other=0.0)
@@ -45,9 +48,9 @@ def _quant_pool_kernel(
 
 
 @triton.jit
-def _quant_v_kernel(V, VSCALE, VT, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, N, H,
+def _quant_v_kernel(V, PERM, VSCALE, VT, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, N, H,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
-                    EMULATE_FP8: tl.constexpr):
+                    EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -55,7 +58,10 @@ def _quant_v_kernel(V, VSCALE, VT, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, s
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     dmask = offs_d < D_TRUE
-    x = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None].to(tl.int64) * sv_n + offs_d[None, :],
+    rows = offs_n
+    if HAS_PERM:
+        rows = tl.load(PERM + offs_n, mask=offs_n < N, other=0)
+    x = tl.load(V + b * sv_b + h * sv_h + rows[:, None].to(tl.int64) * sv_n + offs_d[None, :],
                 mask=(offs_n < N)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     s = tl.load(VSCALE + b * svs_b + h * svs_h + offs_d, mask=dmask, other=1.0)
     y = x / s[None, :]
@@ -77,10 +83,19 @@ def _check(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be contiguous in the head dimension")
 
 
+def _check_perm(perm, n, device):
+    if perm is None:
+        return None
+    if perm.dtype != torch.int32 or perm.shape != (n,) or perm.device != device:
+        raise ValueError(f"perm must be an int32 ({n},) tensor on {device}")
+    return perm.contiguous()
+
+
 def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 1.0,
-               mean: torch.Tensor | None = None, want_pool: bool = True):
+               mean: torch.Tensor | None = None, want_pool: bool = True, perm: torch.Tensor | None = None):
     """x (B,H,N,D) -> int8 (B,H,nb*block,head_dim), scale (B,H,nb) fp32 (times extra_scale),
-    pooled (B,H,nb,D) fp32, sim (B,H,nb) fp32. `mean` (B,H,D) fp32 is subtracted first (K smoothing)."""
+    pooled (B,H,nb,D) fp32, sim (B,H,nb) fp32. `mean` (B,H,D) fp32 is subtracted first (K smoothing).
+    With `perm` (int32 (N,)), token i of the output is token perm[i] of x."""
     _check(x, "x")
     B, H, N, D = x.shape
     if head_dim < D or head_dim not in (16, 32, 64, 128, 256):
@@ -94,21 +109,23 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     if mean is not None:
         mean = mean.float().contiguous()
     m = mean if mean is not None else scale
+    perm = _check_perm(perm, N, dev)
     _quant_pool_kernel[(nb, B * H)](
-        x, m, xq, scale, pool, sim,
+        x, perm if perm is not None else scale, m, xq, scale, pool, sim,
         x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1),
         xq.stride(0), xq.stride(1), xq.stride(2), scale.stride(0), scale.stride(1),
         pool.stride(0), pool.stride(1), pool.stride(2) if want_pool else 0,
         N, H, float(extra_scale),
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
-        num_warps=4,
+        HAS_PERM=perm is not None, num_warps=4,
     )
     if want_pool:
         return xq, scale, pool[..., :D], sim
     return xq, scale, None, None
 
 
-def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool):
+def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool,
+            perm: torch.Tensor | None = None):
     """v (B,H,N,D) / scale (B,H,D) -> transposed (B,H,head_dim,nb*block) fp8 e4m3 or fp16, zero padded."""
     _check(v, "v")
     B, H, N, D = v.shape
@@ -117,9 +134,11 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
         raise ValueError("v scale must be fp32 (B, H, D)")
     scale = scale.contiguous()
     vt = torch.empty(B, H, head_dim, nb * block, dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16, device=v.device)
+    perm = _check_perm(perm, N, v.device)
     _quant_v_kernel[(nb, B * H)](
-        v, scale, vt, v.stride(0), v.stride(1), v.stride(2), scale.stride(0), scale.stride(1),
+        v, perm if perm is not None else scale, scale, vt, v.stride(0), v.stride(1), v.stride(2), scale.stride(0), scale.stride(1),
         vt.stride(0), vt.stride(1), vt.stride(2), N, H,
-        BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET, num_warps=4,
+        BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET,
+        HAS_PERM=perm is not None, num_warps=4,
     )
     return vt

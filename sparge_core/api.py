@@ -93,7 +93,7 @@ def _as_block_mask(block_mask, B, H, n_q, n_k, block_q, block_k, device) -> Spar
     return SpargeBlockMask.from_dense(dense, block_q, block_k, n_q, n_k)
 
 
-def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str):
+def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None):
     from ..kernels.attn_fwd import sparse_attn_fwd
     from ..kernels.config import default_config
     from ..kernels.quantize import quant_pool, quant_v
@@ -104,11 +104,11 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
     hd = 64 if D <= 64 else 128  # other head dims are zero padded; the true scale is kept
     pv_fp8 = cfg.pv_fp8 if pv_dtype == "auto" else pv_dtype == "fp8"
     want_pool = block_mask is None
-    q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=want_pool)
-    k_mean = k.mean(dim=2, dtype=torch.float32)
-    k_i8, k_s, k_pool, k_sim = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=want_pool)
+    q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=want_pool, perm=perm_q)
+    k_mean = k.mean(dim=2, dtype=torch.float32)  # token order does not matter for the mean and the max
+    k_i8, k_s, k_pool, k_sim = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=want_pool, perm=perm_k)
     v_scale = (torch.linalg.vector_norm(v, math.inf, dim=2, dtype=torch.float32) / FP8_MAX).clamp_min(TINY)
-    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8)
+    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k)
     if block_mask is None:
         mask = select_blocks(q_pool, q_sim, k_pool, k_sim, params, scale, N, Nk, cfg.block_m, cfg.block_n)
         block_mask = SpargeBlockMask.from_dense(mask, cfg.block_m, cfg.block_n, N, Nk)
@@ -116,7 +116,7 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
     out, skipped = sparse_attn_fwd(
         q_i8, k_i8, v_t, q_s, k_s, v_scale, block_mask.kv_num_blocks, block_mask.kv_indices,
         params.per_head("pvthreshd", H, q.device), N, Nk, D, q.dtype, cfg.block_m, cfg.block_n,
-        params.is_causal, pv_skip, cfg.num_warps, cfg.num_stages,
+        params.is_causal, pv_skip, cfg.num_warps, cfg.num_stages, out_perm=perm_q,
     )
     return out, block_mask, (skipped.sum() if skipped is not None else 0)
 
@@ -170,7 +170,8 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         # grid tokens come first in q and k alike; the tails (text tokens) may differ in length
         perm = TokenPermutation.for_grid(grid, N, device=q.device)
         perm_k = perm if k.shape[2] == N else TokenPermutation.for_grid(grid, k.shape[2], device=q.device)
-        q, k, v = perm.apply(q, 2), perm_k.apply(k, 2), perm_k.apply(v, 2)
+        if be != "triton":  # the Triton path gathers/scatters inside its kernels instead
+            q, k, v = perm.apply(q, 2), perm_k.apply(k, 2), perm_k.apply(v, 2)
 
     if block_mask is not None:
         block_mask = _as_block_mask(block_mask, B, H, N, k.shape[2], block_q, block_k, q.device)
@@ -179,11 +180,9 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
             block_mask = SpargeBlockMask.from_dense(dense, block_q, block_k, N, k.shape[2])
 
     if be == "triton":
-        in_dtype = q.dtype
-        if in_dtype == torch.float32:  # the kernels read fp16/bf16: fp32 is cast, the output cast back
-            q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
-        out, block_mask, skipped = _triton_forward(q, k, v, params, scale, block_mask, pv_dtype)
-        out = out.to(in_dtype)
+        # the quantizers read fp16, bf16 and fp32 alike; the output comes back in q's dtype
+        perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
+        out, block_mask, skipped = _triton_forward(q, k, v, params, scale, block_mask, pv_dtype, *perms)
     else:
         pvd = "fp16" if pv_dtype == "auto" else pv_dtype
         dense_mask = block_mask.to_dense() if block_mask is not None else None
@@ -191,7 +190,7 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         block_mask = SpargeBlockMask.from_dense(mask, block_q, block_k, N, k.shape[2]) if dense_mask is None else block_mask
         skipped = skipped_rows.sum()
 
-    if perm is not None:
+    if perm is not None and be != "triton":
         out = perm.invert(out, 2)
     out = from_hnd(out, layout)
     if not return_stats:

@@ -200,6 +200,7 @@ class TokenPermutation:
     n_tokens: int
     perm: torch.Tensor  # perm[i] = original index of the i-th reordered token
     inv: torch.Tensor  # inv[perm[i]] = i
+    perm32: torch.Tensor  # perm as int32, for kernels that gather rows while they quantize
 
     @classmethod
     def for_grid(
@@ -235,13 +236,13 @@ class TokenPermutation:
 def _cached_permutation(grid: Grid, n_tokens: int, device: torch.device) -> TokenPermutation:
     if device.type != "cpu":  # build on CPU once, then copy
         cpu = _cached_permutation(grid, n_tokens, torch.device("cpu"))
-        return TokenPermutation(grid, n_tokens, cpu.perm.to(device), cpu.inv.to(device))
+        return TokenPermutation(grid, n_tokens, cpu.perm.to(device), cpu.inv.to(device), cpu.perm32.to(device))
     grid_perm = _grid_order(*grid)
     n_grid = grid_perm.numel()
     perm = torch.cat([grid_perm, torch.arange(n_grid, n_tokens, dtype=torch.long)])
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(n_tokens, dtype=torch.long)
-    return TokenPermutation(grid, n_tokens, perm, inv)
+    return TokenPermutation(grid, n_tokens, perm, inv, perm.to(torch.int32))
 
 
 def _coords(t: int, h: int, w: int, order: torch.Tensor) -> torch.Tensor:
