@@ -1,0 +1,94 @@
+"""Time at equal error on realistic video attention (bench/realistic_inputs.py).
+
+For each setting: the whole call (prediction + quantization + kernel, Hilbert gather/scatter
+included) is timed against SDPA-cuDNN in the same run, and its output is compared with fp32
+dense attention (relative L1 over the whole output). Prints the sparsity-vs-error curve for
+CDF and top-k modes, with and without Hilbert order and the self-similarity rule.
+
+    python bench/realistic_bench.py [--shapes wan480,hunyuan544] [--quick]
+"""
+import argparse
+import datetime
+import math
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common import SHAPES, bench_ms, card_name, cosine, rel_l1, save, sdpa_cudnn
+from realistic_inputs import make_video_qkv
+from sparge_attention.sparge_core import SpargeParams, sparge_attention
+
+INF = math.inf
+
+
+def fp32_dense(q, k, v):
+    """Exact attention in fp32, in head chunks (memory-efficient SDPA supports fp32)."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        for h in range(q.shape[1]):
+            out[:, h:h + 1] = torch.nn.functional.scaled_dot_product_attention(
+                q[:, h:h + 1].float(), k[:, h:h + 1].float(), v[:, h:h + 1].float())
+    return out
+
+
+def settings(quick: bool):
+    cdfs = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.96, 0.98) if not quick else (0.8, 0.9, 0.96)
+    topks = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5) if not quick else (0.1, 0.2, 0.3)
+    out = [("keep-all", SpargeParams(simthreshd1=-1.0, cdfthreshd=1.0, pvthreshd=INF), True)]
+    for hil in (True, False):
+        for tau in cdfs:
+            out.append((f"cdf {tau} sim-off", SpargeParams(simthreshd1=-1.0, cdfthreshd=tau, pvthreshd=INF), hil))
+        for tau in cdfs[2:]:
+            out.append((f"cdf {tau} sim 0.3", SpargeParams(simthreshd1=0.3, cdfthreshd=tau, pvthreshd=INF), hil))
+        out.append(("cdf 0.98 sim 0.6 (reference default)", SpargeParams(simthreshd1=0.6, cdfthreshd=0.98, pvthreshd=INF), hil))
+        for k in topks:  # plain block top-k, no similarity rule: the ablation
+            out.append((f"topk {k} sim-off", SpargeParams(simthreshd1=-1.0, topk=k, pvthreshd=INF), hil))
+        for k in topks[1:4]:
+            out.append((f"topk {k} sim 0.3", SpargeParams(simthreshd1=0.3, topk=k, pvthreshd=INF), hil))
+    out.append(("cdf 0.9 sim-off pv 15", SpargeParams(simthreshd1=-1.0, cdfthreshd=0.9, pvthreshd=15.0), True))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="wan480,hunyuan544")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": datetime.date.today().isoformat(), "shapes": {}}
+    for name in args.shapes.split(","):
+        B, H, N, D, grid, _ = SHAPES[name]
+        n_text = 256 if name.startswith("hunyuan") else 0
+        q, k, v, info = make_video_qkv(grid=grid, heads=H, head_dim=D, n_text=n_text, seed=0, device=dev)
+        truth = fp32_dense(q, k, v)
+        t_cudnn = bench_ms(lambda: sdpa_cudnn(q, k, v))
+        r = res["shapes"][name] = {"shape": [B, H, q.shape[2], D], "n_text": n_text, "cudnn_ms": t_cudnn,
+                                   "cudnn_rel_l1": rel_l1(sdpa_cudnn(q, k, v), truth),
+                                   "head_types": info.get("head_types"), "rows": []}
+        # quantization alone, fp16 P.V (no fp8) for comparison
+        keep = SpargeParams(simthreshd1=-1.0, cdfthreshd=1.0, pvthreshd=INF)
+        r["keep_all_fp16_pv_rel_l1"] = rel_l1(sparge_attention(q, k, v, keep, pv_dtype="fp16"), truth)
+        print(f"\n{name} {tuple(q.shape)} cuDNN {t_cudnn:.2f} ms (rel-L1 vs fp32 {r['cudnn_rel_l1']:.4f}); "
+              f"keep-all with fp16 P.V: rel-L1 {r['keep_all_fp16_pv_rel_l1']:.4f}")
+        print(f"{'setting':<40} {'hilbert':>7} {'sparsity':>8} {'rel-L1':>7} {'cos':>7} {'x cuDNN':>8}")
+        for label, p, hil in settings(args.quick):
+            g = grid if hil else None
+            out, st = sparge_attention(q, k, v, p, grid=g, return_stats=True)
+            e, c = rel_l1(out, truth), cosine(out, truth)
+            per_head = [rel_l1(out[:, h], truth[:, h]) for h in range(H)]
+            del out
+            t = bench_ms(lambda: sparge_attention(q, k, v, p, grid=g), warmup=10, rep=50)
+            row = {"setting": label, "hilbert": hil, "sparsity": st.sparsity, "rel_l1": e, "cosine": c,
+                   "x_cudnn": t / t_cudnn, "ms": t, "pv_skip_fraction": st.pv_skip_fraction,
+                   "worst_head_rel_l1": max(per_head), "params": p.describe()}
+            r["rows"].append(row)
+            print(f"{label:<40} {str(hil):>7} {st.sparsity:8.3f} {e:7.4f} {c:7.4f} {t / t_cudnn:8.3f}")
+        del q, k, v, truth
+        torch.cuda.empty_cache()
+    path = save(res, f"{res['date']}-{card_name()}-realistic")
+    print("saved", path)
+
+
+if __name__ == "__main__":
+    main()
