@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--shapes", default="wan480,hunyuan544")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--skip-ref", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the kernel-time breakdown of a full call")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -106,6 +107,19 @@ def main():
         t = bench_ms(pred_only)
         r["prediction_quant_ms"], r["prediction_quant_x_cudnn"] = t, t / t_cudnn
         rows.append((name, "prediction + quantization", t, t / t_cudnn, "", ""))
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            for scoring in ("pooled", "lse"):
+                p = SpargeParams(simthreshd1=-1.0, cdfthreshd=0.9, pvthreshd=math.inf, scoring=scoring)
+                sparge_attention(q, k, v, p, grid=grid)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        sparge_attention(q, k, v, p, grid=grid)
+                    torch.cuda.synchronize()
+                print(f"\n{name} full call, scoring {scoring}, Hilbert, 5 calls:")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
         if args.sweep:
             sw = r["sweep"] = {}
             for (bm_, bn_, w, s) in SWEEP:

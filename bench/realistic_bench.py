@@ -31,7 +31,7 @@ def fp32_dense(q, k, v):
     return out
 
 
-def settings(quick: bool):
+def settings(quick: bool, lse_only: bool = False):
     cdfs = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.96, 0.98) if not quick else (0.8, 0.9, 0.96)
     topks = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5) if not quick else (0.1, 0.2, 0.3)
     out = [("keep-all", SpargeParams(simthreshd1=-1.0, cdfthreshd=1.0, pvthreshd=INF), True)]
@@ -46,13 +46,59 @@ def settings(quick: bool):
         for k in topks[1:4]:
             out.append((f"topk {k} sim 0.3", SpargeParams(simthreshd1=0.3, topk=k, pvthreshd=INF), hil))
     out.append(("cdf 0.9 sim-off pv 15", SpargeParams(simthreshd1=-1.0, cdfthreshd=0.9, pvthreshd=15.0), True))
+    lse_cdfs = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99) if not quick else (0.9, 0.97)
+    for hil in (True, False):
+        for tau in lse_cdfs:
+            out.append((f"lse cdf {tau} sim-off", SpargeParams(simthreshd1=-1.0, cdfthreshd=tau, pvthreshd=INF, scoring="lse"), hil))
+        for k in (0.1, 0.2, 0.3):
+            out.append((f"lse topk {k} sim-off", SpargeParams(simthreshd1=-1.0, topk=k, pvthreshd=INF, scoring="lse"), hil))
+    for tau in lse_cdfs[1:4]:
+        out.append((f"lse cdf {tau} sim 0.3", SpargeParams(simthreshd1=0.3, cdfthreshd=tau, pvthreshd=INF, scoring="lse"), True))
     return out
+
+
+def oracle_block_mass(q, k, bm, bn, chunk=4096):
+    """True attention mass per (query block, key block), averaged over the block's queries."""
+    B, H, N, D = q.shape
+    NQ, NK = -(-N // bm), -(-N // bn)
+    mass = torch.zeros(B, H, NQ, NK, device=q.device)
+    pad_k = NK * bn - N
+    for h in range(H):
+        kh = k[:, h].float()
+        for c0 in range(0, N, chunk):
+            qc = q[:, h, c0:c0 + chunk].float()
+            p = torch.softmax(qc @ kh.transpose(-1, -2) * D ** -0.5, dim=-1)
+            p = torch.nn.functional.pad(p, (0, pad_k)).unflatten(-1, (NK, bn)).sum(-1)  # (B, c, NK)
+            rows = torch.arange(c0, c0 + p.shape[1], device=q.device) // bm
+            mass[:, h].index_add_(1, rows, p)
+    counts = torch.bincount(torch.arange(N, device=q.device) // bm, minlength=NQ).float()
+    return mass / counts[:, None]
+
+
+def oracle_rows(q, k, v, truth, grid, t_cudnn):
+    """An upper bound for any block predictor: the mask chosen from the true block mass."""
+    from sparge_attention.sparge_core.hilbert import TokenPermutation
+    from sparge_attention.sparge_core.reference import keep_from_prob
+
+    perm = TokenPermutation.for_grid(grid, q.shape[2], device=q.device)
+    bm, bn = 64, 128
+    mass = oracle_block_mass(perm.apply(q, 2), perm.apply(k, 2), bm, bn)
+    rows = []
+    for tau in (0.8, 0.9, 0.95, 0.97, 0.98):
+        p = SpargeParams(simthreshd1=-1.0, cdfthreshd=tau, pvthreshd=INF)
+        mask = keep_from_prob(mass, p, None)
+        out, st = sparge_attention(q, k, v, p, grid=grid, block_mask=mask, return_stats=True)
+        t = bench_ms(lambda: sparge_attention(q, k, v, p, grid=grid, block_mask=mask), warmup=10, rep=50)
+        rows.append({"setting": f"oracle mask cdf {tau}", "hilbert": True, "sparsity": st.sparsity,
+                     "rel_l1": rel_l1(out, truth), "cosine": cosine(out, truth), "x_cudnn": t / t_cudnn})
+    return rows
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="wan480,hunyuan544")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="run only settings whose label contains this")
     args = ap.parse_args()
     dev = torch.device("cuda")
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -73,6 +119,8 @@ def main():
               f"keep-all with fp16 P.V: rel-L1 {r['keep_all_fp16_pv_rel_l1']:.4f}")
         print(f"{'setting':<40} {'hilbert':>7} {'sparsity':>8} {'rel-L1':>7} {'cos':>7} {'x cuDNN':>8}")
         for label, p, hil in settings(args.quick):
+            if args.only and args.only not in label and label != "keep-all":
+                continue
             g = grid if hil else None
             out, st = sparge_attention(q, k, v, p, grid=g, return_stats=True)
             e, c = rel_l1(out, truth), cosine(out, truth)
@@ -84,6 +132,9 @@ def main():
                    "worst_head_rel_l1": max(per_head), "params": p.describe()}
             r["rows"].append(row)
             print(f"{label:<40} {str(hil):>7} {st.sparsity:8.3f} {e:7.4f} {c:7.4f} {t / t_cudnn:8.3f}")
+        for row in oracle_rows(q, k, v, truth, grid, t_cudnn):
+            r["rows"].append(row)
+            print(f"{row['setting']:<40} {'True':>7} {row['sparsity']:8.3f} {row['rel_l1']:7.4f} {row['cosine']:7.4f} {row['x_cudnn']:8.3f}")
         del q, k, v, truth
         torch.cuda.empty_cache()
     path = save(res, f"{res['date']}-{card_name()}-realistic")

@@ -110,7 +110,12 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
     v_scale = (torch.linalg.vector_norm(v, math.inf, dim=2, dtype=torch.float32) / FP8_MAX).clamp_min(TINY)
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k)
     if block_mask is None:
-        mask = select_blocks(q_pool, q_sim, k_pool, k_sim, params, scale, N, Nk, cfg.block_m, cfg.block_n)
+        scores = None
+        if params.scoring == "lse":
+            from ..kernels.block_scores import block_lse_scores
+
+            scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n)
+        mask = select_blocks(q_pool, q_sim, k_pool, k_sim, params, scale, N, Nk, cfg.block_m, cfg.block_n, scores)
         block_mask = SpargeBlockMask.from_dense(mask, cfg.block_m, cfg.block_n, N, Nk)
     pv_skip = params.pv_skip_enabled()
     out, skipped = sparse_attn_fwd(

@@ -13,6 +13,7 @@ import torch
 
 Threshold = Union[float, int, torch.Tensor]
 DEFAULT_CDF = 0.98
+SCORINGS = ("pooled", "lse")
 
 
 def _check_range(name: str, value: Threshold, lo: float, hi: float, lo_open: bool) -> None:
@@ -42,6 +43,9 @@ class SpargeParams:
                  cdfthreshd / topk is set.
     pvthreshd:   skip a block's P.V when every row's block max is more than this many log2 units
                  below its running max. inf never skips.
+    scoring:     how stage 1 scores a key block for a query block: "pooled" compares the two block
+                 means (the paper); "lse" sums the pooled query's exp-scores over every key of the
+                 block (the block's true attention mass for the mean query; costs ~1/64 of dense).
     """
 
     simthreshd1: Threshold = 0.6
@@ -50,6 +54,7 @@ class SpargeParams:
     pvthreshd: Threshold = 50.0
     attention_sink: bool = False
     is_causal: bool = False
+    scoring: str = "pooled"  # "pooled": q_pool . k_pool (the paper); "lse": pooled query vs every key
 
     def __post_init__(self) -> None:
         if self.cdfthreshd is None and self.topk is None:
@@ -62,6 +67,8 @@ class SpargeParams:
         if self.topk is not None:
             _check_range("topk", self.topk, 0.0, 1.0, lo_open=True)
         _check_range("pvthreshd", self.pvthreshd, 0.0, math.inf, lo_open=True)
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         for name in ("attention_sink", "is_causal"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool")

@@ -99,24 +99,28 @@ def pool_and_similarity(x: torch.Tensor, block: int):
     return pooled, sim
 
 
-def select_blocks(q_pool, q_sim, k_pool, k_sim, params: SpargeParams, scale: float, n_q: int, n_k: int, block_q: int, block_k: int):
-    """From pooled blocks to the boolean block mask (B,H,NQ,NK). Shared by every backend."""
-    B, H, NQ, _ = q_pool.shape
-    NK = k_pool.shape[2]
-    dev = q_pool.device
-    k_pool, k_sim = expand_kv(k_pool, H), expand_kv(k_sim[..., None], H)[..., 0]
-    theta = params.per_head("simthreshd1", H, dev)[None, :, None]
-    q_ss = q_sim > theta  # (B,H,NQ)
-    k_ss = k_sim > theta  # (B,H,NK)
+def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int):
+    """Per pooled query and key block: log2 of sum_j exp2(score_j) over the block's real keys.
 
-    scores = (q_pool @ k_pool.transpose(-1, -2)) * scale
-    causal = causal_block_mask(NQ, NK, block_q, block_k, n_q, n_k, dev) if params.is_causal else None
-    if causal is not None:
-        scores = scores.masked_fill(~causal, -math.inf)
-    # a key block that its mean does not represent gets no predicted mass (it is kept anyway below)
-    scores = scores.masked_fill(~k_ss[:, :, None, :], -math.inf)
-    prob = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    This is the attention mass the pooled query gives each key block, computed against every
+    key rather than the key block's mean, so one strong key (a sink) is never averaged away.
+    Models the Triton kernel: pooled queries rounded to bf16, smoothed int8 keys."""
+    H = q_pool.shape[1]
+    qp = q_pool.to(torch.bfloat16).float()
+    kd = expand_kv(split_blocks(k_i8.float(), block_k), H)  # (B,H,NK,BK,D) integer values
+    s = torch.einsum("bhqd,bhjkd->bhqjk", qp, kd)
+    s = s * (expand_kv(k_scale[..., None], H)[..., 0] * (scale * LOG2E))[:, :, None, :, None]
+    NK = kd.shape[2]
+    valid = (torch.arange(NK * block_k, device=q_pool.device) < n_k).view(NK, block_k)
+    s = s.masked_fill(~valid, -math.inf)
+    m = s.amax(-1)
+    return m + torch.log2(torch.exp2(s - m[..., None]).sum(-1))
 
+
+def keep_from_prob(prob, params: SpargeParams, causal):
+    """CDF or top-k selection of key blocks from a per-row block distribution (B,H,NQ,NK)."""
+    B, H, NQ, NK = prob.shape
+    dev = prob.device
     sorted_p, order = torch.sort(prob, dim=-1, descending=True)
     if params.mode == "cdf":
         tau = params.per_head("cdfthreshd", H, dev)[None, :, None, None]
@@ -128,10 +132,42 @@ def select_blocks(q_pool, q_sim, k_pool, k_sim, params: SpargeParams, scale: flo
         n_keep = torch.ceil(topk * n_valid - 1e-9).clamp_min(1)  # (1,H,NQ)
         keep_sorted = (torch.arange(NK, device=dev)[None, None, None, :] < n_keep[..., None]).expand(B, H, NQ, NK).clone()
     keep_sorted[..., 0] = True  # always at least one block
-    mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def select_blocks(q_pool, q_sim, k_pool, k_sim, params: SpargeParams, scale: float, n_q: int, n_k: int,
+                  block_q: int, block_k: int, block_scores=None):
+    """From pooled blocks to the boolean block mask (B,H,NQ,NK). Shared by every backend.
+
+    scoring "pooled" (the paper): scores = q_pool . k_pool. scoring "lse": `block_scores` from
+    block_lse_scores (log2 units); key blocks are then represented exactly, so the key-side
+    similarity rule has nothing to protect and only the query-side rule applies."""
+    B, H, NQ, _ = q_pool.shape
+    NK = k_pool.shape[2] if k_pool is not None else block_scores.shape[-1]
+    dev = q_pool.device
+    theta = params.per_head("simthreshd1", H, dev)[None, :, None]
+    q_ss = q_sim > theta  # (B,H,NQ)
+    causal = causal_block_mask(NQ, NK, block_q, block_k, n_q, n_k, dev) if params.is_causal else None
+
+    if params.scoring == "lse":
+        if block_scores is None:
+            raise ValueError("scoring 'lse' needs block_scores")
+        scores = block_scores * math.log(2.0)
+        k_ss = None
+    else:
+        k_pool, k_sim = expand_kv(k_pool, H), expand_kv(k_sim[..., None], H)[..., 0]
+        k_ss = k_sim > theta  # (B,H,NK)
+        scores = (q_pool @ k_pool.transpose(-1, -2)) * scale
+        # a key block that its mean does not represent gets no predicted mass (it is kept anyway below)
+        scores = scores.masked_fill(~k_ss[:, :, None, :], -math.inf)
+    if causal is not None:
+        scores = scores.masked_fill(~causal, -math.inf)
+    prob = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    mask = keep_from_prob(prob, params, causal)
 
     mask |= ~q_ss[..., :, None]  # a query block its mean does not represent attends densely
-    mask |= ~k_ss[..., None, :]  # and so is such a key block attended by every query
+    if k_ss is not None:
+        mask |= ~k_ss[..., None, :]  # and so is such a key block attended by every query
     if params.attention_sink:
         mask[..., 0] = True
     if causal is not None:
@@ -143,7 +179,12 @@ def predict_block_mask(q, k, params: SpargeParams, block_q: int, block_k: int, s
     """Stage 1 on un-quantized inputs (B,H,N,D); k may have fewer (GQA) heads."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qp, qs = pool_and_similarity(q, block_q)
-    kp, ks = pool_and_similarity(smooth_k(k.float()), block_k)
+    ksm = smooth_k(k.float())
+    if params.scoring == "lse":
+        k_i8, k_scale = quantize_int8_per_block(ksm, block_k)
+        scores = block_lse_scores(qp, k_i8, k_scale, scale, k.shape[2], block_k)
+        return select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k, scores)
+    kp, ks = pool_and_similarity(ksm, block_k)
     return select_blocks(qp, qs, kp, ks, params, scale, q.shape[2], k.shape[2], block_q, block_k)
 
 
