@@ -94,19 +94,13 @@ def main():
             t = bench_ms(lambda: sparge_attention(q, k, v, p))
             rows.append((name, label, t, t / t_cudnn, f"sparsity {st.sparsity:.3f}", ""))
             r[label] = {"ms": t, "x_cudnn": t / t_cudnn, "sparsity": st.sparsity}
-        # prediction + quantization alone (everything before the attention kernel)
-        def pred_only():
-            D_ = q.shape[-1]
-            _, _, qp, qsim = quant_pool(q, bm, D_, extra_scale=D_ ** -0.5 * LOG2E)
-            _, _, kp, ksim = quant_pool(k, bn, D_, mean=k.mean(dim=2, dtype=torch.float32))
-            vs = (torch.linalg.vector_norm(v, math.inf, dim=2, dtype=torch.float32) / FP8_MAX).clamp_min(TINY)
-            quant_v(v, vs, bn, D_, True)
-            from sparge_attention.sparge_core.reference import select_blocks
-            m = select_blocks(qp, qsim, kp, ksim, KEEP_ALL.replace(cdfthreshd=0.9), D_ ** -0.5, N, N, bm, bn)
-            SpargeBlockMask.from_dense(m, bm, bn, N, N)
-        t = bench_ms(pred_only)
-        r["prediction_quant_ms"], r["prediction_quant_x_cudnn"] = t, t / t_cudnn
-        rows.append((name, "prediction + quantization", t, t / t_cudnn, "", ""))
+        # prediction + quantization alone (everything before the attention kernel), both scorings
+        from sparge_attention.sparge_core.api import prepare_sparse
+        for scoring in ("pooled", "lse"):
+            p = SpargeParams(simthreshd1=-1.0, cdfthreshd=0.9, pvthreshd=math.inf, scoring=scoring)
+            t = bench_ms(lambda: prepare_sparse(q, k, v, p, D ** -0.5))
+            r[f"prediction_quant_{scoring}_ms"], r[f"prediction_quant_{scoring}_x_cudnn"] = t, t / t_cudnn
+            rows.append((name, f"prediction + quantization ({scoring})", t, t / t_cudnn, "", ""))
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

@@ -78,7 +78,7 @@ def oracle_block_mass(q, k, bm, bn, chunk=4096):
 def oracle_rows(q, k, v, truth, grid, t_cudnn):
     """An upper bound for any block predictor: the mask chosen from the true block mass."""
     from sparge_attention.sparge_core.hilbert import TokenPermutation
-    from sparge_attention.sparge_core.reference import keep_from_prob
+    from sparge_attention.sparge_core.reference import keep_from_scores
 
     perm = TokenPermutation.for_grid(grid, q.shape[2], device=q.device)
     bm, bn = 64, 128
@@ -86,9 +86,9 @@ def oracle_rows(q, k, v, truth, grid, t_cudnn):
     rows = []
     for tau in (0.8, 0.9, 0.95, 0.97, 0.98):
         p = SpargeParams(simthreshd1=-1.0, cdfthreshd=tau, pvthreshd=INF)
-        mask = keep_from_prob(mass, p, None)
+        mask = keep_from_scores(torch.log2(mass), p, None)
         out, st = sparge_attention(q, k, v, p, grid=grid, block_mask=mask, return_stats=True)
-        t = bench_ms(lambda: sparge_attention(q, k, v, p, grid=grid, block_mask=mask), warmup=10, rep=50)
+        t = bench_ms(lambda: sparge_attention(q, k, v, p, grid=grid, block_mask=mask), warmup=25, rep=200)
         rows.append({"setting": f"oracle mask cdf {tau}", "hilbert": True, "sparsity": st.sparsity,
                      "rel_l1": rel_l1(out, truth), "cosine": cosine(out, truth), "x_cudnn": t / t_cudnn})
     return rows
@@ -126,7 +126,7 @@ def main():
             e, c = rel_l1(out, truth), cosine(out, truth)
             per_head = [rel_l1(out[:, h], truth[:, h]) for h in range(H)]
             del out
-            t = bench_ms(lambda: sparge_attention(q, k, v, p, grid=g), warmup=10, rep=50)
+            t = bench_ms(lambda: sparge_attention(q, k, v, p, grid=g), warmup=25, rep=200)
             row = {"setting": label, "hilbert": hil, "sparsity": st.sparsity, "rel_l1": e, "cosine": c,
                    "x_cudnn": t / t_cudnn, "ms": t, "pv_skip_fraction": st.pv_skip_fraction,
                    "worst_head_rel_l1": max(per_head), "params": p.describe()}

@@ -1,19 +1,20 @@
 """Stage-1 "lse" scoring: for each pooled query and each key block, log2 sum_j exp2(q_pool . k_j)
-over the block's keys. Costs about 1/BLOCK_M of dense attention and reads only the int8 keys."""
+over the block's keys. About 1/BLOCK_M of dense attention's work, on int8 tensor cores."""
 import torch
 import triton
 import triton.language as tl
 
-from .fp8 import INTERPRET
+MAGIC_I = tl.constexpr(0x4B400000)  # exact int32 -> fp32 for |x| < 2^22 (see attn_fwd.py)
+MAGIC_F = tl.constexpr(12582912.0)
 
 
 @triton.jit
 def _block_lse_kernel(QP, K, KS, OUT, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks_b, sks_h, so_b, so_h, so_r,
-                      NR, N_K, NKB, H, KV_GROUP, scale_log2,
-                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
-                      DOT_FP32: tl.constexpr):
+                      NR, N_K, NKB, KB_PER_PROG, H, KV_GROUP, scale_log2,
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr):
     pid_r = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_c = tl.program_id(1)
+    bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // KV_GROUP
@@ -22,18 +23,19 @@ def _block_lse_kernel(QP, K, KS, OUT, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks
     offs_d = tl.arange(0, HEAD_DIM)
     qp = tl.load(QP + b * sqp_b + h * sqp_h + offs_r[:, None] * sqp_r + offs_d[None, :],
                  mask=(offs_r < NR)[:, None] & (offs_d < D_TRUE)[None, :], other=0.0)
-    qp = qp.to(tl.bfloat16)
-    if DOT_FP32:  # the CPU interpreter cannot do bf16 dots: same values, fp32 arithmetic
-        qp = qp.to(tl.float32)
+    # pooled queries to int8, one scale per row (round half away from zero, like the quantizer)
+    qamax = tl.maximum(tl.max(tl.abs(qp), 1), 1e-20)
+    qs = qp * (127.0 / qamax)[:, None]
+    q_i8 = tl.where(qs >= 0, tl.floor(qs + 0.5), -tl.floor(0.5 - qs)).to(tl.int8)
+    row_scale = qamax / 127.0 * scale_log2
     k_ptrs = K + b * sk_b + hk * sk_h + offs_n[None, :].to(tl.int64) * sk_n + offs_d[:, None]
     out_ptrs = OUT + b * so_b + h * so_h + offs_r * so_r
-    for kb in range(0, NKB):
+    kb0 = pid_c * KB_PER_PROG
+    kb1 = tl.minimum(kb0 + KB_PER_PROG, NKB)
+    for kb in range(kb0, kb1):
         k = tl.load(k_ptrs + kb * BLOCK_N * sk_n)  # int8, padded to whole blocks (offset < 2^31 within a head)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        else:
-            k = k.to(tl.bfloat16)  # exact: |k| <= 127
-        s = tl.dot(qp, k) * (tl.load(KS + b * sks_b + hk * sks_h + kb) * scale_log2)
+        s_i = tl.dot(q_i8, k)
+        s = ((s_i + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F) * (row_scale * tl.load(KS + b * sks_b + hk * sks_h + kb))[:, None]
         s = tl.where((kb * BLOCK_N + offs_n < N_K)[None, :], s, float("-inf"))
         m = tl.max(s, 1)
         lse = m + tl.math.log2(tl.sum(tl.math.exp2(s - m[:, None]), 1))
@@ -54,10 +56,15 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     q_pool = q_pool.float().contiguous()
     out = torch.empty(B, H, NQ, nkb, dtype=torch.float32, device=q_pool.device)
     block_r = 64
-    _block_lse_kernel[(triton.cdiv(NQ, block_r), B * H)](
+    row_tiles = triton.cdiv(NQ, block_r)
+    # split the key blocks over programs so that small grids still fill every SM
+    chunks = max(1, min(nkb, triton.cdiv(1024, row_tiles * B * H)))
+    per_prog = triton.cdiv(nkb, chunks)
+    grid = (row_tiles, triton.cdiv(nkb, per_prog), B * H)
+    _block_lse_kernel[grid](
         q_pool, k_i8, k_scale, out, q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634,
-        BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, DOT_FP32=INTERPRET, num_warps=4, num_stages=3,
+        out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, per_prog, H, H // Hkv, scale * 1.4426950408889634,
+        BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, num_warps=4, num_stages=3,
     )
     return out

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .blockmask import SpargeBlockMask, causal_block_mask, check_dense_mask, num_blocks
 from .layout import from_hnd, to_hnd
 from .params import SpargeParams
-from .reference import LOG2E, TINY, FP8_MAX, expand_kv, select_blocks, sparge_reference
+from .reference import FP8_MAX, LOG2E, TINY, expand_kv, pooled_scores, sparge_reference
 from .stats import SpargeStats
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -83,8 +83,10 @@ def _as_block_mask(block_mask, B, H, n_q, n_k, block_q, block_k, device) -> Spar
     if isinstance(block_mask, SpargeBlockMask):
         if (block_mask.block_q, block_mask.block_k) != (block_q, block_k):
             raise ValueError(f"block mask uses {block_mask.block_q}x{block_mask.block_k} blocks; this backend needs {block_q}x{block_k}")
-        if block_mask.kv_num_blocks.shape != (B, H, num_blocks(n_q, block_q)):
-            raise ValueError("block mask does not match the batch, heads or length of q")
+        want = (B, H, num_blocks(n_q, block_q), num_blocks(n_k, block_k))
+        if tuple(block_mask.kv_num_blocks.shape) != want[:3] or tuple(block_mask.kv_indices.shape) != want:
+            # a wrong key-block count would make the kernel read past the padded K/V
+            raise ValueError(f"block mask has shape {tuple(block_mask.kv_indices.shape)}; q/k need {want} (B, H, NQ, NK)")
         return block_mask
     check_dense_mask(block_mask, block_q, block_k, n_q, n_k)
     if block_mask.shape[0] not in (1, B) or block_mask.shape[1] not in (1, H):
@@ -93,10 +95,14 @@ def _as_block_mask(block_mask, B, H, n_q, n_k, block_q, block_k, device) -> Spar
     return SpargeBlockMask.from_dense(dense, block_q, block_k, n_q, n_k)
 
 
-def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None):
-    from ..kernels.attn_fwd import sparse_attn_fwd
+def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None, pv_dtype: str = "auto",
+                   perm_q=None, perm_k=None) -> dict:
+    """Everything before the attention kernel on the Triton path: quantization (with the
+    Hilbert gather fused in), stage-1 scoring and block selection. Returned as a dict so
+    benchmarks can time it on its own."""
     from ..kernels.config import default_config
     from ..kernels.quantize import quant_pool, quant_v
+    from ..kernels.select import select_blocks_fused
 
     cfg = default_config(q.device)
     B, H, N, D = q.shape
@@ -110,17 +116,32 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
     v_scale = (torch.linalg.vector_norm(v, math.inf, dim=2, dtype=torch.float32) / FP8_MAX).clamp_min(TINY)
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k)
     if block_mask is None:
-        scores = None
+        theta = params.per_head("simthreshd1", H, q.device)[None, :, None]
+        k_ss = None
         if params.scoring == "lse":
             from ..kernels.block_scores import block_lse_scores
 
             scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n)
-        mask = select_blocks(q_pool, q_sim, k_pool, k_sim, params, scale, N, Nk, cfg.block_m, cfg.block_n, scores)
-        block_mask = SpargeBlockMask.from_dense(mask, cfg.block_m, cfg.block_n, N, Nk)
+        else:
+            k_ss = expand_kv(k_sim[..., None], H)[..., 0] > theta
+            scores = pooled_scores(q_pool, k_pool, k_ss, scale)
+        sel = params.per_head("cdfthreshd" if params.mode == "cdf" else "topk", H, q.device)
+        counts, idx = select_blocks_fused(scores, q_sim > theta, k_ss, sel, params.mode == "cdf",
+                                          params.attention_sink, params.is_causal, N, Nk, cfg.block_m, cfg.block_n)
+        block_mask = SpargeBlockMask(counts, idx, cfg.block_m, cfg.block_n, N, Nk)
+    return dict(cfg=cfg, q_i8=q_i8, k_i8=k_i8, v_t=v_t, q_s=q_s, k_s=k_s, v_scale=v_scale, block_mask=block_mask)
+
+
+def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None):
+    from ..kernels.attn_fwd import sparse_attn_fwd
+
+    P = prepare_sparse(q, k, v, params, scale, block_mask, pv_dtype, perm_q, perm_k)
+    cfg, block_mask = P["cfg"], P["block_mask"]
+    B, H, N, D = q.shape
     pv_skip = params.pv_skip_enabled()
     out, skipped = sparse_attn_fwd(
-        q_i8, k_i8, v_t, q_s, k_s, v_scale, block_mask.kv_num_blocks, block_mask.kv_indices,
-        params.per_head("pvthreshd", H, q.device), N, Nk, D, q.dtype, cfg.block_m, cfg.block_n,
+        P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
+        params.per_head("pvthreshd", H, q.device), N, k.shape[2], D, q.dtype, cfg.block_m, cfg.block_n,
         params.is_causal, pv_skip, cfg.num_warps, cfg.num_stages, out_perm=perm_q,
     )
     return out, block_mask, (skipped.sum() if skipped is not None else 0)

@@ -78,13 +78,21 @@ class SpargeParams:
         return "cdf" if self.cdfthreshd is not None else "topk"
 
     def per_head(self, name: str, heads: int, device=None) -> torch.Tensor:
-        """The threshold `name` as an (heads,) float32 tensor."""
-        t = torch.as_tensor(getattr(self, name), dtype=torch.float32).flatten()
-        if t.numel() == 1:
-            t = t.expand(heads)
-        elif t.numel() != heads:
-            raise ValueError(f"{name} has {t.numel()} per-head values but the call has {heads} heads")
-        return t.to(device).contiguous()
+        """The threshold `name` as an (heads,) float32 tensor on `device`.
+
+        Cached per (name, heads, device): a host-to-device copy from pageable memory
+        synchronizes the stream, which would stall every attention call of a render."""
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        key = (name, heads, dev)
+        cache = self.__dict__.setdefault("_per_head_cache", {})
+        if key not in cache:
+            t = torch.as_tensor(getattr(self, name), dtype=torch.float32).flatten()
+            if t.numel() == 1:
+                t = t.expand(heads)
+            elif t.numel() != heads:
+                raise ValueError(f"{name} has {t.numel()} per-head values but the call has {heads} heads")
+            cache[key] = t.to(dev).contiguous()
+        return cache[key]
 
     def check_heads(self, heads: int) -> None:
         for f in ("simthreshd1", "cdfthreshd", "topk", "pvthreshd"):

@@ -104,12 +104,14 @@ def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int
 
     This is the attention mass the pooled query gives each key block, computed against every
     key rather than the key block's mean, so one strong key (a sink) is never averaged away.
-    Models the Triton kernel: pooled queries rounded to bf16, smoothed int8 keys."""
+    Models the Triton kernel: pooled queries in int8 (one scale per row), smoothed int8 keys."""
     H = q_pool.shape[1]
-    qp = q_pool.to(torch.bfloat16).float()
+    qamax = q_pool.abs().amax(-1, keepdim=True).clamp_min(TINY)
+    q_i8 = round_half_away(q_pool * (127.0 / qamax)).clamp(-127, 127)
     kd = expand_kv(split_blocks(k_i8.float(), block_k), H)  # (B,H,NK,BK,D) integer values
-    s = torch.einsum("bhqd,bhjkd->bhqjk", qp, kd)
-    s = s * (expand_kv(k_scale[..., None], H)[..., 0] * (scale * LOG2E))[:, :, None, :, None]
+    s = torch.einsum("bhqd,bhjkd->bhqjk", q_i8, kd)
+    ks = expand_kv(k_scale[..., None], H)[..., 0]  # (B,H,NK)
+    s = s * ((qamax / 127.0)[..., None] * ks[:, :, None, :, None] * (scale * LOG2E))
     NK = kd.shape[2]
     valid = (torch.arange(NK * block_k, device=q_pool.device) < n_k).view(NK, block_k)
     s = s.masked_fill(~valid, -math.inf)
@@ -117,53 +119,66 @@ def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int
     return m + torch.log2(torch.exp2(s - m[..., None]).sum(-1))
 
 
-def keep_from_prob(prob, params: SpargeParams, causal):
-    """CDF or top-k selection of key blocks from a per-row block distribution (B,H,NQ,NK)."""
-    B, H, NQ, NK = prob.shape
-    dev = prob.device
-    sorted_p, order = torch.sort(prob, dim=-1, descending=True)
+def pooled_scores(q_pool, k_pool, k_ss, scale: float):
+    """The paper's block scores in log2 units: q_pool . k_pool, with key blocks that their mean
+    does not represent given no predicted mass (they are kept for every query anyway)."""
+    H = q_pool.shape[1]
+    scores = (q_pool @ expand_kv(k_pool, H).transpose(-1, -2)) * (scale * LOG2E)
+    return scores.masked_fill(~k_ss[:, :, None, :], -math.inf)
+
+
+def keep_from_scores(scores, params: SpargeParams, causal):
+    """CDF or top-k selection of key blocks from per-row block scores (B,H,NQ,NK), log2 units.
+
+    Ties are kept together: block j is kept when the blocks strictly more probable than it hold
+    less than cdfthreshd of the mass (CDF), or when it is at least as probable as the
+    ceil(topk * blocks)-th one (top-k). Always at least one block."""
+    B, H, NQ, NK = scores.shape
+    dev = scores.device
+    if causal is not None:
+        scores = scores.masked_fill(~causal, -math.inf)
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    prob = torch.exp2(scores - m)
+    prob = prob / prob.sum(-1, keepdim=True).clamp_min(TINY)
+    sorted_p = torch.sort(prob, dim=-1, descending=True).values
     if params.mode == "cdf":
         tau = params.per_head("cdfthreshd", H, dev)[None, :, None, None]
-        mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
-        keep_sorted = mass_before < tau
+        keep_sorted = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < tau
     else:
-        n_valid = causal.sum(-1).double() if causal is not None else torch.full((NQ,), float(NK), device=dev, dtype=torch.float64)
-        topk = params.per_head("topk", H, dev).double()[None, :, None]
-        n_keep = torch.ceil(topk * n_valid - 1e-9).clamp_min(1)  # (1,H,NQ)
-        keep_sorted = (torch.arange(NK, device=dev)[None, None, None, :] < n_keep[..., None]).expand(B, H, NQ, NK).clone()
-    keep_sorted[..., 0] = True  # always at least one block
-    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        n_valid = causal.sum(-1).float() if causal is not None else torch.full((NQ,), float(NK), device=dev)
+        topk = params.per_head("topk", H, dev)[None, :, None]
+        n_keep = torch.ceil(topk * n_valid - 1e-3).clamp_min(1)  # (1,H,NQ); the tolerance absorbs fp32 rounding
+        keep_sorted = torch.arange(NK, device=dev)[None, None, None, :] < n_keep[..., None]
+    keep_sorted = keep_sorted.expand(B, H, NQ, NK).clone()
+    keep_sorted[..., 0] = True
+    thr = torch.where(keep_sorted, sorted_p, torch.full_like(sorted_p, math.inf)).amin(-1, keepdim=True)
+    return prob >= thr
 
 
 def select_blocks(q_pool, q_sim, k_pool, k_sim, params: SpargeParams, scale: float, n_q: int, n_k: int,
                   block_q: int, block_k: int, block_scores=None):
-    """From pooled blocks to the boolean block mask (B,H,NQ,NK). Shared by every backend.
+    """From pooled blocks to the boolean block mask (B,H,NQ,NK): the PyTorch twin of the fused
+    Triton selection kernel (kernels/select.py).
 
     scoring "pooled" (the paper): scores = q_pool . k_pool. scoring "lse": `block_scores` from
     block_lse_scores (log2 units); key blocks are then represented exactly, so the key-side
     similarity rule has nothing to protect and only the query-side rule applies."""
     B, H, NQ, _ = q_pool.shape
-    NK = k_pool.shape[2] if k_pool is not None else block_scores.shape[-1]
     dev = q_pool.device
     theta = params.per_head("simthreshd1", H, dev)[None, :, None]
     q_ss = q_sim > theta  # (B,H,NQ)
-    causal = causal_block_mask(NQ, NK, block_q, block_k, n_q, n_k, dev) if params.is_causal else None
-
+    k_ss = None
     if params.scoring == "lse":
         if block_scores is None:
             raise ValueError("scoring 'lse' needs block_scores")
-        scores = block_scores * math.log(2.0)
-        k_ss = None
+        scores = block_scores
     else:
-        k_pool, k_sim = expand_kv(k_pool, H), expand_kv(k_sim[..., None], H)[..., 0]
-        k_ss = k_sim > theta  # (B,H,NK)
-        scores = (q_pool @ k_pool.transpose(-1, -2)) * scale
-        # a key block that its mean does not represent gets no predicted mass (it is kept anyway below)
-        scores = scores.masked_fill(~k_ss[:, :, None, :], -math.inf)
-    if causal is not None:
-        scores = scores.masked_fill(~causal, -math.inf)
-    prob = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-    mask = keep_from_prob(prob, params, causal)
+        k_ss = expand_kv(k_sim[..., None], H)[..., 0] > theta  # (B,H,NK)
+        scores = pooled_scores(q_pool, k_pool, k_ss, scale)
+    NK = scores.shape[-1]
+    causal = causal_block_mask(NQ, NK, block_q, block_k, n_q, n_k, dev) if params.is_causal else None
+    mask = keep_from_scores(scores, params, causal)
 
     mask |= ~q_ss[..., :, None]  # a query block its mean does not represent attends densely
     if k_ss is not None:
