@@ -67,13 +67,16 @@ def _sparse_attn_fwd(
     Q, K, VT, QS, KS, VS, O, OPERM, CNT, IDX, SKIP, PVT,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
-    N_Q, N_K, H, KV_GROUP,
+    N_Q, N_K, H, KV_GROUP, NQB,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # one program per (batch*head, query block), query blocks fastest: the programs running
+    # together share one head's K and V in L2
+    row = tl.program_id(0)
+    pid_m = row % NQB
+    bh = row // NQB
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // KV_GROUP
@@ -157,14 +160,14 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     skipped = torch.zeros(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
     pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()
     pv_fp8 = v_t.dtype == torch.float8_e4m3fn
-    _sparse_attn_fwd[(NQ, B * H)](
+    _sparse_attn_fwd[(B * H * NQ,)](
         q_i8, k_i8, v_t, q_scale, k_scale, v_scale, out, out_perm if out_perm is not None else counts,
         counts, indices, skipped, pvt,
         q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_scale.stride(0), q_scale.stride(1), k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
-        n_q, n_k, H, H // Hkv,
+        n_q, n_k, H, H // Hkv, NQ,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
         HAS_PERM=out_perm is not None, num_warps=num_warps, num_stages=num_stages,
