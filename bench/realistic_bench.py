@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from common import SHAPES, bench_ms, card_name, cosine, rel_l1, save, sdpa_cudnn
 from realistic_inputs import make_video_qkv
 from sparge_attention.sparge_core import SpargeParams, sparge_attention
+from sparge_attention.sparge_core.presets import PRESETS
 
 INF = math.inf
 
@@ -46,14 +47,16 @@ def settings(quick: bool, lse_only: bool = False):
         for k in topks[1:4]:
             out.append((f"topk {k} sim 0.3", SpargeParams(simthreshd1=0.3, topk=k, pvthreshd=INF), hil))
     out.append(("cdf 0.9 sim-off pv 15", SpargeParams(simthreshd1=-1.0, cdfthreshd=0.9, pvthreshd=15.0), True))
-    lse_cdfs = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99) if not quick else (0.9, 0.97)
+    lse_cdfs = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99) if not quick else (0.9, 0.97)
     for hil in (True, False):
         for tau in lse_cdfs:
             out.append((f"lse cdf {tau} sim-off", SpargeParams(simthreshd1=-1.0, cdfthreshd=tau, pvthreshd=INF, scoring="lse"), hil))
         for k in (0.1, 0.2, 0.3):
             out.append((f"lse topk {k} sim-off", SpargeParams(simthreshd1=-1.0, topk=k, pvthreshd=INF, scoring="lse"), hil))
-    for tau in lse_cdfs[1:4]:
+    for tau in (0.9, 0.95):
         out.append((f"lse cdf {tau} sim 0.3", SpargeParams(simthreshd1=0.3, cdfthreshd=tau, pvthreshd=INF, scoring="lse"), True))
+    for name, preset in PRESETS.items():
+        out.append((f"preset {name}", preset.params(), True))
     return out
 
 
