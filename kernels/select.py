@@ -30,7 +30,9 @@ def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, NQ, NK, H, n_q, n_k, block_q, b
     ps = tl.sort(p, 0, descending=True)
     thr_param = tl.load(PARAM + h)
     if MODE_CDF:
-        kept_sorted = (tl.cumsum(ps, 0) - ps) < thr_param
+        # tau >= 1 keeps every block, even where the fp32 running sum reaches 1.0 early
+        tau = tl.where(thr_param >= 1.0, float("inf"), thr_param)
+        kept_sorted = (tl.cumsum(ps, 0) - ps) < tau
     else:
         n_valid = tl.sum(allowed.to(tl.float32), 0)
         n_keep = tl.maximum(tl.ceil(thr_param * n_valid - 1e-3), 1.0)

@@ -144,7 +144,8 @@ def keep_from_scores(scores, params: SpargeParams, causal):
     sorted_p = torch.sort(prob, dim=-1, descending=True).values
     if params.mode == "cdf":
         tau = params.per_head("cdfthreshd", H, dev)[None, :, None, None]
-        keep_sorted = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < tau
+        # tau >= 1 keeps every block, even where the fp32 running sum reaches 1.0 early
+        keep_sorted = ((torch.cumsum(sorted_p, dim=-1) - sorted_p) < tau) | (tau >= 1.0)
     else:
         n_valid = causal.sum(-1).float() if causal is not None else torch.full((NQ,), float(NK), device=dev)
         topk = params.per_head("topk", H, dev)[None, :, None]

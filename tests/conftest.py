@@ -1,4 +1,10 @@
-"""Project-wide pytest configuration (keep minimal; kernel tests set TRITON_INTERPRET themselves)."""
+"""Project-wide pytest configuration.
+
+This machine has no GPU: Triton kernels run in the CPU interpreter, which must be switched on
+before triton is first imported."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

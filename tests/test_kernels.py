@@ -1,0 +1,407 @@
+"""The Triton kernels against the PyTorch reference, run in Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported (kernels/fp8.py also reads it at
+import time), hence the first lines of this module."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import itertools  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from pack import load_pack  # noqa: E402
+
+load_pack()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sparge_attention.sparge_core import SpargeParams, block_sizes, sparge_attention  # noqa: E402
+from sparge_attention.sparge_core.blockmask import num_blocks  # noqa: E402
+from sparge_attention.sparge_core.reference import (  # noqa: E402
+    FP8_MAX,
+    LOG2E,
+    pool_and_similarity,
+    quantize_int8_per_block,
+    quantize_v,
+    smooth_k,
+    sparge_reference,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tests run in the Triton CPU interpreter"
+)
+
+from sparge_attention.kernels.block_index import block_map_to_index  # noqa: E402
+from sparge_attention.kernels.fp8 import INTERPRET  # noqa: E402
+from sparge_attention.kernels.quantize import quant_pool, quant_v  # noqa: E402
+
+BQ, BK = block_sizes(torch.device("cpu"), "triton")  # the interpreter's tiles (kernels.config)
+# the forward tests are slow in the interpreter: no shrinking (a failure prints its example)
+NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
+INF = float("inf")
+
+
+def rel_l1(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).abs().sum() / b.abs().sum().clamp_min(1e-12)).item()
+
+
+def clustered(B, H, N, D, seed, Hkv=None, seg=96, n_clusters=6, amp=2.0, noise=0.5, dtype=torch.float32):
+    """Runs of `seg` tokens share a cluster centre (q and k of a head share the centres): blocks are
+    fairly self-similar and the predictor finds real sparsity."""
+    g = torch.Generator().manual_seed(seed)
+    Hkv = Hkv or H
+    centres = torch.randn(B, H, n_clusters, D, generator=g)
+
+    def make(h):
+        runs = -(-N // seg)
+        lab = torch.randint(0, n_clusters, (B, h, runs), generator=g).repeat_interleave(seg, -1)[..., :N]
+        cent = torch.gather(centres[:, :h], 2, lab[..., None].expand(B, h, N, D))
+        return amp * cent + noise * torch.randn(B, h, N, D, generator=g)
+
+    return make(H).to(dtype), make(Hkv).to(dtype), torch.randn(B, Hkv, N, D, generator=g).to(dtype)
+
+
+def with_sink(B, H, N, D, seed, Hkv=None, sink=8.0, dtype=torch.float32):
+    """Weakly clustered tokens plus an attention sink: every query has a strong component along
+    u and so do the first 32 keys. Later key blocks sit far below the sink's running max, so
+    P.V skipping fires for small pvthreshd."""
+    q, k, v = clustered(B, H, N, D, seed, Hkv=Hkv, amp=1.0, noise=1.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    u = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
+    q = q + sink * u
+    k[..., :32, :] += sink * u
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def test_interpreter_flag_seen_by_kernels():
+    assert INTERPRET, "kernels/fp8.py was imported before TRITON_INTERPRET=1 was set"
+
+
+# ----------------------------------------------------------------------------- quant_pool
+def check_quant_pool(x, block, hd, mean=None, extra_scale=1.0):
+    B, H, N, D = x.shape
+    nb = num_blocks(N, block)
+    xq, scale, pooled, sim = quant_pool(x, block, hd, extra_scale=extra_scale, mean=mean)
+    assert xq.shape == (B, H, nb * block, hd) and xq.dtype == torch.int8
+    assert scale.shape == (B, H, nb) and pooled.shape == (B, H, nb, D) and sim.shape == (B, H, nb)
+
+    xs = x.float() if mean is None else x.float() - mean[:, :, None, :]
+    rq, rscale = quantize_int8_per_block(xs, block)
+    rpool, rsim = pool_and_similarity(xs, block)
+    got = xq[:, :, :N, :D]
+    diff = (got.int() - rq.int()).abs()
+    assert diff.max() <= 1  # only a rounding tie may land on the other side
+    assert (diff > 0).float().mean() < 1e-3
+    assert (xq[:, :, N:] == 0).all() and (xq[..., D:] == 0).all()  # padding is written as zeros
+    torch.testing.assert_close(scale, rscale * extra_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(pooled, rpool, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sim, rsim, rtol=1e-5, atol=1e-5)
+    # no pooling requested: same int8 and scales, no pool/sim
+    xq2, scale2, p2, s2 = quant_pool(x, block, hd, extra_scale=extra_scale, mean=mean, want_pool=False)
+    assert p2 is None and s2 is None
+    assert torch.equal(xq2, xq) and torch.equal(scale2, scale)
+
+
+@pytest.mark.parametrize("D,hd", [(64, 64), (48, 64), (96, 128), (128, 128), (80, 128)])
+@pytest.mark.parametrize("N,block", [(300, 64), (257, 128), (128, 128), (17, 64)])
+def test_quant_pool_matches_reference(D, hd, N, block):
+    g = torch.Generator().manual_seed(N * D + block)
+    x = torch.randn(2, 2, N, D, generator=g) * torch.linspace(0.1, 4, N)[:, None]
+    check_quant_pool(x, block, hd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quant_pool_dtypes_and_extra_scale(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1, 3, 200, 64, generator=g) * 3).to(dtype)
+    check_quant_pool(x, 128, 64, extra_scale=64 ** -0.5 * LOG2E)
+
+
+@pytest.mark.parametrize("D,hd", [(64, 64), (48, 64), (96, 128)])
+def test_quant_pool_k_smoothing(D, hd):
+    g = torch.Generator().manual_seed(D)
+    k = (torch.randn(1, 2, 333, D, generator=g) + 7.0).to(torch.bfloat16)  # big shared offset
+    mean = k.mean(dim=2, dtype=torch.float32)
+    check_quant_pool(k, 64, hd, mean=mean)
+    # the smoothed int8 keys are what the reference quantizes after smooth_k
+    xq, _, _, _ = quant_pool(k, 64, hd, mean=mean, want_pool=False)
+    rq, _ = quantize_int8_per_block(smooth_k(k.float()), 64)
+    assert ((xq[:, :, :333, :D].int() - rq.int()).abs() <= 1).all()
+
+
+def test_quant_pool_non_contiguous_input():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 300, 2, 64, generator=g).transpose(1, 2)  # an NHD view
+    assert not x.is_contiguous()
+    check_quant_pool(x, 64, 64)
+
+
+def test_quant_pool_rejects_bad_input():
+    with pytest.raises(ValueError):
+        quant_pool(torch.randn(2, 100, 64), 64, 64)
+    with pytest.raises(ValueError):
+        quant_pool(torch.randn(1, 1, 100, 64, dtype=torch.float64), 64, 64)
+    with pytest.raises(ValueError, match="head_dim"):
+        quant_pool(torch.randn(1, 1, 100, 80), 64, 64)
+
+
+# ----------------------------------------------------------------------------- quant_v
+@pytest.mark.parametrize("pv_fp8", [True, False])
+@pytest.mark.parametrize("D,hd", [(64, 64), (48, 64), (80, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quant_v_matches_reference(pv_fp8, D, hd, dtype):
+    g = torch.Generator().manual_seed(D + pv_fp8)
+    N = 201
+    v = (torch.randn(2, 2, N, D, generator=g) * torch.linspace(0.01, 5, D)).to(dtype)
+    scale = (v.float().abs().amax(dim=2) / FP8_MAX).clamp_min(1e-20)
+    vt = quant_v(v, scale, BK, hd, pv_fp8)
+    nb = num_blocks(N, BK)
+    assert vt.shape == (2, 2, hd, nb * BK)
+    assert vt.dtype == (torch.float8_e4m3fn if pv_fp8 else torch.float16)
+    ref, rscale = quantize_v(v, "fp8" if pv_fp8 else "fp16")
+    torch.testing.assert_close(scale, rscale, rtol=0, atol=0)
+    got = vt.float()[:, :, :D, :N].transpose(-1, -2)
+    assert torch.equal(got, ref), f"{(got != ref).sum().item()} values differ"
+    assert (vt.float()[:, :, :, N:] == 0).all() and (vt.float()[:, :, D:] == 0).all()
+
+
+def test_quant_v_fp8_rounding_near_powers_of_two():
+    """The interpreter's own fp32->fp8 cast mis-rounds just below powers of two; the emulated
+    rounding must agree with torch's round-to-nearest-even everywhere on the e4m3 range."""
+    grid = torch.linspace(-448, 448, 64 * 60)
+    special = torch.tensor([125.9, 127.99, 63.9, 31.99, 0.0155, 0.001, -240.5, 448.0, -448.0, 0.0])
+    vals = torch.cat([grid, special])
+    n = vals.numel() // 2 * 2
+    v = vals[:n].reshape(1, 1, -1, 2)
+    scale = torch.ones(1, 1, 2)
+    vt = quant_v(v, scale, BK, 16, True)
+    got = vt.float()[0, 0, :2, : v.shape[2]].T
+    want = v.to(torch.float8_e4m3fn).float()
+    assert torch.equal(got, want[0, 0])
+
+
+def test_quant_v_rejects_bad_scale():
+    v = torch.randn(1, 2, 100, 64)
+    with pytest.raises(ValueError, match="scale"):
+        quant_v(v, torch.ones(1, 2, 32), BK, 64, True)
+
+
+# ----------------------------------------------------------------------------- block_map_to_index
+@settings(max_examples=15, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5), st.integers(1, 40)),
+    density=st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_block_map_to_index(shape, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=g) < density
+    counts, idx = block_map_to_index(mask)
+    assert counts.dtype == torch.int32 and idx.dtype == torch.int32 and idx.shape == mask.shape
+    assert torch.equal(counts, mask.sum(-1, dtype=torch.int32))
+    for row in itertools.product(*(range(s) for s in shape[:3])):
+        c = int(counts[row])
+        assert idx[row][:c].tolist() == mask[row].nonzero().flatten().tolist()  # ascending, exact
+
+
+def test_block_map_to_index_non_contiguous_and_bad_input():
+    mask = torch.rand(2, 3, 4, 6) < 0.5
+    t = mask.transpose(0, 1)  # non-contiguous view
+    counts, idx = block_map_to_index(t)
+    assert torch.equal(counts, t.sum(-1, dtype=torch.int32))
+    for row in itertools.product(range(3), range(2), range(4)):
+        assert idx[row][: int(counts[row])].tolist() == t[row].nonzero().flatten().tolist()
+    with pytest.raises(ValueError):
+        block_map_to_index(mask.int())
+    with pytest.raises(ValueError):
+        block_map_to_index(mask[0])
+
+
+# ----------------------------------------------------------------------------- attention forward
+def run_both(q, k, v, params, pv_dtype="auto", block_mask=None):
+    """Triton through the public API; the reference on the same inputs with the P.V type the
+    kernel uses (fp8 under the interpreter unless asked for fp16)."""
+    out, st = sparge_attention(q, k, v, params, backend="triton", return_stats=True, pv_dtype=pv_dtype,
+                               block_mask=block_mask)
+    assert st.backend == "triton"
+    mask = None if block_mask is None else st.block_mask.to_dense()
+    ref, ref_mask, skipped = sparge_reference(q, k, v, params, BQ, BK, pv_dtype="fp16" if pv_dtype == "fp16" else "fp8",
+                                              mask=mask)
+    return out, st, ref.to(q.dtype), ref_mask, skipped
+
+
+@settings(max_examples=14, deadline=None, phases=NO_SHRINK)
+@given(
+    n=st.integers(129, 400),
+    D=st.sampled_from([64, 128, 80]),
+    heads=st.sampled_from([(1, 1, 1), (1, 2, 2), (1, 4, 2), (2, 2, 1), (1, 4, 1)]),  # (B, H, Hkv)
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    causal=st.booleans(),
+    mode=st.sampled_from(["cdf", "topk"]),
+    theta=st.sampled_from([-1.0, 0.3, 0.6]),
+    pvthreshd=st.sampled_from([INF, 50.0, 4.0, 1.0]),
+    data=st.sampled_from([clustered, with_sink]),
+    scoring=st.sampled_from(["pooled", "pooled", "lse"]),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_forward_matches_reference(n, D, heads, dtype, causal, mode, theta, pvthreshd, data, scoring, seed):
+    B, H, Hkv = heads
+    q, k, v = data(B, H, n, D, seed, Hkv=Hkv, dtype=dtype)
+    extra = {"cdfthreshd": 0.9} if mode == "cdf" else {"topk": 0.4}
+    params = SpargeParams(simthreshd1=theta, pvthreshd=pvthreshd, is_causal=causal, scoring=scoring, **extra)
+    out, st, ref, ref_mask, skipped = run_both(q, k, v, params)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out.float()).all()
+    assert torch.equal(st.block_mask.to_dense(), ref_mask)
+    assert int(st.pv_skipped) == int(skipped.sum())
+    if pvthreshd == INF:
+        assert int(st.pv_skipped) == 0
+    assert rel_l1(out, ref) < 0.01
+
+
+def test_triton_forward_sparse_and_skipping_actually_happen():
+    """A fixed case where the mask is sparse and P.V skipping fires, so the equalities above
+    are not vacuous."""
+    q, k, v = with_sink(1, 2, 512, 64, seed=7, sink=10.0, dtype=torch.bfloat16)
+    params = SpargeParams(simthreshd1=-1, cdfthreshd=0.9, pvthreshd=1.0)
+    out, st, ref, ref_mask, skipped = run_both(q, k, v, params)
+    assert torch.equal(st.block_mask.to_dense(), ref_mask)
+    assert 0.2 < st.sparsity < 1.0
+    assert int(st.pv_skipped) == int(skipped.sum()) > 0
+    assert rel_l1(out, ref) < 0.01
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_forward_fp16_pv(causal):
+    q, k, v = clustered(1, 2, 300, 64, seed=3, dtype=torch.float16)
+    params = SpargeParams(simthreshd1=0.3, cdfthreshd=0.9, pvthreshd=4.0, is_causal=causal)
+    out, st, ref, ref_mask, skipped = run_both(q, k, v, params, pv_dtype="fp16")
+    assert torch.equal(st.block_mask.to_dense(), ref_mask)
+    assert int(st.pv_skipped) == int(skipped.sum())
+    assert rel_l1(out, ref) < 0.01
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25])
+@pytest.mark.parametrize("causal", [False, True])
+def test_user_block_mask_same_on_both_backends(density, causal):
+    q, k, v = clustered(1, 2, 320, 64, seed=11, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(int(density * 100) + causal)
+    NQ, NK = num_blocks(320, BQ), num_blocks(320, BK)
+    mask = torch.rand(1, 2, NQ, NK, generator=g) < density
+    mask[..., 0] = True  # every row keeps something (block 0 is never in the future)
+    params = SpargeParams(pvthreshd=INF, is_causal=causal)
+    out_t, st_t = sparge_attention(q, k, v, params, backend="triton", block_mask=mask, return_stats=True)
+    out_r, st_r = sparge_attention(q, k, v, params, backend="reference", block_mask=mask, pv_dtype="fp8",
+                                   return_stats=True)
+    assert torch.equal(st_t.block_mask.to_dense(), st_r.block_mask.to_dense())
+    assert int(st_t.kept_blocks) == int(st_r.kept_blocks)
+    assert rel_l1(out_t, out_r) < 0.01
+    # and it is really the mask that was applied: a different mask gives a different result
+    out_full = sparge_attention(q, k, v, params, backend="triton", block_mask=torch.ones_like(mask))
+    assert rel_l1(out_t, out_full) > 0.05
+
+
+def test_user_block_mask_broadcast_over_heads():
+    q, k, v = clustered(1, 2, 256, 64, seed=12, dtype=torch.float16)
+    NQ, NK = num_blocks(256, BQ), num_blocks(256, BK)
+    mask = (torch.arange(NQ)[:, None] + torch.arange(NK)[None, :]) % 2 == 0  # a checkerboard
+    mask = mask[None, None]
+    params = SpargeParams(pvthreshd=INF)
+    out_t = sparge_attention(q, k, v, params, backend="triton", block_mask=mask)
+    out_r = sparge_attention(q, k, v, params, backend="reference", block_mask=mask, pv_dtype="fp8")
+    assert rel_l1(out_t, out_r) < 0.01
+
+
+def test_empty_row_gives_zeros_on_both_backends():
+    q, k, v = clustered(1, 1, 256, 64, seed=13, dtype=torch.float16)
+    mask = torch.zeros(1, 1, num_blocks(256, BQ), num_blocks(256, BK), dtype=torch.bool)
+    mask[..., 0, :] = True  # only query block 0 keeps anything
+    params = SpargeParams(pvthreshd=INF)
+    out_t = sparge_attention(q, k, v, params, backend="triton", block_mask=mask)
+    out_r = sparge_attention(q, k, v, params, backend="reference", block_mask=mask, pv_dtype="fp8")
+    assert (out_t[..., BQ:, :] == 0).all() and (out_r[..., BQ:, :] == 0).all()
+    assert rel_l1(out_t[..., :BQ, :], out_r[..., :BQ, :]) < 0.01
+
+
+def test_triton_rejects_fp32_pv():
+    q = torch.randn(1, 1, 256, 64)
+    with pytest.raises(ValueError, match="fp32"):
+        sparge_attention(q, q, q, backend="triton", pv_dtype="fp32")
+
+
+# ----------------------------------------------------------------------------- stage-1 kernels
+def _select_inputs(B, H, NQ, NK, seed, ties):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, H, NQ, NK, generator=g) * 4
+    if ties:  # whole runs of equal scores, and some -inf (non-self-similar key blocks)
+        scores = torch.round(scores)
+    q_ss = torch.rand(B, H, NQ, generator=g) < 0.8
+    k_ss = torch.rand(B, H, NK, generator=g) < 0.8
+    scores = scores.masked_fill(~k_ss[:, :, None, :], -INF)
+    return scores, q_ss, k_ss
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 9), st.integers(1, 37)),
+    mode=st.sampled_from(["cdf", "topk"]),
+    causal=st.booleans(),
+    sink=st.booleans(),
+    ties=st.booleans(),
+    with_kss=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_select_fused_matches_reference(shape, mode, causal, sink, ties, with_kss, seed):
+    """kernels.select (softmax, sort, CDF/top-k, fix rules, compaction in one launch) against
+    reference.keep_from_scores + the fix rules of select_blocks."""
+    select = pytest.importorskip("sparge_attention.kernels.select")
+    from sparge_attention.sparge_core.blockmask import causal_block_mask
+    from sparge_attention.sparge_core.reference import keep_from_scores
+
+    B, H, NQ, NK = shape
+    scores, q_ss, k_ss = _select_inputs(B, H, NQ, NK, seed, ties)
+    if not with_kss:
+        k_ss = None
+    g = torch.Generator().manual_seed(seed + 1)
+    thr = torch.rand(H, generator=g) * 0.9 + 0.1  # per-head cdfthreshd or topk
+    params = SpargeParams(simthreshd1=0.0, is_causal=causal, attention_sink=sink,
+                          **({"cdfthreshd": thr} if mode == "cdf" else {"topk": thr}))
+    n_q, n_k = NQ * BQ - 3, NK * BK - 5  # partial last blocks; n_q < n_k aligns queries at the end
+    n_q = min(n_q, n_k)
+    NQ = num_blocks(n_q, BQ)
+    scores, q_ss = scores[:, :, :NQ], q_ss[:, :, :NQ]
+
+    cm = causal_block_mask(NQ, NK, BQ, BK, n_q, n_k) if causal else None
+    want = keep_from_scores(scores, params, cm)
+    want |= ~q_ss[..., :, None]
+    if k_ss is not None:
+        want |= ~k_ss[..., None, :]
+    if sink:
+        want[..., 0] = True
+    if cm is not None:
+        want &= cm
+
+    counts, idx = select.select_blocks_fused(scores, q_ss, k_ss, thr, mode == "cdf", sink, causal, n_q, n_k, BQ, BK)
+    assert torch.equal(counts, want.sum(-1, dtype=torch.int32))
+    for row in itertools.product(range(B), range(H), range(NQ)):
+        assert idx[row][: int(counts[row])].tolist() == want[row].nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("D,hd", [(64, 64), (80, 128)])
+@pytest.mark.parametrize("Hkv", [2, 1])
+def test_block_lse_scores_matches_reference(D, hd, Hkv):
+    kern = pytest.importorskip("sparge_attention.kernels.block_scores")
+    from sparge_attention.sparge_core.reference import block_lse_scores
+
+    q, k, _ = clustered(1, 2, 333, D, seed=D + Hkv, Hkv=Hkv)
+    _, _, q_pool, _ = quant_pool(q, BQ, hd)
+    k_i8, k_s, _, _ = quant_pool(k, BK, hd, mean=k.mean(2), want_pool=False)
+    got = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, 333, BK)
+    want = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, 333, BK)
+    assert got.shape == (1, 2, num_blocks(333, BQ), num_blocks(333, BK))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
