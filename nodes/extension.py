@@ -1,0 +1,16 @@
+"""The pack's ComfyUI extension (V3 API): the node list, plus the readout HTTP routes."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .readout import register_routes
+from .sparge_node import SpargeAttention
+
+
+class SpargeExtension(ComfyExtension):
+    async def on_load(self) -> None:  # newer ComfyUI calls this; 0.3.75 does not
+        register_routes()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_routes()  # 0.3.75: before the server adds its routes to the app
+        return [SpargeAttention]

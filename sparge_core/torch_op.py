@@ -1,0 +1,145 @@
+"""sparge_attention as a torch custom op ("sparge::attention"), so torch.compile can trace
+through code that calls it (a ComfyUI model compiled after the Sparge Attention node).
+
+The op is opaque to the compiler: its real implementation runs eagerly (Triton on CUDA, the
+PyTorch reference elsewhere) and `register_fake` tells the compiler the output shapes. It
+returns the per-call counts as 0-dim int64 tensors on q's device, so the caller can sum them
+without a host sync and without a graph break.
+
+    out, kept, pv_skipped = torch.ops.sparge.attention(
+        q, k, v,                       # (B, H, N, D), k/v (B, Hkv, Nk, D)
+        simthreshd1, threshold, pvthreshd,   # (H,) float32 tensors (CPU is best: no GPU sync)
+        mode,                          # "cdf" (threshold = cdfthreshd) or "topk" (threshold = topk)
+        causal, grid, scale,           # grid = [] or [t, h, w]; scale <= 0 means D ** -0.5
+        scoring)                       # stage-1 scoring: "pooled" or "lse" (SpargeParams.scoring)
+
+`kept` counts computed query-block x key-block pairs over batch and heads; when the call ran
+dense inside sparge_attention (e.g. shorter than one block) it equals the dense total.
+Importing this module twice (e.g. as `sparge_core` and as part of the node pack) registers the
+op once; the second import reuses it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import functools
+
+import torch
+
+from .api import block_sizes, sparge_attention
+from .blockmask import num_blocks
+from .params import SpargeParams
+
+OP_NAME = "sparge::attention"
+BACKEND = "auto"  # the op always picks by device: Triton on CUDA, the reference elsewhere
+
+
+def _values(t: torch.Tensor):
+    """A threshold tensor as a hashable Python value (a float when every head agrees).
+    Threshold tensors should live on the CPU: reading them then never waits for the GPU."""
+    vals = tuple(float(x) for x in t.detach().flatten().cpu().tolist())
+    return vals[0] if vals and all(x == vals[0] for x in vals) else vals
+
+
+@functools.lru_cache(maxsize=128)
+def _params_cached(simthreshd1, threshold, pvthreshd, mode: str, causal: bool, scoring: str) -> SpargeParams:
+    # One SpargeParams per distinct setting: it caches its per-head device tensors, so repeated
+    # calls make no host-to-device copies (those would synchronize the stream).
+    kw = dict(simthreshd1=simthreshd1, pvthreshd=pvthreshd, is_causal=causal, scoring=scoring)
+    if mode == "cdf":
+        return SpargeParams(cdfthreshd=threshold, **kw)
+    if mode == "topk":
+        return SpargeParams(topk=threshold, **kw)
+    raise ValueError(f"mode must be 'cdf' or 'topk', got {mode!r}")
+
+
+def _params(simthreshd1: torch.Tensor, threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str,
+            causal: bool, scoring: str) -> SpargeParams:
+    return _params_cached(_values(simthreshd1), _values(threshold), _values(pvthreshd), mode, bool(causal), scoring)
+
+
+def dense_block_total(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query-block x key-block pairs a dense call computes (B * H * NQ * NK) on q's device."""
+    bq, bk = block_sizes(q.device)
+    B, H, N, _ = q.shape
+    return B * H * num_blocks(N, bq) * num_blocks(k.shape[2], bk)
+
+
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
+                    threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
+                    grid: Sequence[int], scale: float, scoring: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    params = _params(simthreshd1, threshold, pvthreshd, mode, causal, scoring)
+    grid = tuple(int(g) for g in grid) or None
+    out, stats = sparge_attention(q, k, v, params, layout="HND", grid=grid,
+                                  scale=None if scale <= 0 else float(scale), return_stats=True, backend=BACKEND)
+    dev = q.device
+    # counts stay on q's device and are never copied from the host (no stream sync per call)
+    if stats.backend == "dense":
+        kept = torch.full((), dense_block_total(q, k), dtype=torch.int64, device=dev)
+        skipped = torch.zeros((), dtype=torch.int64, device=dev)
+    else:
+        kept = _device_count(stats.kept_blocks, dev)
+        skipped = _device_count(stats.pv_skipped, dev)
+    if _aliases(out, (q, k, v)):  # custom ops must not return views of their inputs
+        out = out.clone()
+    return out, kept, skipped
+
+
+def _device_count(x, dev) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(dev, torch.int64).reshape(())
+    return torch.full((), int(x), dtype=torch.int64, device=dev)
+
+
+def _aliases(out: torch.Tensor, inputs) -> bool:
+    ptr = out.untyped_storage().data_ptr()
+    return any(x.untyped_storage().data_ptr() == ptr for x in inputs)
+
+
+def _attention_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty((), dtype=torch.int64), q.new_empty((), dtype=torch.int64)
+
+
+def _register():
+    try:
+        existing = getattr(torch.ops.sparge, "attention")
+    except (AttributeError, RuntimeError):
+        existing = None
+    if existing is not None:
+        return existing
+
+    @torch.library.custom_op(OP_NAME, mutates_args=())
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
+                  threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
+                  grid: list[int], scale: float, scoring: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _attention_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring)
+
+    attention.register_fake(_attention_fake)
+    return torch.ops.sparge.attention
+
+
+sparge_attention_op = _register()
+
+
+def thresholds(value, heads: int) -> torch.Tensor:
+    """A threshold as the (heads,) float32 CPU tensor the op takes (inf allowed for pvthreshd)."""
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        return t.expand(heads).contiguous()
+    if t.numel() != heads:
+        raise ValueError(f"{t.numel()} per-head values for {heads} heads")
+    return t.contiguous()
+
+
+def call(q, k, v, params: SpargeParams, grid=None, scale=None):
+    """Convenience wrapper: the op with a SpargeParams (HND layout)."""
+    H = q.shape[1]
+    thr = params.cdfthreshd if params.mode == "cdf" else params.topk
+    return sparge_attention_op(q, k, v, thresholds(params.simthreshd1, H), thresholds(thr, H),
+                               thresholds(params.pvthreshd, H), params.mode, bool(params.is_causal),
+                               [int(g) for g in grid] if grid else [], -1.0 if scale is None else float(scale),
+                               params.scoring)
+
+
+__all__ = ["sparge_attention_op", "call", "thresholds", "dense_block_total", "OP_NAME"]

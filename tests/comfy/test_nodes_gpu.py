@@ -1,0 +1,164 @@
+"""The node's attention override on CUDA (skipped without a GPU): Triton backend, no host sync per
+call, CUDA-event timing in verbose mode, key-padding masks, torch.compile(fullgraph=True, inductor).
+
+No ComfyUI needed: nodes/override.py is driven the way ComfyUI 0.3.75 calls it (a Wan-style
+(B, N, H*D) self-attention with a ForwardContext that the APPLY_MODEL wrapper would have made).
+Also runs without pytest:  python tests/comfy/test_nodes_gpu.py   (prints timings).
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from pack import load_pack  # noqa: E402
+
+load_pack()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+try:
+    import pytest  # noqa: E402
+
+    pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+except ImportError:  # the device machine may have no pytest: run as a script
+    pytest = None
+
+from sparge_attention.nodes.config import SpargeConfig  # noqa: E402
+from sparge_attention.nodes.override import ForwardContext, RunStats, SpargeOverride  # noqa: E402
+from sparge_attention.nodes.readout import build_readout, format_line  # noqa: E402
+
+GRID = (5, 30, 52)  # a Wan 480p latent grid, 5 latent frames: 7800 tokens
+B, H, D = 2, 12, 128
+
+
+def _override(**widgets):
+    kw = dict(preset="Custom", mode="topk", topk=0.5, simthreshd1=-1.0, min_tokens=1024, verbose=True)
+    kw.update(widgets)
+    return SpargeOverride(SpargeConfig.from_widgets(**kw), node_id="9")
+
+
+def _ctx():
+    return ForwardContext(0, 1.0, 0.0, True, (GRID,), None, 0)
+
+
+def _qkv(n=GRID[0] * GRID[1] * GRID[2], dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, n, H * D, device="cuda", dtype=dtype, generator=g) for _ in range(3)]
+
+
+def _sdpa(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kw):
+    if not skip_reshape:
+        b, n, hd = q.shape
+        q, k, v = (t.view(b, -1, heads, hd // heads).transpose(1, 2) for t in (q, k, v))
+    if mask is not None and mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _time(fn, reps=10):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def test_cuda_triton_no_sync_timing_and_readout():
+    ov = _override()
+    q, k, v = _qkv()
+    ctx = _ctx()
+    to = {ov.key: ctx}
+    ov(_sdpa, q, k, v, heads=H, transformer_options=to)  # warm-up: Triton compiles, caches fill
+    torch.cuda.synchronize()
+    ctx = _ctx()
+    to = {ov.key: ctx}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            out = ov(_sdpa, q, k, v, heads=H, transformer_options=to)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert ctx.backends == {"triton"} and len(ctx.records) == 3 and ctx.hilbert_used == 3
+    assert len(ctx.events) == 3  # verbose: CUDA events around each sparse call
+    ov.run = RunStats(torch.tensor([1.0, 0.0]))
+    ov._fold(ctx)
+    r = build_readout(ov, ov.run)
+    print(format_line(r))
+    assert r["backend"] == "triton" and r["attention_time_ms"] > 0
+    assert 0.4 < r["sparsity"] < 0.6  # top-k 0.5
+    assert out.shape == q.shape and bool(out.isfinite().all())
+
+
+def test_cuda_keep_all_matches_sdpa_and_mask():
+    ov = _override(mode="cdf", cdfthreshd=1.0)
+    q, k, v = _qkv(seed=1)
+    out = ov(_sdpa, q, k, v, heads=H, transformer_options={ov.key: _ctx()})
+    err = _rel(out, _sdpa(q, k, v, H))
+    print(f"keep-all vs SDPA rel L2: {err:.4f}")
+    assert err < 0.05
+    # HunyuanVideo-style joint attention with a text key-padding mask, (B, H, N, D)
+    n = GRID[0] * GRID[1] * GRID[2] + 256
+    qh, kh, vh = (t.view(B, n, H, D).transpose(1, 2) for t in _qkv(n=n, seed=2))
+    mask = torch.zeros(1, 1, n, device="cuda", dtype=torch.bfloat16)
+    mask[..., -40:] = -torch.finfo(torch.bfloat16).max
+    ctx = ForwardContext(0, 1.0, 0.0, True, (GRID,), 256, 1)
+    to = {ov.key: ctx, "block_type": "double", "block_index": 0}
+    out = ov(_sdpa, qh, kh, vh, H, mask=mask, skip_reshape=True, skip_output_reshape=True, transformer_options=to)
+    err = _rel(out, _sdpa(qh, kh, vh, H, mask=mask, skip_reshape=True, skip_output_reshape=True))
+    print(f"joint + key-padding mask vs SDPA rel L2: {err:.4f}")
+    assert err < 0.05 and ctx.dense == {} and ctx.hilbert_used == 1
+
+
+def test_cuda_compile_fullgraph_inductor():
+    ov = _override(verbose=False)
+    q, k, v = _qkv(seed=3)
+
+    def fn(q, k, v, to):
+        return ov(_sdpa, q, k, v, heads=H, transformer_options=to)
+
+    want = fn(q, k, v, {ov.key: _ctx()})
+    torch._dynamo.reset()
+    ctx = _ctx()
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    got = compiled(q, k, v, {ov.key: ctx})
+    assert torch.equal(got, want)
+    assert len(ctx.records) == 1 and ctx.backends == {"triton"}
+
+
+def test_cuda_speed_print():
+    """Not an assertion of speed (that is bench/'s job): sparse top-k 0.5 vs SDPA at this shape."""
+    q, k, v = _qkv(seed=4)
+    for topk in (1.0, 0.5, 0.25):
+        ov = _override(topk=topk, verbose=False)
+        to = {ov.key: _ctx()}
+        ms = _time(lambda: ov(_sdpa, q, k, v, heads=H, transformer_options=to))
+        print(f"override top-k {topk}: {ms:.2f} ms")
+    print(f"SDPA (bf16): {_time(lambda: _sdpa(q, k, v, H)):.2f} ms")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to run")
+        sys.exit(0)
+    print(torch.__version__, torch.cuda.get_device_name())
+    failed = 0
+    for name, fn in list(globals().items()):
+        if name.startswith("test_") and callable(fn):
+            try:
+                fn()
+                print(f"PASS {name}")
+            except Exception as e:  # noqa: BLE001
+                failed += 1
+                import traceback
+
+                traceback.print_exc()
+                print(f"FAIL {name}: {type(e).__name__}: {e}")
+    sys.exit(1 if failed else 0)
