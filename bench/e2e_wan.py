@@ -1,0 +1,149 @@
+"""End to end: one denoising step of ComfyUI 0.3.75's real WanModel (random bf16 weights),
+batch 2 (cond + uncond), with ComfyUI's default attention, with self-attention removed (the
+floor), and with the Sparge Attention node's override at each preset.
+
+    python bench/e2e_wan.py [--models wan13b_480,wan14b_720] [--steps 3]
+
+Needs ComfyUI's code: .comfyui/ComfyUI (made by scripts/setup.sh) travels with the device call.
+Random weights make attention nearly uniform, so CDF presets keep most blocks here; the table
+therefore also shows a fixed-density setting (top-k 0.25) and, for every row, the Amdahl bound
+that the attention time measured in the same run allows.
+"""
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from common import ROOT, bench_ms, card_name, save, sdpa_cudnn
+
+sys.path.insert(0, str(ROOT / ".comfyui" / "ComfyUI"))
+
+MODELS = {  # name: (WanModel kwargs, latent (C, T, H, W), layers note)
+    "wan13b_480": (dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30), (16, 21, 60, 104), "all 30 layers"),
+    "wan14b_720": (dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=8), (16, 21, 90, 160), "8 of 40 layers"),
+}
+
+
+def build(kw, dev):
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    dm = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, freq_dim=256, text_dim=4096,
+                  out_dim=16, device=dev, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init, **kw)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, p in dm.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=g)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return dm.eval()
+
+
+def floor_override(func, *args, **kwargs):
+    """Self-attention removed: return q unchanged (same shape), keep cross-attention."""
+    q, k = args[0], args[1]
+    if q.shape[-2 if kwargs.get("skip_reshape") else 1] == k.shape[-2 if kwargs.get("skip_reshape") else 1]:
+        return q
+    return func(*args, **kwargs)
+
+
+def step_time(dm, x, t, ctx, to_factory, steps):
+    times = []
+    with torch.no_grad():
+        for i in range(steps + 1):
+            to = to_factory()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dm(x, t, ctx, transformer_options=to)
+            torch.cuda.synchronize()
+            if i:  # the first forward compiles kernels
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="wan13b_480,wan14b_720")
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args()
+    from sparge_attention.nodes.config import SpargeConfig
+    from sparge_attention.nodes.override import SpargeOverride
+    from sparge_attention.nodes.readout import build_readout
+
+    dev = torch.device("cuda")
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": datetime.date.today().isoformat(), "models": {}}
+    for name in args.models.split(","):
+        kw, (C, T, Hh, Ww), note = MODELS[name]
+        dm = build(kw, dev)
+        g = torch.Generator(device=dev).manual_seed(1)
+        x = torch.randn(2, C, T, Hh, Ww, device=dev, dtype=torch.bfloat16, generator=g)
+        t = torch.full((2,), 500.0, device=dev)
+        ctx = torch.randn(2, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g)
+        heads, D = kw["num_heads"], kw["dim"] // kw["num_heads"]
+        N = T * (Hh // 2) * (Ww // 2)
+        r = res["models"][name] = {"layers": note, "tokens": N, "heads": heads, "rows": []}
+        # attention alone, for the Amdahl bound: one self-attention call at this shape
+        qa, ka, va = (torch.randn(2, heads, N, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        t_attn_cudnn = bench_ms(lambda: sdpa_cudnn(qa, ka, va))
+        del qa, ka, va
+        t_default = step_time(dm, x, t, ctx, dict, args.steps)
+        t_floor = step_time(dm, x, t, ctx, lambda: {"optimized_attention_override": floor_override}, args.steps)
+        r.update(default_s=t_default, floor_s=t_floor, attention_share=1 - t_floor / t_default,
+                 attn_call_cudnn_ms=t_attn_cudnn)
+        print(f"\n{name} ({note}, {N} tokens, batch 2): default {t_default:.3f} s/step, floor {t_floor:.3f} s "
+              f"(self-attention {100 * (1 - t_floor / t_default):.0f}%)")
+        print(f"{'setting':<22} {'s/step':>7} {'speed-up':>8} {'sparsity':>8} {'attn x cuDNN':>12} {'bound':>6} {'of bound':>8}")
+        settings = [(p, SpargeConfig.from_widgets(preset=p, min_tokens=1024, verbose=True))
+                    for p in ("Quality", "Balanced", "Fast", "Turbo")]
+        settings.append(("top-k 0.25", SpargeConfig.from_widgets(preset="Custom", mode="topk", topk=0.25,
+                                                                simthreshd1=-1.0, min_tokens=1024, verbose=True)))
+        for label, cfg in settings:
+            ov = SpargeOverride(cfg)
+            base = SimpleNamespace(diffusion_model=dm)
+
+            def to_factory(ov=ov, base=base):
+                to = {"optimized_attention_override": ov}
+                to[ov.key] = ov._make_ctx(base, x, ctx, to)
+                return to
+
+            ts = []
+            with torch.no_grad():
+                for i in range(args.steps + 1):
+                    to = to_factory()
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    dm(x, t, ctx, transformer_options=to)
+                    torch.cuda.synchronize()
+                    if i:
+                        ts.append(time.perf_counter() - t0)
+                    ov._fold(to[ov.key])  # what the APPLY_MODEL wrapper does after a forward
+            ts_med = statistics.median(ts)
+            ro = build_readout(ov, ov.run)
+            calls = ro.get("sparse_calls") or 0
+            attn_ms = ro.get("attention_time_ms")
+            # attention ratio measured in this run: mean sparse call vs one cuDNN call of the same shape
+            ratio = (attn_ms / calls / t_attn_cudnn) if (attn_ms and calls) else None
+            bound = t_default / (t_floor + (t_default - t_floor) * ratio) if ratio else None
+            speed = t_default / ts_med
+            row = {"setting": label, "s_per_step": ts_med, "speedup": speed, "sparsity": ro.get("sparsity"),
+                   "attn_x_cudnn": ratio, "bound": bound, "of_bound": speed / bound if bound else None,
+                   "dense_calls": ro.get("dense_calls"), "settings": cfg.describe()}
+            r["rows"].append(row)
+            print(f"{label:<22} {ts_med:7.3f} {speed:8.2f} {ro.get('sparsity') or 0:8.3f} "
+                  f"{ratio or float('nan'):12.3f} {bound or float('nan'):6.2f} {row['of_bound'] or float('nan'):8.2f}")
+        del dm, x, ctx
+        torch.cuda.empty_cache()
+    print("saved", save(res, f"{res['date']}-{card_name()}-e2e"))
+
+
+if __name__ == "__main__":
+    main()
