@@ -10,6 +10,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from pack import load_pack  # noqa: E402
+from data import clustered, rel_l1  # noqa: E402
 
 load_pack()
 
@@ -28,24 +29,6 @@ INF = float("inf")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def rel_l1(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
-
-
-def clustered(B, H, N, D, seed, Hkv=None, seg=96, n_clusters=6, amp=2.0, noise=0.5, dtype=torch.float32, Nk=None):
-    g = torch.Generator().manual_seed(seed)
-    Hkv = Hkv or H
-    Nk = Nk or N
-    centres = torch.randn(B, H, n_clusters, D, generator=g)
-
-    def make(h, n):
-        runs = -(-n // seg)
-        lab = torch.randint(0, n_clusters, (B, h, runs), generator=g).repeat_interleave(seg, -1)[..., :n]
-        cent = torch.gather(centres[:, :h], 2, lab[..., None].expand(B, h, n, D))
-        return amp * cent + noise * torch.randn(B, h, n, D, generator=g)
-
-    return make(H, N).to(dtype), make(Hkv, Nk).to(dtype), torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
 
 
 def smooth_grid(grid, n_tail, B, H, D, seed, amp=3.0, freq=0.2, dtype=torch.float32):

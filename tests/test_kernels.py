@@ -11,6 +11,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from pack import load_pack  # noqa: E402
+from data import clustered, rel_l1  # noqa: E402
 
 load_pack()
 
@@ -45,25 +46,6 @@ NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
 INF = float("inf")
 
 
-def rel_l1(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).abs().sum() / b.abs().sum().clamp_min(1e-12)).item()
-
-
-def clustered(B, H, N, D, seed, Hkv=None, seg=96, n_clusters=6, amp=2.0, noise=0.5, dtype=torch.float32):
-    """Runs of `seg` tokens share a cluster centre (q and k of a head share the centres): blocks are
-    fairly self-similar and the predictor finds real sparsity."""
-    g = torch.Generator().manual_seed(seed)
-    Hkv = Hkv or H
-    centres = torch.randn(B, H, n_clusters, D, generator=g)
-
-    def make(h):
-        runs = -(-N // seg)
-        lab = torch.randint(0, n_clusters, (B, h, runs), generator=g).repeat_interleave(seg, -1)[..., :N]
-        cent = torch.gather(centres[:, :h], 2, lab[..., None].expand(B, h, N, D))
-        return amp * cent + noise * torch.randn(B, h, N, D, generator=g)
-
-    return make(H).to(dtype), make(Hkv).to(dtype), torch.randn(B, Hkv, N, D, generator=g).to(dtype)
 
 
 def with_sink(B, H, N, D, seed, Hkv=None, sink=8.0, dtype=torch.float32):

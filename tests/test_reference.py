@@ -7,6 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from pack import load_pack  # noqa: E402
+from data import clustered, rel_l1  # noqa: E402
 
 load_pack()
 
@@ -36,10 +37,6 @@ ALL_KEPT = SpargeParams(simthreshd1=-1, cdfthreshd=1.0, pvthreshd=INF)
 
 
 # ----------------------------------------------------------------------------- helpers
-def rel_l1(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
-
 
 def cosine(a, b):
     return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
@@ -50,22 +47,6 @@ def gaussian(B, H, N, D, seed, Hkv=None):
     Hkv = Hkv or H
     return torch.randn(B, H, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
 
-
-def clustered(B, H, N, D, seed, Hkv=None, seg=96, n_clusters=6, amp=2.0, noise=0.5):
-    """Tokens in runs of `seg` share one of a few cluster centres (shared by q and k of a head):
-    blocks are fairly self-similar and queries prefer keys of their own cluster, so the
-    predictor finds real sparsity. Runs do not align with the blocks."""
-    g = torch.Generator().manual_seed(seed)
-    Hkv = Hkv or H
-    centres = torch.randn(B, H, n_clusters, D, generator=g)
-
-    def make(h):
-        runs = -(-N // seg)
-        lab = torch.randint(0, n_clusters, (B, h, runs), generator=g).repeat_interleave(seg, -1)[..., :N]
-        cent = torch.gather(centres[:, :h], 2, lab[..., None].expand(B, h, N, D))
-        return amp * cent + noise * torch.randn(B, h, N, D, generator=g)
-
-    return make(H), make(Hkv), torch.randn(B, Hkv, N, D, generator=g)
 
 
 def token_mask(block_mask, n_q, n_k, causal):
