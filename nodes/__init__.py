@@ -5,4 +5,7 @@ sparge_node.py  the "Sparge Attention" node (SpargeAttention)
 override.py  the attention override + model wrappers installed on the model clone
 config.py  widgets -> SpargeConfig (no ComfyUI imports)
 readout.py  end-of-run readout: log line, "sparge.readout" event, GET /sparge/last_readout
+calibrate_node.py  the "Sparge Calibrate" node (CalibrateOverride: observe during a normal run, write a profile)
+profiles_nodes.py  models/sparge_profiles, the "Load Sparge Profile" node, profiles on the Sparge Attention node
+error_check.py  the Sparge Attention node's error check (sparse vs dense per block) and extra readout keys
 """

@@ -4,12 +4,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from ..sparge_core.params import SpargeParams
 from ..sparge_core.presets import PRESET_NAMES, PRESETS
 
 MODES = ("cdf", "topk")
+# error_check widget (nodes/error_check.py): "off", "sampled" (every 4th step, a rotating quarter of
+# the blocks: ~1/16 of the sparse calls), "every call" (each sparse call also runs dense: ~2x attention time)
+ERROR_CHECK_MODES = ("off", "sampled", "every call")
 PV_OFF_AT = 100.0  # a pvthreshd widget value >= this means "never skip P.V" (inf)
 DEFAULT_PRESET = "Balanced"
 DEFAULT_MIN_TOKENS = 2048
@@ -68,6 +73,39 @@ def format_dense_blocks(blocks) -> str:
     return ", ".join(parts)
 
 
+def _as_json_number(x):
+    """A threshold (float, or per-head tensor / tuple) as JSON: a float when every head agrees,
+    else a list of floats (no float() on a multi-element tensor)."""
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        vals = [float(v) for v in x.detach().flatten().cpu().tolist()]
+    elif isinstance(x, (tuple, list)):
+        vals = [float(v) for v in x]
+    else:
+        return float(x)
+    if vals and all(v == vals[0] for v in vals):
+        return vals[0]
+    return vals
+
+
+def op_thresholds(p: SpargeParams, heads: int):
+    """(simthreshd1, cdfthreshd-or-topk, pvthreshd) as the (heads,) float32 CPU tensors the
+    sparge::attention op takes; per-head tensors (a calibrated profile) pass through."""
+    def one(x):
+        if isinstance(x, (torch.Tensor, tuple, list)):
+            t = torch.as_tensor(x, dtype=torch.float32).detach().flatten().cpu()
+            if t.numel() == 1:
+                return t.expand(heads).contiguous()
+            if t.numel() != heads:
+                raise ValueError(f"{t.numel()} per-head values for a call with {heads} heads")
+            return t.contiguous()
+        return torch.full((heads,), float(x), dtype=torch.float32)
+
+    thr = p.cdfthreshd if p.mode == "cdf" else p.topk
+    return one(p.simthreshd1), one(thr), one(p.pvthreshd)
+
+
 def pv_widget_to_threshold(value: float) -> float:
     value = float(value)
     return math.inf if value >= PV_OFF_AT else value
@@ -85,6 +123,10 @@ class SpargeConfig:
     hilbert: bool = True
     min_tokens: int = DEFAULT_MIN_TOKENS
     verbose: bool = False
+    # A calibrated profile (nodes/profiles_nodes.py LoadedProfile): its calibrated layers use the
+    # profile's per-head params, every other layer the preset above. None: the preset everywhere.
+    profile: Any = field(default=None, compare=False, hash=False, repr=False)
+    error_check: str = "off"  # one of ERROR_CHECK_MODES (nodes/error_check.py)
 
     @classmethod
     def from_widgets(cls, preset: str = DEFAULT_PRESET, mode: str = "cdf", simthreshd1: float = -1.0,
@@ -109,8 +151,24 @@ class SpargeConfig:
                    dense_blocks=parse_dense_blocks(dense_blocks), hilbert=bool(hilbert),
                    min_tokens=int(min_tokens), verbose=bool(verbose))
 
-    def threshold(self) -> float:
-        return float(self.params.cdfthreshd if self.params.mode == "cdf" else self.params.topk)
+    def threshold(self):
+        """The preset's cdfthreshd / topk: a float, or a list when it holds per-head values."""
+        return _as_json_number(self.params.cdfthreshd if self.params.mode == "cdf" else self.params.topk)
+
+    def params_for_layer(self, layer: Optional[int]) -> SpargeParams:
+        """The params of one transformer block: the profile's per-head params where the profile
+        calibrated that block, else the preset's."""
+        prof = self.profile
+        if prof is None or layer is None:
+            return self.params
+        return prof.params_for_layer(layer, self.params)
+
+    def layer_all_dense(self, layer: Optional[int]) -> bool:
+        """True when the profile keeps every head of this block dense (run it as normal attention)."""
+        prof = self.profile
+        if prof is None or layer is None:
+            return False
+        return prof.all_dense(layer)
 
     def in_schedule(self, percent: Optional[float]) -> bool:
         """Sparse at this point of sampling? percent = step index / number of steps (None: unknown -> yes)."""
@@ -120,14 +178,18 @@ class SpargeConfig:
 
     def describe(self) -> dict:
         p = self.params
-        pv = float(p.pvthreshd)
+        pv = _as_json_number(p.pvthreshd)
+        if isinstance(pv, float) and math.isinf(pv):
+            pv = None  # P.V skipping off
+        elif isinstance(pv, list):
+            pv = [None if math.isinf(x) else x for x in pv]
         return {
             "preset": self.preset,
             "mode": p.mode,
-            "simthreshd1": float(p.simthreshd1),
-            "cdfthreshd": None if p.cdfthreshd is None else float(p.cdfthreshd),
-            "topk": None if p.topk is None else float(p.topk),
-            "pvthreshd": None if math.isinf(pv) else pv,  # None = P.V skipping off
+            "simthreshd1": _as_json_number(p.simthreshd1),
+            "cdfthreshd": _as_json_number(p.cdfthreshd),
+            "topk": _as_json_number(p.topk),
+            "pvthreshd": pv,  # None = P.V skipping off
             "scoring": p.scoring,
             "start_percent": self.start_percent,
             "end_percent": self.end_percent,
@@ -135,4 +197,6 @@ class SpargeConfig:
             "hilbert": self.hilbert,
             "min_tokens": self.min_tokens,
             "verbose": self.verbose,
+            "error_check": self.error_check,
+            "profile": None if self.profile is None else getattr(self.profile, "name", "?"),
         }

@@ -1,10 +1,13 @@
-"""The pack's ComfyUI extension (V3 API): the node list, plus the readout HTTP routes."""
+"""The pack's ComfyUI extension (V3 API): the node list, plus the readout and preset HTTP routes."""
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
 from .readout import register_routes
 from .sparge_node import SpargeAttention
+from .sparsity_map import SpargeSparsityMap
+from .calibrate_node import node_class as _calibrate_node
+from .profiles_nodes import node_classes as _profile_nodes, register_folder
 
 
 class SpargeExtension(ComfyExtension):
@@ -13,4 +16,5 @@ class SpargeExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         register_routes()  # 0.3.75: before the server adds its routes to the app
-        return [SpargeAttention]
+        register_folder()  # models/sparge_profiles
+        return [SpargeAttention, SpargeSparsityMap, _calibrate_node(), _profile_nodes()[1]]

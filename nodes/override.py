@@ -14,6 +14,14 @@ provides two model wrappers (comfy.patcher_extension):
 * OUTER_SAMPLE (one sampling run): starts a fresh `RunStats` and, when the run ends, builds
   the readout (nodes/readout.py), logs it and sends it to the browser.
 
+Sparsity map capture (for the "Sparge Sparsity Map" node, nodes/sparsity_map.py): in every
+forward, the sparse call of ONE transformer block (`map_layer`; -1 = the middle block) runs the
+"sparge::attention_map" op, which also returns the predicted block mask; the mask of the first
+batch item is bit-packed on the device and kept per step (the first forward of a step wins), up
+to MAP_MAX_BYTES per run. Every sparse call also records its block index, so the run knows the
+kept blocks per block and step. Nothing of this reads a device value during sampling: the
+masks and counts are copied to the CPU once, at the end of the run, into `SpargeOverride.last_map`.
+
 All state lives on the SpargeOverride object stored on the clone (deep copies of the model
 options share it: `__deepcopy__` returns self), so two Sparge nodes on two models never see
 each other. Nothing here touches module-level state except the readout registry.
@@ -29,8 +37,8 @@ import torch
 
 from ..sparge_core.api import MAX_HEAD_DIM, SUPPORTED_DTYPES, block_sizes, _resolve_backend
 from ..sparge_core.layout import merge_heads, split_heads
-from ..sparge_core.torch_op import dense_block_total, sparge_attention_op
-from .config import SpargeConfig
+from ..sparge_core.torch_op import dense_block_total, sparge_attention_map_op, sparge_attention_op
+from .config import SpargeConfig, op_thresholds
 
 log = logging.getLogger("sparge_attention")
 
@@ -46,6 +54,8 @@ R_DTYPE = "dtype"
 R_HEAD_DIM = "head dim"
 R_SHAPE = "unsupported call"
 R_KERNEL = "kernel error"
+R_PROFILE_DENSE = "profile dense layer"  # a loaded profile keeps every head of this block dense
+R_CALIBRATION = "calibration"  # the Sparge Calibrate node observes, then runs the call dense
 REASONS = (R_CROSS, R_SHORT, R_SCHEDULE, R_DENSE_BLOCK, R_MASK, R_DTYPE, R_HEAD_DIM, R_SHAPE, R_KERNEL)
 
 # why Hilbert order was not used on a sparse call
@@ -57,6 +67,9 @@ H_MASK = "mask on grid tokens"
 # Tests set this transformer_options key (on their own model clone) to make the sparse call
 # raise, which exercises the "kernel error" fallback on machines where the kernel works.
 TEST_FAIL_KEY = "sparge_test_fail_kernel"
+
+MAP_AUTO = -1  # map_layer value: the middle transformer block
+MAP_MAX_BYTES = 64 << 20  # packed masks kept per run (device memory while sampling); later steps are dropped
 
 
 def _is_compiling() -> bool:
@@ -70,7 +83,7 @@ class ForwardContext:
     """What the override needs to know about, and records during, one model forward."""
 
     def __init__(self, step: Optional[int], sigma: Optional[float], percent: Optional[float], sparse_on: bool,
-                 grids: tuple, context_tokens: Optional[int], n_double: int):
+                 grids: tuple, context_tokens: Optional[int], n_double: int, capture_layer: Optional[int] = None):
         self.step = step
         self.sigma = sigma
         self.percent = percent
@@ -91,6 +104,11 @@ class ForwardContext:
         self.events = []  # (start, end) CUDA events of sparse calls (verbose)
         self.mask_cache = {}
         self.first_seen = []  # (reason, description) for verbose logs
+        self.record_layers = []  # block index of each entry of `records`
+        self.capture_layer = capture_layer  # block whose block mask is captured (None: no capture)
+        self.map_mask = None  # (packed uint8 (H, NQ, ceil(NK/8)) on the device, NK) of capture_layer
+        self.map_dense = {}  # reason -> calls of capture_layer that ran dense
+        self.cur_layer = None  # block index of the call in progress (for map_dense)
 
 
 class StepStats:
@@ -106,6 +124,7 @@ class StepStats:
         self.flops_total = 0.0  # every call, dense and sparse, at full cost
         self.flops_dense = 0.0  # calls that ran dense
         self.flops_sparse_computed: Any = 0.0  # device tensor (sum of kept * flops / total)
+        self.layer_parts = []  # (block indices, kept per call (device int64 vector), total per call) per forward
 
 
 class RunStats:
@@ -128,6 +147,12 @@ class RunStats:
         self.max_layer = -1
         self.notes = []
         self.first_seen = {}
+        self.n_layers = None  # transformer blocks of the model (from the diffusion model)
+        self.map_layer = None  # the block whose masks are captured
+        self.map_masks = {}  # step key -> (packed uint8 device tensor, NK, sigma)
+        self.map_bytes = 0
+        self.map_dropped = 0  # steps not kept (MAP_MAX_BYTES)
+        self.map_dense = {}  # reason -> calls of map_layer that ran dense
 
     def step(self, step, sigma) -> StepStats:
         key = -1 if step is None else int(step)
@@ -178,8 +203,11 @@ def _step_of(transformer_options: dict):
 class SpargeOverride:
     """optimized_attention_override for one Sparge Attention node (see the module docstring)."""
 
-    def __init__(self, config: SpargeConfig, prev=None, node_id: Optional[str] = None):
+    def __init__(self, config: SpargeConfig, prev=None, node_id: Optional[str] = None,
+                 map_layer: Optional[int] = MAP_AUTO):
         self.config = config
+        self.map_layer = map_layer  # block captured for the sparsity map (-1: middle, None: off)
+        self.last_map: Optional[dict] = None  # what the last finished run captured (CPU; see finish_map)
         self.prev = prev  # an override set before ours: dense calls go through it
         self.node_id = None if node_id is None else str(node_id)
         self.key = f"sparge_ctx:{uuid.uuid4().hex[:12]}"
@@ -203,6 +231,8 @@ class SpargeOverride:
     def __call__(self, func, *args, **kwargs):
         to = kwargs.get("transformer_options")
         ctx = to.get(self.key) if isinstance(to, dict) else None
+        if ctx is not None:
+            ctx.cur_layer = None
         if len(args) < 3 or not all(isinstance(a, torch.Tensor) for a in args[:3]):
             return self._dense(func, args, kwargs, ctx, R_SHAPE, 0.0)
         q, k, v = args[0], args[1], args[2]
@@ -227,6 +257,9 @@ class SpargeOverride:
         if Nk != N:
             return self._dense(func, args, kwargs, ctx, R_CROSS, flops)
         layer = self._layer_index(ctx, to)
+        if ctx is not None:
+            ctx.cur_layer = layer
+        capture = ctx is not None and layer is not None and layer == ctx.capture_layer and ctx.map_mask is None
         cfg = self.config
         if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
             return self._dense(func, args, kwargs, ctx, R_DTYPE, flops)
@@ -258,17 +291,21 @@ class SpargeOverride:
         if grid is not None and keep_keys is not None and not self._grid_keys_kept(keep_keys, grid):
             grid, why_not = None, H_MASK
 
+        hooked = self._call_hook(func, args, kwargs, ctx, layer, qh, kh, vh, grid, keep_keys, flops)
+        if hooked is not None:  # a profile's all-dense block, or the Sparge Calibrate node
+            return hooked
+
         fail = isinstance(to, dict) and to.get(TEST_FAIL_KEY)
         sig = (tuple(qh.shape), tuple(kh.shape), qh.dtype, str(qh.device), grid, keep_keys is not None)
         if sig in self._failed:  # failed before in this run: do not retry (a compile error would repeat)
             return self._dense(func, args, kwargs, ctx, R_KERNEL, flops)
         if _is_compiling():
-            out, kept, skipped = self._run_sparse(qh, kh, vh, grid, keep_keys, fail)
+            res = self._run_sparse(qh, kh, vh, grid, keep_keys, fail, capture, layer)
             timing = None
         else:
             timing = self._start_timing(q) if cfg.verbose else None
             try:
-                out, kept, skipped = self._run_sparse(qh, kh, vh, grid, keep_keys, fail)
+                res = self._run_sparse(qh, kh, vh, grid, keep_keys, fail, capture, layer)
             except Exception as e:  # Triton compile error, OOM in prediction, ...: finish the render dense
                 self._failed.add(sig)
                 key = ("kernel", type(e).__name__)
@@ -280,10 +317,14 @@ class SpargeOverride:
                 return self._dense(func, args, kwargs, ctx, R_KERNEL, flops)
             if timing is not None:
                 timing[1].record()
+        out, kept, skipped = res[0], res[1], res[2]
 
         if ctx is not None:
             total = dense_block_total(qh, kh)
             ctx.records.append((kept, skipped, total, flops))
+            ctx.record_layers.append(layer)
+            if capture:
+                ctx.map_mask = (_pack_mask(res[3][0]), int(res[3].shape[-1]))
             ctx.backends.add(_resolve_backend(q.device, "auto"))
             if grid is not None:
                 ctx.hilbert_used += 1
@@ -294,7 +335,41 @@ class SpargeOverride:
                 ctx.events.append(timing)
         if not skip_out:
             out = merge_heads(out)
+        if self.config.error_check != "off" and ctx is not None:
+            self._check_error(func, args, kwargs, ctx, layer, out)
         return out
+
+    # ------------------------------------------------------------------ hooks
+    # (profiles: nodes/profiles_nodes.py; error check: nodes/error_check.py; the Sparge Calibrate
+    # node's subclass: nodes/calibrate_node.py)
+    def _call_hook(self, func, args, kwargs, ctx, layer, qh, kh, vh, grid, keep_keys, flops):
+        """Called for an eligible self-attention call just before its sparse call; a non-None
+        result is returned as the call's output. Here: a block whose heads a loaded profile keeps
+        all dense runs ComfyUI's own attention; other profile blocks are noted for the readout."""
+        cfg = self.config
+        if cfg.profile is not None and layer is not None:
+            if cfg.layer_all_dense(layer):
+                return self._dense(func, args, kwargs, ctx, R_PROFILE_DENSE, flops)
+            if not _is_compiling():
+                self._note_profile_use(layer, qh.shape[2], grid)
+        return None
+
+    def _note_profile_use(self, layer, n_tokens, grid):
+        from .profiles_nodes import note_profile_use
+
+        note_profile_use(self, layer, n_tokens, grid)
+
+    @torch.compiler.disable
+    def _check_error(self, func, args, kwargs, ctx, layer, out):
+        from .error_check import check_call
+
+        check_call(self, func, args, kwargs, ctx, layer, out)
+
+    def readout_extra(self, run) -> dict:
+        """Keys the end-of-run readout adds for this override (error check, profile)."""
+        from .error_check import readout_extra
+
+        return readout_extra(self, run)
 
     # ------------------------------------------------------------------ pieces
     def _node_tag(self) -> str:
@@ -371,33 +446,38 @@ class SpargeOverride:
         cache[ck] = res
         return res
 
-    def _op(self, qh, kh, vh, grid):
+    def _op(self, qh, kh, vh, grid, want_mask=False, layer=None):
         cfg = self.config
         H = qh.shape[1]
-        p = cfg.params
-        sim = torch.full((H,), float(p.simthreshd1), dtype=torch.float32)
-        thr = torch.full((H,), cfg.threshold(), dtype=torch.float32)
-        pv = torch.full((H,), float(p.pvthreshd), dtype=torch.float32)
-        return sparge_attention_op(qh, kh, vh, sim, thr, pv, p.mode, False, list(grid) if grid else [], -1.0,
-                                   p.scoring)
+        p = cfg.params_for_layer(layer)  # a loaded profile's per-head params, else the preset's
+        sim, thr, pv = op_thresholds(p, H)
+        op = sparge_attention_map_op if want_mask else sparge_attention_op
+        return op(qh, kh, vh, sim, thr, pv, p.mode, False, list(grid) if grid else [], -1.0, p.scoring)
 
-    def _run_sparse(self, qh, kh, vh, grid, keep_keys, fail):
+    def _run_sparse(self, qh, kh, vh, grid, keep_keys, fail, want_mask=False, layer=None):
+        """(out, kept, pv_skipped), plus the (B, H, NQ, NK) block mask when want_mask (of the
+        first batch item only when each item has its own key padding)."""
         if fail:
             raise RuntimeError("sparse kernel failure injected by the test key " + TEST_FAIL_KEY)
         if keep_keys is None:
-            return self._op(qh, kh, vh, grid)
+            return self._op(qh, kh, vh, grid, want_mask, layer=layer)
         kind, lists = keep_keys
         if kind == "shared":
             idx = lists[0].to(kh.device)
             if idx.numel() == kh.shape[2]:
-                return self._op(qh, kh, vh, grid)
-            return self._op(qh, kh.index_select(2, idx), vh.index_select(2, idx), grid)
-        outs, kept, skipped = [], 0, 0
+                return self._op(qh, kh, vh, grid, want_mask, layer=layer)
+            return self._op(qh, kh.index_select(2, idx), vh.index_select(2, idx), grid, want_mask, layer=layer)
+        outs, kept, skipped, mask = [], 0, 0, None
         for b, idx in enumerate(lists):
             idx = idx.to(kh.device)
-            o, kc, sc = self._op(qh[b:b + 1], kh[b:b + 1].index_select(2, idx), vh[b:b + 1].index_select(2, idx), grid)
-            outs.append(o)
-            kept, skipped = kept + kc, skipped + sc
+            r = self._op(qh[b:b + 1], kh[b:b + 1].index_select(2, idx), vh[b:b + 1].index_select(2, idx), grid,
+                         want_mask and b == 0, layer=layer)
+            outs.append(r[0])
+            kept, skipped = kept + r[1], skipped + r[2]
+            if want_mask and b == 0:
+                mask = r[3]
+        if want_mask:
+            return torch.cat(outs, 0), kept, skipped, mask
         return torch.cat(outs, 0), kept, skipped
 
     @staticmethod
@@ -412,6 +492,8 @@ class SpargeOverride:
         if ctx is not None:
             ctx.dense[reason] = ctx.dense.get(reason, 0) + 1
             ctx.dense_flops += flops
+            if ctx.capture_layer is not None and ctx.cur_layer == ctx.capture_layer:
+                ctx.map_dense[reason] = ctx.map_dense.get(reason, 0) + 1
             if self.config.verbose and reason not in {r for r, _ in ctx.first_seen} and not _is_compiling():
                 ctx.first_seen.append((reason, _describe_call(args, kwargs)))
         if self.prev is not None:
@@ -430,7 +512,7 @@ class SpargeOverride:
         except Exception as e:  # never break a render over bookkeeping
             log.warning("Sparge Attention%s: could not read the forward's context (%s); no Hilbert order, "
                         "no step stats for it", self._node_tag(), e)
-            ctx = ForwardContext(None, None, None, True, (), None, 0)
+            ctx = ForwardContext(None, None, None, True, (), None, 0, self._capture_layer(None))
         to[self.key] = ctx
         try:
             return executor(*args, **kwargs)
@@ -447,7 +529,19 @@ class SpargeOverride:
         step, sigma, percent = _step_of(to)
         ctx_tokens = int(context.shape[1]) if isinstance(context, torch.Tensor) and context.dim() == 3 else None
         n_double = len(getattr(dm, "double_blocks", ()) or ())
-        return ForwardContext(step, sigma, percent, self.config.in_schedule(percent), grids, ctx_tokens, n_double)
+        return ForwardContext(step, sigma, percent, self.config.in_schedule(percent), grids, ctx_tokens, n_double,
+                              self._capture_layer(dm))
+
+    def _capture_layer(self, dm) -> Optional[int]:
+        """The block whose block mask this forward captures (None: capture off)."""
+        n = _count_layers(dm)
+        if self.run is not None and n is not None:
+            self.run.n_layers = n
+        if self.map_layer is None:
+            return None
+        if self.map_layer >= 0:
+            return int(self.map_layer)
+        return n // 2 if n else 0
 
     def _fold(self, ctx: ForwardContext):
         run = self.run
@@ -462,7 +556,10 @@ class SpargeOverride:
         st.flops_dense += ctx.dense_flops
         if ctx.records:
             # device tensors, summed on the device: no host sync until the end-of-run readout
-            st.kept = st.kept + torch.stack([r[0].reshape(()) for r in ctx.records]).sum()
+            kept_vec = torch.stack([r[0].reshape(()) for r in ctx.records])
+            st.kept = st.kept + kept_vec.sum()
+            if len(ctx.record_layers) == len(ctx.records):
+                st.layer_parts.append((tuple(ctx.record_layers), kept_vec, tuple(r[2] for r in ctx.records)))
             st.pv_skipped = st.pv_skipped + torch.stack([r[1].reshape(()) for r in ctx.records]).sum()
             computed = torch.stack([r[0].reshape(()).double() * (r[3] / r[2]) for r in ctx.records]).sum()
             st.flops_sparse_computed = st.flops_sparse_computed + computed
@@ -479,6 +576,18 @@ class SpargeOverride:
         run.max_layer = max(run.max_layer, ctx.max_layer)
         for reason, desc in ctx.first_seen:
             run.first_seen.setdefault(reason, desc)
+        if ctx.capture_layer is not None:
+            run.map_layer = ctx.capture_layer
+            for reason, n in ctx.map_dense.items():
+                run.map_dense[reason] = run.map_dense.get(reason, 0) + n
+            if ctx.map_mask is not None and st.step not in run.map_masks:
+                packed, nk = ctx.map_mask
+                nbytes = packed.numel() * packed.element_size()
+                if run.map_bytes + nbytes <= MAP_MAX_BYTES:
+                    run.map_masks[st.step] = (packed, nk, ctx.sigma)
+                    run.map_bytes += nbytes
+                else:
+                    run.map_dropped += 1
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
         """WrappersMP.OUTER_SAMPLE: CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, ...)
@@ -494,6 +603,7 @@ class SpargeOverride:
             return out
         finally:
             self.run = outer_run
+            readout = None
             try:
                 from .readout import build_readout, publish
 
@@ -501,6 +611,86 @@ class SpargeOverride:
                 (self._publish or publish)(readout)
             except Exception as e:  # the render must finish even if the readout fails
                 log.warning("Sparge Attention%s: readout failed: %s", self._node_tag(), e, exc_info=True)
+            try:
+                self.last_map = finish_map(self, run, readout)
+            except Exception as e:  # pragma: no cover - defensive
+                log.warning("Sparge Attention%s: sparsity map capture failed: %s", self._node_tag(), e)
+
+
+def _count_layers(dm) -> Optional[int]:
+    """Transformer blocks of a diffusion model (HunyuanVideo-style: double + single blocks)."""
+    if dm is None:
+        return None
+    n = 0
+    for name in ("double_blocks", "single_blocks"):
+        n += len(getattr(dm, name, ()) or ())
+    if n:
+        return n
+    for name in ("blocks", "transformer_blocks", "joint_blocks", "layers"):
+        try:
+            n = len(getattr(dm, name))
+        except (AttributeError, TypeError):
+            continue
+        if n:
+            return n
+    return None
+
+
+def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(H, NQ, NK) bool -> (H, NQ, ceil(NK / 8)) uint8, bit j of byte c = block 8c + j. Device ops
+    only (no host-to-device copy, no sync)."""
+    nk = mask.shape[-1]
+    m = mask.to(torch.uint8)
+    pad = (-nk) % 8
+    if pad:
+        m = torch.nn.functional.pad(m, (0, pad))
+    m = m.reshape(*m.shape[:-1], -1, 8)
+    bits = torch.arange(8, device=m.device, dtype=torch.uint8)
+    return torch.bitwise_left_shift(m, bits).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, nk: int) -> torch.Tensor:
+    """Inverse of _pack_mask: (..., ceil(NK / 8)) uint8 -> (..., NK) bool."""
+    bits = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    m = torch.bitwise_and(torch.bitwise_right_shift(packed[..., None], bits), 1).bool()
+    return m.reshape(*packed.shape[:-1], -1)[..., :nk]
+
+
+def finish_map(ov, run: "RunStats", readout: Optional[dict]) -> dict:
+    """What the Sparge Sparsity Map node draws, on the CPU (called once per run, at its end)."""
+    steps = sorted(run.map_masks)
+    masks = {}
+    if steps:
+        flat = torch.cat([run.map_masks[s][0].reshape(-1) for s in steps]).cpu()
+        off = 0
+        for s in steps:
+            packed, nk, sigma = run.map_masks[s]
+            n = packed.numel()
+            masks[s] = {"packed": flat[off:off + n].reshape(packed.shape), "nk": nk, "sigma": sigma}
+            off += n
+    r = readout or {}
+    bq, bk = block_sizes(torch.device("cpu"))  # every device uses the same blocks (kernels/config.py)
+    return {
+        "node_id": ov.node_id,
+        "block_q": bq,
+        "block_k": bk,
+        "prompt_id": r.get("prompt_id"),
+        "preset": ov.config.preset,
+        "map_layer": run.map_layer,
+        "map_layer_setting": ov.map_layer,
+        "n_layers": run.n_layers,
+        "masks": masks,  # step -> {"packed": uint8 (H, NQ, ceil(NK/8)), "nk", "sigma"}
+        "dropped_steps": run.map_dropped,
+        "map_dense": dict(run.map_dense),
+        "hilbert": bool(r.get("hilbert_used")),
+        "grid": (r.get("hilbert") or {}).get("grid"),
+        "n_steps": run.n_steps,
+        "steps": [s.get("step") for s in r.get("per_step", [])],
+        "per_step_sparsity": r.get("per_step_sparsity", []),
+        "layer_step_sparsity": r.get("layer_step_sparsity", []),
+        "layers_seen": r.get("layers_seen"),
+        "sparsity": r.get("sparsity"),
+    }
 
 
 def _describe_call(args, kwargs) -> str:
@@ -515,13 +705,13 @@ def _describe_call(args, kwargs) -> str:
     return f"q/k/v {shapes} {extra}"
 
 
-def install(model_patcher, config: SpargeConfig, node_id=None) -> SpargeOverride:
+def install(model_patcher, config: SpargeConfig, node_id=None, map_layer: Optional[int] = MAP_AUTO) -> SpargeOverride:
     """Patch a ModelPatcher (already cloned by the caller) with a fresh SpargeOverride."""
     from comfy.patcher_extension import WrappersMP
 
     to = model_patcher.model_options.setdefault("transformer_options", {})
     prev = to.get("optimized_attention_override")
-    ov = SpargeOverride(config, prev=prev, node_id=node_id)
+    ov = SpargeOverride(config, prev=prev, node_id=node_id, map_layer=map_layer)
     if prev is not None:
         log.info("Sparge Attention%s: another attention override was set before this node (%r); "
                  "calls that stay dense go through it.", ov._node_tag(), prev)
@@ -531,4 +721,27 @@ def install(model_patcher, config: SpargeConfig, node_id=None) -> SpargeOverride
     return ov
 
 
-__all__ = ["SpargeOverride", "ForwardContext", "RunStats", "install", "REASONS", "WRAPPER_KEY"]
+def find_override(model_patcher) -> Optional[SpargeOverride]:
+    """The SpargeOverride installed on a ModelPatcher (also behind overrides chained after it)."""
+    opts = getattr(model_patcher, "model_options", None) or {}
+    ov = (opts.get("transformer_options") or {}).get("optimized_attention_override")
+    seen = set()
+    while ov is not None and id(ov) not in seen:
+        if isinstance(ov, SpargeOverride):
+            return ov
+        seen.add(id(ov))
+        ov = getattr(ov, "prev", None)
+    try:
+        from comfy.patcher_extension import WrappersMP
+
+        for fn in (getattr(model_patcher, "wrappers", {}) or {}).get(WrappersMP.OUTER_SAMPLE, {}).get(WRAPPER_KEY, []):
+            owner = getattr(fn, "__self__", None)
+            if isinstance(owner, SpargeOverride):
+                return owner
+    except Exception:  # pragma: no cover - not inside ComfyUI
+        pass
+    return None
+
+
+__all__ = ["SpargeOverride", "ForwardContext", "RunStats", "install", "find_override", "finish_map", "unpack_mask",
+           "REASONS", "WRAPPER_KEY", "MAP_AUTO", "MAP_MAX_BYTES"]

@@ -14,7 +14,13 @@ Readout keys (all JSON types; None where not applicable):
   kept_blocks, total_blocks, sparsity, pv_skipped, pv_skipped_fraction,
   attention_flops, attention_flops_computed, flops_saved_fraction, est_attention_speedup,
   hilbert{requested, used_calls, not_used{reason: n}, grid, text_tokens_in_place}, hilbert_used,
-  layers_seen, attention_time_ms, sampling_time_s, notes[...]
+  layers_seen, attention_time_ms, sampling_time_s, notes[...],
+  layer_step_sparsity[step][block] (sparsity of each transformer block's sparse calls per step, in
+  per_step order; None where the block ran no sparse call), map_layer (the block whose block masks
+  were captured for the Sparge Sparsity Map node; None when none was),
+  error_check{mode, calls, rel_l1, cosine, worst_layer, worst_rel_l1, per_layer{"<block>": {rel_l1, cosine,
+  calls}}} (None when off), profile{name, layers, heads, calibrated_layers, layers_used, params{...},
+  notes[...]} (None without one), calibration{...} (Sparge Calibrate node only): nodes/error_check.py
 Dense-call reasons: "cross attention", "short", "schedule", "dense block", "mask", "dtype",
 "head dim", "unsupported call", "kernel error" (nodes/override.py). Steps count within the
 sampler's own run (a KSamplerAdvanced that runs steps 10-20 reports steps 0-9, with their sigmas).
@@ -90,6 +96,7 @@ def build_readout(ov, run, completed: bool = True) -> dict:
         for r, n in st.dense.items():
             dense_all[r] = dense_all.get(r, 0) + n
 
+    layer_step = _layer_step(run)
     backends = sorted(run.backends)
     attn_ms = None
     if events:
@@ -145,8 +152,35 @@ def build_readout(ov, run, completed: bool = True) -> dict:
         "attention_time_ms": attn_ms,
         "sampling_time_s": time.monotonic() - run.t0,
         "notes": notes,
+        "layer_step_sparsity": layer_step,
+        "map_layer": getattr(run, "map_layer", None),
     }
+    extra = getattr(ov, "readout_extra", None)  # error_check, profile, calibration (nodes/error_check.py)
+    if extra is not None:
+        readout.update(extra(run))
     return readout
+
+
+def _layer_step(run) -> list:
+    """Sparsity per step (rows, sorted like per_step) and transformer block (columns)."""
+    n_layers = max(run.max_layer + 1, 0)
+    keys = sorted(run.steps)
+    parts = [p for key in keys for p in getattr(run.steps[key], "layer_parts", ())]
+    if not parts or n_layers == 0:
+        return [[None] * n_layers for _ in keys]
+    flat = torch.cat([kv.reshape(-1) for _, kv, _ in parts]).cpu().tolist()  # one copy per run
+    rows, i = [], 0
+    for key in keys:
+        kept, total = [0] * n_layers, [0] * n_layers
+        for layers, _, totals in getattr(run.steps[key], "layer_parts", ()):
+            for layer, t in zip(layers, totals):
+                k = flat[i]
+                i += 1
+                if layer is not None and 0 <= layer < n_layers:
+                    kept[layer] += int(k)
+                    total[layer] += int(t)
+        rows.append([(1.0 - kept[j] / total[j]) if total[j] else None for j in range(n_layers)])
+    return rows
 
 
 def _pct(x):
@@ -170,7 +204,13 @@ def format_line(r: dict) -> str:
             f"sparsity {_pct(r['sparsity'])} (per step %: {steps}), PV skipped {_pct(r['pv_skipped_fraction'])}, "
             f"sparse calls {r['sparse_calls']}, dense calls: {dense}; est. attention FLOPs saved "
             f"{_pct(r['flops_saved_fraction'])} (~{speed}), backend {r['backend']}, Hilbert {hil}{t}"
-            + ("" if r["completed"] else " [run interrupted]"))
+            + _extra_line(r) + ("" if r["completed"] else " [run interrupted]"))
+
+
+def _extra_line(r: dict) -> str:
+    from .error_check import format_extra
+
+    return format_extra(r)
 
 
 def publish(readout: dict) -> None:
@@ -205,7 +245,8 @@ def history() -> list:
 
 
 def register_routes() -> bool:
-    """GET /sparge/last_readout[?node_id=ID] and GET /sparge/readouts (newest last)."""
+    """GET /sparge/last_readout[?node_id=ID], GET /sparge/readouts (newest last) and GET /sparge/presets
+    (the preset table for the browser extension, web/sparge.js)."""
     if _ROUTES["done"]:
         return True
     try:
@@ -224,6 +265,12 @@ def register_routes() -> bool:
                 return web.json_response({"error": f"no readout for node {node}"}, status=404)
             return web.json_response(_LAST[node])
         return web.json_response(dict(_LAST))
+
+    @routes.get("/sparge/presets")
+    async def _presets(request):
+        from .sparge_node import presets_for_ui
+
+        return web.json_response(presets_for_ui())
 
     @routes.get("/sparge/readouts")
     async def _all(request):

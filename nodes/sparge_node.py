@@ -5,7 +5,9 @@ from comfy_api.latest import io
 
 from ..sparge_core.presets import PRESET_NAMES, PRESETS
 from .config import DEFAULT_MIN_TOKENS, DEFAULT_PRESET, MODES, PV_OFF_AT, DenseBlocksError, SpargeConfig, parse_dense_blocks
-from .override import install
+from .override import MAP_AUTO, install
+from .profiles_nodes import apply_profile, node_classes as _profile_classes
+from .config import ERROR_CHECK_MODES
 
 _BAL = PRESETS[DEFAULT_PRESET]
 
@@ -25,6 +27,19 @@ PRESET_TIP = (
     + "; ".join(f"{p.name} = {p.mode} {p.cdfthreshd if p.mode == 'cdf' else p.topk}, simthreshd1 {p.simthreshd1}"
                 for p in PRESETS.values()) + "; P.V skipping off in all."
 )
+
+
+def presets_for_ui() -> dict:
+    """The preset table as the node's widgets show it (GET /sparge/presets, read by web/sparge.js,
+    so the browser never keeps its own copy of these numbers)."""
+    table = {}
+    for p in PRESETS.values():
+        pv = float(p.pvthreshd)
+        table[p.name] = {"mode": p.mode, "simthreshd1": float(p.simthreshd1), "cdfthreshd": float(p.cdfthreshd),
+                         "topk": float(p.topk), "pvthreshd": PV_OFF_AT if pv >= PV_OFF_AT else pv}
+    return {"names": list(PRESET_NAMES), "custom": "Custom", "default": DEFAULT_PRESET,
+            "slider_widgets": ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd"],
+            "presets": table}
 
 
 class SpargeAttention(io.ComfyNode):
@@ -76,19 +91,36 @@ class SpargeAttention(io.ComfyNode):
                 io.Boolean.Input("verbose", default=False, tooltip=(
                     "Log per-step details at the end of each run and, on CUDA, time the sparse attention "
                     "calls (adds a little overhead).")),
+                io.Int.Input("map_layer", default=MAP_AUTO, min=-1, max=1023, step=1, optional=True, tooltip=(
+                    "Which transformer block the Sparge Sparsity Map node shows: during sampling this node "
+                    "keeps that block's kept/skipped block pattern of every step (a few MB at most). "
+                    "-1 = the middle block. Blocks count from 0, like dense_blocks.")),
+                io.Combo.Input("error_check", options=list(ERROR_CHECK_MODES), default="off", optional=True, tooltip=(
+                    "Measure the error of the sparse attention on this run: some sparse calls also run normal "
+                    "attention on the same inputs, and the readout (log line, sparge.readout event) gives the "
+                    "relative L1 error and cosine similarity per block. sampled: every 4th step, a quarter of "
+                    "the blocks (about +6% attention time). every call: all sparse calls (about 2x attention "
+                    "time). The image is not changed.")),
+                _profile_classes()[0].Input("profile", optional=True, tooltip=(
+                    "Optional calibrated profile from the Load Sparge Profile node (made by Sparge Calibrate on "
+                    "this model): its blocks use the measured per-head thresholds instead of the preset; blocks "
+                    "it does not cover keep the preset.")),
             ],
             outputs=[io.Model.Output(tooltip="The same model with Sparge attention; plug it into the sampler.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def validate_inputs(cls, preset=None, mode=None, dense_blocks=None, start_percent=None, end_percent=None):
+    def validate_inputs(cls, preset=None, mode=None, dense_blocks=None, start_percent=None, end_percent=None,
+                        error_check=None):
         # Naming an input here makes ComfyUI skip its own min/max check, so the range checks of
         # the two percents are repeated here; 0.3.75 does not check V3 combo values at all.
         if preset is not None and preset not in PRESET_NAMES:
             return f"preset '{preset}' not in {PRESET_NAMES}"
         if mode is not None and mode not in MODES:
             return f"mode '{mode}' not in {list(MODES)}"
+        if error_check is not None and error_check not in ERROR_CHECK_MODES:
+            return f"error_check '{error_check}' not in {list(ERROR_CHECK_MODES)}"
         if dense_blocks is not None:
             try:
                 parse_dense_blocks(dense_blocks)
@@ -104,12 +136,15 @@ class SpargeAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, preset, mode, simthreshd1, cdfthreshd, topk, pvthreshd, start_percent,
-                end_percent, dense_blocks, hilbert, min_tokens, verbose) -> io.NodeOutput:
+                end_percent, dense_blocks, hilbert, min_tokens, verbose, map_layer=MAP_AUTO, error_check="off",
+                profile=None) -> io.NodeOutput:
         config = SpargeConfig.from_widgets(
             preset=preset, mode=mode, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
             pvthreshd=pvthreshd, start_percent=start_percent, end_percent=end_percent,
             dense_blocks=dense_blocks, hilbert=hilbert, min_tokens=min_tokens, verbose=verbose)
         node_id = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
+        config, profile_notes = apply_profile(config, model, profile, error_check)  # raises if it does not fit
         m = model.clone()
-        install(m, config, node_id=node_id)
+        ov = install(m, config, node_id=node_id, map_layer=int(map_layer))
+        ov.profile_notes = profile_notes
         return io.NodeOutput(m)

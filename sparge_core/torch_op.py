@@ -17,6 +17,11 @@ without a host sync and without a graph break.
 dense inside sparge_attention (e.g. shorter than one block) it equals the dense total.
 Importing this module twice (e.g. as `sparge_core` and as part of the node pack) registers the
 op once; the second import reuses it.
+
+"sparge::attention_map" takes the same arguments and also returns the predicted block mask,
+(B, H, NQ, NK) bool (True = computed; all True when the call ran dense inside sparge_attention),
+in the order the kernel visits tokens (Hilbert order with a grid). The Sparge Attention node
+calls it for the one transformer block it captures for the Sparge Sparsity Map node.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from .blockmask import num_blocks
 from .params import SpargeParams
 
 OP_NAME = "sparge::attention"
+MAP_OP_NAME = "sparge::attention_map"
 BACKEND = "auto"  # the op always picks by device: Triton on CUDA, the reference elsewhere
 
 
@@ -65,13 +71,21 @@ def dense_block_total(q: torch.Tensor, k: torch.Tensor) -> int:
     return B * H * num_blocks(N, bq) * num_blocks(k.shape[2], bk)
 
 
+def _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring):
+    params = _params(simthreshd1, threshold, pvthreshd, mode, causal, scoring)
+    grid = tuple(int(g) for g in grid) or None
+    return sparge_attention(q, k, v, params, layout="HND", grid=grid,
+                            scale=None if scale <= 0 else float(scale), return_stats=True, backend=BACKEND)
+
+
 def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
                     threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
                     grid: Sequence[int], scale: float, scoring: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = _params(simthreshd1, threshold, pvthreshd, mode, causal, scoring)
-    grid = tuple(int(g) for g in grid) or None
-    out, stats = sparge_attention(q, k, v, params, layout="HND", grid=grid,
-                                  scale=None if scale <= 0 else float(scale), return_stats=True, backend=BACKEND)
+    out, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring)
+    return _outputs(q, k, v, out, stats)
+
+
+def _outputs(q, k, v, out, stats):
     dev = q.device
     # counts stay on q's device and are never copied from the host (no stream sync per call)
     if stats.backend == "dense":
@@ -83,6 +97,22 @@ def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthresh
     if _aliases(out, (q, k, v)):  # custom ops must not return views of their inputs
         out = out.clone()
     return out, kept, skipped
+
+
+def mask_shape(q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """(B, H, NQ, NK) of the block mask a call on q, k predicts (the sizes of its device)."""
+    bq, bk = block_sizes(q.device)
+    return (q.shape[0], q.shape[1], num_blocks(q.shape[2], bq), num_blocks(k.shape[2], bk))
+
+
+def _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring):
+    out, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring)
+    out, kept, skipped = _outputs(q, k, v, out, stats)
+    if stats.block_mask is not None:
+        mask = stats.block_mask.to_dense().contiguous()  # to_dense slices off a spare column
+    else:  # ran dense inside sparge_attention: every block was computed
+        mask = torch.ones(mask_shape(q, k), dtype=torch.bool, device=q.device)
+    return out, kept, skipped, mask
 
 
 def _device_count(x, dev) -> torch.Tensor:
@@ -99,6 +129,11 @@ def _aliases(out: torch.Tensor, inputs) -> bool:
 def _attention_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty((), dtype=torch.int64), q.new_empty((), dtype=torch.int64)
+
+
+def _attention_map_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring):
+    out, kept, skipped = _attention_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring)
+    return out, kept, skipped, q.new_empty(mask_shape(q, k), dtype=torch.bool)
 
 
 def _register():
@@ -119,7 +154,30 @@ def _register():
     return torch.ops.sparge.attention
 
 
+def _register_map():
+    try:
+        existing = getattr(torch.ops.sparge, "attention_map")
+    except (AttributeError, RuntimeError):
+        existing = None
+    if existing is not None:
+        return existing
+
+    @torch.library.custom_op(MAP_OP_NAME, mutates_args=())
+    def attention_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
+                      threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
+                      grid: list[int], scale: float,
+                      scoring: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring)
+
+    attention_map.register_fake(_attention_map_fake)
+    return torch.ops.sparge.attention_map
+
+
 sparge_attention_op = _register()
+# The same call that also returns the predicted block mask, (B, H, NQ, NK) bool, True = computed,
+# in the order the kernel visits tokens (Hilbert order when a grid is given). The Sparge Attention
+# node calls it for one transformer block per step to feed the Sparge Sparsity Map node.
+sparge_attention_map_op = _register_map()
 
 
 def thresholds(value, heads: int) -> torch.Tensor:
@@ -142,4 +200,5 @@ def call(q, k, v, params: SpargeParams, grid=None, scale=None):
                                params.scoring)
 
 
-__all__ = ["sparge_attention_op", "call", "thresholds", "dense_block_total", "OP_NAME"]
+__all__ = ["sparge_attention_op", "sparge_attention_map_op", "call", "thresholds", "dense_block_total",
+           "mask_shape", "OP_NAME", "MAP_OP_NAME"]

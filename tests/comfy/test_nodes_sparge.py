@@ -412,7 +412,10 @@ def test_demo_ui_workflow_roundtrip_and_run(comfy_server, tmp_path):
     api = demo.demo_graph(srv.tiny_models["wan21"].name, **small)
     ui = demo.api_to_ui(api, info)
     sp = next(n for n in ui["nodes"] if n["type"] == NODE)
-    assert sp["widgets_values"] == [demo.SPARGE_WIDGETS[k] for k in info[NODE]["input_order"]["required"][1:]]
+    # the frontend saves required widgets, then optional ones (map_layer, error_check; not the profile socket)
+    opt = info[NODE]["input"].get("optional", {})
+    opt_widgets = [opt[k][1]["default"] for k in info[NODE]["input_order"].get("optional", []) if demo._is_widget(opt[k])]
+    assert sp["widgets_values"] == [demo.SPARGE_WIDGETS[k] for k in info[NODE]["input_order"]["required"][1:]] + opt_widgets
     ks = next(n for n in ui["nodes"] if n["type"] == "KSampler")
     assert ks["widgets_values"][:2] == [demo.DEMO["seed"], "fixed"]
     back = demo.ui_to_api(ui, info)

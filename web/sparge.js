@@ -1,0 +1,287 @@
+// Sparge Attention: graph-editor behaviour of the "Sparge Attention" node.
+//
+// * Presets move the sliders: choosing Quality / Balanced / Fast / Turbo sets mode, simthreshd1,
+//   cdfthreshd, topk and pvthreshd to that preset's values; moving any of them by hand switches
+//   the preset to "Custom". The values come from the server (GET /sparge/presets, built from
+//   sparge_core/presets.py), never from a copy in this file.
+// * The threshold that does not apply to the current mode is greyed out (topk in cdf mode,
+//   cdfthreshd in topk mode); its value is kept.
+// * After a run, the node shows a compact readout (the "sparge.readout" websocket event of that
+//   node: sparsity, skipped P.V, estimated attention speed-up, dense fallbacks and why, attention
+//   time when measured, per-step sparsity bars). It stays until the next readout of the node.
+// * Loading a workflow made with another version (fewer, more or odd widget values) resets only
+//   the values that cannot be right, then re-applies the preset.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { drawReadout, readoutHeight, readoutLines } from "./sparge_readout.js";
+
+const NODE_TYPE = "SpargeAttention";
+const EVENT = "sparge.readout";
+const SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd"];
+const READOUT_WIDGET = "sparge_readout";
+const MIN_WIDTH = 340;
+
+let presetTable = null; // {names, custom, default, presets: {name: {mode, ...}}}
+let presetPromise = null;
+
+function loadPresets() {
+  if (presetTable) return Promise.resolve(presetTable);
+  if (!presetPromise) {
+    presetPromise = api
+      .fetchApi("/sparge/presets")
+      .then((res) => {
+        if (!res.ok) throw new Error(`GET /sparge/presets -> ${res.status}`);
+        return res.json();
+      })
+      .then((table) => {
+        presetTable = table;
+        return table;
+      })
+      .catch((err) => {
+        console.warn("[Sparge Attention] could not load the preset table; presets will not move the sliders", err);
+        presetPromise = null;
+        return null;
+      });
+  }
+  return presetPromise;
+}
+
+function widget(node, name) {
+  return node.widgets?.find((w) => w.name === name);
+}
+
+function customName() {
+  return presetTable?.custom ?? "Custom";
+}
+
+function state(node) {
+  if (!node.__sparge) node.__sparge = { applying: 0, readout: null, runs: 0 };
+  return node.__sparge;
+}
+
+function redraw(node) {
+  node.setDirtyCanvas?.(true, true);
+  node.graph?.setDirtyCanvas?.(true, true);
+}
+
+/** Grey out the threshold slider that the current mode does not use. */
+function updateApplicable(node) {
+  const mode = widget(node, "mode")?.value;
+  const cdf = widget(node, "cdfthreshd");
+  const topk = widget(node, "topk");
+  if (cdf) cdf.disabled = mode === "topk";
+  if (topk) topk.disabled = mode !== "topk";
+  redraw(node);
+}
+
+/** Move the sliders to a preset's values (no-op for Custom or an unknown name). */
+function applyPreset(node, name) {
+  const values = presetTable?.presets?.[name];
+  if (!values) return false;
+  const st = state(node);
+  st.applying++;
+  try {
+    for (const key of SLIDERS) {
+      const w = widget(node, key);
+      if (w && values[key] !== undefined && w.value !== values[key]) w.value = values[key];
+    }
+  } finally {
+    st.applying--;
+  }
+  updateApplicable(node);
+  return true;
+}
+
+function syncPreset(node) {
+  const name = widget(node, "preset")?.value;
+  if (name === undefined || name === customName()) {
+    updateApplicable(node);
+    return;
+  }
+  if (presetTable) applyPreset(node, name);
+  else
+    loadPresets().then(() => {
+      // read the preset again: it may have changed while the table was loading
+      const now = widget(node, "preset")?.value;
+      if (now !== customName()) applyPreset(node, now);
+    });
+}
+
+function switchToCustom(node) {
+  const preset = widget(node, "preset");
+  if (preset && preset.value !== customName()) preset.value = customName();
+  updateApplicable(node);
+}
+
+function chainCallback(w, after) {
+  const orig = w.callback;
+  w.callback = function (...args) {
+    const r = orig?.apply(this, args);
+    after(...args);
+    return r;
+  };
+}
+
+/** Reset widget values that cannot be right (a workflow from another version of the node). */
+function sanitize(node, specs) {
+  for (const w of node.widgets || []) {
+    const spec = specs[w.name];
+    if (!spec) continue;
+    const [type, opts] = spec;
+    const def = opts?.default;
+    if (Array.isArray(type) || type === "COMBO") {
+      const values = Array.isArray(type) ? type : opts?.options;
+      if (Array.isArray(values) && values.length && !values.includes(w.value)) w.value = def ?? values[0];
+    } else if (type === "FLOAT" || type === "INT") {
+      let v = w.value;
+      if (typeof v === "string" && v.trim() !== "" && Number.isFinite(Number(v))) v = Number(v);
+      if (typeof v !== "number" || !Number.isFinite(v)) v = def;
+      if (typeof v === "number") {
+        if (typeof opts?.min === "number") v = Math.max(opts.min, v);
+        if (typeof opts?.max === "number") v = Math.min(opts.max, v);
+        if (type === "INT") v = Math.round(v);
+      }
+      if (v !== undefined && v !== w.value) w.value = v;
+    } else if (type === "BOOLEAN") {
+      if (typeof w.value !== "boolean") w.value = def ?? false;
+    } else if (type === "STRING") {
+      if (typeof w.value !== "string") w.value = def ?? "";
+    }
+  }
+}
+
+function inputSpecs(nodeData) {
+  const specs = {};
+  for (const section of ["required", "optional"]) {
+    Object.assign(specs, nodeData?.input?.[section] || {});
+  }
+  return specs;
+}
+
+function fitSize(node) {
+  const need = node.computeSize();
+  const w = Math.max(node.size[0], MIN_WIDTH, need[0]);
+  const h = Math.max(need[1], 0);
+  if (w !== node.size[0] || h > node.size[1]) node.setSize([w, Math.max(node.size[1], h)]);
+}
+
+function addReadoutWidget(node) {
+  if (widget(node, READOUT_WIDGET)) return;
+  node.addCustomWidget({
+    name: READOUT_WIDGET,
+    type: READOUT_WIDGET,
+    value: "",
+    serialize: false, // not in widgets_values (saved workflows keep the node's own values only)
+    options: { serialize: false }, // not in the prompt
+    draw(ctx, n, widgetWidth, y, _H, lowQuality) {
+      const st = state(n);
+      drawReadout(ctx, widgetWidth ?? n.size[0], y, st.readout, st.runs, lowQuality === true);
+    },
+    computeSize(width) {
+      const st = state(node);
+      return [width ?? node.size[0], readoutHeight(st.readout, st.runs)];
+    },
+  });
+}
+
+function setupNode(node, specs) {
+  const st = state(node);
+  if (st.ready) return;
+  st.ready = true;
+  for (const key of SLIDERS) {
+    const w = widget(node, key);
+    if (!w) continue;
+    chainCallback(w, () => {
+      if (st.applying) return;
+      switchToCustom(node);
+    });
+  }
+  const preset = widget(node, "preset");
+  if (preset) {
+    chainCallback(preset, () => {
+      if (preset.value === customName()) updateApplicable(node);
+      else if (presetTable) applyPreset(node, preset.value);
+      else syncPreset(node);
+    });
+  }
+  addReadoutWidget(node);
+  syncPreset(node);
+  fitSize(node);
+  node.__spargeSpecs = specs;
+}
+
+/** The node for an execution id ("12", or "5:12" inside a subgraph). */
+function nodeForExecutionId(id) {
+  if (id === null || id === undefined) return null;
+  const parts = String(id).split(":");
+  let graph = app.rootGraph ?? app.graph;
+  let node = null;
+  for (let i = 0; i < parts.length; i++) {
+    node = graph?.getNodeById?.(parts[i]) ?? graph?.getNodeById?.(Number(parts[i])) ?? null;
+    if (!node) return null;
+    if (i < parts.length - 1) graph = node.subgraph;
+  }
+  return node;
+}
+
+function onReadout(event) {
+  const r = event?.detail;
+  if (!r || r.node_id === undefined || r.node_id === null) return;
+  const node = nodeForExecutionId(r.node_id);
+  if (!node || (node.comfyClass ?? node.type) !== NODE_TYPE) return;
+  const st = state(node);
+  st.runs = st.readout && r.prompt_id && st.readout.prompt_id === r.prompt_id ? st.runs + 1 : 1;
+  st.readout = r;
+  addReadoutWidget(node);
+  fitSize(node);
+  redraw(node);
+}
+
+app.registerExtension({
+  name: "Sparge.Attention",
+
+  async setup() {
+    api.addEventListener(EVENT, onReadout);
+    loadPresets();
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== NODE_TYPE) return;
+    loadPresets();
+    const specs = inputSpecs(nodeData);
+
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      try {
+        setupNode(this, specs);
+      } catch (err) {
+        console.warn("[Sparge Attention] node set-up failed", err);
+      }
+      return r;
+    };
+
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function (info) {
+      const r = onConfigure?.apply(this, arguments);
+      try {
+        setupNode(this, specs);
+        sanitize(this, specs);
+        const st = state(this);
+        st.readout = null; // a loaded or pasted node has not run yet
+        st.runs = 0;
+        syncPreset(this);
+        fitSize(this);
+      } catch (err) {
+        console.warn("[Sparge Attention] could not restore the node's settings", err);
+      }
+      return r;
+    };
+
+    /** For tests and other extensions: the readout lines as shown, and the readout itself. */
+    nodeType.prototype.getSpargeReadout = function () {
+      const st = state(this);
+      return { readout: st.readout, runs: st.runs, lines: readoutLines(st.readout, st.runs).map((l) => l.text) };
+    };
+  },
+});
