@@ -8,4 +8,6 @@ readout.py  end-of-run readout: log line, "sparge.readout" event, GET /sparge/la
 calibrate_node.py  the "Sparge Calibrate" node (CalibrateOverride: observe during a normal run, write a profile)
 profiles_nodes.py  models/sparge_profiles, the "Load Sparge Profile" node, profiles on the Sparge Attention node
 error_check.py  the Sparge Attention node's error check (sparse vs dense per block) and extra readout keys
+sparsity_map.py  the "Sparge Sparsity Map" node (pictures of the captured block masks)
+sparsity_render.py  the pillow drawing of those pictures (no ComfyUI imports)
 """
