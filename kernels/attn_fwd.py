@@ -11,12 +11,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import INTERPRET, round_to_e4m3
-
-# int32 -> fp32 without the slow conversion unit: for |x| < 2^22, adding 1.5*2^23 puts x in the
-# mantissa of a float whose bit pattern is (x + 0x4B400000). int8 dots with D <= 128 stay below
-# 128*127*127 ~ 2^21, so this is exact.
-MAGIC_I = tl.constexpr(0x4B400000)
-MAGIC_F = tl.constexpr(12582912.0)
+from .numerics import int32_to_f32
 
 
 @triton.jit
@@ -26,7 +21,7 @@ def _block(acc, l_i, m_i, n_skip, q, k_ptrs, v_ptrs, sk_n, qk_scale, kb, offs_m,
     start_n = kb * BLOCK_N
     k_t = tl.load(k_ptrs + start_n.to(tl.int64) * sk_n)  # (HEAD_DIM, BLOCK_N) int8
     s_i = tl.dot(q, k_t)
-    s = ((s_i + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F) * qk_scale
+    s = int32_to_f32(s_i) * qk_scale  # exact, off the conversion unit (numerics.py)
     cols = start_n + offs_n
     if IS_CAUSAL:
         s = tl.where((cols[None, :] < N_K) & (cols[None, :] <= offs_m[:, None] + (N_K - N_Q)), s, float("-inf"))

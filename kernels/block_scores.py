@@ -4,8 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAGIC_I = tl.constexpr(0x4B400000)  # exact int32 -> fp32 for |x| < 2^22 (see attn_fwd.py)
-MAGIC_F = tl.constexpr(12582912.0)
+from .numerics import int32_to_f32, round_half_away
 
 
 @triton.jit
@@ -26,7 +25,7 @@ def _block_lse_kernel(QP, K, KS, OUT, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks
     # pooled queries to int8, one scale per row (round half away from zero, like the quantizer)
     qamax = tl.maximum(tl.max(tl.abs(qp), 1), 1e-20)
     qs = qp * (127.0 / qamax)[:, None]
-    q_i8 = tl.where(qs >= 0, tl.floor(qs + 0.5), -tl.floor(0.5 - qs)).to(tl.int8)
+    q_i8 = round_half_away(qs).to(tl.int8)
     row_scale = qamax / 127.0 * scale_log2
     k_ptrs = K + b * sk_b + hk * sk_h + offs_n[None, :].to(tl.int64) * sk_n + offs_d[:, None]
     out_ptrs = OUT + b * so_b + h * so_h + offs_r * so_r
@@ -35,7 +34,7 @@ def _block_lse_kernel(QP, K, KS, OUT, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks
     for kb in range(kb0, kb1):
         k = tl.load(k_ptrs + kb * BLOCK_N * sk_n)  # int8, padded to whole blocks (offset < 2^31 within a head)
         s_i = tl.dot(q_i8, k)
-        s = ((s_i + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F) * (row_scale * tl.load(KS + b * sks_b + hk * sks_h + kb))[:, None]
+        s = int32_to_f32(s_i) * (row_scale * tl.load(KS + b * sks_b + hk * sks_h + kb))[:, None]
         s = tl.where((kb * BLOCK_N + offs_n < N_K)[None, :], s, float("-inf"))
         m = tl.max(s, 1)
         lse = m + tl.math.log2(tl.sum(tl.math.exp2(s - m[:, None]), 1))

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import INTERPRET, round_to_e4m3
+from .numerics import round_half_away
 
 
 @triton.jit
@@ -34,7 +35,7 @@ def _quant_pool_kernel(
         x = tl.where(valid[:, None], x - mu[None, :], 0.0)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-20)
     xs = x * (127.0 / amax)
-    xq = tl.where(xs >= 0, tl.floor(xs + 0.5), -tl.floor(0.5 - xs))  # round half away from zero
+    xq = round_half_away(xs)
     # padded rows / columns are written as zeros so the attention kernel reads without masks
     tl.store(XQ + b * sq_b + h * sq_h + offs_n[:, None].to(tl.int64) * sq_n + offs_d[None, :], xq.to(tl.int8))
     tl.store(SCALE + b * ss_b + h * ss_h + blk, amax / 127.0 * extra_scale)
