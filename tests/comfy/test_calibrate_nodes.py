@@ -163,7 +163,8 @@ def calibrated(srv):
     """One calibration run (observing steps 0 and 2 of 4) + the plain run of the same prompt."""
     plain, _, _ = run(srv, graph(srv, 301, None, prefix="plain"))
     pid, progress, events = run_with_events(srv, graph(srv, 301, ("SpargeCalibrate", CAL), prefix="calrun"))
-    entry = srv.history(pid)[pid]
+    # execution_success can reach the websocket before the history entry is written: wait for it
+    entry = srv.wait(pid)
     lat = load_latent_file(srv.output_files(entry)[0])
     readout = only(srv.get_json(f"/sparge/readouts?prompt_id={pid}")["readouts"], CAL_ID)
     return dict(plain=plain, latent=lat, readout=readout, progress=progress, events=events, pid=pid)
