@@ -17,8 +17,8 @@ from sparge_attention.kernels.quantize import quant_pool, quant_v
 from sparge_attention.sparge_core import SpargeBlockMask, SpargeParams, sparge_attention
 from sparge_attention.sparge_core.reference import FP8_MAX, LOG2E, TINY, sparse_attention_reference
 
-SWEEP = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 2), (64, 128, 4, 3),
-         (64, 128, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4)]
+SWEEP = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 2),
+         (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)]
 KEEP_ALL = SpargeParams(simthreshd1=-1.0, cdfthreshd=1.0, pvthreshd=math.inf)
 
 
