@@ -358,6 +358,33 @@ class ComfyServer:
             raise PromptRejected(status, body, self.log_tail(40))
         return body["prompt_id"]
 
+    def queue_and_listen(self, prompt: dict, timeout: float = 300.0) -> tuple[str, list]:
+        """Queue `prompt` from a websocket client and collect every message the server sends it
+        until that prompt's execution_success / execution_error (the last message returned)."""
+        import asyncio
+
+        import aiohttp
+
+        client_id = f"sparge-ws-{uuid.uuid4().hex[:8]}"
+
+        async def go():
+            messages = []
+            async with aiohttp.ClientSession() as s:
+                async with s.ws_connect(f"{self.url}/ws?clientId={client_id}") as ws:
+                    pid = self.queue(prompt, client_id=client_id)
+                    deadline = time.monotonic() + timeout
+                    while time.monotonic() < deadline:
+                        msg = await ws.receive(timeout=max(1.0, deadline - time.monotonic()))
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            continue
+                        m = json.loads(msg.data)
+                        messages.append(m)
+                        if m["type"] in ("execution_success", "execution_error") and m["data"].get("prompt_id") == pid:
+                            return pid, messages
+            raise TimeoutError(f"prompt {pid} did not finish within {timeout} s\n{self.log_tail(40)}")
+
+        return asyncio.run(go())
+
     def history(self, prompt_id: str | None = None) -> dict:
         return self.get_json("/history" + (f"/{prompt_id}" if prompt_id else ""))
 

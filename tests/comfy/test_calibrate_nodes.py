@@ -16,13 +16,11 @@ measured (error check, every call, same prompt) rel-L1 0.025 / 0.028, cosine 0.9
 sparsity 0.31, where the Balanced preset reached 0.09 sparsity, and topk 0.2 (2 of 9 key
 blocks) measured an error well above the target.
 """
-import asyncio
 import json
 import os
 import pickle
 import struct
 import sys
-import time
 
 import pytest
 import torch
@@ -103,31 +101,11 @@ def profiles_dir(srv):
 
 def run_with_events(srv, g):
     """Queue over a websocket client; returns (prompt_id, progress events, sparge.readout events)."""
-    import aiohttp
-
-    client_id = f"sparge-cal-{time.monotonic_ns()}"
-
-    async def go():
-        progress, readouts = [], []
-        async with aiohttp.ClientSession() as s:
-            async with s.ws_connect(f"{srv.url}/ws?clientId={client_id}") as ws:
-                pid = srv.queue(g, client_id=client_id)
-                deadline = time.monotonic() + 300
-                while time.monotonic() < deadline:
-                    msg = await ws.receive(timeout=max(1.0, deadline - time.monotonic()))
-                    if msg.type != aiohttp.WSMsgType.TEXT:
-                        continue
-                    m = json.loads(msg.data)
-                    if m["type"] == "progress":
-                        progress.append(m["data"])
-                    elif m["type"] == "sparge.readout":
-                        readouts.append(m["data"])
-                    elif m["type"] in ("execution_success", "execution_error") and m["data"].get("prompt_id") == pid:
-                        assert m["type"] == "execution_success", m
-                        break
-        return pid, progress, readouts
-
-    return asyncio.run(go())
+    pid, messages = srv.queue_and_listen(g)
+    assert messages[-1]["type"] == "execution_success", messages[-1]
+    progress = [m["data"] for m in messages if m["type"] == "progress"]
+    readouts = [m["data"] for m in messages if m["type"] == "sparge.readout"]
+    return pid, progress, readouts
 
 
 # ----------------------------------------------------------------------------- schemas

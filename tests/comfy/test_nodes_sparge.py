@@ -9,11 +9,9 @@ Tiny shapes: a 256x256x5 video latent is a (2, 16, 16) token grid = 512 tokens (
 64, 4 key blocks of 128); Wan: 2 blocks, cond+uncond batched (B=2), 16 text tokens;
 HunyuanVideo: 1 double + 1 single block, joint attention over 512 image + 16 text tokens.
 """
-import asyncio
 import json
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -336,29 +334,9 @@ def test_kernel_error_falls_back_to_dense(comfy_server):
 
 
 def test_readout_event_and_endpoint(comfy_server):
-    import aiohttp
-
     srv = comfy_server
-    client_id = "sparge-ws-test"
-
-    async def go():
-        events = []
-        async with aiohttp.ClientSession() as s:
-            async with s.ws_connect(f"{srv.url}/ws?clientId={client_id}") as ws:
-                pid = srv.queue(hunyuan(srv, 112, sparge(verbose=True), prefix="hy_ws"), client_id=client_id)
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    msg = await ws.receive(timeout=max(1.0, deadline - time.monotonic()))
-                    if msg.type != aiohttp.WSMsgType.TEXT:
-                        continue
-                    m = json.loads(msg.data)
-                    if m["type"] == "sparge.readout":
-                        events.append(m["data"])
-                    if m["type"] in ("execution_success", "execution_error") and m["data"].get("prompt_id") == pid:
-                        break
-        return pid, events
-
-    pid, events = asyncio.run(go())
+    pid, messages = srv.queue_and_listen(hunyuan(srv, 112, sparge(verbose=True), prefix="hy_ws"), timeout=120)
+    events = [m["data"] for m in messages if m["type"] == "sparge.readout"]
     assert len(events) == 1
     ev = events[0]
     assert ev["node_id"] == "10" and ev["prompt_id"] == pid and ev["settings"]["verbose"] is True
