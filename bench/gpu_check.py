@@ -38,14 +38,6 @@ def kernel_fn(prep, bmask, N, D, bm, bn, warps, stages, pv_skip=False, **kw):
                                    N, N, D, torch.bfloat16, bm, bn, False, pv_skip, warps, stages, **kw)
 
 
-def skewed_block_mask(B, H, nq, nk, mean_density, device, seed=0):
-    """Rows keep very different numbers of blocks (like CDF masks on real attention)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    dens = (torch.empty(B, H, nq, 1, device=device).exponential_(generator=g) * mean_density).clamp(0.02, 1.0)
-    keep = torch.rand(B, H, nq, nk, generator=g, device=device).argsort(-1).argsort(-1) < (dens * nk).ceil()
-    return keep
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="wan480,hunyuan544")
