@@ -55,7 +55,8 @@ def floor_override(func, *args, **kwargs):
     return func(*args, **kwargs)
 
 
-def step_time(dm, x, t, ctx, to_factory, steps):
+def step_time(dm, x, t, ctx, to_factory, steps, after=None):
+    """Median seconds of one forward; `after(transformer_options)` runs after each timed one."""
     times = []
     with torch.no_grad():
         for i in range(steps + 1):
@@ -64,8 +65,10 @@ def step_time(dm, x, t, ctx, to_factory, steps):
             t0 = time.perf_counter()
             dm(x, t, ctx, transformer_options=to)
             torch.cuda.synchronize()
-            if i:  # the first forward compiles kernels
+            if i:  # the first forward compiles kernels: it stays out of the timing and the stats
                 times.append(time.perf_counter() - t0)
+                if after is not None:
+                    after(to)
     return statistics.median(times)
 
 
@@ -151,19 +154,8 @@ def main():
                 to[ov.key] = ov._make_ctx(base, x, ctx, to)
                 return to
 
-            ts = []
-            with torch.no_grad():
-                for i in range(args.steps + 1):
-                    to = to_factory()
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    dm(x, t, ctx, transformer_options=to)
-                    torch.cuda.synchronize()
-                    if i:
-                        ts.append(time.perf_counter() - t0)
-                        ov._fold(to[ov.key])  # what the APPLY_MODEL wrapper does after a forward
-                    # the first forward compiles kernels: it stays out of the stats and the timing
-            ts_med = statistics.median(ts)
+            # after each forward, fold its stats into the run as the APPLY_MODEL wrapper does
+            ts_med = step_time(dm, x, t, ctx, to_factory, args.steps, after=lambda to, ov=ov: ov._fold(to[ov.key]))
             ro = build_readout(ov, ov.run)
             calls = ro.get("sparse_calls") or 0
             attn_ms = ro.get("attention_time_ms")
