@@ -1,7 +1,9 @@
 """Engine check on the GPU: correctness at the Wan 480p and HunyuanVideo 544p shapes, kernel
-tile sweep, and first timings as ratios to SDPA-cuDNN measured in the same run.
+and timings as ratios to SDPA-cuDNN measured in the same run.
 
-    python bench/gpu_check.py [--shapes wan480,hunyuan544] [--sweep] [--skip-ref]
+    python bench/gpu_check.py [--shapes wan480,hunyuan544] [--skip-ref] [--profile]
+
+Tile shapes and other kernel variants are compared by bench/kernel_variants.py.
 """
 import argparse
 import datetime
@@ -17,8 +19,6 @@ from sparge_attention.kernels.quantize import quant_pool, quant_v
 from sparge_attention.sparge_core import SpargeBlockMask, SpargeParams, sparge_attention
 from sparge_attention.sparge_core.reference import FP8_MAX, LOG2E, TINY, sparse_attention_reference
 
-SWEEP = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 2),
-         (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)]
 KEEP_ALL = SpargeParams(simthreshd1=-1.0, cdfthreshd=1.0, pvthreshd=math.inf)
 
 
@@ -31,17 +31,17 @@ def prepare(q, k, v, bm, bn):
     return qi, ki, vt, qs, ks, vs
 
 
-def kernel_fn(prep, bmask, N, D, bm, bn, warps, stages, pv_skip=False, **kw):
+def kernel_fn(prep, bmask, N, D, cfg, pv_skip=False):
     qi, ki, vt, qs, ks, vs = prep
     pvt = torch.full((qi.shape[1],), 1e4 if pv_skip else math.inf, device=qi.device)
     return lambda: sparse_attn_fwd(qi, ki, vt, qs, ks, vs, bmask.kv_num_blocks, bmask.kv_indices, pvt,
-                                   N, N, D, torch.bfloat16, bm, bn, False, pv_skip, warps, stages, **kw)
+                                   N, N, D, torch.bfloat16, cfg.block_m, cfg.block_n, False, pv_skip, cfg.num_warps,
+                                   cfg.num_stages, tma=cfg.tma, maxnreg=cfg.maxnreg)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="wan480,hunyuan544")
-    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--skip-ref", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the kernel-time breakdown of a full call")
     args = ap.parse_args()
@@ -95,13 +95,13 @@ def main():
                 entry["rel_l1_vs_reference"] = rel_l1(out_k, ref_m)
                 entry["cosine_vs_reference"] = cosine(out_k, ref_m)
                 del ref_m, out_k
-            t = bench_ms(kernel_fn(prep, bmask, N, D, bm, bn, cfg.num_warps, cfg.num_stages))
+            t = bench_ms(kernel_fn(prep, bmask, N, D, cfg))
             entry["kernel_ms"], entry["x_cudnn"] = t, t / t_cudnn
             entry["eff_tops"] = 4 * B * H * N * N * D / t / 1e9
             rows.append((name, f"kernel density {dens}", t, t / t_cudnn, f"{entry['eff_tops']:.0f} TOPS",
                          f"L1 vs ref {entry.get('rel_l1_vs_reference', float('nan')):.4f}"))
             if dens == 1.0:
-                t2 = bench_ms(kernel_fn(prep, bmask, N, D, bm, bn, cfg.num_warps, cfg.num_stages, pv_skip=True))
+                t2 = bench_ms(kernel_fn(prep, bmask, N, D, cfg, pv_skip=True))
                 entry["kernel_pvskip_branch_ms"] = t2
                 rows.append((name, "kernel density 1.0, pv-skip branch on", t2, t2 / t_cudnn, "", ""))
         # full call: prediction + quantization + kernel
@@ -130,20 +130,6 @@ def main():
                     torch.cuda.synchronize()
                 print(f"\n{name} full call, scoring {scoring}, Hilbert, 5 calls:")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
-        if args.sweep:
-            sw = r["sweep"] = {}
-            for (bm_, bn_, w, s) in SWEEP:
-                try:
-                    prep_ = prepare(q, k, v, bm_, bn_)
-                    nq_, nk_ = triton.cdiv(N, bm_), triton.cdiv(N, bn_)
-                    for dens in (1.0, 0.25):
-                        mk = SpargeBlockMask.from_dense(random_block_mask(B, H, nq_, nk_, dens, dev, seed=2), bm_, bn_, N, N)
-                        t = bench_ms(kernel_fn(prep_, mk, N, D, bm_, bn_, w, s))
-                        sw[f"{bm_}x{bn_} w{w} s{s} d{dens}"] = t / t_cudnn
-                        rows.append((name, f"sweep {bm_}x{bn_} w{w} s{s} d{dens}", t, t / t_cudnn, "", ""))
-                except Exception as e:  # a config that does not compile is a result too
-                    sw[f"{bm_}x{bn_} w{w} s{s}"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-                    rows.append((name, f"sweep {bm_}x{bn_} w{w} s{s}", float("nan"), float("nan"), "failed", str(e)[:60]))
         del q, k, v, prep
         torch.cuda.empty_cache()
     res["rows"] = rows

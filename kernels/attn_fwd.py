@@ -9,26 +9,42 @@ partial last key block peeled off so full blocks need no masking.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import INTERPRET, round_to_e4m3
-from .numerics import int32_to_f32
+from .numerics import MAGIC_F, int32_bits_f32
 
 
 @triton.jit
-def _block(acc, l_i, m_i, n_skip, q, k_ptrs, v_ptrs, sk_n, qk_scale, kb, offs_m, offs_n, N_Q, N_K, neg_lam,
-           BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, IS_CAUSAL: tl.constexpr,
-           PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr, EMULATE_FP8: tl.constexpr):
+def _scores(q, k_src, k_row, kb, sk_n, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """Q.K^T of one key block as the raw float bit patterns of (s_i + MAGIC_I): monotone in the
+    int32 dot s_i, so the row max works on them directly, and int->float, scale and max fold into
+    one FFMA in _softmax_pv."""
     start_n = kb * BLOCK_N
-    k_t = tl.load(k_ptrs + start_n.to(tl.int64) * sk_n)  # (HEAD_DIM, BLOCK_N) int8
-    s_i = tl.dot(q, k_t)
-    s = int32_to_f32(s_i) * qk_scale  # exact, off the conversion unit (numerics.py)
+    if TMA:  # bulk tensor copies: one thread issues them, no per-thread addresses
+        s_i = tl.dot(q, k_src.load([k_row + start_n, 0]).T)
+    else:
+        s_i = tl.dot(q, tl.load(k_src + start_n.to(tl.int64) * sk_n))  # (HEAD_DIM, BLOCK_N) int8
+    return int32_bits_f32(s_i)
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, offs_n, N_Q, N_K, neg_lam,
+                BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr, EMULATE_FP8: tl.constexpr,
+                TMA: tl.constexpr):
+    start_n = kb * BLOCK_N
     cols = start_n + offs_n
     if IS_CAUSAL:
         s = tl.where((cols[None, :] < N_K) & (cols[None, :] <= offs_m[:, None] + (N_K - N_Q)), s, float("-inf"))
     elif MASK_KEYS:
         s = tl.where((cols < N_K)[None, :], s, float("-inf"))
-    m_loc = tl.max(s, 1)
-    v = tl.load(v_ptrs + start_n)  # (BLOCK_N, HEAD_DIM), N-contiguous
+    # exact subtraction (both integers < 2^24); -inf stays -inf
+    m_loc = (tl.max(s, 1) - MAGIC_F) * qk_scale
+    if TMA:
+        v = v_src.load([v_row, start_n]).T
+    else:
+        v = tl.load(v_src + start_n)  # (BLOCK_N, HEAD_DIM), N-contiguous
     do_pv = True
     if PV_SKIP:
         # skip when no real row of the tile can gain anything from this block
@@ -42,15 +58,17 @@ def _block(acc, l_i, m_i, n_skip, q, k_ptrs, v_ptrs, sk_n, qk_scale, kb, offs_m,
         # P is computed pre-scaled by 2^P_LOG2 (keeps small probabilities out of fp8 subnormals);
         # l carries the same factor, so it cancels in acc / l
         alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - (m_use - P_LOG2)[:, None])
+        # (bits - MAGIC_F) * scale - (m - P_LOG2) as one FFMA; the per-row constant's rounding is
+        # ~2^-24 * MAGIC_F * scale (~1e-5 in log2 units at realistic score scales)
+        c = (m_use - P_LOG2) + qk_scale * MAGIC_F
+        p = tl.math.exp2(s * qk_scale - c[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if PV_FP8:
             if EMULATE_FP8:
                 p = round_to_e4m3(p)
-            pv = tl.dot(p.to(tl.float8e4nv), v)
+            acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
         else:
-            pv = tl.dot(p.to(tl.float16), v)
-        acc = acc * alpha[:, None] + pv
+            acc = tl.dot(p.to(tl.float16), v, acc * alpha[:, None])
         m_i = m_new
     else:
         n_skip += 1
@@ -66,6 +84,7 @@ def _sparse_attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # one program per (batch*head, query block), query blocks fastest: the programs running
     # together share one head's K and V in L2
@@ -82,8 +101,16 @@ def _sparse_attn_fwd(
     # Q, K and V^T are padded to whole blocks by the quantizer: no load masks needed
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_n + offs_d[None, :])
     q_scale = tl.load(QS + b * sqs_b + h * sqs_h + pid_m)
-    k_ptrs = K + b * sk_b + hk * sk_h + offs_n[None, :].to(tl.int64) * sk_n + offs_d[:, None]
-    v_ptrs = VT + b * sv_b + hk * sv_h + offs_d[None, :] * sv_d + offs_n[:, None]
+    if TMA:  # K and V^T are 2-D descriptors over (B*Hkv*N_pad, D) and (B*Hkv*D, N_pad)
+        k_src = K
+        v_src = VT
+        k_row = ((b * sk_b + hk * sk_h) // sk_n).to(tl.int32)
+        v_row = ((b * sv_b + hk * sv_h) // sv_d).to(tl.int32)
+    else:
+        k_src = K + b * sk_b + hk * sk_h + offs_n[None, :].to(tl.int64) * sk_n + offs_d[:, None]
+        v_src = VT + b * sv_b + hk * sv_h + offs_d[None, :] * sv_d + offs_n[:, None]
+        k_row = 0
+        v_row = 0
     ks_base = KS + b * sks_b + hk * sks_h
     idx_base = IDX + b * si_b + h * si_h + pid_m * si_q
     count = tl.load(CNT + b * sc_b + h * sc_h + pid_m)
@@ -105,13 +132,17 @@ def _sparse_attn_fwd(
     for it in range(0, n_full):
         kb = tl.load(idx_base + it)
         qk_scale = q_scale * tl.load(ks_base + kb)
-        acc, l_i, m_i, n_skip = _block(acc, l_i, m_i, n_skip, q, k_ptrs, v_ptrs, sk_n, qk_scale, kb, offs_m, offs_n,
-                                       N_Q, N_K, neg_lam, BLOCK_N, False, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8)
-    if n_full < count:
+        s = _scores(q, k_src, k_row, kb, sk_n, BLOCK_N, TMA)
+        acc, l_i, m_i, n_skip = _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, offs_n,
+                                            N_Q, N_K, neg_lam, BLOCK_N, False, IS_CAUSAL, PV_FP8, PV_SKIP,
+                                            P_LOG2, EMULATE_FP8, TMA)
+    if n_full < count:  # the partial last key block, masked
         kb = tl.load(idx_base + n_full)
         qk_scale = q_scale * tl.load(ks_base + kb)
-        acc, l_i, m_i, n_skip = _block(acc, l_i, m_i, n_skip, q, k_ptrs, v_ptrs, sk_n, qk_scale, kb, offs_m, offs_n,
-                                       N_Q, N_K, neg_lam, BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8)
+        s = _scores(q, k_src, k_row, kb, sk_n, BLOCK_N, TMA)
+        acc, l_i, m_i, n_skip = _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, offs_n,
+                                            N_Q, N_K, neg_lam, BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP,
+                                            P_LOG2, EMULATE_FP8, TMA)
 
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -128,7 +159,7 @@ def _sparse_attn_fwd(
 def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, pvthreshd,
                     n_q: int, n_k: int, d_out: int, out_dtype, block_m: int, block_n: int,
                     is_causal: bool, pv_skip: bool, num_warps: int = 4, num_stages: int = 3,
-                    out_perm: torch.Tensor | None = None):
+                    out_perm: torch.Tensor | None = None, maxnreg: int | None = None, tma: bool = False):
     """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), skipped (B,H,NQ) or None).
 
     out_perm (int32 (n_q,)): query row i is written to output row out_perm[i]."""
@@ -155,8 +186,13 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     skipped = torch.zeros(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
     pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()
     pv_fp8 = v_t.dtype == torch.float8_e4m3fn
+    k_arg, v_arg = k_i8, v_t
+    tma = tma and k_i8.is_contiguous() and v_t.is_contiguous()
+    if tma:
+        k_arg = TensorDescriptor.from_tensor(k_i8.view(-1, hd), [block_n, hd])
+        v_arg = TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, block_n])
     _sparse_attn_fwd[(B * H * NQ,)](
-        q_i8, k_i8, v_t, q_scale, k_scale, v_scale, out, out_perm if out_perm is not None else counts,
+        q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, out_perm if out_perm is not None else counts,
         counts, indices, skipped, pvt,
         q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -165,6 +201,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         n_q, n_k, H, H // Hkv, NQ,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
-        HAS_PERM=out_perm is not None, num_warps=num_warps, num_stages=num_stages,
+        HAS_PERM=out_perm is not None, TMA=tma,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out, (skipped if pv_skip else None)

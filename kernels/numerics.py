@@ -15,6 +15,12 @@ def int32_to_f32(x):
 
 
 @triton.jit
+def int32_bits_f32(x):
+    """The float whose bits are x + MAGIC_I: equals x + MAGIC_F exactly, so it orders like x."""
+    return (x + MAGIC_I).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def round_half_away(x):
     """Round to the nearest integer, halves away from zero (as sparge_core.reference does)."""
     return tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(0.5 - x))

@@ -142,7 +142,7 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
     out, skipped = sparse_attn_fwd(
         P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
         params.per_head("pvthreshd", H, q.device), N, k.shape[2], D, q.dtype, cfg.block_m, cfg.block_n,
-        params.is_causal, pv_skip, cfg.num_warps, cfg.num_stages, out_perm=perm_q,
+        params.is_causal, pv_skip, cfg.num_warps, cfg.num_stages, out_perm=perm_q, tma=cfg.tma, maxnreg=cfg.maxnreg,
     )
     return out, block_mask, (skipped.sum() if skipped is not None else 0)
 

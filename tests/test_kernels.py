@@ -310,6 +310,24 @@ def test_empty_row_gives_zeros_on_both_backends():
     assert rel_l1(out_t[..., :BQ, :], out_r[..., :BQ, :]) < 0.01
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_and_pointer_loads_agree(causal):
+    """Hopper loads K/V tiles by tensor descriptors, older GPUs by pointers: same numbers, bit for
+    bit (GQA, a partial last block and P.V skipping included)."""
+    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+    from sparge_attention.sparge_core.api import prepare_sparse
+
+    q, k, v = clustered(1, 4, 300, 64, seed=21, Hkv=2, dtype=torch.bfloat16)
+    params = SpargeParams(simthreshd1=0.3, cdfthreshd=0.9, pvthreshd=4.0, is_causal=causal)
+    P = prepare_sparse(q, k, v, params, 64 ** -0.5)
+    bm = P["block_mask"]
+    outs = [sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], bm.kv_num_blocks,
+                            bm.kv_indices, torch.full((4,), 4.0), 300, 300, 64, q.dtype, BQ, BK, causal, True,
+                            tma=tma) for tma in (False, True)]
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert 0 < int(bm.kv_num_blocks.sum()) < bm.kv_num_blocks.numel() * num_blocks(300, BK)
+
+
 def test_triton_rejects_fp32_pv():
     q = torch.randn(1, 1, 256, 64)
     with pytest.raises(ValueError, match="fp32"):

@@ -1,0 +1,103 @@
+"""A/B of the attention kernel's compile-time variants at given block masks, in one process.
+
+Each variant is a set of launcher switches (kernels/attn_fwd.py: tma, maxnreg,
+num_stages) and tile shape. Every row is a ratio to SDPA-cuDNN timed in the same run; the first
+variant is timed twice so the table shows the run's noise. Error columns compare each variant
+with the first one on the same mask (should be rounding-level) and, with nothing skipped, with
+cuDNN (quantization error).
+
+    python bench/kernel_variants.py [--shapes wan480,hunyuan544] [--variants hopper,no_cap,pointers]
+"""
+import argparse
+import datetime
+import math
+
+import torch
+import triton
+
+from common import SHAPES, bench_ms, card_name, random_block_mask, rel_l1, save, sdpa_cudnn
+from gpu_check import prepare
+from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+from sparge_attention.sparge_core import SpargeBlockMask
+
+VARIANTS = {  # launcher switches and tiles; the first of a run is the baseline of the error column
+    "hopper": dict(tma=True, maxnreg=168),  # kernels/config.py's choice for sm90
+    "hopper_s4": dict(tma=True, maxnreg=168, num_stages=4),
+    "no_cap": dict(tma=True),  # 2 programs per SM (198 registers)
+    "pointers": dict(tma=False, maxnreg=168),  # cp.async loads, as on pre-Hopper GPUs
+    "pointers_no_cap": dict(tma=False),
+    "128x128w8": dict(tma=True, bm=128, num_warps=8),
+    "128x64w8r128": dict(tma=True, bm=128, bn=64, num_warps=8, maxnreg=128),
+    "64x64r128": dict(tma=True, bn=64, maxnreg=128),
+}
+
+
+def run_variant(prep, bmask, N, D, kw):
+    qi, ki, vt, qs, ks, vs = prep
+    kw = dict(kw)
+    warps, stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
+    bm, bn = kw.pop("bm", 64), kw.pop("bn", 128)
+    pvt = torch.full((qi.shape[1],), math.inf, device=qi.device)
+    return lambda: sparse_attn_fwd(qi, ki, vt, qs, ks, vs, bmask.kv_num_blocks, bmask.kv_indices, pvt,
+                                   N, N, D, torch.bfloat16, bm, bn, False, False, warps, stages, **kw)[0]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="wan480,hunyuan544")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--densities", default="1.0,0.5,0.25,0.1")
+    ap.add_argument("--tag", default="variants")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    names = args.variants.split(",")
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.date.today().isoformat(), "variants": {n: VARIANTS[n] for n in names}, "shapes": {}}
+    rows = []
+    for shape in args.shapes.split(","):
+        B, H, N, D, _, _ = SHAPES[shape]
+        q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        t_cudnn = bench_ms(lambda: sdpa_cudnn(q, k, v))
+        ref = sdpa_cudnn(q, k, v)
+        r = res["shapes"][shape] = {"cudnn_ms": t_cudnn, "rows": []}
+        preps, masks = {}, {}
+        for dens in map(float, args.densities.split(",")):
+            first = None
+            for i, name in enumerate(names + names[:1]):
+                kw = VARIANTS[name]
+                bm, bn = kw.get("bm", 64), kw.get("bn", 128)
+                if (bm, bn) not in preps:
+                    preps[(bm, bn)] = prepare(q, k, v, bm, bn)
+                if (bm, bn, dens) not in masks:  # same seed: a 128-row mask is not the 64-row one
+                    nq, nk = triton.cdiv(N, bm), triton.cdiv(N, bn)
+                    masks[(bm, bn, dens)] = SpargeBlockMask.from_dense(
+                        random_block_mask(B, H, nq, nk, dens, dev, seed=1), bm, bn, N, N)
+                fn = run_variant(preps[(bm, bn)], masks[(bm, bn, dens)], N, D, kw)
+                try:
+                    out = fn()
+                    torch.cuda.synchronize()
+                except Exception as e:  # a variant that fails to compile is a result too
+                    rows.append((shape, dens, name, float("nan"), float("nan"), f"failed: {str(e)[:80]}", ""))
+                    continue
+                if first is None:
+                    first = out
+                err_first = rel_l1(out, first)
+                err_sdpa = rel_l1(out, ref) if dens == 1.0 else float("nan")
+                bad = bool(torch.isnan(out).any())
+                t = bench_ms(fn)
+                label = name + (" (again)" if i == len(names) else "")
+                r["rows"].append(dict(density=dens, variant=label, ms=t, x_cudnn=t / t_cudnn, l1_vs_first=err_first,
+                                      l1_vs_sdpa=err_sdpa, nan=bad))
+                rows.append((shape, dens, label, t, t / t_cudnn, f"{err_first:.4f}", f"{err_sdpa:.4f}" + (" NaN!" if bad else "")))
+        del q, k, v, ref, preps, masks
+        torch.cuda.empty_cache()
+    path = save(res, f"{datetime.date.today().isoformat()}-{card_name()}-{args.tag}")
+    print(f"\n{res['card']}  ({path})")
+    print(f"{'shape':<11} {'dens':>5} {'variant':<16} {'ms':>8} {'x cuDNN':>8} {'L1 vs 1st':>9} {'L1 vs SDPA':>10}")
+    for s, d, n, t, x, e1, e2 in rows:
+        print(f"{s:<11} {d:>5.2f} {n:<16} {t:>8.3f} {x:>8.3f} {e1:>9} {e2:>10}")
+
+
+if __name__ == "__main__":
+    main()
