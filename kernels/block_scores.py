@@ -4,7 +4,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import int32_to_f32, round_half_away
+from .numerics import MAGIC_F, int32_bits_f32, round_half_away
+
+
+@triton.jit
+def _block_lse(q_i8, k_ptrs, sk_n, row_scale, kb, offs_n, N_K, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """log2 sum_j exp2(score_j) over one key block, per row. As in the attention kernel, the row
+    max works on the raw float bits of (dot + MAGIC_I); unlike there, MAGIC_F is subtracted
+    exactly before scaling, so the scores keep full fp32 precision (this kernel is small)."""
+    k = tl.load(k_ptrs + kb * BLOCK_N * sk_n)  # int8, padded to whole blocks (offset < 2^31 within a head)
+    s = int32_bits_f32(tl.dot(q_i8, k))
+    if MASK_KEYS:
+        s = tl.where((kb * BLOCK_N + offs_n < N_K)[None, :], s, float("-inf"))
+    m = (tl.max(s, 1) - MAGIC_F) * row_scale
+    p = tl.math.exp2((s - MAGIC_F) * row_scale[:, None] - m[:, None])
+    return m + tl.math.log2(tl.sum(p, 1))
 
 
 @triton.jit
@@ -31,14 +45,16 @@ def _block_lse_kernel(QP, K, KS, OUT, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks
     out_ptrs = OUT + b * so_b + h * so_h + offs_r * so_r
     kb0 = pid_c * KB_PER_PROG
     kb1 = tl.minimum(kb0 + KB_PER_PROG, NKB)
-    for kb in range(kb0, kb1):
-        k = tl.load(k_ptrs + kb * BLOCK_N * sk_n)  # int8, padded to whole blocks (offset < 2^31 within a head)
-        s_i = tl.dot(q_i8, k)
-        s = int32_to_f32(s_i) * (row_scale * tl.load(KS + b * sks_b + hk * sks_h + kb))[:, None]
-        s = tl.where((kb * BLOCK_N + offs_n < N_K)[None, :], s, float("-inf"))
-        m = tl.max(s, 1)
-        lse = m + tl.math.log2(tl.sum(tl.math.exp2(s - m[:, None]), 1))
+    # only the last key block of the sequence can be partial: run the others without a mask
+    kb_full = tl.minimum(kb1, N_K // BLOCK_N)
+    for kb in range(kb0, kb_full):
+        lse = _block_lse(q_i8, k_ptrs, sk_n, row_scale * tl.load(KS + b * sks_b + hk * sks_h + kb), kb, offs_n, N_K,
+                         BLOCK_N, False)
         tl.store(out_ptrs + kb, lse, mask=offs_r < NR)
+    if kb_full < kb1:
+        lse = _block_lse(q_i8, k_ptrs, sk_n, row_scale * tl.load(KS + b * sks_b + hk * sks_h + kb_full), kb_full, offs_n,
+                         N_K, BLOCK_N, True)
+        tl.store(out_ptrs + kb_full, lse, mask=offs_r < NR)
 
 
 def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Tensor, scale: float,

@@ -15,7 +15,7 @@ def _quant_pool_kernel(
     sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n,
     N, H, extra_scale,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
-    SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, HAS_PERM: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -42,6 +42,8 @@ def _quant_pool_kernel(
     if WANT_POOL:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
         tl.store(POOL + b * sp_b + h * sp_h + blk * sp_n + offs_d, tl.sum(x, 0) / cnt)
+    if WANT_SIM:
+        cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
         norm = tl.sqrt(tl.sum(x * x, 1))
         unit = tl.where(norm[:, None] > 0, x / tl.maximum(norm, 1e-20)[:, None], 0.0)
         s = tl.sum(unit, 0)
@@ -93,10 +95,13 @@ def _check_perm(perm, n, device):
 
 
 def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 1.0,
-               mean: torch.Tensor | None = None, want_pool: bool = True, perm: torch.Tensor | None = None):
+               mean: torch.Tensor | None = None, want_pool: bool = True, perm: torch.Tensor | None = None,
+               want_sim: bool | None = None):
     """x (B,H,N,D) -> int8 (B,H,nb*block,head_dim), scale (B,H,nb) fp32 (times extra_scale),
     pooled (B,H,nb,D) fp32, sim (B,H,nb) fp32. `mean` (B,H,D) fp32 is subtracted first (K smoothing).
-    With `perm` (int32 (N,)), token i of the output is token perm[i] of x."""
+    With `perm` (int32 (N,)), token i of the output is token perm[i] of x. The pooled means and
+    the self-similarities are only computed when wanted (want_sim defaults to want_pool); what is
+    not computed is returned as None."""
     _check(x, "x")
     B, H, N, D = x.shape
     if head_dim < D or head_dim not in (16, 32, 64, 128, 256):
@@ -106,7 +111,8 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     xq = torch.empty(B, H, nb * block, head_dim, dtype=torch.int8, device=dev)
     scale = torch.empty(B, H, nb, dtype=torch.float32, device=dev)
     pool = torch.empty(B, H, nb, head_dim, dtype=torch.float32, device=dev) if want_pool else scale
-    sim = torch.empty(B, H, nb, dtype=torch.float32, device=dev) if want_pool else scale
+    want_sim = want_pool if want_sim is None else want_sim
+    sim = torch.empty(B, H, nb, dtype=torch.float32, device=dev) if want_sim else scale
     if mean is not None:
         mean = mean.float().contiguous()
     m = mean if mean is not None else scale
@@ -118,11 +124,9 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         pool.stride(0), pool.stride(1), pool.stride(2) if want_pool else 0,
         N, H, float(extra_scale),
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
-        HAS_PERM=perm is not None, num_warps=4,
+        WANT_SIM=want_sim, HAS_PERM=perm is not None, num_warps=4,
     )
-    if want_pool:
-        return xq, scale, pool[..., :D], sim
-    return xq, scale, None, None
+    return xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None
 
 
 def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool,

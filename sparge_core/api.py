@@ -101,6 +101,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     Hilbert gather fused in), stage-1 scoring and block selection. Returned as a dict so
     benchmarks can time it on its own."""
     from ..kernels.config import default_config
+    from ..kernels.kv_stats import kv_stats
     from ..kernels.quantize import quant_pool, quant_v
     from ..kernels.select import select_blocks_fused
 
@@ -109,11 +110,17 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     Nk = k.shape[2]
     hd = 64 if D <= 64 else 128  # other head dims are zero padded; the true scale is kept
     pv_fp8 = cfg.pv_fp8 if pv_dtype == "auto" else pv_dtype == "fp8"
-    want_pool = block_mask is None
-    q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=want_pool, perm=perm_q)
-    k_mean = k.mean(dim=2, dtype=torch.float32)  # token order does not matter for the mean and the max
-    k_i8, k_s, k_pool, k_sim = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=want_pool, perm=perm_k)
-    v_scale = (torch.linalg.vector_norm(v, math.inf, dim=2, dtype=torch.float32) / FP8_MAX).clamp_min(TINY)
+    predict = block_mask is None
+    lse = params.scoring == "lse"
+    # what stage 1 reads: the lse scores need only the pooled queries (and their self-similarity
+    # when the rule is on); the paper's pooled scores need both sides' means and similarities
+    q_sim_wanted = predict and (not lse or params.sim_rule_enabled())
+    q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=predict,
+                                          want_sim=q_sim_wanted, perm=perm_q)
+    # one pass over K and V: K's mean (token order does not matter for it) and V's per-channel max
+    k_mean, v_amax = kv_stats(k, v)
+    k_i8, k_s, k_pool, k_sim = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse, perm=perm_k)
+    v_scale = (v_amax / FP8_MAX).clamp_min(TINY)
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k)
     if block_mask is None:
         theta = params.per_head("simthreshd1", H, q.device)[None, :, None]
@@ -126,7 +133,8 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
             k_ss = expand_kv(k_sim[..., None], H)[..., 0] > theta
             scores = pooled_scores(q_pool, k_pool, k_ss, scale)
         sel = params.per_head("cdfthreshd" if params.mode == "cdf" else "topk", H, q.device)
-        counts, idx = select_blocks_fused(scores, q_sim > theta, k_ss, sel, params.mode == "cdf",
+        q_ss = q_sim > theta if q_sim is not None else torch.ones(q_s.shape, dtype=torch.bool, device=q.device)
+        counts, idx = select_blocks_fused(scores, q_ss, k_ss, sel, params.mode == "cdf",
                                           params.attention_sink, params.is_causal, N, Nk, cfg.block_m, cfg.block_n)
         block_mask = SpargeBlockMask(counts, idx, cfg.block_m, cfg.block_n, N, Nk)
     return dict(cfg=cfg, q_i8=q_i8, k_i8=k_i8, v_t=v_t, q_s=q_s, k_s=k_s, v_scale=v_scale, block_mask=block_mask)

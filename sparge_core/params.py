@@ -99,6 +99,10 @@ class SpargeParams:
             if getattr(self, f) is not None:
                 self.per_head(f, heads)
 
+    def sim_rule_enabled(self) -> bool:
+        """At simthreshd1 = -1 every block counts as self-similar: the rule changes nothing."""
+        return bool((torch.as_tensor(self.simthreshd1, dtype=torch.float64) > -1.0).any())
+
     def pv_skip_enabled(self) -> bool:
         return bool(torch.isfinite(torch.as_tensor(self.pvthreshd, dtype=torch.float64)).any())
 

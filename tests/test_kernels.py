@@ -87,6 +87,9 @@ def check_quant_pool(x, block, hd, mean=None, extra_scale=1.0):
     xq2, scale2, p2, s2 = quant_pool(x, block, hd, extra_scale=extra_scale, mean=mean, want_pool=False)
     assert p2 is None and s2 is None
     assert torch.equal(xq2, xq) and torch.equal(scale2, scale)
+    # pooled means without the similarity (the lse scoring path): the same means
+    xq3, scale3, p3, s3 = quant_pool(x, block, hd, extra_scale=extra_scale, mean=mean, want_sim=False)
+    assert s3 is None and torch.equal(p3, pooled) and torch.equal(xq3, xq) and torch.equal(scale3, scale)
 
 
 @pytest.mark.parametrize("D,hd", [(64, 64), (48, 64), (96, 128), (128, 128), (80, 128)])
@@ -405,3 +408,32 @@ def test_block_lse_scores_matches_reference(D, hd, Hkv):
     want = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, 333, BK)
     assert got.shape == (1, 2, num_blocks(333, BQ), num_blocks(333, BK))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- K mean + V max
+@settings(max_examples=10, deadline=None, phases=NO_SHRINK)
+@given(n=st.integers(1, 700), dk=st.sampled_from([64, 80, 128]), dv=st.sampled_from([64, 80, 128]),
+       heads=st.sampled_from([(1, 1), (2, 3)]), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       seed=st.integers(0, 2**16))
+def test_kv_stats_matches_torch(n, dk, dv, heads, dtype, seed):
+    from sparge_attention.kernels.kv_stats import kv_stats
+
+    g = torch.Generator().manual_seed(seed)
+    B, H = heads
+    k = (torch.randn(B, H, n, dk, generator=g) * 3 + 1).to(dtype)
+    v = (torch.randn(B, H, n, dv, generator=g) * 5).to(dtype)
+    if seed % 2:  # strided views are read in place
+        k = torch.randn(B, n, H, dk, generator=g).to(dtype).transpose(1, 2)
+    mean, amax = kv_stats(k, v)
+    assert mean.dtype == amax.dtype == torch.float32
+    torch.testing.assert_close(mean, k.float().mean(dim=2), rtol=1e-5, atol=1e-5)
+    assert torch.equal(amax, v.float().abs().amax(dim=2))
+
+
+def test_kv_stats_rejects_bad_input():
+    from sparge_attention.kernels.kv_stats import kv_stats
+
+    with pytest.raises(ValueError):
+        kv_stats(torch.randn(1, 2, 10, 64), torch.randn(1, 2, 11, 64))
+    with pytest.raises(ValueError):
+        kv_stats(torch.randn(2, 10, 64), torch.randn(2, 10, 64))
