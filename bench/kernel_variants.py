@@ -25,6 +25,7 @@ VARIANTS = {  # launcher switches and tiles; the first of a run is the baseline 
     "hopper_s4": dict(tma=True, maxnreg=168, num_stages=4),
     "no_cap": dict(tma=True),  # 2 programs per SM (198 registers)
     "pointers": dict(tma=False, maxnreg=168),  # cp.async loads, as on pre-Hopper GPUs
+    "s2": dict(tma=True, maxnreg=168, num_stages=2),
     "pointers_no_cap": dict(tma=False),
     "128x128w8": dict(tma=True, bm=128, num_warps=8),
     "128x64w8r128": dict(tma=True, bm=128, bn=64, num_warps=8, maxnreg=128),
