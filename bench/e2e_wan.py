@@ -14,7 +14,6 @@ import datetime
 import statistics
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch

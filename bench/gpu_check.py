@@ -9,7 +9,6 @@ import argparse
 import datetime
 import math
 import sys
-import time
 
 import torch
 import triton

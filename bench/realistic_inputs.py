@@ -704,7 +704,7 @@ def format_stats(stats: Dict[str, torch.Tensor], head_types: Optional[Sequence[s
     for t in dict.fromkeys(head_types):
         idx = [i for i, x in enumerate(head_types) if x == t]
         lines.append(f"  {len(idx):2d}x {t:9s} " + " ".join(f"{stats[c][idx].mean().item():11.3f}" for c in cols))
-    lines.append(f"  all          " + " ".join(f"{stats[c].mean().item():11.3f}" for c in cols))
+    lines.append("  all          " + " ".join(f"{stats[c].mean().item():11.3f}" for c in cols))
     lines.append(f"(key blocks: {int(stats['n_key_blocks'])}, sampled query rows: {int(stats['n_rows'])})")
     return "\n".join(lines)
 

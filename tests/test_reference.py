@@ -28,7 +28,6 @@ from sparge_attention.sparge_core.reference import (  # noqa: E402
     quantize_v,
     smooth_k,
     sparge_reference,
-    sparse_attention_reference,
 )
 
 BQ, BK = 128, 64  # the default CPU block sizes

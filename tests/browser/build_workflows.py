@@ -272,7 +272,7 @@ and the sparsity of every block at every step.
 How much is skipped depends on the model, the prompt and the step: the readout shows it. A step
 speeds up less than attention alone (attention is roughly 60% of a Wan step). In the project's H100
 benchmark, ComfyUI's Wan 2.1 1.3B 480p with random weights (nearly uniform attention: the hardest
-case for the cdf presets) ran a step 1.05-1.18x faster with the presets and 1.77x with Custom
+case for the cdf presets) ran a step 1.18-1.31x faster with the presets and 1.87x with Custom
 topk 0.25. Bypass the node (Ctrl+B) to compare quality.
 """
 
