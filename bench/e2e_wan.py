@@ -25,6 +25,9 @@ sys.path.insert(0, str(ROOT / ".comfyui" / "ComfyUI"))
 MODELS = {  # name: (WanModel kwargs, latent (C, T, H, W), layers note)
     "wan13b_480": (dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30), (16, 21, 60, 104), "all 30 layers"),
     "wan14b_720": (dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=8), (16, 21, 90, 160), "8 of 40 layers"),
+    # short clips (17 and 33 frames at 480p): where the per-call host time starts to matter
+    "wan13b_480_17f": (dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30), (16, 5, 60, 104), "all 30 layers"),
+    "wan13b_480_33f": (dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30), (16, 9, 60, 104), "all 30 layers"),
 }
 
 

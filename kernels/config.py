@@ -1,5 +1,6 @@
 """Tile shapes per GPU architecture. The mask predictor uses the same block sizes."""
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -24,6 +25,7 @@ def has_fp8(device: torch.device) -> bool:
 BLOCK_M, BLOCK_N = 64, 128
 
 
+@lru_cache(maxsize=None)  # asked on every attention call; a device's answer never changes
 def default_config(device: torch.device) -> KernelConfig:
     if device.type != "cuda":  # TRITON_INTERPRET on the CPU: the shapes and loads Hopper uses
         return KernelConfig(BLOCK_M, BLOCK_N, 4, 1, pv_fp8=True, tma=True)

@@ -99,12 +99,19 @@ class SpargeParams:
             if getattr(self, f) is not None:
                 self.per_head(f, heads)
 
+    def _flag(self, name: str, fn) -> bool:
+        # asked on every attention call: computed once (the fields never change)
+        cache = self.__dict__.setdefault("_flag_cache", {})
+        if name not in cache:
+            cache[name] = bool(fn())
+        return cache[name]
+
     def sim_rule_enabled(self) -> bool:
         """At simthreshd1 = -1 every block counts as self-similar: the rule changes nothing."""
-        return bool((torch.as_tensor(self.simthreshd1, dtype=torch.float64) > -1.0).any())
+        return self._flag("sim", lambda: (torch.as_tensor(self.simthreshd1, dtype=torch.float64) > -1.0).any())
 
     def pv_skip_enabled(self) -> bool:
-        return bool(torch.isfinite(torch.as_tensor(self.pvthreshd, dtype=torch.float64)).any())
+        return self._flag("pv", lambda: torch.isfinite(torch.as_tensor(self.pvthreshd, dtype=torch.float64)).any())
 
     def replace(self, **changes) -> "SpargeParams":
         return replace(self, **changes)
