@@ -34,6 +34,34 @@ def bench_ms(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def paired_ratio(fn, ref, budget_ms=2000.0, min_pairs=5, max_pairs=60):
+    """Time fn against ref in alternating pairs (ref, fn, ref, fn, ...) with CUDA events and
+    return (median of the per-pair ratios fn/ref, median fn ms, median ref ms).
+
+    One cuDNN figure taken at the start of a long run drifts from the later ones (clocks follow
+    power and temperature: identical masks measured minutes apart differed by up to 10% at the
+    HunyuanVideo shape); a ratio taken pair by pair cancels that drift. The host queues ahead as
+    in a model, so Python launch time is hidden whenever the GPU is busy."""
+    fn(), ref()  # warm-up (compilation, caches)
+    torch.cuda.synchronize()
+    e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    e[0].record(), ref(), e[1].record(), fn(), e[2].record()
+    torch.cuda.synchronize()
+    est = e[0].elapsed_time(e[2])
+    n = int(min(max_pairs, max(min_pairs, budget_ms // max(est, 1e-3))))
+    ev = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(n)]
+    for a, b, c in ev:
+        a.record()
+        ref()
+        b.record()
+        fn()
+        c.record()
+    torch.cuda.synchronize()
+    t_ref = torch.tensor([a.elapsed_time(b) for a, b, _ in ev])
+    t_fn = torch.tensor([b.elapsed_time(c) for _, b, c in ev])
+    return (t_fn / t_ref).median().item(), t_fn.median().item(), t_ref.median().item()
+
+
 def bench_graph_ms(fn, rep=100):
     """GPU time of fn replayed from a CUDA graph: leaves out the Python launch cost, which a real
     model hides by queueing ahead while earlier kernels run (measured ~1.3 ms of host time per

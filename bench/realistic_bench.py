@@ -15,12 +15,13 @@ import math
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import SHAPES, bench_ms, card_name, cosine, rel_l1, save, sdpa_cudnn
+from common import SHAPES, card_name, cosine, paired_ratio, rel_l1, save, sdpa_cudnn
 from realistic_inputs import make_video_qkv
 from sparge_attention.sparge_core import SpargeParams, sparge_attention
 from sparge_attention.sparge_core.presets import PRESETS
 
 INF = math.inf
+TARGET_L1 = 0.05  # issue 6's equal-error point
 KEEP_ALL_TOL = 0.02  # keep-all rel-L1 vs fp32 on the realistic inputs: quantization error only
 
 
@@ -57,6 +58,13 @@ def settings(quick: bool, lse_only: bool = False):
             out.append((f"lse topk {k} sim-off", SpargeParams(simthreshd1=-1.0, topk=k, pvthreshd=INF, scoring="lse"), hil))
     for tau in (0.9, 0.95):
         out.append((f"lse cdf {tau} sim 0.3", SpargeParams(simthreshd1=0.3, cdfthreshd=tau, pvthreshd=INF, scoring="lse"), True))
+    # share mode: one probability floor (minshare x the uniform share) for every row
+    shares = (0.15, 0.25, 0.35, 0.45, 0.55, 0.7, 0.9, 1.2) if not quick else (0.3, 0.5, 0.9)
+    for hil in (True, False):
+        for c in shares:
+            out.append((f"lse share {c} sim-off", SpargeParams(simthreshd1=-1.0, minshare=c, pvthreshd=INF, scoring="lse"), hil))
+        for k in (0.25, 0.35, 0.4) if hil and not quick else ():
+            out.append((f"lse topk {k} sim-off", SpargeParams(simthreshd1=-1.0, topk=k, pvthreshd=INF, scoring="lse"), hil))
     for name, preset in PRESETS.items():
         out.append((f"preset {name}", preset.params(), True))
     return out
@@ -80,7 +88,7 @@ def oracle_block_mass(q, k, bm, bn, chunk=4096):
     return mass / counts[:, None]
 
 
-def oracle_rows(q, k, v, truth, grid, t_cudnn):
+def oracle_rows(q, k, v, truth, grid, cudnn):
     """An upper bound for any block predictor: the mask chosen from the true block mass."""
     from sparge_attention.sparge_core.hilbert import TokenPermutation
     from sparge_attention.sparge_core.reference import keep_from_scores
@@ -93,17 +101,40 @@ def oracle_rows(q, k, v, truth, grid, t_cudnn):
         p = SpargeParams(simthreshd1=-1.0, cdfthreshd=tau, pvthreshd=INF)
         mask = keep_from_scores(torch.log2(mass), p, None)
         out, st = sparge_attention(q, k, v, p, grid=grid, block_mask=mask, return_stats=True)
-        t = bench_ms(lambda: sparge_attention(q, k, v, p, grid=grid, block_mask=mask), warmup=25, rep=200)
+        x, t, _ = paired_ratio(lambda: sparge_attention(q, k, v, p, grid=grid, block_mask=mask), cudnn)
         rows.append({"setting": f"oracle mask cdf {tau}", "hilbert": True, "sparsity": st.sparsity,
-                     "rel_l1": rel_l1(out, truth), "cosine": cosine(out, truth), "x_cudnn": t / t_cudnn})
+                     "rel_l1": rel_l1(out, truth), "cosine": cosine(out, truth), "x_cudnn": x, "ms": t})
     return rows
+
+
+def at_target(rows, target):
+    """Per family of settings (mode, Hilbert order), the time and sparsity where the rel-L1
+    curve crosses `target`, linearly interpolated between the two settings around it (the
+    settings of a family sorted by error). None when no two settings bracket the target."""
+    fams = {}
+    for row in rows:
+        label = row["setting"]
+        if label.startswith(("lse cdf", "lse topk", "lse share", "oracle mask")) and "sim 0.3" not in label:
+            fam = " ".join(label.split()[:2]) + (" hilbert" if row["hilbert"] else " raster")
+            fams.setdefault(fam, []).append(row)
+    out = {}
+    for fam, rs in sorted(fams.items()):
+        rs = sorted(rs, key=lambda r: r["rel_l1"])
+        out[fam] = None
+        for lo, hi in zip(rs, rs[1:]):
+            if lo["rel_l1"] <= target <= hi["rel_l1"] and hi["rel_l1"] > lo["rel_l1"]:
+                w = (target - lo["rel_l1"]) / (hi["rel_l1"] - lo["rel_l1"])
+                out[fam] = {k: lo[k] + w * (hi[k] - lo[k]) for k in ("x_cudnn", "sparsity")}
+                out[fam]["between"] = [lo["setting"], hi["setting"]]
+                break
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="wan480,hunyuan544")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="run only settings whose label contains this")
+    ap.add_argument("--only", default="", help="run only settings whose label contains one of these (comma-separated)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -113,7 +144,8 @@ def main():
         n_text = 256 if name.startswith("hunyuan") else 0
         q, k, v, info = make_video_qkv(grid=grid, heads=H, head_dim=D, n_text=n_text, seed=0, device=dev)
         truth = fp32_dense(q, k, v)
-        t_cudnn = bench_ms(lambda: sdpa_cudnn(q, k, v))
+        cudnn = lambda: sdpa_cudnn(q, k, v)  # noqa: E731
+        t_cudnn = paired_ratio(cudnn, cudnn)[1]
         r = res["shapes"][name] = {"shape": [B, H, q.shape[2], D], "n_text": n_text, "cudnn_ms": t_cudnn,
                                    "cudnn_rel_l1": rel_l1(sdpa_cudnn(q, k, v), truth),
                                    "head_types": info.get("head_types"), "rows": []}
@@ -124,22 +156,26 @@ def main():
               f"keep-all with fp16 P.V: rel-L1 {r['keep_all_fp16_pv_rel_l1']:.4f}")
         print(f"{'setting':<40} {'hilbert':>7} {'sparsity':>8} {'rel-L1':>7} {'cos':>7} {'x cuDNN':>8}")
         for label, p, hil in settings(args.quick):
-            if args.only and args.only not in label and label != "keep-all":
+            if args.only and label != "keep-all" and not any(w in label for w in args.only.split(",")):
                 continue
             g = grid if hil else None
             out, st = sparge_attention(q, k, v, p, grid=g, return_stats=True)
             e, c = rel_l1(out, truth), cosine(out, truth)
             per_head = [rel_l1(out[:, h], truth[:, h]) for h in range(H)]
             del out
-            t = bench_ms(lambda: sparge_attention(q, k, v, p, grid=g), warmup=25, rep=200)
+            x, t, t_c = paired_ratio(lambda: sparge_attention(q, k, v, p, grid=g), cudnn)
             row = {"setting": label, "hilbert": hil, "sparsity": st.sparsity, "rel_l1": e, "cosine": c,
-                   "x_cudnn": t / t_cudnn, "ms": t, "pv_skip_fraction": st.pv_skip_fraction,
+                   "x_cudnn": x, "ms": t, "cudnn_ms_paired": t_c, "pv_skip_fraction": st.pv_skip_fraction,
                    "worst_head_rel_l1": max(per_head), "params": p.describe()}
             r["rows"].append(row)
-            print(f"{label:<40} {str(hil):>7} {st.sparsity:8.3f} {e:7.4f} {c:7.4f} {t / t_cudnn:8.3f}")
-        for row in oracle_rows(q, k, v, truth, grid, t_cudnn):
+            print(f"{label:<40} {str(hil):>7} {st.sparsity:8.3f} {e:7.4f} {c:7.4f} {x:8.3f}")
+        for row in oracle_rows(q, k, v, truth, grid, cudnn):
             r["rows"].append(row)
             print(f"{row['setting']:<40} {'True':>7} {row['sparsity']:8.3f} {row['rel_l1']:7.4f} {row['cosine']:7.4f} {row['x_cudnn']:8.3f}")
+        r["at_target"] = at_target(r["rows"], TARGET_L1)
+        print(f"at rel-L1 {TARGET_L1} (interpolated between the two settings around it):")
+        for fam, v_ in r["at_target"].items():
+            print(f"  {fam:<28} " + (f"{v_['x_cudnn']:.3f}x cuDNN, sparsity {v_['sparsity']:.3f}" if v_ else "not bracketed"))
         del q, k, v, truth
         torch.cuda.empty_cache()
     path = save(res, f"{res['date']}-{card_name()}-realistic")

@@ -35,7 +35,7 @@ import torch
 
 from ..sparge_core.calibrate import Calibrator
 from ..sparge_core.presets import PRESETS
-from .config import DEFAULT_MIN_TOKENS, DEFAULT_PRESET, MODES, SpargeConfig
+from .config import CALIBRATION_MODES, DEFAULT_MIN_TOKENS, DEFAULT_PRESET, SpargeConfig
 from .override import R_CALIBRATION, SpargeOverride, find_override
 from .profiles_nodes import LoadedProfile, model_shape, profile_name_error, profile_path
 
@@ -308,7 +308,7 @@ def _node_class():
                         "file of that name is replaced at the end of the run.")),
                     io.Float.Input("target_l1", default=0.05, min=0.005, max=0.5, step=0.005,
                                    display_mode=io.NumberDisplay.slider, tooltip=TARGET_TIP),
-                    io.Combo.Input("mode", options=list(MODES), default="cdf", tooltip=(
+                    io.Combo.Input("mode", options=list(CALIBRATION_MODES), default="cdf", tooltip=(
                         "What the profile sets per head. cdf: the share of predicted attention to keep (adapts "
                         "to each query; carries over to other resolutions best). topk: a fixed fraction of key "
                         "blocks (predictable speed).")),
@@ -338,8 +338,8 @@ def _node_class():
                 err = profile_name_error(profile_name)
                 if err:
                     return err
-            if mode is not None and mode not in MODES:
-                return f"mode '{mode}' not in {list(MODES)}"
+            if mode is not None and mode not in CALIBRATION_MODES:
+                return f"mode '{mode}' not in {list(CALIBRATION_MODES)}"
             return True
 
         @classmethod

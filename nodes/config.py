@@ -8,13 +8,13 @@ from typing import Any, Optional
 
 import torch
 
-from ..sparge_core.params import SpargeParams
+from ..sparge_core.params import MODES, SpargeParams
 from ..sparge_core.presets import PRESET_NAMES, PRESETS
 
-MODES = ("cdf", "topk")
 # error_check widget (nodes/error_check.py): "off", "sampled" (every 4th step, a rotating quarter of
 # the blocks: ~1/16 of the sparse calls), "every call" (each sparse call also runs dense: ~2x attention time)
 ERROR_CHECK_MODES = ("off", "sampled", "every call")
+CALIBRATION_MODES = ("cdf", "topk")  # the thresholds sparge_core.calibrate searches per head
 PV_OFF_AT = 100.0  # a pvthreshd widget value >= this means "never skip P.V" (inf)
 DEFAULT_PRESET = "Balanced"
 DEFAULT_MIN_TOKENS = 2048
@@ -90,7 +90,7 @@ def _as_json_number(x):
 
 
 def op_thresholds(p: SpargeParams, heads: int):
-    """(simthreshd1, cdfthreshd-or-topk, pvthreshd) as the (heads,) float32 CPU tensors the
+    """(simthreshd1, the mode's threshold, pvthreshd) as the (heads,) float32 CPU tensors the
     sparge::attention op takes; per-head tensors (a calibrated profile) pass through."""
     def one(x):
         if isinstance(x, (torch.Tensor, tuple, list)):
@@ -102,8 +102,7 @@ def op_thresholds(p: SpargeParams, heads: int):
             return t.contiguous()
         return torch.full((heads,), float(x), dtype=torch.float32)
 
-    thr = p.cdfthreshd if p.mode == "cdf" else p.topk
-    return one(p.simthreshd1), one(thr), one(p.pvthreshd)
+    return one(p.simthreshd1), one(p.threshold), one(p.pvthreshd)
 
 
 def pv_widget_to_threshold(value: float) -> float:
@@ -132,19 +131,16 @@ class SpargeConfig:
     def from_widgets(cls, preset: str = DEFAULT_PRESET, mode: str = "cdf", simthreshd1: float = -1.0,
                      cdfthreshd: float = 0.95, topk: float = 0.5, pvthreshd: float = PV_OFF_AT,
                      start_percent: float = 0.0, end_percent: float = 1.0, dense_blocks: str = "",
-                     hilbert: bool = True, min_tokens: int = DEFAULT_MIN_TOKENS, verbose: bool = False) -> "SpargeConfig":
+                     hilbert: bool = True, min_tokens: int = DEFAULT_MIN_TOKENS, verbose: bool = False,
+                     minshare: float = 0.3) -> "SpargeConfig":
         if preset not in PRESET_NAMES:
             raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r}")
         if preset == "Custom":
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-            kw = dict(simthreshd1=float(simthreshd1), pvthreshd=pv_widget_to_threshold(pvthreshd),
-                      scoring=CUSTOM_SCORING)
-            if mode == "cdf":
-                kw["cdfthreshd"] = float(cdfthreshd)
-            else:
-                kw["topk"] = float(topk)
-            params = SpargeParams(**kw)
+            thr = {"cdf": cdfthreshd, "topk": topk, "share": minshare}[mode]
+            params = SpargeParams.for_mode(mode, float(thr), simthreshd1=float(simthreshd1),
+                                           pvthreshd=pv_widget_to_threshold(pvthreshd), scoring=CUSTOM_SCORING)
         else:
             params = PRESETS[preset].params()
         return cls(params=params, preset=preset, start_percent=float(start_percent), end_percent=float(end_percent),
@@ -152,8 +148,8 @@ class SpargeConfig:
                    min_tokens=int(min_tokens), verbose=bool(verbose))
 
     def threshold(self):
-        """The preset's cdfthreshd / topk: a float, or a list when it holds per-head values."""
-        return _as_json_number(self.params.cdfthreshd if self.params.mode == "cdf" else self.params.topk)
+        """The preset's cdfthreshd / topk / minshare: a float, or a list when it holds per-head values."""
+        return _as_json_number(self.params.threshold)
 
     def params_for_layer(self, layer: Optional[int]) -> SpargeParams:
         """The params of one transformer block: the profile's per-head params where the profile
@@ -189,6 +185,7 @@ class SpargeConfig:
             "simthreshd1": _as_json_number(p.simthreshd1),
             "cdfthreshd": _as_json_number(p.cdfthreshd),
             "topk": _as_json_number(p.topk),
+            "minshare": _as_json_number(p.minshare),
             "pvthreshd": pv,  # None = P.V skipping off
             "scoring": p.scoring,
             "start_percent": self.start_percent,

@@ -145,7 +145,7 @@ class LoadedProfile:
         for i, p in enumerate(self._params):
             if p is None:
                 continue
-            thr = p.cdfthreshd if prof.mode == "cdf" else p.topk
+            thr = p.threshold
             out[str(i)] = {
                 "mode": prof.mode,
                 "threshold": [round(float(x), 6) for x in thr.tolist()],

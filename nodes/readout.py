@@ -5,7 +5,7 @@ dict; `publish` logs one compact line, keeps it for GET /sparge/last_readout and
 the browser as the "sparge.readout" event (PromptServer.instance.send_sync).
 
 Readout keys (all JSON types; None where not applicable):
-  node_id, prompt_id, completed, settings{preset, mode, simthreshd1, cdfthreshd, topk, pvthreshd
+  node_id, prompt_id, completed, settings{preset, mode, simthreshd1, cdfthreshd, topk, minshare, pvthreshd
   (None = off), scoring, start_percent, end_percent, dense_blocks[...], hilbert, min_tokens, verbose},
   backend ("reference", "triton" or "none"), n_steps, steps_run, forwards,
   per_step[{step, sigma, sparse_calls, dense_calls{reason: n}, kept_blocks, total_blocks,

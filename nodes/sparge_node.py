@@ -23,9 +23,9 @@ PRESET_TIP = (
     "Quality: keeps the most attention, safest. Balanced: a good default. Fast / Turbo: skip more "
     "attention for more speed, with a growing risk of visible changes. Custom: use the sliders below "
     "(any other preset ignores mode and the four threshold sliders). "
-    + "Values (from the reference implementation's published settings): "
-    + "; ".join(f"{p.name} = {p.mode} {p.cdfthreshd if p.mode == 'cdf' else p.topk}, simthreshd1 {p.simthreshd1}"
-                for p in PRESETS.values()) + "; P.V skipping off in all."
+    + "Values (chosen by measured error on realistic video attention, see the README): "
+    + "; ".join(f"{p.name} = {p.mode} {p.threshold}" for p in PRESETS.values())
+    + "; similarity rule and P.V skipping off in all."
 )
 
 
@@ -36,9 +36,10 @@ def presets_for_ui() -> dict:
     for p in PRESETS.values():
         pv = float(p.pvthreshd)
         table[p.name] = {"mode": p.mode, "simthreshd1": float(p.simthreshd1), "cdfthreshd": float(p.cdfthreshd),
-                         "topk": float(p.topk), "pvthreshd": PV_OFF_AT if pv >= PV_OFF_AT else pv}
+                         "topk": float(p.topk), "minshare": float(p.minshare),
+                         "pvthreshd": PV_OFF_AT if pv >= PV_OFF_AT else pv}
     return {"names": list(PRESET_NAMES), "custom": "Custom", "default": DEFAULT_PRESET,
-            "slider_widgets": ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd"],
+            "slider_widgets": ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare"],
             "presets": table}
 
 
@@ -54,9 +55,11 @@ class SpargeAttention(io.ComfyNode):
                 io.Model.Input("model", tooltip="The video model (Wan, HunyuanVideo, ...) to speed up."),
                 io.Combo.Input("preset", options=PRESET_NAMES, default=DEFAULT_PRESET, tooltip=PRESET_TIP),
                 io.Combo.Input("mode", options=list(MODES), default=_BAL.mode, tooltip=(
-                    "Custom only. cdf: per query block keep the fewest key blocks that hold cdfthreshd of the "
-                    "predicted attention (adapts to each layer). topk: keep a fixed fraction (topk) of key blocks "
-                    "(predictable speed).")),
+                    "Custom only. share: keep every key block predicted to hold at least minshare times an even "
+                    "share of a query block's attention (flat, global attention keeps everything; peaked attention "
+                    "drops its tail; the best quality per speed we measured). cdf: per query block keep the fewest "
+                    "key blocks that hold cdfthreshd of the predicted attention. topk: keep a fixed fraction (topk) "
+                    "of key blocks (predictable speed).")),
                 io.Float.Input("simthreshd1", default=_BAL.simthreshd1, min=-1.0, max=1.0, step=0.01, tooltip=(
                     "Custom only. How alike the tokens of a block must be before the block may be skipped. "
                     "Higher = fewer blocks qualify, so better quality and less speed-up; -1 lets every block be "
@@ -101,6 +104,10 @@ class SpargeAttention(io.ComfyNode):
                     "relative L1 error and cosine similarity per block. sampled: every 4th step, a quarter of "
                     "the blocks (about +6% attention time). every call: all sparse calls (about 2x attention "
                     "time). The image is not changed.")),
+                # after the older optional widgets: workflows saved before it keep their values
+                io.Float.Input("minshare", default=_BAL.minshare, min=0.0, max=4.0, step=0.01, optional=True, tooltip=(
+                    "Custom + share only. A key block is skipped when its predicted share of the attention is below "
+                    "minshare x an even share. Higher = faster but rougher; 0 keeps every block.")),
                 _profile_classes()[0].Input("profile", optional=True, tooltip=(
                     "Optional calibrated profile from the Load Sparge Profile node (made by Sparge Calibrate on "
                     "this model): its blocks use the measured per-head thresholds instead of the preset; blocks "
@@ -137,11 +144,11 @@ class SpargeAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, preset, mode, simthreshd1, cdfthreshd, topk, pvthreshd, start_percent,
                 end_percent, dense_blocks, hilbert, min_tokens, verbose, map_layer=MAP_AUTO, error_check="off",
-                profile=None) -> io.NodeOutput:
+                minshare=_BAL.minshare, profile=None) -> io.NodeOutput:
         config = SpargeConfig.from_widgets(
             preset=preset, mode=mode, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
             pvthreshd=pvthreshd, start_percent=start_percent, end_percent=end_percent,
-            dense_blocks=dense_blocks, hilbert=hilbert, min_tokens=min_tokens, verbose=verbose)
+            dense_blocks=dense_blocks, hilbert=hilbert, min_tokens=min_tokens, verbose=verbose, minshare=minshare)
         node_id = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
         config, profile_notes = apply_profile(config, model, profile, error_check)  # raises if it does not fit
         m = model.clone()

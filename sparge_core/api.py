@@ -132,9 +132,9 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
         else:
             k_ss = expand_kv(k_sim[..., None], H)[..., 0] > theta
             scores = pooled_scores(q_pool, k_pool, k_ss, scale)
-        sel = params.per_head("cdfthreshd" if params.mode == "cdf" else "topk", H, q.device)
+        sel = params.per_head(params.threshold_field, H, q.device)
         q_ss = q_sim > theta if q_sim is not None else torch.ones(q_s.shape, dtype=torch.bool, device=q.device)
-        counts, idx = select_blocks_fused(scores, q_ss, k_ss, sel, params.mode == "cdf",
+        counts, idx = select_blocks_fused(scores, q_ss, k_ss, sel, params.mode,
                                           params.attention_sink, params.is_causal, N, Nk, cfg.block_m, cfg.block_n)
         block_mask = SpargeBlockMask(counts, idx, cfg.block_m, cfg.block_n, N, Nk)
     return dict(cfg=cfg, q_i8=q_i8, k_i8=k_i8, v_t=v_t, q_s=q_s, k_s=k_s, v_scale=v_scale, block_mask=block_mask)

@@ -14,6 +14,9 @@ import torch
 Threshold = Union[float, int, torch.Tensor]
 DEFAULT_CDF = 0.98
 SCORINGS = ("pooled", "lse")
+MODES = ("cdf", "topk", "share")
+THRESHOLD_FIELD = {"cdf": "cdfthreshd", "topk": "topk", "share": "minshare"}  # each mode's one threshold
+MAX_MINSHARE = 64.0
 
 
 def _check_range(name: str, value: Threshold, lo: float, hi: float, lo_open: bool) -> None:
@@ -39,8 +42,14 @@ class SpargeParams:
         Non-self-similar query blocks keep every key block; non-self-similar key blocks are kept
         for every query. -1 switches the rule off (every block counts as self-similar).
     cdfthreshd:  keep the fewest key blocks whose predicted attention mass reaches this (CDF mode).
-    topk:        keep this fraction of key blocks per query block (top-k mode). Exactly one of
-                 cdfthreshd / topk is set.
+    topk:        keep this fraction of key blocks per query block (top-k mode).
+    minshare:    keep every key block whose predicted share of the query block's attention is at
+                 least minshare times the uniform share 1/(number of key blocks) (share mode); the
+                 most probable block is always kept. One threshold for every row: a flat row (a
+                 global head) keeps all its blocks, a peaked row drops its tail, and the blocks
+                 dropped are the least probable ones anywhere, which is what minimises the dropped
+                 mass for a given number of kept blocks. Exactly one of cdfthreshd / topk / minshare
+                 is set.
     pvthreshd:   skip a block's P.V when every row's block max is more than this many log2 units
                  below its running max. inf never skips.
     scoring:     how stage 1 scores a key block for a query block: "pooled" compares the two block
@@ -51,21 +60,26 @@ class SpargeParams:
     simthreshd1: Threshold = 0.6
     cdfthreshd: Optional[Threshold] = None  # None and no topk: CDF mode with DEFAULT_CDF
     topk: Optional[Threshold] = None
+    minshare: Optional[Threshold] = None
     pvthreshd: Threshold = 50.0
     attention_sink: bool = False
     is_causal: bool = False
     scoring: str = "pooled"  # "pooled": q_pool . k_pool (the paper); "lse": pooled query vs every key
 
     def __post_init__(self) -> None:
-        if self.cdfthreshd is None and self.topk is None:
+        chosen = [f for f in THRESHOLD_FIELD.values() if getattr(self, f) is not None]
+        if not chosen:
             object.__setattr__(self, "cdfthreshd", DEFAULT_CDF)
-        if self.cdfthreshd is not None and self.topk is not None:
-            raise ValueError("set exactly one of cdfthreshd (CDF mode) or topk (top-k mode), not both")
+        elif len(chosen) > 1:
+            raise ValueError("set exactly one of cdfthreshd (CDF mode), topk (top-k mode) or minshare (share mode), "
+                             f"got {' and '.join(chosen)}")
         _check_range("simthreshd1", self.simthreshd1, -1.0, 1.0, lo_open=False)
         if self.cdfthreshd is not None:
             _check_range("cdfthreshd", self.cdfthreshd, 0.0, 1.0, lo_open=True)
         if self.topk is not None:
             _check_range("topk", self.topk, 0.0, 1.0, lo_open=True)
+        if self.minshare is not None:
+            _check_range("minshare", self.minshare, 0.0, MAX_MINSHARE, lo_open=False)
         _check_range("pvthreshd", self.pvthreshd, 0.0, math.inf, lo_open=True)
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
@@ -75,7 +89,24 @@ class SpargeParams:
 
     @property
     def mode(self) -> str:
-        return "cdf" if self.cdfthreshd is not None else "topk"
+        return next(m for m, f in THRESHOLD_FIELD.items() if getattr(self, f) is not None)
+
+    @property
+    def threshold_field(self) -> str:
+        """The name of the field that holds this mode's threshold."""
+        return THRESHOLD_FIELD[self.mode]
+
+    @property
+    def threshold(self) -> Threshold:
+        """cdfthreshd, topk or minshare, whichever the mode uses."""
+        return getattr(self, self.threshold_field)
+
+    @classmethod
+    def for_mode(cls, mode: str, threshold: Threshold, **kw) -> "SpargeParams":
+        """SpargeParams with `threshold` in the field of `mode` ("cdf", "topk" or "share")."""
+        if mode not in THRESHOLD_FIELD:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        return cls(**{THRESHOLD_FIELD[mode]: threshold}, **kw)
 
     def per_head(self, name: str, heads: int, device=None) -> torch.Tensor:
         """The threshold `name` as an (heads,) float32 tensor on `device`.
@@ -95,7 +126,7 @@ class SpargeParams:
         return cache[key]
 
     def check_heads(self, heads: int) -> None:
-        for f in ("simthreshd1", "cdfthreshd", "topk", "pvthreshd"):
+        for f in ("simthreshd1", "cdfthreshd", "topk", "minshare", "pvthreshd"):
             if getattr(self, f) is not None:
                 self.per_head(f, heads)
 

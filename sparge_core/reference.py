@@ -128,11 +128,12 @@ def pooled_scores(q_pool, k_pool, k_ss, scale: float):
 
 
 def keep_from_scores(scores, params: SpargeParams, causal):
-    """CDF or top-k selection of key blocks from per-row block scores (B,H,NQ,NK), log2 units.
+    """CDF, top-k or share selection of key blocks from per-row block scores (B,H,NQ,NK), log2 units.
 
     Ties are kept together: block j is kept when the blocks strictly more probable than it hold
-    less than cdfthreshd of the mass (CDF), or when it is at least as probable as the
-    ceil(topk * blocks)-th one (top-k). Always at least one block."""
+    less than cdfthreshd of the mass (CDF), when it is at least as probable as the
+    ceil(topk * blocks)-th one (top-k), or when its probability is at least minshare / blocks
+    (share; blocks = the row's non-causal-masked key blocks). Always at least one block."""
     B, H, NQ, NK = scores.shape
     dev = scores.device
     if causal is not None:
@@ -141,13 +142,17 @@ def keep_from_scores(scores, params: SpargeParams, causal):
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     prob = torch.exp2(scores - m)
     prob = prob / prob.sum(-1, keepdim=True).clamp_min(TINY)
+    n_valid = causal.sum(-1).float() if causal is not None else torch.full((NQ,), float(NK), device=dev)
+    if params.mode == "share":
+        c = params.per_head("minshare", H, dev)[None, :, None, None]
+        # p * n >= minshare rather than p >= minshare / n: the kernel computes the same product
+        return (prob * n_valid[..., None] >= c) | (prob >= prob.amax(-1, keepdim=True))  # top block always
     sorted_p = torch.sort(prob, dim=-1, descending=True).values
     if params.mode == "cdf":
         tau = params.per_head("cdfthreshd", H, dev)[None, :, None, None]
         # tau >= 1 keeps every block, even where the fp32 running sum reaches 1.0 early
         keep_sorted = ((torch.cumsum(sorted_p, dim=-1) - sorted_p) < tau) | (tau >= 1.0)
     else:
-        n_valid = causal.sum(-1).float() if causal is not None else torch.full((NQ,), float(NK), device=dev)
         topk = params.per_head("topk", H, dev)[None, :, None]
         n_keep = torch.ceil(topk * n_valid - 1e-3).clamp_min(1)  # (1,H,NQ); the tolerance absorbs fp32 rounding
         keep_sorted = torch.arange(NK, device=dev)[None, None, None, :] < n_keep[..., None]

@@ -9,7 +9,7 @@ without a host sync and without a graph break.
     out, kept, pv_skipped = torch.ops.sparge.attention(
         q, k, v,                       # (B, H, N, D), k/v (B, Hkv, Nk, D)
         simthreshd1, threshold, pvthreshd,   # (H,) float32 tensors (CPU is best: no GPU sync)
-        mode,                          # "cdf" (threshold = cdfthreshd) or "topk" (threshold = topk)
+        mode,                          # "cdf", "topk" or "share" (threshold = cdfthreshd, topk or minshare)
         causal, grid, scale,           # grid = [] or [t, h, w]; scale <= 0 means D ** -0.5
         scoring)                       # stage-1 scoring: "pooled" or "lse" (SpargeParams.scoring)
 
@@ -51,12 +51,8 @@ def _values(t: torch.Tensor):
 def _params_cached(simthreshd1, threshold, pvthreshd, mode: str, causal: bool, scoring: str) -> SpargeParams:
     # One SpargeParams per distinct setting: it caches its per-head device tensors, so repeated
     # calls make no host-to-device copies (those would synchronize the stream).
-    kw = dict(simthreshd1=simthreshd1, pvthreshd=pvthreshd, is_causal=causal, scoring=scoring)
-    if mode == "cdf":
-        return SpargeParams(cdfthreshd=threshold, **kw)
-    if mode == "topk":
-        return SpargeParams(topk=threshold, **kw)
-    raise ValueError(f"mode must be 'cdf' or 'topk', got {mode!r}")
+    return SpargeParams.for_mode(mode, threshold, simthreshd1=simthreshd1, pvthreshd=pvthreshd, is_causal=causal,
+                                 scoring=scoring)
 
 
 def _params(simthreshd1: torch.Tensor, threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str,
@@ -193,8 +189,7 @@ def thresholds(value, heads: int) -> torch.Tensor:
 def call(q, k, v, params: SpargeParams, grid=None, scale=None):
     """Convenience wrapper: the op with a SpargeParams (HND layout)."""
     H = q.shape[1]
-    thr = params.cdfthreshd if params.mode == "cdf" else params.topk
-    return sparge_attention_op(q, k, v, thresholds(params.simthreshd1, H), thresholds(thr, H),
+    return sparge_attention_op(q, k, v, thresholds(params.simthreshd1, H), thresholds(params.threshold, H),
                                thresholds(params.pvthreshd, H), params.mode, bool(params.is_causal),
                                [int(g) for g in grid] if grid else [], -1.0 if scale is None else float(scale),
                                params.scoring)

@@ -255,10 +255,10 @@ def test_mixed_dtypes():
         sparge_attention(q.half(), k, v)
 
 
-@pytest.mark.parametrize("name", ["simthreshd1", "cdfthreshd", "topk", "pvthreshd"])
+@pytest.mark.parametrize("name", ["simthreshd1", "cdfthreshd", "topk", "minshare", "pvthreshd"])
 def test_nan_thresholds(name):
     kw = {name: float("nan")}
-    if name == "topk":
+    if name in ("topk", "minshare"):
         kw["cdfthreshd"] = None
     with pytest.raises(ValueError, match="NaN"):
         SpargeParams(**kw)

@@ -227,7 +227,7 @@ def run_both(q, k, v, params, pv_dtype="auto", block_mask=None):
     heads=st.sampled_from([(1, 1, 1), (1, 2, 2), (1, 4, 2), (2, 2, 1), (1, 4, 1)]),  # (B, H, Hkv)
     dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
     causal=st.booleans(),
-    mode=st.sampled_from(["cdf", "topk"]),
+    mode=st.sampled_from(["cdf", "topk", "share"]),
     theta=st.sampled_from([-1.0, 0.3, 0.6]),
     pvthreshd=st.sampled_from([INF, 50.0, 4.0, 1.0]),
     data=st.sampled_from([clustered, with_sink]),
@@ -237,7 +237,7 @@ def run_both(q, k, v, params, pv_dtype="auto", block_mask=None):
 def test_triton_forward_matches_reference(n, D, heads, dtype, causal, mode, theta, pvthreshd, data, scoring, seed):
     B, H, Hkv = heads
     q, k, v = data(B, H, n, D, seed, Hkv=Hkv, dtype=dtype)
-    extra = {"cdfthreshd": 0.9} if mode == "cdf" else {"topk": 0.4}
+    extra = {"cdf": {"cdfthreshd": 0.9}, "topk": {"topk": 0.4}, "share": {"minshare": 0.6}}[mode]
     params = SpargeParams(simthreshd1=theta, pvthreshd=pvthreshd, is_causal=causal, scoring=scoring, **extra)
     out, st, ref, ref_mask, skipped = run_both(q, k, v, params)
     assert out.shape == q.shape and out.dtype == dtype
@@ -352,7 +352,7 @@ def _select_inputs(B, H, NQ, NK, seed, ties):
 @settings(max_examples=15, deadline=None)
 @given(
     shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 9), st.integers(1, 37)),
-    mode=st.sampled_from(["cdf", "topk"]),
+    mode=st.sampled_from(["cdf", "topk", "share"]),
     causal=st.booleans(),
     sink=st.booleans(),
     ties=st.booleans(),
@@ -360,7 +360,7 @@ def _select_inputs(B, H, NQ, NK, seed, ties):
     seed=st.integers(0, 2**16),
 )
 def test_select_fused_matches_reference(shape, mode, causal, sink, ties, with_kss, seed):
-    """kernels.select (softmax, sort, CDF/top-k, fix rules, compaction in one launch) against
+    """kernels.select (softmax, sort, CDF/top-k/share, fix rules, compaction in one launch) against
     reference.keep_from_scores + the fix rules of select_blocks."""
     select = pytest.importorskip("sparge_attention.kernels.select")
     from sparge_attention.sparge_core.blockmask import causal_block_mask
@@ -372,8 +372,10 @@ def test_select_fused_matches_reference(shape, mode, causal, sink, ties, with_ks
         k_ss = None
     g = torch.Generator().manual_seed(seed + 1)
     thr = torch.rand(H, generator=g) * 0.9 + 0.1  # per-head cdfthreshd or topk
-    params = SpargeParams(simthreshd1=0.0, is_causal=causal, attention_sink=sink,
-                          **({"cdfthreshd": thr} if mode == "cdf" else {"topk": thr}))
+    if mode == "share":
+        thr = thr * 3 - 0.3  # minshare 0 .. 2.4: 0 keeps everything, above 1 only above-uniform blocks
+        thr = thr.clamp_min(0)
+    params = SpargeParams.for_mode(mode, thr, simthreshd1=0.0, is_causal=causal, attention_sink=sink)
     n_q, n_k = NQ * BQ - 3, NK * BK - 5  # partial last blocks; n_q < n_k aligns queries at the end
     n_q = min(n_q, n_k)
     NQ = num_blocks(n_q, BQ)
@@ -389,7 +391,7 @@ def test_select_fused_matches_reference(shape, mode, causal, sink, ties, with_ks
     if cm is not None:
         want &= cm
 
-    counts, idx = select.select_blocks_fused(scores, q_ss, k_ss, thr, mode == "cdf", sink, causal, n_q, n_k, BQ, BK)
+    counts, idx = select.select_blocks_fused(scores, q_ss, k_ss, thr, mode, sink, causal, n_q, n_k, BQ, BK)
     assert torch.equal(counts, want.sum(-1, dtype=torch.int32))
     for row in itertools.product(range(B), range(H), range(NQ)):
         assert idx[row][: int(counts[row])].tolist() == want[row].nonzero().flatten().tolist()

@@ -116,12 +116,15 @@ def test_gqa_all_kept_matches_dense(Hkv, causal):
     assert rel_l1(out, dense_attention(q, k, v, is_causal=causal)) < 0.02
 
 
+EXTRA = {"cdf": {"cdfthreshd": 0.9}, "topk": {"topk": 0.3}, "share": {"minshare": 0.5}}
+
+
 @pytest.mark.parametrize("Hkv", [1, 2])
-@pytest.mark.parametrize("mode", ["cdf", "topk"])
+@pytest.mark.parametrize("mode", ["cdf", "topk", "share"])
 def test_gqa_equals_expanded_heads(Hkv, mode):
     """Sharing key/value heads is exactly the same as repeating them (prediction and attention)."""
     q, k, v = clustered(1, 4, 384, 64, seed=5, Hkv=Hkv)
-    params = SpargeParams(simthreshd1=0.3, pvthreshd=8.0, **({"cdfthreshd": 0.9} if mode == "cdf" else {"topk": 0.4}))
+    params = SpargeParams(simthreshd1=0.3, pvthreshd=8.0, **EXTRA[mode])
     out, mask, skipped = sparge_reference(q, k, v, params, BQ, BK)
     out2, mask2, skipped2 = sparge_reference(q, expand_kv(k, 4), expand_kv(v, 4), params, BQ, BK)
     assert torch.equal(mask, mask2)
@@ -184,7 +187,7 @@ def test_topk_masks_nested_and_counted(seed):
         assert not (smaller & ~bigger).any()
 
 
-@pytest.mark.parametrize("mode", ["cdf", "topk"])
+@pytest.mark.parametrize("mode", ["cdf", "topk", "share"])
 def test_equal_scores_are_kept_together(mode):
     """Ties are never split: blocks as probable as the last kept one are kept too (so the
     result does not depend on how a sort orders equal values)."""
@@ -192,17 +195,17 @@ def test_equal_scores_are_kept_together(mode):
     q = q - q.mean(2, keepdim=True)
     q = q - q.view(1, 2, 4, BQ, 64).mean(3, keepdim=True).repeat_interleave(BQ, 2).view(1, 2, 512, 64)
     # every query block now pools to zero: all key blocks get the same predicted mass
-    extra = {"cdfthreshd": 0.3} if mode == "cdf" else {"topk": 0.25}
+    extra = {"cdf": {"cdfthreshd": 0.3}, "topk": {"topk": 0.25}, "share": {"minshare": 0.99}}[mode]
     mask = predict_block_mask(q, k, SpargeParams(simthreshd1=-1, **extra), BQ, BK)
     assert mask.all()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 4])
-@pytest.mark.parametrize("mode", ["cdf", "topk"])
+@pytest.mark.parametrize("mode", ["cdf", "topk", "share"])
 def test_sparsity_grows_as_simthreshd1_decreases(seed, mode):
     """A lower simthreshd1 marks more blocks self-similar: fewer forced-dense rows and columns."""
     q, k, _ = clustered(1, 2, 512, 64, seed)
-    extra = {"cdfthreshd": 0.9} if mode == "cdf" else {"topk": 0.25}
+    extra = {"cdf": {"cdfthreshd": 0.9}, "topk": {"topk": 0.25}, "share": {"minshare": 1.0}}[mode]
     thetas = [1.0, 0.9, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.0, -1.0]
     sp = [sparsity(predict_block_mask(q, k, SpargeParams(simthreshd1=t, **extra), BQ, BK)) for t in thetas]
     assert sp[0] == 0.0  # theta = 1: no block is self-similar, everything dense
@@ -283,12 +286,12 @@ def test_non_self_similar_query_block_is_forced_dense():
     n=st.integers(129, 512),
     seed=st.integers(0, 2**16),
     theta=st.sampled_from([-1.0, 0.3, 0.6]),
-    mode=st.sampled_from(["cdf", "topk"]),
+    mode=st.sampled_from(["cdf", "topk", "share"]),
     sink=st.booleans(),
 )
 def test_causal_never_keeps_future_and_sink_keeps_column0(n, seed, theta, mode, sink):
     q, k, _ = clustered(1, 2, n, 64, seed)
-    extra = {"cdfthreshd": 0.9} if mode == "cdf" else {"topk": 0.3}
+    extra = EXTRA[mode]
     mask = predict_block_mask(q, k, SpargeParams(simthreshd1=theta, is_causal=True, attention_sink=sink, **extra), BQ, BK)
     causal = causal_block_mask(num_blocks(n, BQ), num_blocks(n, BK), BQ, BK, n, n)
     assert not (mask & ~causal).any()
@@ -496,3 +499,57 @@ def test_per_head_pvthreshd():
 def test_per_head_wrong_length_rejected():
     with pytest.raises(ValueError, match="per-head"):
         SpargeParams(cdfthreshd=torch.tensor([0.5, 0.9])).per_head("cdfthreshd", 3)
+
+
+# ----------------------------------------------------------------------------- share mode
+def _rows(*probs):
+    """Block scores (log2 units) whose per-row softmax is exactly the given probabilities."""
+    return torch.log2(torch.tensor(probs, dtype=torch.float32))[None, None]
+
+
+def test_share_mode_keeps_blocks_at_or_above_minshare_of_uniform():
+    from sparge_attention.sparge_core.reference import keep_from_scores
+
+    # 4 blocks: uniform share 0.25. minshare 0.5 -> keep p >= 0.125; 1.0 -> p >= 0.25
+    scores = _rows([0.5, 0.3, 0.125, 0.075], [0.25, 0.25, 0.25, 0.25], [0.97, 0.01, 0.01, 0.01])
+    keep = keep_from_scores(scores, SpargeParams(minshare=0.5), None)[0, 0]
+    assert keep.tolist() == [[True, True, True, False], [True] * 4, [True, False, False, False]]
+    keep = keep_from_scores(scores, SpargeParams(minshare=1.0), None)[0, 0]
+    assert keep.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    # above the top block's share only the top block (and its ties) remain; 0 keeps everything
+    keep = keep_from_scores(scores, SpargeParams(minshare=10.0), None)[0, 0]
+    assert keep.tolist() == [[True, False, False, False], [True] * 4, [True, False, False, False]]
+    assert keep_from_scores(scores, SpargeParams(minshare=0.0), None).all()
+
+
+def test_share_mode_counts_only_the_causal_blocks_of_a_row():
+    from sparge_attention.sparge_core.reference import keep_from_scores
+
+    # row 0 may see 2 blocks (uniform share 0.5), row 1 all 4 (uniform share 0.25)
+    scores = _rows([0.6, 0.4, 0.0001, 0.0001], [0.4, 0.3, 0.2, 0.1])
+    causal = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    keep = keep_from_scores(scores, SpargeParams(minshare=0.85), causal)[0, 0] & causal
+    assert keep.tolist() == [[True, False, False, False], [True, True, False, False]]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_share_mode_sparsity_grows_with_minshare(seed):
+    q, k, v = clustered(1, 2, 512, 64, seed)
+    sp = [sparsity(predict_block_mask(q, k, SpargeParams(simthreshd1=-1, minshare=c), BQ, BK))
+          for c in (0.0, 0.25, 0.5, 1.0, 2.0, 8.0)]
+    assert sp[0] == 0.0
+    assert all(b >= a for a, b in zip(sp, sp[1:])), sp
+    assert sp[-1] > 0.5
+
+
+def test_params_take_exactly_one_threshold():
+    assert SpargeParams(minshare=0.5).mode == "share"
+    assert SpargeParams(minshare=0.5).threshold == 0.5
+    assert SpargeParams().mode == "cdf" and SpargeParams(topk=0.2).threshold_field == "topk"
+    assert SpargeParams.for_mode("share", 1.5).minshare == 1.5
+    with pytest.raises(ValueError, match="exactly one"):
+        SpargeParams(topk=0.2, minshare=0.5)
+    with pytest.raises(ValueError, match="minshare"):
+        SpargeParams(minshare=-0.1)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SpargeParams.for_mode("threshold", 0.5)

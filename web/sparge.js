@@ -1,11 +1,11 @@
 // Sparge Attention: graph-editor behaviour of the "Sparge Attention" node.
 //
 // * Presets move the sliders: choosing Quality / Balanced / Fast / Turbo sets mode, simthreshd1,
-//   cdfthreshd, topk and pvthreshd to that preset's values; moving any of them by hand switches
+//   cdfthreshd, topk, pvthreshd and minshare to that preset's values; moving any of them by hand switches
 //   the preset to "Custom". The values come from the server (GET /sparge/presets, built from
 //   sparge_core/presets.py), never from a copy in this file.
-// * The threshold that does not apply to the current mode is greyed out (topk in cdf mode,
-//   cdfthreshd in topk mode); its value is kept.
+// * The thresholds that do not apply to the current mode are greyed out (cdfthreshd outside cdf
+//   mode, topk outside topk mode, minshare outside share mode); their values are kept.
 // * After a run, the node shows a compact readout (the "sparge.readout" websocket event of that
 //   node: sparsity, skipped P.V, estimated attention speed-up, dense fallbacks and why, attention
 //   time when measured, per-step sparsity bars). It stays until the next readout of the node.
@@ -17,7 +17,8 @@ import { drawReadout, readoutHeight, readoutLines } from "./sparge_readout.js";
 
 const NODE_TYPE = "SpargeAttention";
 const EVENT = "sparge.readout";
-const SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd"];
+const SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare"];
+const THRESHOLD_OF_MODE = { cdf: "cdfthreshd", topk: "topk", share: "minshare" };
 const READOUT_WIDGET = "sparge_readout";
 const MIN_WIDTH = 340;
 
@@ -64,13 +65,13 @@ function redraw(node) {
   node.graph?.setDirtyCanvas?.(true, true);
 }
 
-/** Grey out the threshold slider that the current mode does not use. */
+/** Grey out the threshold sliders that the current mode does not use. */
 function updateApplicable(node) {
   const mode = widget(node, "mode")?.value;
-  const cdf = widget(node, "cdfthreshd");
-  const topk = widget(node, "topk");
-  if (cdf) cdf.disabled = mode === "topk";
-  if (topk) topk.disabled = mode !== "topk";
+  for (const [m, name] of Object.entries(THRESHOLD_OF_MODE)) {
+    const w = widget(node, name);
+    if (w) w.disabled = mode !== m;
+  }
   redraw(node);
 }
 

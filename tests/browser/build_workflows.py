@@ -247,9 +247,10 @@ SLIDERS_MD = """\
 ### The sliders
 - **preset**: Quality / Balanced / Fast / Turbo are measured settings (Quality skips the least).
   Choosing one moves the sliders below to its values; moving any of them by hand switches to **Custom**.
-- **mode**: *cdf* keeps, per query block, the fewest key blocks that hold **cdfthreshd** of the
-  predicted attention (adapts to each layer); *topk* keeps a fixed share **topk** of the key blocks
-  (predictable speed). The slider the mode does not use is greyed out.
+- **mode**: *share* (the presets) keeps, per query block, every key block predicted to hold at least
+  **minshare** times an even share of the attention (adapts to each layer and step); *cdf* keeps the
+  fewest key blocks that hold **cdfthreshd** of the predicted attention; *topk* keeps a fixed share
+  **topk** of the key blocks (predictable speed). The sliders the mode does not use are greyed out.
 - **simthreshd1**: how alike a block's tokens must be before it may be skipped (-1 = any block).
 - **pvthreshd**: skips the value product of hopeless blocks; 100 = off (best on modern GPUs).
 - **start_percent / end_percent**: the part of the sampler's steps that runs sparse. The first steps

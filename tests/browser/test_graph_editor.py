@@ -47,7 +47,9 @@ pytestmark = [pytest.mark.comfy, pytest.mark.timeout(900)]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 TINY = REPO / "workflows" / "tiny_wan_demo.json"
 ARTIFACTS = REPO / "test-artifacts"
-SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd"]
+SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare"]
+# the slider each mode reads (sparge_core.params.THRESHOLD_FIELD; checked against it below)
+THRESHOLD_FIELD = {"cdf": "cdfthreshd", "topk": "topk", "share": "minshare"}
 # model file names in the workflows -> the harness's tiny models (by architecture)
 TINY_UNET = {
     "wan2.1_t2v_1.3B_fp16.safetensors": "wan21",
@@ -119,6 +121,12 @@ def new_node(ed: EditorPage, ctype="SpargeAttention", pos=(100, 100)) -> int:
                     return n.id; }""", [ctype, list(pos)])
 
 
+def assert_only_mode_slider_enabled(w: dict, mode: str) -> None:
+    """Of the three threshold sliders, only the one the mode reads is enabled."""
+    for m, field in THRESHOLD_FIELD.items():
+        assert w[field]["disabled"] == (m != mode), (mode, field, w[field])
+
+
 def widgets(ed: EditorPage, node_id) -> dict:
     return ed.js("""(id) => { const n = app.graph.getNodeById(id);
         return Object.fromEntries(n.widgets.map(w => [w.name, {value: w.value, disabled: !!w.disabled}])); }""",
@@ -172,19 +180,21 @@ def test_presets_come_from_the_server(server, presets):
     from pack import load_pack
 
     load_pack()
+    from sparge_attention.sparge_core.params import THRESHOLD_FIELD as CORE_FIELDS
     from sparge_attention.sparge_core.presets import PRESET_NAMES, PRESETS
 
+    assert dict(CORE_FIELDS) == THRESHOLD_FIELD
     assert presets["names"] == PRESET_NAMES and presets["custom"] == "Custom"
     for name, p in PRESETS.items():
         got = presets["presets"][name]
-        assert (got["mode"], got["simthreshd1"], got["cdfthreshd"], got["topk"]) == \
-            (p.mode, p.simthreshd1, p.cdfthreshd, p.topk)
+        assert (got["mode"], got["simthreshd1"], got["cdfthreshd"], got["topk"], got["minshare"]) == \
+            (p.mode, p.simthreshd1, p.cdfthreshd, p.topk, p.minshare)
         assert got["pvthreshd"] == (100.0 if p.pvthreshd == float("inf") else p.pvthreshd)
     # the browser code keeps no copy of the numbers
     for js in (REPO / "web").glob("*.js"):
         code = re.sub(r"//[^\n]*", "", js.read_text())
         for name, p in PRESETS.items():
-            for v in {p.cdfthreshd, p.topk, p.simthreshd1} - {-1.0, 1.0}:
+            for v in {p.cdfthreshd, p.topk, p.minshare, p.simthreshd1} - {-1.0, 1.0}:
                 assert not re.search(rf"(?<![\d.]){re.escape(repr(v))}(?![\d])", code), (js.name, name, v)
 
 
@@ -205,7 +215,7 @@ def test_workflow_loads_and_validates(server, editor, presets, path):
     for nid in sparge_ids:
         v = wait_presets_applied(ed, nid, presets)
         w = widgets(ed, nid)
-        assert w["topk"]["disabled"] == (v["mode"] == "cdf") and w["cdfthreshd"]["disabled"] == (v["mode"] == "topk")
+        assert_only_mode_slider_enabled(w, v["mode"])
         assert "sparge_readout" in w
     # every node has a socket for each of its definition's link inputs (optional ones too)
     info = server.object_info(refresh=False)
@@ -311,17 +321,19 @@ def test_mode_greys_out_the_threshold_it_does_not_use(editor, presets):
     nid = new_node(ed)
     wait_presets_applied(ed, nid, presets)
     w = widgets(ed, nid)
-    assert w["mode"]["value"] == "cdf" and w["topk"]["disabled"] and not w["cdfthreshd"]["disabled"]
-    set_widget(ed, nid, "mode", "topk")
-    w = widgets(ed, nid)
-    assert w["preset"]["value"] == "Custom"
-    assert w["cdfthreshd"]["disabled"] and not w["topk"]["disabled"]
-    assert w["cdfthreshd"]["value"] == presets["presets"][presets["default"]]["cdfthreshd"]  # kept, only greyed
-    for other in ("simthreshd1", "pvthreshd", "start_percent", "map_layer"):
-        assert not w[other]["disabled"], other
-    set_widget(ed, nid, "mode", "cdf")
-    w = widgets(ed, nid)
-    assert w["topk"]["disabled"] and not w["cdfthreshd"]["disabled"]
+    default_mode = presets["presets"][presets["default"]]["mode"]
+    assert w["mode"]["value"] == default_mode
+    assert_only_mode_slider_enabled(w, default_mode)
+    for mode in [m for m in THRESHOLD_FIELD if m != default_mode] + [default_mode]:
+        set_widget(ed, nid, "mode", mode)
+        w = widgets(ed, nid)
+        assert w["preset"]["value"] == "Custom"
+        assert_only_mode_slider_enabled(w, mode)
+        for other in ("simthreshd1", "pvthreshd", "start_percent", "map_layer"):
+            assert not w[other]["disabled"], other
+    # a greyed slider keeps its value (the preset's), it is only not used
+    unused = next(f for m, f in THRESHOLD_FIELD.items() if m != default_mode)
+    assert w[unused]["value"] == presets["presets"][presets["default"]][unused]
     # a greyed widget is still sent (the server ignores it), so the prompt stays complete
     assert "topk" in graph_to_prompt(ed)[str(nid)]["inputs"]
     no_errors_from_us(ed)
@@ -425,8 +437,8 @@ def test_older_and_odd_workflows_load(server, editor, presets):
         res = ed.load_workflow(wf)
         assert res["missing"] == [], case
         v = wait_presets_applied(ed, nid, presets)
-        assert v["preset"] in presets["names"] and v["mode"] in ("cdf", "topk"), (case, v)
-        for k in ("simthreshd1", "cdfthreshd", "topk", "pvthreshd", "start_percent", "end_percent", "min_tokens",
+        assert v["preset"] in presets["names"] and v["mode"] in THRESHOLD_FIELD, (case, v)
+        for k in ("simthreshd1", "cdfthreshd", "topk", "minshare", "pvthreshd", "start_percent", "end_percent", "min_tokens",
                   "map_layer"):
             assert isinstance(v[k], (int, float)) and not isinstance(v[k], bool), (case, k, v[k])
         assert isinstance(v["hilbert"], bool) and isinstance(v["dense_blocks"], str), (case, v)

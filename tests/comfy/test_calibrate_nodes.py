@@ -129,7 +129,7 @@ def test_schemas(srv):
     assert sp["input_order"]["required"] == ["model", "preset", "mode", "simthreshd1", "cdfthreshd", "topk",
                                              "pvthreshd", "start_percent", "end_percent", "dense_blocks", "hilbert",
                                              "min_tokens", "verbose"]
-    assert sp["input_order"]["optional"][-2:] == ["error_check", "profile"]
+    assert sp["input_order"]["optional"][-3:] == ["error_check", "minshare", "profile"]
     opt = sp["input"]["optional"]
     assert opt["profile"][0] == "SPARGE_PROFILE"
     assert opt["error_check"][1]["default"] == "off"

@@ -54,8 +54,9 @@ def test_format_dense_blocks():
 
 def test_preset_overrides_sliders_custom_uses_them():
     for name, preset in PRESETS.items():
-        for mode in ("cdf", "topk"):
-            c = SpargeConfig.from_widgets(preset=name, mode=mode, simthreshd1=0.9, cdfthreshd=0.5, topk=0.01, pvthreshd=3)
+        for mode in ("cdf", "topk", "share"):
+            c = SpargeConfig.from_widgets(preset=name, mode=mode, simthreshd1=0.9, cdfthreshd=0.5, topk=0.01, pvthreshd=3,
+                                          minshare=0.0)
             assert c.params == preset.params(), name
     c = SpargeConfig.from_widgets(preset="Custom", mode="cdf", simthreshd1=0.2, cdfthreshd=0.9, pvthreshd=30)
     assert (c.params.mode, c.params.cdfthreshd, c.params.simthreshd1, c.params.pvthreshd) == ("cdf", 0.9, 0.2, 30.0)
@@ -63,6 +64,9 @@ def test_preset_overrides_sliders_custom_uses_them():
     c = SpargeConfig.from_widgets(preset="Custom", mode="topk", topk=0.3, pvthreshd=100)
     assert c.params.mode == "topk" and c.params.topk == 0.3 and math.isinf(c.params.pvthreshd)
     assert c.describe()["pvthreshd"] is None  # off, JSON-safe
+    c = SpargeConfig.from_widgets(preset="Custom", mode="share", minshare=0.7, cdfthreshd=0.9, topk=0.3)
+    assert (c.params.mode, c.params.minshare, c.params.cdfthreshd, c.params.topk) == ("share", 0.7, None, None)
+    assert c.threshold() == 0.7 and c.describe()["minshare"] == 0.7
 
 
 def test_schedule_window():

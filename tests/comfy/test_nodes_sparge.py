@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pack import load_pack  # noqa: E402
 
 load_pack()
+from sparge_attention.sparge_core.params import THRESHOLD_FIELD  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 
 from harness import (  # noqa: F401  (comfy_server is a fixture)
@@ -141,6 +142,14 @@ def test_keep_all_matches_unpatched_and_topk_differs(comfy_server):
     assert r["flops_saved_fraction"] > 0.3 and r["est_attention_speedup"] > 1.4
     assert rel(heavy, plain) > 2e-2 and rel(heavy, plain) > 10 * rel(keep, plain), (rel(heavy, plain), rel(keep, plain))
 
+    # share mode: minshare 4 of 4 key blocks keeps only blocks holding all the predicted mass, i.e. the top one
+    _, rs, _ = run(srv, wan(srv, 101, dict(sparge(mode="share"), minshare=4.0), prefix="share4"))
+    r = only(rs)
+    check_common(r, sparse_calls=4)
+    assert r["settings"]["mode"] == "share" and r["settings"]["minshare"] == 4.0
+    assert r["settings"]["cdfthreshd"] is None and r["settings"]["topk"] is None
+    assert r["sparsity"] == pytest.approx(0.75, abs=0.02)
+
 
 def test_short_calls_stay_dense_and_exact(comfy_server):
     srv = comfy_server
@@ -174,12 +183,13 @@ def test_preset_overrides_sliders(comfy_server):
     srv = comfy_server
     turbo = PRESETS["Turbo"]
     # sliders say "keep everything"; the Turbo preset wins
-    _, rs, _ = run(srv, wan(srv, 103, sparge(preset="Turbo", mode="topk", topk=1.0, cdfthreshd=1.0), prefix="turbo"))
+    _, rs, _ = run(srv, wan(srv, 103, sparge(preset="Turbo", mode="topk", topk=1.0, cdfthreshd=1.0, minshare=0.0),
+                            prefix="turbo"))
     r = only(rs)
     check_common(r, sparse_calls=4)
     s = r["settings"]
     assert (s["preset"], s["mode"], s["simthreshd1"], s["scoring"]) == ("Turbo", turbo.mode, turbo.simthreshd1, turbo.scoring)
-    assert s["cdfthreshd" if turbo.mode == "cdf" else "topk"] == (turbo.cdfthreshd if turbo.mode == "cdf" else turbo.topk)
+    assert s[THRESHOLD_FIELD[turbo.mode]] == turbo.threshold
 
 
 # ----------------------------------------------------------------------------- Wan 2.2: two models
