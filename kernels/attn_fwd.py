@@ -4,7 +4,9 @@ Q/K are int8 with one scale per block (Q's scale carries softmax scale * log2 e,
 in log2 units and exp2 is exact). P.V runs in fp8 e4m3 (V per-channel scaled) on GPUs with fp8
 tensor cores, fp16 elsewhere; accumulation is fp32. Structure follows Triton's fused-attention
 tutorial: one program per (query block, batch*head), an inner helper per key block, and the
-partial last key block peeled off so full blocks need no masking.
+partial last key block peeled off so full blocks need no masking. With fill_skipped, one more
+online-softmax step over the key blocks' means (fp16, 64 blocks per step) estimates what the
+skipped blocks would have added (sparge_core.reference.fill_bias).
 """
 import torch
 import triton
@@ -13,6 +15,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import INTERPRET, round_to_e4m3
 from .numerics import MAGIC_F, int32_bits_f32
+
+FILL_BLOCK = 64  # key-block means per step of the fill_skipped pass
+FILL_PAD = 128  # the means and biases are padded to a multiple of this (any step size up to it fits)
 
 
 @triton.jit
@@ -81,15 +86,40 @@ def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, of
 
 
 @triton.jit
+def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, vbar_base, bias_base, NKC, offs_d,
+                  HEAD_DIM: tl.constexpr, FILL_BLOCK: tl.constexpr, P_LOG2: tl.constexpr,
+                  SKIP_EMPTY: tl.constexpr):
+    """Every key block with a finite bias joins the softmax as one key: its mean key (scores
+    q . kbar + bias, log2 units) and its mean value, in fp16 on the tensor cores."""
+    qf = q.to(tl.float16)  # int8 values are exact in fp16
+    offs_c = tl.arange(0, FILL_BLOCK)
+    for c0 in range(0, NKC, FILL_BLOCK):
+        bias = tl.load(bias_base + c0 + offs_c)
+        if (not SKIP_EMPTY) or tl.max(bias, 0) > float("-inf"):  # all kept: nothing to estimate here
+            kb = tl.load(kbar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK)
+            t = tl.dot(qf, kb) * q_scale + bias[None, :]
+            m_new = tl.maximum(m_i, tl.max(t, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(t - (m_use - P_LOG2)[:, None])  # pre-scaled like the main loop's P
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vb = tl.load(vbar_base + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :])  # (FILL_BLOCK, HEAD_DIM)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vb)
+            m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _sparse_attn_fwd(
-    Q, K, VT, QS, KS, VS, O, OPERM, CNT, IDX, SKIP, PVT,
+    Q, K, VT, QS, KS, VS, O, OPERM, CNT, IDX, SKIP, PVT, KBAR, VBAR, BIAS,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
-    N_Q, N_K, H, KV_GROUP, NQB,
+    skb_b, skb_h, sb_b, sb_h, sb_q,
+    N_Q, N_K, H, KV_GROUP, NQB, NKC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, FILL: tl.constexpr, FILL_BLOCK: tl.constexpr, FILL_SKIP_EMPTY: tl.constexpr,
 ):
     # one program per (batch*head, query block), query blocks fastest: the programs running
     # together share one head's K and V in L2
@@ -148,6 +178,10 @@ def _sparse_attn_fwd(
         acc, l_i, m_i, n_skip = _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, offs_n,
                                             N_Q, N_K, neg_lam, BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP,
                                             P_LOG2, EMULATE_FP8, TMA)
+    if FILL:
+        acc, l_i, m_i = _fill_skipped(acc, l_i, m_i, q, q_scale, KBAR + b * skb_b + hk * skb_h,
+                                      VBAR + b * skb_b + hk * skb_h, BIAS + b * sb_b + h * sb_h + pid_m * sb_q,
+                                      NKC, offs_d, HEAD_DIM, FILL_BLOCK, P_LOG2, FILL_SKIP_EMPTY)
 
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -164,10 +198,14 @@ def _sparse_attn_fwd(
 def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, pvthreshd,
                     n_q: int, n_k: int, d_out: int, out_dtype, block_m: int, block_n: int,
                     is_causal: bool, pv_skip: bool, num_warps: int = 4, num_stages: int = 3,
-                    out_perm: torch.Tensor | None = None, maxnreg: int | None = None, tma: bool = False):
+                    out_perm: torch.Tensor | None = None, maxnreg: int | None = None, tma: bool = False,
+                    fill: tuple | None = None, fill_block: int = FILL_BLOCK, fill_skip_empty: bool = True):
     """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), skipped (B,H,NQ) or None).
 
-    out_perm (int32 (n_q,)): query row i is written to output row out_perm[i]."""
+    out_perm (int32 (n_q,)): query row i is written to output row out_perm[i].
+    fill (fill_skipped): (kbar, vbar, bias): fp16 mean keys and mean values (B,Hkv,NKC,head_dim)
+    and fp32 biases (B,H,NQ,NKC), NKC a multiple of fill_block (FILL_PAD covers every step size);
+    -inf biases add nothing. fill_block / fill_skip_empty are tuning knobs (bench/fill_cost.py)."""
     B, H, nq_pad, hd = q_i8.shape
     Hkv = k_i8.shape[1]
     NQ = triton.cdiv(n_q, block_m)
@@ -187,6 +225,18 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         raise ValueError("index lists must cover every key block and be contiguous per row")
     if out_perm is not None and (out_perm.dtype != torch.int32 or out_perm.shape != (n_q,)):
         raise ValueError(f"out_perm must be int32 ({n_q},)")
+    nkc = 0
+    if fill is not None:
+        kbar, vbar, bias = fill
+        nkc = bias.shape[-1]
+        if (kbar.dtype != torch.float16 or vbar.dtype != torch.float16 or bias.dtype != torch.float32
+                or kbar.shape != (B, Hkv, nkc, hd) or vbar.shape != kbar.shape or bias.shape != (B, H, NQ, nkc)
+                or nkc % fill_block or nkc * block_n < n_k or not (kbar.is_contiguous() and vbar.is_contiguous()
+                                                                    and bias.is_contiguous())):
+            raise ValueError(f"fill wants contiguous fp16 kbar/vbar (B,Hkv,NKC,{hd}) and fp32 bias (B,H,{NQ},NKC), "
+                             f"NKC a multiple of {fill_block} covering the keys")
+    else:
+        kbar = vbar = bias = counts
     out = torch.empty(B, H, n_q, d_out, dtype=out_dtype, device=q_i8.device)
     skipped = torch.zeros(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
     pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()
@@ -198,15 +248,17 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         v_arg = TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, block_n])
     _sparse_attn_fwd[(B * H * NQ,)](
         q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, out_perm if out_perm is not None else counts,
-        counts, indices, skipped, pvt,
+        counts, indices, skipped, pvt, kbar, vbar, bias,
         q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_scale.stride(0), q_scale.stride(1), k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
-        n_q, n_k, H, H // Hkv, NQ,
+        kbar.stride(0) if nkc else 0, kbar.stride(1) if nkc else 0,
+        bias.stride(0) if nkc else 0, bias.stride(1) if nkc else 0, bias.stride(2) if nkc else 0,
+        n_q, n_k, H, H // Hkv, NQ, nkc,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
-        HAS_PERM=out_perm is not None, TMA=tma,
+        HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, FILL_BLOCK=fill_block, FILL_SKIP_EMPTY=fill_skip_empty,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out, (skipped if pv_skip else None)

@@ -51,9 +51,9 @@ def _quant_pool_kernel(
 
 
 @triton.jit
-def _quant_v_kernel(V, PERM, VSCALE, VT, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, N, H,
+def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, sb_b, sb_h, N, H,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
-                    EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr):
+                    EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -68,6 +68,9 @@ def _quant_v_kernel(V, PERM, VSCALE, VT, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, s
                 mask=(offs_n < N)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     s = tl.load(VSCALE + b * svs_b + h * svs_h + offs_d, mask=dmask, other=1.0)
     y = x / s[None, :]
+    if WANT_MEAN:  # the block's mean value before rounding (fill_skipped), fp16 like its P.V operand
+        cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
+        tl.store(VBAR + b * sb_b + h * sb_h + blk * HEAD_DIM + offs_d, (tl.sum(y, 0) / cnt).to(tl.float16))
     if PV_FP8:
         if EMULATE_FP8:
             y = round_to_e4m3(y)
@@ -130,8 +133,10 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
 
 
 def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool,
-            perm: torch.Tensor | None = None):
-    """v (B,H,N,D) / scale (B,H,D) -> transposed (B,H,head_dim,nb*block) fp8 e4m3 or fp16, zero padded."""
+            perm: torch.Tensor | None = None, mean_blocks: int = 0):
+    """v (B,H,N,D) / scale (B,H,D) -> transposed (B,H,head_dim,nb*block) fp8 e4m3 or fp16, zero padded.
+    mean_blocks > 0: also returns each block's mean of v / scale as fp16 (B,H,mean_blocks,head_dim),
+    zero beyond the nb real blocks (mean_blocks >= nb)."""
     _check(v, "v")
     B, H, N, D = v.shape
     nb = triton.cdiv(N, block)
@@ -140,10 +145,14 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     scale = scale.contiguous()
     vt = torch.empty(B, H, head_dim, nb * block, dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16, device=v.device)
     perm = _check_perm(perm, N, v.device)
+    if mean_blocks and mean_blocks < nb:
+        raise ValueError(f"mean_blocks {mean_blocks} < {nb} blocks")
+    vbar = torch.zeros(B, H, mean_blocks, head_dim, dtype=torch.float16, device=v.device) if mean_blocks else vt
     _quant_v_kernel[(nb, B * H)](
-        v, perm if perm is not None else scale, scale, vt, v.stride(0), v.stride(1), v.stride(2), scale.stride(0), scale.stride(1),
-        vt.stride(0), vt.stride(1), vt.stride(2), N, H,
+        v, perm if perm is not None else scale, scale, vt, vbar, v.stride(0), v.stride(1), v.stride(2),
+        scale.stride(0), scale.stride(1), vt.stride(0), vt.stride(1), vt.stride(2),
+        vbar.stride(0) if mean_blocks else 0, vbar.stride(1) if mean_blocks else 0, N, H,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET,
-        HAS_PERM=perm is not None, num_warps=4,
+        HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, num_warps=4,
     )
-    return vt
+    return (vt, vbar) if mean_blocks else vt

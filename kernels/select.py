@@ -7,9 +7,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, NQ, NK, H, n_q, n_k, block_q, block_k,
+def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, MEAN, BIAS, NQ, NK, NKC, H, n_q, n_k, block_q, block_k,
                    NK_POW2: tl.constexpr, MODE: tl.constexpr, HAS_KSS: tl.constexpr,
-                   SINK: tl.constexpr, CAUSAL: tl.constexpr):
+                   SINK: tl.constexpr, CAUSAL: tl.constexpr, FILL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     i = row % NQ
     bh = row // NQ
@@ -55,16 +55,25 @@ def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, NQ, NK, H, n_q, n_k, block_q, b
     pos = tl.cumsum(k32, 0) - k32
     tl.store(IDX + row * NK + pos, offs, mask=keep)
     tl.store(CNT + row, tl.sum(k32, 0))
+    if FILL:  # the skipped-block estimate's bias (reference.fill_bias); kept blocks get -inf
+        mean = tl.load(MEAN + row * NK + offs, mask=valid, other=0.0)
+        est = valid & ~keep
+        if CAUSAL:  # only blocks wholly in the past of the block's first row
+            est = est & ((offs + 1) * block_k - 1 <= i * block_q + (n_k - n_q))
+        raw = tl.load(S + row * NK + offs, mask=valid, other=0.0)
+        tl.store(BIAS + row * NKC + offs, tl.where(est, raw - mean, float("-inf")), mask=offs < NKC)
 
 
 _MODES = {"cdf": 0, "topk": 1, "share": 2}
 
 
 def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: torch.Tensor, mode: str,
-                        sink: bool, causal: bool, n_q: int, n_k: int, block_q: int, block_k: int):
+                        sink: bool, causal: bool, n_q: int, n_k: int, block_q: int, block_k: int,
+                        fill_mean: torch.Tensor | None = None, fill_blocks: int = 0):
     """scores (B,H,NQ,NK) fp32 log2 units; q_ss (B,H,NQ) bool; k_ss (B,H,NK) bool or None;
     param (H,) fp32: cdfthreshd, topk or minshare for mode "cdf", "topk" or "share".
-    Returns counts (B,H,NQ) int32, indices (B,H,NQ,NK) int32."""
+    Returns counts (B,H,NQ) int32, indices (B,H,NQ,NK) int32; with fill_mean (the mean scores of
+    block_lse_scores) also the fill_skipped bias (B,H,NQ,fill_blocks) fp32, -inf past NK."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {tuple(_MODES)}, got {mode!r}")
     if scores.dim() != 4 or scores.dtype != torch.float32:
@@ -77,9 +86,14 @@ def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: t
     idx = torch.empty(B, H, NQ, NK, dtype=torch.int32, device=scores.device)
     qss = q_ss.to(torch.int8).contiguous()
     kss = k_ss.to(torch.int8).contiguous() if k_ss is not None else qss
+    fill = fill_mean is not None
+    if fill and (fill_mean.shape != scores.shape or fill_mean.dtype != torch.float32 or fill_blocks < NK):
+        raise ValueError("fill_mean must be fp32 like the scores, and fill_blocks >= the key blocks")
+    bias = torch.empty(B, H, NQ, fill_blocks, dtype=torch.float32, device=scores.device) if fill else scores
     _select_kernel[(B * H * NQ,)](
-        scores, qss, kss, param.float().contiguous(), counts, idx, NQ, NK, H, n_q, n_k, block_q, block_k,
-        NK_POW2=triton.next_power_of_2(NK), MODE=_MODES[mode], HAS_KSS=k_ss is not None, SINK=sink, CAUSAL=causal,
-        num_warps=4 if NK <= 1024 else 8,
+        scores, qss, kss, param.float().contiguous(), counts, idx,
+        fill_mean.contiguous() if fill else scores, bias, NQ, NK, fill_blocks, H, n_q, n_k, block_q, block_k,
+        NK_POW2=triton.next_power_of_2(max(NK, fill_blocks)), MODE=_MODES[mode], HAS_KSS=k_ss is not None,
+        SINK=sink, CAUSAL=causal, FILL=fill, num_warps=4 if max(NK, fill_blocks) <= 1024 else 8,
     )
-    return counts, idx
+    return (counts, idx, bias) if fill else (counts, idx)

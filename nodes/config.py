@@ -132,7 +132,7 @@ class SpargeConfig:
                      cdfthreshd: float = 0.95, topk: float = 0.5, pvthreshd: float = PV_OFF_AT,
                      start_percent: float = 0.0, end_percent: float = 1.0, dense_blocks: str = "",
                      hilbert: bool = True, min_tokens: int = DEFAULT_MIN_TOKENS, verbose: bool = False,
-                     minshare: float = 0.3) -> "SpargeConfig":
+                     minshare: float = 1.5, fill_skipped: bool = True) -> "SpargeConfig":
         if preset not in PRESET_NAMES:
             raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r}")
         if preset == "Custom":
@@ -140,7 +140,8 @@ class SpargeConfig:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
             thr = {"cdf": cdfthreshd, "topk": topk, "share": minshare}[mode]
             params = SpargeParams.for_mode(mode, float(thr), simthreshd1=float(simthreshd1),
-                                           pvthreshd=pv_widget_to_threshold(pvthreshd), scoring=CUSTOM_SCORING)
+                                           pvthreshd=pv_widget_to_threshold(pvthreshd), scoring=CUSTOM_SCORING,
+                                           fill_skipped=bool(fill_skipped))
         else:
             params = PRESETS[preset].params()
         return cls(params=params, preset=preset, start_percent=float(start_percent), end_percent=float(end_percent),
@@ -188,6 +189,7 @@ class SpargeConfig:
             "minshare": _as_json_number(p.minshare),
             "pvthreshd": pv,  # None = P.V skipping off
             "scoring": p.scoring,
+            "fill_skipped": p.fill_skipped,
             "start_percent": self.start_percent,
             "end_percent": self.end_percent,
             "dense_blocks": sorted(self.dense_blocks),

@@ -452,7 +452,8 @@ class SpargeOverride:
         p = cfg.params_for_layer(layer)  # a loaded profile's per-head params, else the preset's
         sim, thr, pv = op_thresholds(p, H)
         op = sparge_attention_map_op if want_mask else sparge_attention_op
-        return op(qh, kh, vh, sim, thr, pv, p.mode, False, list(grid) if grid else [], -1.0, p.scoring)
+        return op(qh, kh, vh, sim, thr, pv, p.mode, False, list(grid) if grid else [], -1.0, p.scoring,
+                  bool(p.fill_skipped))
 
     def _run_sparse(self, qh, kh, vh, grid, keep_keys, fail, want_mask=False, layer=None):
         """(out, kept, pv_skipped), plus the (B, H, NQ, NK) block mask when want_mask (of the

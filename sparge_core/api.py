@@ -95,11 +95,16 @@ def _as_block_mask(block_mask, B, H, n_q, n_k, block_q, block_k, device) -> Spar
     return SpargeBlockMask.from_dense(dense, block_q, block_k, n_q, n_k)
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None, pv_dtype: str = "auto",
                    perm_q=None, perm_k=None) -> dict:
     """Everything before the attention kernel on the Triton path: quantization (with the
     Hilbert gather fused in), stage-1 scoring and block selection. Returned as a dict so
     benchmarks can time it on its own."""
+    from ..kernels.attn_fwd import FILL_PAD
     from ..kernels.config import default_config
     from ..kernels.kv_stats import kv_stats
     from ..kernels.quantize import quant_pool, quant_v
@@ -112,6 +117,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     pv_fp8 = cfg.pv_fp8 if pv_dtype == "auto" else pv_dtype == "fp8"
     predict = block_mask is None
     lse = params.scoring == "lse"
+    fill = predict and params.fill_skipped  # (fill_skipped implies lse scoring)
     # what stage 1 reads: the lse scores need only the pooled queries (and their self-similarity
     # when the rule is on); the paper's pooled scores need both sides' means and similarities
     q_sim_wanted = predict and (not lse or params.sim_rule_enabled())
@@ -119,25 +125,42 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
                                           want_sim=q_sim_wanted, perm=perm_q)
     # one pass over K and V: K's mean (token order does not matter for it) and V's per-channel max
     k_mean, v_amax = kv_stats(k, v)
-    k_i8, k_s, k_pool, k_sim = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse, perm=perm_k)
+    # K's block means: the paper's pooled scores, or the fill_skipped estimate's mean keys
+    k_i8, k_s, k_pool, k_sim = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and (not lse or fill),
+                                          want_sim=predict and not lse, perm=perm_k)
     v_scale = (v_amax / FP8_MAX).clamp_min(TINY)
-    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k)
+    nkb = k_i8.shape[2] // cfg.block_n
+    nkc = triton_cdiv(nkb, FILL_PAD) * FILL_PAD if fill else 0
+    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc)
+    fill_args = None
+    if fill:
+        v_t, vbar = v_t
+        kbar = torch.zeros(B, k.shape[1], nkc, hd, dtype=torch.float16, device=q.device)
+        kbar[:, :, :nkb, :D] = k_pool
+
     if block_mask is None:
         theta = params.per_head("simthreshd1", H, q.device)[None, :, None]
         k_ss = None
         if params.scoring == "lse":
             from ..kernels.block_scores import block_lse_scores
 
-            scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n)
+            scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n, want_mean=fill)
+            if fill:
+                scores, mean = scores
         else:
             k_ss = expand_kv(k_sim[..., None], H)[..., 0] > theta
             scores = pooled_scores(q_pool, k_pool, k_ss, scale)
         sel = params.per_head(params.threshold_field, H, q.device)
         q_ss = q_sim > theta if q_sim is not None else torch.ones(q_s.shape, dtype=torch.bool, device=q.device)
-        counts, idx = select_blocks_fused(scores, q_ss, k_ss, sel, params.mode,
-                                          params.attention_sink, params.is_causal, N, Nk, cfg.block_m, cfg.block_n)
+        sel_out = select_blocks_fused(scores, q_ss, k_ss, sel, params.mode, params.attention_sink, params.is_causal,
+                                      N, Nk, cfg.block_m, cfg.block_n, fill_mean=mean if fill else None,
+                                      fill_blocks=nkc)
+        counts, idx = sel_out[:2]
+        if fill:
+            fill_args = (kbar, vbar, sel_out[2])
         block_mask = SpargeBlockMask(counts, idx, cfg.block_m, cfg.block_n, N, Nk)
-    return dict(cfg=cfg, q_i8=q_i8, k_i8=k_i8, v_t=v_t, q_s=q_s, k_s=k_s, v_scale=v_scale, block_mask=block_mask)
+    return dict(cfg=cfg, q_i8=q_i8, k_i8=k_i8, v_t=v_t, q_s=q_s, k_s=k_s, v_scale=v_scale, block_mask=block_mask,
+                fill=fill_args)
 
 
 def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None):
@@ -151,6 +174,7 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
         P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
         params.per_head("pvthreshd", H, q.device), N, k.shape[2], D, q.dtype, cfg.block_m, cfg.block_n,
         params.is_causal, pv_skip, cfg.num_warps, cfg.num_stages, out_perm=perm_q, tma=cfg.tma, maxnreg=cfg.maxnreg,
+        fill=P["fill"],
     )
     return out, block_mask, (skipped.sum() if skipped is not None else 0)
 

@@ -55,6 +55,12 @@ class SpargeParams:
     scoring:     how stage 1 scores a key block for a query block: "pooled" compares the two block
                  means (the paper); "lse" sums the pooled query's exp-scores over every key of the
                  block (the block's true attention mass for the mean query; costs ~1/64 of dense).
+    fill_skipped: instead of dropping the skipped key blocks, add an estimate of their share:
+                 each skipped block acts as one extra key, its mean key and mean value, with a
+                 per-(query block, key block) bias that makes the estimate exact for the pooled
+                 query (its lse score minus its score against the mean key). Costs one pass over
+                 the block means per query block (~1/128 of dense attention's work); needs "lse"
+                 scoring. Only applies to predicted masks.
     """
 
     simthreshd1: Threshold = 0.6
@@ -65,6 +71,7 @@ class SpargeParams:
     attention_sink: bool = False
     is_causal: bool = False
     scoring: str = "pooled"  # "pooled": q_pool . k_pool (the paper); "lse": pooled query vs every key
+    fill_skipped: bool = False
 
     def __post_init__(self) -> None:
         chosen = [f for f in THRESHOLD_FIELD.values() if getattr(self, f) is not None]
@@ -83,9 +90,11 @@ class SpargeParams:
         _check_range("pvthreshd", self.pvthreshd, 0.0, math.inf, lo_open=True)
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
-        for name in ("attention_sink", "is_causal"):
+        for name in ("attention_sink", "is_causal", "fill_skipped"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool")
+        if self.fill_skipped and self.scoring != "lse":
+            raise ValueError("fill_skipped needs scoring='lse' (the estimate is calibrated by the lse scores)")
 
     @property
     def mode(self) -> str:

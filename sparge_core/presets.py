@@ -1,19 +1,21 @@
 """Named settings for the node's preset combo, chosen by measurement.
 
 Source: bench/realistic_bench.py on realistic video attention (Wan 2.1 480p and HunyuanVideo
-544p shapes, 3D RoPE, local / temporal / global / sink heads), 2026-11-26 (bench/results/
-*realistic*). Each preset is the share-mode threshold whose whole-output rel-L1 against fp32
-dense attention (quantization and skipping together) lands near its target on both shapes:
-Quality ~0.02, Balanced ~0.04, Fast ~0.06, Turbo ~0.09. Share mode (one probability floor,
-minshare x an even share, for every row) reached a given error at 0.71-0.74 sparsity where CDF
-and top-k reached 0.69-0.71 (rel-L1 0.05 on H100: 0.253x vs 0.280x cuDNN at Wan, 0.257x vs
-0.283x at HunyuanVideo; bench/results/2026-11-27-H100-realistic-share.log). All use "lse"
-scoring (the pooled query against every key: at equal error it reached 0.70-0.76 sparsity where
-the paper's pooled-key scoring reached 0.45-0.50) with the similarity rule off, which only
-matters for pooled-key scoring. The cdfthreshd / topk values are what the node's sliders show
-for the other modes (the CDF presets of before share mode, same errors).
-P.V skipping is off in every preset: on H100 the skip branch cost 12-26% of kernel time at
-density 1.0 (bench/results/*gpu_check*) and it saved nothing measurable on realistic inputs.
+544p shapes, 3D RoPE, local / temporal / global / sink heads), H100, 2026-11-27
+(bench/results/2026-11-27-H100-realistic-fill.log). Each preset is the share-mode threshold whose
+whole-output rel-L1 against fp32 dense attention (quantization and skipping together) lands near
+its target on both shapes: Quality ~0.02, Balanced ~0.04, Fast ~0.06, Turbo ~0.09.
+
+All presets estimate the skipped blocks (fill_skipped: each skipped key block joins the softmax as
+its mean key and mean value, calibrated by the lse scores) instead of dropping them: that cut the
+error ~3x at equal sparsity, so at rel-L1 0.05 the whole call runs at 0.132x cuDNN (Wan, sparsity
+0.93) and 0.104x (HunyuanVideo, 0.94), where dropping needed 0.254x / 0.259x. Share mode (one
+probability floor, minshare x an even share, for every row) reached a given error with fewer
+blocks than CDF or top-k (without the estimate: 0.253x vs 0.280x / 0.273x at Wan). "lse" scoring
+(the pooled query against every key) with the similarity rule off, which only matters for
+pooled-key scoring. The cdfthreshd / topk values are what the node's sliders show for the other
+modes. P.V skipping is off: on H100 the skip branch cost 12-26% of kernel time at density 1.0
+(bench/results/*gpu_check*) and it saved nothing measurable on realistic inputs.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class Preset:
     minshare: float
     pvthreshd: float
     scoring: str
+    fill_skipped: bool
     source: str
 
     @property
@@ -40,7 +43,8 @@ class Preset:
         return getattr(self, THRESHOLD_FIELD[self.mode])
 
     def params(self, **overrides) -> SpargeParams:
-        kw = dict(simthreshd1=self.simthreshd1, pvthreshd=self.pvthreshd, scoring=self.scoring)
+        kw = dict(simthreshd1=self.simthreshd1, pvthreshd=self.pvthreshd, scoring=self.scoring,
+                  fill_skipped=self.fill_skipped)
         kw[THRESHOLD_FIELD[self.mode]] = self.threshold
         kw.update(overrides)
         return SpargeParams(**kw)
@@ -50,10 +54,10 @@ _SRC = "realistic benchmark, Wan 480p and HunyuanVideo 544p (README table)"
 PRESETS = {
     p.name: p
     for p in (
-        Preset("Quality", "share", -1.0, 0.97, 0.5, 0.15, math.inf, "lse", _SRC),
-        Preset("Balanced", "share", -1.0, 0.95, 0.5, 0.3, math.inf, "lse", _SRC),
-        Preset("Fast", "share", -1.0, 0.90, 0.3, 0.55, math.inf, "lse", _SRC),
-        Preset("Turbo", "share", -1.0, 0.85, 0.2, 0.9, math.inf, "lse", _SRC),
+        Preset("Quality", "share", -1.0, 0.97, 0.5, 0.5, math.inf, "lse", True, _SRC),
+        Preset("Balanced", "share", -1.0, 0.95, 0.5, 1.5, math.inf, "lse", True, _SRC),
+        Preset("Fast", "share", -1.0, 0.90, 0.3, 3.0, math.inf, "lse", True, _SRC),
+        Preset("Turbo", "share", -1.0, 0.85, 0.2, 8.0, math.inf, "lse", True, _SRC),
     )
 }
 PRESET_NAMES = list(PRESETS) + ["Custom"]

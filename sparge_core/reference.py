@@ -99,12 +99,14 @@ def pool_and_similarity(x: torch.Tensor, block: int):
     return pooled, sim
 
 
-def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int):
+def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int, want_mean: bool = False):
     """Per pooled query and key block: log2 of sum_j exp2(score_j) over the block's real keys.
 
     This is the attention mass the pooled query gives each key block, computed against every
     key rather than the key block's mean, so one strong key (a sink) is never averaged away.
-    Models the Triton kernel: pooled queries in int8 (one scale per row), smoothed int8 keys."""
+    Models the Triton kernel: pooled queries in int8 (one scale per row), smoothed int8 keys.
+    want_mean: also return the mean score over the block's keys (log2 units), which is the
+    pooled query's score against the block's mean key (for fill_skipped)."""
     H = q_pool.shape[1]
     qamax = q_pool.abs().amax(-1, keepdim=True).clamp_min(TINY)
     q_i8 = round_half_away(q_pool * (127.0 / qamax)).clamp(-127, 127)
@@ -114,9 +116,11 @@ def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int
     s = s * ((qamax / 127.0)[..., None] * ks[:, :, None, :, None] * (scale * LOG2E))
     NK = kd.shape[2]
     valid = (torch.arange(NK * block_k, device=q_pool.device) < n_k).view(NK, block_k)
+    mean = s.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).float()
     s = s.masked_fill(~valid, -math.inf)
     m = s.amax(-1)
-    return m + torch.log2(torch.exp2(s - m[..., None]).sum(-1))
+    lse = m + torch.log2(torch.exp2(s - m[..., None]).sum(-1))
+    return (lse, mean) if want_mean else lse
 
 
 def pooled_scores(q_pool, k_pool, k_ss, scale: float):
@@ -196,23 +200,58 @@ def select_blocks(q_pool, q_sim, k_pool, k_sim, params: SpargeParams, scale: flo
     return mask
 
 
-def predict_block_mask(q, k, params: SpargeParams, block_q: int, block_k: int, scale: float | None = None):
-    """Stage 1 on un-quantized inputs (B,H,N,D); k may have fewer (GQA) heads."""
+def fill_bias(lse, mean, mask, params: SpargeParams, n_q: int, n_k: int, block_q: int, block_k: int):
+    """The per-(query block, key block) bias of the skipped-block estimate (fill_skipped), log2
+    units: a row r of query block i gives skipped key block j the weight
+    exp2(q_r . kbar_j + bias_ij), with bias_ij = lse_ij - mean_ij, which is exact for the pooled
+    query. Kept blocks (already attended exactly) get -inf, and so do blocks that the causal
+    mask does not wholly allow for the block's first row (a mean key would leak later keys)."""
+    bias = (lse - mean).masked_fill(mask, -math.inf)
+    if params.is_causal:
+        NQ, NK = mask.shape[-2:]
+        first_q = torch.arange(NQ, device=mask.device) * block_q + (n_k - n_q)
+        last_k = (torch.arange(NK, device=mask.device) + 1) * block_k - 1
+        bias = bias.masked_fill(last_k[None, :] > first_q[:, None], -math.inf)
+    return bias
+
+
+def block_means(k, v, block_k: int, pv_dtype: str):
+    """The estimate's mean key (smoothed K, fp16) and mean value (V over its fp8 scale, the units
+    the kernel accumulates in, fp16) of every key block, (B, Hkv, NK, D) each."""
+    n = k.shape[2]
+    cnt = block_token_counts(n, block_k, k.device)[:, None]
+    kbar = split_blocks(smooth_k(k.float()), block_k).sum(-2) / cnt
+    _, vscale = quantize_v(v, pv_dtype)
+    vbar = split_blocks(v.float() / vscale[:, :, None, :], block_k).sum(-2) / cnt
+    return kbar.half().float(), vbar.half().float()
+
+
+def predict_block_mask(q, k, params: SpargeParams, block_q: int, block_k: int, scale: float | None = None,
+                       return_fill: bool = False):
+    """Stage 1 on un-quantized inputs (B,H,N,D); k may have fewer (GQA) heads.
+    return_fill (lse scoring): also return the fill_skipped bias (see fill_bias)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qp, qs = pool_and_similarity(q, block_q)
     ksm = smooth_k(k.float())
     if params.scoring == "lse":
         k_i8, k_scale = quantize_int8_per_block(ksm, block_k)
-        scores = block_lse_scores(qp, k_i8, k_scale, scale, k.shape[2], block_k)
-        return select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k, scores)
+        scores, mean = block_lse_scores(qp, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True)
+        mask = select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k, scores)
+        if return_fill:
+            return mask, fill_bias(scores, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
+        return mask
+    if return_fill:
+        raise ValueError("the fill_skipped estimate needs lse scoring")
     kp, ks = pool_and_similarity(ksm, block_k)
     return select_blocks(qp, qs, kp, ks, params, scale, q.shape[2], k.shape[2], block_q, block_k)
 
 
 # ----------------------------------------------------------------------------- stage 2
 def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int, block_k: int,
-                               scale: float | None = None, pv_dtype: str = "fp8"):
+                               scale: float | None = None, pv_dtype: str = "fp8", fill=None):
     """Sparse, quantized attention over the kept blocks of `mask` (B,H,NQ,NK), with P.V skipping.
+    fill: the fill_skipped bias (B,H,NQ,NK) from fill_bias: after the kept blocks, every key
+    block with a finite bias joins the softmax as one key (its mean key and mean value).
 
     Returns (out in q.dtype (B,H,N,D), pv_skipped per query block (B,H,NQ) int64)."""
     B, H, N, D = q.shape
@@ -263,6 +302,16 @@ def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int
         l = torch.where(upd, l * alpha + p.sum(-1), l)
         acc = torch.where(upd[..., None], acc * alpha[..., None] + pv, acc)
         m = m_new
+    if fill is not None:
+        # the kernel's last step: one more online-softmax update over the block means, P in fp16
+        kbar, vbar = (expand_kv(x, H) for x in block_means(k, v, block_k, pv_dtype))
+        t = qd @ kbar[:, :, None].transpose(-1, -2) + fill[..., None, :]  # (B,H,NQ,BQ,NK) log2 units
+        m_new = torch.maximum(m, t.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp2(m - m_safe)
+        p = torch.exp2(t - m_safe[..., None])
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + round_p(p, "fp16") @ vbar[:, :, None]
     out = acc / l.clamp_min(TINY)[..., None] * vscale[:, :, None, None, :]
     out = out.flatten(2, 3)[:, :, :N]
     return out.to(q.dtype), skipped
@@ -278,8 +327,11 @@ def dense_attention(q, k, v, scale: float | None = None, is_causal: bool = False
 
 
 def sparge_reference(q, k, v, params: SpargeParams, block_q: int, block_k: int, scale=None, pv_dtype="fp8", mask=None):
-    """Stage 1 + stage 2. Returns (out, mask, pv_skipped)."""
-    if mask is None:
+    """Stage 1 + stage 2. Returns (out, mask, pv_skipped). fill_skipped applies to predicted masks."""
+    fill = None
+    if mask is None and params.fill_skipped:
+        mask, fill = predict_block_mask(q, k, params, block_q, block_k, scale, return_fill=True)
+    elif mask is None:
         mask = predict_block_mask(q, k, params, block_q, block_k, scale)
-    out, skipped = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, scale, pv_dtype)
+    out, skipped = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, scale, pv_dtype, fill)
     return out, mask, skipped

@@ -11,7 +11,8 @@ without a host sync and without a graph break.
         simthreshd1, threshold, pvthreshd,   # (H,) float32 tensors (CPU is best: no GPU sync)
         mode,                          # "cdf", "topk" or "share" (threshold = cdfthreshd, topk or minshare)
         causal, grid, scale,           # grid = [] or [t, h, w]; scale <= 0 means D ** -0.5
-        scoring)                       # stage-1 scoring: "pooled" or "lse" (SpargeParams.scoring)
+        scoring,                       # stage-1 scoring: "pooled" or "lse" (SpargeParams.scoring)
+        fill_skipped)                  # estimate the skipped blocks (SpargeParams.fill_skipped; lse only)
 
 `kept` counts computed query-block x key-block pairs over batch and heads; when the call ran
 dense inside sparge_attention (e.g. shorter than one block) it equals the dense total.
@@ -48,16 +49,17 @@ def _values(t: torch.Tensor):
 
 
 @functools.lru_cache(maxsize=128)
-def _params_cached(simthreshd1, threshold, pvthreshd, mode: str, causal: bool, scoring: str) -> SpargeParams:
+def _params_cached(simthreshd1, threshold, pvthreshd, mode: str, causal: bool, scoring: str,
+                   fill_skipped: bool) -> SpargeParams:
     # One SpargeParams per distinct setting: it caches its per-head device tensors, so repeated
     # calls make no host-to-device copies (those would synchronize the stream).
     return SpargeParams.for_mode(mode, threshold, simthreshd1=simthreshd1, pvthreshd=pvthreshd, is_causal=causal,
-                                 scoring=scoring)
+                                 scoring=scoring, fill_skipped=fill_skipped)
 
 
 def _params(simthreshd1: torch.Tensor, threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str,
-            causal: bool, scoring: str) -> SpargeParams:
-    return _params_cached(_values(simthreshd1), _values(threshold), _values(pvthreshd), mode, bool(causal), scoring)
+            causal: bool, scoring: str, fill_skipped: bool) -> SpargeParams:
+    return _params_cached(_values(simthreshd1), _values(threshold), _values(pvthreshd), mode, bool(causal), scoring, bool(fill_skipped))
 
 
 def dense_block_total(q: torch.Tensor, k: torch.Tensor) -> int:
@@ -67,8 +69,8 @@ def dense_block_total(q: torch.Tensor, k: torch.Tensor) -> int:
     return B * H * num_blocks(N, bq) * num_blocks(k.shape[2], bk)
 
 
-def _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring):
-    params = _params(simthreshd1, threshold, pvthreshd, mode, causal, scoring)
+def _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
+    params = _params(simthreshd1, threshold, pvthreshd, mode, causal, scoring, fill_skipped)
     grid = tuple(int(g) for g in grid) or None
     return sparge_attention(q, k, v, params, layout="HND", grid=grid,
                             scale=None if scale <= 0 else float(scale), return_stats=True, backend=BACKEND)
@@ -76,8 +78,9 @@ def _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, 
 
 def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
                     threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
-                    grid: Sequence[int], scale: float, scoring: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring)
+                    grid: Sequence[int], scale: float, scoring: str,
+                    fill_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
     return _outputs(q, k, v, out, stats)
 
 
@@ -101,8 +104,8 @@ def mask_shape(q: torch.Tensor, k: torch.Tensor) -> tuple:
     return (q.shape[0], q.shape[1], num_blocks(q.shape[2], bq), num_blocks(k.shape[2], bk))
 
 
-def _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring):
-    out, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring)
+def _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
+    out, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
     out, kept, skipped = _outputs(q, k, v, out, stats)
     if stats.block_mask is not None:
         mask = stats.block_mask.to_dense().contiguous()  # to_dense slices off a spare column
@@ -122,13 +125,13 @@ def _aliases(out: torch.Tensor, inputs) -> bool:
     return any(x.untyped_storage().data_ptr() == ptr for x in inputs)
 
 
-def _attention_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring):
+def _attention_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty((), dtype=torch.int64), q.new_empty((), dtype=torch.int64)
 
 
-def _attention_map_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring):
-    out, kept, skipped = _attention_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring)
+def _attention_map_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
+    out, kept, skipped = _attention_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
     return out, kept, skipped, q.new_empty(mask_shape(q, k), dtype=torch.bool)
 
 
@@ -143,8 +146,9 @@ def _register():
     @torch.library.custom_op(OP_NAME, mutates_args=())
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
                   threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
-                  grid: list[int], scale: float, scoring: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _attention_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring)
+                  grid: list[int], scale: float, scoring: str,
+                  fill_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _attention_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
 
     attention.register_fake(_attention_fake)
     return torch.ops.sparge.attention
@@ -162,8 +166,8 @@ def _register_map():
     def attention_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
                       threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
                       grid: list[int], scale: float,
-                      scoring: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring)
+                      scoring: str, fill_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
 
     attention_map.register_fake(_attention_map_fake)
     return torch.ops.sparge.attention_map
@@ -192,7 +196,7 @@ def call(q, k, v, params: SpargeParams, grid=None, scale=None):
     return sparge_attention_op(q, k, v, thresholds(params.simthreshd1, H), thresholds(params.threshold, H),
                                thresholds(params.pvthreshd, H), params.mode, bool(params.is_causal),
                                [int(g) for g in grid] if grid else [], -1.0 if scale is None else float(scale),
-                               params.scoring)
+                               params.scoring, bool(params.fill_skipped))
 
 
 __all__ = ["sparge_attention_op", "sparge_attention_map_op", "call", "thresholds", "dense_block_total",

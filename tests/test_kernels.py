@@ -153,6 +153,15 @@ def test_quant_v_matches_reference(pv_fp8, D, hd, dtype):
     got = vt.float()[:, :, :D, :N].transpose(-1, -2)
     assert torch.equal(got, ref), f"{(got != ref).sum().item()} values differ"
     assert (vt.float()[:, :, :, N:] == 0).all() and (vt.float()[:, :, D:] == 0).all()
+    # the block means of v / scale for fill_skipped: fp16, zero past the real blocks and columns
+    vt2, vbar = quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=nb + 3)
+    assert torch.equal(vt2.float(), vt.float()) and vbar.shape == (2, 2, nb + 3, hd) and vbar.dtype == torch.float16
+    from sparge_attention.sparge_core.reference import block_means
+    _, want_vbar = block_means(v, v, BK, "fp8" if pv_fp8 else "fp16")
+    torch.testing.assert_close(vbar.float()[:, :, :nb, :D], want_vbar, rtol=2e-3, atol=1e-3)
+    assert (vbar[:, :, nb:] == 0).all() and (vbar[..., D:] == 0).all()
+    with pytest.raises(ValueError):
+        quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=nb - 1)
 
 
 def test_quant_v_fp8_rounding_near_powers_of_two():
@@ -259,6 +268,20 @@ def test_triton_forward_sparse_and_skipping_actually_happen():
     assert 0.2 < st.sparsity < 1.0
     assert int(st.pv_skipped) == int(skipped.sum()) > 0
     assert rel_l1(out, ref) < 0.01
+
+
+@pytest.mark.parametrize("causal,Hkv,D,n", [(False, 2, 64, 700), (True, 2, 64, 650), (False, 1, 80, 777)])
+def test_triton_fill_skipped_matches_reference(causal, Hkv, D, n):
+    """fill_skipped: the kernel's pass over the block means against the reference, on inputs
+    where most blocks are skipped, so the estimate is a large part of the output."""
+    q, k, v = clustered(1, 2, n, D, seed=n, Hkv=Hkv, dtype=torch.bfloat16)
+    base = dict(simthreshd1=-1.0, minshare=2.0, pvthreshd=INF, is_causal=causal, scoring="lse")
+    out0, st0, ref0, _, _ = run_both(q, k, v, SpargeParams(**base))
+    out, st, ref, ref_mask, _ = run_both(q, k, v, SpargeParams(**base, fill_skipped=True))
+    assert torch.equal(st.block_mask.to_dense(), ref_mask) and torch.equal(ref_mask, st0.block_mask.to_dense())
+    assert st.sparsity > 0.3
+    assert rel_l1(out, ref) < 0.01
+    assert rel_l1(out, out0) > 0.02  # the estimate changed the output (not vacuous)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -396,6 +419,19 @@ def test_select_fused_matches_reference(shape, mode, causal, sink, ties, with_ks
     for row in itertools.product(range(B), range(H), range(NQ)):
         assert idx[row][: int(counts[row])].tolist() == want[row].nonzero().flatten().tolist()
 
+    # fill_skipped: the same selection, plus the estimate's bias (reference.fill_bias), padded
+    from sparge_attention.sparge_core.reference import fill_bias
+
+    mean = scores.clamp_min(-50) - torch.rand(scores.shape, generator=g) * 3  # any finite mean scores
+    c2, i2, bias = select.select_blocks_fused(scores, q_ss, k_ss, thr, mode, sink, causal, n_q, n_k, BQ, BK,
+                                              fill_mean=mean, fill_blocks=NK + 5)
+    assert torch.equal(c2, counts) and bias.shape == (B, H, NQ, NK + 5)
+    for row in itertools.product(range(B), range(H), range(NQ)):  # (entries past the count are unset)
+        assert torch.equal(i2[row][: int(c2[row])], idx[row][: int(counts[row])])
+    want_bias = fill_bias(scores, mean, want, params, n_q, n_k, BQ, BK)
+    torch.testing.assert_close(bias[..., :NK], want_bias, rtol=0, atol=1e-5)
+    assert (bias[..., NK:] == -INF).all()
+
 
 @pytest.mark.parametrize("D,hd", [(64, 64), (80, 128)])
 @pytest.mark.parametrize("Hkv", [2, 1])
@@ -410,6 +446,12 @@ def test_block_lse_scores_matches_reference(D, hd, Hkv):
     want = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, 333, BK)
     assert got.shape == (1, 2, num_blocks(333, BQ), num_blocks(333, BK))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # with the mean score per block (fill_skipped), over the real keys of the partial last block
+    got2, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, 333, BK, want_mean=True)
+    want2, want_mean = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, 333, BK, want_mean=True)
+    torch.testing.assert_close(got2, got, rtol=0, atol=0)
+    torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-4)
+    assert (got_mean < got).all()  # a mean never reaches the log-sum-exp of 100+ keys
 
 
 # ----------------------------------------------------------------------------- K mean + V max

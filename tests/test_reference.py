@@ -553,3 +553,59 @@ def test_params_take_exactly_one_threshold():
         SpargeParams(minshare=-0.1)
     with pytest.raises(ValueError, match="mode must be one of"):
         SpargeParams.for_mode("threshold", 0.5)
+
+
+# ----------------------------------------------------------------------------- fill_skipped
+def _fill_params(minshare, **kw):
+    return SpargeParams(simthreshd1=-1, minshare=minshare, pvthreshd=INF, scoring="lse", **kw)
+
+
+def test_fill_is_exact_where_blocks_are_what_their_means_say():
+    """Query blocks of identical rows (each row is the pooled query) and key blocks of one value
+    repeated: the estimate of a skipped block is then its true mass and value (up to int8), so the
+    output matches dense attention although most blocks are skipped."""
+    g = torch.Generator().manual_seed(5)
+    N, D = 512, 64
+    q = (torch.randn(1, 2, N // BQ, 1, D, generator=g) * 1.5).expand(-1, -1, -1, BQ, -1).reshape(1, 2, N, D)
+    k = torch.randn(1, 2, N, D, generator=g) * 1.5
+    v = torch.randn(1, 2, N // BK, 1, D, generator=g).expand(-1, -1, -1, BK, -1).reshape(1, 2, N, D)
+    truth = dense_attention(q, k, v)
+    out0, mask, _ = sparge_reference(q, k, v, _fill_params(1.5), BQ, BK, pv_dtype="fp32")
+    out1, mask1, _ = sparge_reference(q, k, v, _fill_params(1.5, fill_skipped=True), BQ, BK, pv_dtype="fp32")
+    assert torch.equal(mask, mask1) and sparsity(mask) > 0.4
+    assert rel_l1(out0, truth) > 0.05
+    assert rel_l1(out1, truth) < 0.01
+
+
+def test_fill_changes_nothing_when_nothing_is_skipped():
+    q, k, v = clustered(1, 2, 300, 64, seed=2)
+    out0, _, _ = sparge_reference(q, k, v, _fill_params(0.0), BQ, BK)
+    out1, mask, _ = sparge_reference(q, k, v, _fill_params(0.0, fill_skipped=True), BQ, BK)
+    assert mask.all() and torch.equal(out0, out1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fill_lowers_the_error_on_video_like_attention(causal):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from realistic_inputs import make_video_qkv
+
+    from sparge_attention.sparge_core.hilbert import TokenPermutation
+
+    grid = (6, 16, 16)  # in Hilbert order with the GPU's blocks, as the kernel sees video tokens
+    q, k, v, _ = make_video_qkv(grid, heads=4, dtype=torch.float32, seed=1)
+    perm = TokenPermutation.for_grid(grid, q.shape[2])
+    q, k, v = (perm.apply(x, 2) for x in (q, k, v))
+    truth = dense_attention(q, k, v, is_causal=causal)
+    for c in (0.5, 2.0):
+        out0, mask, _ = sparge_reference(q, k, v, _fill_params(c, is_causal=causal), 64, 128)
+        out1, _, _ = sparge_reference(q, k, v, _fill_params(c, is_causal=causal, fill_skipped=True), 64, 128)
+        e0, e1 = rel_l1(out0, truth), rel_l1(out1, truth)
+        assert sparsity(mask) > 0.2 and e1 < 0.75 * e0, (c, sparsity(mask), e0, e1)
+
+
+def test_fill_params_are_checked():
+    assert _fill_params(1.0, fill_skipped=True).fill_skipped
+    with pytest.raises(ValueError, match="lse"):
+        SpargeParams(minshare=1.0, fill_skipped=True)  # pooled scoring has no lse scores to calibrate by
+    with pytest.raises(ValueError, match="bool"):
+        _fill_params(1.0, fill_skipped=1)

@@ -129,7 +129,7 @@ def test_schemas(srv):
     assert sp["input_order"]["required"] == ["model", "preset", "mode", "simthreshd1", "cdfthreshd", "topk",
                                              "pvthreshd", "start_percent", "end_percent", "dense_blocks", "hilbert",
                                              "min_tokens", "verbose"]
-    assert sp["input_order"]["optional"][-3:] == ["error_check", "minshare", "profile"]
+    assert sp["input_order"]["optional"][-4:] == ["error_check", "minshare", "fill_skipped", "profile"]
     opt = sp["input"]["optional"]
     assert opt["profile"][0] == "SPARGE_PROFILE"
     assert opt["error_check"][1]["default"] == "off"
@@ -256,10 +256,10 @@ def test_error_check_of_calibrated_run_meets_target(srv, profiled):
 
 
 def test_error_check_sees_too_much_skipping_and_samples(srv):
-    _, rs, _ = run(srv, graph(srv, 303, ("SpargeAttention", dict(SPARGE, mode="topk", topk=0.2,
+    _, rs, _ = run(srv, graph(srv, 303, ("SpargeAttention", dict(SPARGE, mode="topk", topk=0.2, fill_skipped=False,
                                                                  error_check="every call")), prefix="rough"))
     assert only(rs)["error_check"]["rel_l1"] > TARGET  # 2 of 9 key blocks: the check reports it
-    _, rs, _ = run(srv, graph(srv, 303, ("SpargeAttention", dict(SPARGE, mode="topk", topk=0.2,
+    _, rs, _ = run(srv, graph(srv, 303, ("SpargeAttention", dict(SPARGE, mode="topk", topk=0.2, fill_skipped=False,
                                                                  error_check="sampled")), prefix="rough_s"))
     ec = only(rs)["error_check"]
     # sampled: step 0 of 4 only, and there block 0 of 2 (block % 4 == (step // 4) % 4)

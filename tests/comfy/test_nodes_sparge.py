@@ -35,7 +35,8 @@ pytestmark = [pytest.mark.comfy, pytest.mark.timeout(600)]
 
 NODE = "SpargeAttention"
 KEEP_ALL = dict(preset="Custom", mode="cdf", simthreshd1=-1.0, cdfthreshd=1.0, topk=0.5, pvthreshd=100.0,
-                start_percent=0.0, end_percent=1.0, dense_blocks="", hilbert=True, min_tokens=256, verbose=False)
+                start_percent=0.0, end_percent=1.0, dense_blocks="", hilbert=True, min_tokens=256, verbose=False,
+                fill_skipped=False)  # Custom runs here drop the skipped blocks unless a test says otherwise
 GRID = [2, 16, 16]
 LATENT = (1, 16, 2, 32, 32)
 
@@ -143,12 +144,19 @@ def test_keep_all_matches_unpatched_and_topk_differs(comfy_server):
     assert rel(heavy, plain) > 2e-2 and rel(heavy, plain) > 10 * rel(keep, plain), (rel(heavy, plain), rel(keep, plain))
 
     # share mode: minshare 4 of 4 key blocks keeps only blocks holding all the predicted mass, i.e. the top one
-    _, rs, _ = run(srv, wan(srv, 101, dict(sparge(mode="share"), minshare=4.0), prefix="share4"))
+    filled, rs, _ = run(srv, wan(srv, 101, dict(sparge(mode="share"), minshare=4.0, fill_skipped=True), prefix="share4"))
     r = only(rs)
     check_common(r, sparse_calls=4)
     assert r["settings"]["mode"] == "share" and r["settings"]["minshare"] == 4.0
     assert r["settings"]["cdfthreshd"] is None and r["settings"]["topk"] is None
+    assert r["settings"]["fill_skipped"] is True
     assert r["sparsity"] == pytest.approx(0.75, abs=0.02)
+    # the same blocks without the skipped-block estimate: a different image, the same sparsity
+    dropped, rs, _ = run(srv, wan(srv, 101, dict(sparge(mode="share"), minshare=4.0, fill_skipped=False),
+                                  prefix="share4_drop"))
+    r2 = only(rs)
+    assert r2["settings"]["fill_skipped"] is False and r2["sparsity"] == r["sparsity"]
+    assert rel(filled, dropped) > 1e-3
 
 
 def test_short_calls_stay_dense_and_exact(comfy_server):

@@ -54,7 +54,7 @@ def test_registered_once():
 def test_opcheck():
     q, k, v = qkv(n=192)
     h = torch_op.thresholds
-    args = (q, k, v, h(-1.0, 2), h(0.5, 2), h(float("inf"), 2), "topk", False, [3, 8, 8], -1.0, "lse")
+    args = (q, k, v, h(-1.0, 2), h(0.5, 2), h(float("inf"), 2), "topk", False, [3, 8, 8], -1.0, "lse", True)
     torch.library.opcheck(torch.ops.sparge.attention.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 

@@ -202,7 +202,7 @@ def test_capture_matches_the_op_and_feeds_the_readout(monkeypatch):
         sim, thr, pv = (torch_op.thresholds(x, 2) for x in (cfg.params.simthreshd1, cfg.threshold(),
                                                               cfg.params.pvthreshd))
         _, kept, _, mask = torch.ops.sparge.attention_map(q, k, v, sim, thr, pv, "cdf", False, list(GRID), -1.0,
-                                                           cfg.params.scoring)
+                                                           cfg.params.scoring, cfg.params.fill_skipped)
         got = O.unpack_mask(data["masks"][s]["packed"], data["masks"][s]["nk"])
         assert torch.equal(got, mask[0]) and int(got.sum()) == int(kept)
         # the block x step table agrees with the mask of the captured block
@@ -227,7 +227,7 @@ def test_capture_of_a_dense_block_explains_itself():
 def test_map_op_opcheck():
     q, k, v = qkv(n=192)
     h = torch_op.thresholds
-    args = (q, k, v, h(-1.0, 2), h(0.5, 2), h(float("inf"), 2), "topk", False, [3, 8, 8], -1.0, "lse")
+    args = (q, k, v, h(-1.0, 2), h(0.5, 2), h(float("inf"), 2), "topk", False, [3, 8, 8], -1.0, "lse", True)
     torch.library.opcheck(torch.ops.sparge.attention_map.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     out, kept, skipped, mask = torch.ops.sparge.attention_map(*args)

@@ -1,0 +1,93 @@
+"""What fill_skipped costs, piece by piece, on realistic video attention at one mask: the
+prediction with and without the extra outputs (GPU time, graph replay), and the attention kernel
+without the fill pass and with each fill-pass variant (step size, skipping all-kept steps).
+Ratios to SDPA-cuDNN measured in the same run.
+
+    python bench/fill_cost.py [--shapes wan480,hunyuan544] [--minshare 1.5]
+"""
+import argparse
+import datetime
+import math
+
+import torch
+
+from common import SHAPES, bench_graph_ms, bench_ms, card_name, rel_l1, save, sdpa_cudnn
+from realistic_inputs import make_video_qkv
+from sparge_attention.kernels import attn_fwd
+from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+from sparge_attention.sparge_core import SpargeParams
+from sparge_attention.sparge_core.api import prepare_sparse
+from sparge_attention.sparge_core.hilbert import TokenPermutation
+
+VARIANTS = [(64, True), (64, False), (128, True), (128, False)]  # (step size, skip all-kept steps)
+
+
+def compiled_stats():
+    """(n_regs, n_spills) of every compiled attention kernel so far (Triton's cache)."""
+    out = []
+    try:
+        for cache in attn_fwd._sparse_attn_fwd.device_caches.values():
+            for k in cache[0].values():
+                out.append((getattr(k, "n_regs", None), getattr(k, "n_spills", None)))
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        out.append(str(e))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="wan480,hunyuan544")
+    ap.add_argument("--minshare", type=float, default=1.5)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "shapes": {}}
+    for name in args.shapes.split(","):
+        B, H, N, D, grid, _ = SHAPES[name]
+        n_text = 256 if name.startswith("hunyuan") else 0
+        q, k, v, _ = make_video_qkv(grid=grid, heads=H, head_dim=D, n_text=n_text, seed=0, device=dev)
+        N = q.shape[2]
+        perm = TokenPermutation.for_grid(grid, N, device=dev).perm32
+        scale = D ** -0.5
+        t_cudnn = bench_ms(lambda: sdpa_cudnn(q, k, v))
+        base = dict(simthreshd1=-1.0, minshare=args.minshare, pvthreshd=math.inf, scoring="lse")
+        p0, p1 = SpargeParams(**base), SpargeParams(**base, fill_skipped=True)
+        prep = {}
+        r = res["shapes"][name] = {"cudnn_ms": t_cudnn, "rows": []}
+        for label, p in (("no fill", p0), ("fill", p1)):
+            P = prep[label] = prepare_sparse(q, k, v, p, scale, None, "auto", perm, perm)
+            t = bench_graph_ms(lambda p=p: prepare_sparse(q, k, v, p, scale, None, "auto", perm, perm))
+            r["rows"].append({"part": f"prediction + quantization, {label}", "ms": t, "x_cudnn": t / t_cudnn})
+        P0, P1 = prep["no fill"], prep["fill"]
+        assert torch.equal(P0["block_mask"].kv_num_blocks, P1["block_mask"].kv_num_blocks)
+        cfg, bm = P1["cfg"], P1["block_mask"]
+        density = float(bm.kv_num_blocks.float().sum()) / (bm.kv_indices.numel())
+
+        def kern(fill=None, fb=64, se=True):
+            return sparse_attn_fwd(P1["q_i8"], P1["k_i8"], P1["v_t"], P1["q_s"], P1["k_s"], P1["v_scale"],
+                                   bm.kv_num_blocks, bm.kv_indices, p1.per_head("pvthreshd", H, dev), N, N, D,
+                                   q.dtype, cfg.block_m, cfg.block_n, False, False, cfg.num_warps, cfg.num_stages,
+                                   out_perm=perm, tma=cfg.tma, maxnreg=cfg.maxnreg, fill=fill, fill_block=fb,
+                                   fill_skip_empty=se)[0]
+
+        ref = kern(P1["fill"])
+        t = bench_ms(lambda: kern())
+        r["rows"].append({"part": "kernel, no fill", "ms": t, "x_cudnn": t / t_cudnn})
+        for fb, se in VARIANTS:
+            out = kern(P1["fill"], fb, se)
+            t = bench_ms(lambda: kern(P1["fill"], fb, se))
+            r["rows"].append({"part": f"kernel, fill step {fb} skip-empty {se}", "ms": t, "x_cudnn": t / t_cudnn,
+                              "rel_l1_vs_default": rel_l1(out, ref)})
+        r["density"] = density
+        r["compiled"] = compiled_stats()
+        print(f"\n{name} {tuple(q.shape)} minshare {args.minshare}: density {density:.3f}, cuDNN {t_cudnn:.2f} ms")
+        for row in r["rows"]:
+            extra = f"  (vs default {row['rel_l1_vs_default']:.1e})" if "rel_l1_vs_default" in row else ""
+            print(f"  {row['part']:<46} {row['ms']:8.3f} ms {row['x_cudnn']:7.4f}x{extra}")
+        print("  compiled (n_regs, n_spills):", r["compiled"])
+        del q, k, v, prep, P0, P1
+        torch.cuda.empty_cache()
+    print("saved", save(res, f"{res['date']}-{card_name()}-fill_cost"))
+
+
+if __name__ == "__main__":
+    main()
