@@ -321,7 +321,10 @@ class SpargeOverride:
 
         if ctx is not None:
             total = dense_block_total(qh, kh)
-            ctx.records.append((kept, skipped, total, flops))
+            # fill_skipped adds a pass over the key blocks' means: one "key" per key block, i.e.
+            # 1/block_k of a dense call's work
+            extra = flops / block_sizes(q.device)[1] if cfg.params_for_layer(layer).fill_skipped else 0.0
+            ctx.records.append((kept, skipped, total, flops, extra))
             ctx.record_layers.append(layer)
             if capture:
                 ctx.map_mask = (_pack_mask(res[3][0]), int(res[3].shape[-1]))
@@ -563,6 +566,7 @@ class SpargeOverride:
                 st.layer_parts.append((tuple(ctx.record_layers), kept_vec, tuple(r[2] for r in ctx.records)))
             st.pv_skipped = st.pv_skipped + torch.stack([r[1].reshape(()) for r in ctx.records]).sum()
             computed = torch.stack([r[0].reshape(()).double() * (r[3] / r[2]) for r in ctx.records]).sum()
+            computed = computed + sum(r[4] for r in ctx.records)
             st.flops_sparse_computed = st.flops_sparse_computed + computed
             st.total += sum(r[2] for r in ctx.records)
             st.flops_total += sum(r[3] for r in ctx.records)
