@@ -16,7 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .fp8 import INTERPRET, round_to_e4m3
 from .numerics import MAGIC_F, int32_bits_f32
 
-FILL_BLOCK = 64  # key-block means per step of the fill_skipped pass
+FILL_BLOCK = 64  # key-block means per step of the fill_skipped pass (128: 66 registers spilled, slower)
 FILL_PAD = 128  # the means and biases are padded to a multiple of this (any step size up to it fits)
 
 
@@ -86,35 +86,44 @@ def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, of
 
 
 @triton.jit
-def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, vbar_base, bias_base, NKC, offs_d,
-                  HEAD_DIM: tl.constexpr, FILL_BLOCK: tl.constexpr, P_LOG2: tl.constexpr,
-                  SKIP_EMPTY: tl.constexpr):
-    """Every key block with a finite bias joins the softmax as one key: its mean key (scores
-    q . kbar + bias, log2 units) and its mean value, in fp16 on the tensor cores."""
-    qf = q.to(tl.float16)  # int8 values are exact in fp16
+def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, kbs_base, vbar_base, bias_base, NKC, offs_d,
+                  HEAD_DIM: tl.constexpr, FILL_BLOCK: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr,
+                  EMULATE_FP8: tl.constexpr, SKIP_EMPTY: tl.constexpr):
+    """Every key block with a finite bias joins the softmax as one key: its mean key (int8, one
+    scale per mean: scores q . kbar + bias in log2 units) and its mean value (stored like V:
+    transposed, fp8 or fp16), FILL_BLOCK means per step, on the same tensor-core paths as the
+    main loop."""
     offs_c = tl.arange(0, FILL_BLOCK)
     for c0 in range(0, NKC, FILL_BLOCK):
         bias = tl.load(bias_base + c0 + offs_c)
-        if (not SKIP_EMPTY) or tl.max(bias, 0) > float("-inf"):  # all kept: nothing to estimate here
+        # testing for an all-kept step (all -inf) measured slower than computing it (fill_cost)
+        if (not SKIP_EMPTY) or tl.max(bias, 0) > float("-inf"):
             kb = tl.load(kbar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK)
-            t = tl.dot(qf, kb) * q_scale + bias[None, :]
+            col_scale = q_scale * tl.load(kbs_base + c0 + offs_c)
+            t = tl.dot(q, kb).to(tl.float32) * col_scale[None, :] + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(t, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(t - (m_use - P_LOG2)[:, None])  # pre-scaled like the main loop's P
             l_i = l_i * alpha + tl.sum(p, 1)
-            vb = tl.load(vbar_base + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :])  # (FILL_BLOCK, HEAD_DIM)
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vb)
+            vb = tl.load(vbar_base + offs_d[None, :] * NKC + (c0 + offs_c)[:, None])  # (FILL_BLOCK, HEAD_DIM)
+            if PV_FP8:
+                if EMULATE_FP8:
+                    p = round_to_e4m3(p)
+                pv = tl.dot(p.to(tl.float8e4nv), vb)
+            else:
+                pv = tl.dot(p.to(tl.float16), vb)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
 def _sparse_attn_fwd(
-    Q, K, VT, QS, KS, VS, O, OPERM, CNT, IDX, SKIP, PVT, KBAR, VBAR, BIAS,
+    Q, K, VT, QS, KS, VS, O, OPERM, CNT, IDX, SKIP, PVT, KBAR, KBS, VBAR, BIAS,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
-    skb_b, skb_h, sb_b, sb_h, sb_q,
+    skb_b, skb_h, sks2_b, sks2_h, svb_b, svb_h, sb_b, sb_h, sb_q,
     N_Q, N_K, H, KV_GROUP, NQB, NKC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
@@ -180,8 +189,9 @@ def _sparse_attn_fwd(
                                             P_LOG2, EMULATE_FP8, TMA)
     if FILL:
         acc, l_i, m_i = _fill_skipped(acc, l_i, m_i, q, q_scale, KBAR + b * skb_b + hk * skb_h,
-                                      VBAR + b * skb_b + hk * skb_h, BIAS + b * sb_b + h * sb_h + pid_m * sb_q,
-                                      NKC, offs_d, HEAD_DIM, FILL_BLOCK, P_LOG2, FILL_SKIP_EMPTY)
+                                      KBS + b * sks2_b + hk * sks2_h, VBAR + b * svb_b + hk * svb_h,
+                                      BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC, offs_d, HEAD_DIM, FILL_BLOCK,
+                                      P_LOG2, PV_FP8, EMULATE_FP8, FILL_SKIP_EMPTY)
 
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -199,13 +209,14 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
                     n_q: int, n_k: int, d_out: int, out_dtype, block_m: int, block_n: int,
                     is_causal: bool, pv_skip: bool, num_warps: int = 4, num_stages: int = 3,
                     out_perm: torch.Tensor | None = None, maxnreg: int | None = None, tma: bool = False,
-                    fill: tuple | None = None, fill_block: int = FILL_BLOCK, fill_skip_empty: bool = True):
+                    fill: tuple | None = None, fill_block: int = FILL_BLOCK, fill_skip_empty: bool = False):
     """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), skipped (B,H,NQ) or None).
 
     out_perm (int32 (n_q,)): query row i is written to output row out_perm[i].
-    fill (fill_skipped): (kbar, vbar, bias): fp16 mean keys and mean values (B,Hkv,NKC,head_dim)
-    and fp32 biases (B,H,NQ,NKC), NKC a multiple of fill_block (FILL_PAD covers every step size);
-    -inf biases add nothing. fill_block / fill_skip_empty are tuning knobs (bench/fill_cost.py)."""
+    fill (fill_skipped): (kbar, kbar_scale, vbar_t, bias): int8 mean keys (B,Hkv,NKC,head_dim) with
+    one fp32 scale each (B,Hkv,NKC), mean values transposed like v_t (B,Hkv,head_dim,NKC) and in its
+    dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of fill_block (FILL_PAD covers every step
+    size); -inf biases add nothing. fill_block / fill_skip_empty are tuning knobs (bench/fill_cost.py)."""
     B, H, nq_pad, hd = q_i8.shape
     Hkv = k_i8.shape[1]
     NQ = triton.cdiv(n_q, block_m)
@@ -227,16 +238,18 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         raise ValueError(f"out_perm must be int32 ({n_q},)")
     nkc = 0
     if fill is not None:
-        kbar, vbar, bias = fill
+        kbar, kbs, vbar, bias = fill
         nkc = bias.shape[-1]
-        if (kbar.dtype != torch.float16 or vbar.dtype != torch.float16 or bias.dtype != torch.float32
-                or kbar.shape != (B, Hkv, nkc, hd) or vbar.shape != kbar.shape or bias.shape != (B, H, NQ, nkc)
-                or nkc % fill_block or nkc * block_n < n_k or not (kbar.is_contiguous() and vbar.is_contiguous()
-                                                                    and bias.is_contiguous())):
-            raise ValueError(f"fill wants contiguous fp16 kbar/vbar (B,Hkv,NKC,{hd}) and fp32 bias (B,H,{NQ},NKC), "
-                             f"NKC a multiple of {fill_block} covering the keys")
+        if (kbar.dtype != torch.int8 or kbs.dtype != torch.float32 or vbar.dtype != v_t.dtype
+                or bias.dtype != torch.float32 or kbar.shape != (B, Hkv, nkc, hd) or kbs.shape != (B, Hkv, nkc)
+                or vbar.shape != (B, Hkv, hd, nkc) or bias.shape != (B, H, NQ, nkc)
+                or nkc % fill_block or nkc * block_n < n_k
+                or not all(x.is_contiguous() for x in (kbar, kbs, vbar, bias))):
+            raise ValueError(f"fill wants contiguous int8 kbar (B,Hkv,NKC,{hd}), fp32 scales (B,Hkv,NKC), vbar^T "
+                             f"(B,Hkv,{hd},NKC) in v's dtype and fp32 bias (B,H,{NQ},NKC), NKC a multiple of "
+                             f"{fill_block} covering the keys")
     else:
-        kbar = vbar = bias = counts
+        kbar = kbs = vbar = bias = counts
     out = torch.empty(B, H, n_q, d_out, dtype=out_dtype, device=q_i8.device)
     skipped = torch.zeros(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
     pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()
@@ -248,12 +261,13 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         v_arg = TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, block_n])
     _sparse_attn_fwd[(B * H * NQ,)](
         q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, out_perm if out_perm is not None else counts,
-        counts, indices, skipped, pvt, kbar, vbar, bias,
+        counts, indices, skipped, pvt, kbar, kbs, vbar, bias,
         q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_scale.stride(0), q_scale.stride(1), k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
-        kbar.stride(0) if nkc else 0, kbar.stride(1) if nkc else 0,
+        kbar.stride(0) if nkc else 0, kbar.stride(1) if nkc else 0, kbs.stride(0) if nkc else 0,
+        kbs.stride(1) if nkc else 0, vbar.stride(0) if nkc else 0, vbar.stride(1) if nkc else 0,
         bias.stride(0) if nkc else 0, bias.stride(1) if nkc else 0, bias.stride(2) if nkc else 0,
         n_q, n_k, H, H // Hkv, NQ, nkc,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,

@@ -11,11 +11,12 @@ from .numerics import round_half_away
 
 @triton.jit
 def _quant_pool_kernel(
-    X, PERM, MEAN, XQ, SCALE, POOL, SIM,
-    sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n,
+    X, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS,
+    sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n, spq_b, spq_h, sps_b, sps_h,
     N, H, extra_scale,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
+    POOL_I8: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -41,7 +42,13 @@ def _quant_pool_kernel(
     tl.store(SCALE + b * ss_b + h * ss_h + blk, amax / 127.0 * extra_scale)
     if WANT_POOL:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
-        tl.store(POOL + b * sp_b + h * sp_h + blk * sp_n + offs_d, tl.sum(x, 0) / cnt)
+        pooled = tl.sum(x, 0) / cnt
+        tl.store(POOL + b * sp_b + h * sp_h + blk * sp_n + offs_d, pooled)
+        if POOL_I8:  # the mean in int8 with its own scale (fill_skipped's mean keys, int8 tensor cores)
+            pamax = tl.maximum(tl.max(tl.abs(pooled), 0), 1e-20)
+            tl.store(POOLQ + b * spq_b + h * spq_h + blk * HEAD_DIM + offs_d,
+                     round_half_away(pooled * (127.0 / pamax)).to(tl.int8))
+            tl.store(POOLS + b * sps_b + h * sps_h + blk, pamax / 127.0)
     if WANT_SIM:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
         norm = tl.sqrt(tl.sum(x * x, 1))
@@ -51,7 +58,7 @@ def _quant_pool_kernel(
 
 
 @triton.jit
-def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, sb_b, sb_h, N, H,
+def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, sb_b, sb_h, sb_d, N, H,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
                     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr):
     blk = tl.program_id(0)
@@ -68,9 +75,16 @@ def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, s
                 mask=(offs_n < N)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     s = tl.load(VSCALE + b * svs_b + h * svs_h + offs_d, mask=dmask, other=1.0)
     y = x / s[None, :]
-    if WANT_MEAN:  # the block's mean value before rounding (fill_skipped), fp16 like its P.V operand
+    if WANT_MEAN:  # the block's mean value (fill_skipped), stored like V itself: transposed, fp8 or fp16
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
-        tl.store(VBAR + b * sb_b + h * sb_h + blk * HEAD_DIM + offs_d, (tl.sum(y, 0) / cnt).to(tl.float16))
+        ybar = tl.sum(y, 0) / cnt
+        if PV_FP8:
+            if EMULATE_FP8:
+                ybar = round_to_e4m3(ybar)
+            ybar = ybar.to(tl.float8e4nv)
+        else:
+            ybar = ybar.to(tl.float16)
+        tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + blk, ybar)
     if PV_FP8:
         if EMULATE_FP8:
             y = round_to_e4m3(y)
@@ -99,12 +113,14 @@ def _check_perm(perm, n, device):
 
 def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 1.0,
                mean: torch.Tensor | None = None, want_pool: bool = True, perm: torch.Tensor | None = None,
-               want_sim: bool | None = None):
+               want_sim: bool | None = None, pool_i8_blocks: int = 0):
     """x (B,H,N,D) -> int8 (B,H,nb*block,head_dim), scale (B,H,nb) fp32 (times extra_scale),
     pooled (B,H,nb,D) fp32, sim (B,H,nb) fp32. `mean` (B,H,D) fp32 is subtracted first (K smoothing).
     With `perm` (int32 (N,)), token i of the output is token perm[i] of x. The pooled means and
     the self-similarities are only computed when wanted (want_sim defaults to want_pool); what is
-    not computed is returned as None."""
+    not computed is returned as None.
+    pool_i8_blocks > 0 (with want_pool): also returns the pooled means as int8 (B,H,pool_i8_blocks,
+    head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), zero past the nb real blocks."""
     _check(x, "x")
     B, H, N, D = x.shape
     if head_dim < D or head_dim not in (16, 32, 64, 128, 256):
@@ -120,23 +136,30 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         mean = mean.float().contiguous()
     m = mean if mean is not None else scale
     perm = _check_perm(perm, N, dev)
+    pool_i8 = want_pool and pool_i8_blocks > 0
+    if pool_i8 and pool_i8_blocks < nb:
+        raise ValueError(f"pool_i8_blocks {pool_i8_blocks} < {nb} blocks")
+    poolq = torch.zeros(B, H, pool_i8_blocks, head_dim, dtype=torch.int8, device=dev) if pool_i8 else xq
+    pools = torch.zeros(B, H, pool_i8_blocks, dtype=torch.float32, device=dev) if pool_i8 else scale
     _quant_pool_kernel[(nb, B * H)](
-        x, perm if perm is not None else scale, m, xq, scale, pool, sim,
+        x, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools,
         x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1),
         xq.stride(0), xq.stride(1), xq.stride(2), scale.stride(0), scale.stride(1),
         pool.stride(0), pool.stride(1), pool.stride(2) if want_pool else 0,
+        poolq.stride(0), poolq.stride(1), pools.stride(0), pools.stride(1),
         N, H, float(extra_scale),
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
-        WANT_SIM=want_sim, HAS_PERM=perm is not None, num_warps=4,
+        WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, num_warps=4,
     )
-    return xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None
+    out = (xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None)
+    return out + ((poolq, pools),) if pool_i8 else out
 
 
 def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool,
             perm: torch.Tensor | None = None, mean_blocks: int = 0):
     """v (B,H,N,D) / scale (B,H,D) -> transposed (B,H,head_dim,nb*block) fp8 e4m3 or fp16, zero padded.
-    mean_blocks > 0: also returns each block's mean of v / scale as fp16 (B,H,mean_blocks,head_dim),
-    zero beyond the nb real blocks (mean_blocks >= nb)."""
+    mean_blocks > 0: also returns each block's mean of v / scale, transposed and in V's type
+    (B,H,head_dim,mean_blocks), zero beyond the nb real blocks (mean_blocks >= nb)."""
     _check(v, "v")
     B, H, N, D = v.shape
     nb = triton.cdiv(N, block)
@@ -147,11 +170,12 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     perm = _check_perm(perm, N, v.device)
     if mean_blocks and mean_blocks < nb:
         raise ValueError(f"mean_blocks {mean_blocks} < {nb} blocks")
-    vbar = torch.zeros(B, H, mean_blocks, head_dim, dtype=torch.float16, device=v.device) if mean_blocks else vt
+    vbar = torch.zeros(B, H, head_dim, mean_blocks, dtype=vt.dtype, device=v.device) if mean_blocks else vt
     _quant_v_kernel[(nb, B * H)](
         v, perm if perm is not None else scale, scale, vt, vbar, v.stride(0), v.stride(1), v.stride(2),
         scale.stride(0), scale.stride(1), vt.stride(0), vt.stride(1), vt.stride(2),
-        vbar.stride(0) if mean_blocks else 0, vbar.stride(1) if mean_blocks else 0, N, H,
+        vbar.stride(0) if mean_blocks else 0, vbar.stride(1) if mean_blocks else 0,
+        vbar.stride(2) if mean_blocks else 0, N, H,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET,
         HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, num_warps=4,
     )

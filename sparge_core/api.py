@@ -126,17 +126,16 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     # one pass over K and V: K's mean (token order does not matter for it) and V's per-channel max
     k_mean, v_amax = kv_stats(k, v)
     # K's block means: the paper's pooled scores, or the fill_skipped estimate's mean keys
-    k_i8, k_s, k_pool, k_sim = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and (not lse or fill),
-                                          want_sim=predict and not lse, perm=perm_k)
+    nkc = triton_cdiv(triton_cdiv(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0
+    k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and (not lse or fill),
+                       want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc)
+    k_i8, k_s, k_pool, k_sim = k_out[:4]
     v_scale = (v_amax / FP8_MAX).clamp_min(TINY)
-    nkb = k_i8.shape[2] // cfg.block_n
-    nkc = triton_cdiv(nkb, FILL_PAD) * FILL_PAD if fill else 0
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc)
     fill_args = None
     if fill:
         v_t, vbar = v_t
-        kbar = torch.zeros(B, k.shape[1], nkc, hd, dtype=torch.float16, device=q.device)
-        kbar[:, :, :nkb, :D] = k_pool
+        kbar, kbar_scale = k_out[4]
 
     if block_mask is None:
         theta = params.per_head("simthreshd1", H, q.device)[None, :, None]
@@ -157,7 +156,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
                                       fill_blocks=nkc)
         counts, idx = sel_out[:2]
         if fill:
-            fill_args = (kbar, vbar, sel_out[2])
+            fill_args = (kbar, kbar_scale, vbar, sel_out[2])
         block_mask = SpargeBlockMask(counts, idx, cfg.block_m, cfg.block_n, N, Nk)
     return dict(cfg=cfg, q_i8=q_i8, k_i8=k_i8, v_t=v_t, q_s=q_s, k_s=k_s, v_scale=v_scale, block_mask=block_mask,
                 fill=fill_args)

@@ -2,14 +2,14 @@
 
 Source: bench/realistic_bench.py on realistic video attention (Wan 2.1 480p and HunyuanVideo
 544p shapes, 3D RoPE, local / temporal / global / sink heads), H100, 2026-11-27
-(bench/results/2026-11-27-H100-realistic-fill.log). Each preset is the share-mode threshold whose
+(bench/results/2026-11-27-H100-realistic-v18.log). Each preset is the share-mode threshold whose
 whole-output rel-L1 against fp32 dense attention (quantization and skipping together) lands near
 its target on both shapes: Quality ~0.02, Balanced ~0.04, Fast ~0.06, Turbo ~0.09.
 
 All presets estimate the skipped blocks (fill_skipped: each skipped key block joins the softmax as
 its mean key and mean value, calibrated by the lse scores) instead of dropping them: that cut the
-error ~3x at equal sparsity, so at rel-L1 0.05 the whole call runs at 0.132x cuDNN (Wan, sparsity
-0.93) and 0.104x (HunyuanVideo, 0.94), where dropping needed 0.254x / 0.259x. Share mode (one
+error ~3x at equal sparsity, so at rel-L1 0.05 the whole call runs at 0.120x cuDNN (Wan, sparsity
+0.93) and 0.092x (HunyuanVideo, 0.94), where dropping needed 0.254x / 0.259x. Share mode (one
 probability floor, minshare x an even share, for every row) reached a given error with fewer
 blocks than CDF or top-k (without the estimate: 0.253x vs 0.280x / 0.273x at Wan). "lse" scoring
 (the pooled query against every key) with the similarity rule off, which only matters for

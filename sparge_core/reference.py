@@ -216,14 +216,21 @@ def fill_bias(lse, mean, mask, params: SpargeParams, n_q: int, n_k: int, block_q
 
 
 def block_means(k, v, block_k: int, pv_dtype: str):
-    """The estimate's mean key (smoothed K, fp16) and mean value (V over its fp8 scale, the units
-    the kernel accumulates in, fp16) of every key block, (B, Hkv, NK, D) each."""
+    """The estimate's mean key and mean value of every key block, (B, Hkv, NK, D) each, as the
+    kernel sees them: the smoothed K's mean in int8 with one scale per mean, and the mean of V
+    over its per-channel scale (the units P.V accumulates in), rounded like V (fp8 or fp16)."""
     n = k.shape[2]
     cnt = block_token_counts(n, block_k, k.device)[:, None]
     kbar = split_blocks(smooth_k(k.float()), block_k).sum(-2) / cnt
-    _, vscale = quantize_v(v, pv_dtype)
+    amax = kbar.abs().amax(-1, keepdim=True).clamp_min(TINY)
+    kbar = round_half_away(kbar * (127.0 / amax)).clamp(-127, 127) * (amax / 127.0)
+    _, vscale = quantize_v(v, "fp32")
     vbar = split_blocks(v.float() / vscale[:, :, None, :], block_k).sum(-2) / cnt
-    return kbar.half().float(), vbar.half().float()
+    if pv_dtype == "fp8":
+        vbar = vbar.to(torch.float8_e4m3fn).float()
+    elif pv_dtype == "fp16":
+        vbar = vbar.half().float()
+    return kbar, vbar
 
 
 def predict_block_mask(q, k, params: SpargeParams, block_q: int, block_k: int, scale: float | None = None,
@@ -303,7 +310,7 @@ def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int
         acc = torch.where(upd[..., None], acc * alpha[..., None] + pv, acc)
         m = m_new
     if fill is not None:
-        # the kernel's last step: one more online-softmax update over the block means, P in fp16
+        # the kernel's last step: one more online-softmax update over the block means, P rounded like the main P
         kbar, vbar = (expand_kv(x, H) for x in block_means(k, v, block_k, pv_dtype))
         t = qd @ kbar[:, :, None].transpose(-1, -2) + fill[..., None, :]  # (B,H,NQ,BQ,NK) log2 units
         m_new = torch.maximum(m, t.amax(-1))
@@ -311,7 +318,7 @@ def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int
         alpha = torch.exp2(m - m_safe)
         p = torch.exp2(t - m_safe[..., None])
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + round_p(p, "fp16") @ vbar[:, :, None]
+        acc = acc * alpha[..., None] + round_p(p, pv_dtype) @ vbar[:, :, None]
     out = acc / l.clamp_min(TINY)[..., None] * vscale[:, :, None, None, :]
     out = out.flatten(2, 3)[:, :, :N]
     return out.to(q.dtype), skipped
