@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .fp8 import INTERPRET, round_to_e4m3
+from .fp8 import INTERPRET, to_pv_dtype
 from .numerics import MAGIC_F, int32_bits_f32
 
 FILL_BLOCK = 64  # key-block means per step of the fill_skipped pass (128: 66 registers spilled, slower)
@@ -72,13 +72,7 @@ def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, of
         # P.V into a fresh accumulator, added to acc on the FP32 units: Hopper's fp8 MMA keeps
         # only ~22-bit sums, so accumulating every block inside the MMA drifts (measured rel-L1
         # 0.008 -> 0.052 on the realistic benchmark; SageAttention2's two-level accumulation)
-        if PV_FP8:
-            if EMULATE_FP8:
-                p = round_to_e4m3(p)
-            pv = tl.dot(p.to(tl.float8e4nv), v)
-        else:
-            pv = tl.dot(p.to(tl.float16), v)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + tl.dot(to_pv_dtype(p, PV_FP8, EMULATE_FP8), v)
         m_i = m_new
     else:
         n_skip += 1
@@ -107,13 +101,7 @@ def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, kbs_base, vbar_base, bia
             p = tl.math.exp2(t - (m_use - P_LOG2)[:, None])  # pre-scaled like the main loop's P
             l_i = l_i * alpha + tl.sum(p, 1)
             vb = tl.load(vbar_base + offs_d[None, :] * NKC + (c0 + offs_c)[:, None])  # (FILL_BLOCK, HEAD_DIM)
-            if PV_FP8:
-                if EMULATE_FP8:
-                    p = round_to_e4m3(p)
-                pv = tl.dot(p.to(tl.float8e4nv), vb)
-            else:
-                pv = tl.dot(p.to(tl.float16), vb)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + tl.dot(to_pv_dtype(p, PV_FP8, EMULATE_FP8), vb)
             m_i = m_new
     return acc, l_i, m_i
 

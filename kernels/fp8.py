@@ -24,3 +24,15 @@ def round_to_e4m3(x):
     odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
     r = tl.where(tie & odd, r - 1.0, r)
     return tl.where(x < 0, -r * ulp, r * ulp)
+
+
+@triton.jit
+def to_pv_dtype(x, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """x as a P.V operand: fp8 e4m3 (rounded by round_to_e4m3 under the interpreter) or fp16."""
+    if PV_FP8:
+        if EMULATE_FP8:
+            x = round_to_e4m3(x)
+        y = x.to(tl.float8e4nv)
+    else:
+        y = x.to(tl.float16)
+    return y

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import INTERPRET, round_to_e4m3
+from .fp8 import INTERPRET, to_pv_dtype
 from .numerics import round_half_away
 
 
@@ -77,20 +77,9 @@ def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, s
     y = x / s[None, :]
     if WANT_MEAN:  # the block's mean value (fill_skipped), stored like V itself: transposed, fp8 or fp16
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
-        ybar = tl.sum(y, 0) / cnt
-        if PV_FP8:
-            if EMULATE_FP8:
-                ybar = round_to_e4m3(ybar)
-            ybar = ybar.to(tl.float8e4nv)
-        else:
-            ybar = ybar.to(tl.float16)
+        ybar = to_pv_dtype(tl.sum(y, 0) / cnt, PV_FP8, EMULATE_FP8)
         tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + blk, ybar)
-    if PV_FP8:
-        if EMULATE_FP8:
-            y = round_to_e4m3(y)
-        y = y.to(tl.float8e4nv)
-    else:
-        y = y.to(tl.float16)
+    y = to_pv_dtype(y, PV_FP8, EMULATE_FP8)
     tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + offs_n[:, None], y)
 
 
