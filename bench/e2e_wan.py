@@ -83,7 +83,7 @@ def calibration_rows(dm, x, t, ctx, grid, heads, t_default, steps):
 
     rows = []
     for blocks in (16, 8):
-        cal = Calibrator(0.05, sample_query_blocks=blocks)
+        cal = Calibrator(0.05, sample_query_blocks=blocks, fill=True)  # as the Calibrate node does by default
         state = {"layer": 0}
 
         def override(func, *args, **kwargs):

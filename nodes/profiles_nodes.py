@@ -264,6 +264,7 @@ def profile_readout(ov, run) -> Optional[dict]:
         "layers": prof.layers,
         "heads": prof.heads,
         "mode": prof.mode,
+        "fill_skipped": prof.fill_skipped,
         "target_l1": prof.target_l1,
         "n_tokens": prof.n_tokens,
         "grid": list(prof.grid) if prof.grid else None,

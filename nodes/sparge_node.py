@@ -111,8 +111,8 @@ class SpargeAttention(io.ComfyNode):
                 io.Boolean.Input("fill_skipped", default=_BAL.fill_skipped, optional=True, tooltip=(
                     "Estimate what the skipped blocks would have added (from their mean key and mean value) "
                     "instead of dropping it. On the realistic benchmark this cut the error about 3x at the same "
-                    "sparsity for a few percent of attention time; the presets use it. Does not apply to a "
-                    "calibrated profile's blocks.")),
+                    "sparsity for a few percent of attention time; the presets use it. A calibrated "
+                    "profile's blocks follow the profile (Sparge Calibrate's own fill_skipped).")),
                 _profile_classes()[0].Input("profile", optional=True, tooltip=(
                     "Optional calibrated profile from the Load Sparge Profile node (made by Sparge Calibrate on "
                     "this model): its blocks use the measured per-head thresholds instead of the preset; blocks "

@@ -54,6 +54,7 @@ from .reference import (
     P_SCALE_FP8,
     TINY,
     block_lse_scores,
+    block_means,
     expand_kv,
     pool_and_similarity,
     quantize_int8_per_block,
@@ -177,12 +178,12 @@ def _choose(budget: str, bound, density, weight, target_l1, dense_below):
 
 
 def _per_head_params(mode: str, scoring: str, threshold, simthreshd1, pvthreshd, dense,
-                     attention_sink: bool = False, is_causal: bool = False) -> SpargeParams:
+                     attention_sink: bool = False, is_causal: bool = False, fill_skipped: bool = False) -> SpargeParams:
     thr = torch.where(dense, torch.full_like(threshold, DENSE_THRESHOLD), threshold).float()
     sim = torch.where(dense, torch.full_like(simthreshd1, DENSE_SIMTHRESHD1), simthreshd1).float()
     kw = {"cdfthreshd" if mode == "cdf" else "topk": thr}
     return SpargeParams(simthreshd1=sim, pvthreshd=pvthreshd.float(), scoring=scoring,
-                        attention_sink=attention_sink, is_causal=is_causal, **kw)
+                        attention_sink=attention_sink, is_causal=is_causal, fill_skipped=fill_skipped, **kw)
 
 
 @dataclass
@@ -219,6 +220,7 @@ class CallCalibration:
     pv_dtype: str
     sampled_blocks: List[int] = field(default_factory=list)  # query blocks, in kernel token order
     seconds: float = 0.0
+    fill_skipped: bool = False  # the errors were measured with the skipped blocks estimated
 
     @property
     def heads(self) -> int:
@@ -238,7 +240,7 @@ class CallCalibration:
         """Per-head SpargeParams. Dense heads get threshold 1.0 and simthreshd1 1.0, which makes
         every query block keep every key block (the sparse path then computes them fully)."""
         return _per_head_params(self.mode, self.scoring, self.threshold, self.simthreshd1, self.pvthreshd,
-                                self.dense, attention_sink, is_causal)
+                                self.dense, attention_sink, is_causal, self.fill_skipped)
 
 
 def _int_scores(q_i8, k_i8, q_scale_rows, k_scale_cols):
@@ -334,7 +336,7 @@ def calibrate_call(q, k, v, target_l1: float, *, grid: Optional[Sequence[int]] =
                    sim_candidates: Optional[Sequence[float]] = None,
                    sample_query_blocks: int = 32, backend: str = "auto", pv_dtype: str = "auto",
                    generator: Optional[torch.Generator] = None, z: float = 1.0, budget: str = "head",
-                   truth: str = "auto", dense_below: float = DENSE_BELOW) -> CallCalibration:
+                   truth: str = "auto", dense_below: float = DENSE_BELOW, fill: bool = False) -> CallCalibration:
     """Calibrate one self-attention call: per head, the loosest threshold whose sampled output
     rel-L1 against fp32 dense attention (quantization included) stays <= target_l1.
 
@@ -354,6 +356,9 @@ def calibrate_call(q, k, v, target_l1: float, *, grid: Optional[Sequence[int]] =
     budget: "head": every head's output meets the target on its own (the reference's tuning
         rule); "layer": the whole call's output (all heads) meets it, the error shared out among
         heads where it buys the most sparsity (allocate_layer).
+    fill: measure with the skipped blocks estimated (SpargeParams.fill_skipped; "lse" scoring):
+        a skipped block j of a sampled row r then contributes the partial (score t_rj = q_r .
+        kbar_j + bias_ij, sum 1, value vbar_j) instead of nothing, the kernel's fill pass.
     """
     t0 = time.perf_counter()
     if truth not in ("auto", "fp32"):
@@ -367,6 +372,8 @@ def calibrate_call(q, k, v, target_l1: float, *, grid: Optional[Sequence[int]] =
         raise ValueError(f"mode must be 'cdf' or 'topk', got {mode!r}")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if fill and scoring != "lse":
+        raise ValueError("fill needs 'lse' scoring (the estimate is calibrated by the lse scores)")
     target_l1 = float(target_l1)
     if not (0.0 < target_l1 <= 1.0):
         raise ValueError(f"target_l1 must lie in (0, 1], got {target_l1}")
@@ -423,8 +430,13 @@ def calibrate_call(q, k, v, target_l1: float, *, grid: Optional[Sequence[int]] =
     k_i8, k_scale = quantize_int8_per_block(ksm, BK)
     Sn, C = sims.numel(), cands.numel()
     Xc = Sn * C  # configs (similarity x threshold), stacked along the head axis for one selection
+    fill_bias = None
     if scoring == "lse":
-        scores = block_lse_scores(q_pool, k_i8, k_scale, scale, N, BK).repeat(1, Xc, 1, 1)
+        scores, mean_scores = block_lse_scores(q_pool, k_i8, k_scale, scale, N, BK, want_mean=True)
+        if fill:  # the estimate's bias per (sampled query block, key block); -inf where kept, below
+            fill_bias = scores - mean_scores  # (B, H, Sq, NK)
+        scores = scores.repeat(1, Xc, 1, 1)
+        del mean_scores
         k_pool = k_sim = None
     else:
         scores = None
@@ -457,9 +469,12 @@ def calibrate_call(q, k, v, target_l1: float, *, grid: Optional[Sequence[int]] =
     half_pv = cuda and pvd != "fp32"
     split = truth == "auto" and cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_out_dtype(dev)
 
+    kbar_all = vbar_all = None
+    if fill:  # the kernel's mean keys (int8, dequantized) and mean values (V's units and rounding)
+        kbar_all, vbar_all = block_means(k, v, BK, pvd)
     num_blk = torch.zeros(X, H, Sq, dtype=torch.float64, device=dev)  # summed over the batch
     den_blk = torch.zeros(H, Sq, dtype=torch.float64, device=dev)
-    per_row = 4 * NKp + 2 * NK * D + 3 * X * NK + 2 * X * D
+    per_row = 4 * NKp + 2 * NK * D + 3 * X * NK + 2 * X * D + ((X + 1) * NK if fill else 0)
     chunk = max(1, (_CHUNK_ELEMS * (4 if cuda else 1)) // (BQ * per_row))
     for b in range(B):
         for hk in range(Hkv):
@@ -471,6 +486,8 @@ def calibrate_call(q, k, v, target_l1: float, *, grid: Optional[Sequence[int]] =
                 vq = (vq / P_SCALE_FP8 if pvd == "fp8" else vq).half()
             vscale = vscale[0, 0]
             kt, vt = (k[b, hk], v[b, hk]) if split else (k[b, hk].float(), v[b, hk].float())
+            if fill:
+                kbar, vbar = kbar_all[b, hk], vbar_all[b, hk]  # (NK, D) each
             for h in range(hk * group, (hk + 1) * group):
                 for c0 in range(0, Sq, chunk):
                     c1 = min(Sq, c0 + chunk)
@@ -499,9 +516,20 @@ def calibrate_call(q, k, v, target_l1: float, *, grid: Optional[Sequence[int]] =
                     km = masks[:, b, h, c0:c1].permute(1, 0, 2)[:, None]  # (nb, 1, X, NK)
                     km = km.expand(nb, BQ, X, NK).reshape(R, X, NK)
                     w = torch.where(km, m[:, None, :], torch.full((), -math.inf, device=dev))
-                    w = torch.exp2(w.sub_(w.amax(-1, keepdim=True)), out=w)  # 0 where not kept
-                    lt = torch.bmm(w, lsum[:, :, None])  # (R, X, 1)
-                    out = torch.bmm(w, o).div_(lt.clamp_min_(TINY)).mul_(vscale)  # (R, X, D)
+                    if fill:  # skipped blocks: one estimated key each (score t, exp-sum 1, value vbar)
+                        t = (q_i8[b, h, r0:r1].float() * qs_rows[b, h, r0:r1, None]) @ kbar.T
+                        t = t + fill_bias[b, h, c0:c1].repeat_interleave(BQ, dim=0)  # (R, NK)
+                        wf = torch.where(km, torch.full((), -math.inf, device=dev), t[:, None, :])
+                        top = torch.maximum(w.amax(-1, keepdim=True), wf.amax(-1, keepdim=True))
+                        wf = torch.exp2(wf.sub_(top), out=wf)
+                        w = torch.exp2(w.sub_(top), out=w)
+                        lt = torch.bmm(w, lsum[:, :, None]) + wf.sum(-1, keepdim=True)
+                        out = (torch.bmm(w, o) + wf @ vbar).div_(lt.clamp_min_(TINY)).mul_(vscale)
+                        del wf, t
+                    else:
+                        w = torch.exp2(w.sub_(w.amax(-1, keepdim=True)), out=w)  # 0 where not kept
+                        lt = torch.bmm(w, lsum[:, :, None])  # (R, X, 1)
+                        out = torch.bmm(w, o).div_(lt.clamp_min_(TINY)).mul_(vscale)  # (R, X, D)
                     out = out.to(out_dtype).float()  # the kernel stores the output in q's dtype
                     e = (out.sub_(ref[:, None, :])).abs_().sum(-1) * rvf[:, None]  # (R, X)
                     num_blk[:, h, c0:c1] += e.view(nb, BQ, X).sum(1).T
@@ -535,7 +563,7 @@ def calibrate_call(q, k, v, target_l1: float, *, grid: Optional[Sequence[int]] =
         simthreshd1=torch.where(dense, torch.full((H,), DENSE_SIMTHRESHD1), sims[si]),
         pvthreshd=torch.full((H,), math.inf), dense=dense, sparsity=sparsity, rel_l1=chosen,
         n_tokens=N, grid=grid, block_q=BQ, block_k=BK, pv_dtype=pvd, sampled_blocks=sel.tolist(),
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, fill_skipped=bool(fill),
     )
 
 
@@ -557,7 +585,7 @@ class Calibrator:
                  candidates: Optional[Sequence[float]] = None, sim_candidates: Optional[Sequence[float]] = None,
                  sample_query_blocks: int = 16, backend: str = "auto", pv_dtype: str = "auto",
                  combine: str = "max", quantile: float = 0.9, z: float = 1.0, budget: str = "head",
-                 seed: int = 0, dense_below: float = DENSE_BELOW):
+                 seed: int = 0, dense_below: float = DENSE_BELOW, fill: bool = False):
         if combine not in COMBINE_POLICIES:
             raise ValueError(f"combine must be one of {COMBINE_POLICIES}, got {combine!r}")
         if not (0.0 <= float(quantile) <= 1.0):
@@ -568,8 +596,11 @@ class Calibrator:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         if int(sample_query_blocks) < 2:
             raise ValueError(f"sample_query_blocks must be >= 2, got {sample_query_blocks}")
+        if fill and scoring != "lse":
+            raise ValueError("fill needs 'lse' scoring")
         self.target_l1 = float(target_l1)
         self.mode, self.scoring = mode, scoring
+        self.fill = bool(fill)
         self.candidates = candidates if candidates is not None else default_candidates(mode)
         self.sim_candidates = sim_candidates
         self.sample_query_blocks = int(sample_query_blocks)
@@ -591,7 +622,7 @@ class Calibrator:
                              candidates=self.candidates, sim_candidates=self.sim_candidates,
                              sample_query_blocks=self.sample_query_blocks, backend=self.backend,
                              pv_dtype=self.pv_dtype, generator=self.generator, z=self.z, budget=self.budget,
-                             dense_below=self.dense_below)
+                             dense_below=self.dense_below, fill=self.fill)
         self.add(layer, cal)
         return cal
 
@@ -599,8 +630,10 @@ class Calibrator:
         layer = int(layer)
         if layer < 0:
             raise ValueError(f"layer ids must be >= 0, got {layer}")
-        if cal.mode != self.mode or cal.scoring != self.scoring or abs(cal.target_l1 - self.target_l1) > 1e-12:
-            raise ValueError("this call was calibrated with another mode, scoring or target than the Calibrator")
+        if (cal.mode != self.mode or cal.scoring != self.scoring or abs(cal.target_l1 - self.target_l1) > 1e-12
+                or cal.fill_skipped != self.fill):
+            raise ValueError("this call was calibrated with another mode, scoring, target or fill setting than the "
+                             "Calibrator")
         ref = next((c for cs in self.calls.values() for c in cs), None)
         if ref is not None:
             if cal.n_tokens != ref.n_tokens or cal.grid != ref.grid:
@@ -691,5 +724,5 @@ class Calibrator:
             steps=self.steps if steps is None else int(steps), calls=self.n_calls, block_q=c0.block_q,
             block_k=c0.block_k, pv_dtype=c0.pv_dtype, sample_query_blocks=self.sample_query_blocks,
             combine=self.combine if self.combine != "quantile" else f"quantile:{self.quantile:g}",
-            pack_version=PACK_VERSION,
+            pack_version=PACK_VERSION, fill_skipped=self.fill,
         )

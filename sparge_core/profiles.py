@@ -83,6 +83,7 @@ class SpargeProfile:
     sample_query_blocks: int = 32
     combine: str = "max"
     pack_version: str = PACK_VERSION
+    fill_skipped: bool = False  # calibrated (and run) with the skipped blocks estimated; files before it: no
 
     def __post_init__(self):
         if self.grid is not None:
@@ -109,6 +110,10 @@ class SpargeProfile:
             _fail(path, f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.pv_dtype not in ("fp8", "fp16", "fp32"):
             _fail(path, f"pv_dtype must be fp8, fp16 or fp32, got {self.pv_dtype!r}")
+        if not isinstance(self.fill_skipped, bool):
+            _fail(path, f"fill_skipped must be a bool, got {self.fill_skipped!r}")
+        if self.fill_skipped and self.scoring != "lse":
+            _fail(path, "fill_skipped needs 'lse' scoring")
         t = self.threshold
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 1:
             _fail(path, f"threshold must be a (layers, heads) tensor, got {getattr(t, 'shape', type(t))}")
@@ -211,7 +216,7 @@ class SpargeProfile:
             kw = {_THRESHOLD_NAME[self.mode]: thr.clone()}
             cache[key] = SpargeParams(simthreshd1=sim.clone(), pvthreshd=self.pvthreshd[layer].clone(),
                                       scoring=self.scoring, attention_sink=bool(attention_sink),
-                                      is_causal=bool(is_causal), **kw)
+                                      is_causal=bool(is_causal), fill_skipped=self.fill_skipped, **kw)
         return cache[key]
 
     def note_for(self, n_tokens: int, grid: Optional[tuple] = None) -> Optional[str]:
@@ -240,7 +245,8 @@ class SpargeProfile:
     def summary(self) -> str:
         n_dense = int(self.dense[self.calibrated].sum())
         n_heads = int(self.calibrated.sum()) * self.heads
-        return (f"{self.model_family}: {self.layers} layers x {self.heads} heads, {self.mode}/{self.scoring}, "
+        return (f"{self.model_family}: {self.layers} layers x {self.heads} heads, {self.mode}/{self.scoring}"
+                f"{' + fill' if self.fill_skipped else ''}, "
                 f"target rel-L1 {self.target_l1:g} at {self.n_tokens:,} tokens; sampled sparsity "
                 f"{float(self.sparsity[self.calibrated].mean()) if n_heads else 0.0:.3f}, rel-L1 "
                 f"{float(self.rel_l1[self.calibrated].max()) if n_heads else 0.0:.3f} (worst layer), "
@@ -253,6 +259,7 @@ class SpargeProfile:
             "heads": str(self.heads), "layers": str(self.layers),
             "grid": json.dumps(list(self.grid) if self.grid is not None else None),
             "target_l1": repr(float(self.target_l1)), "token_order": self.token_order,
+            "fill_skipped": "1" if self.fill_skipped else "0",
         }
         for name in _META_INT:
             if name not in meta:
@@ -341,6 +348,9 @@ class SpargeProfile:
             target = float(meta["target_l1"])
         except ValueError:
             _fail(path, f"metadata target_l1 {meta['target_l1']!r} is not a number")
+        fill = meta.get("fill_skipped", "0")  # absent in files written before the estimate existed
+        if fill not in ("0", "1"):
+            _fail(path, f"metadata fill_skipped must be '0' or '1', got {fill!r}")
         order = meta["token_order"]
         if order != ("hilbert" if grid is not None else "raster"):
             _fail(path, f"metadata token_order {order!r} does not match grid {meta['grid']}")
@@ -351,7 +361,7 @@ class SpargeProfile:
             model_family=meta["model_family"], n_tokens=ints["n_tokens"], grid=tuple(grid) if grid else None,
             target_l1=target, steps=ints["steps"], calls=ints["calls"], block_q=ints["block_q"],
             block_k=ints["block_k"], pv_dtype=meta["pv_dtype"], sample_query_blocks=ints["sample_query_blocks"],
-            combine=meta["combine"], pack_version=meta["pack_version"],
+            combine=meta["combine"], pack_version=meta["pack_version"], fill_skipped=fill == "1",
         )
         for k, v in values.items():
             setattr(prof, k, v)

@@ -195,6 +195,47 @@ def test_block_decomposition_models_the_kernel(pv_dtype):
             torch.testing.assert_close(cal.density[si, ci], mask.float().mean((0, 2, 3)))
 
 
+@pytest.mark.parametrize("pv_dtype", ["fp32", "fp16", "fp8"])
+def test_block_decomposition_models_the_fill(pv_dtype):
+    """fill: each skipped block's partial becomes its estimate (score q . kbar + bias, sum 1,
+    value vbar); the combination reproduces the reference's output error with the estimate."""
+    from sparge_attention.sparge_core.hilbert import TokenPermutation
+
+    grid = (3, 10, 13)  # 390 tokens, partial last blocks, GQA
+    q, k, v, _ = make_video_qkv(grid, 4, 64, seed=4)
+    k, v = k[:, ::2].contiguous(), v[:, ::2].contiguous()
+    perm = TokenPermutation.for_grid(grid, q.shape[2])
+    qp, kp, vp = perm.apply(q, 2), perm.apply(k, 2), perm.apply(v, 2)
+    ref = dense_attention(qp.float(), kp.float(), vp.float())
+    cands = (0.5, 0.8, 0.95)
+    cal = calibrate_call(q, k, v, TARGET, grid=grid, candidates=cands, sim_candidates=(-1.0,),
+                         sample_query_blocks=100, pv_dtype=pv_dtype, fill=True)
+    drop = calibrate_call(q, k, v, TARGET, grid=grid, candidates=cands, sim_candidates=(-1.0,),
+                          sample_query_blocks=100, pv_dtype=pv_dtype)
+    assert cal.fill_skipped and cal.params().fill_skipped and not drop.params().fill_skipped
+    for ci, c in enumerate(cands):
+        p = SpargeParams(simthreshd1=-1.0, cdfthreshd=c, pvthreshd=math.inf, scoring="lse", fill_skipped=True)
+        mask, bias = predict_block_mask(qp, kp, p, 64, 128, return_fill=True)
+        out, _ = sparse_attention_reference(qp, kp, vp, mask, p, 64, 128, pv_dtype=pv_dtype, fill=bias)
+        want = rel_l1(out, ref, dims=(0, 2, 3))
+        # the estimate's P is left unrounded here (the kernel rounds it like the main P)
+        tol = dict(rtol=2e-3, atol=1e-5) if pv_dtype != "fp8" else dict(rtol=0.1, atol=5e-4)
+        torch.testing.assert_close(cal.err[0, ci], want, **tol)
+        if c < 0.95:
+            assert (cal.err[0, ci] < drop.err[0, ci]).all()  # the estimate lowers every head's error
+
+
+def test_fill_calibration_skips_more_at_the_same_target(video, cal05):
+    q, k, v, ref = video
+    cal = calibrate_call(q, k, v, TARGET, grid=GRID, sample_query_blocks=SAMPLE, generator=gen(0), fill=True)
+    assert cal.layer_sparsity > cal05.layer_sparsity + 0.03
+    out, stats = sparge_attention(q, k, v, cal.params(), grid=GRID, backend="reference", return_stats=True)
+    assert rel_l1(out, ref) <= TARGET * SLACK
+    assert abs(stats.sparsity - cal.layer_sparsity) < 0.05
+    with pytest.raises(ValueError, match="lse"):
+        calibrate_call(q, k, v, TARGET, grid=GRID, scoring="pooled", fill=True)
+
+
 def test_tighter_target_gives_less_sparsity(video, cal05):
     q, k, v, _ = video
     cal02 = calibrate_call(q, k, v, 0.02, grid=GRID, sample_query_blocks=SAMPLE, generator=gen(0))

@@ -82,6 +82,20 @@ def test_round_trip(saved, tmp_path):
     assert t2 != q
 
 
+def test_fill_flag_round_trip_and_older_files(saved, tmp_path):
+    p, path = saved
+    assert p.fill_skipped is False and p.params_for_layer(0).fill_skipped is False
+    f = make_profile(fill_skipped=True)
+    f.save(tmp_path / "f.safetensors")
+    g = SpargeProfile.load(tmp_path / "f.safetensors")
+    assert g.fill_skipped is True and g.params_for_layer(1).fill_skipped is True and "+ fill" in g.summary()
+    # a file written before the flag existed has no such key: it runs as it was calibrated, dropping
+    old = rewrite(str(tmp_path / "f.safetensors"), str(tmp_path / "old.safetensors"), drop_meta=("fill_skipped",))
+    assert SpargeProfile.load(old).fill_skipped is False
+    with pytest.raises(ValueError, match="fill_skipped"):
+        make_profile(fill_skipped=True, scoring="pooled")
+
+
 def test_file_is_plain_safetensors(saved):
     _, path = saved
     t = load_file(path)
@@ -232,6 +246,7 @@ def test_wrong_heads_or_layers(saved):
     (dict(meta={"grid": "[21, 30]"}), "grid"),
     (dict(meta={"grid": "[210, 300, 520]"}), "more tokens than n_tokens"),
     (dict(meta={"token_order": "raster"}), "token_order"),
+    (dict(meta={"fill_skipped": "yes"}), "fill_skipped"),
     (dict(meta={"format_version": "99"}), "not supported"),
     (dict(drop_meta=("n_tokens",)), "'n_tokens' is missing"),
     (dict(tensors={"sparsity": torch.tensor([0.9, 0.9, 0.0])}), "does not match"),

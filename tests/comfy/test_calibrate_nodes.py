@@ -182,6 +182,8 @@ def test_calibrate_writes_safetensors_profile(srv, calibrated):
     assert json.loads(meta["layer_sparsity"]) == pytest.approx(t["sparsity"].tolist(), abs=1e-5)
     assert json.loads(meta["layer_sparsity"]) == pytest.approx(c["layer_sparsity"])
     assert meta["every_n_steps"] == "2"
+    # measured with the skipped blocks estimated (the default), and the profile runs that way
+    assert c["fill_skipped"] is True and meta["fill_skipped"] == "1"
     # the event carried the same summary; the log line names the file
     assert [e["calibration"] for e in calibrated["events"] if e["node_id"] == CAL_ID] == [c]
     line = [ln for ln in srv.log_text().splitlines() if ln.startswith(f"Sparge Attention [node {CAL_ID}]: Calibrate")]
@@ -224,6 +226,7 @@ def test_profile_sets_per_head_params(srv, profiled):
     r, base = profiled["with_"], profiled["without"]
     p = r["profile"]
     assert p["name"] == "tiny_local.safetensors" and p["calibrated_layers"] == [0, 1]
+    assert p["fill_skipped"] is True  # the profile's blocks run with the estimate it was calibrated with
     assert p["layers_used"] == [0, 1] and p["notes"] == []  # same resolution
     for layer in (0, 1):
         used = p["params"][str(layer)]
