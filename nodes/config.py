@@ -132,7 +132,8 @@ class SpargeConfig:
                      cdfthreshd: float = 0.95, topk: float = 0.5, pvthreshd: float = PV_OFF_AT,
                      start_percent: float = 0.0, end_percent: float = 1.0, dense_blocks: str = "",
                      hilbert: bool = True, min_tokens: int = DEFAULT_MIN_TOKENS, verbose: bool = False,
-                     minshare: float = 1.5, fill_skipped: bool = True) -> "SpargeConfig":
+                     minshare: float = PRESETS[DEFAULT_PRESET].minshare,
+                     fill_skipped: bool = PRESETS[DEFAULT_PRESET].fill_skipped) -> "SpargeConfig":
         if preset not in PRESET_NAMES:
             raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r}")
         if preset == "Custom":

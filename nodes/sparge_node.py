@@ -25,7 +25,7 @@ PRESET_TIP = (
     "(any other preset ignores mode and the four threshold sliders). "
     + "Values (chosen by measured error on realistic video attention, see the README): "
     + "; ".join(f"{p.name} = {p.mode} {p.threshold}" for p in PRESETS.values())
-    + "; similarity rule and P.V skipping off in all."
+    + "; skipped blocks estimated (fill_skipped), similarity rule and P.V skipping off in all."
 )
 
 

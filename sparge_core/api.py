@@ -95,10 +95,6 @@ def _as_block_mask(block_mask, B, H, n_q, n_k, block_q, block_k, device) -> Spar
     return SpargeBlockMask.from_dense(dense, block_q, block_k, n_q, n_k)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None, pv_dtype: str = "auto",
                    perm_q=None, perm_k=None) -> dict:
     """Everything before the attention kernel on the Triton path: quantization (with the
@@ -126,7 +122,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     # one pass over K and V: K's mean (token order does not matter for it) and V's per-channel max
     k_mean, v_amax = kv_stats(k, v)
     # K's block means: the paper's pooled scores, or the fill_skipped estimate's mean keys
-    nkc = triton_cdiv(triton_cdiv(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0
+    nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
     k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and (not lse or fill),
                        want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc)
     k_i8, k_s, k_pool, k_sim = k_out[:4]
