@@ -5,9 +5,11 @@ floor), and with the Sparge Attention node's override at each preset.
     python bench/e2e_wan.py [--models wan13b_480,wan14b_720] [--steps 3]
 
 Needs ComfyUI's code: .comfyui/ComfyUI (made by scripts/setup.sh) travels with the device call.
-Random weights make attention nearly uniform, so CDF presets keep most blocks here; the table
-therefore also shows a fixed-density setting (top-k 0.25) and, for every row, the Amdahl bound
-that the attention time measured in the same run allows.
+Random weights make attention nearly uniform: the share-mode presets with minshare > 1 then
+keep only each row's top block and let the skipped-block estimate stand in for the rest, while
+Quality (minshare 0.5) keeps most blocks. These rows show speed, not quality. The table also
+shows a fixed-density setting (top-k 0.25) and, for every row, the Amdahl bound that the
+attention time measured in the same run allows.
 """
 import argparse
 import datetime

@@ -3,9 +3,11 @@
 For each setting: the whole call (prediction + quantization + kernel, Hilbert gather/scatter
 included) is timed against SDPA-cuDNN in the same run, and its output is compared with fp32
 dense attention (relative L1 over the whole output). Prints the sparsity-vs-error curve for
-CDF and top-k modes, with and without Hilbert order and the self-similarity rule.
+CDF, top-k and share modes, with and without Hilbert order and the self-similarity rule, share
+mode with the skipped-block estimate (fill_skipped), the presets and oracle masks, and where each
+family crosses rel-L1 0.05.
 
-    python bench/realistic_bench.py [--shapes wan480,hunyuan544] [--quick]
+    python bench/realistic_bench.py [--shapes wan480,hunyuan544] [--quick] [--only a,b] [--no-oracle]
 """
 import argparse
 import sys

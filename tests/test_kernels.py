@@ -293,14 +293,16 @@ def test_triton_forward_sparse_and_skipping_actually_happen():
     assert rel_l1(out, ref) < 0.01
 
 
-@pytest.mark.parametrize("causal,Hkv,D,n", [(False, 2, 64, 700), (True, 2, 64, 650), (False, 1, 80, 777)])
-def test_triton_fill_skipped_matches_reference(causal, Hkv, D, n):
+@pytest.mark.parametrize("causal,Hkv,D,n,pv", [(False, 2, 64, 700, "auto"), (True, 2, 64, 650, "auto"),
+                                                (False, 1, 80, 777, "auto"), (False, 2, 64, 600, "fp16")])
+def test_triton_fill_skipped_matches_reference(causal, Hkv, D, n, pv):
     """fill_skipped: the kernel's pass over the block means against the reference, on inputs
-    where most blocks are skipped, so the estimate is a large part of the output."""
+    where most blocks are skipped, so the estimate is a large part of the output (fp8 P.V, and
+    the fp16 path of GPUs without fp8)."""
     q, k, v = clustered(1, 2, n, D, seed=n, Hkv=Hkv, dtype=torch.bfloat16)
     base = dict(simthreshd1=-1.0, minshare=2.0, pvthreshd=INF, is_causal=causal, scoring="lse")
-    out0, st0, ref0, _, _ = run_both(q, k, v, SpargeParams(**base))
-    out, st, ref, ref_mask, _ = run_both(q, k, v, SpargeParams(**base, fill_skipped=True))
+    out0, st0, ref0, _, _ = run_both(q, k, v, SpargeParams(**base), pv_dtype=pv)
+    out, st, ref, ref_mask, _ = run_both(q, k, v, SpargeParams(**base, fill_skipped=True), pv_dtype=pv)
     assert torch.equal(st.block_mask.to_dense(), ref_mask) and torch.equal(ref_mask, st0.block_mask.to_dense())
     assert st.sparsity > 0.3
     assert rel_l1(out, ref) < 0.01
