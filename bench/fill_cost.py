@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from common import SHAPES, bench_graph_ms, bench_ms, card_name, rel_l1, save, sdpa_cudnn
+from common import SHAPES, bench_graph_ms, bench_ms, card_name, realistic_text_tokens, rel_l1, save, sdpa_cudnn
 from realistic_inputs import make_video_qkv
 from sparge_attention.kernels import attn_fwd
 from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
@@ -43,7 +43,7 @@ def main():
     res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "shapes": {}}
     for name in args.shapes.split(","):
         B, H, N, D, grid, _ = SHAPES[name]
-        n_text = 256 if name.startswith("hunyuan") else 0
+        n_text = realistic_text_tokens(name)
         q, k, v, _ = make_video_qkv(grid=grid, heads=H, head_dim=D, n_text=n_text, seed=0, device=dev)
         N = q.shape[2]
         perm = TokenPermutation.for_grid(grid, N, device=dev).perm32

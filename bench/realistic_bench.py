@@ -17,7 +17,7 @@ import math
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import SHAPES, card_name, cosine, paired_ratio, rel_l1, save, sdpa_cudnn
+from common import SHAPES, card_name, cosine, paired_ratio, realistic_text_tokens, rel_l1, save, sdpa_cudnn
 from realistic_inputs import make_video_qkv
 from sparge_attention.sparge_core import SpargeParams, sparge_attention
 from sparge_attention.sparge_core.presets import PRESETS
@@ -149,7 +149,7 @@ def main():
            "date": datetime.date.today().isoformat(), "shapes": {}}
     for name in args.shapes.split(","):
         B, H, N, D, grid, _ = SHAPES[name]
-        n_text = 256 if name.startswith("hunyuan") else 0
+        n_text = realistic_text_tokens(name)
         q, k, v, info = make_video_qkv(grid=grid, heads=H, head_dim=D, n_text=n_text, seed=0, device=dev)
         truth = fp32_dense(q, k, v)
         cudnn = lambda: sdpa_cudnn(q, k, v)  # noqa: E731

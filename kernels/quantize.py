@@ -40,10 +40,11 @@ def _quant_pool_kernel(
     # padded rows / columns are written as zeros so the attention kernel reads without masks
     tl.store(XQ + b * sq_b + h * sq_h + offs_n[:, None].to(tl.int64) * sq_n + offs_d[None, :], xq.to(tl.int8))
     tl.store(SCALE + b * ss_b + h * ss_h + blk, amax / 127.0 * extra_scale)
-    if WANT_POOL:
+    if WANT_POOL or POOL_I8:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
         pooled = tl.sum(x, 0) / cnt
-        tl.store(POOL + b * sp_b + h * sp_h + blk * sp_n + offs_d, pooled)
+        if WANT_POOL:
+            tl.store(POOL + b * sp_b + h * sp_h + blk * sp_n + offs_d, pooled)
         if POOL_I8:  # the mean in int8 with its own scale (fill_skipped's mean keys, int8 tensor cores)
             pamax = tl.maximum(tl.max(tl.abs(pooled), 0), 1e-20)
             tl.store(POOLQ + b * spq_b + h * spq_h + blk * HEAD_DIM + offs_d,
@@ -108,7 +109,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     With `perm` (int32 (N,)), token i of the output is token perm[i] of x. The pooled means and
     the self-similarities are only computed when wanted (want_sim defaults to want_pool); what is
     not computed is returned as None.
-    pool_i8_blocks > 0 (with want_pool): also returns the pooled means as int8 (B,H,pool_i8_blocks,
+    pool_i8_blocks > 0: also returns the pooled means as int8 (B,H,pool_i8_blocks,
     head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), zero past the nb real blocks."""
     _check(x, "x")
     B, H, N, D = x.shape
@@ -125,7 +126,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         mean = mean.float().contiguous()
     m = mean if mean is not None else scale
     perm = _check_perm(perm, N, dev)
-    pool_i8 = want_pool and pool_i8_blocks > 0
+    pool_i8 = pool_i8_blocks > 0
     if pool_i8 and pool_i8_blocks < nb:
         raise ValueError(f"pool_i8_blocks {pool_i8_blocks} < {nb} blocks")
     poolq = torch.zeros(B, H, pool_i8_blocks, head_dim, dtype=torch.int8, device=dev) if pool_i8 else xq

@@ -60,8 +60,8 @@ def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, MEAN, BIAS, NQ, NK, NKC, H, n_q
         est = valid & ~keep
         if CAUSAL:  # only blocks wholly in the past of the block's first row
             est = est & ((offs + 1) * block_k - 1 <= i * block_q + (n_k - n_q))
-        raw = tl.load(S + row * NK + offs, mask=valid, other=0.0)
-        tl.store(BIAS + row * NKC + offs, tl.where(est, raw - mean, float("-inf")), mask=offs < NKC)
+        # s is the loaded score wherever est holds (the causal -inf only hits blocks est excludes)
+        tl.store(BIAS + row * NKC + offs, tl.where(est, s - mean, float("-inf")), mask=offs < NKC)
 
 
 _MODES = {"cdf": 0, "topk": 1, "share": 2}

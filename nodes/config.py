@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..sparge_core.params import MODES, SpargeParams
+from ..sparge_core.params import MODES, THRESHOLD_FIELD, SpargeParams
 from ..sparge_core.presets import PRESET_NAMES, PRESETS
 
 # error_check widget (nodes/error_check.py): "off", "sampled" (every 4th step, a rotating quarter of
@@ -139,8 +139,8 @@ class SpargeConfig:
         if preset == "Custom":
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-            thr = {"cdf": cdfthreshd, "topk": topk, "share": minshare}[mode]
-            params = SpargeParams.for_mode(mode, float(thr), simthreshd1=float(simthreshd1),
+            widgets = {"cdfthreshd": cdfthreshd, "topk": topk, "minshare": minshare}
+            params = SpargeParams.for_mode(mode, float(widgets[THRESHOLD_FIELD[mode]]), simthreshd1=float(simthreshd1),
                                            pvthreshd=pv_widget_to_threshold(pvthreshd), scoring=CUSTOM_SCORING,
                                            fill_skipped=bool(fill_skipped))
         else:

@@ -267,7 +267,7 @@ class SpargeOverride:
             return self._dense(func, args, kwargs, ctx, R_SHAPE, flops)
         if D > MAX_HEAD_DIM:
             return self._dense(func, args, kwargs, ctx, R_HEAD_DIM, flops)
-        block_q, _ = block_sizes(q.device)
+        block_q, block_k = block_sizes(q.device)
         if N < max(cfg.min_tokens, block_q):
             return self._dense(func, args, kwargs, ctx, R_SHORT, flops)
         if ctx is not None and not ctx.sparse_on:
@@ -323,7 +323,7 @@ class SpargeOverride:
             total = dense_block_total(qh, kh)
             # fill_skipped adds a pass over the key blocks' means: one "key" per key block, i.e.
             # 1/block_k of a dense call's work
-            extra = flops / block_sizes(q.device)[1] if cfg.params_for_layer(layer).fill_skipped else 0.0
+            extra = flops / block_k if cfg.params_for_layer(layer).fill_skipped else 0.0
             ctx.records.append((kept, skipped, total, flops, extra))
             ctx.record_layers.append(layer)
             if capture:

@@ -121,9 +121,9 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
                                           want_sim=q_sim_wanted, perm=perm_q)
     # one pass over K and V: K's mean (token order does not matter for it) and V's per-channel max
     k_mean, v_amax = kv_stats(k, v)
-    # K's block means: the paper's pooled scores, or the fill_skipped estimate's mean keys
+    # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
-    k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and (not lse or fill),
+    k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
                        want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc)
     k_i8, k_s, k_pool, k_sim = k_out[:4]
     v_scale = (v_amax / FP8_MAX).clamp_min(TINY)

@@ -432,11 +432,12 @@ def calibrate_call(q, k, v, target_l1: float, *, grid: Optional[Sequence[int]] =
     Xc = Sn * C  # configs (similarity x threshold), stacked along the head axis for one selection
     fill_bias = None
     if scoring == "lse":
-        scores, mean_scores = block_lse_scores(q_pool, k_i8, k_scale, scale, N, BK, want_mean=True)
+        scores = block_lse_scores(q_pool, k_i8, k_scale, scale, N, BK, want_mean=fill)
         if fill:  # the estimate's bias per (sampled query block, key block); -inf where kept, below
+            scores, mean_scores = scores
             fill_bias = scores - mean_scores  # (B, H, Sq, NK)
+            del mean_scores
         scores = scores.repeat(1, Xc, 1, 1)
-        del mean_scores
         k_pool = k_sim = None
     else:
         scores = None
