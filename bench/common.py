@@ -1,4 +1,5 @@
-"""Shared bits of the GPU benchmarks: loading the pack, timing, error metrics, random masks."""
+"""Shared bits of the GPU benchmarks: loading the pack, timing, random masks. Importing it puts the
+repository root on sys.path, so bench scripts import devkit (metrics, realistic inputs) after it."""
 import json
 import os
 import sys
@@ -7,8 +8,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from pack import load_pack  # noqa: E402
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from devkit.pack import load_pack  # noqa: E402
 
 load_pack()
 
@@ -23,15 +25,6 @@ def realistic_text_tokens(shape_name: str) -> int:
     """Text tokens the realistic benchmarks append to the video tokens: HunyuanVideo's joint
     attention with 256 text tokens (issue 6); Wan's self-attention has none."""
     return 256 if shape_name.startswith("hunyuan") else 0
-
-
-def rel_l1(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).abs().sum() / b.abs().sum()).item()
-
-
-def cosine(a, b):
-    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
 
 
 def bench_ms(fn, warmup=25, rep=100):

@@ -119,6 +119,7 @@ def main():
     args = ap.parse_args()
     from sparge_attention.nodes.config import SpargeConfig
     from sparge_attention.nodes.override import SpargeOverride
+    from sparge_attention.nodes.stats import RunStats, fold_forward
     from sparge_attention.nodes.readout import build_readout
 
     dev = torch.device("cuda")
@@ -151,15 +152,16 @@ def main():
                                                                 simthreshd1=-1.0, min_tokens=1024, verbose=True)))
         for label, cfg in settings:
             ov = SpargeOverride(cfg)
+            ov.run = RunStats()
             base = SimpleNamespace(diffusion_model=dm)
 
             def to_factory(ov=ov, base=base):
                 to = {"optimized_attention_override": ov}
-                to[ov.key] = ov._make_ctx(base, x, ctx, to)
+                to[ov.key] = ov.forward_context(base, x, ctx, to)
                 return to
 
             # after each forward, fold its stats into the run as the APPLY_MODEL wrapper does
-            ts_med = step_time(dm, x, t, ctx, to_factory, args.steps, after=lambda to, ov=ov: ov._fold(to[ov.key]))
+            ts_med = step_time(dm, x, t, ctx, to_factory, args.steps, after=lambda to, ov=ov: fold_forward(ov.run, to[ov.key]))
             ro = build_readout(ov, ov.run)
             calls = ro.get("sparse_calls") or 0
             attn_ms = ro.get("attention_time_ms")

@@ -13,8 +13,9 @@ import sys
 
 import torch
 
-from common import card_name, rel_l1, save
-from realistic_inputs import make_video_qkv
+from common import card_name, save
+from devkit.metrics import rel_l1
+from devkit.realistic_inputs import make_video_qkv
 from sparge_attention.sparge_core import SpargeParams, sparge_attention
 from sparge_attention.sparge_core.api import block_sizes
 from sparge_attention.sparge_core.hilbert import TokenPermutation

@@ -13,7 +13,8 @@ import sys
 import torch
 import triton
 
-from common import SHAPES, bench_graph_ms, bench_ms, card_name, cosine, random_block_mask, rel_l1, save, sdpa_cudnn, sdpa_flash
+from common import SHAPES, bench_graph_ms, bench_ms, card_name, random_block_mask, save, sdpa_cudnn, sdpa_flash
+from devkit.metrics import cosine, rel_l1
 from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
 from sparge_attention.kernels.quantize import quant_pool, quant_v
 from sparge_attention.sparge_core import SpargeBlockMask, SpargeParams, sparge_attention
@@ -37,8 +38,7 @@ def kernel_fn(prep, bmask, N, D, cfg, pv_skip=False):
     qi, ki, vt, qs, ks, vs = prep
     pvt = torch.full((qi.shape[1],), 1e4 if pv_skip else math.inf, device=qi.device)
     return lambda: sparse_attn_fwd(qi, ki, vt, qs, ks, vs, bmask.kv_num_blocks, bmask.kv_indices, pvt,
-                                   N, N, D, torch.bfloat16, cfg.block_m, cfg.block_n, False, pv_skip, cfg.num_warps,
-                                   cfg.num_stages, tma=cfg.tma, maxnreg=cfg.maxnreg)
+                                   N, N, D, torch.bfloat16, False, pv_skip, cfg)
 
 
 def main():

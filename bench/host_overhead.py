@@ -55,11 +55,10 @@ def main():
         "block_lse_scores": lambda: block_lse_scores(q_pool, P["k_i8"], P["k_s"], D ** -0.5, N, 128),
         "select_blocks_fused": lambda: select_blocks_fused(torch.zeros(B, H, bm.kv_num_blocks.shape[2], bm.kv_indices.shape[3], device="cuda"),
                                                            torch.ones(B, H, bm.kv_num_blocks.shape[2], dtype=torch.bool, device="cuda"),
-                                                           None, p.per_head("cdfthreshd", H, q.device), True, False, False, N, N, 64, 128),
+                                                           None, p.per_head("cdfthreshd", H, q.device), "cdf", False, False, N, N, 64, 128),
         "attention kernel launch": lambda: sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"],
-                                                           bm.kv_num_blocks, bm.kv_indices, pvt, N, N, D, q.dtype, 64, 128,
-                                                           False, False, cfg.num_warps, cfg.num_stages, tma=cfg.tma,
-                                                           maxnreg=cfg.maxnreg),
+                                                           bm.kv_num_blocks, bm.kv_indices, pvt, N, N, D, q.dtype,
+                                                           False, False, cfg),
         "torch.empty (one tensor)": lambda: torch.empty(B, H, N, D, device="cuda"),
     }
     res = {"card": torch.cuda.get_device_name(), "tokens": N, "host_us": {}}

@@ -1,7 +1,7 @@
 """A/B of the attention kernel's compile-time variants at given block masks, in one process.
 
-Each variant is a set of launcher switches (kernels/attn_fwd.py: tma, maxnreg,
-num_stages) and tile shape. Every row is a ratio to SDPA-cuDNN timed in the same run; the first
+Each variant is a KernelConfig (kernels/config.py: tile shape, warps, stages, tma, maxnreg)
+given to the launcher. Every row is a ratio to SDPA-cuDNN timed in the same run; the first
 variant is timed twice so the table shows the run's noise. Error columns compare each variant
 with the first one on the same mask (should be rounding-level) and, with nothing skipped, with
 cuDNN (quantization error).
@@ -9,38 +9,44 @@ cuDNN (quantization error).
     python bench/kernel_variants.py [--shapes wan480,hunyuan544] [--variants hopper,no_cap,pointers]
 """
 import argparse
+import dataclasses
 import datetime
 import math
 
 import torch
 import triton
 
-from common import SHAPES, bench_ms, card_name, random_block_mask, rel_l1, save, sdpa_cudnn
+from common import SHAPES, bench_ms, card_name, random_block_mask, save, sdpa_cudnn
+from devkit.metrics import rel_l1
 from gpu_check import prepare
 from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+from sparge_attention.kernels.config import KernelConfig
 from sparge_attention.sparge_core import SpargeBlockMask
 
-VARIANTS = {  # launcher switches and tiles; the first of a run is the baseline of the error column
-    "hopper": dict(tma=True, maxnreg=168),  # kernels/config.py's choice for sm90
-    "hopper_s4": dict(tma=True, maxnreg=168, num_stages=4),
-    "no_cap": dict(tma=True),  # 2 programs per SM (198 registers)
-    "pointers": dict(tma=False, maxnreg=168),  # cp.async loads, as on pre-Hopper GPUs
-    "s2": dict(tma=True, maxnreg=168, num_stages=2),
-    "pointers_no_cap": dict(tma=False),
-    "128x128w8": dict(tma=True, bm=128, num_warps=8),
-    "128x64w8r128": dict(tma=True, bm=128, bn=64, num_warps=8, maxnreg=128),
-    "64x64r128": dict(tma=True, bn=64, maxnreg=128),
+
+def _cfg(block_m=64, block_n=128, num_warps=4, num_stages=3, **kw) -> KernelConfig:
+    # pv_fp8: gpu_check.prepare quantizes V to fp8 (the launcher reads V's dtype, not this flag)
+    return KernelConfig(block_m, block_n, num_warps, num_stages, pv_fp8=True, **kw)
+
+
+VARIANTS = {  # the first of a run is the baseline of the error column
+    "hopper": _cfg(tma=True, maxnreg=168),  # kernels/config.py's choice for sm90
+    "hopper_s4": _cfg(tma=True, maxnreg=168, num_stages=4),
+    "no_cap": _cfg(tma=True),  # 2 programs per SM (198 registers)
+    "pointers": _cfg(tma=False, maxnreg=168),  # cp.async loads, as on pre-Hopper GPUs
+    "s2": _cfg(tma=True, maxnreg=168, num_stages=2),
+    "pointers_no_cap": _cfg(tma=False),
+    "128x128w8": _cfg(tma=True, block_m=128, num_warps=8),
+    "128x64w8r128": _cfg(tma=True, block_m=128, block_n=64, num_warps=8, maxnreg=128),
+    "64x64r128": _cfg(tma=True, block_n=64, maxnreg=128),
 }
 
 
-def run_variant(prep, bmask, N, D, kw):
+def run_variant(prep, bmask, N, D, cfg):
     qi, ki, vt, qs, ks, vs = prep
-    kw = dict(kw)
-    warps, stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
-    bm, bn = kw.pop("bm", 64), kw.pop("bn", 128)
     pvt = torch.full((qi.shape[1],), math.inf, device=qi.device)
     return lambda: sparse_attn_fwd(qi, ki, vt, qs, ks, vs, bmask.kv_num_blocks, bmask.kv_indices, pvt,
-                                   N, N, D, torch.bfloat16, bm, bn, False, False, warps, stages, **kw)[0]
+                                   N, N, D, torch.bfloat16, False, False, cfg)[0]
 
 
 def main():
@@ -54,7 +60,7 @@ def main():
     dev = torch.device("cuda")
     names = args.variants.split(",")
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.date.today().isoformat(), "variants": {n: VARIANTS[n] for n in names}, "shapes": {}}
+           "date": datetime.date.today().isoformat(), "variants": {n: dataclasses.asdict(VARIANTS[n]) for n in names}, "shapes": {}}
     rows = []
     for shape in args.shapes.split(","):
         B, H, N, D, _, _ = SHAPES[shape]
@@ -66,15 +72,15 @@ def main():
         for dens in map(float, args.densities.split(",")):
             first = None
             for i, name in enumerate(names + names[:1]):
-                kw = VARIANTS[name]
-                bm, bn = kw.get("bm", 64), kw.get("bn", 128)
+                cfg = VARIANTS[name]
+                bm, bn = cfg.block_m, cfg.block_n
                 if (bm, bn) not in preps:
                     preps[(bm, bn)] = prepare(q, k, v, bm, bn)
                 if (bm, bn, dens) not in masks:  # same seed: a 128-row mask is not the 64-row one
                     nq, nk = triton.cdiv(N, bm), triton.cdiv(N, bn)
                     masks[(bm, bn, dens)] = SpargeBlockMask.from_dense(
                         random_block_mask(B, H, nq, nk, dens, dev, seed=1), bm, bn, N, N)
-                fn = run_variant(preps[(bm, bn)], masks[(bm, bn, dens)], N, D, kw)
+                fn = run_variant(preps[(bm, bn)], masks[(bm, bn, dens)], N, D, cfg)
                 try:
                     out = fn()
                     torch.cuda.synchronize()

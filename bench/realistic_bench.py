@@ -1,4 +1,4 @@
-"""Time at equal error on realistic video attention (bench/realistic_inputs.py).
+"""Time at equal error on realistic video attention (devkit/realistic_inputs.py).
 
 For each setting: the whole call (prediction + quantization + kernel, Hilbert gather/scatter
 included) is timed against SDPA-cuDNN in the same run, and its output is compared with fp32
@@ -17,8 +17,9 @@ import math
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import SHAPES, card_name, cosine, paired_ratio, realistic_text_tokens, rel_l1, save, sdpa_cudnn
-from realistic_inputs import make_video_qkv
+from common import SHAPES, card_name, paired_ratio, realistic_text_tokens, save, sdpa_cudnn
+from devkit.metrics import cosine, rel_l1
+from devkit.realistic_inputs import make_video_qkv
 from sparge_attention.sparge_core import SpargeParams, sparge_attention
 from sparge_attention.sparge_core.presets import PRESETS
 

@@ -5,19 +5,22 @@ in log2 units and exp2 is exact). P.V runs in fp8 e4m3 (V per-channel scaled) on
 tensor cores, fp16 elsewhere; accumulation is fp32. Structure follows Triton's fused-attention
 tutorial: one program per (query block, batch*head), an inner helper per key block, and the
 partial last key block peeled off so full blocks need no masking. With fill_skipped, one more
-online-softmax step over the key blocks' means (fp16, 64 blocks per step) estimates what the
-skipped blocks would have added (sparge_core.reference.fill_bias).
+online-softmax pass over the key blocks' means (int8 mean keys, mean values in V's type,
+FILL_BLOCK per step) estimates what the skipped blocks would have added
+(sparge_core.reference.fill_bias).
 """
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .config import KernelConfig
 from .fp8 import INTERPRET, to_pv_dtype
-from .numerics import MAGIC_F, int32_bits_f32
+from .numerics import MAGIC_F, batch_head, int32_bits_f32
 
-FILL_BLOCK = 64  # key-block means per step of the fill_skipped pass (128: 66 registers spilled, slower)
-FILL_PAD = 128  # the means and biases are padded to a multiple of this (any step size up to it fits)
+# key-block means per step of the fill_skipped pass (bench/NOTES.md v18: 128 spilled 66 registers, slower)
+FILL_BLOCK = tl.constexpr(64)
+FILL_PAD = 128  # the means and biases are padded to a multiple of this (a multiple of FILL_BLOCK)
 
 
 @triton.jit
@@ -81,29 +84,39 @@ def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, of
 
 @triton.jit
 def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, kbs_base, vbar_base, bias_base, NKC, offs_d,
-                  HEAD_DIM: tl.constexpr, FILL_BLOCK: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr,
-                  EMULATE_FP8: tl.constexpr, SKIP_EMPTY: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
     """Every key block with a finite bias joins the softmax as one key: its mean key (int8, one
     scale per mean: scores q . kbar + bias in log2 units) and its mean value (stored like V:
     transposed, fp8 or fp16), FILL_BLOCK means per step, on the same tensor-core paths as the
     main loop."""
     offs_c = tl.arange(0, FILL_BLOCK)
     for c0 in range(0, NKC, FILL_BLOCK):
+        # all-kept steps (every bias -inf) are computed too: testing for them measured slower (v18)
         bias = tl.load(bias_base + c0 + offs_c)
-        # testing for an all-kept step (all -inf) measured slower than computing it (fill_cost)
-        if (not SKIP_EMPTY) or tl.max(bias, 0) > float("-inf"):
-            kb = tl.load(kbar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK)
-            col_scale = q_scale * tl.load(kbs_base + c0 + offs_c)
-            t = tl.dot(q, kb).to(tl.float32) * col_scale[None, :] + bias[None, :]
-            m_new = tl.maximum(m_i, tl.max(t, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_use)
-            p = tl.math.exp2(t - (m_use - P_LOG2)[:, None])  # pre-scaled like the main loop's P
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vb = tl.load(vbar_base + offs_d[None, :] * NKC + (c0 + offs_c)[:, None])  # (FILL_BLOCK, HEAD_DIM)
-            acc = acc * alpha[:, None] + tl.dot(to_pv_dtype(p, PV_FP8, EMULATE_FP8), vb)
-            m_i = m_new
+        kb = tl.load(kbar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK)
+        col_scale = q_scale * tl.load(kbs_base + c0 + offs_c)
+        t = tl.dot(q, kb).to(tl.float32) * col_scale[None, :] + bias[None, :]
+        m_new = tl.maximum(m_i, tl.max(t, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(t - (m_use - P_LOG2)[:, None])  # pre-scaled like the main loop's P
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vb = tl.load(vbar_base + offs_d[None, :] * NKC + (c0 + offs_c)[:, None])  # (FILL_BLOCK, HEAD_DIM)
+        acc = acc * alpha[:, None] + tl.dot(to_pv_dtype(p, PV_FP8, EMULATE_FP8), vb)
+        m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _key_block(acc, l_i, m_i, n_skip, q, q_scale, kb, ks_base, k_src, k_row, sk_n, v_src, v_row, offs_m, offs_n,
+               N_Q, N_K, neg_lam, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr, EMULATE_FP8: tl.constexpr,
+               TMA: tl.constexpr):
+    """One kept key block kb: int8 scores, then its online-softmax and P.V step."""
+    qk_scale = q_scale * tl.load(ks_base + kb)
+    s = _scores(q, k_src, k_row, kb, sk_n, BLOCK_N, TMA)
+    return _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, offs_n, N_Q, N_K, neg_lam,
+                       BLOCK_N, MASKED, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
 
 
 @triton.jit
@@ -116,15 +129,14 @@ def _sparse_attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
-    TMA: tl.constexpr, FILL: tl.constexpr, FILL_BLOCK: tl.constexpr, FILL_SKIP_EMPTY: tl.constexpr,
+    TMA: tl.constexpr, FILL: tl.constexpr,
 ):
     # one program per (batch*head, query block), query blocks fastest: the programs running
     # together share one head's K and V in L2
     row = tl.program_id(0)
     pid_m = row % NQB
     bh = row // NQB
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h = batch_head(bh, H)
     hk = h // KV_GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -162,24 +174,18 @@ def _sparse_attn_fwd(
         if (last + 1) * BLOCK_N > N_K:
             n_full = count - 1
     for it in range(0, n_full):
-        kb = tl.load(idx_base + it)
-        qk_scale = q_scale * tl.load(ks_base + kb)
-        s = _scores(q, k_src, k_row, kb, sk_n, BLOCK_N, TMA)
-        acc, l_i, m_i, n_skip = _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, offs_n,
-                                            N_Q, N_K, neg_lam, BLOCK_N, False, IS_CAUSAL, PV_FP8, PV_SKIP,
-                                            P_LOG2, EMULATE_FP8, TMA)
+        acc, l_i, m_i, n_skip = _key_block(acc, l_i, m_i, n_skip, q, q_scale, tl.load(idx_base + it), ks_base, k_src,
+                                           k_row, sk_n, v_src, v_row, offs_m, offs_n, N_Q, N_K, neg_lam, BLOCK_N,
+                                           False, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
     if n_full < count:  # the partial last key block, masked
-        kb = tl.load(idx_base + n_full)
-        qk_scale = q_scale * tl.load(ks_base + kb)
-        s = _scores(q, k_src, k_row, kb, sk_n, BLOCK_N, TMA)
-        acc, l_i, m_i, n_skip = _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, offs_n,
-                                            N_Q, N_K, neg_lam, BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP,
-                                            P_LOG2, EMULATE_FP8, TMA)
+        acc, l_i, m_i, n_skip = _key_block(acc, l_i, m_i, n_skip, q, q_scale, tl.load(idx_base + n_full), ks_base,
+                                           k_src, k_row, sk_n, v_src, v_row, offs_m, offs_n, N_Q, N_K, neg_lam,
+                                           BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
     if FILL:
         acc, l_i, m_i = _fill_skipped(acc, l_i, m_i, q, q_scale, KBAR + b * skb_b + hk * skb_h,
                                       KBS + b * sks2_b + hk * sks2_h, VBAR + b * svb_b + hk * svb_h,
-                                      BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC, offs_d, HEAD_DIM, FILL_BLOCK,
-                                      P_LOG2, PV_FP8, EMULATE_FP8, FILL_SKIP_EMPTY)
+                                      BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC, offs_d, HEAD_DIM,
+                                      P_LOG2, PV_FP8, EMULATE_FP8)
 
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -194,17 +200,19 @@ def _sparse_attn_fwd(
 
 
 def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, pvthreshd,
-                    n_q: int, n_k: int, d_out: int, out_dtype, block_m: int, block_n: int,
-                    is_causal: bool, pv_skip: bool, num_warps: int = 4, num_stages: int = 3,
-                    out_perm: torch.Tensor | None = None, maxnreg: int | None = None, tma: bool = False,
-                    fill: tuple | None = None, fill_block: int = FILL_BLOCK, fill_skip_empty: bool = False):
+                    n_q: int, n_k: int, d_out: int, out_dtype, is_causal: bool, pv_skip: bool,
+                    config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None):
     """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), skipped (B,H,NQ) or None).
 
+    config: tiles and launch settings (kernels.config); its pv_fp8 is not read here, v_t's dtype
+    (fp8 or fp16) decides the P.V type. TMA loads need contiguous K and V^T (else plain loads).
     out_perm (int32 (n_q,)): query row i is written to output row out_perm[i].
     fill (fill_skipped): (kbar, kbar_scale, vbar_t, bias): int8 mean keys (B,Hkv,NKC,head_dim) with
     one fp32 scale each (B,Hkv,NKC), mean values transposed like v_t (B,Hkv,head_dim,NKC) and in its
-    dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of fill_block (FILL_PAD covers every step
-    size); -inf biases add nothing. fill_block / fill_skip_empty are tuning knobs (bench/fill_cost.py)."""
+    dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of FILL_BLOCK (FILL_PAD is); -inf biases add nothing."""
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a kernels.config.KernelConfig, got {type(config).__name__}")
+    block_m, block_n = config.block_m, config.block_n
     B, H, nq_pad, hd = q_i8.shape
     Hkv = k_i8.shape[1]
     NQ = triton.cdiv(n_q, block_m)
@@ -231,11 +239,11 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         if (kbar.dtype != torch.int8 or kbs.dtype != torch.float32 or vbar.dtype != v_t.dtype
                 or bias.dtype != torch.float32 or kbar.shape != (B, Hkv, nkc, hd) or kbs.shape != (B, Hkv, nkc)
                 or vbar.shape != (B, Hkv, hd, nkc) or bias.shape != (B, H, NQ, nkc)
-                or nkc % fill_block or nkc * block_n < n_k
+                or nkc % FILL_BLOCK.value or nkc * block_n < n_k
                 or not all(x.is_contiguous() for x in (kbar, kbs, vbar, bias))):
             raise ValueError(f"fill wants contiguous int8 kbar (B,Hkv,NKC,{hd}), fp32 scales (B,Hkv,NKC), vbar^T "
                              f"(B,Hkv,{hd},NKC) in v's dtype and fp32 bias (B,H,{NQ},NKC), NKC a multiple of "
-                             f"{fill_block} covering the keys")
+                             f"{FILL_BLOCK.value} covering the keys")
     else:
         kbar = kbs = vbar = bias = counts
     out = torch.empty(B, H, n_q, d_out, dtype=out_dtype, device=q_i8.device)
@@ -243,7 +251,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()
     pv_fp8 = v_t.dtype == torch.float8_e4m3fn
     k_arg, v_arg = k_i8, v_t
-    tma = tma and k_i8.is_contiguous() and v_t.is_contiguous()
+    tma = config.tma and k_i8.is_contiguous() and v_t.is_contiguous()
     if tma:
         k_arg = TensorDescriptor.from_tensor(k_i8.view(-1, hd), [block_n, hd])
         v_arg = TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, block_n])
@@ -260,7 +268,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         n_q, n_k, H, H // Hkv, NQ, nkc,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
-        HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, FILL_BLOCK=fill_block, FILL_SKIP_EMPTY=fill_skip_empty,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, num_warps=config.num_warps,
+        num_stages=config.num_stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     return out, (skipped if pv_skip else None)

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import MAGIC_F, int32_bits_f32, round_half_away
+from .numerics import MAGIC_F, batch_head, int32_bits_f32, round_half_away
 
 
 @triton.jit
@@ -35,8 +35,7 @@ def _block_lse_kernel(QP, K, KS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     bh = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h = batch_head(bh, H)
     hk = h // KV_GROUP
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)

@@ -6,14 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .numerics import batch_head
+
 
 @triton.jit
 def _kv_stats_kernel(K, V, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H, ROWS_PER_PROG, NCHUNK,
                      BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h = batch_head(bh, H)
     offs_d = tl.arange(0, HEAD_DIM)
     ksum = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
     vmax = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)

@@ -1,4 +1,4 @@
-"""Small numeric pieces shared by the kernels."""
+"""Small pieces shared by the kernels: numerics and program indexing."""
 import triton
 import triton.language as tl
 
@@ -7,11 +7,6 @@ import triton.language as tl
 # 128*127*127 ~ 2^21, so this is exact.
 MAGIC_I = tl.constexpr(0x4B400000)
 MAGIC_F = tl.constexpr(12582912.0)
-
-
-@triton.jit
-def int32_to_f32(x):
-    return (x + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F
 
 
 @triton.jit
@@ -24,3 +19,10 @@ def int32_bits_f32(x):
 def round_half_away(x):
     """Round to the nearest integer, halves away from zero (as sparge_core.reference does)."""
     return tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(0.5 - x))
+
+
+@triton.jit
+def batch_head(bh, H):
+    """(batch, head) of a program's flattened batch*head index, as int64 (pointer offsets of large
+    tensors overflow int32)."""
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64)

@@ -6,7 +6,18 @@ import triton
 import triton.language as tl
 
 from .fp8 import INTERPRET, to_pv_dtype
-from .numerics import round_half_away
+from .numerics import batch_head, round_half_away
+
+
+@triton.jit
+def _token_rows(PERM, blk, N, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Token offsets of block blk, and the rows of the input they read: gathered through PERM
+    (curve order) when HAS_PERM, so the quantizers need no separate permute pass."""
+    offs_n = blk * BLOCK + tl.arange(0, BLOCK)
+    rows = offs_n
+    if HAS_PERM:
+        rows = tl.load(PERM + offs_n, mask=offs_n < N, other=0)
+    return offs_n, rows
 
 
 @triton.jit
@@ -19,16 +30,11 @@ def _quant_pool_kernel(
     POOL_I8: tl.constexpr,
 ):
     blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_n = blk * BLOCK + tl.arange(0, BLOCK)
+    b, h = batch_head(tl.program_id(1), H)
+    offs_n, rows = _token_rows(PERM, blk, N, BLOCK, HAS_PERM)
     offs_d = tl.arange(0, HEAD_DIM)
     valid = offs_n < N
     dmask = offs_d < D_TRUE
-    rows = offs_n
-    if HAS_PERM:  # gather tokens in curve order while quantizing: no separate permute pass
-        rows = tl.load(PERM + offs_n, mask=valid, other=0)
     x = tl.load(X + b * sx_b + h * sx_h + rows[:, None].to(tl.int64) * sx_n + offs_d[None, :],
                 mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     if SUBTRACT_MEAN:
@@ -63,15 +69,10 @@ def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, s
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
                     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr):
     blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_n = blk * BLOCK + tl.arange(0, BLOCK)
+    b, h = batch_head(tl.program_id(1), H)
+    offs_n, rows = _token_rows(PERM, blk, N, BLOCK, HAS_PERM)
     offs_d = tl.arange(0, HEAD_DIM)
     dmask = offs_d < D_TRUE
-    rows = offs_n
-    if HAS_PERM:
-        rows = tl.load(PERM + offs_n, mask=offs_n < N, other=0)
     x = tl.load(V + b * sv_b + h * sv_h + rows[:, None].to(tl.int64) * sv_n + offs_d[None, :],
                 mask=(offs_n < N)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     s = tl.load(VSCALE + b * svs_b + h * svs_h + offs_d, mask=dmask, other=1.0)

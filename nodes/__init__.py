@@ -1,13 +1,25 @@
 """ComfyUI side of the Sparge Attention pack (imports ComfyUI; sparge_core does not).
 
-extension.py  SpargeExtension (node list, readout routes)
-sparge_node.py  the "Sparge Attention" node (SpargeAttention)
-override.py  the attention override + model wrappers installed on the model clone
-config.py  widgets -> SpargeConfig (no ComfyUI imports)
-readout.py  end-of-run readout: log line, "sparge.readout" event, GET /sparge/last_readout
-calibrate_node.py  the "Sparge Calibrate" node (CalibrateOverride: observe during a normal run, write a profile)
-profiles_nodes.py  models/sparge_profiles, the "Load Sparge Profile" node, profiles on the Sparge Attention node
-error_check.py  the Sparge Attention node's error check (sparse vs dense per block) and extra readout keys
-sparsity_map.py  the "Sparge Sparsity Map" node (pictures of the captured block masks)
-sparsity_render.py  the pillow drawing of those pictures (no ComfyUI imports)
+Dependencies point one way, from the nodes down to the plain modules (tests/test_architecture.py):
+
+  extension.py       SpargeExtension: the node list, the HTTP routes
+  sparge_node.py     the "Sparge Attention" node          -> override, profile_files, profile_node
+  calibrate_node.py  the "Sparge Calibrate" node          -> override, calibration
+  profile_node.py    the "Load Sparge Profile" node (SPARGE_PROFILE type) -> profile_files
+  sparsity_map.py    the "Sparge Sparsity Map" node       -> override, sparsity_views
+  override.py        the attention override + model wrappers installed on a model clone
+  eligibility.py     which calls run sparse (dense reasons, key padding, token grid, block index)
+  sparse_call.py     the sparse call (sparge_core.torch_op.call over the kept keys)
+  observers.py       the interface features plug into the override with
+  error_check.py     observer: the error check (sparse vs dense per block)
+  profile_use.py     observer: a loaded profile's notes and readout
+  calibration.py     observer: the Sparge Calibrate node's measurement and profile writing
+  stats.py           declared per-call / forward / step / run records, and their folding
+  capture.py         the sparsity-map capture (packed block masks)
+  readout.py         the end-of-run readout dict and its log line
+  routes.py          where readouts go: log, "sparge.readout" event, GET /sparge/*
+  config.py          widgets -> SpargeConfig, the preset table for the browser
+  model_info.py      what is read off ComfyUI's model and sampling state
+  profile_files.py   models/sparge_profiles, reading and fitting a profile
+  sparsity_views.py  captured map -> pictures;  sparsity_render.py  the pillow drawing
 """

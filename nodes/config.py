@@ -89,22 +89,6 @@ def _as_json_number(x):
     return vals
 
 
-def op_thresholds(p: SpargeParams, heads: int):
-    """(simthreshd1, the mode's threshold, pvthreshd) as the (heads,) float32 CPU tensors the
-    sparge::attention op takes; per-head tensors (a calibrated profile) pass through."""
-    def one(x):
-        if isinstance(x, (torch.Tensor, tuple, list)):
-            t = torch.as_tensor(x, dtype=torch.float32).detach().flatten().cpu()
-            if t.numel() == 1:
-                return t.expand(heads).contiguous()
-            if t.numel() != heads:
-                raise ValueError(f"{t.numel()} per-head values for a call with {heads} heads")
-            return t.contiguous()
-        return torch.full((heads,), float(x), dtype=torch.float32)
-
-    return one(p.simthreshd1), one(p.threshold), one(p.pvthreshd)
-
-
 def pv_widget_to_threshold(value: float) -> float:
     value = float(value)
     return math.inf if value >= PV_OFF_AT else value
@@ -126,6 +110,8 @@ class SpargeConfig:
     # profile's per-head params, every other layer the preset above. None: the preset everywhere.
     profile: Any = field(default=None, compare=False, hash=False, repr=False)
     error_check: str = "off"  # one of ERROR_CHECK_MODES (nodes/error_check.py)
+    # What fitting the profile to the model noted (e.g. another model family), for the readout.
+    profile_notes: tuple = field(default=(), compare=False)
 
     @classmethod
     def from_widgets(cls, preset: str = DEFAULT_PRESET, mode: str = "cdf", simthreshd1: float = -1.0,
@@ -200,3 +186,19 @@ class SpargeConfig:
             "error_check": self.error_check,
             "profile": None if self.profile is None else getattr(self.profile, "name", "?"),
         }
+
+
+SLIDER_WIDGETS = ("mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped")
+
+
+def presets_for_ui() -> dict:
+    """The preset table as the node's widgets show it (GET /sparge/presets, read by web/sparge.js,
+    so the browser never keeps its own copy of these numbers)."""
+    table = {}
+    for p in PRESETS.values():
+        pv = float(p.pvthreshd)
+        table[p.name] = {"mode": p.mode, "simthreshd1": float(p.simthreshd1), "cdfthreshd": float(p.cdfthreshd),
+                         "topk": float(p.topk), "minshare": float(p.minshare), "fill_skipped": bool(p.fill_skipped),
+                         "pvthreshd": PV_OFF_AT if pv >= PV_OFF_AT else pv}
+    return {"names": list(PRESET_NAMES), "custom": "Custom", "default": DEFAULT_PRESET,
+            "slider_widgets": list(SLIDER_WIDGETS), "presets": table}

@@ -1,4 +1,4 @@
-"""The Sparge Attention node's error check, and the extra readout keys of an override.
+"""The Sparge Attention node's error check (an observer of the override, nodes/observers.py).
 
 Error check (the node's `error_check` option): for some sparse calls the override also runs
 ComfyUI's own dense attention on the same inputs (the undecorated `func`, with the call's own
@@ -14,11 +14,9 @@ arguments: mask, layout and all) and measures the sparse output against it:
 Per call only device ops run (five sums, stacked into one float64 vector per block); the
 vectors are copied to the CPU once, when the readout is built at the end of the run.
 
-Readout keys added by `readout_extra` (always present; None when not applicable):
+Readout key (None when the check is off):
   error_check: {mode, calls, rel_l1, cosine, worst_layer, worst_rel_l1,
                 per_layer: {"<block>": {rel_l1, cosine, calls}}}   (pooled over the run's checked calls)
-  profile: see nodes/profiles_nodes.py `profile_readout`
-  calibration: the Sparge Calibrate node's summary (nodes/calibrate_node.py)
 """
 from __future__ import annotations
 
@@ -26,6 +24,8 @@ import math
 from typing import Optional
 
 import torch
+
+from .observers import ObservedCall, Observer
 
 ERROR_CHECK_EVERY = 4
 
@@ -62,23 +62,33 @@ def call_sums(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-@torch.no_grad()
-def check_call(ov, func, args, kwargs, ctx, layer, out) -> None:
-    """Run the call dense as well and add its error sums to the run (no host sync)."""
-    run = ov.run
-    if run is None or not wants_check(ov.config.error_check, getattr(ctx, "step", None), layer):
-        return
-    ref = func(*args, **kwargs)
-    if not isinstance(ref, torch.Tensor) or ref.shape != out.shape:
-        return
-    sums = call_sums(out, ref)
-    acc = run.__dict__.setdefault("error_acc", {})
-    key = -1 if layer is None else int(layer)
-    if key in acc:
-        acc[key][0] = acc[key][0] + sums
-        acc[key][1] += 1
-    else:
-        acc[key] = [sums, 1]
+class ErrorCheck(Observer):
+    """The error_check option as an observer: after each sparse call it picks (wants_check), the
+    call runs dense as well and its error sums are added to RunStats.error_sums (no host sync)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def after_sparse(self, call: ObservedCall, out: torch.Tensor) -> None:
+        run, ctx = call.run, call.ctx
+        if run is None or ctx is None or not wants_check(self.mode, ctx.step, call.layer):
+            return
+        ref = call.func(*call.args, **call.kwargs)
+        if not isinstance(ref, torch.Tensor) or ref.shape != out.shape:
+            return
+        sums = call_sums(out, ref)
+        key = -1 if call.layer is None else int(call.layer)
+        acc = run.error_sums
+        if key in acc:
+            acc[key][0] = acc[key][0] + sums
+            acc[key][1] += 1
+        else:
+            acc[key] = [sums, 1]
+
+    def readout(self, run) -> dict:
+        return {"error_check": error_readout(self.mode, run.error_sums)}
 
 
 def _metrics(v) -> dict:
@@ -89,17 +99,14 @@ def _metrics(v) -> dict:
     return {"rel_l1": rel, "cosine": cos}
 
 
-def error_readout(ov, run) -> Optional[dict]:
-    mode = getattr(ov.config, "error_check", "off")
-    if mode == "off":
-        return None
-    acc = getattr(run, "error_acc", None) or {}
+def error_readout(mode: str, acc: dict) -> dict:
+    """The readout's error_check entry from the run's per-block sums (the one device read)."""
     res = {"mode": mode, "calls": 0, "rel_l1": None, "cosine": None, "worst_layer": None, "worst_rel_l1": None,
            "per_layer": {}}
     if not acc:
         return res
     keys = sorted(acc)
-    vals = torch.stack([acc[k][0].reshape(5) for k in keys]).cpu()  # the one device read of the run
+    vals = torch.stack([acc[k][0].reshape(5) for k in keys]).cpu()
     for key, v in zip(keys, vals):
         m = _metrics(v.tolist())
         m["calls"] = acc[key][1]
@@ -110,42 +117,3 @@ def error_readout(ov, run) -> Optional[dict]:
     res["worst_layer"] = int(worst[0])
     res["worst_rel_l1"] = worst[1]["rel_l1"]
     return res
-
-
-def readout_extra(ov, run) -> dict:
-    from .profiles_nodes import profile_readout
-
-    extra = {"error_check": error_readout(ov, run), "profile": profile_readout(ov, run)}
-    cal = getattr(run, "calibration", None)
-    if cal is not None:
-        extra["calibration"] = cal
-    return extra
-
-
-def format_extra(r: dict) -> str:
-    """What the readout's one log line adds for the error check, a profile and a calibration."""
-    parts = []
-    ec = r.get("error_check")
-    if ec:
-        if ec["calls"]:
-            parts.append(f"error vs dense ({ec['mode']}, {ec['calls']} calls): rel-L1 {_f(ec['rel_l1'])}, "
-                         f"cosine {_f(ec['cosine'], 5)}, worst block {ec['worst_layer']} rel-L1 {_f(ec['worst_rel_l1'])}")
-        else:
-            parts.append(f"error vs dense ({ec['mode']}): no call checked")
-    prof = r.get("profile")
-    if prof:
-        parts.append(f"profile {prof['name']} ({len(prof['layers_used'])}/{prof['layers']} blocks used it"
-                     + (", resolution differs" if prof.get("notes") else "") + ")")
-    cal = r.get("calibration")
-    if cal:
-        if cal.get("error"):
-            parts.append(f"calibration FAILED: {cal['error']}")
-        else:
-            parts.append(f"calibration: wrote {cal['file']} ({cal['calls']} calls, {cal['steps_observed']} steps; "
-                         f"sampled sparsity {_f(cal['sparsity'])}, rel-L1 {_f(cal['rel_l1_worst_layer'])} worst block, "
-                         f"target {cal['target_l1']:g})")
-    return "".join("; " + p for p in parts)
-
-
-def _f(x, digits=4) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"

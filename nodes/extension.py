@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .readout import register_routes
+from .calibrate_node import SpargeCalibrate
+from .profile_files import register_folder
+from .profile_node import LoadSpargeProfile
+from .routes import register_routes
 from .sparge_node import SpargeAttention
 from .sparsity_map import SpargeSparsityMap
-from .calibrate_node import node_class as _calibrate_node
-from .profiles_nodes import node_classes as _profile_nodes, register_folder
 
 
 class SpargeExtension(ComfyExtension):
@@ -17,4 +18,4 @@ class SpargeExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         register_routes()  # 0.3.75: before the server adds its routes to the app
         register_folder()  # models/sparge_profiles
-        return [SpargeAttention, SpargeSparsityMap, _calibrate_node(), _profile_nodes()[1]]
+        return [SpargeAttention, SpargeSparsityMap, SpargeCalibrate, LoadSpargeProfile]

@@ -1,8 +1,8 @@
 """The end-of-run readout: what the sparse attention did in one sampling run.
 
 `build_readout` turns a RunStats (device counts, read here once per run) into a JSON-ready
-dict; `publish` logs one compact line, keeps it for GET /sparge/last_readout and sends it to
-the browser as the "sparge.readout" event (PromptServer.instance.send_sync).
+dict, and `format_line` into the one log line; nodes/routes.py publishes them (log, the
+"sparge.readout" event, GET /sparge/last_readout).
 
 Readout keys (all JSON types; None where not applicable):
   node_id, prompt_id, completed, settings{preset, mode, simthreshd1, cdfthreshd, topk, minshare, pvthreshd
@@ -19,29 +19,21 @@ Readout keys (all JSON types; None where not applicable):
   per_step order; None where the block ran no sparse call), map_layer (the block whose block masks
   were captured for the Sparge Sparsity Map node; None when none was),
   error_check{mode, calls, rel_l1, cosine, worst_layer, worst_rel_l1, per_layer{"<block>": {rel_l1, cosine,
-  calls}}} (None when off), profile{name, layers, heads, calibrated_layers, layers_used, params{...},
-  notes[...]} (None without one), calibration{...} (Sparge Calibrate node only): nodes/error_check.py
+  calls}}} (None when off; nodes/error_check.py), profile{name, layers, heads, calibrated_layers,
+  layers_used, params{...}, notes[...]} (None without one; nodes/profile_use.py), calibration{...}
+  (Sparge Calibrate node only; nodes/calibration.py): keys the override's observers add
 Dense-call reasons: "cross attention", "short", "schedule", "dense block", "mask", "dtype",
-"head dim", "unsupported call", "kernel error" (nodes/override.py). Steps count within the
+"head dim", "unsupported call", "kernel error", "profile dense layer" (nodes/eligibility.py),
+"calibration" (nodes/calibration.py). Steps count within the
 sampler's own run (a KSamplerAdvanced that runs steps 10-20 reports steps 0-9, with their sigmas).
 """
 from __future__ import annotations
 
-import collections
-import logging
 import time
 
 import torch
 
 from .config import format_dense_blocks
-
-log = logging.getLogger("sparge_attention")
-
-HISTORY_SIZE = 64
-_LAST: dict = {}  # node id -> last readout (for GET /sparge/last_readout; no effect on rendering)
-_HISTORY: collections.deque = collections.deque(maxlen=HISTORY_SIZE)
-_ROUTES = {"done": False}
-EVENT = "sparge.readout"
 
 
 def _num(x):
@@ -155,9 +147,9 @@ def build_readout(ov, run, completed: bool = True) -> dict:
         "layer_step_sparsity": layer_step,
         "map_layer": getattr(run, "map_layer", None),
     }
-    extra = getattr(ov, "readout_extra", None)  # error_check, profile, calibration (nodes/error_check.py)
-    if extra is not None:
-        readout.update(extra(run))
+    readout.update(error_check=None, profile=None)  # present even when no observer fills them
+    for obs in ov.observers:
+        readout.update(obs.readout(run))
     return readout
 
 
@@ -208,75 +200,31 @@ def format_line(r: dict) -> str:
 
 
 def _extra_line(r: dict) -> str:
-    from .error_check import format_extra
-
-    return format_extra(r)
-
-
-def publish(readout: dict) -> None:
-    log.info(format_line(readout))
-    tag = f" [node {readout['node_id']}]" if readout.get("node_id") is not None else ""
-    for note in readout["notes"]:
-        log.info("Sparge Attention%s: %s", tag, note)
-    if readout["settings"].get("verbose"):
-        for s in readout["per_step"]:
-            log.info("Sparge Attention step %s (sigma %.4g): sparse %d, kept %d/%d, dense %s",
-                     s["step"], s["sigma"] if s["sigma"] is not None else float("nan"), s["sparse_calls"],
-                     s["kept_blocks"], s["total_blocks"], s["dense_calls"])
-    key = readout.get("node_id") or "?"
-    _LAST[key] = readout
-    _HISTORY.append(readout)
-    try:
-        from server import PromptServer
-
-        inst = getattr(PromptServer, "instance", None)
-        if inst is not None:
-            inst.send_sync(EVENT, readout)
-    except Exception:  # not inside ComfyUI, or no client: logging is enough
-        pass
+    """What the readout's one log line adds for the error check, a profile and a calibration."""
+    parts = []
+    ec = r.get("error_check")
+    if ec:
+        if ec["calls"]:
+            parts.append(f"error vs dense ({ec['mode']}, {ec['calls']} calls): rel-L1 {_f(ec['rel_l1'])}, "
+                         f"cosine {_f(ec['cosine'], 5)}, worst block {ec['worst_layer']} rel-L1 {_f(ec['worst_rel_l1'])}")
+        else:
+            parts.append(f"error vs dense ({ec['mode']}): no call checked")
+    prof = r.get("profile")
+    if prof:
+        parts.append(f"profile {prof['name']} ({len(prof['layers_used'])}/{prof['layers']} blocks used it"
+                     + (", resolution differs" if prof.get("notes") else "") + ")")
+    cal = r.get("calibration")
+    if cal:
+        if cal.get("error"):
+            parts.append(f"calibration FAILED: {cal['error']}")
+        else:
+            parts.append(f"calibration: wrote {cal['file']} ({cal['calls']} calls, {cal['steps_observed']} steps; "
+                         f"sampled sparsity {_f(cal['sparsity'])}, rel-L1 {_f(cal['rel_l1_worst_layer'])} worst block, "
+                         f"target {cal['target_l1']:g})")
+    return "".join("; " + p for p in parts)
 
 
-def last_readouts() -> dict:
-    return dict(_LAST)
+def _f(x, digits=4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
-def history() -> list:
-    return list(_HISTORY)
-
-
-def register_routes() -> bool:
-    """GET /sparge/last_readout[?node_id=ID], GET /sparge/readouts (newest last) and GET /sparge/presets
-    (the preset table for the browser extension, web/sparge.js)."""
-    if _ROUTES["done"]:
-        return True
-    try:
-        from aiohttp import web
-        from server import PromptServer
-
-        routes = PromptServer.instance.routes
-    except Exception:
-        return False
-
-    @routes.get("/sparge/last_readout")
-    async def _last(request):
-        node = request.query.get("node_id")
-        if node is not None:
-            if node not in _LAST:
-                return web.json_response({"error": f"no readout for node {node}"}, status=404)
-            return web.json_response(_LAST[node])
-        return web.json_response(dict(_LAST))
-
-    @routes.get("/sparge/presets")
-    async def _presets(request):
-        from .sparge_node import presets_for_ui
-
-        return web.json_response(presets_for_ui())
-
-    @routes.get("/sparge/readouts")
-    async def _all(request):
-        pid = request.query.get("prompt_id")
-        items = [r for r in _HISTORY if pid is None or r.get("prompt_id") == pid]
-        return web.json_response({"readouts": items})
-
-    _ROUTES["done"] = True
-    return True

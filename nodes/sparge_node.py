@@ -4,10 +4,13 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..sparge_core.presets import PRESET_NAMES, PRESETS
-from .config import DEFAULT_MIN_TOKENS, DEFAULT_PRESET, MODES, PV_OFF_AT, DenseBlocksError, SpargeConfig, parse_dense_blocks
-from .override import MAP_AUTO, install
-from .profiles_nodes import apply_profile, node_classes as _profile_classes
-from .config import ERROR_CHECK_MODES
+from .capture import MAP_AUTO
+from .config import (DEFAULT_MIN_TOKENS, DEFAULT_PRESET, ERROR_CHECK_MODES, MODES, PV_OFF_AT, DenseBlocksError,
+                     SpargeConfig, parse_dense_blocks)
+from .override import install
+from .profile_files import apply_profile
+from .profile_node import SpargeProfileType
+from .schema import node_schema
 
 _BAL = PRESETS[DEFAULT_PRESET]
 
@@ -29,27 +32,11 @@ PRESET_TIP = (
 )
 
 
-def presets_for_ui() -> dict:
-    """The preset table as the node's widgets show it (GET /sparge/presets, read by web/sparge.js,
-    so the browser never keeps its own copy of these numbers)."""
-    table = {}
-    for p in PRESETS.values():
-        pv = float(p.pvthreshd)
-        table[p.name] = {"mode": p.mode, "simthreshd1": float(p.simthreshd1), "cdfthreshd": float(p.cdfthreshd),
-                         "topk": float(p.topk), "minshare": float(p.minshare), "fill_skipped": bool(p.fill_skipped),
-                         "pvthreshd": PV_OFF_AT if pv >= PV_OFF_AT else pv}
-    return {"names": list(PRESET_NAMES), "custom": "Custom", "default": DEFAULT_PRESET,
-            "slider_widgets": ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped"],
-            "presets": table}
-
-
 class SpargeAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SpargeAttention",
-            display_name="Sparge Attention",
-            category="model_patches/attention",
+        return node_schema(
+            "SpargeAttention", "Sparge Attention",
             description=DESCRIPTION,
             inputs=[
                 io.Model.Input("model", tooltip="The video model (Wan, HunyuanVideo, ...) to speed up."),
@@ -113,7 +100,7 @@ class SpargeAttention(io.ComfyNode):
                     "instead of dropping it. On the realistic benchmark this cut the error about 3x at the same "
                     "sparsity for a few percent of attention time; the presets use it. A calibrated "
                     "profile's blocks follow the profile (Sparge Calibrate's own fill_skipped).")),
-                _profile_classes()[0].Input("profile", optional=True, tooltip=(
+                SpargeProfileType.Input("profile", optional=True, tooltip=(
                     "Optional calibrated profile from the Load Sparge Profile node (made by Sparge Calibrate on "
                     "this model): its blocks use the measured per-head thresholds instead of the preset; blocks "
                     "it does not cover keep the preset.")),
@@ -156,8 +143,7 @@ class SpargeAttention(io.ComfyNode):
             dense_blocks=dense_blocks, hilbert=hilbert, min_tokens=min_tokens, verbose=verbose, minshare=minshare,
             fill_skipped=fill_skipped)
         node_id = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
-        config, profile_notes = apply_profile(config, model, profile, error_check)  # raises if it does not fit
+        config = apply_profile(config, model, profile, error_check)  # raises if it does not fit
         m = model.clone()
-        ov = install(m, config, node_id=node_id, map_layer=int(map_layer))
-        ov.profile_notes = profile_notes
+        install(m, config, node_id=node_id, map_layer=int(map_layer))
         return io.NodeOutput(m)

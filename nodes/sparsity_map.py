@@ -1,5 +1,5 @@
 """The "Sparge Sparsity Map" node: pictures of what a Sparge Attention node skipped in its last
-sampling run (the drawing is in nodes/sparsity_render.py, the capture in nodes/override.py).
+sampling run (the drawing is in nodes/sparsity_render.py and sparsity_views.py, the capture in nodes/capture.py).
 
 How it is wired (one node, no extra patch node):
 
@@ -21,7 +21,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .override import find_override
-from .sparsity_render import block_mask_image, layer_step_image, render_message, to_tensor
+from .schema import node_schema
+from .sparsity_render import render_message, to_tensor
+from .sparsity_views import block_mask_image, layer_step_image
 
 DESCRIPTION = (
     "Shows which attention blocks the Sparge Attention node computed and which it skipped in the last "
@@ -37,10 +39,8 @@ DESCRIPTION = (
 class SpargeSparsityMap(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SpargeSparsityMap",
-            display_name="Sparge Sparsity Map",
-            category="model_patches/attention",
+        return node_schema(
+            "SpargeSparsityMap", "Sparge Sparsity Map",
             description=DESCRIPTION,
             inputs=[
                 io.Model.Input("model", tooltip=(

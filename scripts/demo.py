@@ -3,8 +3,8 @@
     bash scripts/demo.sh            # = bash scripts/setup.sh && .venv/bin/python scripts/demo.py
     .venv/bin/python scripts/demo.py [--workflow FILE] [--preset Fast] [--write-workflow FILE] [--keep]
 
-It makes a tiny random-weight Wan 2.1 model (tests/comfy/tiny_models.py, real architecture, detected
-by ComfyUI), starts a real ComfyUI server with this node pack (tests/comfy/harness.py), runs the
+It makes a tiny random-weight Wan 2.1 model (devkit/tiny_models.py, real architecture, detected
+by ComfyUI), starts a real ComfyUI server with this node pack (devkit/comfy_harness.py), runs the
 example graph
 
     UNETLoader -> Sparge Attention -> KSampler (4 steps) -> SaveLatent
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "comfy"))
+sys.path.insert(0, str(REPO))  # devkit
 
 DEFAULT_WORKFLOW = REPO / "workflows" / "tiny_wan_demo.json"
 SPARGE_ID = "10"
@@ -195,10 +195,6 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the demo
-def _rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def load_graph(srv, workflow: Path | None, **over) -> tuple[dict, str]:
     if workflow is not None and workflow.exists():
         ui = json.loads(workflow.read_text())
@@ -212,7 +208,8 @@ def load_graph(srv, workflow: Path | None, **over) -> tuple[dict, str]:
 
 
 def run_demo(srv, workflow: Path | None = DEFAULT_WORKFLOW, out=print, **over) -> dict:
-    from harness import load_latent_file
+    from devkit.comfy_harness import load_latent_file
+    from devkit.metrics import rel_l2
 
     graph, source = load_graph(srv, workflow, **over)
     sparge_ids = [nid for nid, n in graph.items() if n["class_type"] == "SpargeAttention"]
@@ -253,7 +250,7 @@ def run_demo(srv, workflow: Path | None = DEFAULT_WORKFLOW, out=print, **over) -
         out(f"readout of node {r['node_id']} (GET /sparge/last_readout, websocket event 'sparge.readout'):")
         out(json.dumps(r, indent=2))
     out("")
-    diff = _rel(sparse_latent, dense_latent)
+    diff = rel_l2(sparse_latent, dense_latent)
     out(f"output latent {tuple(sparse_latent.shape)}: relative difference to the run without the node: {diff:.4f}")
     out(f"wall time: with Sparge {t_sparse:.1f} s, without {t_dense:.1f} s "
         f"(CPU: the sparse path is the PyTorch reference, slower than dense; see est_attention_speedup)")
@@ -272,7 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the server's temporary base directory")
     a = ap.parse_args(argv)
 
-    from harness import ComfyServer
+    from devkit.comfy_harness import ComfyServer
 
     over = {k: v for k, v in (("preset", a.preset), ("steps", a.steps)) if v is not None}
     print("starting ComfyUI 0.3.75 (CPU) with the Sparge Attention pack and a tiny random-weight Wan 2.1 ...")

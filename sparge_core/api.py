@@ -21,7 +21,7 @@ CPU_BLOCKS = (64, 128)  # reference backend: the same blocks as the GPU kernels 
 
 def block_sizes(device: torch.device, backend: str = "auto") -> tuple[int, int]:
     """(BLKQ, BLKK) that the mask predictor and the kernel agree on for this device."""
-    if _resolve_backend(device, backend) == "triton":
+    if resolve_backend(device, backend) == "triton":
         from ..kernels.config import default_config
 
         cfg = default_config(device)
@@ -33,7 +33,7 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _resolve_backend(device: torch.device, backend: str) -> str:
+def resolve_backend(device: torch.device, backend: str) -> str:
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     if backend == "auto":
@@ -167,9 +167,8 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
     pv_skip = params.pv_skip_enabled()
     out, skipped = sparse_attn_fwd(
         P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
-        params.per_head("pvthreshd", H, q.device), N, k.shape[2], D, q.dtype, cfg.block_m, cfg.block_n,
-        params.is_causal, pv_skip, cfg.num_warps, cfg.num_stages, out_perm=perm_q, tma=cfg.tma, maxnreg=cfg.maxnreg,
-        fill=P["fill"],
+        params.per_head("pvthreshd", H, q.device), N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
+        out_perm=perm_q, fill=P["fill"],
     )
     return out, block_mask, (skipped.sum() if skipped is not None else 0)
 
@@ -199,7 +198,7 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
     scale = D ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive number, got {scale}")
-    be = _resolve_backend(q.device, backend)
+    be = resolve_backend(q.device, backend)
     block_q, block_k = block_sizes(q.device, be)
     if be == "triton" and pv_dtype == "fp32":
         raise ValueError("the Triton backend computes P.V in fp8 or fp16, not fp32")

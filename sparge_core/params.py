@@ -36,7 +36,7 @@ def _check_range(name: str, value: Threshold, lo: float, hi: float, lo_open: boo
 
 @dataclass(frozen=True)
 class SpargeParams:
-    """Hyper-parameters of one sparse attention call (see ALGORITHM.md).
+    """Hyper-parameters of one sparse attention call (reference.py is the method, step by step).
 
     simthreshd1: a block counts as self-similar when its mean pairwise cosine exceeds this.
         Non-self-similar query blocks keep every key block; non-self-similar key blocks are kept

@@ -292,7 +292,7 @@ class SpargeProfile:
                 data = f.read()
         except OSError as e:
             _fail(path, f"cannot read the file ({e.strerror or e})")
-        header, meta = _parse_header(data, path)
+        header, meta = parse_header(data, path)
         tensors = _load_tensors(data, path)
         return cls._from_parts(tensors, meta, path, expect_heads, expect_layers)
 
@@ -379,7 +379,7 @@ def _meta_int(meta: dict, name: str, path) -> int:
         _fail(path, f"metadata {name!r} must be an integer, got {raw!r}")
 
 
-def _parse_header(data: bytes, path):
+def parse_header(data: bytes, path):
     """The safetensors header (8-byte little-endian length + JSON), checked before the tensor
     parser sees the file, for clear messages. Nothing here can execute file content."""
     if data[:1] == b"\x80" or data[:2] == b"PK":

@@ -135,68 +135,63 @@ def _attention_map_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal
     return out, kept, skipped, q.new_empty(mask_shape(q, k), dtype=torch.bool)
 
 
-def _register():
-    try:
-        existing = getattr(torch.ops.sparge, "attention")
-    except (AttributeError, RuntimeError):
-        existing = None
-    if existing is not None:
-        return existing
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
+              threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
+              grid: list[int], scale: float, scoring: str,
+              fill_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
 
-    @torch.library.custom_op(OP_NAME, mutates_args=())
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
+
+def attention_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
                   threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
                   grid: list[int], scale: float, scoring: str,
-                  fill_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _attention_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
-
-    attention.register_fake(_attention_fake)
-    return torch.ops.sparge.attention
+                  fill_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring,
+                               fill_skipped)
 
 
-def _register_map():
+def _register(name: str, impl, fake):
+    """torch.ops.sparge.<name>, registered once per process (a second import of this module, e.g.
+    as sparge_core and as part of the node pack, reuses it)."""
+    short = name.split("::")[1]
     try:
-        existing = getattr(torch.ops.sparge, "attention_map")
+        existing = getattr(torch.ops.sparge, short)
     except (AttributeError, RuntimeError):
         existing = None
     if existing is not None:
         return existing
-
-    @torch.library.custom_op(MAP_OP_NAME, mutates_args=())
-    def attention_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
-                      threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
-                      grid: list[int], scale: float,
-                      scoring: str, fill_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
-
-    attention_map.register_fake(_attention_map_fake)
-    return torch.ops.sparge.attention_map
+    op = torch.library.custom_op(name, mutates_args=())(impl)
+    op.register_fake(fake)
+    return getattr(torch.ops.sparge, short)
 
 
-sparge_attention_op = _register()
+sparge_attention_op = _register(OP_NAME, attention, _attention_fake)
 # The same call that also returns the predicted block mask, (B, H, NQ, NK) bool, True = computed,
 # in the order the kernel visits tokens (Hilbert order when a grid is given). The Sparge Attention
 # node calls it for one transformer block per step to feed the Sparge Sparsity Map node.
-sparge_attention_map_op = _register_map()
+sparge_attention_map_op = _register(MAP_OP_NAME, attention_map, _attention_map_fake)
 
 
 def thresholds(value, heads: int) -> torch.Tensor:
-    """A threshold as the (heads,) float32 CPU tensor the op takes (inf allowed for pvthreshd)."""
-    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    """A threshold (a float, or per-head values: a calibrated profile) as the (heads,) float32 CPU
+    tensor the op takes (inf allowed for pvthreshd)."""
+    t = torch.as_tensor(value, dtype=torch.float32).detach().flatten().cpu()
     if t.numel() == 1:
         return t.expand(heads).contiguous()
     if t.numel() != heads:
-        raise ValueError(f"{t.numel()} per-head values for {heads} heads")
+        raise ValueError(f"{t.numel()} per-head values for a call with {heads} heads")
     return t.contiguous()
 
 
-def call(q, k, v, params: SpargeParams, grid=None, scale=None):
-    """Convenience wrapper: the op with a SpargeParams (HND layout)."""
+def call(q, k, v, params: SpargeParams, grid=None, scale=None, with_mask: bool = False):
+    """The op with a SpargeParams (HND layout): (out, kept, pv_skipped), plus the block mask with
+    with_mask ("sparge::attention_map"). The one way nodes/ and the benches call the op."""
     H = q.shape[1]
-    return sparge_attention_op(q, k, v, thresholds(params.simthreshd1, H), thresholds(params.threshold, H),
-                               thresholds(params.pvthreshd, H), params.mode, bool(params.is_causal),
-                               [int(g) for g in grid] if grid else [], -1.0 if scale is None else float(scale),
-                               params.scoring, bool(params.fill_skipped))
+    op = sparge_attention_map_op if with_mask else sparge_attention_op
+    return op(q, k, v, thresholds(params.simthreshd1, H), thresholds(params.threshold, H),
+              thresholds(params.pvthreshd, H), params.mode, bool(params.is_causal),
+              [int(g) for g in grid] if grid else [], -1.0 if scale is None else float(scale),
+              params.scoring, bool(params.fill_skipped))
 
 
 __all__ = ["sparge_attention_op", "sparge_attention_map_op", "call", "thresholds", "dense_block_total",

@@ -9,8 +9,9 @@ import math  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from pack import load_pack  # noqa: E402
-from data import clustered, rel_l1  # noqa: E402
+from data import clustered  # noqa: E402
+from devkit.metrics import rel_l1  # noqa: E402
+from devkit.pack import load_pack  # noqa: E402
 
 load_pack()
 

@@ -10,8 +10,9 @@ import itertools  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from pack import load_pack  # noqa: E402
-from data import clustered, rel_l1  # noqa: E402
+from data import clustered  # noqa: E402
+from devkit.metrics import rel_l1  # noqa: E402
+from devkit.pack import load_pack  # noqa: E402
 
 load_pack()
 
@@ -172,7 +173,6 @@ def test_quant_v_matches_reference(pv_fp8, D, hd, dtype):
     got = vt.float()[:, :, :D, :N].transpose(-1, -2)
     assert torch.equal(got, ref), f"{(got != ref).sum().item()} values differ"
     assert (vt.float()[:, :, :, N:] == 0).all() and (vt.float()[:, :, D:] == 0).all()
-    # the block means of v / scale for fill_skipped: fp16, zero past the real blocks and columns
     # the block means of v / scale for fill_skipped: transposed and typed like V, zero-padded
     vt2, vbar = quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=nb + 3)
     assert torch.equal(vt2.float(), vt.float()) and vbar.shape == (2, 2, hd, nb + 3) and vbar.dtype == vt.dtype
@@ -365,6 +365,8 @@ def test_empty_row_gives_zeros_on_both_backends():
 def test_tma_and_pointer_loads_agree(causal):
     """Hopper loads K/V tiles by tensor descriptors, older GPUs by pointers: same numbers, bit for
     bit (GQA, a partial last block and P.V skipping included)."""
+    from dataclasses import replace
+
     from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
     from sparge_attention.sparge_core.api import prepare_sparse
 
@@ -373,10 +375,18 @@ def test_tma_and_pointer_loads_agree(causal):
     P = prepare_sparse(q, k, v, params, 64 ** -0.5)
     bm = P["block_mask"]
     outs = [sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], bm.kv_num_blocks,
-                            bm.kv_indices, torch.full((4,), 4.0), 300, 300, 64, q.dtype, BQ, BK, causal, True,
-                            tma=tma) for tma in (False, True)]
+                            bm.kv_indices, torch.full((4,), 4.0), 300, 300, 64, q.dtype, causal, True,
+                            replace(P["cfg"], tma=tma)) for tma in (False, True)]
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert 0 < int(bm.kv_num_blocks.sum()) < bm.kv_num_blocks.numel() * num_blocks(300, BK)
+
+
+def test_attention_launcher_wants_a_kernel_config():
+    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+
+    x = torch.zeros(1)
+    with pytest.raises(TypeError, match="KernelConfig"):
+        sparse_attn_fwd(*[x] * 9, 64, 64, 64, torch.float16, False, False, (BQ, BK, 4, 3))
 
 
 def test_triton_rejects_fp32_pv():

@@ -4,12 +4,8 @@ import math
 import os
 import pickle
 import struct
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
-from pack import load_pack  # noqa: E402
+from devkit.pack import load_pack
 
 load_pack()
 
@@ -127,7 +123,7 @@ def test_params_for_layer():
 
 
 def test_dense_heads_run_fully_in_the_sparse_path():
-    from realistic_inputs import make_video_qkv
+    from devkit.realistic_inputs import make_video_qkv
 
     q, k, v, _ = make_video_qkv((4, 8, 16), H, 64)
     p = make_profile(n_tokens=512, grid=(4, 8, 16))
@@ -150,7 +146,7 @@ def test_note_for():
 
 
 def test_profile_from_calibrator_round_trip(tmp_path):
-    from realistic_inputs import make_video_qkv
+    from devkit.realistic_inputs import make_video_qkv
 
     q, k, v, _ = make_video_qkv((4, 16, 16), 2, 64)
     cb = Calibrator(0.05, sample_query_blocks=4)

@@ -1,4 +1,4 @@
-"""Tests for bench/realistic_inputs.py (CPU, small grids, a few seconds)."""
+"""Tests for devkit/realistic_inputs.py (CPU, small grids, a few seconds)."""
 
 import math
 import os
@@ -10,10 +10,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from bench.realistic_inputs import (  # noqa: E402
+from devkit.realistic_inputs import (  # noqa: E402
     HEAD_TYPES,
     apply_rope,
     attention_stats,
@@ -178,7 +176,7 @@ def test_rope_matches_comfyui():
         import comfy.options; comfy.options.enable_args_parsing()
         from comfy.ldm.flux.layers import EmbedND
         from comfy.ldm.flux.math import apply_rope1
-        from bench.realistic_inputs import wan_rope_angles, apply_rope, grid_positions
+        from devkit.realistic_inputs import wan_rope_angles, apply_rope, grid_positions
         d = 128
         emb = EmbedND(dim=d, theta=10000.0, axes_dim=[d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)])
         grid = (5, 9, 13)

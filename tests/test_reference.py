@@ -6,8 +6,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from pack import load_pack  # noqa: E402
-from data import clustered, rel_l1  # noqa: E402
+from data import clustered  # noqa: E402
+from devkit.metrics import cosine, rel_l1  # noqa: E402
+from devkit.pack import load_pack  # noqa: E402
 
 load_pack()
 
@@ -36,10 +37,6 @@ ALL_KEPT = SpargeParams(simthreshd1=-1, cdfthreshd=1.0, pvthreshd=INF)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def cosine(a, b):
-    return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
-
 
 def gaussian(B, H, N, D, seed, Hkv=None):
     g = torch.Generator().manual_seed(seed)
@@ -586,8 +583,7 @@ def test_fill_changes_nothing_when_nothing_is_skipped():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_fill_lowers_the_error_on_video_like_attention(causal):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    from realistic_inputs import make_video_qkv
+    from devkit.realistic_inputs import make_video_qkv
 
     from sparge_attention.sparge_core.hilbert import TokenPermutation
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/browser/build_workflows.py [--check]
 
-It starts a real ComfyUI 0.3.75 with this pack (tests/comfy/harness.py) to read /object_info, so
+It starts a real ComfyUI 0.3.75 with this pack (devkit/comfy_harness.py) to read /object_info, so
 every node's inputs, outputs and widget order come from the server, never from memory. --check
 only reports whether the files on disk differ from what it would write. The files are committed;
 tests/browser/test_graph_editor.py loads each one in a real browser and validates it.
@@ -20,8 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO / "tests" / "comfy"))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))  # devkit
 
 OUT = REPO / "workflows"
 HF = "https://huggingface.co/Comfy-Org"
@@ -309,8 +308,8 @@ def wan21_t2v(oi, tiny_unet=None, tiny=False) -> Workflow:
         wf.note(
             "## Tiny Wan 2.1 demo (CPU)\n"
             "The graph that `scripts/demo.py` runs: a tiny random-weight Wan 2.1 (made by "
-            "`tests/comfy/tiny_models.py`) and a random stand-in for the text encoder "
-            "(**SpargeTestConditioning**, a test-only node from `tests/comfy/test_nodes_pack`). It "
+            "`devkit/tiny_models.py`) and a random stand-in for the text encoder "
+            "(**SpargeTestConditioning**, a test-only node from `devkit/comfy_test_nodes`). It "
             "exists to show the Sparge Attention node and its readout without downloading models; "
             "the output is noise. For a real video use **wan21_t2v_1.3B_480p.json**.\n\n"
             "320x320x9 frames = a 3x20x20 token grid (1,200 tokens); **min_tokens** is lowered to 256 "
@@ -590,7 +589,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only report files that would change")
     a = ap.parse_args(argv)
-    from harness import ComfyServer
+    from devkit.comfy_harness import ComfyServer
 
     with ComfyServer(install_tiny_models=True) as srv:
         files = build_all(srv.object_info(), srv.tiny_models["wan21"].name, srv.get_json("/sparge/presets"))

@@ -35,11 +35,10 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO / "tests" / "comfy"))
 sys.path.insert(0, str(HERE))
 
 from browser import CHROMIUM, EditorPage, require_chromium  # noqa: E402
-from harness import ComfyServer  # noqa: E402
+from devkit.comfy_harness import ComfyServer  # noqa: E402
 from validate import check_prompt  # noqa: E402
 
 pytestmark = [pytest.mark.comfy, pytest.mark.timeout(900)]
@@ -176,8 +175,7 @@ def test_system_chromium_is_used():
 
 
 def test_presets_come_from_the_server(server, presets):
-    sys.path.insert(0, str(REPO / "tests"))
-    from pack import load_pack
+    from devkit.pack import load_pack
 
     load_pack()
     from sparge_attention.sparge_core.params import THRESHOLD_FIELD as CORE_FIELDS

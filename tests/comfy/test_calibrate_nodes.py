@@ -17,21 +17,18 @@ sparsity 0.31, where the Balanced preset reached 0.09 sparsity, and topk 0.2 (2 
 blocks) measured an error well above the target.
 """
 import json
-import os
 import pickle
 import struct
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pack import load_pack  # noqa: E402
+from devkit.pack import load_pack
 
 load_pack()
 from sparge_attention.sparge_core.profiles import PACK_VERSION, SpargeProfile  # noqa: E402
 
-from harness import ComfyServer, ExecutionFailed, load_latent_file, wan21_t2v_graph  # noqa: E402
+from devkit.comfy_harness import ComfyServer, ExecutionFailed, load_latent_file, wan21_t2v_graph  # noqa: E402
 
 pytestmark = [pytest.mark.comfy, pytest.mark.timeout(600)]
 
@@ -403,8 +400,9 @@ def test_profile_params_reach_the_op_and_compile():
     import math
 
     from sparge_attention.nodes.config import SpargeConfig
-    from sparge_attention.nodes.override import ForwardContext, SpargeOverride
-    from sparge_attention.nodes.profiles_nodes import LoadedProfile
+    from sparge_attention.nodes.override import SpargeOverride
+    from sparge_attention.nodes.profile_files import LoadedProfile
+    from sparge_attention.nodes.stats import ForwardContext
 
     dense = torch.zeros(2, 2, dtype=torch.bool)
     dense[1] = True

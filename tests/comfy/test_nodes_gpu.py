@@ -9,8 +9,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pack import load_pack  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # devkit, also when run as a script
+from devkit.metrics import rel_l2 as _rel  # noqa: E402
+from devkit.pack import load_pack  # noqa: E402
 
 load_pack()
 
@@ -25,7 +26,8 @@ except ImportError:  # the device machine may have no pytest: run as a script
     pytest = None
 
 from sparge_attention.nodes.config import SpargeConfig  # noqa: E402
-from sparge_attention.nodes.override import ForwardContext, RunStats, SpargeOverride  # noqa: E402
+from sparge_attention.nodes.override import SpargeOverride  # noqa: E402
+from sparge_attention.nodes.stats import ForwardContext, RunStats, fold_forward  # noqa: E402
 from sparge_attention.nodes.readout import build_readout, format_line  # noqa: E402
 
 GRID = (5, 30, 52)  # a Wan 480p latent grid, 5 latent frames: 7800 tokens
@@ -57,10 +59,6 @@ def _sdpa(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=Fal
     return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
 
 
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def _time(fn, reps=10):
     fn()
     torch.cuda.synchronize()
@@ -88,8 +86,8 @@ def test_cuda_triton_no_sync_timing_and_readout():
         torch.cuda.set_sync_debug_mode(0)
     assert ctx.backends == {"triton"} and len(ctx.records) == 3 and ctx.hilbert_used == 3
     assert len(ctx.events) == 3  # verbose: CUDA events around each sparse call
-    ov.run = RunStats(torch.tensor([1.0, 0.0]))
-    ov._fold(ctx)
+    ov.run = RunStats.start(torch.tensor([1.0, 0.0]))
+    fold_forward(ov.run, ctx)
     r = build_readout(ov, ov.run)
     print(format_line(r))
     assert r["backend"] == "triton" and r["attention_time_ms"] > 0

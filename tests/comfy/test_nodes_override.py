@@ -4,11 +4,9 @@ nodes/override.py import no ComfyUI code). Call conventions are those of ComfyUI
 mask=, transformer_options=). The real-server tests are in test_nodes_sparge.py."""
 import copy
 import math
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pack import load_pack  # noqa: E402
+from devkit.metrics import rel_l2 as rel
+from devkit.pack import load_pack
 
 load_pack()
 
@@ -23,7 +21,9 @@ from sparge_attention.nodes.config import (  # noqa: E402
     format_dense_blocks,
     parse_dense_blocks,
 )
-from sparge_attention.nodes.override import ForwardContext, SpargeOverride  # noqa: E402
+from sparge_attention.nodes import sparse_call  # noqa: E402
+from sparge_attention.nodes.override import SpargeOverride  # noqa: E402
+from sparge_attention.nodes.stats import ForwardContext, RunStats, fold_forward  # noqa: E402
 from sparge_attention.nodes.readout import build_readout, format_line  # noqa: E402
 from sparge_attention.sparge_core import torch_op  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
@@ -107,10 +107,6 @@ def make(config=None, prev=None, **widgets):
 def ctx_for(grids=((2, 8, 8),), context_tokens=None, sparse_on=True, n_double=0):
     return ForwardContext(step=0, sigma=1.0, percent=0.0, sparse_on=sparse_on, grids=grids,
                           context_tokens=context_tokens, n_double=n_double)
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def qkv(b=1, h=2, n=256, d=64, nk=None, seed=0):
@@ -218,33 +214,42 @@ def test_grid_mismatch_runs_sparse_without_hilbert():
     assert len(ctx.records) == 1 and ctx.hilbert_used == 0 and ctx.hilbert_not == {"grid mismatch": 1}
 
 
-def test_injected_kernel_failure_runs_dense():
+def failing_kernel(*a, **kw):
+    raise RuntimeError("sparse kernel failure injected by the test")
+
+
+def test_injected_kernel_failure_runs_dense(monkeypatch):
+    monkeypatch.setattr(sparse_call, "run_sparse", failing_kernel)
     ov = make()
     q, k, v = qkv(n=256)
     ctx = ctx_for(grids=((4, 8, 8),))
-    to = {ov.key: ctx, "sparge_test_fail_kernel": True}
+    to = {ov.key: ctx}
     out = ov(sdpa_func, q, k, v, 2, skip_reshape=True, skip_output_reshape=True, transformer_options=to)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
     assert ctx.dense == {"kernel error": 1}
 
 
-def test_failed_call_is_not_retried_in_the_same_run():
+def test_failed_call_is_not_retried_in_the_same_run(monkeypatch):
     ov = make()
     tries = []
-    real = ov._run_sparse
+    real = sparse_call.run_sparse
+    fail = [True]
 
-    def counting(*a):
+    def counting(*a, **kw):
         tries.append(1)
-        return real(*a)
+        if fail[0]:
+            failing_kernel()
+        return real(*a, **kw)
 
-    ov._run_sparse = counting
+    monkeypatch.setattr(sparse_call, "run_sparse", counting)
     q, k, v = qkv(n=256)
     ctx = ctx_for(grids=((4, 8, 8),))
-    to = {ov.key: ctx, "sparge_test_fail_kernel": True}
+    to = {ov.key: ctx}
     for _ in range(3):
         ov(sdpa_func, q, k, v, 2, skip_reshape=True, skip_output_reshape=True, transformer_options=to)
     assert len(tries) == 1 and ctx.dense == {"kernel error": 3}
     ov._failed.clear()  # what the start of the next sampling run does
+    fail[0] = False
     ov(sdpa_func, q, k, v, 2, skip_reshape=True, skip_output_reshape=True, transformer_options={ov.key: ctx})
     assert len(tries) == 2 and len(ctx.records) == 1
 
@@ -257,9 +262,7 @@ def test_deepcopy_keeps_the_same_override():
 
 def test_readout_from_folded_forwards():
     ov = make(mode="topk", topk=0.5)
-    from sparge_attention.nodes.override import RunStats
-
-    ov.run = RunStats(torch.tensor([1.0, 0.5, 0.0]))
+    ov.run = RunStats.start(torch.tensor([1.0, 0.5, 0.0]))
     q, k, v = qkv(n=256)
     for step in (0, 1):
         ctx = ForwardContext(step, [1.0, 0.5][step], step / 2, True, ((4, 8, 8),), None, 0)
@@ -267,7 +270,7 @@ def test_readout_from_folded_forwards():
         ov(sdpa_func, q, k, v, 2, skip_reshape=True, skip_output_reshape=True, transformer_options=to)
         _, kt, vt = qkv(n=256, nk=16)
         ov(sdpa_func, q, kt, vt, 2, skip_reshape=True, skip_output_reshape=True, transformer_options=to)
-        ov._fold(ctx)
+        fold_forward(ov.run, ctx)
     r = build_readout(ov, ov.run)
     assert r["node_id"] == "7" and r["steps_run"] == 2 and r["n_steps"] == 2
     assert r["sparse_calls"] == 2 and r["dense_calls"] == {"cross attention": 2}

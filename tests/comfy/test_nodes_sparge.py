@@ -11,20 +11,18 @@ HunyuanVideo: 1 double + 1 single block, joint attention over 512 image + 16 tex
 """
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pack import load_pack  # noqa: E402
+from devkit.metrics import rel_l2 as rel
+from devkit.pack import load_pack
 
 load_pack()
 from sparge_attention.sparge_core.params import THRESHOLD_FIELD  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 
-from harness import (  # noqa: F401  (comfy_server is a fixture)
-    comfy_server,
+from devkit.comfy_harness import (  # noqa: E402
     hunyuan_video_graph,
     load_latent_file,
     wan21_t2v_graph,
@@ -43,10 +41,6 @@ LATENT = (1, 16, 2, 32, 32)
 
 def sparge(**over):
     return dict(KEEP_ALL, **over)
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def wan(srv, seed, sp=None, **kw):

@@ -4,11 +4,8 @@ Op-level torch.compile(fullgraph=True) runs here with the "eager" / "aot_eager" 
 a whole tiny Wan model compiled with inductor by ComfyUI's TorchCompileModel after the node is
 in test_nodes_sparge.py."""
 import importlib
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pack import load_pack  # noqa: E402
+from devkit.pack import load_pack
 
 load_pack()
 
@@ -16,7 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sparge_attention.nodes.config import SpargeConfig  # noqa: E402
-from sparge_attention.nodes.override import ForwardContext, SpargeOverride  # noqa: E402
+from sparge_attention.nodes.override import SpargeOverride  # noqa: E402
+from sparge_attention.nodes.stats import ForwardContext  # noqa: E402
 from sparge_attention.sparge_core import SpargeParams, sparge_attention  # noqa: E402
 from sparge_attention.sparge_core import torch_op  # noqa: E402
 

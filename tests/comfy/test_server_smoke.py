@@ -3,10 +3,8 @@ import math
 
 import pytest
 
-from harness import (  # noqa: F401  (comfy_server is a fixture)
-    ComfyServer,
+from devkit.comfy_harness import (
     ExecutionFailed,
-    comfy_server,
     hunyuan_video_graph,
     load_latent_file,
     wan21_t2v_graph,

@@ -8,25 +8,25 @@ blocks of every query block, so every block and step has sparsity 0.5.
 """
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pack import load_pack  # noqa: E402
+from devkit.pack import load_pack
 
 load_pack()
 from sparge_attention.nodes import override as O  # noqa: E402
+from sparge_attention.nodes import capture as C  # noqa: E402
 from sparge_attention.nodes import sparsity_render as R  # noqa: E402
+from sparge_attention.nodes import sparsity_views as V  # noqa: E402
+from sparge_attention.nodes.stats import ForwardContext, RunStats, fold_forward  # noqa: E402
 from sparge_attention.nodes.config import SpargeConfig  # noqa: E402
 from sparge_attention.nodes.readout import build_readout  # noqa: E402
 from sparge_attention.sparge_core import torch_op  # noqa: E402
 
-from harness import comfy_server, hunyuan_video_graph, wan21_t2v_graph  # noqa: E402,F401
+from devkit.comfy_harness import hunyuan_video_graph, wan21_t2v_graph  # noqa: E402
 
 NODE = "SpargeAttention"
 GRID = (4, 8, 8)  # 256 tokens: 4 query blocks x 2 key blocks
@@ -45,7 +45,7 @@ def cell_colour(img: Image.Image, r: int, c: int, dx=None, dy=None):
 
 def capture_data(masks: dict, nk: int, **extra) -> dict:
     """What SpargeOverride.last_map holds, built by hand: masks {step: (H, NQ, NK) bool}."""
-    d = {"masks": {s: {"packed": O._pack_mask(m), "nk": nk, "sigma": 1.0 - 0.1 * s} for s, m in masks.items()},
+    d = {"masks": {s: {"packed": C.pack_mask(m), "nk": nk, "sigma": 1.0 - 0.1 * s} for s, m in masks.items()},
          "map_layer": 1, "n_layers": 2, "n_steps": max(masks) + 1 if masks else 2, "hilbert": True,
          "block_q": 64, "block_k": 128, "preset": "Custom", "sparsity": 0.5, "dropped_steps": 0, "map_dense": {},
          "steps": sorted(masks), "layer_step_sparsity": [[0.5, 0.5] for _ in masks]}
@@ -58,14 +58,14 @@ def capture_data(masks: dict, nk: int, **extra) -> dict:
 def test_pack_unpack_round_trip(nk):
     g = torch.Generator().manual_seed(nk)
     m = torch.rand(3, 5, nk, generator=g) > 0.5
-    p = O._pack_mask(m)
+    p = C.pack_mask(m)
     assert p.dtype == torch.uint8 and tuple(p.shape) == (3, 5, math.ceil(nk / 8))
-    assert torch.equal(O.unpack_mask(p, nk), m)
+    assert torch.equal(C.unpack_mask(p, nk), m)
 
 
 def test_packing_is_device_only():
     # meta tensors have no data: any host read (.item(), .cpu(), a host-to-device copy) would raise
-    p = O._pack_mask(torch.ones(2, 8, 13, dtype=torch.bool, device="meta"))
+    p = C.pack_mask(torch.ones(2, 8, 13, dtype=torch.bool, device="meta"))
     assert p.device.type == "meta" and tuple(p.shape) == (2, 8, 2)
 
 
@@ -80,7 +80,7 @@ def hand_mask():
 def test_block_mask_one_head_cell_by_cell():
     m = hand_mask()
     for head in (0, 1):
-        img, info = R.block_mask_image(capture_data({0: m, 1: ~m}, 4), step=0, head=head)
+        img, info = V.block_mask_image(capture_data({0: m, 1: ~m}, 4), step=0, head=head)
         assert info["ok"] and info["step"] == 0 and info["head"] == head and info["shape"] == (8, 4)
         assert info["kept_fraction"] == pytest.approx(float(m[head].float().mean()))
         geo = img.info["sparge_plot"]
@@ -93,13 +93,13 @@ def test_block_mask_one_head_cell_by_cell():
         assert t.dtype == torch.float32 and tuple(t.shape) == (1, img.size[1], img.size[0], 3)
         assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0
     # step -1 is the last captured step (here the inverted mask)
-    img, info = R.block_mask_image(capture_data({0: m, 1: ~m}, 4), step=-1, head=0)
+    img, info = V.block_mask_image(capture_data({0: m, 1: ~m}, 4), step=-1, head=0)
     assert info["step"] == 1 and close(cell_colour(img, 0, 0), R.SKIPPED, 0) and close(cell_colour(img, 0, 1), R.KEPT, 0)
 
 
 def test_block_mask_mean_over_heads():
     m = hand_mask()
-    img, info = R.block_mask_image(capture_data({0: m}, 4), step=0, head=-1)
+    img, info = V.block_mask_image(capture_data({0: m}, 4), step=0, head=-1)
     assert info["ok"] and info["head"] is None
     mean = m.float().mean(0)
     half = tuple(int(x) for x in R.ramp(np.array([0.5]), R.MASK_RAMP)[0])
@@ -119,13 +119,13 @@ def test_block_mask_messages():
         (capture_data({}, 4, map_dense={"dense block": 4}), -1, -1, "No block mask"),
         (capture_data({}, 4, map_layer=7, n_layers=2), -1, -1, "No block mask"),
     ):
-        img, info = R.block_mask_image(data, step, head)
+        img, info = V.block_mask_image(data, step, head)
         assert info["ok"] is False and img.size[0] == 640, words
 
 
 def test_big_masks_are_pooled():
     m = torch.rand(1, 3000, 1500, generator=torch.Generator().manual_seed(0)) > 0.5
-    img, info = R.block_mask_image(capture_data({0: m}, 1500), step=0, head=0)
+    img, info = V.block_mask_image(capture_data({0: m}, 1500), step=0, head=0)
     geo = img.info["sparge_plot"]
     assert geo["pool"] == 3 and geo["rows"] == 1000 and geo["cols"] == 500
     assert max(img.size) <= R.MAX_PLOT + 200
@@ -133,7 +133,7 @@ def test_big_masks_are_pooled():
 
 def test_layer_step_view():
     rows = [[0.25, None, 0.9], [0.75, 0.5, None]]  # 2 steps x 3 blocks
-    img, info = R.layer_step_image({"layer_step_sparsity": rows, "steps": [0, 1], "preset": "Fast",
+    img, info = V.layer_step_image({"layer_step_sparsity": rows, "steps": [0, 1], "preset": "Fast",
                                     "sparsity": 0.6, "map_layer": 1, "masks": {0: None}})
     assert info["ok"]
     geo = img.info["sparge_plot"]
@@ -147,7 +147,7 @@ def test_layer_step_view():
             mode = tuple(int(x) for x in colours[counts.argmax()])
             want = R.DENSE if v is None else tuple(int(x) for x in R.ramp(np.array([v]), R.SPARSITY_RAMP)[0])
             assert mode == want, (s, b, mode, want)
-    img2, info2 = R.layer_step_image({"layer_step_sparsity": []})
+    img2, info2 = V.layer_step_image({"layer_step_sparsity": []})
     assert info2["ok"] is False
 
 
@@ -169,16 +169,16 @@ def override(map_layer=1, **widgets):
 
 def forward(ov, step, inputs):
     """One model forward with two self-attention blocks (layers 0 and 1)."""
-    ctx = O.ForwardContext(step, 1.0 - 0.25 * step, step / 4, True, (GRID,), None, 0, capture_layer=ov.map_layer)
+    ctx = ForwardContext(step, 1.0 - 0.25 * step, step / 4, True, (GRID,), None, 0, capture_layer=ov.map_layer)
     for q, k, v in inputs:
         ov(dense_fn, q, k, v, 2, skip_reshape=True, skip_output_reshape=True, transformer_options={ov.key: ctx})
-    ov._fold(ctx)
+    fold_forward(ov.run, ctx)
     return ctx
 
 
 def test_capture_matches_the_op_and_feeds_the_readout(monkeypatch):
     ov = override()
-    ov.run = O.RunStats()
+    ov.run = RunStats()
     steps = {s: [qkv(seed=10 * s), qkv(seed=10 * s + 1)] for s in range(3)}
     one = None
     for s, inputs in steps.items():
@@ -187,14 +187,14 @@ def test_capture_matches_the_op_and_feeds_the_readout(monkeypatch):
         one = one or ctx.map_mask[0].numel()
     # the cap: room for two steps' masks only -> the third is dropped
     ov2 = override()
-    ov2.run = O.RunStats()
-    monkeypatch.setattr(O, "MAP_MAX_BYTES", 2 * one)
+    ov2.run = RunStats()
+    monkeypatch.setattr(C, "MAP_MAX_BYTES", 2 * one)
     for s, inputs in steps.items():
         forward(ov2, s, inputs)
     assert sorted(ov2.run.map_masks) == [0, 1] and ov2.run.map_dropped == 1
 
     readout = build_readout(ov, ov.run)
-    data = O.finish_map(ov, ov.run, readout)
+    data = ov.map_of(ov.run, readout)
     assert data["map_layer"] == 1 and readout["map_layer"] == 1 and sorted(data["masks"]) == [0, 1, 2]
     cfg = ov.config
     for s, inputs in steps.items():
@@ -203,24 +203,24 @@ def test_capture_matches_the_op_and_feeds_the_readout(monkeypatch):
                                                               cfg.params.pvthreshd))
         _, kept, _, mask = torch.ops.sparge.attention_map(q, k, v, sim, thr, pv, "cdf", False, list(GRID), -1.0,
                                                            cfg.params.scoring, cfg.params.fill_skipped)
-        got = O.unpack_mask(data["masks"][s]["packed"], data["masks"][s]["nk"])
+        got = C.unpack_mask(data["masks"][s]["packed"], data["masks"][s]["nk"])
         assert torch.equal(got, mask[0]) and int(got.sum()) == int(kept)
         # the block x step table agrees with the mask of the captured block
         assert readout["layer_step_sparsity"][s][1] == pytest.approx(1 - float(mask.float().mean()))
     assert len(readout["layer_step_sparsity"]) == 3 and all(len(r) == 2 for r in readout["layer_step_sparsity"])
-    img, info = R.block_mask_image(data, -1, -1)
+    img, info = V.block_mask_image(data, -1, -1)
     assert info["ok"] and info["step"] == 2 and info["shape"] == (4, 2)
 
 
 def test_capture_of_a_dense_block_explains_itself():
     ov = override(map_layer=1, dense_blocks="1")
-    ov.run = O.RunStats()
+    ov.run = RunStats()
     forward(ov, 0, [qkv(seed=1), qkv(seed=2)])
     readout = build_readout(ov, ov.run)
-    data = O.finish_map(ov, ov.run, readout)
+    data = ov.map_of(ov.run, readout)
     assert data["masks"] == {} and data["map_dense"] == {"dense block": 1}
     assert readout["layer_step_sparsity"][0][1] is None and readout["layer_step_sparsity"][0][0] is not None
-    img, info = R.block_mask_image(data, -1, -1)
+    img, info = V.block_mask_image(data, -1, -1)
     assert info["ok"] is False
 
 
@@ -247,10 +247,10 @@ def test_fullgraph_compile_with_capture():
         return ov(dense_fn, q, k, v, 2, skip_reshape=True, skip_output_reshape=True, transformer_options=to)
 
     q, k, v = qkv()
-    eager = O.ForwardContext(0, 1.0, 0.0, True, (GRID,), None, 0, capture_layer=0)
+    eager = ForwardContext(0, 1.0, 0.0, True, (GRID,), None, 0, capture_layer=0)
     want = fn(q, k, v, {ov.key: eager})
     torch._dynamo.reset()
-    ctx = O.ForwardContext(0, 1.0, 0.0, True, (GRID,), None, 0, capture_layer=0)
+    ctx = ForwardContext(0, 1.0, 0.0, True, (GRID,), None, 0, capture_layer=0)
     got = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, {ov.key: ctx})
     assert torch.equal(got, want)
     assert ctx.map_mask is not None and torch.equal(ctx.map_mask[0], eager.map_mask[0])
@@ -332,7 +332,7 @@ def test_map_node_through_a_real_run(comfy_server):
     # the layer x step picture is exactly what the renderer draws from the readout
     data = {"layer_step_sparsity": r["layer_step_sparsity"], "steps": [s["step"] for s in r["per_step"]],
             "preset": "Custom", "sparsity": r["sparsity"], "map_layer": 1, "masks": {1: None}, "dropped_steps": 0}
-    want, _ = R.layer_step_image(data)
+    want, _ = V.layer_step_image(data)
     got = images["22"]
     assert got.size == want.size
     assert np.abs(np.asarray(got).astype(int) - np.asarray(want).astype(int)).max() <= 1

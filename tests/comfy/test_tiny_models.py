@@ -1,7 +1,7 @@
 """The tiny models are detected by ComfyUI 0.3.75's own model_detection, and are deterministic."""
 import pytest
 
-import tiny_models
+from devkit import tiny_models
 
 pytestmark = [pytest.mark.comfy, pytest.mark.timeout(300)]
 

@@ -1,0 +1,188 @@
+"""Which attention calls run sparse, and how (token grid, key padding); nothing here runs attention.
+
+ComfyUI 0.3.75 calls the override as override(func, q, k, v[, heads], heads=, mask=,
+skip_reshape=, skip_output_reshape=, transformer_options=) (shared/COMFYUI.md): q/k/v are
+(B, N, H*D) or, with skip_reshape, (B, H, N, D). `read_call` parses that; `dense_reason` says why a
+call must stay dense (one of the reasons below, the readout's keys) or None.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..sparge_core.api import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from ..sparge_core.layout import split_heads
+
+# dense-fallback reasons (readout keys)
+R_CROSS = "cross attention"
+R_SHORT = "short"
+R_SCHEDULE = "schedule"
+R_DENSE_BLOCK = "dense block"
+R_MASK = "mask"
+R_DTYPE = "dtype"
+R_HEAD_DIM = "head dim"
+R_SHAPE = "unsupported call"
+R_KERNEL = "kernel error"
+R_PROFILE_DENSE = "profile dense layer"  # a loaded profile keeps every head of this block dense
+
+# why Hilbert order was not used on a sparse call
+H_OFF = "off"
+H_NO_GRID = "no grid"
+H_MISMATCH = "grid mismatch"
+H_MASK = "mask on grid tokens"
+
+
+class Call(NamedTuple):
+    """An attention call as ComfyUI made it, with its sizes."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    heads_split: bool  # skip_reshape: q/k/v are (B, H, N, D)
+    merge_out: bool  # not skip_output_reshape: return (B, N, H*D)
+    B: int
+    H: int
+    N: int
+    Nk: int
+    D: int
+    flops: float  # 4 B H N Nk D
+
+    def split(self):
+        """q, k, v as (B, H, N, D)."""
+        if self.heads_split:
+            return self.q, self.k, self.v
+        return split_heads(self.q, self.H), split_heads(self.k, self.H), split_heads(self.v, self.H)
+
+
+def read_call(args, kwargs) -> tuple[Optional[Call], Optional[str]]:
+    """(Call, None) for a self-attention call the override can read; (None or Call, reason) else."""
+    if len(args) < 3 or not all(isinstance(a, torch.Tensor) for a in args[:3]):
+        return None, R_SHAPE
+    q, k, v = args[0], args[1], args[2]
+    heads = args[3] if len(args) > 3 else kwargs.get("heads")
+    split = bool(kwargs.get("skip_reshape", False))
+    if split:
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            return None, R_SHAPE
+        B, H, N, D = q.shape
+        Nk = k.shape[2]
+    else:
+        if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or not isinstance(heads, int) or heads <= 0 \
+                or q.shape[-1] % heads:
+            return None, R_SHAPE
+        B, N, _ = q.shape
+        H, D = heads, q.shape[-1] // heads
+        Nk = k.shape[1]
+    call = Call(q, k, v, split, not bool(kwargs.get("skip_output_reshape", False)), B, H, N, Nk, D,
+                4.0 * B * H * N * Nk * D)
+    return call, (R_CROSS if Nk != N else None)
+
+
+def dense_reason(call: Call, cfg, sparse_on: bool, layer: Optional[int], block_q: int) -> Optional[str]:
+    """Why a self-attention call runs dense (before its mask is looked at), or None."""
+    q, k, v = call.q, call.k, call.v
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        return R_DTYPE
+    if call.heads_split:
+        bad = k.shape[1] != call.H or v.shape != k.shape
+    else:
+        bad = k.shape != v.shape or k.shape[-1] != q.shape[-1]
+    if bad:
+        return R_SHAPE
+    if call.D > MAX_HEAD_DIM:
+        return R_HEAD_DIM
+    if call.N < max(cfg.min_tokens, block_q):
+        return R_SHORT
+    if not sparse_on:
+        return R_SCHEDULE
+    if layer is not None and layer in cfg.dense_blocks:
+        return R_DENSE_BLOCK
+    return None
+
+
+def layer_index(ctx, to) -> Optional[int]:
+    """Transformer block index of a self-attention call: HunyuanVideo-style block_index (double
+    blocks first, then single blocks), else the count of self-attention calls so far in this
+    forward (Wan 0.3.75 passes no block index)."""
+    if isinstance(to, dict) and isinstance(to.get("block_index"), int):
+        idx = to["block_index"]
+        if to.get("block_type") == "single":
+            idx += ctx.n_double if ctx is not None else 0
+    elif ctx is not None:
+        idx = ctx.self_attn_calls
+    else:
+        return None
+    if ctx is not None:
+        ctx.self_attn_calls += 1
+        ctx.max_layer = max(ctx.max_layer, idx)
+    return idx
+
+
+def grid_for(hilbert: bool, ctx, n: int, to):
+    """(grid, text tokens after it, None) for Hilbert order, or (None, None, why not)."""
+    if not hilbert:
+        return None, None, H_OFF
+    if ctx is None or not ctx.grids:
+        return None, None, H_NO_GRID
+    joint = isinstance(to, dict) and to.get("block_type") in ("double", "single")
+    for g in ctx.grids:
+        n_grid = g[0] * g[1] * g[2]
+        if n == n_grid:
+            return g, 0, None
+        if joint and ctx.context_tokens is not None and n == n_grid + ctx.context_tokens:
+            return g, ctx.context_tokens, None  # image tokens first, text tokens stay in place
+    return None, None, H_MISMATCH
+
+
+def grid_keys_kept(keep_keys, grid) -> bool:
+    """Does key padding leave every grid token (the first t*h*w keys) in place?"""
+    n_grid = grid[0] * grid[1] * grid[2]
+    for idx in keep_keys[1]:
+        if idx.numel() < n_grid or int(idx[n_grid - 1]) != n_grid - 1:
+            return False
+    return True
+
+
+@torch.compiler.disable
+def key_padding(mask, B: int, Nk: int, cache: dict):
+    """A mask that only removes keys (same for every query and head), e.g. HunyuanVideo's text
+    padding: attention over the remaining keys is exactly the same thing. Returns ("shared" |
+    "per_item", index lists) -- one list for all batch items or one per item -- or None when the
+    mask is anything else (then the call runs dense). Cached per forward by the mask's storage."""
+    ck = (mask.data_ptr(), tuple(mask.shape), str(mask.dtype), B, Nk)
+    if ck in cache:
+        return cache[ck]
+    res = None
+    m = mask
+    if m.dim() == 2:
+        m = m.unsqueeze(0)
+    if m.dim() == 3:
+        m = m.unsqueeze(1)
+    if m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1 and m.shape[3] == Nk and m.shape[0] in (1, B):
+        row = m[:, 0, 0, :]
+        if row.dtype == torch.bool:
+            keep = row
+            pure = True
+        else:
+            rf = row.float()
+            keep = rf == 0
+            pure = bool(((rf == 0) | (rf <= -1e4)).all())
+        if pure and bool(keep.any(dim=-1).all()):
+            lists = [keep[i].nonzero().flatten() for i in range(keep.shape[0])]
+            res = ("shared" if keep.shape[0] == 1 else "per_item", lists)
+    cache[ck] = res
+    return res
+
+
+def describe_call(args, kwargs) -> str:
+    """A call in one line, for the verbose log of the first dense call of each reason."""
+    shapes = [tuple(a.shape) for a in args[:3] if isinstance(a, torch.Tensor)]
+    extra = {k: kwargs[k] for k in ("heads", "skip_reshape", "skip_output_reshape") if k in kwargs}
+    to = kwargs.get("transformer_options") or {}
+    for k in ("block_type", "block_index"):
+        if k in to:
+            extra[k] = to[k]
+    if kwargs.get("mask") is not None:
+        extra["mask"] = tuple(kwargs["mask"].shape)
+    return f"q/k/v {shapes} {extra}"

@@ -1,0 +1,34 @@
+"""The sparse call of one eligible attention call: the op (sparge_core.torch_op.call), over the
+keys a key-padding mask keeps. The override calls `run_sparse` through this module, so a test can
+make it fail (the override's "kernel error" fallback) without a switch in production code."""
+from __future__ import annotations
+
+import torch
+
+from ..sparge_core.params import SpargeParams
+from ..sparge_core.torch_op import call as op_call
+
+
+def run_sparse(qh, kh, vh, params: SpargeParams, grid, keep_keys, want_mask: bool = False):
+    """(out, kept, pv_skipped), plus the (B, H, NQ, NK) block mask when want_mask (of the first
+    batch item only when each item has its own key padding). q/k/v are (B, H, N, D)."""
+    if keep_keys is None:
+        return op_call(qh, kh, vh, params, grid, with_mask=want_mask)
+    kind, lists = keep_keys
+    if kind == "shared":
+        idx = lists[0].to(kh.device)
+        if idx.numel() == kh.shape[2]:
+            return op_call(qh, kh, vh, params, grid, with_mask=want_mask)
+        return op_call(qh, kh.index_select(2, idx), vh.index_select(2, idx), params, grid, with_mask=want_mask)
+    outs, kept, skipped, mask = [], 0, 0, None
+    for b, idx in enumerate(lists):  # each batch item keeps its own keys
+        idx = idx.to(kh.device)
+        r = op_call(qh[b:b + 1], kh[b:b + 1].index_select(2, idx), vh[b:b + 1].index_select(2, idx), params, grid,
+                    with_mask=want_mask and b == 0)
+        outs.append(r[0])
+        kept, skipped = kept + r[1], skipped + r[2]
+        if want_mask and b == 0:
+            mask = r[3]
+    if want_mask:
+        return torch.cat(outs, 0), kept, skipped, mask
+    return torch.cat(outs, 0), kept, skipped

@@ -1,0 +1,172 @@
+"""What the override records: per call (CallRecord), per model forward (ForwardContext), per step
+(StepStats) and per sampling run (RunStats), and `fold_forward`, which adds a forward's records to
+its run. Every field is declared here, including those the observers fill (error check, profile
+notes, calibration), so nothing is attached to these objects from outside.
+
+Counts of sparse calls are 0-dim device tensors (the op returns them without a host sync); they
+are summed on the device and read once, when the readout is built at the end of the run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from .capture import keep_step_mask
+
+
+class CallRecord(NamedTuple):
+    """One sparse call."""
+
+    kept: torch.Tensor  # computed query-block x key-block pairs (0-dim int64, device)
+    pv_skipped: torch.Tensor  # kept pairs whose P.V was skipped (0-dim int64, device)
+    total: int  # pairs a dense call computes
+    flops: float  # attention FLOPs of the call at full cost
+    fill_flops: float  # FLOPs of the skipped-block estimate (fill_skipped), else 0
+    layer: Optional[int]  # transformer block
+
+
+@dataclass(eq=False)
+class ForwardContext:
+    """What the override needs to know about, and records during, one model forward."""
+
+    step: Optional[int]
+    sigma: Optional[float]
+    percent: Optional[float]
+    sparse_on: bool  # inside the node's start/end window
+    grids: tuple  # candidate (t, h, w) token grids of the latent (ceil and floor patching)
+    context_tokens: Optional[int]  # text tokens (joint attention puts them after the grid)
+    n_double: int  # HunyuanVideo-style double blocks: single block i is layer n_double + i
+    capture_layer: Optional[int] = None  # block whose block mask is captured (None: no capture)
+    self_attn_calls: int = 0
+    max_layer: int = -1
+    records: list = field(default_factory=list)  # CallRecord per sparse call
+    dense: dict = field(default_factory=dict)  # reason -> calls
+    dense_flops: float = 0.0
+    hilbert_used: int = 0
+    hilbert_not: dict = field(default_factory=dict)  # reason -> sparse calls without Hilbert order
+    last_grid: Optional[tuple] = None
+    last_tail: Optional[int] = None
+    backends: set = field(default_factory=set)
+    events: list = field(default_factory=list)  # (start, end) CUDA events of sparse calls (verbose)
+    mask_cache: dict = field(default_factory=dict)  # attention mask -> key padding (eligibility)
+    first_seen: list = field(default_factory=list)  # (reason, description) for verbose logs
+    map_mask: Optional[tuple] = None  # (packed uint8 (H, NQ, ceil(NK/8)) on the device, NK) of capture_layer
+    map_dense: dict = field(default_factory=dict)  # reason -> calls of capture_layer that ran dense
+    cur_layer: Optional[int] = None  # block index of the call in progress (for map_dense)
+
+    @property
+    def record_layers(self) -> list:
+        return [r.layer for r in self.records]
+
+
+@dataclass(eq=False)
+class StepStats:
+    step: int
+    sigma: Optional[float]
+    forwards: int = 0
+    sparse_calls: int = 0
+    kept: Any = 0  # device tensor once a sparse call ran
+    total: int = 0
+    pv_skipped: Any = 0
+    dense: dict = field(default_factory=dict)
+    flops_total: float = 0.0  # every call, dense and sparse, at full cost
+    flops_dense: float = 0.0  # calls that ran dense
+    flops_sparse_computed: Any = 0.0  # device tensor (sum of kept * flops / total + fill)
+    layer_parts: list = field(default_factory=list)  # (blocks, kept per call (device int64 vector), totals) per forward
+
+
+@dataclass(eq=False)
+class RunStats:
+    """One sampling run. `RunStats.start(sigmas)` at its start."""
+
+    n_steps: Optional[int] = None
+    t0: float = field(default_factory=time.monotonic)
+    steps: dict = field(default_factory=dict)  # step (-1: unknown) -> StepStats
+    forwards: int = 0
+    hilbert_used: int = 0
+    hilbert_not: dict = field(default_factory=dict)
+    grid: Optional[tuple] = None
+    tail: Optional[int] = None
+    backends: set = field(default_factory=set)
+    events: list = field(default_factory=list)
+    max_layer: int = -1
+    first_seen: dict = field(default_factory=dict)
+    n_layers: Optional[int] = None  # transformer blocks of the model (from the diffusion model)
+    # sparsity map (nodes/capture.py)
+    map_layer: Optional[int] = None
+    map_masks: dict = field(default_factory=dict)  # step -> (packed uint8 device tensor, NK, sigma)
+    map_bytes: int = 0
+    map_dropped: int = 0  # steps not kept (capture.MAP_MAX_BYTES)
+    map_dense: dict = field(default_factory=dict)
+    # filled by observers
+    error_sums: dict = field(default_factory=dict)  # block -> [float64 (5,) device sums, calls] (error_check.py)
+    profile_notes: list = field(default_factory=list)  # resolution notes of a loaded profile (profile_use.py)
+    calibration: Optional[dict] = None  # the Sparge Calibrate node's summary (calibration.py)
+
+    @classmethod
+    def start(cls, sigmas=None) -> "RunStats":
+        n = None
+        if isinstance(sigmas, torch.Tensor) and sigmas.dim() > 0:
+            n = max(0, int(sigmas.shape[-1]) - 1)
+        return cls(n_steps=n)
+
+    def step(self, step, sigma) -> StepStats:
+        key = -1 if step is None else int(step)
+        st = self.steps.get(key)
+        if st is None:
+            st = self.steps[key] = StepStats(key, sigma)
+        return st
+
+    def dense_calls(self) -> dict:
+        """reason -> dense calls over the run's steps."""
+        out: dict = {}
+        for st in self.steps.values():
+            for r, n in st.dense.items():
+                out[r] = out.get(r, 0) + n
+        return out
+
+    def blocks_with_sparse_calls(self) -> set:
+        return {b for st in self.steps.values() for part in st.layer_parts for b in part[0] if b is not None}
+
+
+def _add_counts(into: dict, counts: dict) -> None:
+    for k, n in counts.items():
+        into[k] = into.get(k, 0) + n
+
+
+def fold_forward(run: RunStats, ctx: ForwardContext) -> None:
+    """Add one forward's records to its step and run (device sums only: no host sync)."""
+    st = run.step(ctx.step, ctx.sigma)
+    st.forwards += 1
+    run.forwards += 1
+    _add_counts(st.dense, ctx.dense)
+    st.flops_total += ctx.dense_flops
+    st.flops_dense += ctx.dense_flops
+    recs = ctx.records
+    if recs:
+        kept_vec = torch.stack([r.kept.reshape(()) for r in recs])
+        st.kept = st.kept + kept_vec.sum()
+        st.layer_parts.append((tuple(r.layer for r in recs), kept_vec, tuple(r.total for r in recs)))
+        st.pv_skipped = st.pv_skipped + torch.stack([r.pv_skipped.reshape(()) for r in recs]).sum()
+        computed = torch.stack([r.kept.reshape(()).double() * (r.flops / r.total) for r in recs]).sum()
+        st.flops_sparse_computed = st.flops_sparse_computed + computed + sum(r.fill_flops for r in recs)
+        st.total += sum(r.total for r in recs)
+        st.flops_total += sum(r.flops for r in recs)
+        st.sparse_calls += len(recs)
+    run.hilbert_used += ctx.hilbert_used
+    _add_counts(run.hilbert_not, ctx.hilbert_not)
+    if ctx.last_grid is not None:
+        run.grid, run.tail = ctx.last_grid, ctx.last_tail
+    run.backends |= ctx.backends
+    run.events.extend(ctx.events)
+    run.max_layer = max(run.max_layer, ctx.max_layer)
+    for reason, desc in ctx.first_seen:
+        run.first_seen.setdefault(reason, desc)
+    if ctx.capture_layer is not None:
+        run.map_layer = ctx.capture_layer
+        _add_counts(run.map_dense, ctx.map_dense)
+        if ctx.map_mask is not None:
+            keep_step_mask(run, st.step, ctx.map_mask, ctx.sigma)
