@@ -112,6 +112,8 @@ __all__ = [
     "make_video_qkv",
     "attention_stats",
     "format_stats",
+    "REGIMES",
+    "make_regime_qkv",
 ]
 
 HEAD_TYPES = ("spatial", "local", "temporal", "global", "sink")
@@ -707,6 +709,49 @@ def format_stats(stats: Dict[str, torch.Tensor], head_types: Optional[Sequence[s
     lines.append("  all          " + " ".join(f"{stats[c].mean().item():11.3f}" for c in cols))
     lines.append(f"(key blocks: {int(stats['n_key_blocks'])}, sampled query rows: {int(stats['n_rows'])})")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Regimes: attention statistics the presets were not tuned on (bench/robustness.py)
+# ----------------------------------------------------------------------------------------
+
+# The presets were chosen on "tuned" (the default head mix at Wan 480p); each other regime
+# moves one statistic away from it.  Keys: head_cycle (head types, repeated over the heads),
+# n_text, grid (full-size default), q_scale (multiplies q after RoPE: sharper rows), qk_std
+# (q and k replaced by i.i.d. normal values of this std: logits ~ N(0, qk_std^4), flat rows).
+REGIMES: Dict[str, dict] = {
+    "tuned": dict(),
+    "content": dict(head_cycle=("spatial", "local", "temporal")),  # position/content-matching heads only
+    "sink": dict(head_cycle=("sink", "sink", "local", "sink", "global", "sink")),  # 2/3 sink heads
+    "uniform": dict(qk_std=0.7),  # what random weights give: every row nearly flat
+    "peaked": dict(head_cycle=("local",), q_scale=3.0),  # local heads, 3x the logit spread
+    "text256": dict(n_text=256),  # joint attention, text after the video tokens (HunyuanVideo style)
+    "text512": dict(n_text=512),
+    "wan720": dict(grid=(21, 45, 80)),  # the default mix at Wan 720p: 75,600 tokens
+}
+
+
+@torch.no_grad()
+def make_regime_qkv(regime: str, grid: Optional[Sequence[int]] = None, heads: int = 12, head_dim: int = 128,
+                    seed: int = 0, device="cpu", dtype=torch.bfloat16, n_text: Optional[int] = None):
+    """``make_video_qkv`` for one of ``REGIMES`` (grid and n_text default to the regime's own;
+    small grids for CPU tests pass both).  ``info['grid']`` is the video grid, ``info['regime']``
+    the name; for "uniform" v stays the realistic one (a flat row averages real values)."""
+    r = REGIMES[regime]
+    grid = tuple(grid if grid is not None else r.get("grid", (21, 30, 52)))
+    n_text = r.get("n_text", 0) if n_text is None else int(n_text)
+    cycle = r.get("head_cycle")
+    types = None if cycle is None else [cycle[i % len(cycle)] for i in range(heads)]
+    q, k, v, info = make_video_qkv(grid, heads, head_dim, n_text=n_text, seed=seed, device=device, dtype=dtype,
+                                   head_types=types)
+    if "q_scale" in r:
+        q = (q.float() * r["q_scale"]).to(dtype)
+    if "qk_std" in r:
+        gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
+        q = (torch.randn(q.shape, generator=gen) * r["qk_std"]).to(device, dtype)
+        k = (torch.randn(k.shape, generator=gen) * r["qk_std"]).to(device, dtype)
+    info["regime"] = regime
+    return q, k, v, info
 
 
 def _main():

@@ -15,6 +15,7 @@ from ..sparge_core.presets import PRESET_NAMES, PRESETS
 # the blocks: ~1/16 of the sparse calls), "every call" (each sparse call also runs dense: ~2x attention time)
 ERROR_CHECK_MODES = ("off", "sampled", "every call")
 CALIBRATION_MODES = ("cdf", "topk")  # the thresholds sparge_core.calibrate searches per head
+MAX_TARGET = 0.5  # target_rel_l1 widget: the largest error a user may ask for
 PV_OFF_AT = 100.0  # a pvthreshd widget value >= this means "never skip P.V" (inf)
 DEFAULT_PRESET = "Balanced"
 DEFAULT_MIN_TOKENS = 2048
@@ -112,6 +113,9 @@ class SpargeConfig:
     error_check: str = "off"  # one of ERROR_CHECK_MODES (nodes/error_check.py)
     # What fitting the profile to the model noted (e.g. another model family), for the readout.
     profile_notes: tuple = field(default=(), compare=False)
+    # The error to hold (rel-L1 of the attention output): a preset's own target, Custom's slider;
+    # 0 = the thresholds stay as set (nodes/adapt.py moves them toward it, share mode only).
+    target_rel_l1: float = 0.0
 
     @classmethod
     def from_widgets(cls, preset: str = DEFAULT_PRESET, mode: str = "cdf", simthreshd1: float = -1.0,
@@ -119,9 +123,13 @@ class SpargeConfig:
                      start_percent: float = 0.0, end_percent: float = 1.0, dense_blocks: str = "",
                      hilbert: bool = True, min_tokens: int = DEFAULT_MIN_TOKENS, verbose: bool = False,
                      minshare: float = PRESETS[DEFAULT_PRESET].minshare,
-                     fill_skipped: bool = PRESETS[DEFAULT_PRESET].fill_skipped) -> "SpargeConfig":
+                     fill_skipped: bool = PRESETS[DEFAULT_PRESET].fill_skipped,
+                     target_rel_l1: float = 0.0) -> "SpargeConfig":
         if preset not in PRESET_NAMES:
             raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r}")
+        target = float(target_rel_l1 or 0.0)
+        if not (0.0 <= target <= MAX_TARGET):
+            raise ValueError(f"target_rel_l1 must be between 0 (off) and {MAX_TARGET}, got {target_rel_l1}")
         if preset == "Custom":
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -131,9 +139,10 @@ class SpargeConfig:
                                            fill_skipped=bool(fill_skipped))
         else:
             params = PRESETS[preset].params()
+            target = PRESETS[preset].target_rel_l1
         return cls(params=params, preset=preset, start_percent=float(start_percent), end_percent=float(end_percent),
                    dense_blocks=parse_dense_blocks(dense_blocks), hilbert=bool(hilbert),
-                   min_tokens=int(min_tokens), verbose=bool(verbose))
+                   min_tokens=int(min_tokens), verbose=bool(verbose), target_rel_l1=target)
 
     def threshold(self):
         """The preset's cdfthreshd / topk / minshare: a float, or a list when it holds per-head values."""
@@ -177,6 +186,7 @@ class SpargeConfig:
             "pvthreshd": pv,  # None = P.V skipping off
             "scoring": p.scoring,
             "fill_skipped": p.fill_skipped,
+            "target_rel_l1": self.target_rel_l1 or None,  # None: thresholds as set
             "start_percent": self.start_percent,
             "end_percent": self.end_percent,
             "dense_blocks": sorted(self.dense_blocks),
@@ -188,7 +198,7 @@ class SpargeConfig:
         }
 
 
-SLIDER_WIDGETS = ("mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped")
+SLIDER_WIDGETS = ("mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped", "target_rel_l1")
 
 
 def presets_for_ui() -> dict:
@@ -199,6 +209,7 @@ def presets_for_ui() -> dict:
         pv = float(p.pvthreshd)
         table[p.name] = {"mode": p.mode, "simthreshd1": float(p.simthreshd1), "cdfthreshd": float(p.cdfthreshd),
                          "topk": float(p.topk), "minshare": float(p.minshare), "fill_skipped": bool(p.fill_skipped),
+                         "target_rel_l1": float(p.target_rel_l1),
                          "pvthreshd": PV_OFF_AT if pv >= PV_OFF_AT else pv}
     return {"names": list(PRESET_NAMES), "custom": "Custom", "default": DEFAULT_PRESET,
             "slider_widgets": list(SLIDER_WIDGETS), "presets": table}

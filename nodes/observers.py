@@ -4,9 +4,13 @@ An observer is handed to `install(..., observers=[...])` (or made by the overrid
 the error check and a loaded profile). The override calls, in this order:
 
   run_started(run, model_patcher)   a sampling run starts (OUTER_SAMPLE); model_patcher may be None
+  forward_started(ctx)              a model forward starts (APPLY_MODEL), with its ForwardContext
   before_sparse(call) -> reason     an eligible call is about to run sparse; a reason string makes it
                                     run dense instead (counted under that reason), None lets it run
+  choose_params(call, params)       -> the SpargeParams the call runs with (steering: e.g. per-head
+                                    thresholds that adapt); return `params` to leave them
   after_sparse(call, out)           the sparse call returned `out` (in the caller's layout)
+  forward_finished(ctx)             the forward is done (its calls are queued, maybe not run yet)
   run_finished(run, completed)      the run ended, before its readout is built; raising here fails
                                     the sampler node after the readout is published
   readout(run) -> dict              keys added to the run's readout
@@ -44,10 +48,19 @@ class Observer:
     def run_started(self, run, model_patcher) -> None:
         pass
 
+    def forward_started(self, ctx) -> None:
+        pass
+
     def before_sparse(self, call: ObservedCall) -> Optional[str]:
         return None
 
+    def choose_params(self, call: ObservedCall, params):
+        return params
+
     def after_sparse(self, call: ObservedCall, out: torch.Tensor) -> None:
+        pass
+
+    def forward_finished(self, ctx) -> None:
         pass
 
     def run_finished(self, run, completed: bool) -> None:

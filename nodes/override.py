@@ -34,6 +34,7 @@ from ..sparge_core.torch_op import dense_block_total
 from . import eligibility as E
 from . import sparse_call
 from .capture import MAP_AUTO, capture_layer, finish_map, pack_mask
+from .adapt import Adaptation
 from .config import SpargeConfig
 from .error_check import ErrorCheck
 from .model_info import context_tokens, count_layers, double_blocks, grid_candidates, step_of
@@ -53,8 +54,11 @@ def _is_compiling() -> bool:
 
 
 def config_observers(config: SpargeConfig) -> tuple:
-    """The observers a node's settings ask for: the error check and a loaded profile's readout."""
+    """The observers a node's settings ask for: the error target's adaptation, the error check and a
+    loaded profile's readout."""
     obs = []
+    if config.target_rel_l1:
+        obs.append(Adaptation(config.target_rel_l1, profile=config.profile))
     if config.error_check != "off":
         obs.append(ErrorCheck(config.error_check))
     if config.profile is not None:
@@ -131,6 +135,8 @@ class SpargeOverride:
         if sig in self._failed:  # failed before in this run: do not retry (a compile error would repeat)
             return self._dense(func, args, kwargs, ctx, E.R_KERNEL, call.flops)
         params = cfg.params_for_layer(layer)  # a loaded profile's per-head params, else the preset's
+        for obs in self.observers:
+            params = obs.choose_params(observed, params)
         capture = ctx is not None and layer is not None and layer == ctx.capture_layer and ctx.map_mask is None
         timing = None
         if _is_compiling():
@@ -212,10 +218,17 @@ class SpargeOverride:
                         "no step stats for it", self.tag(), e)
             ctx = ForwardContext(None, None, None, True, (), None, 0, capture_layer(self.map_layer, None))
         to[self.key] = ctx
+        for obs in self.observers:
+            obs.forward_started(ctx)
         try:
             return executor(*args, **kwargs)
         finally:
             to.pop(self.key, None)
+            for obs in self.observers:
+                try:
+                    obs.forward_finished(ctx)
+                except Exception as e:  # pragma: no cover - defensive: bookkeeping never breaks a render
+                    log.warning("Sparge Attention%s: %s after a forward failed: %s", self.tag(), type(obs).__name__, e)
             if self.run is None:  # a forward outside a sampling run (no OUTER_SAMPLE): keep a private run
                 self.run = RunStats()
             try:

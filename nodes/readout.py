@@ -18,6 +18,10 @@ Readout keys (all JSON types; None where not applicable):
   layer_step_sparsity[step][block] (sparsity of each transformer block's sparse calls per step, in
   per_step order; None where the block ran no sparse call), map_layer (the block whose block masks
   were captured for the Sparge Sparsity Map node; None when none was),
+  target_rel_l1 (the preset's or slider's error target; None = thresholds as set), measured_rel_l1
+  (rel-L1 pooled over the run's sampled measurements; None when none), adaptation{target_rel_l1,
+  measured_rel_l1, measured_calls, rows_per_call, every_n_steps, per_layer{"<block>": {rel_l1[per head],
+  calls, threshold[per head minshare in use], adapted}}} (nodes/adapt.py; None without a target),
   error_check{mode, calls, rel_l1, cosine, worst_layer, worst_rel_l1, per_layer{"<block>": {rel_l1, cosine,
   calls}}} (None when off; nodes/error_check.py), profile{name, layers, heads, calibrated_layers,
   layers_used, params{...}, notes[...]} (None without one; nodes/profile_use.py), calibration{...}
@@ -147,7 +151,9 @@ def build_readout(ov, run, completed: bool = True) -> dict:
         "layer_step_sparsity": layer_step,
         "map_layer": getattr(run, "map_layer", None),
     }
-    readout.update(error_check=None, profile=None)  # present even when no observer fills them
+    # present even when no observer fills them
+    readout.update(error_check=None, profile=None, target_rel_l1=cfg.target_rel_l1 or None, measured_rel_l1=None,
+                   adaptation=None)
     for obs in ov.observers:
         readout.update(obs.readout(run))
     return readout
@@ -200,8 +206,11 @@ def format_line(r: dict) -> str:
 
 
 def _extra_line(r: dict) -> str:
-    """What the readout's one log line adds for the error check, a profile and a calibration."""
+    """What the readout's one log line adds for the error target, the error check, a profile and a
+    calibration."""
     parts = []
+    if r.get("target_rel_l1") is not None or r.get("measured_rel_l1") is not None:
+        parts.append(f"measured error {_f(r.get('measured_rel_l1'))} (target {_f(r.get('target_rel_l1'))})")
     ec = r.get("error_check")
     if ec:
         if ec["calls"]:

@@ -5,8 +5,8 @@ from comfy_api.latest import io
 
 from ..sparge_core.presets import PRESET_NAMES, PRESETS
 from .capture import MAP_AUTO
-from .config import (DEFAULT_MIN_TOKENS, DEFAULT_PRESET, ERROR_CHECK_MODES, MODES, PV_OFF_AT, DenseBlocksError,
-                     SpargeConfig, parse_dense_blocks)
+from .config import (DEFAULT_MIN_TOKENS, DEFAULT_PRESET, ERROR_CHECK_MODES, MAX_TARGET, MODES, PV_OFF_AT,
+                     DenseBlocksError, SpargeConfig, parse_dense_blocks)
 from .override import install
 from .profile_files import apply_profile
 from .profile_node import SpargeProfileType
@@ -100,6 +100,13 @@ class SpargeAttention(io.ComfyNode):
                     "instead of dropping it. On the realistic benchmark this cut the error about 3x at the same "
                     "sparsity for a few percent of attention time; the presets use it. A calibrated "
                     "profile's blocks follow the profile (Sparge Calibrate's own fill_skipped).")),
+                io.Float.Input("target_rel_l1", default=0.0, min=0.0, max=MAX_TARGET, step=0.005, optional=True,
+                               tooltip=(
+                    "The error to hold, as relative L1 of the attention output against exact attention (0.04 = "
+                    "outputs change by about 4% on average). The presets carry their own (Quality 0.02, Balanced "
+                    "0.04, Fast 0.06, Turbo 0.09). During sampling the node measures the real error of each block "
+                    "and head on a few sampled rows and moves that head's minshare toward it (share mode). "
+                    "Custom: 0 = keep the thresholds exactly as set.")),
                 SpargeProfileType.Input("profile", optional=True, tooltip=(
                     "Optional calibrated profile from the Load Sparge Profile node (made by Sparge Calibrate on "
                     "this model): its blocks use the measured per-head thresholds instead of the preset; blocks "
@@ -136,12 +143,13 @@ class SpargeAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, preset, mode, simthreshd1, cdfthreshd, topk, pvthreshd, start_percent,
                 end_percent, dense_blocks, hilbert, min_tokens, verbose, map_layer=MAP_AUTO, error_check="off",
-                minshare=_BAL.minshare, fill_skipped=_BAL.fill_skipped, profile=None) -> io.NodeOutput:
+                minshare=_BAL.minshare, fill_skipped=_BAL.fill_skipped, target_rel_l1=0.0,
+                profile=None) -> io.NodeOutput:
         config = SpargeConfig.from_widgets(
             preset=preset, mode=mode, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
             pvthreshd=pvthreshd, start_percent=start_percent, end_percent=end_percent,
             dense_blocks=dense_blocks, hilbert=hilbert, min_tokens=min_tokens, verbose=verbose, minshare=minshare,
-            fill_skipped=fill_skipped)
+            fill_skipped=fill_skipped, target_rel_l1=target_rel_l1)
         node_id = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
         config = apply_profile(config, model, profile, error_check)  # raises if it does not fit
         m = model.clone()

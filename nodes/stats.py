@@ -105,6 +105,7 @@ class RunStats:
     error_sums: dict = field(default_factory=dict)  # block -> [float64 (5,) device sums, calls] (error_check.py)
     profile_notes: list = field(default_factory=list)  # resolution notes of a loaded profile (profile_use.py)
     calibration: Optional[dict] = None  # the Sparge Calibrate node's summary (calibration.py)
+    adapt_sums: dict = field(default_factory=dict)  # block -> [(2, H) CPU float64 error sums, calls] (adapt.py)
 
     @classmethod
     def start(cls, sigmas=None) -> "RunStats":

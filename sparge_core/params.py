@@ -121,7 +121,9 @@ class SpargeParams:
         """The threshold `name` as an (heads,) float32 tensor on `device`.
 
         Cached per (name, heads, device): a host-to-device copy from pageable memory
-        synchronizes the stream, which would stall every attention call of a render."""
+        synchronizes the stream, which would stall every attention call of a render. The first
+        copy goes through pinned memory, asynchronously (thresholds that adapt during sampling,
+        nodes/adapt.py, make a new SpargeParams whenever they move)."""
         dev = torch.device(device) if device is not None else torch.device("cpu")
         key = (name, heads, dev)
         cache = self.__dict__.setdefault("_per_head_cache", {})
@@ -131,7 +133,8 @@ class SpargeParams:
                 t = t.expand(heads)
             elif t.numel() != heads:
                 raise ValueError(f"{name} has {t.numel()} per-head values but the call has {heads} heads")
-            cache[key] = t.to(dev).contiguous()
+            t = t.contiguous()
+            cache[key] = t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
         return cache[key]
 
     def check_heads(self, heads: int) -> None:

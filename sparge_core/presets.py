@@ -4,7 +4,9 @@ Source: bench/realistic_bench.py on realistic video attention (Wan 2.1 480p and 
 544p shapes, 3D RoPE, local / temporal / global / sink heads), H100, 2026-11-27
 (bench/results/2026-11-27-H100-realistic-v18.log). Each preset is the share-mode threshold whose
 whole-output rel-L1 against fp32 dense attention (quantization and skipping together) lands near
-its target on both shapes: Quality ~0.02, Balanced ~0.04, Fast ~0.06, Turbo ~0.09.
+its target on both shapes: Quality ~0.02, Balanced ~0.04, Fast ~0.06, Turbo ~0.09. Those targets
+are the presets' `target_rel_l1`: during sampling the node measures the error per block and head
+and moves each head's minshare toward it (sparge_core/adapt.py); minshare is where it starts.
 
 All presets estimate the skipped blocks (fill_skipped: each skipped key block joins the softmax as
 its mean key and mean value, calibrated by the lse scores) instead of dropping them: that cut the
@@ -36,6 +38,7 @@ class Preset:
     pvthreshd: float
     scoring: str
     fill_skipped: bool
+    target_rel_l1: float  # the error the preset holds: rel-L1 of the attention output (sparge_core/adapt.py)
     source: str
 
     @property
@@ -54,10 +57,10 @@ _SRC = "realistic benchmark, Wan 480p and HunyuanVideo 544p (README table)"
 PRESETS = {
     p.name: p
     for p in (
-        Preset("Quality", "share", -1.0, 0.97, 0.5, 0.5, math.inf, "lse", True, _SRC),
-        Preset("Balanced", "share", -1.0, 0.95, 0.5, 1.5, math.inf, "lse", True, _SRC),
-        Preset("Fast", "share", -1.0, 0.90, 0.3, 3.0, math.inf, "lse", True, _SRC),
-        Preset("Turbo", "share", -1.0, 0.85, 0.2, 8.0, math.inf, "lse", True, _SRC),
+        Preset("Quality", "share", -1.0, 0.97, 0.5, 0.5, math.inf, "lse", True, 0.02, _SRC),
+        Preset("Balanced", "share", -1.0, 0.95, 0.5, 1.5, math.inf, "lse", True, 0.04, _SRC),
+        Preset("Fast", "share", -1.0, 0.90, 0.3, 3.0, math.inf, "lse", True, 0.06, _SRC),
+        Preset("Turbo", "share", -1.0, 0.85, 0.2, 8.0, math.inf, "lse", True, 0.09, _SRC),
     )
 }
 PRESET_NAMES = list(PRESETS) + ["Custom"]

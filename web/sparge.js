@@ -1,7 +1,7 @@
 // Sparge Attention: graph-editor behaviour of the "Sparge Attention" node.
 //
 // * Presets move the sliders: choosing Quality / Balanced / Fast / Turbo sets mode, simthreshd1,
-//   cdfthreshd, topk, pvthreshd, minshare and fill_skipped to that preset's values; moving any of them by hand switches
+//   cdfthreshd, topk, pvthreshd, minshare, fill_skipped and target_rel_l1 to that preset's values; moving any of them by hand switches
 //   the preset to "Custom". The values come from the server (GET /sparge/presets, built from
 //   sparge_core/presets.py), never from a copy in this file.
 // * The thresholds that do not apply to the current mode are greyed out (cdfthreshd outside cdf
@@ -17,7 +17,7 @@ import { drawReadout, readoutHeight, readoutLines } from "./sparge_readout.js";
 
 const NODE_TYPE = "SpargeAttention";
 const EVENT = "sparge.readout";
-const SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped"];
+const SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped", "target_rel_l1"];
 const THRESHOLD_OF_MODE = { cdf: "cdfthreshd", topk: "topk", share: "minshare" };
 const READOUT_WIDGET = "sparge_readout";
 const MIN_WIDTH = 340;

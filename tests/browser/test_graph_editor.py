@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.comfy, pytest.mark.timeout(900)]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 TINY = REPO / "workflows" / "tiny_wan_demo.json"
 ARTIFACTS = REPO / "test-artifacts"
-SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped"]
+SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped", "target_rel_l1"]
 # the slider each mode reads (sparge_core.params.THRESHOLD_FIELD; checked against it below)
 THRESHOLD_FIELD = {"cdf": "cdfthreshd", "topk": "topk", "share": "minshare"}
 # model file names in the workflows -> the harness's tiny models (by architecture)

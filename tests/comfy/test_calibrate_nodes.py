@@ -126,7 +126,7 @@ def test_schemas(srv):
     assert sp["input_order"]["required"] == ["model", "preset", "mode", "simthreshd1", "cdfthreshd", "topk",
                                              "pvthreshd", "start_percent", "end_percent", "dense_blocks", "hilbert",
                                              "min_tokens", "verbose"]
-    assert sp["input_order"]["optional"][-4:] == ["error_check", "minshare", "fill_skipped", "profile"]
+    assert sp["input_order"]["optional"][-5:] == ["error_check", "minshare", "fill_skipped", "target_rel_l1", "profile"]
     opt = sp["input"]["optional"]
     assert opt["profile"][0] == "SPARGE_PROFILE"
     assert opt["error_check"][1]["default"] == "off"

@@ -329,6 +329,24 @@ def test_hunyuan_text_padding_mask(comfy_server):
     assert rel(plain, unmasked) > 10 * rel(lat, plain)  # the mask matters, and we honoured it
 
 
+# ----------------------------------------------------------------------------- error targets
+@pytest.mark.parametrize("kind", ["wan", "hy"])
+@pytest.mark.parametrize("preset", ["Quality", "Balanced", "Fast", "Turbo"])
+def test_presets_hold_their_error_target(comfy_server, kind, preset):
+    """Each preset through /prompt on the tiny models: the readout's measured error (pooled over the
+    run's sampled measurements) within 25% above the preset's target, and the line says so."""
+    srv = comfy_server
+    build = wan if kind == "wan" else hunyuan
+    sp = sparge(preset=preset, min_tokens=256)
+    _, rs, _ = run(srv, build(srv, 120, sp, steps=6, prefix=f"target_{kind}_{preset}"))
+    r = only(rs)
+    assert r["target_rel_l1"] == {"Quality": 0.02, "Balanced": 0.04, "Fast": 0.06, "Turbo": 0.09}[preset]
+    assert r["measured_rel_l1"] is not None and r["adaptation"]["measured_calls"] > 0
+    assert r["measured_rel_l1"] <= 1.25 * r["target_rel_l1"], (r["measured_rel_l1"], r["adaptation"])
+    line = [ln for ln in srv.log_text().splitlines() if f"[node 10]: {preset}, 6 steps" in ln]
+    assert line and f"(target {r['target_rel_l1']:.4f})" in line[-1]
+
+
 # ----------------------------------------------------------------------------- failures, events
 def test_kernel_error_falls_back_to_dense(comfy_server):
     srv = comfy_server

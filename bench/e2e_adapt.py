@@ -1,0 +1,127 @@
+"""End to end with the error targets: whole sampling runs of ComfyUI 0.3.75's real WanModel (random
+bf16 weights, batch 2) driven through the Sparge Attention node's model wrappers the way ComfyUI
+calls them (OUTER_SAMPLE around the run, APPLY_MODEL around each forward), for each preset with its
+adaptation, and for today's fixed preset thresholds (Custom share mode, no target) side by side.
+
+    python bench/e2e_adapt.py [--model wan13b_480] [--steps 30] [--presets Quality,Balanced,Fast,Turbo]
+
+Reports per preset: seconds per step over the run, speed-up against ComfyUI's default attention,
+sparsity, the readout's measured_rel_l1 against target_rel_l1, and the adaptation's share of the
+run: measured calls x the GPU time of one measurement (sampled_error at this shape, timed alone)
+plus the node's first-block probe (PROBE_CALLS sparse calls at most), over the run's time.
+Random weights make attention nearly uniform (see bench/e2e_wan.py): the errors show how the
+targets move the thresholds on such a model, not image quality.
+"""
+import argparse
+import datetime
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+from common import ROOT, bench_ms, card_name, save
+from e2e_wan import MODELS, build, step_time
+
+sys.path.insert(0, str(ROOT / ".comfyui" / "ComfyUI"))
+
+
+class _Executor:
+    """What ComfyUI's wrapper executors look like to the node's wrappers: callable, with class_obj."""
+
+    def __init__(self, fn, class_obj):
+        self.fn, self.class_obj = fn, class_obj
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def sampling_run(ov, dm, x, t, ctx, steps):
+    """One sampling run of `steps` forwards through the override's wrappers; seconds."""
+    base = SimpleNamespace(diffusion_model=dm)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+
+    def forward(x_, t_, c_concat, c_crossattn, control, to):
+        return dm(x_, t_, c_crossattn, transformer_options=to)
+
+    def sample(noise, latent, sampler, sig):
+        for i in range(steps):
+            to = {"optimized_attention_override": ov, "sigmas": sig[i:i + 1], "sample_sigmas": sig}
+            ov.apply_model_wrapper(_Executor(forward, base), x, t, None, ctx, None, to)
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ov.outer_sample_wrapper(_Executor(sample, SimpleNamespace()), None, None, None, sigmas)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measurement_ms(heads, N, D, dev):
+    """GPU time of one measured call's extra work at this shape (sampled_error, default rows)."""
+    from sparge_attention.sparge_core.adapt import DEFAULT_ROWS, sample_rows, sampled_error
+
+    q, k, v, o = (torch.randn(2, heads, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    g = torch.Generator(device=dev).manual_seed(0)
+    ms = bench_ms(lambda: sampled_error(q, k, v, o, sample_rows(N, DEFAULT_ROWS, dev, g)))
+    del q, k, v, o
+    return ms
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="wan13b_480")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--presets", default="Quality,Balanced,Fast,Turbo")
+    args = ap.parse_args()
+    from sparge_attention.nodes import routes
+    from sparge_attention.nodes.adapt import PROBE_CALLS
+    from sparge_attention.nodes.config import SpargeConfig
+    from sparge_attention.nodes.override import SpargeOverride
+    from sparge_attention.sparge_core.presets import PRESETS
+
+    dev = torch.device("cuda")
+    kw, (C, T, Hh, Ww), note = MODELS[args.model]
+    dm = build(kw, dev)
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(2, C, T, Hh, Ww, device=dev, dtype=torch.bfloat16, generator=g)
+    t = torch.full((2,), 500.0, device=dev)
+    ctx = torch.randn(2, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g)
+    heads, D = kw["num_heads"], kw["dim"] // kw["num_heads"]
+    N = T * (Hh // 2) * (Ww // 2)
+    t_default = step_time(dm, x, t, ctx, dict, 3)
+    t_meas = measurement_ms(heads, N, D, dev)
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+           "model": args.model, "layers": note, "tokens": N, "steps": args.steps, "default_s_per_step": t_default,
+           "measurement_ms": t_meas, "rows": []}
+    print(f"{args.model} ({note}, {N} tokens, batch 2), {args.steps} steps: default {t_default:.3f} s/step; "
+          f"one measurement {t_meas:.3f} ms")
+    # compile every kernel variant once, outside the timed runs
+    sampling_run(SpargeOverride(SpargeConfig.from_widgets(preset="Balanced", min_tokens=1024)), dm, x, t, ctx, 2)
+    print(f"{'setting':<20} {'s/step':>7} {'speed-up':>8} {'sparsity':>8} {'measured':>9} {'target':>7} "
+          f"{'calls':>6} {'adapt share':>11}")
+    for name in args.presets.split(","):
+        p = PRESETS[name]
+        fixed = SpargeConfig.from_widgets(preset="Custom", mode="share", minshare=p.minshare, simthreshd1=-1.0,
+                                          fill_skipped=p.fill_skipped, min_tokens=1024)
+        for label, cfg in ((name, SpargeConfig.from_widgets(preset=name, min_tokens=1024)), (f"{name} fixed", fixed)):
+            node = f"e2e-{label}"
+            ov = SpargeOverride(cfg, node_id=node)
+            secs = sampling_run(ov, dm, x, t, ctx, args.steps)
+            r = routes.last_readouts()[node]
+            calls = (r.get("adaptation") or {}).get("measured_calls", 0)
+            per_call_ms = 1000 * secs / max(1, r["sparse_calls"])
+            share = (calls * t_meas + PROBE_CALLS * per_call_ms) / (1000 * secs) if cfg.target_rel_l1 else 0.0
+            row = {"setting": label, "s_per_step": secs / args.steps, "speedup": args.steps * t_default / secs,
+                   "sparsity": r["sparsity"], "measured_rel_l1": r.get("measured_rel_l1"),
+                   "target_rel_l1": r.get("target_rel_l1"), "measured_calls": calls, "adaptation_share": share}
+            res["rows"].append(row)
+            meas = "-" if row["measured_rel_l1"] is None else f"{row['measured_rel_l1']:.4f}"
+            tgt = "-" if row["target_rel_l1"] is None else f"{row['target_rel_l1']:.3f}"
+            print(f"{label:<20} {row['s_per_step']:7.3f} {row['speedup']:8.2f} {row['sparsity']:8.3f} {meas:>9} "
+                  f"{tgt:>7} {calls:6d} {100 * share:10.2f}%")
+    print("saved", save(res, f"{res['date']}-{card_name()}-e2e_adapt"))
+
+
+if __name__ == "__main__":
+    main()

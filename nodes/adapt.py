@@ -1,0 +1,226 @@
+"""Holding the preset's error target on the user's model (an observer of the override,
+nodes/observers.py; the numerics are sparge_core/adapt.py).
+
+Which calls are measured: every block on the run's first two sparse forwards (so the thresholds
+settle early), then block b at step s when (s + b) % MEASURE_EVERY == 0 (each block every
+MEASURE_EVERY steps, staggered so every step carries the same share of the cost), and a block
+whose thresholds were just raised on its next call (a raise can cross a cliff of the error: with
+near-uniform attention every block's share is about even, and a small rise of minshare drops most
+of them at once; the check bounds such a miss to one forward). A measured call
+also computes exact attention for DEFAULT_ROWS random query rows (sampled_error: per-head sums on
+the device, no sync). After the forward the sums of its measured blocks are copied to pinned host
+memory without blocking; the copy is read when it has landed, at the start of a later forward, and
+each measured block's BlockController moves its minshare (and, for a head that errs far above the
+target, that head's own). So the steady state has no
+host-device sync per call, and the thresholds a call uses are plain CPU tensors (as a profile's are).
+
+Only share mode moves thresholds (the presets; Custom in share mode with a target). Other modes, and
+the blocks a loaded profile calibrated, are measured but keep their thresholds.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from ..sparge_core.adapt import DEFAULT_ROWS, BlockController, sample_rows, sampled_error
+from ..sparge_core.layout import split_heads
+from . import sparse_call
+from .observers import ObservedCall, Observer
+
+MEASURE_EVERY = 4
+WARMUP_FORWARDS = 2  # sparse forwards of a run in which every block is measured
+PROBE_CALLS = 3  # at most, for the node's first block
+PROBE_BAND = (0.8, 1.15)  # error / target at which the probe stops
+
+
+class Adaptation(Observer):
+    def __init__(self, target: float, profile=None, rows: int = DEFAULT_ROWS, seed: int = 0,
+                 measure_only: bool = False):
+        self.target = float(target)
+        self.profile = profile  # a LoadedProfile: its calibrated blocks keep their thresholds
+        self.measure_only = bool(measure_only)  # measure and report, never move a threshold
+        self.rows = int(rows)
+        self.seed = int(seed)
+        self.controllers: dict = {}  # block -> BlockController (kept across runs: the model is the same)
+        self._params: dict = {}  # block -> SpargeParams holding its controller's thresholds tensor
+        self._generators: dict = {}  # device -> torch.Generator for the sampled rows
+        self._pending: dict = {}  # block -> (2, H) device sums of the forward in progress
+        self._inflight: list = []  # (blocks, host buffer, CUDA event or None) copies not applied yet
+        self._verify: set = set()  # blocks whose thresholds just rose: measured on their next call
+        self._run = None
+        self._forwards = 0
+
+    # ------------------------------------------------------------------ thresholds
+    def choose_params(self, call: ObservedCall, params):
+        layer = call.layer
+        if layer is None or self.measure_only or params.mode != "share" or self._profile_fixes(layer):
+            return params
+        p = self._params.get(layer)
+        if p is None or self.controllers[layer].thresholds.numel() != call.q.shape[1]:
+            p = self._start_block(layer, params, call.q.shape[1], call)
+        return p
+
+    def _profile_fixes(self, layer: int) -> bool:
+        return self.profile is not None and self.profile.params_for_layer(layer, None) is not None
+
+    @torch.compiler.disable
+    def _start_block(self, layer: int, params, heads: int, call: ObservedCall):
+        """A block's controller: it starts where the blocks seen before settled (their median
+        minshare: a model's blocks err alike far more than the presets' tuning inputs and this
+        model do), or, for the node's very first block, where a few probe calls put it."""
+        first = not self.controllers
+        prior, brackets = self._prior()
+        init = torch.as_tensor(params.minshare, dtype=torch.float32).flatten()
+        ctrl = BlockController(self.target, prior if prior is not None else float(init.mean()), heads)
+        if prior is None and init.numel() == heads:
+            ctrl.thresholds.copy_(init)
+        if brackets is not None:
+            ctrl.seed(*brackets)
+        self.controllers[layer] = ctrl
+        # one SpargeParams around the controller's tensor: updates reach the op without a rebuild
+        p = self._params[layer] = dataclasses.replace(params, minshare=ctrl.thresholds)
+        if first:
+            self._probe(ctrl, p, call)
+        return p
+
+    def _prior(self):
+        """(median minshare, (safe, missing) bracket) of the blocks measured so far, or (None, None)."""
+        measured = [c for c in self.controllers.values() if c.updates]
+        vals = sorted(x for c in measured for x in c.thresholds.tolist())
+        if not vals:
+            return None, None
+        ends = [c.brackets() for c in measured]
+        safe = sorted(s for s, _ in ends if s is not None)
+        over = sorted(o for _, o in ends if o is not None)
+        return vals[len(vals) // 2], (safe[len(safe) // 2] if safe else None, over[len(over) // 2] if over else None)
+
+    def _probe(self, ctrl: BlockController, params, call: ObservedCall) -> None:
+        """Run the node's first block a few times, measuring and moving its thresholds, until its
+        error is within PROBE_BAND of the target (once per node: later blocks start from it)."""
+        for _ in range(PROBE_CALLS):
+            out = sparse_call.run_sparse(call.q, call.k, call.v, params, call.grid, call.keep_keys)[0]
+            sums = self._sums(call, out).cpu()  # a host read: once, before the node's first sparse call
+            ctrl.update(sums)
+            if PROBE_BAND[0] <= ctrl.block_error / self.target <= PROBE_BAND[1]:
+                return
+
+    # ------------------------------------------------------------------ measuring
+    def _due(self, ctx, layer: Optional[int]) -> bool:
+        if ctx is None or layer is None:
+            return False
+        if self._forwards <= WARMUP_FORWARDS or layer in self._verify:
+            return True
+        step = ctx.step if ctx.step is not None else self._forwards
+        return (step + layer) % MEASURE_EVERY == 0
+
+    def after_sparse(self, call: ObservedCall, out: torch.Tensor) -> None:
+        if self._due(call.ctx, call.layer):
+            self._measure(call, out)
+
+    @torch.compiler.disable
+    def _measure(self, call: ObservedCall, out: torch.Tensor) -> None:
+        sums = self._sums(call, out)
+        self._verify.discard(call.layer)
+        prev = self._pending.get(call.layer)
+        self._pending[call.layer] = sums if prev is None else prev + sums
+
+    def _sums(self, call: ObservedCall, out: torch.Tensor) -> torch.Tensor:
+        q, k, v = call.q, call.k, call.v
+        o = out if out.dim() == 4 else split_heads(out, q.shape[1])
+        rows = sample_rows(q.shape[2], self.rows, q.device, self._generator(q.device))
+        if call.keep_keys is None:
+            return sampled_error(q, k, v, o, rows)
+        # key padding: exact attention over the keys the call kept
+        kind, lists = call.keep_keys
+        items = [(slice(None), lists[0])] if kind == "shared" else [(slice(b, b + 1), ix) for b, ix in enumerate(lists)]
+        return sum(sampled_error(q[sl], k[sl].index_select(2, ix.to(k.device)), v[sl].index_select(2, ix.to(k.device)),
+                                 o[sl], rows) for sl, ix in items)
+
+    def _generator(self, device) -> torch.Generator:
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+        return g
+
+    # ------------------------------------------------------------------ forwards and runs
+    def forward_started(self, ctx) -> None:
+        self._forwards += 1
+        self._apply(wait=False)
+
+    def forward_finished(self, ctx) -> None:
+        if not self._pending:
+            return
+        layers = sorted(self._pending)
+        dev = self._pending[layers[0]].device
+        stacked = torch.stack([self._pending[b] for b in layers])
+        self._pending = {}
+        if dev.type == "cuda":
+            buf = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            buf.copy_(stacked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._inflight.append((layers, buf, event))
+        else:
+            self._inflight.append((layers, stacked, None))
+
+    def _apply(self, wait: bool) -> None:
+        while self._inflight:
+            layers, buf, event = self._inflight[0]
+            if event is not None and not wait and not event.query():
+                return  # not landed yet: a later forward applies it
+            if event is not None:
+                event.synchronize()
+            self._inflight.pop(0)
+            for b, sums in zip(layers, buf):
+                self._record(b, sums)
+
+    def _record(self, layer: int, sums: torch.Tensor) -> None:
+        ctrl = self.controllers.get(layer)
+        run = self._run
+        if run is not None:
+            entry = run.adapt_sums.setdefault(layer, [torch.zeros_like(sums), 0])
+            entry[0] += sums
+            entry[1] += 1
+        if ctrl is None:  # measured only (not share mode, or a profile's block)
+            return
+        before = ctrl.thresholds.clone()
+        ctrl.update(sums)
+        if bool((ctrl.thresholds > before).any()):
+            self._verify.add(layer)  # a head now skips more: check it on the next forward
+
+    def run_started(self, run, model_patcher) -> None:
+        self._run = run
+        self._forwards = 0
+        self._pending = {}
+
+    def run_finished(self, run, completed: bool) -> None:
+        self._apply(wait=True)  # the run's last measurements (one sync, at the end of the run)
+        self._run = None
+
+    def readout(self, run) -> dict:
+        keys = sorted(run.adapt_sums)
+        per_layer = {}
+        diff = ref = 0.0
+        for b in keys:
+            s, calls = run.adapt_sums[b]
+            d, r = s[0].tolist(), s[1].tolist()
+            diff += sum(d)
+            ref += sum(r)
+            ctrl = self.controllers.get(b)
+            per_layer[str(b)] = {
+                "rel_l1": [round(x / y, 6) if y > 0 else None for x, y in zip(d, r)],
+                "calls": calls,
+                "threshold": None if ctrl is None else [round(float(x), 4) for x in ctrl.thresholds.tolist()],
+                "adapted": ctrl is not None,
+            }
+        measured = diff / ref if ref > 0 else None
+        return {
+            "target_rel_l1": self.target,
+            "measured_rel_l1": measured,
+            "adaptation": {"target_rel_l1": self.target, "measured_rel_l1": measured,
+                           "measured_calls": sum(run.adapt_sums[b][1] for b in keys),
+                           "rows_per_call": self.rows, "every_n_steps": MEASURE_EVERY, "per_layer": per_layer},
+        }
