@@ -1,7 +1,8 @@
 """End to end with the error targets: whole sampling runs of ComfyUI 0.3.75's real WanModel (random
 bf16 weights, batch 2) driven through the Sparge Attention node's model wrappers the way ComfyUI
 calls them (OUTER_SAMPLE around the run, APPLY_MODEL around each forward), for each preset with its
-adaptation, and for today's fixed preset thresholds (Custom share mode, no target) side by side.
+adaptation, and for today's fixed preset thresholds (Custom share mode, no target; measured the
+same way but never moved) side by side.
 
     python bench/e2e_adapt.py [--model wan13b_480] [--steps 30] [--presets Quality,Balanced,Fast,Turbo]
 
@@ -75,7 +76,7 @@ def main():
     ap.add_argument("--presets", default="Quality,Balanced,Fast,Turbo")
     args = ap.parse_args()
     from sparge_attention.nodes import routes
-    from sparge_attention.nodes.adapt import PROBE_CALLS
+    from sparge_attention.nodes.adapt import PROBE_CALLS, Adaptation
     from sparge_attention.nodes.config import SpargeConfig
     from sparge_attention.nodes.override import SpargeOverride
     from sparge_attention.sparge_core.presets import PRESETS
@@ -106,12 +107,14 @@ def main():
                                           fill_skipped=p.fill_skipped, min_tokens=1024)
         for label, cfg in ((name, SpargeConfig.from_widgets(preset=name, min_tokens=1024)), (f"{name} fixed", fixed)):
             node = f"e2e-{label}"
-            ov = SpargeOverride(cfg, node_id=node)
+            # the fixed thresholds are measured the same way (measure only), so both rows show their error
+            watch = () if cfg.target_rel_l1 else (Adaptation(p.target_rel_l1, measure_only=True),)
+            ov = SpargeOverride(cfg, node_id=node, observers=watch)
             secs = sampling_run(ov, dm, x, t, ctx, args.steps)
             r = routes.last_readouts()[node]
             calls = (r.get("adaptation") or {}).get("measured_calls", 0)
             per_call_ms = 1000 * secs / max(1, r["sparse_calls"])
-            share = (calls * t_meas + PROBE_CALLS * per_call_ms) / (1000 * secs) if cfg.target_rel_l1 else 0.0
+            share = (calls * t_meas + (PROBE_CALLS * per_call_ms if cfg.target_rel_l1 else 0.0)) / (1000 * secs)
             row = {"setting": label, "s_per_step": secs / args.steps, "speedup": args.steps * t_default / secs,
                    "sparsity": r["sparsity"], "measured_rel_l1": r.get("measured_rel_l1"),
                    "target_rel_l1": r.get("target_rel_l1"), "measured_calls": calls, "adaptation_share": share}

@@ -11,6 +11,7 @@ Dependencies point one way, from the nodes down to the plain modules (tests/test
   eligibility.py     which calls run sparse (dense reasons, key padding, token grid, block index)
   sparse_call.py     the sparse call (sparge_core.torch_op.call over the kept keys)
   observers.py       the interface features plug into the override with
+  adapt.py           observer: holds the error target (measures sampled rows, moves minshare per block)
   error_check.py     observer: the error check (sparse vs dense per block)
   profile_use.py     observer: a loaded profile's notes and readout
   calibration.py     observer: the Sparge Calibrate node's measurement and profile writing

@@ -20,6 +20,7 @@ the blocks a loaded profile calibrated, are measured but keep their thresholds.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 import torch
@@ -28,6 +29,8 @@ from ..sparge_core.adapt import DEFAULT_ROWS, BlockController, sample_rows, samp
 from ..sparge_core.layout import split_heads
 from . import sparse_call
 from .observers import ObservedCall, Observer
+
+log = logging.getLogger("sparge_attention")
 
 MEASURE_EVERY = 4
 WARMUP_FORWARDS = 2  # sparse forwards of a run in which every block is measured
@@ -51,6 +54,7 @@ class Adaptation(Observer):
         self._verify: set = set()  # blocks whose thresholds just rose: measured on their next call
         self._run = None
         self._forwards = 0
+        self._warned = False
 
     # ------------------------------------------------------------------ thresholds
     def choose_params(self, call: ObservedCall, params):
@@ -100,8 +104,13 @@ class Adaptation(Observer):
         """Run the node's first block a few times, measuring and moving its thresholds, until its
         error is within PROBE_BAND of the target (once per node: later blocks start from it)."""
         for _ in range(PROBE_CALLS):
-            out = sparse_call.run_sparse(call.q, call.k, call.v, params, call.grid, call.keep_keys)[0]
-            sums = self._sums(call, out).cpu()  # a host read: once, before the node's first sparse call
+            try:
+                out = sparse_call.run_sparse(call.q, call.k, call.v, params, call.grid, call.keep_keys)[0]
+                sums = self._sums(call, out).cpu()  # a host read: once, before the node's first sparse call
+            except Exception as e:  # the call itself will fall back dense if the kernel cannot run
+                log.warning("Sparge Attention: the error-target probe failed (%s: %s); thresholds start at the "
+                            "preset's", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                return
             ctrl.update(sums)
             if PROBE_BAND[0] <= ctrl.block_error / self.target <= PROBE_BAND[1]:
                 return
@@ -121,7 +130,14 @@ class Adaptation(Observer):
 
     @torch.compiler.disable
     def _measure(self, call: ObservedCall, out: torch.Tensor) -> None:
-        sums = self._sums(call, out)
+        try:
+            sums = self._sums(call, out)
+        except Exception as e:  # e.g. out of memory: the render goes on, this call is not measured
+            if not self._warned:
+                self._warned = True
+                log.warning("Sparge Attention: an error-target measurement failed (%s: %s); calls that cannot be "
+                            "measured keep their thresholds", type(e).__name__, str(e).splitlines()[0][:200])
+            return
         self._verify.discard(call.layer)
         prev = self._pending.get(call.layer)
         self._pending[call.layer] = sums if prev is None else prev + sums

@@ -46,10 +46,12 @@ UP_DAMPING = 0.5
 DEADBAND = 0.12  # |ln(e / target)| below ln(1 + DEADBAND): leave the head as it is
 BRACKET_CLOSE = 1.25  # safe and missing minshare this close: settle on the safe one
 BRACKET_AGE = 8  # updates after which a bracket end is forgotten
+SEED_AGE = 3  # ... and one seeded from another block after this many
 # A bracket spans a jump (not a steep but smooth curve) when the error grows faster than
 # minshare^CLIFF_SLOPE between its ends and the missing end is well over the target.
 CLIFF_SLOPE = 3.0
 CLIFF_OVER = 2.0
+CLIFF_SPAN = 2.5  # ... and its ends are at most this far apart
 HEAD_CAP = 1.6  # BlockController: a head whose error passes this x target gets its own, lower minshare
 HEAD_RELAX = 1.25  # ... and moves back toward the block's by this factor per update once below target
 MIN_FACTOR = 1.0 / 64
@@ -137,10 +139,13 @@ class ThresholdController:
         return med(self._safe), med(self._over)
 
     def seed(self, safe: Optional[tuple], over: Optional[tuple]) -> None:
-        """Start every head with a bracket learned elsewhere (another block of the same model)."""
+        """Start every head with a bracket learned elsewhere (another block of the same model). It
+        counts for SEED_AGE of this controller's own updates only: another block may be the odd
+        one out (a first block that sees the raw patch embedding, say)."""
+        born = self.updates - (BRACKET_AGE - SEED_AGE)
         for h in range(len(self._safe)):
-            self._safe[h] = None if safe is None else (*safe, self.updates)
-            self._over[h] = None if over is None else (*over, self.updates)
+            self._safe[h] = None if safe is None else (*safe, born)
+            self._over[h] = None if over is None else (*over, born)
 
     def _bracket(self, h: int, m: float, e: float) -> None:
         for side in (self._safe, self._over):
@@ -173,8 +178,8 @@ class ThresholdController:
         return math.sqrt(lo * over[0])
 
     def _is_cliff(self, safe: tuple, over: tuple) -> bool:
-        if over[1] < CLIFF_OVER * self.target or over[0] <= safe[0]:
-            return False
+        if over[1] < CLIFF_OVER * self.target or over[0] <= safe[0] or over[0] / max(safe[0], 1e-9) > CLIFF_SPAN:
+            return False  # (a wide bracket may hide a smooth stretch: bisect it instead)
         slope = math.log(over[1] / max(safe[1], 1e-9)) / math.log(over[0] / max(safe[0], 1e-9))
         return slope > CLIFF_SLOPE
 
@@ -225,19 +230,22 @@ class BlockController:
     def update(self, sums: torch.Tensor) -> None:
         """Move from measured per-head sums (2, H) (CPU)."""
         diff, ref = sums[0].tolist(), sums[1].tolist()
+        block = sum(diff) / sum(ref) if sum(ref) > 0 else float("nan")
         if sum(ref) > 0:
             self._block.update(torch.tensor([[sum(diff)], [sum(ref)]], dtype=torch.float64))
         for h, (d, r) in enumerate(zip(diff, ref)):
             if r > 0 and math.isfinite(d):
                 e = max(d / r, 1e-6)
                 self.last_error[h] = e
-                self.factors[h] = self._factor(self.factors[h], e)
+                self.factors[h] = self._factor(self.factors[h], e, block)
         m = float(self._block.thresholds[0])
         self.thresholds.copy_(torch.tensor([m * f for f in self.factors], dtype=torch.float32))
         self.updates += 1
 
-    def _factor(self, f: float, e: float) -> float:
-        cap = HEAD_CAP * self.target
+    def _factor(self, f: float, e: float, block: float) -> float:
+        # only a head far above the block's own error: where the whole block is over the target,
+        # the block's minshare comes down already (both together would overshoot many-fold)
+        cap = HEAD_CAP * max(self.target, block if math.isfinite(block) else 0.0)
         if e > cap:  # this head errs well above the block: it keeps more blocks than the others
             return max(f * max((cap / e) ** (1.0 / ALPHA), 0.25), MIN_FACTOR)
         if e < self.target and f < 1.0:  # back toward the block's minshare
