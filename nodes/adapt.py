@@ -34,7 +34,7 @@ log = logging.getLogger("sparge_attention")
 
 MEASURE_EVERY = 4
 WARMUP_FORWARDS = 2  # sparse forwards of a run in which every block is measured
-PROBE_CALLS = 3  # at most, for the node's first block
+PROBE_CALLS = 5  # at most, for the node's first block
 PROBE_BAND = (0.8, 1.15)  # error / target at which the probe stops
 
 

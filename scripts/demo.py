@@ -12,7 +12,7 @@ example graph
 
 once with and once without the node, and prints the node's readout (the same dict the browser gets
 as the "sparge.readout" event and GET /sparge/last_readout returns) and how far the two latents are
-apart. The graph is workflows/tiny_wan_demo.json when that UI-format workflow exists (converted to
+apart. The graph is devkit/workflows/tiny_wan_demo.json when that UI-format workflow exists (converted to
 the API format with the server's /object_info), else the built-in graph below.
 --write-workflow FILE writes the built-in graph as a UI-format workflow that ComfyUI's frontend loads.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # devkit
 
-DEFAULT_WORKFLOW = REPO / "workflows" / "tiny_wan_demo.json"
+DEFAULT_WORKFLOW = REPO / "devkit" / "workflows" / "tiny_wan_demo.json"
 SPARGE_ID = "10"
 
 # 320x320x9 frames -> a (3, 20, 20) token grid = 1200 tokens per attention call
@@ -207,7 +207,22 @@ def load_graph(srv, workflow: Path | None, **over) -> tuple[dict, str]:
     return demo_graph(srv.tiny_models["wan21"].name, **over), "built-in graph"
 
 
-def run_demo(srv, workflow: Path | None = DEFAULT_WORKFLOW, out=print, **over) -> dict:
+def _summary(r: dict) -> str:
+    """A readout in one human line."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    speed = "-" if r.get("est_attention_speedup") is None else f"{r['est_attention_speedup']:.1f}x"
+    parts = [f"{pct(r.get('sparsity'))} of attention blocks skipped", f"attention FLOPs ~{speed} fewer",
+             f"{r['sparse_calls']} sparse calls", "dense: " + (", ".join(f"{k} {v}" for k, v in
+                                                                  sorted(r["dense_calls"].items())) or "none")]
+    if r.get("measured_rel_l1") is not None:
+        parts.append(f"measured error {r['measured_rel_l1']:.4f} (target {r['target_rel_l1'] or 0:.3f})")
+    return "; ".join(parts)
+
+
+def run_demo(srv, workflow: Path | None = DEFAULT_WORKFLOW, out=print, readout_path: Path | None = None,
+             **over) -> dict:
     from devkit.comfy_harness import load_latent_file
     from devkit.metrics import rel_l2
 
@@ -247,8 +262,11 @@ def run_demo(srv, workflow: Path | None = DEFAULT_WORKFLOW, out=print, **over) -
         out("  " + ln)
     out("")
     for r in readouts:
-        out(f"readout of node {r['node_id']} (GET /sparge/last_readout, websocket event 'sparge.readout'):")
-        out(json.dumps(r, indent=2))
+        out(f"node {r['node_id']} ({r['settings']['preset']}): {_summary(r)}")
+    if readout_path is not None:
+        readout_path.parent.mkdir(parents=True, exist_ok=True)
+        readout_path.write_text(json.dumps(readouts, indent=2) + "\n")
+        out(f"full readout (the dict GET /sparge/last_readout and the 'sparge.readout' event carry): {readout_path}")
     out("")
     diff = rel_l2(sparse_latent, dense_latent)
     out(f"output latent {tuple(sparse_latent.shape)}: relative difference to the run without the node: {diff:.4f}")
@@ -260,13 +278,15 @@ def run_demo(srv, workflow: Path | None = DEFAULT_WORKFLOW, out=print, **over) -
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Sparge Attention demo on a real ComfyUI (CPU)")
     ap.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW,
-                    help="UI-format workflow to run (default: workflows/tiny_wan_demo.json if present)")
+                    help="UI-format workflow to run (default: devkit/workflows/tiny_wan_demo.json if present)")
     ap.add_argument("--builtin", action="store_true", help="ignore --workflow; run the built-in graph")
     ap.add_argument("--preset", choices=["Quality", "Balanced", "Fast", "Turbo", "Custom"], default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--write-workflow", type=Path, default=None,
                     help="write the built-in graph as a UI-format workflow to this file and exit")
     ap.add_argument("--keep", action="store_true", help="keep the server's temporary base directory")
+    ap.add_argument("--out", type=Path, default=REPO / "test-artifacts" / "demo",
+                    help="folder for the full readout JSON and the ComfyUI log (kept after the demo)")
     a = ap.parse_args(argv)
 
     from devkit.comfy_harness import ComfyServer
@@ -274,13 +294,18 @@ def main(argv=None) -> int:
     over = {k: v for k, v in (("preset", a.preset), ("steps", a.steps)) if v is not None}
     print("starting ComfyUI 0.3.75 (CPU) with the Sparge Attention pack and a tiny random-weight Wan 2.1 ...")
     with ComfyServer(install_tiny_models=True, keep_dir=a.keep or None) as srv:
-        print(f"server up at {srv.url} in {srv.startup_seconds:.1f} s; log: {srv.log_path}")
+        print(f"server up at {srv.url} in {srv.startup_seconds:.1f} s")
         if a.write_workflow:
             ui = api_to_ui(demo_graph(srv.tiny_models["wan21"].name, **over), srv.object_info())
             a.write_workflow.write_text(json.dumps(ui, indent=2) + "\n")
             print(f"wrote {a.write_workflow}")
             return 0
-        run_demo(srv, None if a.builtin else a.workflow, **over)
+        try:
+            run_demo(srv, None if a.builtin else a.workflow, readout_path=a.out / "readout.json", **over)
+        finally:
+            a.out.mkdir(parents=True, exist_ok=True)
+            (a.out / "comfyui.log").write_text(srv.log_text())
+            print(f"ComfyUI's log: {a.out / 'comfyui.log'}")
     return 0
 
 

@@ -23,6 +23,8 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # devkit
 
 OUT = REPO / "workflows"
+# the tiny demo uses a test-only conditioning node: not a template a user can run, so it lives in devkit/
+DEV_OUT = REPO / "devkit" / "workflows"
 HF = "https://huggingface.co/Comfy-Org"
 WAN21 = f"{HF}/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
 WAN22 = f"{HF}/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
@@ -596,7 +598,7 @@ def main(argv=None) -> int:
     changed = []
     for name, wf in files.items():
         text = json.dumps(wf, indent=2, ensure_ascii=False) + "\n"
-        path = OUT / name
+        path = (DEV_OUT if name == TINY_DEMO else OUT) / name
         if not path.exists() or path.read_text() != text:
             changed.append(name)
             if not a.check:

@@ -1,4 +1,5 @@
 """Smoke tests against a REAL ComfyUI 0.3.75 server (CPU) with tiny random-weight video models."""
+import json
 import math
 
 import pytest
@@ -125,3 +126,22 @@ def test_attention_override_hook_hunyuan(comfy_server):
         assert r["block_index"] == 0 and r["total_blocks"] == 1
     for r in refiner:
         assert r["args"][0]["shape"] == [1, 2, 16, 128]
+
+
+def test_templates_are_only_workflows_users_can_run(comfy_server):
+    """ComfyUI lists the pack's workflows/ as templates: the demo's test-only graph is not among them,
+    and every template uses only node types of a stock ComfyUI plus this pack (never a test node)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    shipped = sorted(p.stem for p in (repo / "workflows").glob("*.json"))
+    listed = comfy_server.get_json("/api/workflow_templates")
+    ours = [names for names in listed.values() if sorted(names) == shipped]
+    assert ours, (listed, shipped)
+    assert not any("tiny_wan_demo" in names for names in listed.values())
+    info = comfy_server.get_json("/object_info")
+    for stem in shipped:
+        nodes = json.loads((repo / "workflows" / f"{stem}.json").read_text())["nodes"]
+        types = {n["type"] for n in nodes} - {"Note", "MarkdownNote"}
+        assert types <= set(info), (stem, types - set(info))
+        assert not any(t.startswith("SpargeTest") for t in types), stem
