@@ -227,6 +227,7 @@ class Adaptation(Observer):
             ref += sum(r)
             ctrl = self.controllers.get(b)
             per_layer[str(b)] = {
+                "target": self.target,
                 "rel_l1": [round(x / y, 6) if y > 0 else None for x, y in zip(d, r)],
                 "calls": calls,
                 "threshold": None if ctrl is None else [round(float(x), 4) for x in ctrl.thresholds.tolist()],

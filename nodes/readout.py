@@ -20,7 +20,7 @@ Readout keys (all JSON types; None where not applicable):
   were captured for the Sparge Sparsity Map node; None when none was),
   target_rel_l1 (the preset's or slider's error target; None = thresholds as set), measured_rel_l1
   (rel-L1 pooled over the run's sampled measurements; None when none), adaptation{target_rel_l1,
-  measured_rel_l1, measured_calls, rows_per_call, every_n_steps, per_layer{"<block>": {rel_l1[per head],
+  measured_rel_l1, measured_calls, rows_per_call, every_n_steps, per_layer{"<block>": {target, rel_l1[per head],
   calls, threshold[per head minshare in use], adapted}}} (nodes/adapt.py; None without a target),
   error_check{mode, calls, rel_l1, cosine, worst_layer, worst_rel_l1, per_layer{"<block>": {rel_l1, cosine,
   calls}}} (None when off; nodes/error_check.py), profile{name, layers, heads, calibrated_layers,

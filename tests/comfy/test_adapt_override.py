@@ -71,7 +71,8 @@ def test_presets_hold_their_target(layers, preset):
     a = r["adaptation"]
     assert a["measured_calls"] >= 4 and set(a["per_layer"]) == {"0", "1"}
     for entry in a["per_layer"].values():
-        assert entry["adapted"] and len(entry["threshold"]) == 4 and len(entry["rel_l1"]) == 4
+        assert entry["adapted"] and entry["target"] == target
+        assert len(entry["threshold"]) == 4 and len(entry["rel_l1"]) == 4
         assert max(entry["rel_l1"]) <= 2 * target  # the worst head of the run
     assert f"measured error {r['measured_rel_l1']:.4f} (target {target:.4f})" in format_line(r)
 
