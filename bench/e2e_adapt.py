@@ -17,43 +17,25 @@ import argparse
 import datetime
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
 from common import ROOT, bench_ms, card_name, save
-from e2e_wan import MODELS, build, step_time
+from devkit.sampling_run import sampling_run
+from e2e_wan import step_time, wan_inputs
 
 sys.path.insert(0, str(ROOT / ".comfyui" / "ComfyUI"))
 
 
-class _Executor:
-    """What ComfyUI's wrapper executors look like to the node's wrappers: callable, with class_obj."""
-
-    def __init__(self, fn, class_obj):
-        self.fn, self.class_obj = fn, class_obj
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-
-def sampling_run(ov, dm, x, t, ctx, steps):
+def timed_run(ov, dm, x, t, ctx, steps):
     """One sampling run of `steps` forwards through the override's wrappers; seconds."""
-    base = SimpleNamespace(diffusion_model=dm)
-    sigmas = torch.linspace(1.0, 0.0, steps + 1)
-
     def forward(x_, t_, c_concat, c_crossattn, control, to):
         return dm(x_, t_, c_crossattn, transformer_options=to)
-
-    def sample(noise, latent, sampler, sig):
-        for i in range(steps):
-            to = {"optimized_attention_override": ov, "sigmas": sig[i:i + 1], "sample_sigmas": sig}
-            ov.apply_model_wrapper(_Executor(forward, base), x, t, None, ctx, None, to)
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
-        ov.outer_sample_wrapper(_Executor(sample, SimpleNamespace()), None, None, None, sigmas)
+        sampling_run(ov, forward, dm, x, steps, t=t, context=ctx)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 
@@ -82,14 +64,7 @@ def main():
     from sparge_attention.sparge_core.presets import PRESETS
 
     dev = torch.device("cuda")
-    kw, (C, T, Hh, Ww), note = MODELS[args.model]
-    dm = build(kw, dev)
-    g = torch.Generator(device=dev).manual_seed(1)
-    x = torch.randn(2, C, T, Hh, Ww, device=dev, dtype=torch.bfloat16, generator=g)
-    t = torch.full((2,), 500.0, device=dev)
-    ctx = torch.randn(2, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g)
-    heads, D = kw["num_heads"], kw["dim"] // kw["num_heads"]
-    N = T * (Hh // 2) * (Ww // 2)
+    dm, x, t, ctx, heads, D, N, note = wan_inputs(args.model, dev)
     t_default = step_time(dm, x, t, ctx, dict, 3)
     t_meas = measurement_ms(heads, N, D, dev)
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
@@ -98,7 +73,7 @@ def main():
     print(f"{args.model} ({note}, {N} tokens, batch 2), {args.steps} steps: default {t_default:.3f} s/step; "
           f"one measurement {t_meas:.3f} ms")
     # compile every kernel variant once, outside the timed runs
-    sampling_run(SpargeOverride(SpargeConfig.from_widgets(preset="Balanced", min_tokens=1024)), dm, x, t, ctx, 2)
+    timed_run(SpargeOverride(SpargeConfig.from_widgets(preset="Balanced", min_tokens=1024)), dm, x, t, ctx, 2)
     print(f"{'setting':<20} {'s/step':>7} {'speed-up':>8} {'sparsity':>8} {'measured':>9} {'target':>7} "
           f"{'calls':>6} {'adapt share':>11}")
     for name in args.presets.split(","):
@@ -110,7 +85,7 @@ def main():
             # the fixed thresholds are measured the same way (measure only), so both rows show their error
             watch = () if cfg.target_rel_l1 else (Adaptation(p.target_rel_l1, measure_only=True),)
             ov = SpargeOverride(cfg, node_id=node, observers=watch)
-            secs = sampling_run(ov, dm, x, t, ctx, args.steps)
+            secs = timed_run(ov, dm, x, t, ctx, args.steps)
             r = routes.last_readouts()[node]
             calls = (r.get("adaptation") or {}).get("measured_calls", 0)
             per_call_ms = 1000 * secs / max(1, r["sparse_calls"])

@@ -51,6 +51,26 @@ def build(kw, dev):
     return dm.eval()
 
 
+def wan_inputs(name, dev):
+    """(model, x, t, context, heads, head_dim, tokens, layers note) of MODELS[name]: batch 2 (cond +
+    uncond), seeded random latent and text conditioning."""
+    kw, (C, T, Hh, Ww), note = MODELS[name]
+    dm = build(kw, dev)
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(2, C, T, Hh, Ww, device=dev, dtype=torch.bfloat16, generator=g)
+    t = torch.full((2,), 500.0, device=dev)
+    ctx = torch.randn(2, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g)
+    heads = kw["num_heads"]
+    tg, hg, wg = grid_of(name)
+    return dm, x, t, ctx, heads, kw["dim"] // heads, tg * hg * wg, note
+
+
+def grid_of(name):
+    """The (t, h, w) token grid of MODELS[name] (patch 1 x 2 x 2)."""
+    _, (_, T, Hh, Ww), _ = MODELS[name]
+    return T, Hh // 2, Ww // 2
+
+
 def floor_override(func, *args, **kwargs):
     """Self-attention removed: return q unchanged (same shape), keep cross-attention."""
     q, k = args[0], args[1]
@@ -126,14 +146,7 @@ def main():
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
            "date": datetime.date.today().isoformat(), "models": {}}
     for name in args.models.split(","):
-        kw, (C, T, Hh, Ww), note = MODELS[name]
-        dm = build(kw, dev)
-        g = torch.Generator(device=dev).manual_seed(1)
-        x = torch.randn(2, C, T, Hh, Ww, device=dev, dtype=torch.bfloat16, generator=g)
-        t = torch.full((2,), 500.0, device=dev)
-        ctx = torch.randn(2, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g)
-        heads, D = kw["num_heads"], kw["dim"] // kw["num_heads"]
-        N = T * (Hh // 2) * (Ww // 2)
+        dm, x, t, ctx, heads, D, N, note = wan_inputs(name, dev)
         r = res["models"][name] = {"layers": note, "tokens": N, "heads": heads, "rows": []}
         # attention alone, for the Amdahl bound: one self-attention call at this shape
         qa, ka, va = (torch.randn(2, heads, N, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
@@ -176,7 +189,7 @@ def main():
             print(f"{label:<22} {ts_med:7.3f} {speed:8.2f} {ro.get('sparsity') or 0:8.3f} "
                   f"{ratio or float('nan'):12.3f} {bound or float('nan'):6.2f} {row['of_bound'] or float('nan'):8.2f}")
         if args.calibrate and name == "wan13b_480":  # the issue asks for the 1.3B at 480p
-            r["calibration"] = calibration_rows(dm, x, t, ctx, (T, Hh // 2, Ww // 2), heads, t_default, args.steps)
+            r["calibration"] = calibration_rows(dm, x, t, ctx, grid_of(name), heads, t_default, args.steps)
         del dm, x, ctx
         torch.cuda.empty_cache()
     print("saved", save(res, f"{res['date']}-{card_name()}-e2e"))

@@ -63,7 +63,6 @@ def build_readout(ov, run, completed: bool = True) -> dict:
     per_step, sparsities = [], []
     tot_kept, tot_total, tot_skipped, tot_sparse = 0, 0, 0, 0
     fl_total, fl_computed = 0.0, 0.0
-    dense_all: dict = {}
     for key in sorted(run.steps):
         st = run.steps[key]
         kept = int(_num(st.kept))
@@ -89,9 +88,8 @@ def build_readout(ov, run, completed: bool = True) -> dict:
         tot_sparse += st.sparse_calls
         fl_total += st.flops_total
         fl_computed += computed
-        for r, n in st.dense.items():
-            dense_all[r] = dense_all.get(r, 0) + n
 
+    dense_all = run.dense_calls()
     layer_step = _layer_step(run)
     backends = sorted(run.backends)
     attn_ms = None

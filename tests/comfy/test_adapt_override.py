@@ -16,6 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from devkit.realistic_inputs import make_video_qkv  # noqa: E402
+from devkit.sampling_run import sampling_run  # noqa: E402
 from sparge_attention.nodes import routes  # noqa: E402
 from sparge_attention.nodes.adapt import Adaptation  # noqa: E402
 from sparge_attention.nodes.config import SpargeConfig  # noqa: E402
@@ -23,14 +24,6 @@ from sparge_attention.nodes.override import SpargeOverride  # noqa: E402
 from sparge_attention.nodes.readout import format_line  # noqa: E402
 
 GRID = (4, 16, 16)  # 1,024 tokens: 16 query blocks x 8 key blocks per head
-
-
-class Executor:
-    def __init__(self, fn, class_obj):
-        self.fn, self.class_obj = fn, class_obj
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
 
 
 def sdpa_func(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
@@ -44,19 +37,14 @@ def layers():
 
 def sample(ov, layers, steps):
     """One sampling run of `steps` forwards, each calling every layer's self-attention once."""
-    base = SimpleNamespace(diffusion_model=SimpleNamespace(patch_size=(1, 2, 2), blocks=list(layers)))
+    dm = SimpleNamespace(patch_size=(1, 2, 2), blocks=list(layers))
     x = torch.zeros(1, 16, GRID[0], GRID[1] * 2, GRID[2] * 2)
 
     def forward(x_, t, c_concat, c_crossattn, control, to):
         return [ov(sdpa_func, q, k, v, 4, skip_reshape=True, skip_output_reshape=True, transformer_options=to)
                 for q, k, v in layers]
 
-    def run(noise, latent, sampler, sigmas):
-        for i in range(steps):
-            to = {"sigmas": sigmas[i:i + 1], "sample_sigmas": sigmas}
-            ov.apply_model_wrapper(Executor(forward, base), x, None, None, None, None, to)
-
-    ov.outer_sample_wrapper(Executor(run, SimpleNamespace()), None, None, None, torch.linspace(1, 0, steps + 1))
+    sampling_run(ov, forward, dm, x, steps)
     return routes.last_readouts()[ov.node_id]
 
 

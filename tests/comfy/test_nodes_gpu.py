@@ -147,41 +147,35 @@ def test_cuda_error_target_without_sync_in_the_steady_state():
     """A preset's adaptation on realistic attention, driven through the model wrappers: after the
     first forwards (probe, warm-up measurements) no forward makes a host-device sync, measured or
     not, and the run's measured error sits at the target."""
+    import contextlib
     from types import SimpleNamespace
 
     from devkit.realistic_inputs import make_video_qkv
+    from devkit.sampling_run import sampling_run
     from sparge_attention.nodes import routes
 
     q, k, v = (t.to("cuda", torch.bfloat16).expand(B, -1, -1, -1).contiguous()
                for t in make_video_qkv(GRID, H, D, seed=5)[:3])
     ov = SpargeOverride(SpargeConfig.from_widgets(preset="Balanced", min_tokens=1024), node_id="gpu-adapt")
-    base = SimpleNamespace(diffusion_model=SimpleNamespace(patch_size=(1, 2, 2), blocks=[0, 1]))
+    dm = SimpleNamespace(patch_size=(1, 2, 2), blocks=[0, 1])
     x = torch.zeros(1, 16, GRID[0], GRID[1] * 2, GRID[2] * 2)
     steps, quiet_from = 12, 4
-
-    class Executor:
-        def __init__(self, fn, obj):
-            self.fn, self.class_obj = fn, obj
-
-        def __call__(self, *a, **kw):
-            return self.fn(*a, **kw)
 
     def forward(x_, t, c_concat, c_crossattn, control, to):
         return [ov(_sdpa, q, k, v, H, skip_reshape=True, skip_output_reshape=True, transformer_options=to)
                 for _ in range(2)]
 
-    def run(noise, latent, sampler, sigmas):
-        for i in range(steps):
-            to = {"sigmas": sigmas[i:i + 1], "sample_sigmas": sigmas}
-            if i == quiet_from:
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("error")
-            try:
-                ov.apply_model_wrapper(Executor(forward, base), x, None, None, None, None, to)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
+    @contextlib.contextmanager
+    def no_sync_from_quiet(i):  # every forward from quiet_from on (the run's end may sync once)
+        if i >= quiet_from:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
 
-    ov.outer_sample_wrapper(Executor(run, SimpleNamespace()), None, None, None, torch.linspace(1, 0, steps + 1))
+    sampling_run(ov, forward, dm, x, steps, around_forward=no_sync_from_quiet)
     r = routes.last_readouts()["gpu-adapt"]
     print(format_line(r))
     assert r["backend"] == "triton" and r["adaptation"]["measured_calls"] >= 8
