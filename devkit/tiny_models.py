@@ -202,6 +202,31 @@ def make_tiny_wan22_pair(directory, in_process: bool = False) -> tuple[Path, Pat
     return high, low
 
 
+def make_tiny_wan_lora(path, rank: int = 4, scale: float = 0.5, seed: int = 77,
+                       targets=("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")) -> Path:
+    """A seeded LoRA for the tiny Wan models (2.1 and the 2.2 pair share the shapes), in the
+    diffusers/PEFT key style that ComfyUI's comfy/lora.py maps onto Wan:
+    ``diffusion_model.blocks.{i}.{target}.lora_A.weight`` (rank, dim) and ``.lora_B.weight``
+    (dim, rank), no alpha (ComfyUI then applies B @ A at strength 1). The update B @ A has about
+    ``scale`` times the spread of the base weights. Needs only torch + safetensors (no ComfyUI)."""
+    import safetensors.torch
+    import torch
+
+    dim, layers = WAN21_T2V_CONFIG["dim"], WAN21_T2V_CONFIG["num_layers"]
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    sd = {}
+    for i in range(layers):
+        for t in targets:
+            key = f"diffusion_model.blocks.{i}.{t}"
+            sd[f"{key}.lora_A.weight"] = torch.randn((rank, dim), generator=gen) / dim ** 0.5
+            sd[f"{key}.lora_B.weight"] = torch.randn((dim, rank), generator=gen) * (scale / rank ** 0.5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path),
+                                metadata={"sparge_tiny_lora": json.dumps({"rank": rank, "scale": scale, "seed": seed})})
+    return path
+
+
 def detect(path, in_process: bool = False) -> dict:
     """Return {"model_config": class name or None, "unet_config": {...}, "n_params", "bytes"}."""
     return detect_many([path], in_process=in_process)[str(path)]

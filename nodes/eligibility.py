@@ -3,16 +3,21 @@
 ComfyUI 0.3.75 calls the override as override(func, q, k, v[, heads], heads=, mask=,
 skip_reshape=, skip_output_reshape=, transformer_options=) (shared/COMFYUI.md): q/k/v are
 (B, N, H*D) or, with skip_reshape, (B, H, N, D). `read_call` parses that; `dense_reason` says why a
-call must stay dense (one of the reasons below, the readout's keys) or None.
+call must stay dense (one of the reasons below, the readout's keys) or None; `backend_reason` whether
+the device's sparse kernels can run in this process at all (Triton).
 """
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple, Optional
 
 import torch
 
-from ..sparge_core.api import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from ..sparge_core.api import MAX_HEAD_DIM, SUPPORTED_DTYPES, resolve_backend
+from ..sparge_core.availability import triton_status
 from ..sparge_core.layout import split_heads
+
+log = logging.getLogger("sparge_attention")
 
 # dense-fallback reasons (readout keys)
 R_CROSS = "cross attention"
@@ -25,6 +30,7 @@ R_HEAD_DIM = "head dim"
 R_SHAPE = "unsupported call"
 R_KERNEL = "kernel error"
 R_PROFILE_DENSE = "profile dense layer"  # a loaded profile keeps every head of this block dense
+R_NO_TRITON = "no triton"  # a CUDA GPU where Triton does not import: the sparse kernels cannot run
 
 # why Hilbert order was not used on a sparse call
 H_OFF = "off"
@@ -99,6 +105,45 @@ def dense_reason(call: Call, cfg, sparse_on: bool, layer: Optional[int], block_q
     if layer is not None and layer in cfg.dense_blocks:
         return R_DENSE_BLOCK
     return None
+
+
+_told: set = set()  # which of backend_reason's messages this process has logged
+
+
+@torch.compiler.assume_constant_result  # a compiled model asks once, while it is traced
+def backend_reason(device_type: str) -> Optional[str]:
+    """R_NO_TRITON when a call on this device would run the Triton kernels but Triton does not
+    import here (sparge_core.availability), else None. The first time, the log says what is missing
+    and how to fix it: a warning on a CUDA GPU; a note elsewhere (the CPU runs the PyTorch
+    reference, which needs no Triton), unless this torch has no CUDA at all."""
+    on_gpu = resolve_backend(torch.device(device_type), "auto") == "triton"
+    if not on_gpu and not torch.backends.cuda.is_built():
+        return None
+    st = triton_status()
+    if st.available:
+        return None
+    if on_gpu not in _told:
+        _told.add(on_gpu)
+        if on_gpu:
+            log.warning("Sparge Attention: %s, so its sparse kernels cannot run on this GPU: attention runs "
+                        "dense (ComfyUI's own), counted as '%s' in the readout. Fix: %s.", st.reason, R_NO_TRITON,
+                        st.fix)
+        else:
+            log.info("Sparge Attention: %s. Not needed on the %s (the node runs its PyTorch reference there), but "
+                     "on a CUDA GPU attention would run dense. Fix: %s.", st.reason, device_type, st.fix)
+    return R_NO_TRITON if on_gpu else None
+
+
+def triton_note(no_triton_calls: int, ran_reference: bool) -> Optional[str]:
+    """The readout's note on a missing Triton, or None (it imports, or cannot matter to this run)."""
+    if not no_triton_calls and not (ran_reference and torch.backends.cuda.is_built()):
+        return None
+    st = triton_status()
+    if st.available:
+        return None
+    if no_triton_calls:
+        return f"{no_triton_calls} calls ran dense ('{R_NO_TRITON}'): {st.reason}. Fix: {st.fix}"
+    return f"{st.reason}: not needed by this run (PyTorch reference), but on a CUDA GPU attention would run dense"
 
 
 def layer_index(ctx, to) -> Optional[int]:

@@ -131,6 +131,9 @@ class SpargeOverride:
             if reason is not None:  # a profile's all-dense block, or the Sparge Calibrate node
                 return self._dense(func, args, kwargs, ctx, reason, call.flops)
 
+        reason = E.backend_reason(qh.device.type)  # no usable Triton on this GPU (logged once per process)
+        if reason is not None:
+            return self._dense(func, args, kwargs, ctx, reason, call.flops)
         sig = (tuple(qh.shape), tuple(kh.shape), qh.dtype, str(qh.device), grid, keep_keys is not None)
         if sig in self._failed:  # failed before in this run: do not retry (a compile error would repeat)
             return self._dense(func, args, kwargs, ctx, E.R_KERNEL, call.flops)

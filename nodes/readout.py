@@ -7,7 +7,7 @@ dict, and `format_line` into the one log line; nodes/routes.py publishes them (l
 Readout keys (all JSON types; None where not applicable):
   node_id, prompt_id, completed, settings{preset, mode, simthreshd1, cdfthreshd, topk, minshare, pvthreshd
   (None = off), scoring, start_percent, end_percent, dense_blocks[...], hilbert, min_tokens, verbose},
-  backend ("reference", "triton" or "none"), n_steps, steps_run, forwards,
+  backend ("reference", "triton" or "none"), n_steps, steps_run, forwards, forwards_skipped,
   per_step[{step, sigma, sparse_calls, dense_calls{reason: n}, kept_blocks, total_blocks,
             sparsity, pv_skipped, attention_flops, attention_flops_computed}],
   per_step_sparsity[...], sparse_calls, dense_calls{reason: n}, dense_calls_total,
@@ -27,9 +27,12 @@ Readout keys (all JSON types; None where not applicable):
   layers_used, params{...}, notes[...]} (None without one; nodes/profile_use.py), calibration{...}
   (Sparge Calibrate node only; nodes/calibration.py): keys the override's observers add
 Dense-call reasons: "cross attention", "short", "schedule", "dense block", "mask", "dtype",
-"head dim", "unsupported call", "kernel error", "profile dense layer" (nodes/eligibility.py),
+"head dim", "unsupported call", "kernel error", "profile dense layer", "no triton" (nodes/eligibility.py),
 "calibration" (nodes/calibration.py). Steps count within the
 sampler's own run (a KSamplerAdvanced that runs steps 10-20 reports steps 0-9, with their sigmas).
+steps_run and per_step hold only the steps in which the model ran: a step cache can skip some of
+the sampler's n_steps (LazyCache before our wrapper sees the forward; EasyCache inside it, leaving a
+forward without attention calls, counted in forwards_skipped and not in forwards).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import time
 import torch
 
 from .config import format_dense_blocks
+from .eligibility import R_NO_TRITON, triton_note
 
 
 def _num(x):
@@ -108,6 +112,12 @@ def build_readout(ov, run, completed: bool = True) -> dict:
     if cfg.hilbert and run.hilbert_not:
         notes.append("Hilbert order not used on some calls: " +
                      ", ".join(f"{r} ({n})" for r, n in sorted(run.hilbert_not.items())))
+    triton = triton_note(dense_all.get(R_NO_TRITON, 0), "reference" in backends)
+    if triton:
+        notes.append(triton)
+    if run.forwards_skipped:
+        notes.append(f"{run.forwards_skipped} model forward(s) ran no attention (a step cache such as EasyCache "
+                     "reused an earlier output): not counted as steps")
     for reason, desc in run.first_seen.items():
         notes.append(f"first '{reason}' call: {desc}")
 
@@ -120,6 +130,7 @@ def build_readout(ov, run, completed: bool = True) -> dict:
         "n_steps": run.n_steps,
         "steps_run": len(per_step),
         "forwards": run.forwards,
+        "forwards_skipped": run.forwards_skipped,
         "per_step": per_step,
         "per_step_sparsity": sparsities,
         "sparse_calls": tot_sparse,
@@ -196,7 +207,8 @@ def format_line(r: dict) -> str:
         hil = "not used (" + ", ".join(h["not_used"]) + ")" if h["not_used"] else "not used"
     speed = "-" if r["est_attention_speedup"] is None else f"{r['est_attention_speedup']:.2f}x"
     t = "" if r["attention_time_ms"] is None else f", sparse attention {r['attention_time_ms']:.1f} ms"
-    return (f"Sparge Attention{node}: {r['settings']['preset']}, {r['steps_run']} steps, "
+    skipped = f" ({r['forwards_skipped']} forwards skipped by a step cache)" if r.get("forwards_skipped") else ""
+    return (f"Sparge Attention{node}: {r['settings']['preset']}, {r['steps_run']} steps{skipped}, "
             f"sparsity {_pct(r['sparsity'])} (per step %: {steps}), PV skipped {_pct(r['pv_skipped_fraction'])}, "
             f"sparse calls {r['sparse_calls']}, dense calls: {dense}; est. attention FLOPs saved "
             f"{_pct(r['flops_saved_fraction'])} (~{speed}), backend {r['backend']}, Hilbert {hil}{t}"

@@ -86,6 +86,7 @@ class RunStats:
     t0: float = field(default_factory=time.monotonic)
     steps: dict = field(default_factory=dict)  # step (-1: unknown) -> StepStats
     forwards: int = 0
+    forwards_skipped: int = 0  # forwards with no attention call: a step cache (EasyCache) reused an output
     hilbert_used: int = 0
     hilbert_not: dict = field(default_factory=dict)
     grid: Optional[tuple] = None
@@ -140,6 +141,11 @@ def _add_counts(into: dict, counts: dict) -> None:
 
 def fold_forward(run: RunStats, ctx: ForwardContext) -> None:
     """Add one forward's records to its step and run (device sums only: no host sync)."""
+    if not ctx.records and not ctx.dense:
+        # no attention call reached the override: the diffusion model did not run (EasyCache's
+        # DIFFUSION_MODEL wrapper, inside ours, returned a cached output), so this is not a step run
+        run.forwards_skipped += 1
+        return
     st = run.step(ctx.step, ctx.sigma)
     st.forwards += 1
     run.forwards += 1

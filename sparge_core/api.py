@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .availability import triton_status
 from .blockmask import SpargeBlockMask, causal_block_mask, check_dense_mask, num_blocks
 from .layout import from_hnd, to_hnd
 from .params import SpargeParams
@@ -20,8 +21,13 @@ CPU_BLOCKS = (64, 128)  # reference backend: the same blocks as the GPU kernels 
 
 
 def block_sizes(device: torch.device, backend: str = "auto") -> tuple[int, int]:
-    """(BLKQ, BLKK) that the mask predictor and the kernel agree on for this device."""
-    if resolve_backend(device, backend) == "triton":
+    """(BLKQ, BLKK) that the mask predictor and the kernel agree on for this device. Asks only the
+    kernels' config (no Triton import): a GPU without Triton still gets its sizes for a dense call."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend == "triton" and not _triton_device(device):
+        raise ValueError("the Triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         from ..kernels.config import default_config
 
         cfg = default_config(device)
@@ -29,17 +35,24 @@ def block_sizes(device: torch.device, backend: str = "auto") -> tuple[int, int]:
     return CPU_BLOCKS
 
 
-def _triton_usable(device: torch.device) -> bool:
+def _triton_device(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve_backend(device: torch.device, backend: str) -> str:
+    """The backend a call on `device` runs. "auto" names the one meant for the device (Triton on
+    CUDA) whether or not Triton imports here: ask triton_status() for that (sparge_attention runs
+    such a call dense). An explicit "triton" that cannot run is a ValueError."""
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "reference"
-    if backend == "triton" and not _triton_usable(device):
-        raise ValueError("the Triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
+    if backend == "triton":
+        if not _triton_device(device):
+            raise ValueError("the Triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
+        status = triton_status()
+        if not status.available:
+            raise ValueError(f"the Triton backend is not available: {status.reason}. Fix: {status.fix}")
     return backend
 
 
@@ -184,6 +197,8 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         visited in 3D Hilbert order (tokens after the grid, e.g. text, stay in place).
     block_mask: optional user mask (bool (B|1, H|1, NQ, NK) or SpargeBlockMask) instead of prediction.
     backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton" or "reference".
+        "auto" on a GPU where Triton does not import runs dense attention (stats.dense_reason says
+        why; availability.triton_status() tells beforehand); an explicit "triton" raises there.
     Returns out in q's dtype and layout, and SpargeStats when return_stats.
     """
     params = SpargeParams() if params is None else params
@@ -204,6 +219,8 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         raise ValueError("the Triton backend computes P.V in fp8 or fp16, not fp32")
 
     reason = _dense_reason(q, k, params, block_q)
+    if reason is None and be == "triton" and backend == "auto" and not triton_status().available:
+        reason = triton_status().reason  # a GPU without a usable Triton: dense attention, not an error
     if reason is not None:
         out = _dense(q, k, v, scale, params.is_causal)
         stats = SpargeStats("dense", dense_reason=reason, heads=H)

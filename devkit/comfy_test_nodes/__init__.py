@@ -109,3 +109,4 @@ NODE_CLASS_MAPPINGS = {"SpargeTestConditioning": SpargeTestConditioning,
 NODE_DISPLAY_NAME_MAPPINGS = {"SpargeTestConditioning": "Sparge Test Conditioning (random)",
                               "SpargeTestAttentionProbe": "Sparge Test Attention Probe"}
 from .chain_node import register as _register_chain; _register_chain(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)  # noqa: E402,E702
+from .compat_nodes import register as _register_compat; _register_compat(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)  # noqa: E402,E702
