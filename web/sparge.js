@@ -11,6 +11,9 @@
 //   time when measured, per-step sparsity bars). It stays until the next readout of the node.
 // * Loading a workflow made with another version (fewer, more or odd widget values) resets only
 //   the values that cannot be right, then re-applies the preset.
+// * Works in classic mode and in Nodes 2.0 (the Vue node renderer, setting Comfy.VueNodes.Enabled)
+//   of the frontend ComfyUI 0.3.75 pins (1.32.9) and of newer ones (tested: 1.58.1). Nodes 2.0 of
+//   1.32.9 cannot show a widget as disabled, so there the unused thresholds are not greyed.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { drawReadout, readoutHeight, readoutLines } from "./sparge_readout.js";
@@ -63,6 +66,30 @@ function state(node) {
 function redraw(node) {
   node.setDirtyCanvas?.(true, true);
   node.graph?.setDirtyCanvas?.(true, true);
+  // Nodes 2.0 draws a canvas widget on a small canvas of its own, and again only when asked:
+  // triggerDraw is set by that renderer (absent in classic mode, where the dirty canvas is enough).
+  // It sizes that canvas by computedHeight, which only classic's arrange() keeps up to date.
+  const w = widget(node, READOUT_WIDGET);
+  if (w?.triggerDraw) {
+    if (w.computedHeight !== undefined) w.computedHeight = w.computeSize(node.size[0])[1] + 4;
+    w.triggerDraw();
+  }
+}
+
+/** Set a widget's value from code. Nodes 2.0 of frontend 1.32 shows a widget's value as copied
+ *  when the node was added and updates that copy only through the widget's callback, so in Nodes
+ *  2.0 the callback runs too (st.applying keeps our own callbacks from reacting). Classic mode and
+ *  newer frontends read the value itself. */
+function setWidgetValue(node, w, value) {
+  if (!w || w.value === value) return;
+  const st = state(node);
+  st.applying++;
+  try {
+    w.value = value;
+    if (globalThis.LiteGraph?.vueNodesMode) w.callback?.(value, app.canvas, node);
+  } finally {
+    st.applying--;
+  }
 }
 
 /** Grey out the threshold sliders that the current mode does not use. */
@@ -79,15 +106,8 @@ function updateApplicable(node) {
 function applyPreset(node, name) {
   const values = presetTable?.presets?.[name];
   if (!values) return false;
-  const st = state(node);
-  st.applying++;
-  try {
-    for (const key of SLIDERS) {
-      const w = widget(node, key);
-      if (w && values[key] !== undefined && w.value !== values[key]) w.value = values[key];
-    }
-  } finally {
-    st.applying--;
+  for (const key of SLIDERS) {
+    if (values[key] !== undefined) setWidgetValue(node, widget(node, key), values[key]);
   }
   updateApplicable(node);
   return true;
@@ -110,7 +130,7 @@ function syncPreset(node) {
 
 function switchToCustom(node) {
   const preset = widget(node, "preset");
-  if (preset && preset.value !== customName()) preset.value = customName();
+  setWidgetValue(node, preset, customName());
   updateApplicable(node);
 }
 
@@ -166,6 +186,16 @@ function fitSize(node) {
   if (w !== node.size[0] || h > node.size[1]) node.setSize([w, Math.max(node.size[1], h)]);
 }
 
+/** Nodes 2.0 draws the readout on a canvas of its own inside the node. Frontend 1.32 gives that
+ *  canvas's box no height (the canvas is absolutely placed), so the readout hung out below the
+ *  node: give the box the height the renderer drew at (newer frontends set the same value). */
+function reserveHeight(ctx, height) {
+  const el = ctx?.canvas;
+  if (!el || el === app.canvas?.canvas || !(height > 0)) return;
+  const box = el.parentElement;
+  if (box && box.closest?.("[data-node-id]") && box.style.minHeight !== `${height}px`) box.style.minHeight = `${height}px`;
+}
+
 function addReadoutWidget(node) {
   if (widget(node, READOUT_WIDGET)) return;
   node.addCustomWidget({
@@ -174,9 +204,10 @@ function addReadoutWidget(node) {
     value: "",
     serialize: false, // not in widgets_values (saved workflows keep the node's own values only)
     options: { serialize: false }, // not in the prompt
-    draw(ctx, n, widgetWidth, y, _H, lowQuality) {
+    draw(ctx, n, widgetWidth, y, H, lowQuality) {
       const st = state(n);
       drawReadout(ctx, widgetWidth ?? n.size[0], y, st.readout, st.runs, lowQuality === true);
+      reserveHeight(ctx, H);
     },
     computeSize(width) {
       const st = state(node);

@@ -1,6 +1,8 @@
 """The graph editor in a REAL headless Chromium (/usr/bin/chromium via the python `playwright`
 package, never `playwright install`) on a REAL ComfyUI 0.3.75 server (CPU) with this pack and its
-web extension (web/sparge.js). One server and one browser page for the whole module.
+web extension (web/sparge.js), on the frontend 0.3.75 pins (1.32.9) in classic mode (the other
+frontend and modes: test_frontends.py). One browser page for the whole module, on the session's
+1.32.9 server (conftest.py).
 
 What is checked:
 * every workflow in workflows/ loads with no missing node type, no validation toast and no console
@@ -24,10 +26,8 @@ from __future__ import annotations
 import copy
 import json
 import re
-import struct
 import sys
 import time
-import zlib
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -38,13 +38,11 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from browser import CHROMIUM, EditorPage, require_chromium  # noqa: E402
-from devkit.comfy_harness import ComfyServer  # noqa: E402
+from servers import TINY, WORKFLOWS  # noqa: E402
 from validate import check_prompt  # noqa: E402
 
 pytestmark = [pytest.mark.comfy, pytest.mark.timeout(900)]
 
-TINY = REPO / "devkit" / "workflows" / "tiny_wan_demo.json"  # the demo's graph (test-only nodes: not a template)
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json")) + [TINY]
 ARTIFACTS = REPO / "test-artifacts"
 SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped", "target_rel_l1"]
 # the slider each mode reads (sparge_core.params.THRESHOLD_FIELD; checked against it below)
@@ -61,39 +59,9 @@ STAND_IN_FOLDERS = {"clip_name": "text_encoders", "clip_name1": "text_encoders",
                     "vae_name": "vae"}
 
 
-def _png(path: Path, w: int = 16, h: int = 16) -> None:
-    """A small valid RGB PNG (the I2V workflow's start image), written without pillow."""
-    raw = b"".join(b"\x00" + bytes(c for x in range(w) for c in (x * 16 % 256, y * 16 % 256, 128)) for y in range(h))
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-
-
 @pytest.fixture(scope="module")
-def server():
-    srv = ComfyServer(install_tiny_models=True, settings={
-        "Comfy.Workflow.ShowMissingModelsWarning": False, "Comfy.Validation.Workflows": True})
-    srv.prepare()
-    # stand-ins for the files the real workflows name (see the module docstring)
-    for wf_path in WORKFLOWS:
-        for node in json.loads(wf_path.read_text())["nodes"]:
-            for model in (node.get("properties") or {}).get("models", []):
-                if model["directory"] != "diffusion_models":
-                    d = srv.models_dir / model["directory"]
-                    d.mkdir(parents=True, exist_ok=True)
-                    (d / model["name"]).touch()
-    (srv.base_dir / "input").mkdir(parents=True, exist_ok=True)
-    _png(srv.base_dir / "input" / "example.png")
-    with srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def editor(server):
-    with EditorPage(server.url) as ed:
+def editor(server):  # the session's 1.32.9 server (conftest.py), in classic mode
+    with EditorPage(server.url, nodes2=False) as ed:
         yield ed
 
 
