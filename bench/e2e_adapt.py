@@ -51,11 +51,28 @@ def measurement_ms(heads, N, D, dev):
     return ms
 
 
+def block_states(ov, readout):
+    """Per block: the readout's per-head errors over the run (fixed thresholds too), and for an
+    adapted block at the run's end its minshare and head factors, the pooled and per-head error of
+    the last update, and the bracket ends."""
+    per_layer = (readout.get("adaptation") or {}).get("per_layer", {})
+    out = {b: {"run_rel_l1": e.get("rel_l1")} for b, e in per_layer.items()}
+    for obs in ov.observers:
+        for b, c in sorted(getattr(obs, "controllers", {}).items()):
+            safe, over = c.brackets()
+            out.setdefault(str(b), {}).update({
+                "thresholds": [round(float(x), 4) for x in c.thresholds.tolist()],
+                "factors": [round(f, 4) for f in c.factors], "block_error": c.block_error, "updates": c.updates,
+                "last_error": [round(float(x), 5) for x in c.last_error.tolist()], "safe": safe, "over": over})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="wan13b_480")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--presets", default="Quality,Balanced,Fast,Turbo")
+    ap.add_argument("--trace", action="store_true", help="save each block's controller state at the run's end")
     args = ap.parse_args()
     from sparge_attention.nodes import routes
     from sparge_attention.nodes.adapt import PROBE_CALLS, Adaptation
@@ -93,6 +110,13 @@ def main():
             row = {"setting": label, "s_per_step": secs / args.steps, "speedup": args.steps * t_default / secs,
                    "sparsity": r["sparsity"], "measured_rel_l1": r.get("measured_rel_l1"),
                    "target_rel_l1": r.get("target_rel_l1"), "measured_calls": calls, "adaptation_share": share}
+            if args.trace:
+                row["blocks"] = block_states(ov, r)
+                row["per_step_sparsity"] = r.get("per_step_sparsity")
+                errs = {b: [x for x in e["run_rel_l1"] or [] if x is not None] for b, e in row["blocks"].items()}
+                b = max(errs, key=lambda b: sum(errs[b]) / max(1, len(errs[b])))
+                print(f"  worst block {b}: head-mean rel-L1 {sum(errs[b]) / len(errs[b]):.4f}, "
+                      f"worst head {max(errs[b]):.4f}")
             res["rows"].append(row)
             meas = "-" if row["measured_rel_l1"] is None else f"{row['measured_rel_l1']:.4f}"
             tgt = "-" if row["target_rel_l1"] is None else f"{row['target_rel_l1']:.3f}"

@@ -27,6 +27,7 @@ import torch
 
 from ..sparge_core.adapt import DEFAULT_ROWS, BlockController, sample_rows, sampled_error
 from ..sparge_core.layout import split_heads
+from ..sparge_core.params import MAX_MINSHARE
 from . import sparse_call
 from .observers import ObservedCall, Observer
 
@@ -124,6 +125,9 @@ class Adaptation(Observer):
         step = ctx.step if ctx.step is not None else self._forwards
         return (step + layer) % MEASURE_EVERY == 0
 
+    # not traced: which calls are due changes every forward, and a compiled model would guard on the
+    # counters it reads and recompile per forward (it hit dynamo's recompile limit in 8 steps)
+    @torch.compiler.disable
     def after_sparse(self, call: ObservedCall, out: torch.Tensor) -> None:
         if self._due(call.ctx, call.layer):
             self._measure(call, out)
@@ -234,10 +238,15 @@ class Adaptation(Observer):
                 "adapted": ctrl is not None,
             }
         measured = diff / ref if ref > 0 else None
+        # blocks that skip every block they may and still err below the target: the target is out of
+        # reach from below there (near-uniform attention), not missed by the controller
+        sparsest = sum(1 for c in self.controllers.values() if float(c.thresholds.min()) >= MAX_MINSHARE)
         return {
             "target_rel_l1": self.target,
             "measured_rel_l1": measured,
             "adaptation": {"target_rel_l1": self.target, "measured_rel_l1": measured,
                            "measured_calls": sum(run.adapt_sums[b][1] for b in keys),
-                           "rows_per_call": self.rows, "every_n_steps": MEASURE_EVERY, "per_layer": per_layer},
+                           "rows_per_call": self.rows, "every_n_steps": MEASURE_EVERY,
+                           "blocks_adapted": len(self.controllers), "blocks_at_sparsest": sparsest,
+                           "per_layer": per_layer},
         }

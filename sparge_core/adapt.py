@@ -46,7 +46,12 @@ UP_DAMPING = 0.5
 DEADBAND = 0.12  # |ln(e / target)| below ln(1 + DEADBAND): leave the head as it is
 BRACKET_CLOSE = 1.25  # safe and missing minshare this close: settle on the safe one
 BRACKET_AGE = 8  # updates after which a bracket end is forgotten
+# ... but a missing end that erred CLIFF_OVER x the target or more only after this many times that:
+# re-trying it costs a whole forward of that block at its error (0.9 rel-L1 in the first block of a
+# random-weight WanModel, tried again twice in a 30-step run with the plain age)
+OVER_HOLD = 4
 SEED_AGE = 3  # ... and one seeded from another block after this many
+SEED_AGREE = 2.0  # ... or at once, when this block's error near the seed's safe minshare differs by more
 # A bracket spans a jump (not a steep but smooth curve) when the error grows faster than
 # minshare^CLIFF_SLOPE between its ends and the missing end is well over the target.
 CLIFF_SLOPE = 3.0
@@ -73,8 +78,11 @@ def exact_rows(qr: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Option
     """Exact attention of a few query rows qr (B, H, R, D) over all keys. A few hundred rows give
     flash attention only B*H*R/128 programs, each streaming every key: on an H200 that took a
     third of a whole sparse call. On CUDA the keys are split into KEY_SPLIT chunks, each chunk's
-    rows are one more "head" of a single flash call (KEY_SPLIT x the programs), and the partial
-    outputs merge by their log-sum-exp, exactly as a split-K flash-decoding pass does."""
+    rows are one more "head" (or batch item) of a single flash call (KEY_SPLIT x the programs),
+    and the partial outputs merge by their log-sum-exp, exactly as a split-K flash-decoding pass
+    does. The chunks are views of k and v, never copies: ComfyUI's (B, N, H*D) activations give
+    (B, H, N, D) views whose token axis splits along the batch, contiguous ones split along the
+    heads (a copy of K and V would cost 2/3 of q + k + v at Wan 720p)."""
     B, H, R, D = qr.shape
     if k.shape[1] != H:
         k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
@@ -82,11 +90,18 @@ def exact_rows(qr: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Option
     c = next((c for c in (KEY_SPLIT, KEY_SPLIT // 2, 2) if N % c == 0 and N // c >= 512), 1)
     if not qr.is_cuda or c == 1 or qr.dtype not in (torch.float16, torch.bfloat16) or D > 256:
         return F.scaled_dot_product_attention(qr, k, v, scale=scale)
-    kc = k.contiguous().view(B, H * c, N // c, D)  # head h, chunk j -> h * c + j
-    vc = v.contiguous().view(B, H * c, N // c, D)
-    qc = qr[:, :, None].expand(B, H, c, R, D).reshape(B, H * c, R, D)
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention(qc, kc, vc, scale=scale)[:2]
-    o, lse = o.view(B, H, c, R, D).float(), lse.view(B, H, c, R)
+    if k.transpose(1, 2).is_contiguous() and v.transpose(1, 2).is_contiguous():
+        # token-major memory: chunk j of item b is batch item b * c + j
+        kc, vc = (t.transpose(1, 2).view(B * c, N // c, H, D).transpose(1, 2) for t in (k, v))
+        qc = qr[:, None].expand(B, c, H, R, D).reshape(B * c, H, R, D)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(qc, kc, vc, scale=scale)[:2]
+        o, lse = o.view(B, c, H, R, D).transpose(1, 2), lse.view(B, c, H, R).transpose(1, 2)
+    else:  # head-major memory (a copy only when k or v is neither): chunk j of head h is head h * c + j
+        kc, vc = (t.contiguous().view(B, H * c, N // c, D) for t in (k, v))
+        qc = qr[:, :, None].expand(B, H, c, R, D).reshape(B, H * c, R, D)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(qc, kc, vc, scale=scale)[:2]
+        o, lse = o.view(B, H, c, R, D), lse.view(B, H, c, R)
+    o = o.float()
     w = torch.exp(lse - lse.amax(2, keepdim=True))
     return ((w[..., None] * o).sum(2) / w.sum(2)[..., None]).to(qr.dtype)
 
@@ -115,6 +130,7 @@ class ThresholdController:
         self._prev: list = [None] * heads  # (ln minshare, ln error) of the measurement before
         self._safe: list = [None] * heads  # (minshare, error, update index) that met the target
         self._over: list = [None] * heads  # (minshare, error, update index) that missed it
+        self._seeded: list = [None] * heads  # the (safe, over) ends another block gave, while kept
         self.updates = 0
 
     def update(self, sums: torch.Tensor) -> None:
@@ -126,6 +142,7 @@ class ThresholdController:
                 continue
             e = max(d / r, 1e-6)
             self.last_error[h] = e
+            self._check_seed(h, new[h], e)
             self._bracket(h, new[h], e)
             new[h] = self._within_bracket(h, self._step(h, new[h], e))
         self.thresholds.copy_(torch.tensor(new, dtype=torch.float32))
@@ -144,12 +161,35 @@ class ThresholdController:
         one out (a first block that sees the raw patch embedding, say)."""
         born = self.updates - (BRACKET_AGE - SEED_AGE)
         for h in range(len(self._safe)):
-            self._safe[h] = None if safe is None else (*safe, born)
-            self._over[h] = None if over is None else (*over, born)
+            self._safe[h] = None if safe is None else (*safe, born, "seeded")
+            self._over[h] = None if over is None else (*over, born, "seeded")
+            self._seeded[h] = (self._safe[h], self._over[h])
+
+    def _check_seed(self, h: int, m: float, e: float) -> None:
+        """Forget a seeded bracket as soon as this block's own error, measured near the seed's safe
+        minshare, is more than SEED_AGREE x off the seed's there: its curve is another block's.
+        (On a random-weight WanModel the first block alone had a cliff; its seed held the other 29
+        blocks at a fifth of their target for a third of the run.)"""
+        seeded = self._seeded[h]
+        if seeded is None:
+            return
+        safe = seeded[0]
+        if safe is None or abs(math.log(max(m, 1e-9) / max(safe[0], 1e-9))) > math.log(BRACKET_CLOSE):
+            return
+        if not (safe[1] / SEED_AGREE <= e <= safe[1] * SEED_AGREE):
+            if self._safe[h] is seeded[0]:
+                self._safe[h] = None
+            if self._over[h] is seeded[1]:
+                self._over[h] = None
+        self._seeded[h] = None  # checked once: it agrees, or it is gone
 
     def _bracket(self, h: int, m: float, e: float) -> None:
         for side in (self._safe, self._over):
-            if side[h] is not None and self.updates - side[h][2] > BRACKET_AGE:
+            if side[h] is None:
+                continue
+            own_miss = side is self._over and len(side[h]) == 3 and side[h][1] >= CLIFF_OVER * self.target
+            hold = OVER_HOLD if own_miss else 1  # (a seeded end, 4 long, keeps the plain age)
+            if self.updates - side[h][2] > BRACKET_AGE * hold:
                 side[h] = None
         if e <= self.target * (1 + DEADBAND):
             self._safe[h] = (m, e, self.updates)

@@ -14,8 +14,8 @@ from devkit.realistic_inputs import make_regime_qkv
 load_pack()
 from sparge_attention.sparge_core import sparge_attention  # noqa: E402
 from sparge_attention.sparge_core.adapt import (  # noqa: E402
-    ALPHA, ALPHA_RANGE, DEADBAND, FIRST_STEP, MAX_STEP, MIN_SHARE, UP_DAMPING, ThresholdController, sample_rows,
-    sampled_error)
+    ALPHA, ALPHA_RANGE, DEADBAND, FIRST_STEP, MAX_STEP, MIN_SHARE, SEED_AGE, UP_DAMPING, ThresholdController,
+    sample_rows, sampled_error)
 from sparge_attention.sparge_core.params import MAX_MINSHARE  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 
@@ -123,6 +123,42 @@ def test_cliff_settles_on_the_safe_side(start):
         miss += i >= 2 and m >= 1.0
         c.update(_sums([0.002 if m < 1.0 else 0.1]))
     assert miss <= 3
+
+
+def test_a_severe_miss_is_not_retried_soon():
+    """A minshare that erred 20x the target (the estimate failing on a whole block) is not tried
+    again after the plain BRACKET_AGE: each retry costs a forward of that block at that error."""
+    c = ThresholdController(0.04, 0.5, 1)
+    crossings = []
+    for i in range(30):  # about the updates one block gets in a 30-step run
+        m = c.thresholds.item()
+        if m >= 1.0:
+            crossings.append(i)
+        c.update(_sums([0.005 if m < 1.0 else 0.9]))
+    assert crossings and max(crossings) <= 3, crossings  # found (bisecting) early, never tried again
+
+
+def test_seed_from_another_block_kept_only_where_it_agrees():
+    """A bracket seeded from the first block (a cliff between minshare 0.6 and 1.2) holds a block
+    whose own error near 0.6 is like the seed's, and is dropped at once by a block that errs 5x
+    less there (a smooth curve): that one climbs past the seed's cliff within a few updates."""
+    target = 0.04
+    seed = ((0.6, 0.009), (1.2, 0.9))
+
+    def run(curve):
+        c = ThresholdController(target, 0.6, 1)
+        c.seed(*seed)
+        ms = []
+        for _ in range(6):
+            m = c.thresholds.item()
+            ms.append(m)
+            c.update(_sums([curve(m)]))
+        return ms
+
+    alike = run(lambda m: 0.009 if m < 1.0 else 0.9)  # the seed's own cliff: held while the seed lives
+    assert max(alike[:SEED_AGE + 1]) < 1.0, alike
+    smooth = run(lambda m: 0.0018 * m ** 0.7)  # 5x below the seed at 0.6, on target near m = 230
+    assert smooth[3] > 2.5, smooth
 
 
 def test_step_limited():
