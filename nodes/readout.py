@@ -220,7 +220,11 @@ def _extra_line(r: dict) -> str:
     calibration."""
     parts = []
     if r.get("target_rel_l1") is not None or r.get("measured_rel_l1") is not None:
-        parts.append(f"measured error {_f(r.get('measured_rel_l1'))} (target {_f(r.get('target_rel_l1'))})")
+        a = r.get("adaptation") or {}
+        at_max = a.get("blocks_at_sparsest") or 0
+        # below the target with every skippable block skipped: the attention allows no more
+        note = f"; {at_max} of {a.get('blocks_adapted')} blocks skip all they may" if at_max else ""
+        parts.append(f"measured error {_f(r.get('measured_rel_l1'))} (target {_f(r.get('target_rel_l1'))}{note})")
     ec = r.get("error_check")
     if ec:
         if ec["calls"]:

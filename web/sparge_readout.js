@@ -54,7 +54,10 @@ export function readoutLines(r, runs = 1) {
   lines.push({ text: `Dense fallbacks: ${denseText(r.dense_calls)}`, style: "text" });
   if (r.measured_rel_l1 !== null && r.measured_rel_l1 !== undefined) {
     const target = r.target_rel_l1 === null || r.target_rel_l1 === undefined ? "none" : r.target_rel_l1.toFixed(3);
-    lines.push({ text: `Measured error ${r.measured_rel_l1.toFixed(3)} (target ${target})`, style: "text" });
+    // below the target with every skippable block skipped: the attention allows no more skipping
+    const atMax = r.adaptation?.blocks_at_sparsest;
+    const note = atMax ? `; ${atMax}/${r.adaptation.blocks_adapted} blocks at sparsest` : "";
+    lines.push({ text: `Measured error ${r.measured_rel_l1.toFixed(3)} (target ${target}${note})`, style: "text" });
   }
   if (r.attention_time_ms !== null && r.attention_time_ms !== undefined && Number.isFinite(r.attention_time_ms)) {
     lines.push({ text: `Sparse attention time ${r.attention_time_ms.toFixed(1)} ms`, style: "text" });
