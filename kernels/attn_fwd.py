@@ -7,7 +7,8 @@ tutorial: one program per (query block, batch*head), an inner helper per key blo
 partial last key block peeled off so full blocks need no masking. With fill_skipped, one more
 online-softmax pass over the key blocks' means (int8 mean keys, mean values in V's type,
 FILL_BLOCK per step) estimates what the skipped blocks would have added
-(sparge_core.reference.fill_bias).
+(sparge_core.reference.fill_bias). With RETURN_LSE the kernel also writes each row's log-sum-exp
+(natural log of the scaled scores, as flash attention returns it) for ring-attention merges.
 """
 import torch
 import triton
@@ -18,6 +19,7 @@ from .config import KernelConfig
 from .fp8 import INTERPRET, to_pv_dtype
 from .numerics import MAGIC_F, batch_head, int32_bits_f32
 
+LN2 = tl.constexpr(0.6931471805599453)
 # key-block means per step of the fill_skipped pass (bench/NOTES.md v18: 128 spilled 66 registers, slower)
 FILL_BLOCK = tl.constexpr(64)
 FILL_PAD = 128  # the means and biases are padded to a multiple of this (a multiple of FILL_BLOCK)
@@ -122,6 +124,7 @@ def _key_block(acc, l_i, m_i, n_skip, q, q_scale, kb, ks_base, k_src, k_row, sk_
 @triton.jit
 def _sparse_attn_fwd(
     Q, K, VT, QS, KS, VS, O, OPERM, CNT, IDX, SKIP, PVT, KBAR, KBS, VBAR, BIAS,
+    LSE, QRAW, KMEAN, sqr_b, sqr_h, sqr_n, lse_scale,  # read only with RETURN_LSE
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
     skb_b, skb_h, sks2_b, sks2_h, svb_b, svb_h, sb_b, sb_h, sb_q,
@@ -129,7 +132,7 @@ def _sparse_attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
-    TMA: tl.constexpr, FILL: tl.constexpr,
+    TMA: tl.constexpr, FILL: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
     # one program per (batch*head, query block), query blocks fastest: the programs running
     # together share one head's K and V in L2
@@ -197,19 +200,40 @@ def _sparse_attn_fwd(
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D_OUT)[None, :])
     if PV_SKIP:
         tl.store(SKIP + b * sc_b + h * sc_h + pid_m, n_skip)
+    if RETURN_LSE:
+        # l carries 2^P_LOG2 (see _softmax_pv), so log2 sum_j 2^s_j = m + log2(l) - P_LOG2 over the
+        # smoothed keys; adding q . mean(k) undoes the smoothing, so shards with different key means
+        # merge. It is taken from the un-quantized q (rows in output order: the quantizer gathered
+        # them the same way), as int8 q's rounding would not cancel here as it does in the softmax.
+        # q is read here rather than kept live through the loop: fewer registers.
+        # No key at all (causal, empty list): -inf. LSE (B,H,N_Q), KMEAN (B,Hkv,HEAD_DIM) contiguous.
+        q_raw = tl.load(QRAW + b * sqr_b + h * sqr_h + rows[:, None].to(tl.int64) * sqr_n + offs_d[None, :],
+                        mask=(offs_m < N_Q)[:, None] & (offs_d < D_OUT)[None, :], other=0.0)
+        kmean = tl.load(KMEAN + (b * (H // KV_GROUP) + hk) * HEAD_DIM + offs_d)
+        shift = tl.sum(q_raw.to(tl.float32) * kmean[None, :], 1) * lse_scale
+        lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe) - P_LOG2, float("-inf")) + shift
+        tl.store(LSE + (b * H + h) * N_Q + rows, lse2 * LN2, mask=offs_m < N_Q)
 
 
 def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, pvthreshd,
                     n_q: int, n_k: int, d_out: int, out_dtype, is_causal: bool, pv_skip: bool,
-                    config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None):
-    """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), skipped (B,H,NQ) or None).
+                    config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None,
+                    lse_inputs: tuple | None = None):
+    """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), skipped (B,H,NQ) or None),
+    and lse as a third item when lse_inputs is given.
 
     config: tiles and launch settings (kernels.config); its pv_fp8 is not read here, v_t's dtype
     (fp8 or fp16) decides the P.V type. TMA loads need contiguous K and V^T (else plain loads).
     out_perm (int32 (n_q,)): query row i is written to output row out_perm[i].
     fill (fill_skipped): (kbar, kbar_scale, vbar_t, bias): int8 mean keys (B,Hkv,NKC,head_dim) with
     one fp32 scale each (B,Hkv,NKC), mean values transposed like v_t (B,Hkv,head_dim,NKC) and in its
-    dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of FILL_BLOCK (FILL_PAD is); -inf biases add nothing."""
+    dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of FILL_BLOCK (FILL_PAD is); -inf biases add nothing.
+    lse_inputs (q, k_mean, scale): the un-quantized q (B,H,n_q,d_out) in output row order (the
+    caller's order when out_perm is also the permutation q was quantized through), the mean key
+    (B,Hkv,d_out) fp32 that K was smoothed by (zeros if it was not) and the softmax scale. The kernel
+    then also returns lse (B,H,n_q) fp32: per output row, the natural log of sum_j exp(scale * q.k_j)
+    over what the row summed (kept blocks, fill means), the logsumexp flash attention returns; -inf
+    for a row that summed nothing."""
     if not isinstance(config, KernelConfig):
         raise TypeError(f"config must be a kernels.config.KernelConfig, got {type(config).__name__}")
     block_m, block_n = config.block_m, config.block_n
@@ -246,6 +270,20 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
                              f"{FILL_BLOCK.value} covering the keys")
     else:
         kbar = kbs = vbar = bias = counts
+    # without lse_inputs the lse arguments are stand-ins the kernel never reads (RETURN_LSE is off), as
+    # for the other optional inputs above: a real tensor, not None, works on every Triton version
+    lse = q_raw = kmean = None
+    lse_scale, sqr = 0.0, (0, 0, 0)
+    if lse_inputs is not None:
+        q_raw, k_mean, lse_scale = lse_inputs
+        if q_raw.shape != (B, H, n_q, d_out) or q_raw.stride(-1) != 1 or k_mean.shape != (B, Hkv, d_out):
+            raise ValueError(f"lse_inputs want q ({B},{H},{n_q},{d_out}) contiguous in the head dim and k_mean "
+                             f"({B},{Hkv},{d_out}), got {tuple(q_raw.shape)} and {tuple(k_mean.shape)}")
+        kmean = torch.zeros(B, Hkv, hd, dtype=torch.float32, device=q_i8.device)
+        kmean[..., :d_out] = k_mean
+        lse = torch.empty(B, H, n_q, dtype=torch.float32, device=q_i8.device)
+        sqr = (q_raw.stride(0), q_raw.stride(1), q_raw.stride(2))
+        lse_scale = float(lse_scale) * 1.4426950408889634  # scores in log2 units, like the main loop
     out = torch.empty(B, H, n_q, d_out, dtype=out_dtype, device=q_i8.device)
     skipped = torch.zeros(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
     pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()
@@ -258,6 +296,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     _sparse_attn_fwd[(B * H * NQ,)](
         q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, out_perm if out_perm is not None else counts,
         counts, indices, skipped, pvt, kbar, kbs, vbar, bias,
+        *((lse, q_raw, kmean) if lse is not None else (counts, counts, counts)), *sqr, lse_scale,
         q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_scale.stride(0), q_scale.stride(1), k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
@@ -268,7 +307,9 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         n_q, n_k, H, H // Hkv, NQ, nkc,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
-        HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, num_warps=config.num_warps,
+        HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, RETURN_LSE=lse is not None, num_warps=config.num_warps,
         num_stages=config.num_stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
+    if lse is not None:
+        return out, (skipped if pv_skip else None), lse
     return out, (skipped if pv_skip else None)

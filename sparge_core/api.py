@@ -82,6 +82,27 @@ def _dense(q, k, v, scale, is_causal):
     return F.scaled_dot_product_attention(q, expand_kv(k, H), expand_kv(v, H), scale=scale, is_causal=is_causal)
 
 
+LSE_CHUNK = 1 << 24  # score elements per step of _dense_lse (64 MB of fp32)
+
+
+def _dense_lse(q, k, scale, is_causal):
+    """The exact fp32 log-sum-exp (B,H,N) of the dense fallback's rows: log sum_j exp(scale q.k_j),
+    with SDPA's causal mask (top-left aligned: row i sees keys 0..i). Query chunks bound the
+    memory: the fallback also takes long sequences (head dims above 128)."""
+    B, H, N, _ = q.shape
+    Nk = k.shape[2]
+    kf = expand_kv(k, H).float()
+    step = max(1, LSE_CHUNK // max(1, B * H * Nk))
+    parts = []
+    for i0 in range(0, N, step):
+        s = (q[:, :, i0:i0 + step].float() @ kf.transpose(-1, -2)) * scale
+        if is_causal:
+            rows = torch.arange(i0, i0 + s.shape[2], device=q.device)
+            s = s.masked_fill(torch.arange(Nk, device=q.device)[None, :] > rows[:, None], -math.inf)
+        parts.append(torch.logsumexp(s, -1))
+    return torch.cat(parts, 2)
+
+
 def _dense_reason(q, k, params: SpargeParams, block_q: int) -> Optional[str]:
     if q.shape[2] < block_q:
         return f"sequence of {q.shape[2]} tokens is shorter than one {block_q}-token query block: nothing to skip"
@@ -168,28 +189,33 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
             fill_args = (kbar, kbar_scale, vbar, sel_out[2])
         block_mask = SpargeBlockMask(counts, idx, cfg.block_m, cfg.block_n, N, Nk)
     return dict(cfg=cfg, q_i8=q_i8, k_i8=k_i8, v_t=v_t, q_s=q_s, k_s=k_s, v_scale=v_scale, block_mask=block_mask,
-                fill=fill_args)
+                fill=fill_args, k_mean=k_mean)
 
 
-def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None):
+def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None,
+                    return_lse: bool = False):
+    """Returns (out, block mask, P.V-skipped count, lse or None)."""
     from ..kernels.attn_fwd import sparse_attn_fwd
 
     P = prepare_sparse(q, k, v, params, scale, block_mask, pv_dtype, perm_q, perm_k)
     cfg, block_mask = P["cfg"], P["block_mask"]
     B, H, N, D = q.shape
     pv_skip = params.pv_skip_enabled()
-    out, skipped = sparse_attn_fwd(
+    # the lse's smoothing shift reads the un-quantized q (rows in the same order as the output)
+    lse_inputs = (q if q.stride(-1) == 1 else q.contiguous(), P["k_mean"], scale) if return_lse else None
+    res = sparse_attn_fwd(
         P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
         params.per_head("pvthreshd", H, q.device), N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
-        out_perm=perm_q, fill=P["fill"],
+        out_perm=perm_q, fill=P["fill"], lse_inputs=lse_inputs,
     )
-    return out, block_mask, (skipped.sum() if skipped is not None else 0)
+    skipped = res[1]
+    return res[0], block_mask, (skipped.sum() if skipped is not None else 0), (res[2] if return_lse else None)
 
 
 def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: str = "HND",
                      grid: Optional[tuple] = None, n_grid_tokens: Optional[int] = None,
                      scale: Optional[float] = None, return_stats: bool = False, backend: str = "auto",
-                     block_mask=None, pv_dtype: str = "auto"):
+                     block_mask=None, pv_dtype: str = "auto", return_lse: bool = False):
     """Sparse + quantized attention (SpargeAttn).
 
     q (B, H, N, D), k and v (B, Hkv, Nk, D) for layout "HND"; (B, N, H, D) for "NHD".
@@ -199,7 +225,15 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
     backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton" or "reference".
         "auto" on a GPU where Triton does not import runs dense attention (stats.dense_reason says
         why; availability.triton_status() tells beforehand); an explicit "triton" raises there.
-    Returns out in q's dtype and layout, and SpargeStats when return_stats.
+    return_lse: also return lse, float32 (B, H, N) in either layout and in the caller's token
+        order: per query row, log sum_j exp(scale * q.k_j) over what the call summed (kept blocks
+        exactly, skipped blocks through the fill_skipped estimate, P.V-skipped blocks not at all),
+        i.e. the denominator the row was normalized by; the logsumexp of
+        torch.ops.aten._scaled_dot_product_flash_attention. -inf for a row that summed nothing.
+        Partial results over key shards merge with it (ring attention):
+        lse = logaddexp(lse1, lse2), out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse).
+    Returns out in q's dtype and layout; (out, lse) with return_lse; (out, stats) with
+    return_stats; (out, lse, stats) with both.
     """
     params = SpargeParams() if params is None else params
     if not isinstance(params, SpargeParams):
@@ -223,8 +257,9 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         reason = triton_status().reason  # a GPU without a usable Triton: dense attention, not an error
     if reason is not None:
         out = _dense(q, k, v, scale, params.is_causal)
-        stats = SpargeStats("dense", dense_reason=reason, heads=H)
-        return (from_hnd(out, layout), stats) if return_stats else from_hnd(out, layout)
+        lse = _dense_lse(q, k, scale, params.is_causal) if return_lse else None
+        stats = SpargeStats("dense", dense_reason=reason, heads=H) if return_stats else None
+        return _result(from_hnd(out, layout), lse, stats)
 
     perm = None
     if grid is not None:
@@ -251,20 +286,30 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
     if be == "triton":
         # the quantizers read fp16, bf16 and fp32 alike; the output comes back in q's dtype
         perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
-        out, block_mask, skipped = _triton_forward(q, k, v, params, scale, block_mask, pv_dtype, *perms)
+        out, block_mask, skipped, lse = _triton_forward(q, k, v, params, scale, block_mask, pv_dtype, *perms,
+                                                        return_lse=return_lse)
     else:
         pvd = "fp16" if pv_dtype == "auto" else pv_dtype
         dense_mask = block_mask.to_dense() if block_mask is not None else None
-        out, mask, skipped_rows = sparge_reference(q, k, v, params, block_q, block_k, scale, pvd, mask=dense_mask)
+        res = sparge_reference(q, k, v, params, block_q, block_k, scale, pvd, mask=dense_mask, return_lse=return_lse)
+        out, mask, skipped_rows = res[:3]
+        lse = res[3] if return_lse else None
         block_mask = SpargeBlockMask.from_dense(mask, block_q, block_k, N, k.shape[2]) if dense_mask is None else block_mask
         skipped = skipped_rows.sum()
 
     if perm is not None and be != "triton":
         out = perm.invert(out, 2)
+        lse = perm.invert(lse, 2) if lse is not None else None
     out = from_hnd(out, layout)
     if not return_stats:
-        return out
+        return _result(out, lse, None)
     nq, nk = block_mask.kv_indices.shape[2:]
     per_head = causal_block_mask(nq, nk, block_q, block_k, N, k.shape[2]).sum().item() if params.is_causal else nq * nk
     stats = SpargeStats(be, block_mask.kv_num_blocks.sum(), B * H * per_head, skipped, None, block_mask, block_q, block_k, H)
-    return out, stats
+    return _result(out, lse, stats)
+
+
+def _result(out, lse, stats):
+    """out, then lse when asked, then stats when asked (the order sparge_attention documents)."""
+    extra = tuple(x for x in (lse, stats) if x is not None)
+    return (out,) + extra if extra else out

@@ -254,13 +254,32 @@ def predict_block_mask(q, k, params: SpargeParams, block_q: int, block_k: int, s
 
 
 # ----------------------------------------------------------------------------- stage 2
+def row_lse(m, l, q, k_mean, scale: float):
+    """Each query row's log-sum-exp in natural-log units of the scaled scores, the logsumexp that
+    flash attention returns: log sum_j exp(scale * q . k_j) over what the row summed.
+
+    m, l: the online softmax's running max and denominator per query block and row (B,H,NQ,BQ),
+    log2 units, l = sum_j 2^(s_j - m) (without the kernel's 2^8 P pre-scale), so
+    log2 sum = m + log2 l. The scores s were taken against smoothed keys k_j - mean(k): adding back
+    scale * q . mean(k) makes the value independent of the smoothing, so the lse of two key shards
+    (each smoothed by its own mean) merge. That shift uses the un-quantized q (B,H,N,D) in fp32:
+    int8 q's rounding cancels in the softmax but would not here (q . mean(k) can be large).
+    A row that summed nothing: -inf. Returns (B,H,N)."""
+    N = q.shape[2]
+    shift = (q.float() @ k_mean[..., None])[..., 0] * scale
+    lse2 = torch.where(l > 0, m + torch.log2(l.clamp_min(TINY)), torch.full_like(l, -math.inf))
+    return lse2.flatten(2, 3)[:, :, :N] / LOG2E + shift
+
+
 def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int, block_k: int,
-                               scale: float | None = None, pv_dtype: str = "fp8", fill=None):
+                               scale: float | None = None, pv_dtype: str = "fp8", fill=None,
+                               return_lse: bool = False):
     """Sparse, quantized attention over the kept blocks of `mask` (B,H,NQ,NK), with P.V skipping.
     fill: the fill_skipped bias (B,H,NQ,NK) from fill_bias: after the kept blocks, every key
     block with a finite bias joins the softmax as one key (its mean key and mean value).
 
-    Returns (out in q.dtype (B,H,N,D), pv_skipped per query block (B,H,NQ) int64)."""
+    Returns (out in q.dtype (B,H,N,D), pv_skipped per query block (B,H,NQ) int64), and with
+    return_lse a third item: the float32 (B,H,N) log-sum-exp the output was normalized by (row_lse)."""
     B, H, N, D = q.shape
     Nk = k.shape[2]
     dev = q.device
@@ -319,8 +338,12 @@ def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int
         p = torch.exp2(t - m_safe[..., None])
         l = l * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + round_p(p, pv_dtype) @ vbar[:, :, None]
+        m = m_new
     out = acc / l.clamp_min(TINY)[..., None] * vscale[:, :, None, None, :]
     out = out.flatten(2, 3)[:, :, :N]
+    if return_lse:
+        lse = row_lse(m, l, q, expand_kv(k.float().mean(2)[:, :, None], H)[:, :, 0], scale)
+        return out.to(q.dtype), skipped, lse
     return out.to(q.dtype), skipped
 
 
@@ -333,12 +356,14 @@ def dense_attention(q, k, v, scale: float | None = None, is_causal: bool = False
     return out.to(q.dtype)
 
 
-def sparge_reference(q, k, v, params: SpargeParams, block_q: int, block_k: int, scale=None, pv_dtype="fp8", mask=None):
-    """Stage 1 + stage 2. Returns (out, mask, pv_skipped). fill_skipped applies to predicted masks."""
+def sparge_reference(q, k, v, params: SpargeParams, block_q: int, block_k: int, scale=None, pv_dtype="fp8", mask=None,
+                     return_lse: bool = False):
+    """Stage 1 + stage 2. Returns (out, mask, pv_skipped), and the rows' lse (row_lse) as a fourth
+    item with return_lse. fill_skipped applies to predicted masks."""
     fill = None
     if mask is None and params.fill_skipped:
         mask, fill = predict_block_mask(q, k, params, block_q, block_k, scale, return_fill=True)
     elif mask is None:
         mask = predict_block_mask(q, k, params, block_q, block_k, scale)
-    out, skipped = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, scale, pv_dtype, fill)
-    return out, mask, skipped
+    res = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, scale, pv_dtype, fill, return_lse)
+    return (res[0], mask) + tuple(res[1:])
