@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from .calibrate_node import SpargeCalibrate
 from .profile_files import register_folder
 from .profile_node import LoadSpargeProfile
+from .raylight_node import SpargeAttentionRaylight
 from .routes import register_routes
 from .sparge_node import SpargeAttention
 from .sparsity_map import SpargeSparsityMap
@@ -18,4 +19,4 @@ class SpargeExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         register_routes()  # 0.3.75: before the server adds its routes to the app
         register_folder()  # models/sparge_profiles
-        return [SpargeAttention, SpargeSparsityMap, SpargeCalibrate, LoadSpargeProfile]
+        return [SpargeAttention, SpargeSparsityMap, SpargeCalibrate, LoadSpargeProfile, SpargeAttentionRaylight]

@@ -35,6 +35,10 @@ FE_WHEEL="comfyui_frontend_package-${FE_VERSION}-py3-none-any.whl"
 FE_SHA256="37912597537a731a8f421179618a736c24184c5bdbfa327f38b2fb7c291852d9"
 FE_DIR="$COMFY_PARENT/frontend-$FE_VERSION"
 MARKER="$VENV/.sparge-setup-done"
+# Optional test extra (tests/comfy/test_raylight.py): yunchang, the pure-Python Ulysses/ring attention
+# that xfuser (Raylight's USP) builds on. --no-deps: it needs only torch, which must never change.
+# xfuser itself is not installed: without CUDA it stubs its attention class, and it imports diffusers.
+YUNCHANG_VERSION="0.6.4"
 
 # Direct requirements; requirements-dev.txt holds their exact resolution (see --update-pins).
 # transformers<5: the 4.x line is what ComfyUI 0.3.75 was released against.
@@ -109,6 +113,10 @@ EOF
 
 chromium_ok() { [ -x /usr/bin/chromium ]; }
 
+extras_ok() {
+  "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('yunchang') != '$YUNCHANG_VERSION')" 2>/dev/null
+}
+
 frontend_ok() {
   # the extracted static/ folder, stamped with the sha256 of the wheel it came from
   [ -f "$FE_DIR/index.html" ] && [ -d "$FE_DIR/assets" ] &&
@@ -117,7 +125,7 @@ frontend_ok() {
 
 # ---------------------------------------------------------------- fast path
 if [ "$FORCE" = 0 ] && [ -x "$PY" ] && [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$(stamp)" ] \
-   && comfy_ok && frontend_ok && chromium_ok && pins_ok; then
+   && comfy_ok && frontend_ok && chromium_ok && pins_ok && extras_ok; then
   say "already set up: .venv ($("$PY" -c 'import sys; print(sys.version.split()[0])')), ComfyUI $COMFY_VERSION in .comfyui/ComfyUI, frontend $FE_VERSION in .comfyui/frontend-$FE_VERSION, /usr/bin/chromium - verified"
   exit 0
 fi
@@ -273,6 +281,15 @@ os.chmod(final, 0o755)
 print(f"setup: extracted {n} files")
 EOF
   frontend_ok || { echo "setup: frontend $FE_VERSION not found after extraction" >&2; exit 1; }
+fi
+
+# ---------------------------------------------------------------- 6. optional test extra (~1 s, 55 kB)
+if extras_ok; then
+  say "yunchang $YUNCHANG_VERSION present (Raylight tests)"
+else
+  say "pip install --no-deps yunchang==$YUNCHANG_VERSION (Raylight tests; optional)"
+  "$PY" -m pip install -q --no-deps "yunchang==$YUNCHANG_VERSION" 2> >(grep -v "is ignored" >&2) \
+    || say "yunchang not installed: tests/comfy/test_raylight.py skips its yunchang tests"
 fi
 
 stamp > "$MARKER"
