@@ -14,10 +14,11 @@ settings, schedule, observers, fallbacks, stats on the forward's ForwardContext)
 (B, H, N, D) layout. Outside such a forward it returns what xfuser would have used. Sequence padding
 (zeros appended by Raylight) is cut off before the override sees the call: pad keys are never
 attended, pad queries never counted, and the Hilbert grid matches; pad rows come back as zeros
-(Raylight drops them after its all-gather). Ring degree > 1 (each step sees one key shard and
-must return its lse): the `RankStats` observer keeps those calls dense ("ring attention") until the
-kernel returns an lse; with ring degree 1 the loop has one step and xfuser drops the lse (as for
-yunchang's own math backend, a zero lse is returned).
+(Raylight drops them after its all-gather). With ring degree 1 the loop has one step and xfuser
+drops its lse (as for yunchang's own math backend, a zero lse is returned). Ring degree > 1: each
+step is the query shard against one key shard and returns its lse for xfuser's merge; it runs
+sparse without Hilbert order (nodes/raylight_ring.py). A ring call that cannot return an lse (an
+override without that path) is kept dense by the `RankStats` observer ("ring attention").
 
 The node "Sparge Attention (Raylight)" (nodes/raylight_node.py) takes Raylight's RAY_ACTORS, and each worker loads this pack
 from its folder and patches its model (`patch_model`). At the end of a run `RankStats` sums every
@@ -38,7 +39,8 @@ import torch
 from .config import SpargeConfig
 from .model_info import grid_candidates
 from .observers import Observer
-from .override import install
+from .override import SpargeOverride, install
+from .raylight_ring import ring_step, shard_step
 from .stats import RunStats, StepStats
 
 log = logging.getLogger("sparge_attention")
@@ -58,6 +60,8 @@ class Active(NamedTuple):
     tokens: tuple  # t*h*w of each candidate grid (ceil / floor patching)
     ulysses: int
     ring: int
+    ring_rank: int = 0
+    state: Optional[list] = None  # the ring loop in progress (raylight_ring.ring_step); one list per forward
 
 
 _FORWARD: contextvars.ContextVar = contextvars.ContextVar("sparge_raylight_forward", default=None)
@@ -82,6 +86,14 @@ def rank_attention(active: Active, fn, q, k, v, dropout_p=0.0, softmax_scale=Non
         lse_of_dense.append(lse)
         return out.transpose(1, 2)
 
+    if active.ring > 1 and k.shape[1] == N and active.state is not None and isinstance(override, SpargeOverride):
+        R, r = active.ring, active.ring_rank  # one ring step: this rank's queries, one key shard
+        real = real_tokens(N * R, active.tokens, active.ulysses * R)
+        last = real - N * (R - 1)  # real rows of the last shard (ring rank R-1's)
+        nk = last if (r - shard_step(active.state, q)) % R == R - 1 else N
+        if last > 0:
+            return ring_step(override, active.to, active.state, q, k, v, last if r == R - 1 else N, nk, dense,
+                             lse_of_dense, (RankStats,))
     n = N
     if active.ring == 1 and k.shape[1] == N:  # self-attention: cut the sequence padding off
         n = real_tokens(N, active.tokens, active.ulysses)
@@ -148,13 +160,14 @@ def remove_hooks() -> None:
 
 
 def _degrees() -> tuple:
-    """(ulysses, ring) degrees of this worker (xfuser's parallel state), (1, 1) without it."""
+    """(ulysses, ring, ring rank) of this worker (xfuser's parallel state), (1, 1, 0) without it."""
     try:
-        from xfuser.core.distributed import get_ring_parallel_world_size, get_ulysses_parallel_world_size
+        from xfuser.core.distributed import (get_ring_parallel_rank, get_ring_parallel_world_size,
+                                             get_ulysses_parallel_world_size)
 
-        return int(get_ulysses_parallel_world_size()), int(get_ring_parallel_world_size())
+        return int(get_ulysses_parallel_world_size()), int(get_ring_parallel_world_size()), int(get_ring_parallel_rank())
     except Exception:
-        return 1, 1
+        return 1, 1, 0
 
 
 def forward_wrapper(executor, *args, **kwargs):
@@ -165,7 +178,7 @@ def forward_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     dm = getattr(getattr(executor, "class_obj", None), "diffusion_model", None)
     tokens = tuple(g[0] * g[1] * g[2] for g in grid_candidates(dm, args[0] if args else None))
-    token = _FORWARD.set(Active(to, tokens, *_degrees()))
+    token = _FORWARD.set(Active(to, tokens, *_degrees(), []))
     try:
         return executor(*args, **kwargs)
     finally:
@@ -174,7 +187,8 @@ def forward_wrapper(executor, *args, **kwargs):
 
 # ---------------------------------------------------------------------------- every rank's stats
 class RankStats(Observer):
-    """Ring attention stays dense (no lse yet); at the end of a run every rank's counts are summed."""
+    """A ring call that reaches the override stays dense (it returns no lse; ring_step runs the ring
+    steps); at the end of a run every rank's counts are summed."""
 
     def before_sparse(self, call) -> Optional[str]:
         active = _FORWARD.get()
@@ -242,7 +256,7 @@ def patch_model(model, widgets: dict, node_id=None, map_layer: int = -1):
     replaced), the forward wrapper and the per-rank hooks."""
     from comfy.patcher_extension import WrappersMP
 
-    from .override import WRAPPER_KEY as OV_KEY, SpargeOverride
+    from .override import WRAPPER_KEY as OV_KEY
 
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})

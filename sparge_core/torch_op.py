@@ -19,6 +19,9 @@ dense inside sparge_attention (e.g. shorter than one block) it equals the dense 
 Importing this module twice (e.g. as `sparge_core` and as part of the node pack) registers the
 op once; the second import reuses it.
 
+"sparge::attention_lse" takes the same arguments and also returns the log-sum-exp, (B, H, N) float32
+(sparge_attention's return_lse), which ring attention merges its key shards by (nodes/raylight.py).
+
 "sparge::attention_map" takes the same arguments and also returns the predicted block mask,
 (B, H, NQ, NK) bool (True = computed; all True when the call ran dense inside sparge_attention),
 in the order the kernel visits tokens (Hilbert order with a grid). The Sparge Attention node
@@ -38,6 +41,7 @@ from .params import SpargeParams
 
 OP_NAME = "sparge::attention"
 MAP_OP_NAME = "sparge::attention_map"
+LSE_OP_NAME = "sparge::attention_lse"
 BACKEND = "auto"  # the op always picks by device: Triton on CUDA, the reference elsewhere
 
 
@@ -69,11 +73,11 @@ def dense_block_total(q: torch.Tensor, k: torch.Tensor) -> int:
     return B * H * num_blocks(N, bq) * num_blocks(k.shape[2], bk)
 
 
-def _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
+def _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped, lse=False):
     params = _params(simthreshd1, threshold, pvthreshd, mode, causal, scoring, fill_skipped)
     grid = tuple(int(g) for g in grid) or None
-    return sparge_attention(q, k, v, params, layout="HND", grid=grid,
-                            scale=None if scale <= 0 else float(scale), return_stats=True, backend=BACKEND)
+    return sparge_attention(q, k, v, params, layout="HND", grid=grid, scale=None if scale <= 0 else float(scale),
+                            return_stats=True, backend=BACKEND, return_lse=lse)
 
 
 def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
@@ -114,6 +118,12 @@ def _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal
     return out, kept, skipped, mask
 
 
+def _attention_lse_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
+    out, lse, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring,
+                           fill_skipped, lse=True)
+    return (*_outputs(q, k, v, out, stats), lse.float().contiguous())
+
+
 def _device_count(x, dev) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(dev, torch.int64).reshape(())
@@ -135,6 +145,11 @@ def _attention_map_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal
     return out, kept, skipped, q.new_empty(mask_shape(q, k), dtype=torch.bool)
 
 
+def _attention_lse_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
+    out, kept, skipped = _attention_fake(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
+    return out, kept, skipped, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
               threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
               grid: list[int], scale: float, scoring: str,
@@ -147,6 +162,14 @@ def attention_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1
                   grid: list[int], scale: float, scoring: str,
                   fill_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring,
+                               fill_skipped)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthreshd1: torch.Tensor,
+                  threshold: torch.Tensor, pvthreshd: torch.Tensor, mode: str, causal: bool,
+                  grid: list[int], scale: float, scoring: str,
+                  fill_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_lse_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring,
                                fill_skipped)
 
 
@@ -170,6 +193,8 @@ sparge_attention_op = _register(OP_NAME, attention, _attention_fake)
 # in the order the kernel visits tokens (Hilbert order when a grid is given). The Sparge Attention
 # node calls it for one transformer block per step to feed the Sparge Sparsity Map node.
 sparge_attention_map_op = _register(MAP_OP_NAME, attention_map, _attention_map_fake)
+# The same call that also returns its log-sum-exp, (B, H, N) float32: ring attention's per-shard calls.
+sparge_attention_lse_op = _register(LSE_OP_NAME, attention_lse, _attention_lse_fake)
 
 
 def thresholds(value, heads: int) -> torch.Tensor:
@@ -183,16 +208,19 @@ def thresholds(value, heads: int) -> torch.Tensor:
     return t.contiguous()
 
 
-def call(q, k, v, params: SpargeParams, grid=None, scale=None, with_mask: bool = False):
+def call(q, k, v, params: SpargeParams, grid=None, scale=None, with_mask: bool = False, with_lse: bool = False):
     """The op with a SpargeParams (HND layout): (out, kept, pv_skipped), plus the block mask with
-    with_mask ("sparge::attention_map"). The one way nodes/ and the benches call the op."""
+    with_mask ("sparge::attention_map") or the lse with with_lse ("sparge::attention_lse"; not both).
+    The one way nodes/ and the benches call the op."""
+    if with_mask and with_lse:
+        raise ValueError("with_mask and with_lse: one op returns one of them")
     H = q.shape[1]
-    op = sparge_attention_map_op if with_mask else sparge_attention_op
+    op = sparge_attention_map_op if with_mask else sparge_attention_lse_op if with_lse else sparge_attention_op
     return op(q, k, v, thresholds(params.simthreshd1, H), thresholds(params.threshold, H),
               thresholds(params.pvthreshd, H), params.mode, bool(params.is_causal),
               [int(g) for g in grid] if grid else [], -1.0 if scale is None else float(scale),
               params.scoring, bool(params.fill_skipped))
 
 
-__all__ = ["sparge_attention_op", "sparge_attention_map_op", "call", "thresholds", "dense_block_total",
-           "mask_shape", "OP_NAME", "MAP_OP_NAME"]
+__all__ = ["sparge_attention_op", "sparge_attention_map_op", "sparge_attention_lse_op", "call", "thresholds",
+           "dense_block_total", "mask_shape", "OP_NAME", "MAP_OP_NAME", "LSE_OP_NAME"]

@@ -44,6 +44,27 @@ def test_dense_inside_the_api_counts_every_block():
     assert int(kept) == torch_op.dense_block_total(q, k) == 2
 
 
+def test_lse_variant_matches_the_api_and_compiles():
+    """"sparge::attention_lse" (ring attention's per-shard call): the api's out, lse and counts, its
+    fake shapes pass opcheck, and it traces under torch.compile(fullgraph=True)."""
+    q, k, v = qkv(n=320)
+    p = SpargeParams(simthreshd1=-1.0, topk=0.5, pvthreshd=float("inf"), scoring="lse", fill_skipped=True)
+    out, kept, skipped, lse = torch_op.call(q, k, v, p, with_lse=True)
+    ref, ref_lse, stats = sparge_attention(q, k, v, p, return_lse=True, return_stats=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse) and lse.dtype == torch.float32
+    assert lse.shape == q.shape[:3] and int(kept) == int(stats.kept_blocks) < torch_op.dense_block_total(q, k)
+    h = torch_op.thresholds
+    args = (q, k, v, h(-1.0, 2), h(0.5, 2), h(float("inf"), 2), "topk", False, [], -1.0, "lse", True)
+    torch.library.opcheck(torch.ops.sparge.attention_lse.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch._dynamo.reset()
+    got = torch.compile(lambda a, b, c: torch_op.call(a, b, c, p, with_lse=True), fullgraph=True,
+                        backend="eager")(q, k, v)
+    assert torch.equal(got[0], out) and torch.equal(got[3], lse)
+    with pytest.raises(ValueError):
+        torch_op.call(q, k, v, p, with_mask=True, with_lse=True)
+
+
 def test_registered_once():
     again = importlib.reload(torch_op)
     assert again.sparge_attention_op is torch.ops.sparge.attention

@@ -3,12 +3,16 @@
 * Two simulated Ulysses ranks (heads split in two, the sequence padded to a multiple of 2 with
   garbage rows) run their per-rank calls through the integration; their outputs, concatenated over
   heads, equal one rank doing all heads, and the summed readout equals the single rank's counts.
-* Ring degree > 1 keeps calls dense ("ring attention") and hands xfuser the dense lse.
+* Ring degree 2, simulated as yunchang's ring loop runs it (two key shards per rank, merged by
+  yunchang's update_out_and_lse): keep-all settings equal one rank's attention within int8 error,
+  the Balanced preset runs every step sparse (no "ring attention"), the pad key is never attended.
+  A ring call that reaches the override without the ring path stays dense with xfuser's lse.
 * The hooks patch yunchang's ring module (xfuser's needs CUDA: on a machine without it xfuser sets
   `select_flash_attn_impl = None`, and its package imports diffusers) and remove themselves.
 * Without xfuser / yunchang (hidden) nothing is patched and the pack works.
-* Two real processes (gloo): yunchang's LongContextAttention (Ulysses 2) with the hooks equals one
-  process with all heads, and RankStats sums both ranks' counts over torch.distributed (~20 s).
+* Two real processes (gloo): yunchang's LongContextAttention with the hooks, Ulysses 2 (equals one
+  process with all heads) and ring 2 (equals the simulated ring), and RankStats sums both ranks'
+  counts over torch.distributed (~10 s each).
 """
 import os
 import socket
@@ -47,13 +51,13 @@ def torch_fn(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **kw):
 torch_fn.calls = 0
 
 
-def rank(heads=slice(None), ring=1, ulysses=1, observers=()):
-    cfg = SpargeConfig.from_widgets(**SPARSE)
+def rank(heads=slice(None), ring=1, ulysses=1, observers=(), widgets=SPARSE, ring_rank=0, state=None):
+    cfg = SpargeConfig.from_widgets(**widgets)
     ov = SpargeOverride(cfg, node_id="5", observers=observers)
     ctx = ForwardContext(step=0, sigma=1.0, percent=0.0, sparse_on=True, grids=(GRID,), context_tokens=None,
                          n_double=0)
     to = {ov.key: ctx, "optimized_attention_override": ov}
-    return ov, ctx, R.Active(to, (GRID[0] * GRID[1] * GRID[2],), ulysses, ring)
+    return ov, ctx, R.Active(to, (GRID[0] * GRID[1] * GRID[2],), ulysses, ring, ring_rank, state)
 
 
 def inputs(pad=0, seed=0):
@@ -108,7 +112,73 @@ def test_two_simulated_ulysses_ranks_equal_one_rank(pad):
     assert got["sparsity"] == pytest.approx(want["sparsity"])
 
 
-def test_ring_degree_two_stays_dense_with_its_lse():
+KEEP_ALL = dict(preset="Custom", mode="topk", topk=1.0, simthreshd1=-1.0, min_tokens=128)
+
+
+def simulated_ring(widgets, pad_scale=1.0):
+    """Ring degree 2 (Ulysses 1), as yunchang's ring_flash_attn_forward runs it: ring rank r holds
+    query shard r; at step s it gets the k/v shard of rank (r - s) % 2 and merges by update_out_and_lse.
+    The pad key (the last token, in shard 1) is scaled: attended, it would dominate."""
+    utils = pytest.importorskip("yunchang.ring.utils")
+    q, k, v = inputs(pad=1)
+    k[:, -1], v[:, -1] = k[:, -1] * pad_scale, v[:, -1] * pad_scale
+    half = q.shape[1] // 2
+    shards = [tuple(t[:, i * half:(i + 1) * half] for t in (q, k, v)) for i in range(2)]
+    outs, ctxs, ovs = [], [], []
+    torch_fn.calls = 0
+    for r in range(2):
+        ov, ctx, act = rank(ring=2, ring_rank=r, observers=(R.RankStats(),), widgets=widgets, state=[])
+        token = R._FORWARD.set(act)
+        try:
+            out = lse = None
+            qs = shards[r][0]
+            for step in range(2):
+                _, ks, vs = shards[(r - step) % 2]
+                block_out, block_lse = R.rank_attention(act, torch_fn, qs, ks, vs, dropout_p=0.0,
+                                                        softmax_scale=None, causal=False)
+                assert block_lse.shape == (1, 4, half) and block_lse.dtype == torch.float32
+                assert torch.isfinite(block_lse).all()
+                out, lse = utils.update_out_and_lse(out, lse, block_out, block_lse)
+        finally:
+            R._FORWARD.reset(token)
+        outs.append(out.to(q.dtype))
+        ctxs.append(ctx)
+        ovs.append(ov)
+    n = GRID[0] * GRID[1] * GRID[2]
+    assert torch.all(outs[1][:, -1] == 0)  # the pad query: not computed
+    got = torch.cat(outs, 1)[:, :n]
+    ref = F.scaled_dot_product_attention(*(t[:, :n].transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    return got, ref, ctxs, ovs
+
+
+def test_simulated_ring_degree_two_keep_all_matches_one_rank():
+    got, ref, ctxs, _ = simulated_ring(KEEP_ALL, pad_scale=100.0)
+    assert torch_fn.calls == 0  # every step ran through the sparse op, with its lse
+    q, k, v = inputs(pad=0)  # one rank, the whole sequence, keep-all: the same int8 quantization error
+    single = R.rank_attention(rank(widgets=KEEP_ALL)[2], torch_fn, q, k, v)[0]
+    err_one = rel(single, ref)
+    assert rel(got, ref) < max(2 * err_one, 1e-3), (rel(got, ref), err_one)  # the pad key never attended
+    for ctx in ctxs:  # two steps of one block: two records of layer 0, no dense call, no Hilbert order
+        assert len(ctx.records) == 2 and ctx.record_layers == [0, 0] and not ctx.dense
+        assert ctx.hilbert_used == 0 and ctx.hilbert_not == {"ring shard": 2}
+        assert all(int(c.kept) == c.total for c in ctx.records)
+
+
+def test_simulated_ring_degree_two_balanced_runs_sparse():
+    widgets = dict(preset="Balanced", min_tokens=128)
+    got, ref, ctxs, ovs = simulated_ring(widgets, pad_scale=100.0)
+    assert torch_fn.calls == 0
+    assert rel(got, ref) < 0.15  # sane sparse attention; the pad key was not attended
+    run0, run1 = (run_of(c) for c in ctxs)
+    R.add_summary(run0, R.summary(run1))
+    ro = build_readout(ovs[0], run0)
+    assert ro["sparse_calls"] == 4 and ro["kept_blocks"] < ro["total_blocks"], ro
+    assert ro["dense_calls"] == {} and not ctxs[0].dense and not ctxs[1].dense  # no "ring attention"
+
+
+def test_ring_call_through_the_override_stays_dense_with_its_lse():
+    """A ring call outside a forward of this pack's wrapper (no ring state) cannot return an lse
+    from the override: RankStats keeps it dense."""
     q, k, v = inputs(pad=0)
     ov, ctx, act = rank(ring=2, ulysses=1, observers=(R.RankStats(),))
     token = R._FORWARD.set(act)  # RankStats reads the degrees of the forward in progress
@@ -171,7 +241,7 @@ def test_without_xfuser_and_yunchang_nothing_is_patched(monkeypatch):
     monkeypatch.setitem(sys.modules, "xfuser", None)  # `import xfuser` raises ImportError
     monkeypatch.setitem(sys.modules, "yunchang", None)
     assert R.install_hooks() == [] and R._ORIGINAL == {}
-    assert R._degrees() == (1, 1)
+    assert R._degrees() == (1, 1, 0)
     q, k, v = inputs()
     ov, ctx, act = rank()
     out = ov(None, *(t.transpose(1, 2) for t in (q, k, v)), heads=4, skip_reshape=True, skip_output_reshape=True,
@@ -180,7 +250,8 @@ def test_without_xfuser_and_yunchang_nothing_is_patched(monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_two_real_processes_with_yunchangs_ulysses_attention(tmp_path):
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])
+def test_two_real_processes_with_yunchangs_attention(tmp_path, ulysses, ring):
     pytest.importorskip("yunchang")
     script = textwrap.dedent(f"""
         import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
@@ -192,12 +263,14 @@ def test_two_real_processes_with_yunchangs_ulysses_attention(tmp_path):
             import yunchang
             from yunchang.kernels import AttnType
             from test_raylight import R, rank, inputs, run_of, build_readout, GRID
-            yunchang.set_seq_parallel_pg(2, 1, r, 2)
+            U, RG = int(sys.argv[3]), int(sys.argv[4])
+            yunchang.set_seq_parallel_pg(U, RG, r, 2)
             attn = yunchang.LongContextAttention(attn_type=AttnType.TORCH_MATH)
             assert R.install_hooks() == ["yunchang.ring.ring_flash_attn"]
             q, k, v = inputs(pad=1)  # (1, 1024, 4, 64), the same on both ranks
-            sl = slice(512 * r, 512 * r + 512)  # Ulysses input: this rank's half of the sequence, all heads
-            ov, ctx, act = rank(ulysses=2, observers=(R.RankStats(),))
+            sl = slice(512 * r, 512 * r + 512)  # USP input: this rank's half of the sequence, all heads
+            ov, ctx, act = rank(ulysses=U, ring=RG, ring_rank=r if RG > 1 else 0, observers=(R.RankStats(),),
+                                state=[])
             token = R._FORWARD.set(act)
             out = attn(q[:, sl], k[:, sl], v[:, sl])
             R._FORWARD.reset(token)
@@ -215,21 +288,28 @@ def test_two_real_processes_with_yunchangs_ulysses_attention(tmp_path):
     with socket.socket() as sock:  # a free port for the two ranks' rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    r = subprocess.run([sys.executable, str(path), str(port), str(tmp_path)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(path), str(port), str(tmp_path), str(ulysses), str(ring)],
+                       capture_output=True, text=True,
                        timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = [torch.load(tmp_path / f"r{i}.pt", weights_only=False) for i in range(2)]
     n = GRID[0] * GRID[1] * GRID[2]
     both = torch.cat([x["out"] for x in res], 1)[:, :n]  # all-gather of the sequence halves, pad dropped
-    q, k, v = inputs(pad=0)
-    ov1, ctx1, act1 = rank()
-    single, _ = R.rank_attention(act1, torch_fn, q, k, v)
+    if ring == 1:
+        q, k, v = inputs(pad=0)
+        ov1, ctx1, act1 = rank()
+        single, _ = R.rank_attention(act1, torch_fn, q, k, v)
+        want = build_readout(ov1, run_of(ctx1))
+    else:  # yunchang's ring loop and merge equal the simulated ring; two steps on each rank
+        single, _, ctxs, ovs = simulated_ring(SPARSE)
+        run0 = run_of(ctxs[0])
+        R.add_summary(run0, R.summary(run_of(ctxs[1])))
+        want = build_readout(ovs[0], run0)
     # other processes, other thread counts: float sums may round differently (one int8 step at most)
     assert rel(both, single) < 1e-4, (both - single).abs().max()
-    want = build_readout(ov1, run_of(ctx1))
     for x in res:  # both ranks' readouts cover both ranks
-        assert x["readout"]["kept_blocks"] == want["kept_blocks"] and x["readout"]["sparse_calls"] == 2
-        assert x["readout"]["total_blocks"] == want["total_blocks"]
+        assert x["readout"]["kept_blocks"] == want["kept_blocks"] and x["readout"]["sparse_calls"] == 2 * ring
+        assert x["readout"]["total_blocks"] == want["total_blocks"] and x["readout"]["dense_calls"] == {}
 
 
 @pytest.mark.timeout(300)
