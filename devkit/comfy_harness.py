@@ -551,6 +551,28 @@ def wan22_two_stage_graph(high_name: str, low_name: str, seed: int = 0, steps: i
     return g
 
 
+def run_latent_graph(srv, graph, shape=None, timeout=300.0, client_id=None):
+    """Queue a graph whose one output is a saved latent and wait for it to succeed: (the latent,
+    the Sparge readouts of this prompt in order, its history entry, its prompt id). The latent is
+    finite and, with `shape`, of that shape."""
+    pid = srv.queue(graph, client_id=client_id)
+    entry = srv.wait(pid, timeout=timeout)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    files = srv.output_files(entry)
+    assert len(files) == 1, entry["outputs"]
+    lat = load_latent_file(files[0])
+    assert (shape is None or tuple(lat.shape) == tuple(shape)) and bool(lat.isfinite().all()), lat.shape
+    readouts = srv.get_json(f"/sparge/readouts?prompt_id={pid}")["readouts"]
+    return lat, readouts, entry, pid
+
+
+def only_readout(readouts, node_id="10"):
+    """The one readout of `node_id` among a prompt's readouts."""
+    mine = [r for r in readouts if r["node_id"] == node_id]
+    assert len(mine) == 1, f"expected one readout from node {node_id}, got {len(mine)}: {readouts}"
+    return mine[0]
+
+
 def load_latent_file(path):
     """Read a SaveLatent .latent file (safetensors, key 'latent_tensor') -> torch tensor."""
     import safetensors.torch

@@ -28,7 +28,8 @@ from devkit.pack import load_pack
 load_pack()
 from sparge_attention.sparge_core.profiles import PACK_VERSION, SpargeProfile  # noqa: E402
 
-from devkit.comfy_harness import ComfyServer, ExecutionFailed, load_latent_file, wan21_t2v_graph  # noqa: E402
+from devkit.comfy_harness import (  # noqa: E402
+    ComfyServer, ExecutionFailed, load_latent_file, only_readout as only, run_latent_graph, wan21_t2v_graph)
 
 pytestmark = [pytest.mark.comfy, pytest.mark.timeout(600)]
 
@@ -78,18 +79,8 @@ def with_profile(g, name="tiny_local.safetensors"):
 
 
 def run(srv, g, client_id=None):
-    pid = srv.queue(g, client_id=client_id)
-    entry = srv.wait(pid, timeout=300)
-    files = srv.output_files(entry)
-    assert len(files) == 1
-    readouts = srv.get_json(f"/sparge/readouts?prompt_id={pid}")["readouts"]
-    return load_latent_file(files[0]), readouts, pid
-
-
-def only(readouts, node_id="10"):
-    mine = [r for r in readouts if r["node_id"] == node_id]
-    assert len(mine) == 1, readouts
-    return mine[0]
+    lat, readouts, _, pid = run_latent_graph(srv, g, client_id=client_id)
+    return lat, readouts, pid
 
 
 def profiles_dir(srv):

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from devkit.comfy_harness import ComfyServer, load_latent_file, wan21_t2v_graph, wan22_two_stage_graph
+from devkit.comfy_harness import ComfyServer, only_readout as only, run_latent_graph, wan21_t2v_graph, wan22_two_stage_graph
 from devkit.metrics import rel_l2 as rel
 from devkit.tiny_models import make_tiny_wan_lora
 
@@ -47,21 +47,8 @@ def srv():
 def run(srv, graph, timeout=300):
     """Queue, wait; (latent, readouts of this prompt in order, history entry, log lines it wrote)."""
     log_start = len(srv.log_text().splitlines())
-    pid = srv.queue(graph)
-    entry = srv.wait(pid, timeout=timeout)
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    files = srv.output_files(entry)
-    assert len(files) == 1, entry["outputs"]
-    lat = load_latent_file(files[0])
-    assert tuple(lat.shape) == LATENT and bool(lat.isfinite().all())
-    readouts = srv.get_json(f"/sparge/readouts?prompt_id={pid}")["readouts"]
+    lat, readouts, entry, _ = run_latent_graph(srv, graph, LATENT, timeout)
     return lat, readouts, entry, srv.log_text().splitlines()[log_start:]
-
-
-def only(readouts, node_id="10"):
-    mine = [r for r in readouts if r["node_id"] == node_id]
-    assert len(mine) == 1, f"expected one readout from node {node_id}, got {len(mine)}: {readouts}"
-    return mine[0]
 
 
 def wan(srv, seed, sp=None, steps=2, prefix="compat", dtype="default"):

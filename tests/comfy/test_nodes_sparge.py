@@ -24,7 +24,8 @@ from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 
 from devkit.comfy_harness import (  # noqa: E402
     hunyuan_video_graph,
-    load_latent_file,
+    only_readout as only,
+    run_latent_graph,
     wan21_t2v_graph,
     wan22_two_stage_graph,
 )
@@ -53,21 +54,8 @@ def hunyuan(srv, seed, sp=None, **kw):
 
 def run(srv, graph, timeout=300):
     """Queue, wait; returns (latent, readouts of this prompt in order, prompt_id)."""
-    pid = srv.queue(graph)
-    entry = srv.wait(pid, timeout=timeout)
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    files = srv.output_files(entry)
-    assert len(files) == 1, entry["outputs"]
-    lat = load_latent_file(files[0])
-    assert tuple(lat.shape) == LATENT and bool(lat.isfinite().all())
-    readouts = srv.get_json(f"/sparge/readouts?prompt_id={pid}")["readouts"]
+    lat, readouts, _, pid = run_latent_graph(srv, graph, LATENT, timeout)
     return lat, readouts, pid
-
-
-def only(readouts, node_id="10"):
-    mine = [r for r in readouts if r["node_id"] == node_id]
-    assert len(mine) == 1, f"expected one readout from node {node_id}, got {len(mine)}: {readouts}"
-    return mine[0]
 
 
 _BASELINES = {}
