@@ -10,11 +10,9 @@ for the tiny models in devkit/tiny_models.py). Make negatives with core Conditio
 SpargeTestAttentionProbe: MODEL -> MODEL that logs every attention call reaching ComfyUI's
 optimized_attention_override hook (shapes, kwargs, transformer_options keys) to output/<name>.jsonl.
 """
-import json
-import os
-import threading
-
 import torch
+
+from .jsonl_log import jsonl_appender
 
 
 class SpargeTestConditioning:
@@ -72,11 +70,7 @@ class SpargeTestAttentionProbe:
     CATEGORY = "testing/sparge"
 
     def patch(self, model, log_name):
-        import folder_paths
-
-        path = os.path.join(folder_paths.get_output_directory(), f"{log_name}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        lock = threading.Lock()
+        append = jsonl_appender(log_name)
         m = model.clone()
         topts = m.model_options.setdefault("transformer_options", {})
         prev = topts.get("optimized_attention_override")
@@ -94,8 +88,7 @@ class SpargeTestAttentionProbe:
                 "sigma": float(sig.flatten()[0]) if isinstance(sig, torch.Tensor) and sig.numel() else None,
                 "chained": prev is not None,
             }
-            with lock, open(path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append(rec)
             if prev is not None:
                 return prev(func, *args, **kwargs)
             return func(*args, **kwargs)

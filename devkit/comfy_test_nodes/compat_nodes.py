@@ -10,9 +10,7 @@ SpargeTestForwardCounter: MODEL -> MODEL adding a DIFFUSION_MODEL wrapper that c
     wrappers of one type in the order they were added, the first outermost, so its wrapper is
     then inside EasyCache's and forwards EasyCache skips never reach it.
 """
-import json
-import os
-import threading
+from .jsonl_log import jsonl_appender
 
 
 class SpargeTestDynamoCounters:
@@ -42,12 +40,9 @@ class SpargeTestForwardCounter:
     CATEGORY = "testing/sparge"
 
     def patch(self, model, log_name):
-        import folder_paths
         from comfy.patcher_extension import WrappersMP
 
-        path = os.path.join(folder_paths.get_output_directory(), f"{log_name}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        lock = threading.Lock()
+        append = jsonl_appender(log_name)
 
         def counting(executor, *args, **kwargs):
             to = args[-1] if isinstance(args[-1], dict) else kwargs.get("transformer_options") or {}
@@ -55,8 +50,7 @@ class SpargeTestForwardCounter:
             rec = {"sigma": float(sig.flatten()[0]) if sig is not None and sig.numel() else None,
                    "batch": int(args[0].shape[0])}
             out = executor(*args, **kwargs)
-            with lock, open(path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append(rec)
             return out
 
         m = model.clone()
