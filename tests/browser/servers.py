@@ -1,4 +1,4 @@
-"""What the browser tests' servers hold: the harness's tiny models, and empty stand-in files with
+"""What the browser tests share: the Sparge node's slider names, and what their servers hold: the harness's tiny models, and empty stand-in files with
 the names of the text encoders, VAEs and images that the example workflows use (enough for POST
 /prompt's validation, which only checks that the names exist; see test_graph_editor.py)."""
 from __future__ import annotations
@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "devkit" / "workflows" / "tiny_wan_demo.json"  # the demo's graph (test-only nodes: not a template)
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json")) + [TINY]
 SETTINGS = {"Comfy.Workflow.ShowMissingModelsWarning": False, "Comfy.Validation.Workflows": True}
+ARTIFACTS = REPO / "test-artifacts"  # screenshots of the node after a run
+# the Sparge node's widgets that presets set
+SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped", "target_rel_l1"]
+# the slider each mode reads (sparge_core.params.THRESHOLD_FIELD; test_graph_editor.py checks they agree)
+THRESHOLD_FIELD = {"cdf": "cdfthreshd", "topk": "topk", "share": "minshare"}
 
 
 def _png(path: Path, w: int = 16, h: int = 16) -> None:

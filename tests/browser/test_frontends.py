@@ -35,14 +35,11 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from browser import EditorPage, dom_pick, dom_step_up, dom_widgets, readout_pixels  # noqa: E402
-from servers import TINY, WORKFLOWS  # noqa: E402
+from servers import ARTIFACTS, SLIDERS, THRESHOLD_FIELD, TINY, WORKFLOWS  # noqa: E402
 
 pytestmark = [pytest.mark.comfy, pytest.mark.timeout(900)]
 
-ARTIFACTS = REPO / "test-artifacts"
-SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped", "target_rel_l1"]
 NUMBERS = ["simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "target_rel_l1"]
-THRESHOLD_FIELD = {"cdf": "cdfthreshd", "topk": "topk", "share": "minshare"}
 # (frontend, Nodes 2.0): 1.32.9 classic is test_graph_editor.py's
 CONFIGS = [("1.32.9", True), ("1.58.1", False), ("1.58.1", True)]
 SERVER_OF = {"1.32.9": "server", "1.58.1": "server_158"}

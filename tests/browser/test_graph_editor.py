@@ -38,15 +38,11 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from browser import CHROMIUM, EditorPage, require_chromium  # noqa: E402
-from servers import TINY, WORKFLOWS  # noqa: E402
+from servers import ARTIFACTS, SLIDERS, THRESHOLD_FIELD, TINY, WORKFLOWS  # noqa: E402
 from validate import check_prompt  # noqa: E402
 
 pytestmark = [pytest.mark.comfy, pytest.mark.timeout(900)]
 
-ARTIFACTS = REPO / "test-artifacts"
-SLIDERS = ["mode", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "minshare", "fill_skipped", "target_rel_l1"]
-# the slider each mode reads (sparge_core.params.THRESHOLD_FIELD; checked against it below)
-THRESHOLD_FIELD = {"cdf": "cdfthreshd", "topk": "topk", "share": "minshare"}
 # model file names in the workflows -> the harness's tiny models (by architecture)
 TINY_UNET = {
     "wan2.1_t2v_1.3B_fp16.safetensors": "wan21",
