@@ -84,6 +84,14 @@ def sdpa_flash(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
+def comfy_sdpa(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kw):
+    """ComfyUI's attention function as the node's override receives it ((B, N, H*D) in and out, by
+    SDPA): the `func` a bench hands to SpargeOverride for its dense calls."""
+    b, n, hd = q.shape
+    q, k, v = (t.view(b, -1, heads, hd // heads).transpose(1, 2) for t in (q, k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
 def random_block_mask(B, H, nq, nk, density, device, seed=0):
     """Each query block keeps round(density * nk) random key blocks (at least one)."""
     g = torch.Generator(device=device).manual_seed(seed)

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import card_name, save
+from common import card_name, comfy_sdpa, save
 from devkit.sampling_run import sampling_run
 from sparge_attention.nodes.config import SpargeConfig
 from sparge_attention.nodes.override import SpargeOverride
@@ -46,12 +46,6 @@ def host_us(fn, n=100):
     return sorted(ts)[len(ts) // 2] * 1e6
 
 
-def sdpa(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kw):
-    b, n, hd = q.shape
-    q, k, v = (t.view(b, -1, heads, hd // heads).transpose(1, 2) for t in (q, k, v))
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-
-
 def override_times(preset, grid, x, steps=12, blocks=30, skip=3):
     """Host time of each self-attention call of a 30-block model's sampling run, driven through
     the node's wrappers as ComfyUI drives them (devkit/sampling_run.py), from step `skip` on: the
@@ -64,7 +58,7 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3):
         for _ in range(blocks):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            ov(sdpa, q, k, v, heads=H, transformer_options=to)
+            ov(comfy_sdpa, q, k, v, heads=H, transformer_options=to)
             times.append(time.perf_counter() - t0)
 
     dm = SimpleNamespace(patch_size=(1, 2, 2))
@@ -90,7 +84,7 @@ def main():
         qh, kh, vh = (t.view(B, n, H, D).transpose(1, 2) for t in x)
         p = PRESETS[args.preset].params()
         rows = {"sparge_attention (API)": lambda: sparge_attention(qh, kh, vh, p),
-                "SDPA (cuDNN) for scale": lambda: sdpa(*x, heads=H)}
+                "SDPA (cuDNN) for scale": lambda: comfy_sdpa(*x, heads=H)}
         out = res["host_us"][str(n)] = {}
         override_times(args.preset, grid, x, steps=4)  # compile and warm every path
         ts, _ = override_times(args.preset, grid, x)

@@ -17,7 +17,7 @@ import datetime
 
 import torch
 
-from common import card_name, save
+from common import card_name, comfy_sdpa, save
 from sparge_attention.nodes.config import SpargeConfig
 from sparge_attention.nodes.override import SpargeOverride
 from sparge_attention.nodes.stats import ForwardContext
@@ -44,12 +44,6 @@ def extra_bytes(fn):
     return peak - before - kept, kept
 
 
-def sdpa(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kw):
-    b, n, hd = q.shape
-    q, k, v = (t.view(b, -1, heads, hd // heads).transpose(1, 2) for t in (q, k, v))
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="wan720,hunyuan720")
@@ -70,9 +64,9 @@ def main():
         ctx = ForwardContext(0, 1.0, 0.0, True, (grid,), text or None, 0)
         p = PRESETS[args.preset].params()
         rows = {
-            "node override (measured call)": lambda: ov(sdpa, *x, heads=H, transformer_options={ov.key: ctx}),
+            "node override (measured call)": lambda: ov(comfy_sdpa, *x, heads=H, transformer_options={ov.key: ctx}),
             "sparge_attention (API)": lambda: sparge_attention(*views, p),
-            "SDPA (cuDNN)": lambda: sdpa(*x, heads=H),
+            "SDPA (cuDNN)": lambda: comfy_sdpa(*x, heads=H),
         }
         out = res["shapes"][name] = {"B": B, "H": H, "N": n, "D": D, "qkv_bytes": qkv, "extra_bytes": {}}
         for label, fn in rows.items():
