@@ -8,6 +8,7 @@ the device's sparse kernels can run in this process at all (Triton).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple, Optional
 
@@ -107,30 +108,26 @@ def dense_reason(call: Call, cfg, sparse_on: bool, layer: Optional[int], block_q
     return None
 
 
-_told: set = set()  # which of backend_reason's messages this process has logged
-
-
 @torch.compiler.assume_constant_result  # a compiled model asks once, while it is traced
+@functools.lru_cache(maxsize=None)  # asked on every attention call; the answer never changes in a process
 def backend_reason(device_type: str) -> Optional[str]:
     """R_NO_TRITON when a call on this device would run the Triton kernels but Triton does not
-    import here (sparge_core.availability), else None. The first time, the log says what is missing
-    and how to fix it: a warning on a CUDA GPU; a note elsewhere (the CPU runs the PyTorch
-    reference, which needs no Triton), unless this torch has no CUDA at all."""
+    import here (sparge_core.availability), else None. The first time (the only time it is worked
+    out), the log says what is missing and how to fix it: a warning on a CUDA GPU; a note elsewhere
+    (the CPU runs the PyTorch reference, which needs no Triton), unless this torch has no CUDA at all."""
     on_gpu = resolve_backend(torch.device(device_type), "auto") == "triton"
     if not on_gpu and not torch.backends.cuda.is_built():
         return None
     st = triton_status()
     if st.available:
         return None
-    if on_gpu not in _told:
-        _told.add(on_gpu)
-        if on_gpu:
-            log.warning("Sparge Attention: %s, so its sparse kernels cannot run on this GPU: attention runs "
-                        "dense (ComfyUI's own), counted as '%s' in the readout. Fix: %s.", st.reason, R_NO_TRITON,
-                        st.fix)
-        else:
-            log.info("Sparge Attention: %s. Not needed on the %s (the node runs its PyTorch reference there), but "
-                     "on a CUDA GPU attention would run dense. Fix: %s.", st.reason, device_type, st.fix)
+    if on_gpu:
+        log.warning("Sparge Attention: %s, so its sparse kernels cannot run on this GPU: attention runs "
+                    "dense (ComfyUI's own), counted as '%s' in the readout. Fix: %s.", st.reason, R_NO_TRITON,
+                    st.fix)
+    else:
+        log.info("Sparge Attention: %s. Not needed on the %s (the node runs its PyTorch reference there), but "
+                 "on a CUDA GPU attention would run dense. Fix: %s.", st.reason, device_type, st.fix)
     return R_NO_TRITON if on_gpu else None
 
 
