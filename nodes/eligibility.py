@@ -109,8 +109,14 @@ def dense_reason(call: Call, cfg, sparse_on: bool, layer: Optional[int], block_q
 
 
 @torch.compiler.assume_constant_result  # a compiled model asks once, while it is traced
-@functools.lru_cache(maxsize=None)  # asked on every attention call; the answer never changes in a process
 def backend_reason(device_type: str) -> Optional[str]:
+    """See _backend_reason. This plain wrapper is what torch.compile sees: dynamo traces into an
+    lru_cache object instead of taking its result as a constant (a graph break under fullgraph)."""
+    return _backend_reason(device_type)
+
+
+@functools.lru_cache(maxsize=None)  # asked on every attention call; the answer never changes in a process
+def _backend_reason(device_type: str) -> Optional[str]:
     """R_NO_TRITON when a call on this device would run the Triton kernels but Triton does not
     import here (sparge_core.availability), else None. The first time (the only time it is worked
     out), the log says what is missing and how to fix it: a warning on a CUDA GPU; a note elsewhere
