@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -47,6 +47,22 @@ from .stats import CallRecord, ForwardContext, RunStats, fold_forward
 log = logging.getLogger("sparge_attention")
 
 WRAPPER_KEY = "sparge_attention"
+AUTO = object()  # CallOptions.layer: counted by the override (eligibility.layer_index)
+
+
+class CallOptions(NamedTuple):
+    """How `SpargeOverride.attend` treats one call beyond what ComfyUI passes (the plain override
+    uses PLAIN). Ring attention (nodes/raylight_ring.py) asks for the lse of a key shard, names the
+    layer itself (every step of one ring loop is one transformer block) and takes no Hilbert order."""
+
+    layer: object = AUTO  # the transformer block index (or None), or AUTO
+    with_lse: bool = False  # also return the rows' log-sum-exp ("sparge::attention_lse")
+    no_hilbert: Optional[str] = None  # no Hilbert order, counted under this reason
+    skip: tuple = ()  # observer classes not asked before_sparse
+    key_shard: bool = False  # the keys are a shard of the queries' sequence (not cross attention)
+
+
+PLAIN = CallOptions()
 
 
 def _is_compiling() -> bool:
@@ -98,14 +114,22 @@ class SpargeOverride:
 
     # ------------------------------------------------------------------ the override
     def __call__(self, func, *args, **kwargs):
+        return self.attend(func, args, kwargs)[0]
+
+    def attend(self, func, args, kwargs, opts: CallOptions = PLAIN):
+        """One attention call as ComfyUI hands it to the override: (out, lse). lse, (B, H, N) float32,
+        only with opts.with_lse and when the call ran sparse; None when it ran dense through `func`
+        (a caller that needs it takes it from its own dense function, as ring attention does)."""
         to = kwargs.get("transformer_options")
         ctx = to.get(self.key) if isinstance(to, dict) else None
         if ctx is not None:
             ctx.cur_layer = None
         call, reason = E.read_call(args, kwargs)
+        if reason == E.R_CROSS and opts.key_shard:
+            reason = None
         if reason is not None:
-            return self._dense(func, args, kwargs, ctx, reason, call.flops if call is not None else 0.0)
-        layer = E.layer_index(ctx, to)
+            return self._dense(func, args, kwargs, ctx, reason, call.flops if call is not None else 0.0), None
+        layer = E.layer_index(ctx, to) if opts.layer is AUTO else opts.layer
         if ctx is not None:
             ctx.cur_layer = layer
         cfg = self.config
@@ -119,39 +143,43 @@ class SpargeOverride:
         if reason is None and layer is not None and cfg.layer_all_dense(layer):
             reason = E.R_PROFILE_DENSE
         if reason is not None:
-            return self._dense(func, args, kwargs, ctx, reason, call.flops)
+            return self._dense(func, args, kwargs, ctx, reason, call.flops), None
 
         qh, kh, vh = call.split()
-        grid, tail, why_not = E.grid_for(cfg.hilbert, ctx, call.N, to)
+        if opts.no_hilbert is not None:
+            grid, tail, why_not = None, None, opts.no_hilbert
+        else:
+            grid, tail, why_not = E.grid_for(cfg.hilbert, ctx, call.N, to)
         if grid is not None and keep_keys is not None and not E.grid_keys_kept(keep_keys, grid):
             grid, why_not = None, E.H_MASK
         observed = ObservedCall(func, args, kwargs, self.run, ctx, layer, qh, kh, vh, grid, keep_keys)
         for obs in self.observers:
-            reason = obs.before_sparse(observed)
-            if reason is not None:  # a profile's all-dense block, or the Sparge Calibrate node
-                return self._dense(func, args, kwargs, ctx, reason, call.flops)
+            reason = None if isinstance(obs, opts.skip) else obs.before_sparse(observed)
+            if reason is not None:  # a profile's all-dense block, the Sparge Calibrate node, ...
+                return self._dense(func, args, kwargs, ctx, reason, call.flops), None
 
         reason = E.backend_reason(qh.device.type)  # no usable Triton on this GPU (logged once per process)
         if reason is not None:
-            return self._dense(func, args, kwargs, ctx, reason, call.flops)
-        sig = (tuple(qh.shape), tuple(kh.shape), qh.dtype, str(qh.device), grid, keep_keys is not None)
+            return self._dense(func, args, kwargs, ctx, reason, call.flops), None
+        sig = (tuple(qh.shape), tuple(kh.shape), qh.dtype, str(qh.device), grid, keep_keys is not None, opts.with_lse)
         if sig in self._failed:  # failed before in this run: do not retry (a compile error would repeat)
-            return self._dense(func, args, kwargs, ctx, E.R_KERNEL, call.flops)
+            return self._dense(func, args, kwargs, ctx, E.R_KERNEL, call.flops), None
         params = cfg.params_for_layer(layer)  # a loaded profile's per-head params, else the preset's
         for obs in self.observers:
             params = obs.choose_params(observed, params)
-        capture = ctx is not None and layer is not None and layer == ctx.capture_layer and ctx.map_mask is None
+        capture = (ctx is not None and layer is not None and layer == ctx.capture_layer and ctx.map_mask is None
+                   and not opts.with_lse)  # one op returns the mask or the lse
         timing = None
         if _is_compiling():
-            res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture)
+            res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture, opts.with_lse)
         else:
             timing = self._start_timing(call.q) if cfg.verbose else None
             try:
-                res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture)
+                res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture, opts.with_lse)
             except Exception as e:  # Triton compile error, OOM in prediction, ...: finish the render dense
                 self._failed.add(sig)
                 self._warn_kernel(e)
-                return self._dense(func, args, kwargs, ctx, E.R_KERNEL, call.flops)
+                return self._dense(func, args, kwargs, ctx, E.R_KERNEL, call.flops), None
             if timing is not None:
                 timing[1].record()
         out = res[0]
@@ -159,23 +187,16 @@ class SpargeOverride:
             # fill_skipped adds a pass over the key blocks' means: one "key" per key block, i.e.
             # 1/block_k of a dense call's work
             fill = call.flops / block_k if params.fill_skipped else 0.0
-            ctx.records.append(CallRecord(res[1], res[2], dense_block_total(qh, kh), call.flops, fill, layer))
+            ctx.record_sparse(CallRecord(res[1], res[2], dense_block_total(qh, kh), call.flops, fill, layer),
+                              resolve_backend(call.q.device, "auto"), grid, tail, why_not, timing)
             if capture:
                 ctx.map_mask = (pack_mask(res[3][0]), int(res[3].shape[-1]))
-            ctx.backends.add(resolve_backend(call.q.device, "auto"))
-            if grid is not None:
-                ctx.hilbert_used += 1
-                ctx.last_grid, ctx.last_tail = grid, tail
-            else:
-                ctx.hilbert_not[why_not] = ctx.hilbert_not.get(why_not, 0) + 1
-            if timing is not None:
-                ctx.events.append(timing)
         if call.merge_out:
             out = merge_heads(out)
         if ctx is not None:
             for obs in self.observers:
                 obs.after_sparse(observed, out)
-        return out
+        return out, (res[3] if opts.with_lse else None)
 
     def _dense(self, func, args, kwargs, ctx: Optional[ForwardContext], reason: str, flops: float):
         if ctx is not None:

@@ -17,71 +17,32 @@ import weakref
 
 import torch
 
-from ..sparge_core.api import block_sizes, resolve_backend
-from ..sparge_core.torch_op import call as op_call, dense_block_total
 from . import eligibility as E
-from .observers import ObservedCall
-from .stats import CallRecord
+from .override import CallOptions
 
 H_RING = "ring shard"  # hilbert_not reason: Hilbert order needs the whole sequence
 
 
 def ring_step(ov, to: dict, state: list, q, k, v, nq: int, nk: int, dense, lses: list, skip: tuple):
-    """One ring step through the Sparge override `ov`: q, k, v (B, N, h, D) as xfuser hands them
-    over, nq / nk their real (unpadded) rows. `dense(q, k, v)` (B, h, n, D) runs xfuser's function and
-    appends its lse to `lses`. `state` ([weakref to q, step, layer]) lives for one forward: every
-    step of one ring loop is one transformer block. Observers of the classes in `skip` are not asked
-    (RankStats keeps calls that cannot return an lse dense). Returns (out (B, N, h, D), lse (B, h, N))."""
+    """One ring step through the Sparge override `ov` (SpargeOverride.attend with the lse): q, k, v
+    (B, N, h, D) as xfuser hands them over, nq / nk their real (unpadded) rows. `dense(q, k, v)`
+    (B, h, n, D) runs xfuser's function and appends its lse to `lses`. `state` ([weakref to q, step,
+    layer]) lives for one forward: every step of one ring loop is one transformer block. Observers
+    of the classes in `skip` are not asked (RankStats keeps calls that cannot return an lse dense).
+    Returns (out (B, N, h, D), lse (B, h, N))."""
     B, N, h, D = q.shape
     ctx = to.get(ov.key)
     first = not state or state[0]() is not q
-    if ctx is not None:
-        ctx.cur_layer = None
     layer = E.layer_index(ctx, to) if first else state[2]  # one block: count its first step only
-    if ctx is not None:
-        ctx.cur_layer = layer
     state[:] = [weakref.ref(q), 0 if first else state[1] + 1, layer]
-    qh, kh, vh = q[:, :nq].transpose(1, 2), k[:, :nk].transpose(1, 2), v[:, :nk].transpose(1, 2)
-    args = (qh, kh, vh)
+    args = (q[:, :nq].transpose(1, 2), k[:, :nk].transpose(1, 2), v[:, :nk].transpose(1, 2))
     kwargs = dict(heads=h, skip_reshape=True, skip_output_reshape=True, transformer_options=to)
-    call, _ = E.read_call(args, kwargs)  # "cross attention" there only means the pad was cut
-    cfg = ov.config
-    reason = E.dense_reason(call, cfg, ctx is None or ctx.sparse_on, layer, block_sizes(qh.device)[0])
-    if reason is None and cfg.layer_all_dense(layer):
-        reason = E.R_PROFILE_DENSE
-    observed = ObservedCall(dense, args, kwargs, ov.run, ctx, layer, qh, kh, vh, None, None)
-    for obs in ov.observers:
-        if reason is None and not isinstance(obs, skip):
-            reason = obs.before_sparse(observed)
-    reason = reason or E.backend_reason(qh.device.type)
-    sig = (tuple(qh.shape), tuple(kh.shape), qh.dtype, str(qh.device), "ring")
-    if reason is None and sig in ov._failed:
-        reason = E.R_KERNEL
-    res = None
-    if reason is None:
-        params = cfg.params_for_layer(layer)
-        for obs in ov.observers:
-            params = obs.choose_params(observed, params)
-        try:
-            res = op_call(qh, kh, vh, params, None, with_lse=True)
-        except Exception as e:  # as the override: this call and later ones like it run dense
-            ov._failed.add(sig)
-            ov._warn_kernel(e)
-            reason = E.R_KERNEL
-    if res is None:
-        out = ov._dense(dense, args, kwargs, ctx, reason, call.flops)
+    out, lse = ov.attend(dense, args, kwargs, CallOptions(layer=layer, with_lse=True, no_hilbert=H_RING, skip=skip,
+                                                               key_shard=True))
+    if lse is None:  # ran dense
         if not lses:  # an override set before ours ran it without xfuser's function: no lse
             out = dense(*args)
         lse = lses[-1]
-    else:
-        out, kept, skipped, lse = res
-        if ctx is not None:
-            fill = call.flops / block_sizes(qh.device)[1] if params.fill_skipped else 0.0
-            ctx.records.append(CallRecord(kept, skipped, dense_block_total(qh, kh), call.flops, fill, layer))
-            ctx.backends.add(resolve_backend(qh.device, "auto"))
-            ctx.hilbert_not[H_RING] = ctx.hilbert_not.get(H_RING, 0) + 1
-            for obs in ov.observers:
-                obs.after_sparse(observed, out)
     out = out.transpose(1, 2)
     if nq < N:  # pad queries
         out = torch.cat([out, out.new_zeros(B, N - nq, h, D)], 1)

@@ -61,6 +61,19 @@ class ForwardContext:
     def record_layers(self) -> list:
         return [r.layer for r in self.records]
 
+    def record_sparse(self, record: CallRecord, backend: str, grid, tail, why_not, timing=None) -> None:
+        """A sparse call: its counts, backend, Hilbert order (its grid, or why not) and, verbose, its
+        CUDA events."""
+        self.records.append(record)
+        self.backends.add(backend)
+        if grid is not None:
+            self.hilbert_used += 1
+            self.last_grid, self.last_tail = grid, tail
+        else:
+            self.hilbert_not[why_not] = self.hilbert_not.get(why_not, 0) + 1
+        if timing is not None:
+            self.events.append(timing)
+
 
 @dataclass(eq=False)
 class StepStats:
