@@ -33,6 +33,7 @@ tuning seed by worst-head gain (sink guard only) before the report.
     python bench/guard_study.py            # full study, seed 1 (~9 min on 2 cores; --seeds 1 2: ~18 min)
     python bench/guard_study.py --quick    # tiny grid, one seed, for tests (~10 s)
     python bench/guard_study.py --grid 8 16 24 --regimes text256 sink --guards text sink   # a subset
+    python bench/guard_study.py --grid 21 30 52 --head-dim 128 --sample-qblocks 24 --guards sink  # Wan 480p
 """
 import argparse
 import datetime
@@ -224,16 +225,30 @@ def table(regime, comp, guard_cost):
     return "\n".join(lines)
 
 
+def sample_query_blocks(q, n_blocks, block_q, seed):
+    """q restricted to n_blocks whole query blocks (sorted, drawn with `seed`; the last, partial block
+    never): the mask, the estimate's bias and every output row of a block depend only on that
+    block's own rows and on all keys, so the sampled rows get exactly what the full call gives them."""
+    full = q.shape[2] // block_q
+    if not n_blocks or n_blocks >= full:
+        return q
+    g = torch.Generator().manual_seed(1000 + seed)
+    pick = torch.randperm(full, generator=g)[:n_blocks].sort().values
+    rows = (pick[:, None] * block_q + torch.arange(block_q)[None, :]).flatten()
+    return q.index_select(2, rows)
+
+
 def study(regimes, seeds, grid, heads, head_dim, shares, sink_factor, p_hetero, block_q, block_k, pv_dtype, log,
-          only=GUARDS):
+          only=GUARDS, sample_qblocks=0):
     res = {}
     for regime in regimes:
         per_seed = []
         for seed in seeds:
             t0 = time.time()
             q, k, v, frame, n_video, n_text = make_case(regime, grid, heads, head_dim, seed)
+            feat = guard_features(q, k, v, frame, n_video, block_q, block_k)  # all queries' pooled attention
+            q = sample_query_blocks(q, sample_qblocks, block_q, seed)
             ref = dense_attention(q, k, v).float()
-            feat = guard_features(q, k, v, frame, n_video, block_q, block_k)
             guards = {n: g for n, g in make_guards(feat, sink_factor, p_hetero).items() if n in only}
             cost = {n: g.float().mean().item() for n, g in guards.items()}  # share of columns, = density floor
             curves = sweep(q, k, v, ref, guards, shares, block_q, block_k, pv_dtype)
@@ -291,6 +306,8 @@ def main():
     ap.add_argument("--sink-factors", type=float, nargs="+", default=None, help="default: block_k")
     ap.add_argument("--regimes", nargs="+", default=STUDY_REGIMES)
     ap.add_argument("--guards", nargs="+", default=GUARDS, choices=GUARDS)
+    ap.add_argument("--sample-qblocks", type=int, default=0,
+                    help="errors over this many sampled query blocks per case (full shapes on a CPU); 0: all")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<date>-cpu-guard_study.json)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -341,7 +358,7 @@ def main():
         f"(mean cost of text|sink|frame0)")
 
     res = study(args.regimes, args.seeds, grid, args.heads, args.head_dim, shares, sink_factor, p_hetero,
-                block_q, block_k, args.pv_dtype, log, only=tuple(args.guards))
+                block_q, block_k, args.pv_dtype, log, only=tuple(args.guards), sample_qblocks=args.sample_qblocks)
     for regime, per_seed in res.items():
         for s in per_seed:
             log(table(f"{regime} seed {s['seed']} (n_text {s['n_text']})", s["compare"], s["guard_cost"]))
@@ -358,7 +375,8 @@ def main():
     result = dict(config=dict(grid=grid, heads=args.heads, head_dim=args.head_dim, blocks=[block_q, block_k],
                               pv_dtype=args.pv_dtype, order="hilbert", shares=shares, seeds=list(args.seeds),
                               tune_seed=args.tune_seed, sink_factor=sink_factor, p_hetero=p_hetero,
-                              norm_factor=NORM_FACTOR, quick=args.quick, targets=TARGETS),
+                              norm_factor=NORM_FACTOR, quick=args.quick, targets=TARGETS,
+                              sample_qblocks=args.sample_qblocks),
                   identity=ident, tuning=tune, regimes=res, gains=gains, verdict=verd, log=lines)
     if args.out:
         path = Path(args.out)
