@@ -110,12 +110,14 @@ def mask_shape(q: torch.Tensor, k: torch.Tensor) -> tuple:
 
 def _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
     out, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
-    out, kept, skipped = _outputs(q, k, v, out, stats)
+    return (*_outputs(q, k, v, out, stats), _mask_of(q, k, stats))
+
+
+def _mask_of(q, k, stats) -> torch.Tensor:
+    """The call's block mask, (B, H, NQ, NK) bool, True = computed."""
     if stats.block_mask is not None:
-        mask = stats.block_mask.to_dense().contiguous()  # to_dense slices off a spare column
-    else:  # ran dense inside sparge_attention: every block was computed
-        mask = torch.ones(mask_shape(q, k), dtype=torch.bool, device=q.device)
-    return out, kept, skipped, mask
+        return stats.block_mask.to_dense().contiguous()  # to_dense slices off a spare column
+    return torch.ones(mask_shape(q, k), dtype=torch.bool, device=q.device)  # ran dense: every block
 
 
 def _attention_lse_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
@@ -211,15 +213,37 @@ def thresholds(value, heads: int) -> torch.Tensor:
 def call(q, k, v, params: SpargeParams, grid=None, scale=None, with_mask: bool = False, with_lse: bool = False):
     """The op with a SpargeParams (HND layout): (out, kept, pv_skipped), plus the block mask with
     with_mask ("sparge::attention_map") or the lse with with_lse ("sparge::attention_lse"; not both).
-    The one way nodes/ and the benches call the op."""
+    The one way nodes/ and the benches call the op. Outside torch.compile tracing it runs the op's
+    implementation directly with `params` (`_eager`): the same results without the dispatcher and
+    without rebuilding params from threshold tensors."""
     if with_mask and with_lse:
         raise ValueError("with_mask and with_lse: one op returns one of them")
+    if params.attention_sink:
+        raise ValueError("the sparge ops do not take attention_sink (call sparge_attention instead)")
+    if not torch.compiler.is_compiling():
+        return _eager(q, k, v, params, grid, scale, with_mask, with_lse)
     H = q.shape[1]
     op = sparge_attention_map_op if with_mask else sparge_attention_lse_op if with_lse else sparge_attention_op
     return op(q, k, v, thresholds(params.simthreshd1, H), thresholds(params.threshold, H),
               thresholds(params.pvthreshd, H), params.mode, bool(params.is_causal),
               [int(g) for g in grid] if grid else [], -1.0 if scale is None else float(scale),
               params.scoring, bool(params.fill_skipped))
+
+
+@torch.no_grad()
+def _eager(q, k, v, params: SpargeParams, grid, scale, with_mask: bool, with_lse: bool):
+    """What the ops compute, from `params` itself. Per call this skips the custom op's dispatch
+    (autograd and alias checks, ~60 us of host time) and the threshold tensors' round trip
+    (thresholds() here, _values() in the op, ~120 us): measured on a CPU by bench/host_layers.py."""
+    res = sparge_attention(q, k, v, params, layout="HND", grid=tuple(int(g) for g in grid) if grid else None,
+                           scale=scale, return_stats=True, backend=BACKEND, return_lse=with_lse)
+    if with_lse:
+        out, lse, stats = res
+        return (*_outputs(q, k, v, out, stats), lse.float().contiguous())
+    out, stats = res
+    if with_mask:
+        return (*_outputs(q, k, v, out, stats), _mask_of(q, k, stats))
+    return _outputs(q, k, v, out, stats)
 
 
 __all__ = ["sparge_attention_op", "sparge_attention_map_op", "sparge_attention_lse_op", "call", "thresholds",

@@ -1,0 +1,53 @@
+"""torch_op.call runs the ops' implementation directly outside torch.compile tracing (no dispatcher,
+no threshold round trip): it must return exactly what the registered ops return, for each variant
+(plain, with the block mask, with the lse), per-head thresholds and a Hilbert grid included."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from devkit.pack import load_pack  # noqa: E402
+
+load_pack()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sparge_attention.sparge_core import SpargeParams  # noqa: E402
+from sparge_attention.sparge_core import torch_op  # noqa: E402
+
+INF = float("inf")
+CASES = {
+    "share+fill, per-head minshare, grid": (SpargeParams(simthreshd1=-1.0, minshare=torch.tensor([1.0, 4.0]),
+                                                          pvthreshd=INF, scoring="lse", fill_skipped=True), (2, 8, 16)),
+    "cdf pooled, P.V skip": (SpargeParams(simthreshd1=-1.0, cdfthreshd=0.6, pvthreshd=6.0), None),
+    "topk causal": (SpargeParams(simthreshd1=-1.0, topk=0.5, is_causal=True), None),
+}
+
+
+def by_op(q, k, v, p, grid, op):
+    H = q.shape[1]
+    return op(q, k, v, torch_op.thresholds(p.simthreshd1, H), torch_op.thresholds(p.threshold, H),
+              torch_op.thresholds(p.pvthreshd, H), p.mode, bool(p.is_causal), list(grid or []), -1.0, p.scoring,
+              bool(p.fill_skipped))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("variant", ["plain", "mask", "lse"])
+def test_eager_call_equals_the_registered_op(case, variant):
+    params, grid = CASES[case]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 256 + 40, 64, generator=g) for _ in range(3))
+    op = {"plain": torch_op.sparge_attention_op, "mask": torch_op.sparge_attention_map_op,
+          "lse": torch_op.sparge_attention_lse_op}[variant]
+    want = by_op(q, k, v, params, grid, op)
+    got = torch_op.call(q, k, v, params, grid, with_mask=variant == "mask", with_lse=variant == "lse")
+    assert len(got) == len(want) == (3 if variant == "plain" else 4)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert int(got[1]) < 2 * 5 * 3 or params.is_causal  # the call really ran sparse (kept < all blocks)
+
+
+def test_attention_sink_is_refused_not_dropped():
+    q = torch.randn(1, 2, 256, 64)
+    with pytest.raises(ValueError, match="attention_sink"):
+        torch_op.call(q, q, q, SpargeParams(attention_sink=True))
