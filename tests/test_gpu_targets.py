@@ -80,43 +80,10 @@ def _child(cc: int) -> None:
     import torch
     import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
 
-    target = GPUTarget("cuda", cc, 32)
+    from devkit.cross_compile import compile_through, use_target
 
-    class CompileOnlyDriver:  # what JITFunction.run asks of the driver before it compiles
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return target
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-    driver.set_active(CompileOnlyDriver())
-
-    class Compiled(Exception):  # stops the launcher right after compiling: there is no GPU to run on
-        pass
-
-    def compile_through(jit_fn, launch):
-        """Run a launcher that launches jit_fn once; return the kernel Triton compiled for it."""
-        jit_fn.device_caches.clear()
-        jit_fn.device_caches[0]  # builds the binder, which sets jit_fn.compile
-
-        def capture(src, target=None, options=None, _env_vars=None):
-            raise Compiled(triton.compile(src, target=target, options=options, _env_vars=_env_vars))
-
-        jit_fn.compile = capture
-        try:
-            launch()
-        except Compiled as done:
-            return done.args[0]
-        raise RuntimeError("the launcher did not launch its kernel")
+    use_target(cc)
 
     @triton.jit
     def _probe(X, BLOCK: tl.constexpr):

@@ -1,0 +1,132 @@
+"""Did a source change alter the attention kernel's machine code? Compiles `_sparse_attn_fwd` for a
+GPU target on this machine (no GPU needed: devkit/cross_compile.py) from this checkout and from
+another revision, in all 16 variants (fill, causal, P.V skip, output permutation; lse off), and
+compares their PTX with parameter indices, register numbers and labels abstracted and the lines
+sorted: "same code" means the same instructions on the same operand kinds, in any order (ptxas
+schedules them anyway), so a change that only adds parameters the variant never reads shows as
+"same code" with more parameters.
+
+    python bench/ptx_compare.py --before 8c015cf^ [--cc 90]
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+VARIANTS = [dict(fill=f, causal=c, pv_skip=p, perm=m) for f in (False, True) for c in (False, True)
+            for p in (False, True) for m in (False, True)]
+
+
+def normalized(ptx: str) -> dict:
+    """Digest of the kernel body's instruction multiset, its instruction and parameter counts."""
+    body = ptx[ptx.index(".visible .entry"):]
+    body = body[:body.index(".section")] if ".section" in body else body
+    lines = []
+    for line in body.splitlines():
+        s = line.strip()
+        if not s or s.startswith(("//", ".loc", ".file", ".param", "$L")):
+            continue
+        s = re.sub(r"_param_\d+", "_param", s)
+        s = re.sub(r"%(r|rd|f|p|rs|h|hh|fd)\d+", r"%\1", s)
+        lines.append(re.sub(r"\$L__BB\d+_\d+", "L", s))
+    instr = [s for s in lines if not s.startswith((".", "{", "}"))]
+    return dict(code=hashlib.sha1("\n".join(sorted(lines)).encode()).hexdigest()[:16], instructions=len(instr),
+                params=ptx.count(".param ."))
+
+
+def child(src_root: str, cc: int) -> None:
+    """Print one JSON line per variant for the kernels in src_root."""
+    import importlib.util
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    spec = importlib.util.spec_from_file_location("cross_compile", ROOT / "devkit" / "cross_compile.py")
+    cross = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cross)
+    sys.path.insert(0, src_root)
+    import torch
+    import triton
+
+    cross.use_target(cc)
+    from kernels import attn_fwd
+    from kernels.config import config_for_capability
+
+    cfg = config_for_capability(cc // 10, cc % 10)
+    B, H, Hkv, D = 1, 4, 2, 128
+    n = 75600
+    nq, nk = triton.cdiv(n, cfg.block_m), triton.cdiv(n, cfg.block_n)
+    nkc = triton.cdiv(nk, attn_fwd.FILL_PAD) * attn_fwd.FILL_PAD
+    v_dtype = torch.float8_e4m3fn if cfg.pv_fp8 else torch.float16
+
+    def x(*shape, dtype=torch.bfloat16):
+        return torch.zeros(*shape, dtype=dtype)
+
+    def launch(fill, causal, pv_skip, perm):
+        f = None
+        if fill:
+            f = (x(B, Hkv, nkc, D, dtype=torch.int8), x(B, Hkv, nkc, dtype=torch.float32),
+                 x(B, Hkv, D, nkc, dtype=v_dtype), x(B, H, nq, nkc, dtype=torch.float32))
+        return lambda: attn_fwd.sparse_attn_fwd(
+            x(B, H, nq * cfg.block_m, D, dtype=torch.int8), x(B, Hkv, nk * cfg.block_n, D, dtype=torch.int8),
+            x(B, Hkv, D, nk * cfg.block_n, dtype=v_dtype), x(B, H, nq, dtype=torch.float32),
+            x(B, Hkv, nk, dtype=torch.float32), x(B, Hkv, D, dtype=torch.float32), x(B, H, nq, dtype=torch.int32),
+            x(B, H, nq, nk, dtype=torch.int32), x(H, dtype=torch.float32), n, n, D, torch.bfloat16, causal, pv_skip,
+            cfg, out_perm=torch.arange(n, dtype=torch.int32) if perm else None, fill=f)
+
+    for v in VARIANTS:
+        kernel = cross.compile_through(attn_fwd._sparse_attn_fwd, launch(**v))
+        print(json.dumps(dict(v, shared=kernel.metadata.shared, **normalized(kernel.asm["ptx"]))), flush=True)
+
+
+def compile_at(src_root: str, cc: int) -> list:
+    env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(tempfile.gettempdir(), "sparge-ptx-compare-cache"))
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, __file__, "--child", src_root, "--cc", str(cc)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--before", default="HEAD", help="the revision to compare this checkout with")
+    ap.add_argument("--cc", type=int, default=90)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.cc)
+    with tempfile.TemporaryDirectory() as tmp:
+        old = os.path.join(tmp, "before")
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", old, args.before], check=True)
+        try:
+            rev = subprocess.run(["git", "-C", old, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip()
+            before, after = compile_at(old, args.cc), compile_at(str(ROOT), args.cc)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", old], check=False)
+    rows, same = [], 0
+    print(f"_sparse_attn_fwd for sm{args.cc}: {rev} (before) vs this checkout")
+    for b, a in zip(before, after):
+        name = " ".join(f"{k}={int(b[k])}" for k in ("fill", "causal", "pv_skip", "perm"))
+        eq = b["code"] == a["code"] and b["shared"] == a["shared"]
+        same += eq
+        rows.append(dict(variant=name, same_code=eq, before=b, after=a))
+        print(f"  {name}: {'same code' if eq else 'DIFFERENT'}; instructions {b['instructions']} -> "
+              f"{a['instructions']}, params {b['params']} -> {a['params']}, shared {b['shared']} -> {a['shared']}")
+    print(f"{same} of {len(rows)} variants compile to the same code")
+    res = dict(date=datetime.date.today().isoformat(), cc=args.cc, before=rev, rows=rows, same=same,
+               triton=__import__("triton").__version__)
+    sys.path.insert(0, str(HERE))
+    from common import save
+
+    print("saved", save(res, f"{res['date']}-cpu-ptx_compare-sm{args.cc}"))
+
+
+if __name__ == "__main__":
+    main()
