@@ -12,25 +12,32 @@ what needs no GPU, so each change to it can be measured on a CPU:
                attention costs ~nothing), minus sparge_attention alone at that shape: the op's
                dispatch and argument conversions
   layouts      split_heads + merge_heads of one call
+  API, Triton  sparge_attention on the Triton path (Balanced, a Hilbert grid) with its 7 kernel
+               launches skipped: the Python and the small torch ops around them (TRITON_INTERPRET,
+               so the launchers run on the CPU; this bench swaps the interpreter's launch for a no-op)
 
     python bench/host_layers.py [--preset Balanced] [--calls 2000]
 """
-import argparse
-import datetime
-import platform
-import time
-from types import SimpleNamespace
+import os
 
-import torch
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the launchers run on the CPU
 
-from common import comfy_sdpa, save
-from devkit.sampling_run import sampling_run
-from sparge_attention.nodes import sparse_call
-from sparge_attention.nodes.config import SpargeConfig
-from sparge_attention.nodes.override import SpargeOverride
-from sparge_attention.sparge_core import sparge_attention, torch_op
-from sparge_attention.sparge_core.layout import merge_heads, split_heads
-from sparge_attention.sparge_core.presets import PRESETS
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import torch  # noqa: E402
+
+from common import comfy_sdpa, save  # noqa: E402
+from devkit.sampling_run import sampling_run  # noqa: E402
+from sparge_attention.nodes import sparse_call  # noqa: E402
+from sparge_attention.nodes.config import SpargeConfig  # noqa: E402
+from sparge_attention.nodes.override import SpargeOverride  # noqa: E402
+from sparge_attention.sparge_core import sparge_attention, torch_op  # noqa: E402
+from sparge_attention.sparge_core.layout import merge_heads, split_heads  # noqa: E402
+from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 
 H, D, B, GRID = 2, 64, 1, (2, 8, 8)  # tiny: the reference backend's compute stays out of the figures
 
@@ -81,6 +88,22 @@ def node_layer_us(preset, steps=12, blocks=30, skip=3):
     return ts[len(ts) // 2], ts[int(len(ts) * 0.9)]
 
 
+def api_triton_us(params, n):
+    """sparge_attention's host time on the Triton path without its kernel launches."""
+    import triton.runtime.interpreter as interpreter
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, 1024, D, generator=g, dtype=torch.float16) for _ in range(3))
+    call = lambda: sparge_attention(q, k, v, params, backend="triton", grid=(4, 16, 16), return_stats=True)  # noqa: E731
+    call()  # compiles nothing (interpreter), but runs every kernel once
+    real = interpreter.InterpretedFunction.run
+    interpreter.InterpretedFunction.run = lambda self, *a, **kw: None
+    try:
+        return median_us(call, n)
+    finally:
+        interpreter.InterpretedFunction.run = real
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="Balanced")
@@ -97,10 +120,11 @@ def main():
            "date": datetime.date.today().isoformat(), "preset": args.preset, "host_us": {
                "node layer (median call)": node_med, "node layer (p90: measured calls)": node_p90,
                "op call minus sparge_attention": op - api, "sparge_attention, dense at 32 tokens": api,
-               "split_heads + merge_heads": median_us(lambda: merge_heads(split_heads(x, H)), args.calls)}}
+               "split_heads + merge_heads": median_us(lambda: merge_heads(split_heads(x, H)), args.calls),
+               "sparge_attention, Triton path without launches": api_triton_us(p, args.calls // 4)}}
     print(f"host time per call (median, us) on the CPU, {args.preset}")
     for name, us in res["host_us"].items():
-        print(f"  {name:<40} {us:8.1f}")
+        print(f"  {name:<46} {us:8.1f}")
     print("saved", save(res, f"{res['date']}-cpu-host_layers"))
 
 

@@ -17,6 +17,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .config import KernelConfig
 from .fp8 import INTERPRET, to_pv_dtype
+from .host_math import cdiv
 from .numerics import MAGIC_F, batch_head, int32_bits_f32
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -239,7 +240,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     block_m, block_n = config.block_m, config.block_n
     B, H, nq_pad, hd = q_i8.shape
     Hkv = k_i8.shape[1]
-    NQ = triton.cdiv(n_q, block_m)
+    NQ = cdiv(n_q, block_m)
     if q_i8.dtype != torch.int8 or k_i8.dtype != torch.int8:
         raise ValueError("q and k must be int8 (quantize them with kernels.quantize.quant_pool)")
     if v_t.dtype not in (torch.float8_e4m3fn, torch.float16):

@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import next_pow2
+
 
 @triton.jit
 def _block_index_kernel(MASK, CNT, IDX, NK, NK_POW2: tl.constexpr):
@@ -26,5 +28,5 @@ def block_map_to_index(mask: torch.Tensor):
     idx = torch.empty(mask.shape, dtype=torch.int32, device=mask.device)
     rows = counts.numel()
     if rows:
-        _block_index_kernel[(rows,)](mask.view(torch.uint8), counts, idx, nk, NK_POW2=triton.next_power_of_2(nk))
+        _block_index_kernel[(rows,)](mask.view(torch.uint8), counts, idx, nk, NK_POW2=next_pow2(nk))
     return counts, idx

@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv
 from .numerics import MAGIC_F, batch_head, int32_bits_f32, round_half_away
 
 
@@ -84,11 +85,11 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     out = torch.empty(B, H, NQ, nkb, dtype=torch.float32, device=q_pool.device)
     mean = torch.empty_like(out) if want_mean else out
     block_r = 64
-    row_tiles = triton.cdiv(NQ, block_r)
+    row_tiles = cdiv(NQ, block_r)
     # split the key blocks over programs so that small grids still fill every SM
-    chunks = max(1, min(nkb, triton.cdiv(1024, row_tiles * B * H)))
-    per_prog = triton.cdiv(nkb, chunks)
-    grid = (row_tiles, triton.cdiv(nkb, per_prog), B * H)
+    chunks = max(1, min(nkb, cdiv(1024, row_tiles * B * H)))
+    per_prog = cdiv(nkb, chunks)
+    grid = (row_tiles, cdiv(nkb, per_prog), B * H)
     _block_lse_kernel[grid](
         q_pool, k_i8, k_scale, out, mean, q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv, next_pow2
 from .numerics import batch_head
 
 
@@ -40,12 +41,12 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         raise ValueError("k and v must be contiguous in the head dimension")
     B, H, N, Dk = k.shape
     Dv = v.shape[3]
-    hd = triton.next_power_of_2(max(Dk, Dv))
+    hd = next_pow2(max(Dk, Dv))
     block = 32
     # enough programs to fill the GPU several times over, each a whole number of token blocks
-    nchunk = max(1, min(triton.cdiv(N, block), triton.cdiv(1024, B * H)))
-    rows = triton.cdiv(triton.cdiv(N, nchunk), block) * block
-    nchunk = triton.cdiv(N, rows)
+    nchunk = max(1, min(cdiv(N, block), cdiv(1024, B * H)))
+    rows = cdiv(cdiv(N, nchunk), block) * block
+    nchunk = cdiv(N, rows)
     ksum = torch.empty(B * H, nchunk, hd, dtype=torch.float32, device=k.device)
     vmax = torch.empty_like(ksum)
     _kv_stats_kernel[(nchunk, B * H)](

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import INTERPRET, to_pv_dtype
+from .host_math import cdiv
 from .numerics import batch_head, round_half_away
 
 
@@ -116,7 +117,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     B, H, N, D = x.shape
     if head_dim < D or head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim {head_dim} must be a power of two >= {D}")
-    nb = triton.cdiv(N, block)
+    nb = cdiv(N, block)
     dev = x.device
     xq = torch.empty(B, H, nb * block, head_dim, dtype=torch.int8, device=dev)
     scale = torch.empty(B, H, nb, dtype=torch.float32, device=dev)
@@ -153,7 +154,7 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     (B,H,head_dim,mean_blocks), zero beyond the nb real blocks (mean_blocks >= nb)."""
     _check(v, "v")
     B, H, N, D = v.shape
-    nb = triton.cdiv(N, block)
+    nb = cdiv(N, block)
     if scale.shape != (B, H, D) or scale.dtype != torch.float32:
         raise ValueError("v scale must be fp32 (B, H, D)")
     scale = scale.contiguous()

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import next_pow2
+
 
 @triton.jit
 def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, MEAN, BIAS, NQ, NK, NKC, H, n_q, n_k, block_q, block_k,
@@ -93,7 +95,7 @@ def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: t
     _select_kernel[(B * H * NQ,)](
         scores, qss, kss, param.float().contiguous(), counts, idx,
         fill_mean.contiguous() if fill else scores, bias, NQ, NK, fill_blocks, H, n_q, n_k, block_q, block_k,
-        NK_POW2=triton.next_power_of_2(max(NK, fill_blocks)), MODE=_MODES[mode], HAS_KSS=k_ss is not None,
+        NK_POW2=next_pow2(max(NK, fill_blocks)), MODE=_MODES[mode], HAS_KSS=k_ss is not None,
         SINK=sink, CAUSAL=causal, FILL=fill, num_warps=4 if max(NK, fill_blocks) <= 1024 else 8,
     )
     return (counts, idx, bias) if fill else (counts, idx)
