@@ -84,7 +84,8 @@ class Adaptation(Observer):
         if brackets is not None:
             ctrl.seed(*brackets)
         self.controllers[layer] = ctrl
-        # one SpargeParams around the controller's tensor: updates reach the op without a rebuild
+        # one SpargeParams around the controller's tensor: its in-place updates reach the kernel without a
+        # rebuild (SpargeParams.per_head caches device copies per value; the compiled op reads it live)
         p = self._params[layer] = dataclasses.replace(params, minshare=ctrl.thresholds)
         if first:
             self._probe(ctrl, p, call)

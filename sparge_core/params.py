@@ -34,6 +34,17 @@ def _check_range(name: str, value: Threshold, lo: float, hi: float, lo_open: boo
         raise ValueError(f"{name} must lie in {lo_br}{lo}, {hi}], got {t.tolist()}")
 
 
+def _stamp(x):
+    """What a cached per-head copy of threshold x depends on: nothing for a number (the dataclass
+    is frozen), the values of a CPU tensor (read with no device sync), and for a tensor elsewhere
+    a new object each time (never equal: it is read as it is on every call)."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    if x.device.type == "cpu":
+        return tuple(x.detach().flatten().tolist())
+    return object()
+
+
 @dataclass(frozen=True)
 class SpargeParams:
     """Hyper-parameters of one sparse attention call (reference.py is the method, step by step).
@@ -122,20 +133,26 @@ class SpargeParams:
 
         Cached per (name, heads, device): a host-to-device copy from pageable memory
         synchronizes the stream, which would stall every attention call of a render. The first
-        copy goes through pinned memory, asynchronously (thresholds that adapt during sampling,
-        nodes/adapt.py, make a new SpargeParams whenever they move)."""
+        copy goes through pinned memory, asynchronously. A tensor threshold is also cached per its
+        values: the error-target adaptation (nodes/adapt.py) moves its thresholds in place, and
+        the device copy must follow them (a tensor already off the CPU is used as it is)."""
         dev = torch.device(device) if device is not None else torch.device("cpu")
+        src = getattr(self, name)
+        stamp = _stamp(src)
         key = (name, heads, dev)
         cache = self.__dict__.setdefault("_per_head_cache", {})
-        if key not in cache:
-            t = torch.as_tensor(getattr(self, name), dtype=torch.float32).flatten()
+        hit = cache.get(key)
+        if hit is None or hit[0] != stamp:
+            t = torch.as_tensor(src, dtype=torch.float32).flatten()
             if t.numel() == 1:
                 t = t.expand(heads)
             elif t.numel() != heads:
                 raise ValueError(f"{name} has {t.numel()} per-head values but the call has {heads} heads")
             t = t.contiguous()
-            cache[key] = t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
-        return cache[key]
+            if dev.type == "cuda" and t.device.type == "cpu":
+                t = t.pin_memory().to(dev, non_blocking=True)
+            hit = cache[key] = (stamp, t.to(dev))
+        return hit[1]
 
     def check_heads(self, heads: int) -> None:
         for f in ("simthreshd1", "cdfthreshd", "topk", "minshare", "pvthreshd"):

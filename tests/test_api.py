@@ -320,6 +320,21 @@ def test_per_head_wrong_length(name, values):
     sparge_attention(q, k, v, SpargeParams(**{name: torch.tensor(values[:2])}))
 
 
+def test_per_head_copies_follow_thresholds_moved_in_place():
+    """The error-target adaptation moves a SpargeParams' threshold tensor in place; a device copy
+    cached from its old values would keep the kernel on them (a GPU's copy is not the CPU tensor
+    itself). The meta device stands in for a GPU: its copies are separate tensors."""
+    t = torch.tensor([1.0, 2.0])
+    p = SpargeParams(minshare=t)
+    first = p.per_head("minshare", 2, "meta")
+    assert p.per_head("minshare", 2, "meta") is first  # unchanged values: the cached copy, no new transfer
+    t.mul_(2.0)
+    moved = p.per_head("minshare", 2, "meta")
+    assert moved is not first  # a fresh copy of the new values
+    assert torch.equal(p.per_head("minshare", 2), torch.tensor([2.0, 4.0]))
+    assert p.per_head("pvthreshd", 2, "meta") is p.per_head("pvthreshd", 2, "meta")  # numbers: cached once
+
+
 def test_per_head_topk_wrong_length():
     q, k, v = qkv(H=2)
     with pytest.raises(ValueError, match="per-head"):

@@ -194,6 +194,22 @@ def test_cuda_error_target_without_sync_in_the_steady_state():
     assert 0.75 * 0.04 <= r["measured_rel_l1"] <= 1.25 * 0.04, r["measured_rel_l1"]
 
 
+def test_cuda_thresholds_moved_in_place_reach_the_kernel():
+    """The adaptation moves a block's minshare tensor in place (nodes/adapt.py) and hands the same
+    SpargeParams to the op: the next call's kernel must use the new values, not a device copy of the
+    first ones (SpargeParams.per_head follows the values)."""
+    from sparge_attention.sparge_core import SpargeParams
+    from sparge_attention.sparge_core.torch_op import call
+
+    q, k, v = (t.view(B, -1, H, D).transpose(1, 2) for t in _qkv(seed=6))
+    share = torch.full((H,), 0.5)
+    p = SpargeParams(simthreshd1=-1.0, minshare=share, pvthreshd=float("inf"), scoring="lse", fill_skipped=True)
+    kept_low = int(call(q, k, v, p)[1])  # random inputs: every block holds about an even share, all kept
+    share.fill_(8.0)  # only each row's top block
+    kept_high = int(call(q, k, v, p)[1])
+    assert kept_high < 0.5 * kept_low, (kept_low, kept_high)
+
+
 def test_cuda_speed_print():
     """Not an assertion of speed (that is bench/'s job): sparse top-k 0.5 vs SDPA at this shape."""
     q, k, v = _qkv(seed=4)
