@@ -51,3 +51,16 @@ def test_attention_sink_is_refused_not_dropped():
     q = torch.randn(1, 2, 256, 64)
     with pytest.raises(ValueError, match="attention_sink"):
         torch_op.call(q, q, q, SpargeParams(attention_sink=True))
+
+
+@pytest.mark.parametrize("variant", ["plain", "mask", "lse"])
+def test_eager_call_equals_the_op_when_the_call_runs_dense(variant):
+    """Shorter than one query block: sparge_attention runs it dense; counts, mask and lse alike."""
+    params = CASES["cdf pooled, P.V skip"][0]
+    q, k, v = (torch.randn(1, 2, 40, 64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    op = {"plain": torch_op.sparge_attention_op, "mask": torch_op.sparge_attention_map_op,
+          "lse": torch_op.sparge_attention_lse_op}[variant]
+    want = by_op(q, k, v, params, None, op)
+    got = torch_op.call(q, k, v, params, with_mask=variant == "mask", with_lse=variant == "lse")
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
