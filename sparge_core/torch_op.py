@@ -233,8 +233,8 @@ def call(q, k, v, params: SpargeParams, grid=None, scale=None, with_mask: bool =
 @torch.no_grad()
 def _eager(q, k, v, params: SpargeParams, grid, scale, with_mask: bool, with_lse: bool):
     """What the ops compute, from `params` itself. Per call this skips the custom op's dispatch
-    (autograd and alias checks, ~60 us of host time) and the threshold tensors' round trip
-    (thresholds() here, _values() in the op, ~120 us): measured on a CPU by bench/host_layers.py."""
+    (autograd and alias checks) and the threshold tensors' round trip (thresholds() here, _values()
+    in the op): ~140 us of host time per call together on the dev CPU (bench/host_layers.py)."""
     res = sparge_attention(q, k, v, params, layout="HND", grid=tuple(int(g) for g in grid) if grid else None,
                            scale=scale, return_stats=True, backend=BACKEND, return_lse=with_lse)
     if with_lse:
