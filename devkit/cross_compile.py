@@ -52,3 +52,73 @@ def compile_through(jit_fn, launch):
     except Compiled as done:
         return done.args[0]
     raise RuntimeError("the launcher did not launch its kernel")
+
+
+def pack_kernel_jobs(cc: int) -> list:
+    """Every Triton kernel of the pack in the variants that matter for code size and shared
+    memory, as (jit function, variant name, launch) with the config capability `cc` would run
+    (kernels.config.config_for_capability). The pack's `kernels` must be importable (its root on
+    sys.path); call after use_target(cc)."""
+    import triton
+
+    from kernels import attn_fwd, block_index, block_scores, kv_stats, quantize, select
+    from kernels.config import config_for_capability
+
+    cfg = config_for_capability(cc // 10, cc % 10)
+    B, H, Hkv, D, hd = 1, 4, 2, 128, 128  # head dim 128: the largest the pack runs (most shared memory)
+    n = 75600  # Wan 2.1 720p, 81 frames: 591 key blocks
+    nq, nk = triton.cdiv(n, cfg.block_m), triton.cdiv(n, cfg.block_n)
+    nkc = triton.cdiv(nk, attn_fwd.FILL_PAD) * attn_fwd.FILL_PAD
+    v_dtype = torch.float8_e4m3fn if cfg.pv_fp8 else torch.float16
+    small = 1000  # token count for the kernels whose compiled code does not depend on it
+
+    def x(*shape, dtype=torch.bfloat16):
+        return torch.zeros(*shape, dtype=dtype)
+
+    def attn(fill, causal, pv_skip):
+        q = x(B, H, nq * cfg.block_m, hd, dtype=torch.int8)
+        k = x(B, Hkv, nk * cfg.block_n, hd, dtype=torch.int8)
+        f = None
+        if fill:
+            f = (x(B, Hkv, nkc, hd, dtype=torch.int8), x(B, Hkv, nkc, dtype=torch.float32),
+                 x(B, Hkv, hd, nkc, dtype=v_dtype), x(B, H, nq, nkc, dtype=torch.float32))
+        return lambda: attn_fwd.sparse_attn_fwd(
+            q, k, x(B, Hkv, hd, nk * cfg.block_n, dtype=v_dtype), x(B, H, nq, dtype=torch.float32),
+            x(B, Hkv, nk, dtype=torch.float32), x(B, Hkv, hd, dtype=torch.float32), x(B, H, nq, dtype=torch.int32),
+            x(B, H, nq, nk, dtype=torch.int32), x(H, dtype=torch.float32), n, n, D, torch.bfloat16, causal, pv_skip,
+            cfg, out_perm=torch.arange(n, dtype=torch.int32), fill=f)
+
+    def select_launch(mode, fill, nkb):
+        scores = x(B, H, 2, nkb, dtype=torch.float32)
+        pad = triton.cdiv(nkb, attn_fwd.FILL_PAD) * attn_fwd.FILL_PAD
+        return lambda: select.select_blocks_fused(
+            scores, x(B, H, 2, dtype=torch.bool), None, x(H, dtype=torch.float32), mode, True, fill,
+            2 * cfg.block_m, nkb * cfg.block_n, cfg.block_m, cfg.block_n,
+            fill_mean=scores if fill else None, fill_blocks=pad if fill else 0)
+
+    perm = torch.arange(small, dtype=torch.int32)
+    kmean = x(B, Hkv, D, dtype=torch.float32)
+    # fill, causal and pv_skip (off: pvthreshd inf) each on and off, every pair of them together,
+    # in four compiles instead of eight; fill + causal without pv_skip needs the most shared memory
+    jobs = [(attn_fwd._sparse_attn_fwd, f"fill={fill} causal={causal} pv_skip={pv_skip}", attn(fill, causal, pv_skip))
+            for fill, causal, pv_skip in [(False, False, False), (False, True, True), (True, False, True),
+                                          (True, True, False)]]
+    jobs += [
+        (quantize._quant_pool_kernel, "q", lambda: quantize.quant_pool(
+            x(B, H, small, D), cfg.block_m, hd, perm=perm)),
+        (quantize._quant_pool_kernel, "k, int8 means", lambda: quantize.quant_pool(
+            x(B, Hkv, small, D), cfg.block_n, hd, mean=kmean, want_pool=False, perm=perm, pool_i8_blocks=128)),
+        (quantize._quant_v_kernel, "v, means", lambda: quantize.quant_v(
+            x(B, Hkv, small, D), kmean + 1, cfg.block_n, hd, cfg.pv_fp8, perm=perm, mean_blocks=128)),
+        (kv_stats._kv_stats_kernel, "", lambda: kv_stats.kv_stats(x(B, Hkv, small, D), x(B, Hkv, small, D))),
+        (block_scores._block_lse_kernel, "with means", lambda: block_scores.block_lse_scores(
+            x(B, H, nq, D, dtype=torch.float32), x(B, Hkv, nk * cfg.block_n, hd, dtype=torch.int8),
+            x(B, Hkv, nk, dtype=torch.float32), 0.088, n, cfg.block_n, want_mean=True)),
+        # the sorting modes' shared memory grows with the padded key-block count (1024: 4 warps, 2048: 8)
+        (select._select_kernel, "cdf causal fill, 1500 blocks", select_launch("cdf", True, 1500)),
+        (select._select_kernel, "topk, 591 blocks", select_launch("topk", False, nk)),
+        (select._select_kernel, "share, 591 blocks", select_launch("share", False, nk)),
+        (block_index._block_index_kernel, "1500 blocks", lambda: block_index.block_map_to_index(
+            x(B, H, 2, 1500, dtype=torch.bool))),
+    ]
+    return jobs
