@@ -17,8 +17,17 @@ def int32_bits_f32(x):
 
 @triton.jit
 def round_half_away(x):
-    """Round to the nearest integer, halves away from zero (as sparge_core.reference does)."""
-    return tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(0.5 - x))
+    """sign(x) * floor(|x| + 0.5) as int32, as sparge_core.reference rounds, for |x| < 2^22.
+
+    On the FP32 and integer units: floor and float->int run on the conversion unit, 16 results
+    per clock per SM on Hopper against 128 FP32 ones, and the quantizers spent 3 of them per
+    element. Adding MAGIC_F rounds a = |x| + 0.5 to the nearest integer (ties to even) in the
+    mantissa bits; one less where that rounded up gives floor(a)."""
+    a = tl.abs(x) + 0.5
+    t = a + MAGIC_F
+    i = t.to(tl.int32, bitcast=True) - MAGIC_I
+    i = tl.where(t - MAGIC_F > a, i - 1, i)
+    return tl.where(x < 0, -i, i)
 
 
 @triton.jit
