@@ -9,7 +9,7 @@ Rows: the node's override as ComfyUI calls it ((B, N, H*D) self-attention inside
 preset's error-target adaptation in its steady state, i.e. an unmeasured call), the public API
 `sparge_attention`, and a cProfile listing of the override's calls (top functions by own time).
 
-    python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--profile]
+    python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--profile [--sort cumulative]]
 """
 import argparse
 import cProfile
@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--tokens", default="7800,32760")
     ap.add_argument("--preset", default="Balanced")
     ap.add_argument("--profile", action="store_true", help="cProfile listing of the override's calls")
+    ap.add_argument("--sort", default="tottime", help="the listing's order (pstats key: tottime, cumulative)")
     args = ap.parse_args()
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
            "date": datetime.date.today().isoformat(), "preset": args.preset, "host_us": {}}
@@ -102,8 +103,8 @@ def main():
             pr.disable()
             torch.cuda.synchronize()
             s = io.StringIO()
-            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
-            print("\n".join(s.getvalue().splitlines()[:60]))
+            pstats.Stats(pr, stream=s).sort_stats(args.sort).print_stats(40)
+            print("\n".join(s.getvalue().splitlines()[:70]))
     print("saved", save(res, f"{res['date']}-{card_name()}-host"))
 
 
