@@ -111,6 +111,11 @@ def pack_kernel_jobs(cc: int) -> list:
         (quantize._quant_v_kernel, "v, means", lambda: quantize.quant_v(
             x(B, Hkv, small, D), kmean + 1, cfg.block_n, hd, cfg.pv_fp8, perm=perm, mean_blocks=128)),
         (kv_stats._kv_stats_kernel, "", lambda: kv_stats.kv_stats(x(B, Hkv, small, D), x(B, Hkv, small, D))),
+        # the second kernel of kv_stats, launched directly (the launcher would run the first one here)
+        (kv_stats._kv_finish_kernel, "v scale", lambda: kv_stats._kv_finish_kernel[(B * Hkv,)](
+            x(B * Hkv, 4, hd, dtype=torch.float32), x(B * Hkv, 4, hd, dtype=torch.float32),
+            x(B, Hkv, D, dtype=torch.float32), x(B, Hkv, D, dtype=torch.float32), float(small), 4, 448.0,
+            HEAD_DIM=hd, D_K=D, D_V=D, SCALE=True, num_warps=1)),
         (block_scores._block_lse_kernel, "with means", lambda: block_scores.block_lse_scores(
             x(B, H, nq, D, dtype=torch.float32), x(B, Hkv, nk * cfg.block_n, hd, dtype=torch.int8),
             x(B, Hkv, nk, dtype=torch.float32), 0.088, n, cfg.block_n, want_mean=True)),

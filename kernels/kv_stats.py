@@ -1,7 +1,8 @@
 """K's per-channel mean (for smoothing) and V's per-channel max |v| (for its fp8 scale) in one
 pass over both tensors. Two torch reductions along the token axis cost ~2x the bytes' time;
-here each program reduces a run of token blocks to one partial row, and the few partials per
-head are summed in a fixed order, so the result is deterministic."""
+here each program reduces a run of token blocks to one partial row, and a second small kernel
+sums the few partials per head in a fixed order (deterministic) and finishes the mean and the
+scale: one launch where five torch ops (sum, divide, max, divide, clamp) each launched their own."""
 import torch
 import triton
 import triton.language as tl
@@ -33,8 +34,26 @@ def _kv_stats_kernel(K, V, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H,
     tl.store(VMAX + out, tl.max(vmax, 0))
 
 
-def kv_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k (B,H,N,Dk), v (B,H,N,Dv) -> (mean of k over N (B,H,Dk), max |v| over N (B,H,Dv)), fp32."""
+@triton.jit
+def _kv_finish_kernel(KSUM, VMAX, KMEAN, VOUT, N, NCHUNK, v_div, HEAD_DIM: tl.constexpr, D_K: tl.constexpr,
+                      D_V: tl.constexpr, SCALE: tl.constexpr):
+    bh = tl.program_id(0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for c in range(NCHUNK):
+        ksum += tl.load(KSUM + (bh * NCHUNK + c) * HEAD_DIM + offs_d)
+        vmax = tl.maximum(vmax, tl.load(VMAX + (bh * NCHUNK + c) * HEAD_DIM + offs_d))
+    tl.store(KMEAN + bh * D_K + offs_d, ksum / N, mask=offs_d < D_K)
+    if SCALE:  # the reference's scale: max(amax / format max, 1e-20)
+        vmax = tl.maximum(vmax / v_div, 1e-20)
+    tl.store(VOUT + bh * D_V + offs_d, vmax, mask=offs_d < D_V)
+
+
+def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k (B,H,N,Dk), v (B,H,N,Dv) -> (mean of k over N (B,H,Dk), max |v| over N (B,H,Dv)), fp32.
+    With v_format_max, the second is V's per-channel scale for a format whose largest value that
+    is: max(max |v| / v_format_max, 1e-20)."""
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must be (B, H, N, D) with the same B, H, N, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -53,6 +72,8 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         k, v, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, num_warps=4,
     )
-    k_mean = (ksum.sum(dim=1)[:, :Dk] / N).reshape(B, H, Dk)
-    v_amax = vmax.amax(dim=1)[:, :Dv].reshape(B, H, Dv)
-    return k_mean, v_amax
+    k_mean = torch.empty(B, H, Dk, dtype=torch.float32, device=k.device)
+    v_out = torch.empty(B, H, Dv, dtype=torch.float32, device=k.device)
+    _kv_finish_kernel[(B * H,)](ksum, vmax, k_mean, v_out, float(N), nchunk, float(v_format_max or 1.0),
+                                HEAD_DIM=hd, D_K=Dk, D_V=Dv, SCALE=v_format_max is not None, num_warps=1)
+    return k_mean, v_out

@@ -10,7 +10,7 @@ from .host_math import next_pow2
 
 @triton.jit
 def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, MEAN, BIAS, NQ, NK, NKC, H, n_q, n_k, block_q, block_k,
-                   NK_POW2: tl.constexpr, MODE: tl.constexpr, HAS_KSS: tl.constexpr,
+                   NK_POW2: tl.constexpr, MODE: tl.constexpr, HAS_QSS: tl.constexpr, HAS_KSS: tl.constexpr,
                    SINK: tl.constexpr, CAUSAL: tl.constexpr, FILL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     i = row % NQ
@@ -45,8 +45,9 @@ def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, MEAN, BIAS, NQ, NK, NKC, H, n_q
         kept_sorted = kept_sorted | (offs == 0)
         thr = tl.min(tl.where(kept_sorted, ps, float("inf")), 0)
         keep = p >= thr
-    if tl.load(QSS + row) == 0:  # a query block its mean does not represent attends densely
-        keep = keep | valid
+    if HAS_QSS:
+        if tl.load(QSS + row) == 0:  # a query block its mean does not represent attends densely
+            keep = keep | valid
     if HAS_KSS:
         kss = tl.load(KSS + bh * NK + offs, mask=valid, other=1)
         keep = keep | (kss == 0)
@@ -72,7 +73,8 @@ _MODES = {"cdf": 0, "topk": 1, "share": 2}
 def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: torch.Tensor, mode: str,
                         sink: bool, causal: bool, n_q: int, n_k: int, block_q: int, block_k: int,
                         fill_mean: torch.Tensor | None = None, fill_blocks: int = 0):
-    """scores (B,H,NQ,NK) fp32 log2 units; q_ss (B,H,NQ) bool; k_ss (B,H,NK) bool or None;
+    """scores (B,H,NQ,NK) fp32 log2 units; q_ss (B,H,NQ) bool or None (every query block
+    self-similar: no launches for an all-true mask); k_ss (B,H,NK) bool or None;
     param (H,) fp32: cdfthreshd, topk or minshare for mode "cdf", "topk" or "share".
     Returns counts (B,H,NQ) int32, indices (B,H,NQ,NK) int32; with fill_mean (the mean scores of
     block_lse_scores) also the fill_skipped bias (B,H,NQ,fill_blocks) fp32, -inf past NK."""
@@ -81,13 +83,14 @@ def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: t
     if scores.dim() != 4 or scores.dtype != torch.float32:
         raise ValueError("scores must be fp32 (B, H, NQ, NK)")
     B, H, NQ, NK = scores.shape
-    if q_ss.shape != (B, H, NQ) or (k_ss is not None and k_ss.shape != (B, H, NK)) or param.shape != (H,):
+    if ((q_ss is not None and q_ss.shape != (B, H, NQ)) or (k_ss is not None and k_ss.shape != (B, H, NK))
+            or param.shape != (H,)):
         raise ValueError("similarity flags or per-head parameters do not match the scores")
     scores = scores.contiguous()
     counts = torch.empty(B, H, NQ, dtype=torch.int32, device=scores.device)
     idx = torch.empty(B, H, NQ, NK, dtype=torch.int32, device=scores.device)
-    qss = q_ss.to(torch.int8).contiguous()
-    kss = k_ss.to(torch.int8).contiguous() if k_ss is not None else qss
+    qss = q_ss.to(torch.int8).contiguous() if q_ss is not None else scores
+    kss = k_ss.to(torch.int8).contiguous() if k_ss is not None else scores
     fill = fill_mean is not None
     if fill and (fill_mean.shape != scores.shape or fill_mean.dtype != torch.float32 or fill_blocks < NK):
         raise ValueError("fill_mean must be fp32 like the scores, and fill_blocks >= the key blocks")
@@ -95,7 +98,7 @@ def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: t
     _select_kernel[(B * H * NQ,)](
         scores, qss, kss, param.float().contiguous(), counts, idx,
         fill_mean.contiguous() if fill else scores, bias, NQ, NK, fill_blocks, H, n_q, n_k, block_q, block_k,
-        NK_POW2=next_pow2(max(NK, fill_blocks)), MODE=_MODES[mode], HAS_KSS=k_ss is not None,
+        NK_POW2=next_pow2(max(NK, fill_blocks)), MODE=_MODES[mode], HAS_QSS=q_ss is not None, HAS_KSS=k_ss is not None,
         SINK=sink, CAUSAL=causal, FILL=fill, num_warps=4 if max(NK, fill_blocks) <= 1024 else 8,
     )
     return (counts, idx, bias) if fill else (counts, idx)

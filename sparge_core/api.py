@@ -12,7 +12,7 @@ from .availability import triton_status
 from .blockmask import SpargeBlockMask, causal_block_mask, check_dense_mask, num_blocks
 from .layout import from_hnd, to_hnd
 from .params import SpargeParams
-from .reference import FP8_MAX, LOG2E, TINY, expand_kv, pooled_scores, sparge_reference
+from .reference import FP8_MAX, LOG2E, expand_kv, pooled_scores, sparge_reference
 from .stats import SpargeStats
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -153,14 +153,13 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     q_sim_wanted = predict and (not lse or params.sim_rule_enabled())
     q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=predict,
                                           want_sim=q_sim_wanted, perm=perm_q)
-    # one pass over K and V: K's mean (token order does not matter for it) and V's per-channel max
-    k_mean, v_amax = kv_stats(k, v)
+    # one pass over K and V: K's mean (token order does not matter for it) and V's per-channel fp8 scale
+    k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX)
     # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
     k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
                        want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc)
     k_i8, k_s, k_pool, k_sim = k_out[:4]
-    v_scale = (v_amax / FP8_MAX).clamp_min(TINY)
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc)
     fill_args = None
     if fill:
@@ -168,7 +167,8 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
         kbar, kbar_scale = k_out[4]
 
     if block_mask is None:
-        theta = params.per_head("simthreshd1", H, q.device)[None, :, None]
+        # the similarity rule's threshold: only where a self-similarity was computed
+        theta = params.per_head("simthreshd1", H, q.device)[None, :, None] if (q_sim is not None or not lse) else None
         k_ss = None
         if params.scoring == "lse":
             from ..kernels.block_scores import block_lse_scores
@@ -180,7 +180,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
             k_ss = expand_kv(k_sim[..., None], H)[..., 0] > theta
             scores = pooled_scores(q_pool, k_pool, k_ss, scale)
         sel = params.per_head(params.threshold_field, H, q.device)
-        q_ss = q_sim > theta if q_sim is not None else torch.ones(q_s.shape, dtype=torch.bool, device=q.device)
+        q_ss = q_sim > theta if q_sim is not None else None  # None: every query block passes
         sel_out = select_blocks_fused(scores, q_ss, k_ss, sel, params.mode, params.attention_sink, params.is_causal,
                                       N, Nk, cfg.block_m, cfg.block_n, fill_mean=mean if fill else None,
                                       fill_blocks=nkc)

@@ -467,6 +467,14 @@ def test_select_fused_matches_reference(shape, mode, causal, sink, ties, with_ks
     torch.testing.assert_close(bias[..., :NK], want_bias, rtol=0, atol=1e-5)
     assert (bias[..., NK:] == -INF).all()
 
+    # q_ss None (lse scoring without the rule): every query block passes, as an all-true mask does
+    all_q = torch.ones_like(q_ss)
+    c3, i3 = select.select_blocks_fused(scores, None, k_ss, thr, mode, sink, causal, n_q, n_k, BQ, BK)
+    c4, i4 = select.select_blocks_fused(scores, all_q, k_ss, thr, mode, sink, causal, n_q, n_k, BQ, BK)
+    assert torch.equal(c3, c4)
+    for row in itertools.product(range(B), range(H), range(NQ)):
+        assert torch.equal(i3[row][: int(c3[row])], i4[row][: int(c4[row])])
+
 
 @pytest.mark.parametrize("D,hd", [(64, 64), (80, 128)])
 @pytest.mark.parametrize("Hkv", [2, 1])
@@ -507,6 +515,12 @@ def test_kv_stats_matches_torch(n, dk, dv, heads, dtype, seed):
     assert mean.dtype == amax.dtype == torch.float32
     torch.testing.assert_close(mean, k.float().mean(dim=2), rtol=1e-5, atol=1e-5)
     assert torch.equal(amax, v.float().abs().amax(dim=2))
+    # V's fp8 scale as the reference quantizer computes it (zero channels at its floor)
+    from sparge_attention.sparge_core.reference import FP8_MAX, TINY
+
+    v[..., :3] = 0
+    _, v_scale = kv_stats(k, v, v_format_max=FP8_MAX)
+    torch.testing.assert_close(v_scale, (v.float().abs().amax(dim=2) / FP8_MAX).clamp_min(TINY), rtol=1e-6, atol=0)
 
 
 def test_kv_stats_rejects_bad_input():
