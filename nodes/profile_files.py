@@ -11,7 +11,7 @@ attention (readout reason "profile dense layer"); blocks the profile did not cal
 node's preset. A profile made at another resolution still applies; the readout carries
 `SpargeProfile.note_for` about it.
 
-Files are read by sparge_core/profiles.py (safetensors header parsed as JSON, tensors by the
+Files are read by sparge_core/profile_format.py and checked by profiles.py (header as JSON, tensors by the
 safetensors parser, every field checked, nothing unpickled or executed). A bad file is reported
 by the loader's validation (HTTP 400 with the message, before anything runs); a profile for a
 model with another head or block count fails the Sparge Attention node with the message.
@@ -25,7 +25,8 @@ import os
 import re
 from typing import Optional
 
-from ..sparge_core.profiles import SpargeProfile, parse_header
+from ..sparge_core.profile_format import parse_header
+from ..sparge_core.profiles import SpargeProfile
 from .config import ERROR_CHECK_MODES, SpargeConfig
 from .model_info import model_shape
 

@@ -5,8 +5,8 @@ measured when it was made (sampled sparsity and rel-L1 per layer and head) and t
 (model family, token count, grid, target error, steps, backend rounding, block sizes).
 
 Files are safetensors: tensors plus string metadata. Loading never unpickles anything: the
-header is read as JSON and the tensors by safetensors' own parser, and every field is checked
-(ValueError with a message saying what is wrong).
+bytes are read and checked by profile_format.py (header as JSON, tensors by safetensors' own
+parser), then every field is checked here (ValueError with a message saying what is wrong).
 
 Dense heads: `params_for_layer` gives them cdfthreshd/topk 1.0 AND simthreshd1 1.0. No block
 has a mean pairwise cosine above 1, so every query block of such a head counts as "not
@@ -19,18 +19,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 
 from .params import SCORINGS, SpargeParams
+from .profile_format import fail as _fail
+from .profile_format import load_tensors as _load_tensors
+from .profile_format import meta_int as _meta_int
+from .profile_format import parse_header, read_bytes
 
 PACK_VERSION = "0.1.0"  # TODO(lead): move to one place in the pack if a version constant appears
 FORMAT = "sparge-attention-profile"
 FORMAT_VERSION = 1
-MAX_FILE_BYTES = 64 << 20  # profiles are a few KB; refuse to read anything huge
 DENSE_THRESHOLD = 1.0
 DENSE_SIMTHRESHD1 = 1.0
 
@@ -50,11 +52,6 @@ _TENSORS = {
 _THRESHOLD_NAME = {"cdf": "cdfthreshd", "topk": "topk"}
 _META_INT = ("heads", "layers", "n_tokens", "steps", "calls", "block_q", "block_k", "sample_query_blocks")
 _META_STR = ("model_family", "mode", "scoring", "pv_dtype", "combine", "pack_version", "token_order")
-
-
-def _fail(path, msg: str):
-    where = f"{path}: " if path is not None else ""
-    raise ValueError(f"Sparge profile {where}{msg}")
 
 
 @dataclass(eq=False)
@@ -284,14 +281,7 @@ class SpargeProfile:
     def load(cls, path, expect_heads: Optional[int] = None, expect_layers: Optional[int] = None) -> "SpargeProfile":
         """Read and check a profile. Raises ValueError (message names the file and the problem)."""
         path = os.fspath(path)
-        try:
-            size = os.path.getsize(path)
-            if size > MAX_FILE_BYTES:
-                _fail(path, f"file is {size} bytes; a profile is a few KB (refusing to read it)")
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            _fail(path, f"cannot read the file ({e.strerror or e})")
+        data = read_bytes(path)
         header, meta = parse_header(data, path)
         tensors = _load_tensors(data, path)
         return cls._from_parts(tensors, meta, path, expect_heads, expect_layers)
@@ -367,60 +357,3 @@ class SpargeProfile:
             setattr(prof, k, v)
         prof.validate(path)
         return prof
-
-
-def _meta_int(meta: dict, name: str, path) -> int:
-    raw = meta.get(name)
-    if raw is None:
-        _fail(path, f"metadata {name!r} is missing")
-    try:
-        return int(raw)
-    except (TypeError, ValueError):
-        _fail(path, f"metadata {name!r} must be an integer, got {raw!r}")
-
-
-def parse_header(data: bytes, path):
-    """The safetensors header (8-byte little-endian length + JSON), checked before the tensor
-    parser sees the file, for clear messages. Nothing here can execute file content."""
-    if data[:1] == b"\x80" or data[:2] == b"PK":
-        _fail(path, "this is a pickle / torch.save file, not safetensors (it was NOT loaded: pickles can run code)")
-    if len(data) < 8:
-        _fail(path, f"file is truncated ({len(data)} bytes; a safetensors file starts with an 8-byte header length)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        if n > MAX_FILE_BYTES:
-            _fail(path, "not a safetensors file (the header length field is implausible)")
-        _fail(path, f"file is truncated (header needs {n} bytes, only {len(data) - 8} present)")
-    raw = data[8:8 + n]
-    if not raw.lstrip().startswith(b"{"):
-        _fail(path, "not a safetensors file (no JSON header)")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        _fail(path, "not a safetensors file or corrupt header (header is not valid JSON)")
-    if not isinstance(header, dict):
-        _fail(path, "corrupt header (not a JSON object)")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        _fail(path, "corrupt header (__metadata__ must map strings to strings)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offs = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
-            _fail(path, f"corrupt header entry for tensor {name!r}")
-        end = max(end, offs[1])
-    if 8 + n + end > len(data):
-        _fail(path, f"file is truncated (tensor data needs {8 + n + end} bytes, the file has {len(data)})")
-    return header, meta
-
-
-def _load_tensors(data: bytes, path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        return load(data)
-    except (SafetensorError, ValueError, TypeError, RuntimeError) as e:
-        _fail(path, f"the safetensors parser rejected the file ({e})")
