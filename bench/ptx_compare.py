@@ -8,19 +8,16 @@ schedules them anyway), so a change that only adds parameters the variant never 
 
     python bench/ptx_compare.py --before 8c015cf^ [--cc 90]
 """
-import argparse
 import datetime
 import hashlib
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # devkit (the child imports Triton itself, uninterpreted)
 VARIANTS = [dict(fill=f, causal=c, pv_skip=p, perm=m) for f in (False, True) for c in (False, True)
             for p in (False, True) for m in (False, True)]
 
@@ -42,19 +39,12 @@ def normalized(ptx: str) -> dict:
                 params=ptx.count(".param ."))
 
 
-def child(src_root: str, cc: int) -> None:
-    """Print one JSON line per variant for the kernels in src_root."""
-    import importlib.util
-
-    os.environ.pop("TRITON_INTERPRET", None)
-    spec = importlib.util.spec_from_file_location("cross_compile", ROOT / "devkit" / "cross_compile.py")
-    cross = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cross)
-    sys.path.insert(0, src_root)
+def child(cc: int) -> None:
+    """Print one JSON line per variant for the kernels first on sys.path (devkit.cross_compile)."""
     import torch
     import triton
 
-    cross.use_target(cc)
+    from devkit.cross_compile import compile_through
     from kernels import attn_fwd
     from kernels.config import config_for_capability
 
@@ -81,37 +71,19 @@ def child(src_root: str, cc: int) -> None:
             cfg, out_perm=torch.arange(n, dtype=torch.int32) if perm else None, fill=f)
 
     for v in VARIANTS:
-        kernel = cross.compile_through(attn_fwd._sparse_attn_fwd, launch(**v))
+        kernel = compile_through(attn_fwd._sparse_attn_fwd, launch(**v))
         print(json.dumps(dict(v, shared=kernel.metadata.shared, **normalized(kernel.asm["ptx"]))), flush=True)
 
 
-def compile_at(src_root: str, cc: int) -> list:
-    env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(tempfile.gettempdir(), "sparge-ptx-compare-cache"))
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, __file__, "--child", src_root, "--cc", str(cc)], env=env,
-                         capture_output=True, text=True, check=True).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
-
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--before", default="HEAD", help="the revision to compare this checkout with")
-    ap.add_argument("--cc", type=int, default=90)
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        return child(args.child, args.cc)
-    with tempfile.TemporaryDirectory() as tmp:
-        old = os.path.join(tmp, "before")
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", old, args.before], check=True)
-        try:
-            rev = subprocess.run(["git", "-C", old, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip()
-            before, after = compile_at(old, args.cc), compile_at(str(ROOT), args.cc)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", old], check=False)
+    from devkit.cross_compile import revision_compare
+
+    res = revision_compare(__file__, child, "sparge-ptx-compare-cache")
+    if res is None:  # a --child run
+        return
+    cc, rev, before, after = res
     rows, same = [], 0
-    print(f"_sparse_attn_fwd for sm{args.cc}: {rev} (before) vs this checkout")
+    print(f"_sparse_attn_fwd for sm{cc}: {rev} (before) vs this checkout")
     for b, a in zip(before, after):
         name = " ".join(f"{k}={int(b[k])}" for k in ("fill", "causal", "pv_skip", "perm"))
         eq = b["code"] == a["code"] and b["shared"] == a["shared"]
@@ -120,12 +92,12 @@ def main():
         print(f"  {name}: {'same code' if eq else 'DIFFERENT'}; instructions {b['instructions']} -> "
               f"{a['instructions']}, params {b['params']} -> {a['params']}, shared {b['shared']} -> {a['shared']}")
     print(f"{same} of {len(rows)} variants compile to the same code")
-    res = dict(date=datetime.date.today().isoformat(), cc=args.cc, before=rev, rows=rows, same=same,
+    res = dict(date=datetime.date.today().isoformat(), cc=cc, before=rev, rows=rows, same=same,
                triton=__import__("triton").__version__)
     sys.path.insert(0, str(HERE))
     from common import save
 
-    print("saved", save(res, f"{res['date']}-cpu-ptx_compare-sm{args.cc}"))
+    print("saved", save(res, f"{res['date']}-cpu-ptx_compare-sm{cc}"))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,15 @@ memory per GPU family) and bench/ptx_compare.py (did a source change alter a ker
 
 Import Triton with TRITON_INTERPRET unset (an interpreted @triton.jit cannot compile), in a
 process of its own: `use_target` replaces Triton's active driver for the rest of the process."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 
 
@@ -111,8 +120,9 @@ def pack_kernel_jobs(cc: int) -> list:
         (quantize._quant_v_kernel, "v, means", lambda: quantize.quant_v(
             x(B, Hkv, small, D), kmean + 1, cfg.block_n, hd, cfg.pv_fp8, perm=perm, mean_blocks=128)),
         (kv_stats._kv_stats_kernel, "", lambda: kv_stats.kv_stats(x(B, Hkv, small, D), x(B, Hkv, small, D))),
-        # the second kernel of kv_stats, launched directly (the launcher would run the first one here)
-        (kv_stats._kv_finish_kernel, "v scale", lambda: kv_stats._kv_finish_kernel[(B * Hkv,)](
+        # the second kernel of kv_stats, launched directly (the launcher would run the first one here;
+        # older revisions, compared by bench/sass_mix.py, do not have it)
+        (getattr(kv_stats, "_kv_finish_kernel", None), "v scale", lambda: kv_stats._kv_finish_kernel[(B * Hkv,)](
             x(B * Hkv, 4, hd, dtype=torch.float32), x(B * Hkv, 4, hd, dtype=torch.float32),
             x(B, Hkv, D, dtype=torch.float32), x(B, Hkv, D, dtype=torch.float32), float(small), 4, 448.0,
             HEAD_DIM=hd, D_K=D, D_V=D, SCALE=True, num_warps=1)),
@@ -126,4 +136,51 @@ def pack_kernel_jobs(cc: int) -> list:
         (block_index._block_index_kernel, "1500 blocks", lambda: block_index.block_map_to_index(
             x(B, H, 2, 1500, dtype=torch.bool))),
     ]
-    return jobs
+    return [job for job in jobs if job[0] is not None]
+
+
+def child_rows(script: str, src_root: str, cc: int, cache_name: str) -> list:
+    """Run `script --child src_root --cc cc` in a process of its own (TRITON_INTERPRET unset, a Triton
+    cache folder of its own in the temp dir, reused between runs) and return its JSON lines."""
+    env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(tempfile.gettempdir(), cache_name))
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, script, "--child", src_root, "--cc", str(cc)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@contextmanager
+def revision_checkout(repo, rev: str):
+    """A detached git worktree of `rev` in a temp folder, removed afterwards: yields (path, short hash)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rev")
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-q", path, rev], check=True)
+        try:
+            short = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                   text=True).stdout.strip()
+            yield path, short
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", path], check=False)
+
+
+def revision_compare(script: str, child, cache_name: str):
+    """The command line of a bench that compiles this checkout and another revision for one target
+    (bench/ptx_compare.py, bench/sass_mix.py): --before REV (default HEAD), --cc (default 90).
+    The bench runs itself once per source tree with --child SRC: there this points Triton at the
+    target, puts SRC first on sys.path (its `kernels`), calls child(cc), which prints JSON lines,
+    and returns None. Otherwise returns (cc, the revision's short hash, its rows, this checkout's)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--before", default="HEAD", help="the revision to compare this checkout with")
+    ap.add_argument("--cc", type=int, default=90)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        sys.path.insert(0, args.child)
+        use_target(args.cc)
+        child(args.cc)
+        return None
+    root = Path(script).resolve().parents[1]
+    with revision_checkout(root, args.before) as (old, rev):
+        before = child_rows(script, old, args.cc, cache_name)
+    after = child_rows(script, str(root), args.cc, cache_name)
+    return args.cc, rev, before, after
