@@ -1,7 +1,8 @@
 """Compile the pack's Triton kernels for a GPU target on a machine without that GPU (or any GPU):
 Triton's own ptxas does the work, a stand-in driver answers what JITFunction.run asks before it
 compiles, and the launch stops right after the compile. Used by tests/test_gpu_targets.py (shared
-memory per GPU family) and bench/ptx_compare.py (did a source change alter a kernel's code).
+memory per GPU family), bench/ptx_compare.py (did a source change alter a kernel's code) and
+bench/sass_mix.py (which execution units a kernel's code leans on).
 
 Import Triton with TRITON_INTERPRET unset (an interpreted @triton.jit cannot compile), in a
 process of its own: `use_target` replaces Triton's active driver for the rest of the process."""
