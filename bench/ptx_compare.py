@@ -41,37 +41,13 @@ def normalized(ptx: str) -> dict:
 
 def child(cc: int) -> None:
     """Print one JSON line per variant for the kernels first on sys.path (devkit.cross_compile)."""
-    import torch
-    import triton
-
-    from devkit.cross_compile import compile_through
+    from devkit.cross_compile import attention_launch, compile_through
     from kernels import attn_fwd
     from kernels.config import config_for_capability
 
     cfg = config_for_capability(cc // 10, cc % 10)
-    B, H, Hkv, D = 1, 4, 2, 128
-    n = 75600
-    nq, nk = triton.cdiv(n, cfg.block_m), triton.cdiv(n, cfg.block_n)
-    nkc = triton.cdiv(nk, attn_fwd.FILL_PAD) * attn_fwd.FILL_PAD
-    v_dtype = torch.float8_e4m3fn if cfg.pv_fp8 else torch.float16
-
-    def x(*shape, dtype=torch.bfloat16):
-        return torch.zeros(*shape, dtype=dtype)
-
-    def launch(fill, causal, pv_skip, perm):
-        f = None
-        if fill:
-            f = (x(B, Hkv, nkc, D, dtype=torch.int8), x(B, Hkv, nkc, dtype=torch.float32),
-                 x(B, Hkv, D, nkc, dtype=v_dtype), x(B, H, nq, nkc, dtype=torch.float32))
-        return lambda: attn_fwd.sparse_attn_fwd(
-            x(B, H, nq * cfg.block_m, D, dtype=torch.int8), x(B, Hkv, nk * cfg.block_n, D, dtype=torch.int8),
-            x(B, Hkv, D, nk * cfg.block_n, dtype=v_dtype), x(B, H, nq, dtype=torch.float32),
-            x(B, Hkv, nk, dtype=torch.float32), x(B, Hkv, D, dtype=torch.float32), x(B, H, nq, dtype=torch.int32),
-            x(B, H, nq, nk, dtype=torch.int32), x(H, dtype=torch.float32), n, n, D, torch.bfloat16, causal, pv_skip,
-            cfg, out_perm=torch.arange(n, dtype=torch.int32) if perm else None, fill=f)
-
     for v in VARIANTS:
-        kernel = compile_through(attn_fwd._sparse_attn_fwd, launch(**v))
+        kernel = compile_through(attn_fwd._sparse_attn_fwd, attention_launch(cfg, **v))
         print(json.dumps(dict(v, shared=kernel.metadata.shared, **normalized(kernel.asm["ptx"]))), flush=True)
 
 

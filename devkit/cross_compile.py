@@ -64,6 +64,37 @@ def compile_through(jit_fn, launch):
     raise RuntimeError("the launcher did not launch its kernel")
 
 
+# the shapes the compiles use: head dim 128, the largest the pack runs (most shared memory), and
+# Wan 2.1 720p, 81 frames (591 key blocks)
+B, H, HKV, D, N = 1, 4, 2, 128, 75600
+
+
+def attention_launch(cfg, fill: bool, causal: bool, pv_skip: bool, perm: bool = True):
+    """A launch of the attention kernel (kernels.attn_fwd) in one variant, on zero inputs of the
+    shapes above, with the KernelConfig `cfg`."""
+    import triton
+
+    from kernels import attn_fwd
+
+    nq, nk = triton.cdiv(N, cfg.block_m), triton.cdiv(N, cfg.block_n)
+    nkc = triton.cdiv(nk, attn_fwd.FILL_PAD) * attn_fwd.FILL_PAD
+    v_dtype = torch.float8_e4m3fn if cfg.pv_fp8 else torch.float16
+
+    def x(*shape, dtype=torch.bfloat16):
+        return torch.zeros(*shape, dtype=dtype)
+
+    f = None
+    if fill:
+        f = (x(B, HKV, nkc, D, dtype=torch.int8), x(B, HKV, nkc, dtype=torch.float32),
+             x(B, HKV, D, nkc, dtype=v_dtype), x(B, H, nq, nkc, dtype=torch.float32))
+    return lambda: attn_fwd.sparse_attn_fwd(
+        x(B, H, nq * cfg.block_m, D, dtype=torch.int8), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
+        x(B, HKV, D, nk * cfg.block_n, dtype=v_dtype), x(B, H, nq, dtype=torch.float32),
+        x(B, HKV, nk, dtype=torch.float32), x(B, HKV, D, dtype=torch.float32), x(B, H, nq, dtype=torch.int32),
+        x(B, H, nq, nk, dtype=torch.int32), x(H, dtype=torch.float32), N, N, D, torch.bfloat16, causal, pv_skip,
+        cfg, out_perm=torch.arange(N, dtype=torch.int32) if perm else None, fill=f)
+
+
 def pack_kernel_jobs(cc: int) -> list:
     """Every Triton kernel of the pack in the variants that matter for code size and shared
     memory, as (jit function, variant name, launch) with the config capability `cc` would run
@@ -75,28 +106,11 @@ def pack_kernel_jobs(cc: int) -> list:
     from kernels.config import config_for_capability
 
     cfg = config_for_capability(cc // 10, cc % 10)
-    B, H, Hkv, D, hd = 1, 4, 2, 128, 128  # head dim 128: the largest the pack runs (most shared memory)
-    n = 75600  # Wan 2.1 720p, 81 frames: 591 key blocks
-    nq, nk = triton.cdiv(n, cfg.block_m), triton.cdiv(n, cfg.block_n)
-    nkc = triton.cdiv(nk, attn_fwd.FILL_PAD) * attn_fwd.FILL_PAD
-    v_dtype = torch.float8_e4m3fn if cfg.pv_fp8 else torch.float16
+    nq, nk = triton.cdiv(N, cfg.block_m), triton.cdiv(N, cfg.block_n)
     small = 1000  # token count for the kernels whose compiled code does not depend on it
 
     def x(*shape, dtype=torch.bfloat16):
         return torch.zeros(*shape, dtype=dtype)
-
-    def attn(fill, causal, pv_skip):
-        q = x(B, H, nq * cfg.block_m, hd, dtype=torch.int8)
-        k = x(B, Hkv, nk * cfg.block_n, hd, dtype=torch.int8)
-        f = None
-        if fill:
-            f = (x(B, Hkv, nkc, hd, dtype=torch.int8), x(B, Hkv, nkc, dtype=torch.float32),
-                 x(B, Hkv, hd, nkc, dtype=v_dtype), x(B, H, nq, nkc, dtype=torch.float32))
-        return lambda: attn_fwd.sparse_attn_fwd(
-            q, k, x(B, Hkv, hd, nk * cfg.block_n, dtype=v_dtype), x(B, H, nq, dtype=torch.float32),
-            x(B, Hkv, nk, dtype=torch.float32), x(B, Hkv, hd, dtype=torch.float32), x(B, H, nq, dtype=torch.int32),
-            x(B, H, nq, nk, dtype=torch.int32), x(H, dtype=torch.float32), n, n, D, torch.bfloat16, causal, pv_skip,
-            cfg, out_perm=torch.arange(n, dtype=torch.int32), fill=f)
 
     def select_launch(mode, fill, nkb):
         scores = x(B, H, 2, nkb, dtype=torch.float32)
@@ -107,29 +121,30 @@ def pack_kernel_jobs(cc: int) -> list:
             fill_mean=scores if fill else None, fill_blocks=pad if fill else 0)
 
     perm = torch.arange(small, dtype=torch.int32)
-    kmean = x(B, Hkv, D, dtype=torch.float32)
+    kmean = x(B, HKV, D, dtype=torch.float32)
     # fill, causal and pv_skip (off: pvthreshd inf) each on and off, every pair of them together,
     # in four compiles instead of eight; fill + causal without pv_skip needs the most shared memory
-    jobs = [(attn_fwd._sparse_attn_fwd, f"fill={fill} causal={causal} pv_skip={pv_skip}", attn(fill, causal, pv_skip))
+    jobs = [(attn_fwd._sparse_attn_fwd, f"fill={fill} causal={causal} pv_skip={pv_skip}",
+             attention_launch(cfg, fill, causal, pv_skip))
             for fill, causal, pv_skip in [(False, False, False), (False, True, True), (True, False, True),
                                           (True, True, False)]]
     jobs += [
         (quantize._quant_pool_kernel, "q", lambda: quantize.quant_pool(
-            x(B, H, small, D), cfg.block_m, hd, perm=perm)),
+            x(B, H, small, D), cfg.block_m, D, perm=perm)),
         (quantize._quant_pool_kernel, "k, int8 means", lambda: quantize.quant_pool(
-            x(B, Hkv, small, D), cfg.block_n, hd, mean=kmean, want_pool=False, perm=perm, pool_i8_blocks=128)),
+            x(B, HKV, small, D), cfg.block_n, D, mean=kmean, want_pool=False, perm=perm, pool_i8_blocks=128)),
         (quantize._quant_v_kernel, "v, means", lambda: quantize.quant_v(
-            x(B, Hkv, small, D), kmean + 1, cfg.block_n, hd, cfg.pv_fp8, perm=perm, mean_blocks=128)),
-        (kv_stats._kv_stats_kernel, "", lambda: kv_stats.kv_stats(x(B, Hkv, small, D), x(B, Hkv, small, D))),
+            x(B, HKV, small, D), kmean + 1, cfg.block_n, D, cfg.pv_fp8, perm=perm, mean_blocks=128)),
+        (kv_stats._kv_stats_kernel, "", lambda: kv_stats.kv_stats(x(B, HKV, small, D), x(B, HKV, small, D))),
         # the second kernel of kv_stats, launched directly (the launcher would run the first one here;
         # older revisions, compared by bench/sass_mix.py, do not have it)
-        (getattr(kv_stats, "_kv_finish_kernel", None), "v scale", lambda: kv_stats._kv_finish_kernel[(B * Hkv,)](
-            x(B * Hkv, 4, hd, dtype=torch.float32), x(B * Hkv, 4, hd, dtype=torch.float32),
-            x(B, Hkv, D, dtype=torch.float32), x(B, Hkv, D, dtype=torch.float32), float(small), 4, 448.0,
-            HEAD_DIM=hd, D_K=D, D_V=D, SCALE=True, num_warps=1)),
+        (getattr(kv_stats, "_kv_finish_kernel", None), "v scale", lambda: kv_stats._kv_finish_kernel[(B * HKV,)](
+            x(B * HKV, 4, D, dtype=torch.float32), x(B * HKV, 4, D, dtype=torch.float32),
+            x(B, HKV, D, dtype=torch.float32), x(B, HKV, D, dtype=torch.float32), float(small), 4, 448.0,
+            HEAD_DIM=D, D_K=D, D_V=D, SCALE=True, num_warps=1)),
         (block_scores._block_lse_kernel, "with means", lambda: block_scores.block_lse_scores(
-            x(B, H, nq, D, dtype=torch.float32), x(B, Hkv, nk * cfg.block_n, hd, dtype=torch.int8),
-            x(B, Hkv, nk, dtype=torch.float32), 0.088, n, cfg.block_n, want_mean=True)),
+            x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
+            x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True)),
         # the sorting modes' shared memory grows with the padded key-block count (1024: 4 warps, 2048: 8)
         (select._select_kernel, "cdf causal fill, 1500 blocks", select_launch("cdf", True, 1500)),
         (select._select_kernel, "topk, 591 blocks", select_launch("topk", False, nk)),
