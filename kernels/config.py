@@ -16,6 +16,18 @@ class KernelConfig:
     maxnreg: int | None = None  # register cap per thread (sets how many programs share an SM)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """Launch shape of a helper kernel (quantizers, stage-1 scoring, statistics): the kernel's
+    results do not depend on it, only its speed. `block`: rows per tile where the kernel has a
+    free one (0: its default); `programs`: how many programs to split the work into, where the
+    kernel splits a sequence into chunks."""
+    num_warps: int = 4
+    num_stages: int = 3
+    block: int = 0
+    programs: int = 1024
+
+
 # Block sizes shared by every device, so that masks, profiles and calibration made on one
 # machine (or on the CPU reference) mean the same thing on another.
 BLOCK_M, BLOCK_N = 64, 128
@@ -41,3 +53,26 @@ def config_for_capability(major: int, minor: int) -> KernelConfig:
     # masking and no P.V skip, 3 stages need 120 KB (tests/test_gpu_targets.py), 2 stages 72 KB.
     stages = 2 if (major, minor) in ((8, 6), (8, 7)) else 3
     return KernelConfig(BLOCK_M, BLOCK_N, 4, stages, pv_fp8=(major, minor) >= (8, 9))
+
+
+# Launch shapes of the helper kernels, as they ran before any was tuned (the defaults of Launch:
+# 4 warps; the scoring kernel's 64-row tiles; 32-row steps for kv_stats; ~1,024 programs).
+_HELPERS = {
+    "quant_pool64": Launch(),
+    "quant_pool128": Launch(),
+    "quant_v": Launch(),
+    "kv_stats": Launch(block=32),
+    "block_lse": Launch(block=64),
+}
+
+
+def helper_launches_for(major: int | None) -> dict[str, Launch]:
+    """Launch shapes of the helper kernels on a GPU of compute capability `major` (None: the CPU
+    interpreter); pure, for the cross-compile test."""
+    return dict(_HELPERS)
+
+
+@lru_cache(maxsize=None)
+def helper_launch(kernel: str, device: torch.device) -> Launch:
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
+    return helper_launches_for(major)[kernel]

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import Launch, helper_launch
 from .host_math import cdiv, next_pow2
 from .numerics import batch_head
 
@@ -50,10 +51,11 @@ def _kv_finish_kernel(KSUM, VMAX, KMEAN, VOUT, N, NCHUNK, v_div, HEAD_DIM: tl.co
     tl.store(VOUT + bh * D_V + offs_d, vmax, mask=offs_d < D_V)
 
 
-def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None,
+             launch: Launch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """k (B,H,N,Dk), v (B,H,N,Dv) -> (mean of k over N (B,H,Dk), max |v| over N (B,H,Dv)), fp32.
     With v_format_max, the second is V's per-channel scale for a format whose largest value that
-    is: max(max |v| / v_format_max, 1e-20)."""
+    is: max(max |v| / v_format_max, 1e-20). `launch`: rows per step, warps, programs (speed only)."""
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must be (B, H, N, D) with the same B, H, N, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -61,16 +63,18 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
     B, H, N, Dk = k.shape
     Dv = v.shape[3]
     hd = next_pow2(max(Dk, Dv))
-    block = 32
+    launch = launch or helper_launch("kv_stats", k.device)
+    block = launch.block or 32
     # enough programs to fill the GPU several times over, each a whole number of token blocks
-    nchunk = max(1, min(cdiv(N, block), cdiv(1024, B * H)))
+    nchunk = max(1, min(cdiv(N, block), cdiv(launch.programs, B * H)))
     rows = cdiv(cdiv(N, nchunk), block) * block
     nchunk = cdiv(N, rows)
     ksum = torch.empty(B * H, nchunk, hd, dtype=torch.float32, device=k.device)
     vmax = torch.empty_like(ksum)
     _kv_stats_kernel[(nchunk, B * H)](
         k, v, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, num_warps=4,
+        N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     k_mean = torch.empty(B, H, Dk, dtype=torch.float32, device=k.device)
     v_out = torch.empty(B, H, Dv, dtype=torch.float32, device=k.device)

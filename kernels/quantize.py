@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import Launch, helper_launch
 from .fp8 import INTERPRET, to_pv_dtype
 from .host_math import cdiv
 from .numerics import batch_head, round_half_away
@@ -105,14 +106,15 @@ def _check_perm(perm, n, device):
 
 def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 1.0,
                mean: torch.Tensor | None = None, want_pool: bool = True, perm: torch.Tensor | None = None,
-               want_sim: bool | None = None, pool_i8_blocks: int = 0):
+               want_sim: bool | None = None, pool_i8_blocks: int = 0, launch: Launch | None = None):
     """x (B,H,N,D) -> int8 (B,H,nb*block,head_dim), scale (B,H,nb) fp32 (times extra_scale),
     pooled (B,H,nb,D) fp32, sim (B,H,nb) fp32. `mean` (B,H,D) fp32 is subtracted first (K smoothing).
     With `perm` (int32 (N,)), token i of the output is token perm[i] of x. The pooled means and
     the self-similarities are only computed when wanted (want_sim defaults to want_pool); what is
     not computed is returned as None.
     pool_i8_blocks > 0: also returns the pooled means as int8 (B,H,pool_i8_blocks,
-    head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), zero past the nb real blocks."""
+    head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), zero past the nb real blocks.
+    `launch`: the warps per program (speed only)."""
     _check(x, "x")
     B, H, N, D = x.shape
     if head_dim < D or head_dim not in (16, 32, 64, 128, 256):
@@ -133,6 +135,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         raise ValueError(f"pool_i8_blocks {pool_i8_blocks} < {nb} blocks")
     poolq = torch.zeros(B, H, pool_i8_blocks, head_dim, dtype=torch.int8, device=dev) if pool_i8 else xq
     pools = torch.zeros(B, H, pool_i8_blocks, dtype=torch.float32, device=dev) if pool_i8 else scale
+    launch = launch or helper_launch(f"quant_pool{block}" if block in (64, 128) else "quant_pool64", dev)
     _quant_pool_kernel[(nb, B * H)](
         x, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools,
         x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1),
@@ -141,17 +144,18 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         poolq.stride(0), poolq.stride(1), pools.stride(0), pools.stride(1),
         N, H, float(extra_scale),
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
-        WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, num_warps=4,
+        WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, num_warps=launch.num_warps,
     )
     out = (xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None)
     return out + ((poolq, pools),) if pool_i8 else out
 
 
 def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool,
-            perm: torch.Tensor | None = None, mean_blocks: int = 0):
+            perm: torch.Tensor | None = None, mean_blocks: int = 0, launch: Launch | None = None):
     """v (B,H,N,D) / scale (B,H,D) -> transposed (B,H,head_dim,nb*block) fp8 e4m3 or fp16, zero padded.
     mean_blocks > 0: also returns each block's mean of v / scale, transposed and in V's type
-    (B,H,head_dim,mean_blocks), zero beyond the nb real blocks (mean_blocks >= nb)."""
+    (B,H,head_dim,mean_blocks), zero beyond the nb real blocks (mean_blocks >= nb).
+    `launch`: the warps per program (speed only)."""
     _check(v, "v")
     B, H, N, D = v.shape
     nb = cdiv(N, block)
@@ -163,12 +167,13 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     if mean_blocks and mean_blocks < nb:
         raise ValueError(f"mean_blocks {mean_blocks} < {nb} blocks")
     vbar = torch.zeros(B, H, head_dim, mean_blocks, dtype=vt.dtype, device=v.device) if mean_blocks else vt
+    launch = launch or helper_launch("quant_v", v.device)
     _quant_v_kernel[(nb, B * H)](
         v, perm if perm is not None else scale, scale, vt, vbar, v.stride(0), v.stride(1), v.stride(2),
         scale.stride(0), scale.stride(1), vt.stride(0), vt.stride(1), vt.stride(2),
         vbar.stride(0) if mean_blocks else 0, vbar.stride(1) if mean_blocks else 0,
         vbar.stride(2) if mean_blocks else 0, N, H,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET,
-        HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, num_warps=4,
+        HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, num_warps=launch.num_warps,
     )
     return (vt, vbar) if mean_blocks else vt

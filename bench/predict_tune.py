@@ -1,0 +1,132 @@
+"""Launch shapes of the prediction and quantization kernels (issue 14): each helper kernel timed
+alone (GPU time, graph replay) over its launch shapes at the sizes users run, every variant's
+outputs checked against the current default's, and the best printed next to the default. The
+chosen shapes go into kernels/config.py's _HELPERS; bench/fill_cost.py then times the whole
+prediction with them.
+
+    python bench/predict_tune.py [--shapes wan480,hunyuan544] [--kernels block_lse,kv_stats] [--quick]
+"""
+import argparse
+import datetime
+import itertools
+import math
+
+import torch
+
+from common import SHAPES, bench_graph_ms, card_name, realistic_text_tokens, save
+from devkit.realistic_inputs import make_video_qkv
+from sparge_attention.kernels.attn_fwd import FILL_PAD
+from sparge_attention.kernels.block_scores import block_lse_scores
+from sparge_attention.kernels.config import BLOCK_M, BLOCK_N, Launch, helper_launch
+from sparge_attention.sparge_core.reference import FP8_MAX
+from sparge_attention.kernels.host_math import cdiv
+from sparge_attention.kernels.kv_stats import kv_stats
+from sparge_attention.kernels.quantize import quant_pool, quant_v
+from sparge_attention.sparge_core.hilbert import TokenPermutation
+
+LOG2E = 1.4426950408889634
+
+
+def grids(quick: bool) -> dict:
+    """kernel name -> the Launch shapes to try."""
+    w = (2, 4, 8)
+    g = {
+        "quant_pool64": [Launch(num_warps=n) for n in (1, 2, 4, 8)],
+        "quant_pool128": [Launch(num_warps=n) for n in w],
+        "quant_v": [Launch(num_warps=n) for n in w],
+        "kv_stats": [Launch(num_warps=n, num_stages=s, block=b, programs=p)
+                     for b, n, s, p in itertools.product((32, 64), (4, 8), (1, 3), (1024, 2048, 4096))],
+        "block_lse": [Launch(num_warps=n, num_stages=s, block=b, programs=p)
+                      for b, n, s, p in itertools.product((64, 128), (4, 8), (2, 3), (256, 1024, 4096))],
+    }
+    if quick:
+        g = {k: v[:2] for k, v in g.items()}
+    return g
+
+
+def runners(q, k, v, perm, scale, n_k):
+    """kernel name -> fn(launch) returning the kernel's outputs, on the inputs prepare_sparse gives it."""
+    hd = 128
+    nkc = cdiv(cdiv(n_k, BLOCK_N), FILL_PAD) * FILL_PAD
+    k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX)
+    q_pool = quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False, perm=perm)[2]
+    k_i8, k_s = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
+                           pool_i8_blocks=nkc)[:2]
+    return {
+        "quant_pool64": lambda L: quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False,
+                                             perm=perm, launch=L),
+        "quant_pool128": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
+                                              pool_i8_blocks=nkc, launch=L),
+        "quant_v": lambda L: quant_v(v, v_scale, BLOCK_N, hd, True, perm=perm, mean_blocks=nkc, launch=L),
+        "kv_stats": lambda L: kv_stats(k, v, v_format_max=FP8_MAX, launch=L),
+        "block_lse": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, launch=L),
+    }
+
+
+def flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out if o is not None for t in flat(o)]
+
+
+def differs(a, b) -> float:
+    """Largest |a - b| over the outputs, relative to the largest |a| (0.0: identical)."""
+    worst = 0.0
+    for x, y in zip(flat(a), flat(b)):
+        x, y = x.float(), y.float()
+        fin = torch.isfinite(x) & torch.isfinite(y)
+        if not torch.equal(torch.isfinite(x), torch.isfinite(y)):
+            return math.inf
+        d = (x[fin] - y[fin]).abs().max().item() if fin.any() else 0.0
+        worst = max(worst, d / max(x[fin].abs().max().item(), 1e-30) if fin.any() else 0.0)
+    return worst
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="wan480,hunyuan544")
+    ap.add_argument("--kernels", default="", help="comma-separated subset (default: all five)")
+    ap.add_argument("--quick", action="store_true", help="two shapes per kernel (a smoke run)")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "shapes": {}}
+    for name in args.shapes.split(","):
+        B, H, N, D, grid, _ = SHAPES[name]
+        q, k, v, _ = make_video_qkv(grid=grid, heads=H, head_dim=D, n_text=realistic_text_tokens(name), seed=0,
+                                    device=dev)
+        N = q.shape[2]
+        perm = TokenPermutation.for_grid(grid, N, device=dev).perm32
+        run = runners(q, k, v, perm, D ** -0.5, N)
+        r = res["shapes"][name] = {}
+        print(f"\n{name} {tuple(q.shape)}")
+        for kern, shapes in grids(args.quick).items():
+            if args.kernels and kern not in args.kernels.split(","):
+                continue
+            default = helper_launch(kern, dev)
+            ref = run[kern](default)
+            rows = []
+            for L in [default] + [s for s in shapes if s != default]:
+                try:
+                    d = differs(ref, run[kern](L))
+                    ms = bench_graph_ms(lambda L=L: run[kern](L))
+                except Exception as e:  # noqa: BLE001 - a shape that does not compile or fit is reported, not fatal
+                    rows.append({"launch": vars(L), "error": f"{type(e).__name__}: {e}"[:200]})
+                    continue
+                rows.append({"launch": vars(L), "us": ms * 1e3, "max_rel_diff": d})
+            ok = [x for x in rows if "us" in x and x["max_rel_diff"] < 1e-5]
+            best = min(ok, key=lambda x: x["us"])
+            r[kern] = {"default": rows[0], "best": best, "rows": rows}
+            print(f"  {kern:<14} default {rows[0]['us']:7.1f} us  best {best['us']:7.1f} us  {best['launch']}"
+                  f"  ({len(rows)} shapes, {sum('error' in x for x in rows)} failed,"
+                  f" {sum(x.get('max_rel_diff', 0) >= 1e-5 for x in rows)} differ)")
+        tot_d = sum(r[k_]["default"]["us"] for k_ in r)
+        tot_b = sum(r[k_]["best"]["us"] for k_ in r)
+        r["sum_us"] = {"default": tot_d, "best": tot_b}
+        print(f"  sum of the {len(r)} kernels: default {tot_d:.1f} us, best {tot_b:.1f} us")
+        del q, k, v, run
+        torch.cuda.empty_cache()
+    print("saved", save(res, f"{res['date']}-{card_name()}-predict_tune" + (f"-{args.kernels}" if args.kernels else "")))
+
+
+if __name__ == "__main__":
+    main()
