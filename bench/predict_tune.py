@@ -36,8 +36,9 @@ def grids(quick: bool) -> dict:
         "quant_v": [Launch(num_warps=n) for n in w],
         "kv_stats": [Launch(num_warps=n, num_stages=s, block=b, programs=p)
                      for b, n, s, p in itertools.product((32, 64), (4, 8), (1, 3), (1024, 2048, 4096))],
-        "block_lse": [Launch(num_warps=n, num_stages=s, block=b, programs=p)
-                      for b, n, s, p in itertools.product((64, 128), (4, 8), (2, 3), (256, 1024, 4096))],
+        "block_lse": [Launch(num_warps=n, num_stages=s, block=b, programs=p, maxnreg=r)
+                      for b, n, s, p, r in itertools.product((64, 128), (4,), (3, 4), (256, 1024, 4096), (None, 168))]
+        + [Launch(num_warps=8, num_stages=3, block=128, programs=p) for p in (256, 1024)],
     }
     if quick:
         g = {k: v[:2] for k, v in g.items()}

@@ -97,15 +97,20 @@ def attention_launch(cfg, fill: bool, causal: bool, pv_skip: bool, perm: bool = 
 
 def pack_kernel_jobs(cc: int) -> list:
     """Every Triton kernel of the pack in the variants that matter for code size and shared
-    memory, as (jit function, variant name, launch) with the config capability `cc` would run
-    (kernels.config.config_for_capability). The pack's `kernels` must be importable (its root on
+    memory, as (jit function, variant name, launch) with the config and helper launch shapes
+    capability `cc` would run (kernels.config). The pack's `kernels` must be importable (its root on
     sys.path); call after use_target(cc)."""
     import triton
 
-    from kernels import attn_fwd, block_index, block_scores, kv_stats, quantize, select
-    from kernels.config import config_for_capability
+    from kernels import attn_fwd, block_index, block_scores, config, kv_stats, quantize, select
 
-    cfg = config_for_capability(cc // 10, cc % 10)
+    cfg = config.config_for_capability(cc // 10, cc % 10)
+    # the helper kernels' launch shapes on that GPU (revisions before them took none)
+    helpers = config.helper_launches_for(cc // 10) if hasattr(config, "helper_launches_for") else None
+
+    def helper_kw(name):
+        return {"launch": helpers[name]} if helpers else {}
+
     nq, nk = triton.cdiv(N, cfg.block_m), triton.cdiv(N, cfg.block_n)
     small = 1000  # token count for the kernels whose compiled code does not depend on it
 
@@ -130,12 +135,15 @@ def pack_kernel_jobs(cc: int) -> list:
                                           (True, True, False)]]
     jobs += [
         (quantize._quant_pool_kernel, "q", lambda: quantize.quant_pool(
-            x(B, H, small, D), cfg.block_m, D, perm=perm)),
+            x(B, H, small, D), cfg.block_m, D, perm=perm, **helper_kw("quant_pool64"))),
         (quantize._quant_pool_kernel, "k, int8 means", lambda: quantize.quant_pool(
-            x(B, HKV, small, D), cfg.block_n, D, mean=kmean, want_pool=False, perm=perm, pool_i8_blocks=128)),
+            x(B, HKV, small, D), cfg.block_n, D, mean=kmean, want_pool=False, perm=perm, pool_i8_blocks=128,
+            **helper_kw("quant_pool128"))),
         (quantize._quant_v_kernel, "v, means", lambda: quantize.quant_v(
-            x(B, HKV, small, D), kmean + 1, cfg.block_n, D, cfg.pv_fp8, perm=perm, mean_blocks=128)),
-        (kv_stats._kv_stats_kernel, "", lambda: kv_stats.kv_stats(x(B, HKV, small, D), x(B, HKV, small, D))),
+            x(B, HKV, small, D), kmean + 1, cfg.block_n, D, cfg.pv_fp8, perm=perm, mean_blocks=128,
+            **helper_kw("quant_v"))),
+        (kv_stats._kv_stats_kernel, "", lambda: kv_stats.kv_stats(x(B, HKV, small, D), x(B, HKV, small, D),
+                                                                   **helper_kw("kv_stats"))),
         # the second kernel of kv_stats, launched directly (the launcher would run the first one here;
         # older revisions, compared by bench/sass_mix.py, do not have it)
         (getattr(kv_stats, "_kv_finish_kernel", None), "v scale", lambda: kv_stats._kv_finish_kernel[(B * HKV,)](
@@ -144,7 +152,7 @@ def pack_kernel_jobs(cc: int) -> list:
             HEAD_DIM=D, D_K=D, D_V=D, SCALE=True, num_warps=1)),
         (block_scores._block_lse_kernel, "with means", lambda: block_scores.block_lse_scores(
             x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
-            x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True)),
+            x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True, **helper_kw("block_lse"))),
         # the sorting modes' shared memory grows with the padded key-block count (1024: 4 warps, 2048: 8)
         (select._select_kernel, "cdf causal fill, 1500 blocks", select_launch("cdf", True, 1500)),
         (select._select_kernel, "topk, 591 blocks", select_launch("topk", False, nk)),

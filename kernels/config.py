@@ -21,11 +21,13 @@ class Launch:
     """Launch shape of a helper kernel (quantizers, stage-1 scoring, statistics): the kernel's
     results do not depend on it, only its speed. `block`: rows per tile where the kernel has a
     free one (0: its default); `programs`: how many programs to split the work into, where the
-    kernel splits a sequence into chunks."""
+    kernel splits a sequence into chunks; `maxnreg`: a register cap per thread (how many programs
+    share an SM), None for the compiler's choice."""
     num_warps: int = 4
     num_stages: int = 3
     block: int = 0
     programs: int = 1024
+    maxnreg: int | None = None
 
 
 # Block sizes shared by every device, so that masks, profiles and calibration made on one
@@ -55,8 +57,8 @@ def config_for_capability(major: int, minor: int) -> KernelConfig:
     return KernelConfig(BLOCK_M, BLOCK_N, 4, stages, pv_fp8=(major, minor) >= (8, 9))
 
 
-# Launch shapes of the helper kernels, as they ran before any was tuned (the defaults of Launch:
-# 4 warps; the scoring kernel's 64-row tiles; 32-row steps for kv_stats; ~1,024 programs).
+# Launch shapes of the helper kernels (the defaults of Launch: 4 warps, ~1,024 programs): 64-row
+# tiles for the scoring kernel, 32-row steps for kv_stats.
 _HELPERS = {
     "quant_pool64": Launch(),
     "quant_pool128": Launch(),
@@ -64,12 +66,17 @@ _HELPERS = {
     "kv_stats": Launch(block=32),
     "block_lse": Launch(block=64),
 }
+# Hopper (H200, 2026-12-03, bench/predict_tune.py; NOTES v22): the scoring kernel with a
+# 168-register cap (three programs per SM instead of two) and 32 key blocks per program: 133.6 ->
+# 126.9 us at Wan 480p, 1215 -> 1029 us at HunyuanVideo 544p. The other helpers measured best at
+# the defaults (warps 1-8, row steps, program counts, stages).
+_HOPPER = {"block_lse": Launch(block=64, programs=256, maxnreg=168)}
 
 
 def helper_launches_for(major: int | None) -> dict[str, Launch]:
     """Launch shapes of the helper kernels on a GPU of compute capability `major` (None: the CPU
-    interpreter); pure, for the cross-compile test."""
-    return dict(_HELPERS)
+    interpreter); pure, so that tests/test_gpu_targets.py compiles what each GPU runs."""
+    return {**_HELPERS, **(_HOPPER if major == 9 else {})}
 
 
 @lru_cache(maxsize=None)
