@@ -29,13 +29,12 @@ LOG2E = 1.4426950408889634
 
 def grids(quick: bool) -> dict:
     """kernel name -> the Launch shapes to try."""
-    w = (2, 4, 8)
     g = {
         "quant_pool64": [Launch(num_warps=n) for n in (1, 2, 4, 8)],
-        "quant_pool128": [Launch(num_warps=n) for n in w],
-        "quant_v": [Launch(num_warps=n) for n in w],
-        "kv_stats": [Launch(num_warps=n, num_stages=s, block=b, programs=p)
-                     for b, n, s, p in itertools.product((32, 64), (4, 8), (1, 3), (1024, 2048, 4096))],
+        "quant_pool128": [Launch(num_warps=n) for n in (2, 4, 8)],
+        "quant_v": [Launch(num_warps=n) for n in (2, 4, 8)],
+        "kv_stats": [Launch(num_warps=4, num_stages=s, block=b, programs=p)
+                     for b, s, p in itertools.product((32, 64), (1, 2, 3), (1024, 2048))],
         "block_lse": [Launch(num_warps=n, num_stages=s, block=b, programs=p, maxnreg=r)
                       for b, n, s, p, r in itertools.product((64, 128), (4,), (3, 4), (256, 1024, 4096), (None, 168))]
         + [Launch(num_warps=8, num_stages=3, block=128, programs=p) for p in (256, 1024)],

@@ -19,10 +19,11 @@ class KernelConfig:
 @dataclass(frozen=True)
 class Launch:
     """Launch shape of a helper kernel (quantizers, stage-1 scoring, statistics): the kernel's
-    results do not depend on it, only its speed. `block`: rows per tile where the kernel has a
-    free one (0: its default); `programs`: how many programs to split the work into, where the
-    kernel splits a sequence into chunks; `maxnreg`: a register cap per thread (how many programs
-    share an SM), None for the compiler's choice."""
+    results do not depend on it, only its speed. `num_stages`: for a kernel's loop, how many
+    steps' loads are in flight at once (1: none ahead); `block`: rows per tile where the kernel
+    has a free one (0: its default); `programs`: how many programs to split the work into, where
+    the kernel splits a sequence into chunks; `maxnreg`: a register cap per thread (how many
+    programs share an SM), None for the compiler's choice."""
     num_warps: int = 4
     num_stages: int = 3
     block: int = 0
@@ -57,20 +58,21 @@ def config_for_capability(major: int, minor: int) -> KernelConfig:
     return KernelConfig(BLOCK_M, BLOCK_N, 4, stages, pv_fp8=(major, minor) >= (8, 9))
 
 
-# Launch shapes of the helper kernels (the defaults of Launch: 4 warps, ~1,024 programs): 64-row
-# tiles for the scoring kernel, 32-row steps for kv_stats.
+# Launch shapes of the helper kernels: 4 warps, one token block per quantizer program, 64-row
+# tiles for the scoring kernel, 32-row steps for kv_stats over ~1,024 programs, no loads ahead.
 _HELPERS = {
     "quant_pool64": Launch(),
     "quant_pool128": Launch(),
     "quant_v": Launch(),
-    "kv_stats": Launch(block=32),
+    "kv_stats": Launch(num_stages=1, block=32),
     "block_lse": Launch(block=64),
 }
 # Hopper (H200, 2026-12-03, bench/predict_tune.py; NOTES v22): the scoring kernel with a
 # 168-register cap (three programs per SM instead of two) and 32 key blocks per program: 133.6 ->
-# 126.9 us at Wan 480p, 1215 -> 1029 us at HunyuanVideo 544p. The other helpers measured best at
-# the defaults (warps 1-8, row steps, program counts, stages).
-_HOPPER = {"block_lse": Launch(block=64, programs=256, maxnreg=168)}
+# 126.9 us at Wan 480p, 1215 -> 1029 us at HunyuanVideo 544p; kv_stats with two steps' loads in
+# flight: 77.1 -> 65.5 us / 234 -> 199 us. The quantizers measured best as they were (warps 1-8;
+# several blocks per program with loads ahead: 56 -> 76 us for Q at Wan).
+_HOPPER = {"block_lse": Launch(block=64, programs=256, maxnreg=168), "kv_stats": Launch(num_stages=3, block=32)}
 
 
 def helper_launches_for(major: int | None) -> dict[str, Launch]:

@@ -14,7 +14,8 @@ from .numerics import batch_head
 
 @triton.jit
 def _kv_stats_kernel(K, V, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H, ROWS_PER_PROG, NCHUNK,
-                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr):
+                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+                     STAGES: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = batch_head(bh, H)
@@ -22,7 +23,8 @@ def _kv_stats_kernel(K, V, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H,
     ksum = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
     vmax = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
     start = c * ROWS_PER_PROG
-    for r in range(start, tl.minimum(start + ROWS_PER_PROG, N), BLOCK):
+    # STAGES > 1: the next steps' loads in flight (cp.async) while this one is summed
+    for r in tl.range(start, tl.minimum(start + ROWS_PER_PROG, N), BLOCK, num_stages=STAGES):
         offs_n = r + tl.arange(0, BLOCK)
         rows = offs_n[:, None].to(tl.int64)
         valid = (offs_n < N)[:, None]
@@ -73,8 +75,8 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
     vmax = torch.empty_like(ksum)
     _kv_stats_kernel[(nchunk, B * H)](
         k, v, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, num_warps=launch.num_warps,
-        num_stages=launch.num_stages,
+        N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, STAGES=launch.num_stages,
+        num_warps=launch.num_warps,
     )
     k_mean = torch.empty(B, H, Dk, dtype=torch.float32, device=k.device)
     v_out = torch.empty(B, H, Dv, dtype=torch.float32, device=k.device)

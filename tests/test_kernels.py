@@ -542,6 +542,21 @@ def test_kv_stats_matches_torch(n, dk, dv, heads, dtype, seed):
     torch.testing.assert_close(v_scale, (v.float().abs().amax(dim=2) / FP8_MAX).clamp_min(TINY), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("stages,block,programs", [(1, 32, 1024), (3, 32, 3), (2, 64, 5)])
+def test_kv_stats_same_for_every_launch_shape(stages, block, programs):
+    """Loads in flight ahead (cp.async on a GPU) or not, other row steps and chunk counts: the same
+    mean and scale up to the summation order."""
+    from sparge_attention.kernels.config import Launch
+    from sparge_attention.kernels.kv_stats import kv_stats
+
+    g = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(1, 2, 9 * 64 + 13, 64, generator=g) for _ in range(2))
+    want_mean, want_vmax = k.mean(2), v.abs().amax(2)
+    got_mean, got_vmax = kv_stats(k, v, launch=Launch(num_stages=stages, block=block, programs=programs))
+    torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_vmax, want_vmax)
+
+
 def test_kv_stats_rejects_bad_input():
     from sparge_attention.kernels.kv_stats import kv_stats
 
