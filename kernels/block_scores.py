@@ -95,6 +95,7 @@ def _block_lse_kernel(QP, K, KS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_
     if WANT_MEAN:
         tl.store(MEAN + offs, mean_t, mask=ok)
 
+
 def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Tensor, scale: float,
                      n_k: int, block_k: int, want_mean: bool = False, launch: Launch | None = None):
     """q_pool (B,H,NQ,D) fp32, k_i8 (B,Hkv,NK*block_k,HD) int8 smoothed keys, k_scale (B,Hkv,NK).
