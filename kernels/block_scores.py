@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .config import Launch, helper_launch
-from .host_math import cdiv
+from .host_math import cdiv, next_pow2
 from .numerics import MAGIC_F, batch_head, int32_bits_f32, round_half_away
 
 
@@ -114,9 +114,9 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     launch = launch or helper_launch("block_lse", q_pool.device)
     block_r = launch.block or 64
     row_tiles = cdiv(NQ, block_r)
-    # key blocks per program: the fewest (down to 8) that still make about launch.programs
+    # key blocks per program: the most (up to launch.tile) that still make about launch.programs
     # programs, so that small grids fill every SM; a power of two (the width of the result tile)
-    kb_tile = 32
+    kb_tile = max(8, next_pow2(launch.tile))
     while kb_tile > 8 and row_tiles * B * H * cdiv(nkb, kb_tile) < launch.programs:
         kb_tile //= 2
     grid = (row_tiles, cdiv(nkb, kb_tile), B * H)
