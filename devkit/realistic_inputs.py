@@ -435,8 +435,15 @@ def _calibrate_sink_scale(q: torch.Tensor, k: torch.Tensor, sink_idx: List[int],
 def make_video_qkv(grid: Sequence[int] = (21, 30, 52), heads: int = 12, head_dim: int = 128, batch: int = 1,
                    n_text: int = 0, seed: int = 0, device="cpu", dtype=torch.bfloat16,
                    head_types: Optional[Sequence[str]] = None, theta: float = 10000.0,
-                   content_channels: int = 32):
+                   content_channels: int = 32, noise_level: float = 0.0):
     """Synthesise realistic video self-attention inputs (see the module docstring).
+
+    ``noise_level`` sigma in [0, 1]: the video's content field is (1 - sigma) F + sigma E before
+    the projections, E a fixed Gaussian field drawn from ``seed`` (as a flow-matching sampler's
+    x_t = (1 - sigma) x_0 + sigma eps with one eps per run), so calls with the same seed and
+    falling sigma are one layer's inputs along a denoising trajectory; the text rows' content,
+    the "model weights" and the positional parts stay as they are.  0 (the default) leaves every input as
+    it was.  (A real model also modulates its activations by the timestep; not modelled.)
 
     Returns (q, k, v, info) with q, k, v of shape (batch, heads, N, head_dim) in ``dtype``
     on ``device``; tokens in raster (t, h, w) order, N = T*H*W + n_text with the text tokens
@@ -483,9 +490,16 @@ def make_video_qkv(grid: Sequence[int] = (21, 30, 52), heads: int = 12, head_dim
     sink_tokens: List[List[int]] = [[] for _ in range(heads)]
     sink_scale: List[List[float]] = [[0.0] * heads for _ in range(batch)]   # |sink part of key|
 
+    if not 0.0 <= noise_level <= 1.0:
+        raise ValueError(f"noise_level must be in [0, 1], got {noise_level}")
+    eps_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)  # apart from `gen`: sigma 0 unchanged
     for b, (cp, feat_noise, tok_noise, sample_idx) in enumerate(per_batch):
         F = _content_field(cp, grid, n_text, feat_noise, device)          # (N, C)
         F = F / F[:n_video].pow(2).mean().sqrt()
+        eps = _rand(eps_gen, n_video, C).to(device)
+        if noise_level > 0.0:
+            mix = (1.0 - noise_level) * F[:n_video] + noise_level * eps
+            F[:n_video] = mix / mix.pow(2).mean().sqrt()
         Z = tok_noise.to(device)                                          # (N, D)
         is_video = torch.zeros(N, 1, device=device)
         is_video[:n_video] = 1.0

@@ -78,6 +78,27 @@ def test_deterministic_from_seed():
     assert a[3]["sink_tokens"] == b[3]["sink_tokens"]
 
 
+def test_noise_level_trajectory():
+    """sigma 0 is the default input bit for bit; sigma moves the video rows further the larger it
+    is (one fixed noise field per seed: the same sigma gives the same input), and values outside
+    [0, 1] are refused."""
+    grid, kw = (3, 4, 6), dict(heads=2, head_dim=64, n_text=3, seed=7)
+    base = make_video_qkv(grid, **kw)
+    zero = make_video_qkv(grid, noise_level=0.0, **kw)
+    for x, y in zip(base[:3], zero[:3]):
+        assert torch.equal(x, y)
+    n_video = 3 * 4 * 6
+    dist = []
+    for sigma in (0.1, 0.5, 1.0):
+        q, k, v, _ = make_video_qkv(grid, noise_level=sigma, **kw)
+        dist.append((v[:, :, :n_video].float() - base[2][:, :, :n_video].float()).norm().item())
+    assert 0 < dist[0] < dist[1] < dist[2]
+    again = make_video_qkv(grid, noise_level=0.5, **kw)
+    assert torch.equal(again[1], make_video_qkv(grid, noise_level=0.5, **kw)[1])
+    with pytest.raises(ValueError):
+        make_video_qkv(grid, noise_level=1.5, **kw)
+
+
 def test_magnitudes_realistic():
     q, k, v, info = make_video_qkv((3, 8, 8), heads=5, head_dim=128, head_types=list(HEAD_TYPES))
     n = info["n_video"]
