@@ -50,6 +50,15 @@ def sigmas(steps: int, shift: float) -> list:
     return [shift * t / (1.0 + (shift - 1.0) * t) for t in ts]
 
 
+def trajectory_inputs(seed, grid, heads, head_dim, sigma, sample_qblocks, block_q):
+    """One step's q, k, v of the trajectory: noise level sigma, Hilbert order, and the sampled
+    query blocks only (all of them with sample_qblocks 0)."""
+    q, k, v, _ = make_video_qkv(grid=grid, heads=heads, head_dim=head_dim, seed=seed, noise_level=sigma)
+    perm = TokenPermutation.for_grid(grid, q.shape[2])
+    q, k, v = (perm.apply(x, 2) for x in (q, k, v))
+    return sample_query_blocks(q, sample_qblocks, block_q, seed), k, v
+
+
 def lse_and_mean(q, k, block_q, block_k):
     """Stage 1's block scores and mean scores (log2 units), as predict_block_mask computes them."""
     qp, _ = pool_and_similarity(q, block_q)
@@ -69,10 +78,7 @@ def run(seed, grid, heads, head_dim, steps, shift, periods, params, sample_qbloc
     cache = {}  # step -> (mask, bias) of the fresh prediction
     for i, sigma in enumerate(sigmas(steps, shift)):
         t0 = time.time()
-        q, k, v, _ = make_video_qkv(grid=grid, heads=heads, head_dim=head_dim, seed=seed, noise_level=sigma)
-        perm = TokenPermutation.for_grid(grid, q.shape[2])
-        q, k, v = (perm.apply(x, 2) for x in (q, k, v))
-        q = sample_query_blocks(q, sample_qblocks, block_q, seed)
+        q, k, v = trajectory_inputs(seed, grid, heads, head_dim, sigma, sample_qblocks, block_q)
         ref = dense_attention(q, k, v)
         mask, bias = predict_block_mask(q, k, params, block_q, block_k, return_fill=True)
         scores, mean = lse_and_mean(q, k, block_q, block_k)
