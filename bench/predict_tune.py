@@ -125,7 +125,8 @@ def main():
         print(f"  sum of the {len(r)} kernels: default {tot_d:.1f} us, best {tot_b:.1f} us")
         del q, k, v, run
         torch.cuda.empty_cache()
-    print("saved", save(res, f"{res['date']}-{card_name()}-predict_tune" + (f"-{args.kernels.replace(',', '-')}" if args.kernels else "")))
+    subset = f"-{args.kernels.replace(',', '-')}" if args.kernels else ""
+    print("saved", save(res, f"{res['date']}-{card_name()}-predict_tune{subset}"))
 
 
 if __name__ == "__main__":

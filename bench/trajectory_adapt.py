@@ -94,7 +94,8 @@ def main():
                    "adaptive_density": mean("adaptive", 2), "fixed_density": mean("fixed", 2),
                    "adaptive_steps_over_1.25x": over("adaptive"), "fixed_steps_over_1.25x": over("fixed")}
         res["seeds"][seed] = {"rows": rows, "summary": summary}
-        log(f"  mean over the run: whole {summary['fixed_whole']:.4f} fixed -> {summary['adaptive_whole']:.4f} adaptive,"
+        log(f"  mean over the run: whole {summary['fixed_whole']:.4f} fixed -> {summary['adaptive_whole']:.4f}"
+            " adaptive,"
             f" worst head {summary['fixed_worst_head']:.4f} -> {summary['adaptive_worst_head']:.4f}, density"
             f" {summary['fixed_density']:.3f} -> {summary['adaptive_density']:.3f}; steps above 1.25x the target"
             f" {summary['fixed_steps_over_1.25x']} -> {summary['adaptive_steps_over_1.25x']} of {len(rows)}")
