@@ -498,8 +498,8 @@ def test_block_lse_scores_matches_reference(D, hd, Hkv):
 
 
 def test_block_lse_scores_across_programs_and_launch_shapes():
-    """Key blocks split over several programs (result tiles of 8 and 16 blocks, a partial tile and
-    a partial last block), 64- and 128-row tiles: the same numbers as the reference in each."""
+    """Key blocks split over several programs (result tiles of 8 blocks) or one (a 32-block tile, part
+    filled), a partial last block, 64- and 128-row tiles: the same numbers as the reference in each."""
     kern = pytest.importorskip("sparge_attention.kernels.block_scores")
     from sparge_attention.kernels.config import Launch, helper_launches_for
     from sparge_attention.sparge_core.reference import block_lse_scores
