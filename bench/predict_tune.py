@@ -18,13 +18,11 @@ from devkit.realistic_inputs import make_video_qkv
 from sparge_attention.kernels.attn_fwd import FILL_PAD
 from sparge_attention.kernels.block_scores import block_lse_scores
 from sparge_attention.kernels.config import BLOCK_M, BLOCK_N, Launch, helper_launch
-from sparge_attention.sparge_core.reference import FP8_MAX
 from sparge_attention.kernels.host_math import cdiv
 from sparge_attention.kernels.kv_stats import kv_stats
 from sparge_attention.kernels.quantize import quant_pool, quant_v
 from sparge_attention.sparge_core.hilbert import TokenPermutation
-
-LOG2E = 1.4426950408889634
+from sparge_attention.sparge_core.reference import FP8_MAX, LOG2E
 
 
 def grids(quick: bool) -> dict:

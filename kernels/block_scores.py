@@ -36,6 +36,16 @@ def _block_lse(q_i8, k_ptrs, sk_n, row_scale, ks, kb, offs_n, N_K, BLOCK_N: tl.c
 
 
 @triton.jit
+def _into_tile(lse_t, mean_t, lse, mean, cols, j, WANT_MEAN: tl.constexpr):
+    """Column j of the result tiles <- one key block's per-row results."""
+    hit = (cols == j)[None, :]
+    lse_t = tl.where(hit, lse[:, None], lse_t)
+    if WANT_MEAN:
+        mean_t = tl.where(hit, mean[:, None], mean_t)
+    return lse_t, mean_t
+
+
+@triton.jit
 def _block_lse_kernel(QP, K, KS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks_b, sks_h, so_b, so_h, so_r,
                       NR, N_K, NKB, H, KV_GROUP, scale_log2,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
@@ -78,17 +88,11 @@ def _block_lse_kernel(QP, K, KS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_
         ks = ks_next
         ks_next = tl.load(ks_ptr + tl.minimum(kb + 1, NKB - 1))  # a block ahead: its latency hides behind this one
         lse, mean = _block_lse(q_i8, k_ptrs, sk_n, row_scale, ks, kb, offs_n, N_K, BLOCK_N, False, WANT_MEAN)
-        hit = (cols == kb - kb0)[None, :]
-        lse_t = tl.where(hit, lse[:, None], lse_t)
-        if WANT_MEAN:
-            mean_t = tl.where(hit, mean[:, None], mean_t)
+        lse_t, mean_t = _into_tile(lse_t, mean_t, lse, mean, cols, kb - kb0, WANT_MEAN)
     if kb_full < kb1:
         lse, mean = _block_lse(q_i8, k_ptrs, sk_n, row_scale, tl.load(ks_ptr + kb_full), kb_full, offs_n, N_K,
                                BLOCK_N, True, WANT_MEAN)
-        hit = (cols == kb_full - kb0)[None, :]
-        lse_t = tl.where(hit, lse[:, None], lse_t)
-        if WANT_MEAN:
-            mean_t = tl.where(hit, mean[:, None], mean_t)
+        lse_t, mean_t = _into_tile(lse_t, mean_t, lse, mean, cols, kb_full - kb0, WANT_MEAN)
     offs = b * so_b + h * so_h + offs_r[:, None] * so_r + (kb0 + cols)[None, :]
     ok = (offs_r < NR)[:, None] & (kb0 + cols < kb1)[None, :]
     tl.store(OUT + offs, lse_t, mask=ok)
