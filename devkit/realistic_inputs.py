@@ -496,9 +496,8 @@ def make_video_qkv(grid: Sequence[int] = (21, 30, 52), heads: int = 12, head_dim
     for b, (cp, feat_noise, tok_noise, sample_idx) in enumerate(per_batch):
         F = _content_field(cp, grid, n_text, feat_noise, device)          # (N, C)
         F = F / F[:n_video].pow(2).mean().sqrt()
-        eps = _rand(eps_gen, n_video, C).to(device)
         if noise_level > 0.0:
-            mix = (1.0 - noise_level) * F[:n_video] + noise_level * eps
+            mix = (1.0 - noise_level) * F[:n_video] + noise_level * _rand(eps_gen, n_video, C).to(device)
             F[:n_video] = mix / mix.pow(2).mean().sqrt()
         Z = tok_noise.to(device)                                          # (N, D)
         is_video = torch.zeros(N, 1, device=device)

@@ -233,23 +233,28 @@ def block_means(k, v, block_k: int, pv_dtype: str):
     return kbar, vbar
 
 
+def lse_stage1(q_pool, k, block_k: int, scale: float):
+    """The lse scores and mean scores (block_lse_scores, log2 units) of the pooled queries
+    against the smoothed int8 keys (B,Hkv,Nk,D), as stage 1 computes them."""
+    k_i8, k_scale = quantize_int8_per_block(smooth_k(k.float()), block_k)
+    return block_lse_scores(q_pool, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True)
+
+
 def predict_block_mask(q, k, params: SpargeParams, block_q: int, block_k: int, scale: float | None = None,
                        return_fill: bool = False):
     """Stage 1 on un-quantized inputs (B,H,N,D); k may have fewer (GQA) heads.
     return_fill (lse scoring): also return the fill_skipped bias (see fill_bias)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qp, qs = pool_and_similarity(q, block_q)
-    ksm = smooth_k(k.float())
     if params.scoring == "lse":
-        k_i8, k_scale = quantize_int8_per_block(ksm, block_k)
-        scores, mean = block_lse_scores(qp, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True)
+        scores, mean = lse_stage1(qp, k, block_k, scale)
         mask = select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k, scores)
         if return_fill:
             return mask, fill_bias(scores, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
         return mask
     if return_fill:
         raise ValueError("the fill_skipped estimate needs lse scoring")
-    kp, ks = pool_and_similarity(ksm, block_k)
+    kp, ks = pool_and_similarity(smooth_k(k.float()), block_k)
     return select_blocks(qp, qs, kp, ks, params, scale, q.shape[2], k.shape[2], block_q, block_k)
 
 
