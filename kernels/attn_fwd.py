@@ -18,6 +18,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .config import KernelConfig
 from .fp8 import INTERPRET, to_pv_dtype
 from .host_math import cdiv
+from .launch import Kernel
 from .numerics import MAGIC_F, batch_head, int32_bits_f32
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -216,6 +217,9 @@ def _sparse_attn_fwd(
         tl.store(LSE + (b * H + h) * N_Q + rows, lse2 * LN2, mask=offs_m < N_Q)
 
 
+_attn = Kernel(_sparse_attn_fwd)
+
+
 def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, pvthreshd,
                     n_q: int, n_k: int, d_out: int, out_dtype, is_causal: bool, pv_skip: bool,
                     config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None,
@@ -294,7 +298,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     if tma:
         k_arg = TensorDescriptor.from_tensor(k_i8.view(-1, hd), [block_n, hd])
         v_arg = TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, block_n])
-    _sparse_attn_fwd[(B * H * NQ,)](
+    _attn[(B * H * NQ,)](
         q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, out_perm if out_perm is not None else counts,
         counts, indices, skipped, pvt, kbar, kbs, vbar, bias,
         *((lse, q_raw, kmean) if lse is not None else (counts, counts, counts)), *sqr, lse_scale,

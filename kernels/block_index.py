@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from .host_math import next_pow2
+from .launch import Kernel
 
 
 @triton.jit
@@ -14,6 +15,9 @@ def _block_index_kernel(MASK, CNT, IDX, NK, NK_POW2: tl.constexpr):
     pos = tl.cumsum(keep, 0) - keep  # exclusive prefix sum: where each kept block lands
     tl.store(IDX + row * NK + pos, offs, mask=keep > 0)
     tl.store(CNT + row, tl.sum(keep, 0))
+
+
+_block_index = Kernel(_block_index_kernel)
 
 
 def block_map_to_index(mask: torch.Tensor):
@@ -28,5 +32,5 @@ def block_map_to_index(mask: torch.Tensor):
     idx = torch.empty(mask.shape, dtype=torch.int32, device=mask.device)
     rows = counts.numel()
     if rows:
-        _block_index_kernel[(rows,)](mask.view(torch.uint8), counts, idx, nk, NK_POW2=next_pow2(nk))
+        _block_index[(rows,)](mask.view(torch.uint8), counts, idx, nk, NK_POW2=next_pow2(nk))
     return counts, idx

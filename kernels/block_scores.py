@@ -6,6 +6,7 @@ import triton.language as tl
 
 from .config import Launch, helper_launch
 from .host_math import cdiv, next_pow2
+from .launch import Kernel
 from .numerics import MAGIC_F, batch_head, int32_bits_f32, round_half_away
 
 
@@ -100,6 +101,9 @@ def _block_lse_kernel(QP, K, KS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_
         tl.store(MEAN + offs, mean_t, mask=ok)
 
 
+_block_lse_launch = Kernel(_block_lse_kernel)
+
+
 def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Tensor, scale: float,
                      n_k: int, block_k: int, want_mean: bool = False, launch: Launch | None = None):
     """q_pool (B,H,NQ,D) fp32, k_i8 (B,Hkv,NK*block_k,HD) int8 smoothed keys, k_scale (B,Hkv,NK).
@@ -124,7 +128,7 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     while kb_tile > 8 and row_tiles * B * H * cdiv(nkb, kb_tile) < launch.programs:
         kb_tile //= 2
     grid = (row_tiles, cdiv(nkb, kb_tile), B * H)
-    _block_lse_kernel[grid](
+    _block_lse_launch[grid](
         q_pool, k_i8, k_scale, out, mean, q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
         out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634,

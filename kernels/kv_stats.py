@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .config import Launch, helper_launch
 from .host_math import cdiv, next_pow2
+from .launch import Kernel
 from .numerics import batch_head
 
 
@@ -37,6 +38,9 @@ def _kv_stats_kernel(K, V, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H,
     tl.store(VMAX + out, tl.max(vmax, 0))
 
 
+_kv_stats = Kernel(_kv_stats_kernel)
+
+
 @triton.jit
 def _kv_finish_kernel(KSUM, VMAX, KMEAN, VOUT, N, NCHUNK, v_div, HEAD_DIM: tl.constexpr, D_K: tl.constexpr,
                       D_V: tl.constexpr, SCALE: tl.constexpr):
@@ -51,6 +55,9 @@ def _kv_finish_kernel(KSUM, VMAX, KMEAN, VOUT, N, NCHUNK, v_div, HEAD_DIM: tl.co
     if SCALE:  # the reference's scale: max(amax / format max, 1e-20)
         vmax = tl.maximum(vmax / v_div, 1e-20)
     tl.store(VOUT + bh * D_V + offs_d, vmax, mask=offs_d < D_V)
+
+
+_kv_finish = Kernel(_kv_finish_kernel)
 
 
 def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None,
@@ -73,13 +80,13 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
     nchunk = cdiv(N, rows)
     ksum = torch.empty(B * H, nchunk, hd, dtype=torch.float32, device=k.device)
     vmax = torch.empty_like(ksum)
-    _kv_stats_kernel[(nchunk, B * H)](
+    _kv_stats[(nchunk, B * H)](
         k, v, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, STAGES=launch.num_stages,
         num_warps=launch.num_warps,
     )
     k_mean = torch.empty(B, H, Dk, dtype=torch.float32, device=k.device)
     v_out = torch.empty(B, H, Dv, dtype=torch.float32, device=k.device)
-    _kv_finish_kernel[(B * H,)](ksum, vmax, k_mean, v_out, float(N), nchunk, float(v_format_max or 1.0),
+    _kv_finish[(B * H,)](ksum, vmax, k_mean, v_out, float(N), nchunk, float(v_format_max or 1.0),
                                 HEAD_DIM=hd, D_K=Dk, D_V=Dv, SCALE=v_format_max is not None, num_warps=1)
     return k_mean, v_out

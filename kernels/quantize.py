@@ -8,6 +8,7 @@ import triton.language as tl
 from .config import Launch, helper_launch
 from .fp8 import INTERPRET, to_pv_dtype
 from .host_math import cdiv
+from .launch import Kernel
 from .numerics import batch_head, round_half_away
 
 
@@ -66,6 +67,9 @@ def _quant_pool_kernel(
         tl.store(SIM + b * ss_b + h * ss_h + blk, tl.sum(s * s, 0) / (cnt * cnt))
 
 
+_quant_pool = Kernel(_quant_pool_kernel)
+
+
 @triton.jit
 def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, sb_b, sb_h, sb_d, N, H,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
@@ -85,6 +89,9 @@ def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, s
         tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + blk, ybar)
     y = to_pv_dtype(y, PV_FP8, EMULATE_FP8)
     tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + offs_n[:, None], y)
+
+
+_quant_v = Kernel(_quant_v_kernel)
 
 
 def _check(x: torch.Tensor, name: str) -> None:
@@ -136,7 +143,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     poolq = torch.zeros(B, H, pool_i8_blocks, head_dim, dtype=torch.int8, device=dev) if pool_i8 else xq
     pools = torch.zeros(B, H, pool_i8_blocks, dtype=torch.float32, device=dev) if pool_i8 else scale
     launch = launch or helper_launch(f"quant_pool{block}" if block in (64, 128) else "quant_pool64", dev)
-    _quant_pool_kernel[(nb, B * H)](
+    _quant_pool[(nb, B * H)](
         x, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools,
         x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1),
         xq.stride(0), xq.stride(1), xq.stride(2), scale.stride(0), scale.stride(1),
@@ -168,7 +175,7 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
         raise ValueError(f"mean_blocks {mean_blocks} < {nb} blocks")
     vbar = torch.zeros(B, H, head_dim, mean_blocks, dtype=vt.dtype, device=v.device) if mean_blocks else vt
     launch = launch or helper_launch("quant_v", v.device)
-    _quant_v_kernel[(nb, B * H)](
+    _quant_v[(nb, B * H)](
         v, perm if perm is not None else scale, scale, vt, vbar, v.stride(0), v.stride(1), v.stride(2),
         scale.stride(0), scale.stride(1), vt.stride(0), vt.stride(1), vt.stride(2),
         vbar.stride(0) if mean_blocks else 0, vbar.stride(1) if mean_blocks else 0,

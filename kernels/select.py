@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from .host_math import next_pow2
+from .launch import Kernel
 
 
 @triton.jit
@@ -67,6 +68,9 @@ def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, MEAN, BIAS, NQ, NK, NKC, H, n_q
         tl.store(BIAS + row * NKC + offs, tl.where(est, s - mean, float("-inf")), mask=offs < NKC)
 
 
+_select = Kernel(_select_kernel)
+
+
 _MODES = {"cdf": 0, "topk": 1, "share": 2}
 
 
@@ -95,7 +99,7 @@ def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: t
     if fill and (fill_mean.shape != scores.shape or fill_mean.dtype != torch.float32 or fill_blocks < NK):
         raise ValueError("fill_mean must be fp32 like the scores, and fill_blocks >= the key blocks")
     bias = torch.empty(B, H, NQ, fill_blocks, dtype=torch.float32, device=scores.device) if fill else scores
-    _select_kernel[(B * H * NQ,)](
+    _select[(B * H * NQ,)](
         scores, qss, kss, param.float().contiguous(), counts, idx,
         fill_mean.contiguous() if fill else scores, bias, NQ, NK, fill_blocks, H, n_q, n_k, block_q, block_k,
         NK_POW2=next_pow2(max(NK, fill_blocks)), MODE=_MODES[mode], HAS_QSS=q_ss is not None, HAS_KSS=k_ss is not None,
