@@ -224,8 +224,8 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
                     n_q: int, n_k: int, d_out: int, out_dtype, is_causal: bool, pv_skip: bool,
                     config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None,
                     lse_inputs: tuple | None = None):
-    """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), skipped (B,H,NQ) or None),
-    and lse as a third item when lse_inputs is given.
+    """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), a view of
+    (B,n_q,H,d_out) memory, skipped (B,H,NQ) or None), and lse as a third item when lse_inputs is given.
 
     config: tiles and launch settings (kernels.config); its pv_fp8 is not read here, v_t's dtype
     (fp8 or fp16) decides the P.V type. TMA loads need contiguous K and V^T (else plain loads).
@@ -289,7 +289,9 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         lse = torch.empty(B, H, n_q, dtype=torch.float32, device=q_i8.device)
         sqr = (q_raw.stride(0), q_raw.stride(1), q_raw.stride(2))
         lse_scale = float(lse_scale) * 1.4426950408889634  # scores in log2 units, like the main loop
-    out = torch.empty(B, H, n_q, d_out, dtype=out_dtype, device=q_i8.device)
+    # token-major memory, as flash attention returns it: ComfyUI's (B, N, H*D) is then a view of it
+    # (a head-major output cost the node a copy of the whole output per call)
+    out = torch.empty(B, n_q, H, d_out, dtype=out_dtype, device=q_i8.device).transpose(1, 2)
     skipped = torch.zeros(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
     pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()
     pv_fp8 = v_t.dtype == torch.float8_e4m3fn

@@ -14,8 +14,10 @@ without a host sync and without a graph break.
         scoring,                       # stage-1 scoring: "pooled" or "lse" (SpargeParams.scoring)
         fill_skipped)                  # estimate the skipped blocks (SpargeParams.fill_skipped; lse only)
 
-`kept` counts computed query-block x key-block pairs over batch and heads; when the call ran
-dense inside sparge_attention (e.g. shorter than one block) it equals the dense total.
+`out` is contiguous (B, H, N, D); `call` outside tracing returns the Triton kernel's token-major
+output as it is ((B, N, H, D) memory, as flash attention returns it). `kept` counts computed
+query-block x key-block pairs over batch and heads; when the call ran dense inside sparge_attention
+(e.g. shorter than one block) it equals the dense total.
 Importing this module twice (e.g. as `sparge_core` and as part of the node pack) registers the
 op once; the second import reuses it.
 
@@ -85,10 +87,10 @@ def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, simthresh
                     grid: Sequence[int], scale: float, scoring: str,
                     fill_skipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
-    return _outputs(q, k, v, out, stats)
+    return _outputs(q, k, v, out, stats, op=True)
 
 
-def _outputs(q, k, v, out, stats):
+def _outputs(q, k, v, out, stats, op: bool = False):
     dev = q.device
     # counts stay on q's device and are never copied from the host (no stream sync per call)
     if stats.backend == "dense":
@@ -97,6 +99,12 @@ def _outputs(q, k, v, out, stats):
     else:
         kept = _device_count(stats.kept_blocks, dev)
         skipped = _device_count(stats.pv_skipped, dev)
+    if op:
+        # the registered ops return what their fake says, contiguous (B, H, N, D): compiled graphs
+        # check it, and graphs cached on disk by an earlier version of the pack still expect it.
+        # Outside tracing (`call`) the Triton kernel's token-major output is kept as it is: the
+        # node's merge back to (B, N, H*D) is then a view instead of a copy of the output.
+        out = out.contiguous()
     if _aliases(out, (q, k, v)):  # custom ops must not return views of their inputs
         out = out.clone()
     return out, kept, skipped
@@ -110,7 +118,7 @@ def mask_shape(q: torch.Tensor, k: torch.Tensor) -> tuple:
 
 def _attention_map_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
     out, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped)
-    return (*_outputs(q, k, v, out, stats), _mask_of(q, k, stats))
+    return (*_outputs(q, k, v, out, stats, op=True), _mask_of(q, k, stats))
 
 
 def _mask_of(q, k, stats) -> torch.Tensor:
@@ -123,7 +131,7 @@ def _mask_of(q, k, stats) -> torch.Tensor:
 def _attention_lse_impl(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped):
     out, lse, stats = _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring,
                            fill_skipped, lse=True)
-    return (*_outputs(q, k, v, out, stats), lse.float().contiguous())
+    return (*_outputs(q, k, v, out, stats, op=True), lse.float().contiguous())
 
 
 def _device_count(x, dev) -> torch.Tensor:

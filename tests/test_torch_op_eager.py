@@ -64,3 +64,27 @@ def test_eager_call_equals_the_op_when_the_call_runs_dense(variant):
     got = torch_op.call(q, k, v, params, with_mask=variant == "mask", with_lse=variant == "lse")
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_eager_output_is_token_major_and_the_op_matches_its_fake(monkeypatch):
+    """Outside tracing the Triton kernel's output comes back token-major ((B, N, H, D) memory, as
+    flash attention returns it), so the node's merge back to ComfyUI's (B, N, H*D) is a view, not a
+    copy of the output. The registered op returns the contiguous layout its fake declares (compiled
+    graphs check it, and graphs an earlier version of the pack cached on disk expect it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparge_attention.sparge_core.layout import merge_heads
+
+    monkeypatch.setattr(torch_op, "BACKEND", "triton")  # the interpreter, as on a GPU
+    params, grid = CASES["share+fill, per-head minshare, grid"]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 256 + 40, 64, generator=g) for _ in range(3))
+    for variant in ("plain", "mask", "lse"):
+        out = torch_op.call(q, k, v, params, grid, with_mask=variant == "mask", with_lse=variant == "lse")[0]
+        assert out.shape == q.shape and out.transpose(1, 2).is_contiguous(), variant
+        assert merge_heads(out).data_ptr() == out.data_ptr()
+    real = by_op(q, k, v, params, grid, torch_op.sparge_attention_op)[0]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the thresholds are real CPU tensors
+        fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+        fake = by_op(fq, fk, fv, params, grid, torch_op.sparge_attention_op)[0]
+    assert real.is_contiguous() and fake.stride() == real.stride()
