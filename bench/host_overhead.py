@@ -5,7 +5,8 @@ the CPU (long sequences); at short sequences the GPU waits on Python. Each call 
 after a synchronize, so the figure is the CPU's own time at any sequence length (a loop without
 syncs would measure the GPU once the GPU is the slower side).
 
-Rows: the node's override as ComfyUI calls it ((B, N, H*D) self-attention inside a forward, the
+Each row: the median wall time and the median CPU time of the calling thread (the CPU time leaves
+out what other processes take from this one). Rows: the node's override as ComfyUI calls it ((B, N, H*D) self-attention inside a forward, the
 preset's error-target adaptation in its steady state, i.e. an unmeasured call), the public API
 `sparge_attention`, and a cProfile listing of the override's calls (top functions by own time).
 
@@ -33,17 +34,24 @@ H, D, B = 12, 128, 2  # Wan 1.3B
 
 
 def host_us(fn, n=100):
-    """Median CPU time of one call, each started on an idle GPU queue."""
+    """Median time of one call, each started on an idle GPU queue: (wall, this thread's CPU time).
+    The CPU time leaves out what other processes on the host take from this one (the H200 host's
+    wall figures moved by +-40% between back-to-back runs of one build)."""
     for _ in range(5):
         fn()
-    ts = []
+    ts, cs = [], []
     for _ in range(n):
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
+        cs.append(time.thread_time() - c0)
     torch.cuda.synchronize()
-    return sorted(ts)[len(ts) // 2] * 1e6
+    return median(ts) * 1e6, median(cs) * 1e6
+
+
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
 
 
 def override_times(preset, grid, x, steps=12, blocks=30, skip=3):
@@ -51,21 +59,22 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3):
     the node's wrappers as ComfyUI drives them (devkit/sampling_run.py), from step `skip` on: the
     adaptation's steady state, where a quarter of the calls are measured."""
     ov = SpargeOverride(SpargeConfig.from_widgets(preset=preset, min_tokens=1024), node_id=f"host-{preset}")
-    times = []
+    times, cpu = [], []
     q, k, v = x
 
     def forward(x_, t, c_concat, c_crossattn, control, to):
         for _ in range(blocks):
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             ov(comfy_sdpa, q, k, v, heads=H, transformer_options=to)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.thread_time() - c0)
 
     dm = SimpleNamespace(patch_size=(1, 2, 2))
     lat = torch.zeros(B, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda")
     sampling_run(ov, forward, dm, lat, steps)
     torch.cuda.synchronize()
-    return [t * 1e6 for t in times[skip * blocks:]], ov
+    return [t * 1e6 for t in times[skip * blocks:]], [t * 1e6 for t in cpu[skip * blocks:]], ov
 
 
 def main():
@@ -88,14 +97,14 @@ def main():
                 "SDPA (cuDNN) for scale": lambda: comfy_sdpa(*x, heads=H)}
         out = res["host_us"][str(n)] = {}
         override_times(args.preset, grid, x, steps=4)  # compile and warm every path
-        ts, _ = override_times(args.preset, grid, x)
-        ts.sort()
-        out[f"override (node, {args.preset}) median"] = ts[len(ts) // 2]
-        out[f"override (node, {args.preset}) mean"] = sum(ts) / len(ts)
+        ts, cs, _ = override_times(args.preset, grid, x)
+        out[f"override (node, {args.preset}) median"] = (median(ts), median(cs))
+        out[f"override (node, {args.preset}) mean"] = (sum(ts) / len(ts), sum(cs) / len(cs))
         for name, fn in rows.items():
             out[name] = host_us(fn)
-        for name, us in out.items():
-            print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us")
+        print(f"  {'':>6}         {'':<36} {'wall':>8}    {'CPU':>8}")
+        for name, (us, cpu_us) in out.items():
+            print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us {cpu_us:8.1f} us")
         if args.profile:
             pr = cProfile.Profile()
             pr.enable()
