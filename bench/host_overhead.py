@@ -6,9 +6,12 @@ after a synchronize, so the figure is the CPU's own time at any sequence length 
 syncs would measure the GPU once the GPU is the slower side).
 
 Each row: the median wall time and the median CPU time of the calling thread (the CPU time leaves
-out what other processes take from this one). Rows: the node's override as ComfyUI calls it ((B, N, H*D) self-attention inside a forward, the
-preset's error-target adaptation in its steady state, i.e. an unmeasured call), the public API
-`sparge_attention`, and a cProfile listing of the override's calls (top functions by own time).
+out what other processes take from this one; on the H200's host the two agree, and one build's
+figures still move by up to 4x from one process to the next: compare builds with bench/host_ab.py,
+which runs them in one process). Rows: the node's override as ComfyUI calls it ((B, N, H*D)
+self-attention inside a forward, the preset's error-target adaptation in its steady state, i.e. an
+unmeasured call), the public API `sparge_attention`, and a cProfile listing of the override's calls
+(top functions by own time).
 
     python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--profile [--sort cumulative]]
 """
@@ -34,9 +37,7 @@ H, D, B = 12, 128, 2  # Wan 1.3B
 
 
 def host_us(fn, n=100):
-    """Median time of one call, each started on an idle GPU queue: (wall, this thread's CPU time).
-    The CPU time leaves out what other processes on the host take from this one (the H200 host's
-    wall figures moved by +-40% between back-to-back runs of one build)."""
+    """Median time of one call, each started on an idle GPU queue: (wall, this thread's CPU time)."""
     for _ in range(5):
         fn()
     ts, cs = [], []

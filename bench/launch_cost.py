@@ -2,7 +2,7 @@
 
 Captures the kernel launches of one `sparge_attention` call (Balanced, Hilbert grid) and times,
 per launch and on the host only (each timed call starts on an idle queue):
-  run      the launch as the pack made it until now: `kernel[grid](*args, **kwargs)`, i.e.
+  run      the launch as the pack made it before v23 (bench/NOTES.md): `kernel[grid](*args, **kwargs)`, i.e.
            Triton's JITFunction.run (binder, cache key, checks, launcher)
   binder   Triton's argument binder alone (the exact specialization of each argument)
   direct   the compiled kernel's launcher alone, with the bound arguments ready
@@ -14,9 +14,9 @@ dispatches, and a cProfile listing of the API's calls (own time).
 """
 import argparse
 import cProfile
+import datetime
 import io
 import pstats
-import datetime
 import time
 
 import torch

@@ -292,7 +292,8 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     # token-major memory, as flash attention returns it: ComfyUI's (B, N, H*D) is then a view of it
     # (a head-major output cost the node a copy of the whole output per call)
     out = torch.empty(B, n_q, H, d_out, dtype=out_dtype, device=q_i8.device).transpose(1, 2)
-    skipped = torch.zeros(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
+    # every program writes its own entry: no zero fill (a launch of its own on the host)
+    skipped = torch.empty(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
     pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()
     pv_fp8 = v_t.dtype == torch.float8_e4m3fn
     k_arg, v_arg = k_i8, v_t

@@ -88,5 +88,5 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
     k_mean = torch.empty(B, H, Dk, dtype=torch.float32, device=k.device)
     v_out = torch.empty(B, H, Dv, dtype=torch.float32, device=k.device)
     _kv_finish[(B * H,)](ksum, vmax, k_mean, v_out, float(N), nchunk, float(v_format_max or 1.0),
-                                HEAD_DIM=hd, D_K=Dk, D_V=Dv, SCALE=v_format_max is not None, num_warps=1)
+                         HEAD_DIM=hd, D_K=Dk, D_V=Dv, SCALE=v_format_max is not None, num_warps=1)
     return k_mean, v_out

@@ -222,20 +222,6 @@ def test_cuda_speed_print():
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: nothing to run")
-        sys.exit(0)
-    print(torch.__version__, torch.cuda.get_device_name())
-    failed = 0
-    for name, fn in list(globals().items()):
-        if name.startswith("test_") and callable(fn):
-            try:
-                fn()
-                print(f"PASS {name}")
-            except Exception as e:  # noqa: BLE001
-                failed += 1
-                import traceback
+    from devkit.gpu_script import run_tests
 
-                traceback.print_exc()
-                print(f"FAIL {name}: {type(e).__name__}: {e}")
-    sys.exit(1 if failed else 0)
+    run_tests(globals())
