@@ -20,6 +20,7 @@ import torch
 
 from common import card_name, comfy_sdpa, save
 from devkit.sampling_run import sampling_run
+from host_overhead import median
 
 GRIDS = {7800: (5, 30, 52), 32760: (21, 30, 52)}
 H, D, B = 12, 128, 2
@@ -94,7 +95,7 @@ def main():
     print(f"host time per call (median wall us, calls alternating by build in one process), {res['card']}, "
           f"{n} tokens, Balanced; the override's calls include its measured ones (every 4th step per block)")
     for name, t in times.items():
-        med = {k: sorted(v)[len(v) // 2] for k, v in t.items()}
+        med = {k: median(v) for k, v in t.items()}
         res["median_us"][name] = med
         print(f"  {name:<7} override {med['override']:8.1f}   API {med['api']:8.1f}   ({len(t['override'])} / "
               f"{len(t['api'])} calls)")

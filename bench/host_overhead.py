@@ -36,9 +36,9 @@ GRIDS = {7800: (5, 30, 52), 32760: (21, 30, 52)}  # Wan 480p latents, 17 and 81 
 H, D, B = 12, 128, 2  # Wan 1.3B
 
 
-def host_us(fn, n=100):
+def host_us(fn, n=100, warmup=5):
     """Median time of one call, each started on an idle GPU queue: (wall, this thread's CPU time)."""
-    for _ in range(5):
+    for _ in range(warmup):
         fn()
     ts, cs = [], []
     for _ in range(n):

@@ -17,13 +17,13 @@ import cProfile
 import datetime
 import io
 import pstats
-import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import card_name, save
 from devkit.launches import capture_launches
+from host_overhead import host_us as host_wall_cpu_us
 from sparge_attention.sparge_core import sparge_attention
 from sparge_attention.sparge_core.presets import PRESETS
 
@@ -31,17 +31,9 @@ GRIDS = {7800: (5, 30, 52), 32760: (21, 30, 52)}
 H, D, B = 12, 128, 2
 
 
-def host_us(fn, n=200):
-    for _ in range(10):
-        fn()
-    ts = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return sorted(ts)[n // 2] * 1e6
+def host_us(fn):
+    """Median wall time of one call, each started on an idle GPU queue (host_overhead's timer)."""
+    return host_wall_cpu_us(fn, n=200, warmup=10)[0]
 
 
 class Ops(TorchDispatchMode):
