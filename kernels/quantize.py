@@ -27,7 +27,7 @@ def _token_rows(PERM, blk, N, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr):
 def _quant_pool_kernel(
     X, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS,
     sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n, spq_b, spq_h, sps_b, sps_h,
-    N, H, extra_scale,
+    N, H, extra_scale, POOL_BLOCKS,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
     POOL_I8: tl.constexpr,
@@ -65,6 +65,13 @@ def _quant_pool_kernel(
         unit = tl.where(norm[:, None] > 0, x / tl.maximum(norm, 1e-20)[:, None], 0.0)
         s = tl.sum(unit, 0)
         tl.store(SIM + b * ss_b + h * ss_h + blk, tl.sum(s * s, 0) / (cnt * cnt))
+    if POOL_I8:
+        # the zeros past the real blocks, spread over the programs (no fill launch of their own);
+        # last, so that no tile stays live across the loop
+        nb = tl.cdiv(N, BLOCK)
+        for pb in range(nb + blk, POOL_BLOCKS, nb):
+            tl.store(POOLQ + b * spq_b + h * spq_h + pb * HEAD_DIM + offs_d, tl.zeros([HEAD_DIM], tl.int8))
+            tl.store(POOLS + b * sps_b + h * sps_h + pb, 0.0)
 
 
 _quant_pool = Kernel(_quant_pool_kernel)
@@ -72,6 +79,7 @@ _quant_pool = Kernel(_quant_pool_kernel)
 
 @triton.jit
 def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, sb_b, sb_h, sb_d, N, H,
+                    MEAN_BLOCKS,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
                     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr):
     blk = tl.program_id(0)
@@ -89,6 +97,11 @@ def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, s
         tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + blk, ybar)
     y = to_pv_dtype(y, PV_FP8, EMULATE_FP8)
     tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + offs_n[:, None], y)
+    if WANT_MEAN:  # the zero columns past the real blocks (last: no tile stays live across the loop)
+        nb = tl.cdiv(N, BLOCK)
+        for pb in range(nb + blk, MEAN_BLOCKS, nb):
+            tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + pb,
+                     tl.zeros([HEAD_DIM], VBAR.dtype.element_ty))
 
 
 _quant_v = Kernel(_quant_v_kernel)
@@ -140,8 +153,9 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     pool_i8 = pool_i8_blocks > 0
     if pool_i8 and pool_i8_blocks < nb:
         raise ValueError(f"pool_i8_blocks {pool_i8_blocks} < {nb} blocks")
-    poolq = torch.zeros(B, H, pool_i8_blocks, head_dim, dtype=torch.int8, device=dev) if pool_i8 else xq
-    pools = torch.zeros(B, H, pool_i8_blocks, dtype=torch.float32, device=dev) if pool_i8 else scale
+    # the kernel writes the zeros past the nb real blocks itself
+    poolq = torch.empty(B, H, pool_i8_blocks, head_dim, dtype=torch.int8, device=dev) if pool_i8 else xq
+    pools = torch.empty(B, H, pool_i8_blocks, dtype=torch.float32, device=dev) if pool_i8 else scale
     launch = launch or helper_launch(f"quant_pool{block}" if block in (64, 128) else "quant_pool64", dev)
     _quant_pool[(nb, B * H)](
         x, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools,
@@ -149,7 +163,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         xq.stride(0), xq.stride(1), xq.stride(2), scale.stride(0), scale.stride(1),
         pool.stride(0), pool.stride(1), pool.stride(2) if want_pool else 0,
         poolq.stride(0), poolq.stride(1), pools.stride(0), pools.stride(1),
-        N, H, float(extra_scale),
+        N, H, float(extra_scale), pool_i8_blocks,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
         WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, num_warps=launch.num_warps,
     )
@@ -173,13 +187,14 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     perm = _check_perm(perm, N, v.device)
     if mean_blocks and mean_blocks < nb:
         raise ValueError(f"mean_blocks {mean_blocks} < {nb} blocks")
-    vbar = torch.zeros(B, H, head_dim, mean_blocks, dtype=vt.dtype, device=v.device) if mean_blocks else vt
+    # the kernel writes the zero columns past the nb real blocks itself
+    vbar = torch.empty(B, H, head_dim, mean_blocks, dtype=vt.dtype, device=v.device) if mean_blocks else vt
     launch = launch or helper_launch("quant_v", v.device)
     _quant_v[(nb, B * H)](
         v, perm if perm is not None else scale, scale, vt, vbar, v.stride(0), v.stride(1), v.stride(2),
         scale.stride(0), scale.stride(1), vt.stride(0), vt.stride(1), vt.stride(2),
         vbar.stride(0) if mean_blocks else 0, vbar.stride(1) if mean_blocks else 0,
-        vbar.stride(2) if mean_blocks else 0, N, H,
+        vbar.stride(2) if mean_blocks else 0, N, H, mean_blocks,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET,
         HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, num_warps=launch.num_warps,
     )

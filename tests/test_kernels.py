@@ -120,16 +120,34 @@ def test_quant_pool_k_smoothing(D, hd):
     assert ((xq[:, :, :333, :D].int() - rq.int()).abs() <= 1).all()
 
 
-@pytest.mark.parametrize("D,hd", [(64, 64), (80, 128)])
-def test_quant_pool_int8_means_match_reference(D, hd):
-    """fill_skipped's mean keys: the smoothed block means in int8 with one scale per block."""
+@pytest.fixture
+def garbage_empty(monkeypatch):
+    """torch.empty returns memory full of garbage (NaN, 77), as a GPU's caching allocator may: a
+    kernel that leaves part of an output unwritten fails the test instead of reading fresh zeros."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(77)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("D,hd,pad", [(64, 64, 2), (80, 128, 2), (64, 64, 9)])
+def test_quant_pool_int8_means_match_reference(D, hd, pad, garbage_empty):
+    """fill_skipped's mean keys: the smoothed block means in int8 with one scale per block; the
+    kernel writes the zero padding itself, also when it is longer than the real blocks."""
     from sparge_attention.sparge_core.reference import block_means
 
     _, k, v = clustered(1, 2, 333, D, seed=D)
     nb = num_blocks(333, BK)
-    out = quant_pool(k, BK, hd, mean=k.mean(2), want_pool=True, want_sim=False, pool_i8_blocks=nb + 2)
+    out = quant_pool(k, BK, hd, mean=k.mean(2), want_pool=True, want_sim=False, pool_i8_blocks=nb + pad)
     kq, ks = out[4]
-    assert kq.shape == (1, 2, nb + 2, hd) and kq.dtype == torch.int8 and ks.shape == (1, 2, nb + 2)
+    assert kq.shape == (1, 2, nb + pad, hd) and kq.dtype == torch.int8 and ks.shape == (1, 2, nb + pad)
     assert (kq[:, :, nb:] == 0).all() and (ks[:, :, nb:] == 0).all() and (kq[..., D:] == 0).all()
     want, _ = block_means(k, v, BK, "fp8")
     got = kq[:, :, :nb, :D].float() * ks[:, :, :nb, None]
@@ -159,7 +177,7 @@ def test_quant_pool_rejects_bad_input():
 @pytest.mark.parametrize("pv_fp8", [True, False])
 @pytest.mark.parametrize("D,hd", [(64, 64), (48, 64), (80, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_quant_v_matches_reference(pv_fp8, D, hd, dtype):
+def test_quant_v_matches_reference(pv_fp8, D, hd, dtype, garbage_empty):
     g = torch.Generator().manual_seed(D + pv_fp8)
     N = 201
     v = (torch.randn(2, 2, N, D, generator=g) * torch.linspace(0.01, 5, D)).to(dtype)
@@ -174,8 +192,8 @@ def test_quant_v_matches_reference(pv_fp8, D, hd, dtype):
     assert torch.equal(got, ref), f"{(got != ref).sum().item()} values differ"
     assert (vt.float()[:, :, :, N:] == 0).all() and (vt.float()[:, :, D:] == 0).all()
     # the block means of v / scale for fill_skipped: transposed and typed like V, zero-padded
-    vt2, vbar = quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=nb + 3)
-    assert torch.equal(vt2.float(), vt.float()) and vbar.shape == (2, 2, hd, nb + 3) and vbar.dtype == vt.dtype
+    vt2, vbar = quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=4 * nb + 1)  # padding longer than the real blocks
+    assert torch.equal(vt2.float(), vt.float()) and vbar.shape == (2, 2, hd, 4 * nb + 1) and vbar.dtype == vt.dtype
     from sparge_attention.sparge_core.reference import block_means
     _, want_vbar = block_means(v, v, BK, "fp8" if pv_fp8 else "fp16")
     got_vbar = vbar.float()[:, :, :D, :nb].transpose(-1, -2)
@@ -499,7 +517,8 @@ def test_block_lse_scores_matches_reference(D, hd, Hkv):
 
 def test_block_lse_scores_across_programs_and_launch_shapes():
     """Key blocks split over several programs (result tiles of 8 blocks) or one (a 32-block tile, part
-    filled), a partial last block, 64- and 128-row tiles: the same numbers as the reference in each."""
+    filled), a partial last block, 64- and 128-row tiles, two key blocks per dot (pairs, then a single
+    full block and the partial one): the same numbers as the reference in each."""
     kern = pytest.importorskip("sparge_attention.kernels.block_scores")
     from sparge_attention.kernels.config import Launch, helper_launches_for
     from sparge_attention.sparge_core.reference import block_lse_scores
@@ -510,7 +529,8 @@ def test_block_lse_scores_across_programs_and_launch_shapes():
     k_i8, k_s, _, _ = quant_pool(k, BK, 64, mean=k.mean(2), want_pool=False)
     want, want_mean = block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True)
     for launch in (Launch(block=64), Launch(block=128, num_warps=8), Launch(block=64, programs=1),
-                   helper_launches_for(9)["block_lse"]):
+                   helper_launches_for(9)["block_lse"], Launch(block=64, pair=True),
+                   Launch(block=64, programs=1, pair=True)):
         got, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True, launch=launch)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-4)
