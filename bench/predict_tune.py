@@ -21,6 +21,7 @@ from sparge_attention.kernels.config import BLOCK_M, BLOCK_N, Launch, helper_lau
 from sparge_attention.kernels.host_math import cdiv
 from sparge_attention.kernels.kv_stats import kv_stats
 from sparge_attention.kernels.quantize import quant_pool, quant_v
+from sparge_attention.kernels.select import select_blocks_fused
 from sparge_attention.sparge_core.hilbert import TokenPermutation
 from sparge_attention.sparge_core.reference import FP8_MAX, LOG2E
 
@@ -33,9 +34,12 @@ def grids(quick: bool) -> dict:
         "quant_v": [Launch(num_warps=n) for n in (2, 4, 8)],
         "kv_stats": [Launch(num_warps=4, num_stages=s, block=b, programs=p)
                      for b, s, p in itertools.product((32, 64), (1, 2, 3), (1024, 2048))],
-        "block_lse": [Launch(num_warps=n, num_stages=s, block=b, programs=p, maxnreg=r)
-                      for b, n, s, p, r in itertools.product((64, 128), (4,), (3, 4), (256, 1024, 4096), (None, 168))]
-        + [Launch(num_warps=8, num_stages=3, block=128, programs=p) for p in (256, 1024)],
+        # v24: register caps for 4 programs per SM (128; with 2 stages, as 3 stages' shared memory fits
+        # only 3), result-tile widths, and two key blocks per dot (254 registers: 2 programs per SM)
+        "block_lse": [Launch(num_warps=4, num_stages=s, block=64, programs=256, maxnreg=r, tile=t, pair=pr)
+                      for pr, s, r, t in itertools.product((False, True), (2, 3), (None, 128, 168), (8, 16, 32))
+                      if not (pr and r)],
+        "select": [Launch(num_warps=n) for n in (1, 2, 4, 8)],
     }
     if quick:
         g = {k: v[:2] for k, v in g.items()}
@@ -50,6 +54,8 @@ def runners(q, k, v, perm, scale, n_k):
     q_pool = quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False, perm=perm)[2]
     k_i8, k_s = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
                            pool_i8_blocks=nkc)[:2]
+    scores, mean = block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True)
+    minshare = torch.full((q.shape[1],), 1.5, device=q.device)  # Balanced
     return {
         "quant_pool64": lambda L: quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False,
                                              perm=perm, launch=L),
@@ -58,7 +64,16 @@ def runners(q, k, v, perm, scale, n_k):
         "quant_v": lambda L: quant_v(v, v_scale, BLOCK_N, hd, True, perm=perm, mean_blocks=nkc, launch=L),
         "kv_stats": lambda L: kv_stats(k, v, v_format_max=FP8_MAX, launch=L),
         "block_lse": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, launch=L),
+        "select": lambda L: select_blocks_fused(scores, None, None, minshare, "share", True, False, q.shape[2], n_k,
+                                                BLOCK_M, BLOCK_N, fill_mean=mean, fill_blocks=nkc, launch=L),
     }
+
+
+def valid_lists(out):
+    """The selection's outputs with the index entries past each row's count zeroed (never written)."""
+    counts, idx = out[:2]
+    keep = torch.arange(idx.shape[-1], device=idx.device) < counts[..., None]
+    return (counts, torch.where(keep, idx, 0)) + tuple(out[2:])
 
 
 def flat(out):
@@ -83,7 +98,7 @@ def differs(a, b) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="wan480,hunyuan544")
-    ap.add_argument("--kernels", default="", help="comma-separated subset (default: all five)")
+    ap.add_argument("--kernels", default="", help="comma-separated subset (default: all six)")
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel (a smoke run)")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -101,11 +116,12 @@ def main():
             if args.kernels and kern not in args.kernels.split(","):
                 continue
             default = helper_launch(kern, dev)
-            ref = run[kern](default)
+            canon = valid_lists if kern == "select" else (lambda out: out)
+            ref = canon(run[kern](default))
             rows = []
             for L in [default] + [s for s in shapes if s != default]:
                 try:
-                    d = differs(ref, run[kern](L))
+                    d = differs(ref, canon(run[kern](L)))
                     ms = bench_graph_ms(lambda L=L: run[kern](L))
                 except Exception as e:  # noqa: BLE001 - a shape that does not compile or fit is reported, not fatal
                     rows.append({"launch": vars(L), "error": f"{type(e).__name__}: {e}"[:200]})

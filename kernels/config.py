@@ -24,13 +24,15 @@ class Launch:
     has a free one (0: its default); `programs`: how many programs to split the work into, where
     the kernel splits a sequence into chunks; `maxnreg`: a register cap per thread (how many
     programs share an SM), None for the compiler's choice; `tile`: the scoring kernel's most key
-    blocks per program (the width of its register tile of results)."""
+    blocks per program (the width of its register tile of results); `pair`: the scoring kernel
+    computes two key blocks' dots at once (one 2*BLOCK_N-wide product per step)."""
     num_warps: int = 4
     num_stages: int = 3
     block: int = 0
     programs: int = 1024
     maxnreg: int | None = None
     tile: int = 32
+    pair: bool = False
 
 
 # Block sizes shared by every device, so that masks, profiles and calibration made on one
@@ -70,6 +72,7 @@ _HELPERS = {
     "quant_v": Launch(),
     "kv_stats": Launch(num_stages=1, block=32),
     "block_lse": Launch(block=64, tile=16),
+    "select": Launch(num_warps=4),
 }
 # Hopper (H200, 2026-12-03, bench/predict_tune.py; NOTES v22): the scoring kernel with a
 # 168-register cap (three programs per SM instead of two) and 32 key blocks per program: 133.6 ->

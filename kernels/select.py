@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import Launch, helper_launch
 from .host_math import next_pow2
 from .launch import Kernel
 
@@ -76,12 +77,14 @@ _MODES = {"cdf": 0, "topk": 1, "share": 2}
 
 def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: torch.Tensor, mode: str,
                         sink: bool, causal: bool, n_q: int, n_k: int, block_q: int, block_k: int,
-                        fill_mean: torch.Tensor | None = None, fill_blocks: int = 0):
+                        fill_mean: torch.Tensor | None = None, fill_blocks: int = 0, launch: Launch | None = None):
     """scores (B,H,NQ,NK) fp32 log2 units; q_ss (B,H,NQ) bool or None (every query block
     self-similar: no launches for an all-true mask); k_ss (B,H,NK) bool or None;
     param (H,) fp32: cdfthreshd, topk or minshare for mode "cdf", "topk" or "share".
     Returns counts (B,H,NQ) int32, indices (B,H,NQ,NK) int32; with fill_mean (the mean scores of
-    block_lse_scores) also the fill_skipped bias (B,H,NQ,fill_blocks) fp32, -inf past NK."""
+    block_lse_scores) also the fill_skipped bias (B,H,NQ,fill_blocks) fp32, -inf past NK.
+    `launch`: warps per row for rows of up to 1,024 key blocks (speed only; longer rows take 8, which
+    the sorting modes' shared memory needs)."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {tuple(_MODES)}, got {mode!r}")
     if scores.dim() != 4 or scores.dtype != torch.float32:
@@ -99,10 +102,12 @@ def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: t
     if fill and (fill_mean.shape != scores.shape or fill_mean.dtype != torch.float32 or fill_blocks < NK):
         raise ValueError("fill_mean must be fp32 like the scores, and fill_blocks >= the key blocks")
     bias = torch.empty(B, H, NQ, fill_blocks, dtype=torch.float32, device=scores.device) if fill else scores
+    width = max(NK, fill_blocks)
+    warps = (launch or helper_launch("select", scores.device)).num_warps if width <= 1024 else 8
     _select[(B * H * NQ,)](
         scores, qss, kss, param.float().contiguous(), counts, idx,
         fill_mean.contiguous() if fill else scores, bias, NQ, NK, fill_blocks, H, n_q, n_k, block_q, block_k,
         NK_POW2=next_pow2(max(NK, fill_blocks)), MODE=_MODES[mode], HAS_QSS=q_ss is not None, HAS_KSS=k_ss is not None,
-        SINK=sink, CAUSAL=causal, FILL=fill, num_warps=4 if max(NK, fill_blocks) <= 1024 else 8,
+        SINK=sink, CAUSAL=causal, FILL=fill, num_warps=warps,
     )
     return (counts, idx, bias) if fill else (counts, idx)
