@@ -23,7 +23,7 @@ from sparge_attention.kernels.kv_stats import kv_stats
 from sparge_attention.kernels.quantize import quant_pool, quant_v
 from sparge_attention.kernels.select import select_blocks_fused
 from sparge_attention.sparge_core.hilbert import TokenPermutation
-from sparge_attention.sparge_core.reference import FP8_MAX, LOG2E
+from sparge_attention.sparge_core.reference import FP8_MAX, KMEAN_SAMPLE, LOG2E
 
 
 def grids(quick: bool) -> dict:
@@ -50,7 +50,7 @@ def runners(q, k, v, perm, scale, n_k):
     """kernel name -> fn(launch) returning the kernel's outputs, on the inputs prepare_sparse gives it."""
     hd = 128
     nkc = cdiv(cdiv(n_k, BLOCK_N), FILL_PAD) * FILL_PAD
-    k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX)
+    k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm)
     q_pool = quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False, perm=perm)[2]
     k_i8, k_s = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
                            pool_i8_blocks=nkc)[:2]
@@ -62,7 +62,7 @@ def runners(q, k, v, perm, scale, n_k):
         "quant_pool128": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
                                               pool_i8_blocks=nkc, launch=L),
         "quant_v": lambda L: quant_v(v, v_scale, BLOCK_N, hd, True, perm=perm, mean_blocks=nkc, launch=L),
-        "kv_stats": lambda L: kv_stats(k, v, v_format_max=FP8_MAX, launch=L),
+        "kv_stats": lambda L: kv_stats(k, v, v_format_max=FP8_MAX, launch=L, k_sample=KMEAN_SAMPLE, perm=perm),
         "block_lse": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, launch=L),
         "select": lambda L: select_blocks_fused(scores, None, None, minshare, "share", True, False, q.shape[2], n_k,
                                                 BLOCK_M, BLOCK_N, fill_mean=mean, fill_blocks=nkc, launch=L),

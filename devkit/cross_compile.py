@@ -127,6 +127,9 @@ def pack_kernel_jobs(cc: int) -> list:
 
     perm = torch.arange(small, dtype=torch.int32)
     kmean = x(B, HKV, D, dtype=torch.float32)
+    # K's sampled mean, as prepare_sparse asks for it (revisions before it took all of K)
+    k_sample_kw = ({"k_sample": (32, 8), "perm": perm} if "k_sample" in kv_stats.kv_stats.__code__.co_varnames
+                   else {})
     # fill, causal and pv_skip (off: pvthreshd inf) each on and off, every pair of them together,
     # in four compiles instead of eight; fill + causal without pv_skip needs the most shared memory
     jobs = [(attn_fwd._sparse_attn_fwd, f"fill={fill} causal={causal} pv_skip={pv_skip}",
@@ -143,7 +146,7 @@ def pack_kernel_jobs(cc: int) -> list:
             x(B, HKV, small, D), kmean + 1, cfg.block_n, D, cfg.pv_fp8, perm=perm, mean_blocks=128,
             **helper_kw("quant_v"))),
         (kv_stats._kv_stats_kernel, "", lambda: kv_stats.kv_stats(x(B, HKV, small, D), x(B, HKV, small, D),
-                                                                   **helper_kw("kv_stats"))),
+                                                                   **helper_kw("kv_stats"), **k_sample_kw)),
         # the second kernel of kv_stats, launched directly (the launcher would run the first one here;
         # older revisions, compared by bench/sass_mix.py, do not have it)
         (getattr(kv_stats, "_kv_finish_kernel", None), "v scale", lambda: kv_stats._kv_finish_kernel[(B * HKV,)](

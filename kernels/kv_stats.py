@@ -1,8 +1,10 @@
 """K's per-channel mean (for smoothing) and V's per-channel max |v| (for its fp8 scale) in one
-pass over both tensors. Two torch reductions along the token axis cost ~2x the bytes' time;
-here each program reduces a run of token blocks to one partial row, and a second small kernel
-sums the few partials per head in a fixed order (deterministic) and finishes the mean and the
-scale: one launch where five torch ops (sum, divide, max, divide, clamp) each launched their own."""
+pass over both tensors; K's mean optionally over a fixed sample of its rows only (runs of R rows,
+one run in every E), so that the pass reads all of V but only 1/E of K. Two torch reductions
+along the token axis cost ~2x the bytes' time; here each program reduces a run of token blocks to
+one partial row, and a second small kernel sums the few partials per head in a fixed order
+(deterministic) and finishes the mean and the scale: one launch where five torch ops (sum,
+divide, max, divide, clamp) each launched their own."""
 import torch
 import triton
 import triton.language as tl
@@ -14,27 +16,53 @@ from .numerics import batch_head
 
 
 @triton.jit
-def _kv_stats_kernel(K, V, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H, ROWS_PER_PROG, NCHUNK,
+def _kv_stats_kernel(K, V, PERM, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H, ROWS_PER_PROG, NCHUNK,
                      BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     STAGES: tl.constexpr, SAMPLE_ROWS: tl.constexpr, SAMPLE_EVERY: tl.constexpr,
+                     HAS_PERM: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = batch_head(bh, H)
     offs_d = tl.arange(0, HEAD_DIM)
-    ksum = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
     vmax = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
     start = c * ROWS_PER_PROG
-    # STAGES > 1: the next steps' loads in flight (cp.async) while this one is summed
-    for r in tl.range(start, tl.minimum(start + ROWS_PER_PROG, N), BLOCK, num_stages=STAGES):
-        offs_n = r + tl.arange(0, BLOCK)
-        rows = offs_n[:, None].to(tl.int64)
-        valid = (offs_n < N)[:, None]
-        k = tl.load(K + b * sk_b + h * sk_h + rows * sk_n + offs_d[None, :], mask=valid & (offs_d < D_K)[None, :], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + rows * sv_n + offs_d[None, :], mask=valid & (offs_d < D_V)[None, :], other=0.0)
-        ksum += k.to(tl.float32)
-        vmax = tl.maximum(vmax, tl.abs(v.to(tl.float32)))
+    end = tl.minimum(start + ROWS_PER_PROG, N)
+    k_base = K + b * sk_b + h * sk_h + offs_d[None, :]
+    v_base = V + b * sv_b + h * sv_h + offs_d[None, :]
+    if SAMPLE_EVERY == 1:  # every key: K and V in one loop
+        ksum = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+        # STAGES > 1: the next steps' loads in flight (cp.async) while this one is summed
+        for r in tl.range(start, end, BLOCK, num_stages=STAGES):
+            offs_n = r + tl.arange(0, BLOCK)
+            rows = offs_n[:, None].to(tl.int64)
+            valid = (offs_n < N)[:, None]
+            k = tl.load(k_base + rows * sk_n, mask=valid & (offs_d < D_K)[None, :], other=0.0)
+            v = tl.load(v_base + rows * sv_n, mask=valid & (offs_d < D_V)[None, :], other=0.0)
+            ksum += k.to(tl.float32)
+            vmax = tl.maximum(vmax, tl.abs(v.to(tl.float32)))
+        ksum = tl.sum(ksum, 0)
+    else:
+        for r in tl.range(start, end, BLOCK, num_stages=STAGES):
+            offs_n = r + tl.arange(0, BLOCK)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_n,
+                        mask=(offs_n < N)[:, None] & (offs_d < D_V)[None, :], other=0.0)
+            vmax = tl.maximum(vmax, tl.abs(v.to(tl.float32)))
+        # the sampled runs that start in this chunk (chunks start at multiples of SAMPLE_ROWS), in
+        # the order the attention visits the keys: through PERM when it has one (the sample then
+        # is the reference's, which smooths the permuted keys)
+        ksum_s = tl.zeros([SAMPLE_ROWS, HEAD_DIM], dtype=tl.float32)
+        period = SAMPLE_ROWS * SAMPLE_EVERY
+        for r in tl.range(tl.cdiv(start, period) * period, end, period):
+            offs_n = r + tl.arange(0, SAMPLE_ROWS)
+            rows = offs_n
+            if HAS_PERM:
+                rows = tl.load(PERM + offs_n, mask=offs_n < N, other=0)
+            k = tl.load(k_base + rows[:, None].to(tl.int64) * sk_n,
+                        mask=(offs_n < N)[:, None] & (offs_d < D_K)[None, :], other=0.0)
+            ksum_s += k.to(tl.float32)
+        ksum = tl.sum(ksum_s, 0)
     out = (bh * NCHUNK + c) * HEAD_DIM + offs_d
-    tl.store(KSUM + out, tl.sum(ksum, 0))
+    tl.store(KSUM + out, ksum)
     tl.store(VMAX + out, tl.max(vmax, 0))
 
 
@@ -42,7 +70,7 @@ _kv_stats = Kernel(_kv_stats_kernel)
 
 
 @triton.jit
-def _kv_finish_kernel(KSUM, VMAX, KMEAN, VOUT, N, NCHUNK, v_div, HEAD_DIM: tl.constexpr, D_K: tl.constexpr,
+def _kv_finish_kernel(KSUM, VMAX, KMEAN, VOUT, k_count, NCHUNK, v_div, HEAD_DIM: tl.constexpr, D_K: tl.constexpr,
                       D_V: tl.constexpr, SCALE: tl.constexpr):
     bh = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -51,7 +79,7 @@ def _kv_finish_kernel(KSUM, VMAX, KMEAN, VOUT, N, NCHUNK, v_div, HEAD_DIM: tl.co
     for c in range(NCHUNK):
         ksum += tl.load(KSUM + (bh * NCHUNK + c) * HEAD_DIM + offs_d)
         vmax = tl.maximum(vmax, tl.load(VMAX + (bh * NCHUNK + c) * HEAD_DIM + offs_d))
-    tl.store(KMEAN + bh * D_K + offs_d, ksum / N, mask=offs_d < D_K)
+    tl.store(KMEAN + bh * D_K + offs_d, ksum / k_count, mask=offs_d < D_K)
     if SCALE:  # the reference's scale: max(amax / format max, 1e-20)
         vmax = tl.maximum(vmax / v_div, 1e-20)
     tl.store(VOUT + bh * D_V + offs_d, vmax, mask=offs_d < D_V)
@@ -61,32 +89,45 @@ _kv_finish = Kernel(_kv_finish_kernel)
 
 
 def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None,
-             launch: Launch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             launch: Launch | None = None, k_sample: tuple[int, int] | None = None,
+             perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """k (B,H,N,Dk), v (B,H,N,Dv) -> (mean of k over N (B,H,Dk), max |v| over N (B,H,Dv)), fp32.
     With v_format_max, the second is V's per-channel scale for a format whose largest value that
-    is: max(max |v| / v_format_max, 1e-20). `launch`: rows per step, warps, programs (speed only)."""
+    is: max(max |v| / v_format_max, 1e-20). k_sample (R, E): the mean of k over the rows i with
+    (i // R) % E == 0 only (R a power of two <= 128); with `perm` (int32 (N,)), row i is k's row perm[i]
+    (the order the attention visits the keys in). `launch`: rows per step, warps, programs (speed only)."""
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must be (B, H, N, D) with the same B, H, N, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("k and v must be contiguous in the head dimension")
     B, H, N, Dk = k.shape
     Dv = v.shape[3]
+    s_rows, s_every = k_sample or (1, 1)
+    if s_rows < 1 or s_rows & (s_rows - 1) or s_rows > 128 or s_every < 1:
+        raise ValueError(f"k_sample must be (R, E), R a power of two <= 128 and E >= 1, got {k_sample}")
+    if perm is not None and (perm.dtype != torch.int32 or perm.shape != (N,) or perm.device != k.device):
+        raise ValueError(f"perm must be an int32 ({N},) tensor on {k.device}")
+    full, rest = divmod(N, s_rows * s_every)
+    k_count = N if s_every == 1 else full * s_rows + min(s_rows, rest)
     hd = next_pow2(max(Dk, Dv))
     launch = launch or helper_launch("kv_stats", k.device)
     block = launch.block or 32
     # enough programs to fill the GPU several times over, each a whole number of token blocks
     nchunk = max(1, min(cdiv(N, block), cdiv(launch.programs, B * H)))
-    rows = cdiv(cdiv(N, nchunk), block) * block
+    step = max(block, s_rows if s_every > 1 else 1)  # chunks start at whole sampled runs
+    rows = cdiv(cdiv(N, nchunk), step) * step
     nchunk = cdiv(N, rows)
     ksum = torch.empty(B * H, nchunk, hd, dtype=torch.float32, device=k.device)
     vmax = torch.empty_like(ksum)
+    sampled_perm = perm is not None and s_every > 1  # the full mean does not depend on the order
     _kv_stats[(nchunk, B * H)](
-        k, v, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k, v, perm.contiguous() if sampled_perm else ksum, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, STAGES=launch.num_stages,
+        SAMPLE_ROWS=s_rows if s_every > 1 else 1, SAMPLE_EVERY=s_every, HAS_PERM=sampled_perm,
         num_warps=launch.num_warps,
     )
     k_mean = torch.empty(B, H, Dk, dtype=torch.float32, device=k.device)
     v_out = torch.empty(B, H, Dv, dtype=torch.float32, device=k.device)
-    _kv_finish[(B * H,)](ksum, vmax, k_mean, v_out, float(N), nchunk, float(v_format_max or 1.0),
+    _kv_finish[(B * H,)](ksum, vmax, k_mean, v_out, float(k_count), nchunk, float(v_format_max or 1.0),
                          HEAD_DIM=hd, D_K=Dk, D_V=Dv, SCALE=v_format_max is not None, num_warps=1)
     return k_mean, v_out

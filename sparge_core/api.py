@@ -12,7 +12,7 @@ from .availability import triton_status
 from .blockmask import SpargeBlockMask, causal_block_mask, check_dense_mask, num_blocks
 from .layout import from_hnd, to_hnd
 from .params import SpargeParams
-from .reference import FP8_MAX, LOG2E, expand_kv, pooled_scores, sparge_reference
+from .reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, expand_kv, pooled_scores, sparge_reference
 from .stats import SpargeStats
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -153,8 +153,9 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     q_sim_wanted = predict and (not lse or params.sim_rule_enabled())
     q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=predict,
                                           want_sim=q_sim_wanted, perm=perm_q)
-    # one pass over K and V: K's mean (token order does not matter for it) and V's per-channel fp8 scale
-    k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX)
+    # one pass over V and a sample of K: K's smoothing vector (reference.key_mean, over the keys in
+    # the order the kernels visit them) and V's per-channel fp8 scale
+    k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm_k)
     # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
     k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,

@@ -46,10 +46,25 @@ def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- step 0
+# K's smoothing vector is the mean of a fixed sample of the keys: runs of KMEAN_SAMPLE[0] tokens,
+# one run in every KMEAN_SAMPLE[1] (1/8 of the keys). Any vector subtracted from every key leaves
+# the softmax exact; the mean only centres the int8 range, which a sample does as well, and the
+# stats pass (kernels/kv_stats.py) then reads 1/8 of K instead of all of it.
+KMEAN_SAMPLE = (32, 8)
+
+
+def key_mean(k: torch.Tensor) -> torch.Tensor:
+    """K's smoothing vector (B,H,1,D): the mean of the sampled keys (KMEAN_SAMPLE; token 0 onwards,
+    so every sequence has at least one sampled key)."""
+    rows, every = KMEAN_SAMPLE
+    sampled = (torch.arange(k.shape[2], device=k.device) // rows) % every == 0
+    return k[:, :, sampled].mean(dim=2, keepdim=True)
+
+
 def smooth_k(k: torch.Tensor) -> torch.Tensor:
-    """Subtract the mean key: every score of a query row shifts by the same amount, so the
-    softmax is unchanged, but the int8 range is spent on what differs between keys."""
-    return k - k.mean(dim=2, keepdim=True)
+    """Subtract K's smoothing vector (key_mean): every score of a query row shifts by the same
+    amount, so the softmax is unchanged, but the int8 range is spent on what differs between keys."""
+    return k - key_mean(k)
 
 
 def quantize_int8_per_block(x: torch.Tensor, block: int):
@@ -265,9 +280,9 @@ def row_lse(m, l, q, k_mean, scale: float):
 
     m, l: the online softmax's running max and denominator per query block and row (B,H,NQ,BQ),
     log2 units, l = sum_j 2^(s_j - m) (without the kernel's 2^8 P pre-scale), so
-    log2 sum = m + log2 l. The scores s were taken against smoothed keys k_j - mean(k): adding back
-    scale * q . mean(k) makes the value independent of the smoothing, so the lse of two key shards
-    (each smoothed by its own mean) merge. That shift uses the un-quantized q (B,H,N,D) in fp32:
+    log2 sum = m + log2 l. The scores s were taken against smoothed keys k_j - key_mean(k): adding
+    back scale * q . key_mean(k) makes the value independent of the smoothing, so the lse of two key
+    shards (each smoothed by its own vector) merge. That shift uses the un-quantized q (B,H,N,D) in fp32:
     int8 q's rounding cancels in the softmax but would not here (q . mean(k) can be large).
     A row that summed nothing: -inf. Returns (B,H,N)."""
     N = q.shape[2]
@@ -347,7 +362,7 @@ def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int
     out = acc / l.clamp_min(TINY)[..., None] * vscale[:, :, None, None, :]
     out = out.flatten(2, 3)[:, :, :N]
     if return_lse:
-        lse = row_lse(m, l, q, expand_kv(k.float().mean(2)[:, :, None], H)[:, :, 0], scale)
+        lse = row_lse(m, l, q, expand_kv(key_mean(k.float()), H)[:, :, 0], scale)
         return out.to(q.dtype), skipped, lse
     return out.to(q.dtype), skipped
 

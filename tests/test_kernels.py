@@ -26,6 +26,7 @@ from sparge_attention.sparge_core.blockmask import num_blocks  # noqa: E402
 from sparge_attention.sparge_core.reference import (  # noqa: E402
     FP8_MAX,
     LOG2E,
+    key_mean,
     pool_and_similarity,
     quantize_int8_per_block,
     quantize_v,
@@ -112,7 +113,7 @@ def test_quant_pool_dtypes_and_extra_scale(dtype):
 def test_quant_pool_k_smoothing(D, hd):
     g = torch.Generator().manual_seed(D)
     k = (torch.randn(1, 2, 333, D, generator=g) + 7.0).to(torch.bfloat16)  # big shared offset
-    mean = k.mean(dim=2, dtype=torch.float32)
+    mean = key_mean(k.float())[:, :, 0]
     check_quant_pool(k, 64, hd, mean=mean)
     # the smoothed int8 keys are what the reference quantizes after smooth_k
     xq, _, _, _ = quant_pool(k, 64, hd, mean=mean, want_pool=False)
@@ -145,7 +146,7 @@ def test_quant_pool_int8_means_match_reference(D, hd, pad, garbage_empty):
 
     _, k, v = clustered(1, 2, 333, D, seed=D)
     nb = num_blocks(333, BK)
-    out = quant_pool(k, BK, hd, mean=k.mean(2), want_pool=True, want_sim=False, pool_i8_blocks=nb + pad)
+    out = quant_pool(k, BK, hd, mean=key_mean(k)[:, :, 0], want_pool=True, want_sim=False, pool_i8_blocks=nb + pad)
     kq, ks = out[4]
     assert kq.shape == (1, 2, nb + pad, hd) and kq.dtype == torch.int8 and ks.shape == (1, 2, nb + pad)
     assert (kq[:, :, nb:] == 0).all() and (ks[:, :, nb:] == 0).all() and (kq[..., D:] == 0).all()
@@ -554,6 +555,13 @@ def test_kv_stats_matches_torch(n, dk, dv, heads, dtype, seed):
     assert mean.dtype == amax.dtype == torch.float32
     torch.testing.assert_close(mean, k.float().mean(dim=2), rtol=1e-5, atol=1e-5)
     assert torch.equal(amax, v.float().abs().amax(dim=2))
+    # the sampled mean the sparse call uses: the reference's smoothing vector (short sequences: the
+    # first run alone)
+    from sparge_attention.sparge_core.reference import KMEAN_SAMPLE
+
+    mean_s, amax_s = kv_stats(k, v, k_sample=KMEAN_SAMPLE)
+    torch.testing.assert_close(mean_s, key_mean(k.float())[:, :, 0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(amax_s, amax)
     # V's fp8 scale as the reference quantizer computes it (zero channels at its floor)
     from sparge_attention.sparge_core.reference import FP8_MAX, TINY
 
@@ -575,6 +583,34 @@ def test_kv_stats_same_for_every_launch_shape(stages, block, programs):
     got_mean, got_vmax = kv_stats(k, v, launch=Launch(num_stages=stages, block=block, programs=programs))
     torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-6)
     assert torch.equal(got_vmax, want_vmax)
+    # K's sampled mean (the reference's key_mean), runs of 32 and 64 rows
+    for sample in ((32, 8), (64, 2)):
+        got_mean, got_vmax = kv_stats(k, v, launch=Launch(num_stages=stages, block=block, programs=programs),
+                                      k_sample=sample)
+        rows, every = sample
+        want = k[:, :, (torch.arange(k.shape[2]) // rows) % every == 0].mean(2)
+        torch.testing.assert_close(got_mean, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got_vmax, want_vmax)
+
+
+def test_kv_stats_sampled_mean_through_a_permutation():
+    """With a token permutation (Hilbert order) the sample is taken in the permuted order, as the
+    reference smooths the permuted keys; the full mean and V's max do not depend on the order."""
+    from sparge_attention.kernels.kv_stats import kv_stats
+    from sparge_attention.sparge_core.reference import KMEAN_SAMPLE
+
+    g = torch.Generator().manual_seed(6)
+    n = 700
+    k, v = (torch.randn(1, 2, n, 64, generator=g) + torch.linspace(-3, 3, n)[:, None] for _ in range(2))
+    perm = torch.randperm(n, generator=g).to(torch.int32)
+    got_mean, got_vmax = kv_stats(k, v, k_sample=KMEAN_SAMPLE, perm=perm)
+    torch.testing.assert_close(got_mean, key_mean(k[:, :, perm.long()])[:, :, 0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got_mean, key_mean(k)[:, :, 0], atol=1e-2)  # the order matters for a sample
+    assert torch.equal(got_vmax, v.abs().amax(2))
+    full_mean, _ = kv_stats(k, v, perm=perm)
+    torch.testing.assert_close(full_mean, k.mean(2), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="perm"):
+        kv_stats(k, v, k_sample=KMEAN_SAMPLE, perm=perm[:-1])
 
 
 def test_kv_stats_rejects_bad_input():

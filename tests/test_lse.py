@@ -24,6 +24,7 @@ from sparge_attention.sparge_core.blockmask import num_blocks  # noqa: E402
 from sparge_attention.sparge_core.reference import (  # noqa: E402
     dense_attention,
     expand_kv,
+    key_mean,
     quantize_int8_per_block,
     smooth_k,
     sparge_reference,
@@ -70,8 +71,8 @@ def dequantized(x, block):
 
 def quantized_dense_lse(q, k, causal):
     """Dense logsumexp of the scores the reference computes (int8 q against int8 smoothed keys),
-    plus scale * q . mean(k), the part the smoothing took out."""
-    kmean = k.float().mean(2, keepdim=True)
+    plus scale * q . key_mean(k), the part the smoothing took out."""
+    kmean = key_mean(k.float())
     shift = (q.float() @ expand_kv(kmean, q.shape[1]).transpose(-1, -2))[..., 0] * q.shape[-1] ** -0.5
     return dense_lse(dequantized(q, RBQ), dequantized(smooth_k(k.float()), RBK), causal=causal) + shift
 
