@@ -14,34 +14,15 @@ from .numerics import MAGIC_F, batch_head, int32_bits_f32, round_half_away
 def _block_lse(q_i8, k_ptrs, sk_n, row_scale, ks, kb, offs_n, N_K, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
                WANT_MEAN: tl.constexpr):
     """log2 sum_j exp2(score_j) over one key block, per row (and the mean score, when wanted),
-    score_j = dot_j * c with c = row_scale * ks (ks: this key block's scale)."""
+    score_j = dot_j * c with c = row_scale * ks (ks: this key block's scale). As in the attention
+    kernel, the row max works on the raw float bits f_j = dot_j + MAGIC_F of (dot + MAGIC_I);
+    f_j - f_max is exact (both in [2^23, 2^24)), so each score keeps full fp32 precision.
+    row_scale (per row, loop-invariant) and ks stay apart so that the row scale enters the scores'
+    layout once (see the caller)."""
     k = tl.load(k_ptrs + kb * BLOCK_N * sk_n)  # int8, padded to whole blocks (offset < 2^31 within a head)
-    return _lse_rows(tl.dot(q_i8, k), row_scale * ks, kb, offs_n, N_K, BLOCK_N, MASK_KEYS, WANT_MEAN)
-
-
-@triton.jit
-def _block_lse_pair(q_i8, k_ptrs2, sk_n, row_scale, ks0, ks1, kb, offs_n, N_K, BLOCK_R: tl.constexpr,
-                    BLOCK_N: tl.constexpr, WANT_MEAN: tl.constexpr):
-    """_block_lse of the two full key blocks kb and kb + 1 from one 2*BLOCK_N-wide dot. k_ptrs2's
-    column 2i + j is key i of block kb + j, so the dot's columns split into the two blocks by a
-    reshape whose last axis (j) the dot's register layout keeps within a thread (no data moves).
-    One wait on the tensor core per two blocks instead of one per block, and two independent row
-    reductions for the scheduler to interleave."""
-    k = tl.load(k_ptrs2 + kb * BLOCK_N * sk_n)
-    d0, d1 = tl.split(tl.reshape(tl.dot(q_i8, k), (BLOCK_R, BLOCK_N, 2)))
-    lse0, mean0 = _lse_rows(d0, row_scale * ks0, kb, offs_n, N_K, BLOCK_N, False, WANT_MEAN)
-    lse1, mean1 = _lse_rows(d1, row_scale * ks1, kb + 1, offs_n, N_K, BLOCK_N, False, WANT_MEAN)
-    return lse0, mean0, lse1, mean1
-
-
-@triton.jit
-def _lse_rows(dot, c, kb, offs_n, N_K, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, WANT_MEAN: tl.constexpr):
-    """Per row of one key block's int32 dots: log2 sum_j exp2(dot_j * c) and the mean of dot_j * c.
-    As in the attention kernel, the row max works on the raw float bits f_j = dot_j + MAGIC_F of
-    (dot + MAGIC_I); f_j - f_max is exact (both in [2^23, 2^24)), so each score keeps full fp32
-    precision. c (per row) = the row scale times the block's scale; the row scale stays apart from
-    the block's until here so that it enters the scores' layout once (see the caller)."""
+    dot = tl.dot(q_i8, k)
     s = int32_bits_f32(dot)
+    c = row_scale * ks
     mean = tl.zeros_like(c)
     if WANT_MEAN:  # padded keys are zero: their dots add nothing to the sum
         n_real = tl.minimum(N_K - kb * BLOCK_N, BLOCK_N).to(tl.float32)
@@ -69,11 +50,11 @@ def _into_tile(lse_t, mean_t, lse, mean, cols, j, WANT_MEAN: tl.constexpr):
 def _block_lse_kernel(QP, K, KS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks_b, sks_h, so_b, so_h, so_r,
                       NR, N_K, NKB, H, KV_GROUP, scale_log2,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
-                      KB_TILE: tl.constexpr, WANT_MEAN: tl.constexpr, PAIR: tl.constexpr):
+                      KB_TILE: tl.constexpr, WANT_MEAN: tl.constexpr):
     """One program: BLOCK_R pooled queries against KB_TILE consecutive key blocks. The per-row
     results collect in a (BLOCK_R, KB_TILE) register tile, stored once at the end: a store per
     block would move each row's value through shared memory (the dot's row layout is not the
-    store's) behind two barriers, every block. PAIR: two key blocks per dot (_block_lse_pair)."""
+    store's) behind two barriers, every block."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     bh = tl.program_id(2)
@@ -103,22 +84,8 @@ def _block_lse_kernel(QP, K, KS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_
     mean_t = tl.zeros([BLOCK_R, KB_TILE], dtype=tl.float32)
     # only the last key block of the sequence can be partial: run the others without a mask
     kb_full = tl.minimum(kb1, N_K // BLOCK_N)
-    kb_start = kb0
-    if PAIR:
-        offs_n2 = tl.arange(0, 2 * BLOCK_N)
-        key2 = offs_n2 // 2 + (offs_n2 % 2) * BLOCK_N  # column 2i + j: key i of the pair's block j
-        k_ptrs2 = K + b * sk_b + hk * sk_h + key2[None, :].to(tl.int64) * sk_n + offs_d[:, None]
-        kb_pairs = kb0 + (kb_full - kb0) // 2 * 2
-        for kp in range(kb0, kb_pairs, 2):
-            ks0 = tl.load(ks_ptr + kp)
-            ks1 = tl.load(ks_ptr + kp + 1)
-            lse0, mean0, lse1, mean1 = _block_lse_pair(q_i8, k_ptrs2, sk_n, row_scale, ks0, ks1, kp, offs_n, N_K,
-                                                       BLOCK_R, BLOCK_N, WANT_MEAN)
-            lse_t, mean_t = _into_tile(lse_t, mean_t, lse0, mean0, cols, kp - kb0, WANT_MEAN)
-            lse_t, mean_t = _into_tile(lse_t, mean_t, lse1, mean1, cols, kp + 1 - kb0, WANT_MEAN)
-        kb_start = kb_pairs
-    ks_next = tl.load(ks_ptr + tl.minimum(kb_start, NKB - 1))
-    for kb in range(kb_start, kb_full):
+    ks_next = tl.load(ks_ptr + kb0)
+    for kb in range(kb0, kb_full):
         ks = ks_next
         ks_next = tl.load(ks_ptr + tl.minimum(kb + 1, NKB - 1))  # a block ahead: its latency hides behind this one
         lse, mean = _block_lse(q_i8, k_ptrs, sk_n, row_scale, ks, kb, offs_n, N_K, BLOCK_N, False, WANT_MEAN)
@@ -141,8 +108,7 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
                      n_k: int, block_k: int, want_mean: bool = False, launch: Launch | None = None):
     """q_pool (B,H,NQ,D) fp32, k_i8 (B,Hkv,NK*block_k,HD) int8 smoothed keys, k_scale (B,Hkv,NK).
     Returns (B,H,NQ,NK) fp32 in log2 units; with want_mean also the mean score over each block's
-    real keys (same shape and units). `launch`: tile rows, warps, stages, programs and whether two key
-    blocks share one dot (speed only)."""
+    real keys (same shape and units). `launch`: tile rows, warps, stages and programs (speed only)."""
     B, H, NQ, D = q_pool.shape
     Hkv, n_pad, hd = k_i8.shape[1:]
     if k_i8.dtype != torch.int8 or n_pad % block_k or H % Hkv or hd < D:
@@ -167,7 +133,6 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
         out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634,
         BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile, WANT_MEAN=want_mean,
-        PAIR=launch.pair,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
     )

@@ -24,15 +24,13 @@ class Launch:
     has a free one (0: its default); `programs`: how many programs to split the work into, where
     the kernel splits a sequence into chunks; `maxnreg`: a register cap per thread (how many
     programs share an SM), None for the compiler's choice; `tile`: the scoring kernel's most key
-    blocks per program (the width of its register tile of results); `pair`: the scoring kernel
-    computes two key blocks' dots at once (one 2*BLOCK_N-wide product per step)."""
+    blocks per program (the width of its register tile of results)."""
     num_warps: int = 4
     num_stages: int = 3
     block: int = 0
     programs: int = 1024
     maxnreg: int | None = None
     tile: int = 32
-    pair: bool = False
 
 
 # Block sizes shared by every device, so that masks, profiles and calibration made on one
@@ -63,7 +61,8 @@ def config_for_capability(major: int, minor: int) -> KernelConfig:
 
 
 # Launch shapes of the helper kernels: 4 warps, one token block per quantizer program, 64-row
-# tiles for the scoring kernel, 32-row steps for kv_stats over ~1,024 programs, no loads ahead.
+# tiles for the scoring kernel, 32-row steps for kv_stats over ~1,024 programs, no loads ahead;
+# the selection's rows as few warps as their length allows.
 # The scoring kernel's result tile is 16 key blocks wide off Hopper: at 32 it compiles to 251-253
 # registers for sm80-sm89 and spills 15 for sm120 (devkit/cross_compile; none at 16, not timed there).
 _HELPERS = {
@@ -72,7 +71,10 @@ _HELPERS = {
     "quant_v": Launch(),
     "kv_stats": Launch(num_stages=1, block=32),
     "block_lse": Launch(block=64, tile=16),
-    "select": Launch(num_warps=4),
+    # one warp per row up to 512 key blocks, two up to 1,024 (H200, bench/predict_tune.py, NOTES
+    # v24: 12.2 -> 6.7 us at Wan 480p's 256 blocks, 102 -> 86 us at HunyuanVideo 544p's 1,024 with
+    # the fill padding; cross-warp reductions went through shared memory behind barriers)
+    "select": Launch(num_warps=1),
 }
 # Hopper (H200, 2026-12-03, bench/predict_tune.py; NOTES v22): the scoring kernel with a
 # 168-register cap (three programs per SM instead of two) and 32 key blocks per program: 133.6 ->

@@ -83,8 +83,8 @@ def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: t
     param (H,) fp32: cdfthreshd, topk or minshare for mode "cdf", "topk" or "share".
     Returns counts (B,H,NQ) int32, indices (B,H,NQ,NK) int32; with fill_mean (the mean scores of
     block_lse_scores) also the fill_skipped bias (B,H,NQ,fill_blocks) fp32, -inf past NK.
-    `launch`: warps per row for rows of up to 1,024 key blocks (speed only; longer rows take 8, which
-    the sorting modes' shared memory needs)."""
+    `launch`: the fewest warps per row (speed only): a row of up to 1,024 padded key blocks takes
+    one warp per 512 of them at least, a longer one 8 (the sorting modes' shared memory needs them)."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {tuple(_MODES)}, got {mode!r}")
     if scores.dim() != 4 or scores.dtype != torch.float32:
@@ -102,12 +102,13 @@ def select_blocks_fused(scores: torch.Tensor, q_ss: torch.Tensor, k_ss, param: t
     if fill and (fill_mean.shape != scores.shape or fill_mean.dtype != torch.float32 or fill_blocks < NK):
         raise ValueError("fill_mean must be fp32 like the scores, and fill_blocks >= the key blocks")
     bias = torch.empty(B, H, NQ, fill_blocks, dtype=torch.float32, device=scores.device) if fill else scores
-    width = max(NK, fill_blocks)
-    warps = (launch or helper_launch("select", scores.device)).num_warps if width <= 1024 else 8
+    width = next_pow2(max(NK, fill_blocks))
+    least = (launch or helper_launch("select", scores.device)).num_warps
+    warps = min(8, max(least, width // 512)) if width <= 1024 else 8
     _select[(B * H * NQ,)](
         scores, qss, kss, param.float().contiguous(), counts, idx,
         fill_mean.contiguous() if fill else scores, bias, NQ, NK, fill_blocks, H, n_q, n_k, block_q, block_k,
-        NK_POW2=next_pow2(max(NK, fill_blocks)), MODE=_MODES[mode], HAS_QSS=q_ss is not None, HAS_KSS=k_ss is not None,
+        NK_POW2=width, MODE=_MODES[mode], HAS_QSS=q_ss is not None, HAS_KSS=k_ss is not None,
         SINK=sink, CAUSAL=causal, FILL=fill, num_warps=warps,
     )
     return (counts, idx, bias) if fill else (counts, idx)

@@ -518,8 +518,7 @@ def test_block_lse_scores_matches_reference(D, hd, Hkv):
 
 def test_block_lse_scores_across_programs_and_launch_shapes():
     """Key blocks split over several programs (result tiles of 8 blocks) or one (a 32-block tile, part
-    filled), a partial last block, 64- and 128-row tiles, two key blocks per dot (pairs, then a single
-    full block and the partial one): the same numbers as the reference in each."""
+    filled), a partial last block, 64- and 128-row tiles: the same numbers as the reference in each."""
     kern = pytest.importorskip("sparge_attention.kernels.block_scores")
     from sparge_attention.kernels.config import Launch, helper_launches_for
     from sparge_attention.sparge_core.reference import block_lse_scores
@@ -530,8 +529,7 @@ def test_block_lse_scores_across_programs_and_launch_shapes():
     k_i8, k_s, _, _ = quant_pool(k, BK, 64, mean=k.mean(2), want_pool=False)
     want, want_mean = block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True)
     for launch in (Launch(block=64), Launch(block=128, num_warps=8), Launch(block=64, programs=1),
-                   helper_launches_for(9)["block_lse"], Launch(block=64, pair=True),
-                   Launch(block=64, programs=1, pair=True)):
+                   helper_launches_for(9)["block_lse"]):
         got, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True, launch=launch)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-4)
