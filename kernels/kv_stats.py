@@ -94,8 +94,9 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
     """k (B,H,N,Dk), v (B,H,N,Dv) -> (mean of k over N (B,H,Dk), max |v| over N (B,H,Dv)), fp32.
     With v_format_max, the second is V's per-channel scale for a format whose largest value that
     is: max(max |v| / v_format_max, 1e-20). k_sample (R, E): the mean of k over the rows i with
-    (i // R) % E == 0 only (R a power of two <= 128); with `perm` (int32 (N,)), row i is k's row perm[i]
-    (the order the attention visits the keys in). `launch`: rows per step, warps, programs (speed only)."""
+    (i // R) % E == 0 only (R a power of two <= 128); with `perm` (int32 (N,)), row i is k's row
+    perm[i] (the order the attention visits the keys in). `launch`: rows per step, warps, programs
+    (speed only)."""
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must be (B, H, N, D) with the same B, H, N, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -121,7 +122,8 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
     vmax = torch.empty_like(ksum)
     sampled_perm = perm is not None and s_every > 1  # the full mean does not depend on the order
     _kv_stats[(nchunk, B * H)](
-        k, v, perm.contiguous() if sampled_perm else ksum, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k, v, perm.contiguous() if sampled_perm else ksum, ksum, vmax,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, STAGES=launch.num_stages,
         SAMPLE_ROWS=s_rows if s_every > 1 else 1, SAMPLE_EVERY=s_every, HAS_PERM=sampled_perm,
         num_warps=launch.num_warps,
