@@ -29,38 +29,26 @@ def _kv_stats_kernel(K, V, PERM, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
     end = tl.minimum(start + ROWS_PER_PROG, N)
     k_base = K + b * sk_b + h * sk_h + offs_d[None, :]
     v_base = V + b * sv_b + h * sv_h + offs_d[None, :]
-    if SAMPLE_EVERY == 1:  # every key: K and V in one loop
-        ksum = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-        # STAGES > 1: the next steps' loads in flight (cp.async) while this one is summed
-        for r in tl.range(start, end, BLOCK, num_stages=STAGES):
-            offs_n = r + tl.arange(0, BLOCK)
-            rows = offs_n[:, None].to(tl.int64)
-            valid = (offs_n < N)[:, None]
-            k = tl.load(k_base + rows * sk_n, mask=valid & (offs_d < D_K)[None, :], other=0.0)
-            v = tl.load(v_base + rows * sv_n, mask=valid & (offs_d < D_V)[None, :], other=0.0)
-            ksum += k.to(tl.float32)
-            vmax = tl.maximum(vmax, tl.abs(v.to(tl.float32)))
-        ksum = tl.sum(ksum, 0)
-    else:
-        for r in tl.range(start, end, BLOCK, num_stages=STAGES):
-            offs_n = r + tl.arange(0, BLOCK)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_n,
-                        mask=(offs_n < N)[:, None] & (offs_d < D_V)[None, :], other=0.0)
-            vmax = tl.maximum(vmax, tl.abs(v.to(tl.float32)))
-        # the sampled runs that start in this chunk (chunks start at multiples of SAMPLE_ROWS), in
-        # the order the attention visits the keys: through PERM when it has one (the sample then
-        # is the reference's, which smooths the permuted keys)
-        ksum_s = tl.zeros([SAMPLE_ROWS, HEAD_DIM], dtype=tl.float32)
-        period = SAMPLE_ROWS * SAMPLE_EVERY
-        for r in tl.range(tl.cdiv(start, period) * period, end, period):
-            offs_n = r + tl.arange(0, SAMPLE_ROWS)
-            rows = offs_n
-            if HAS_PERM:
-                rows = tl.load(PERM + offs_n, mask=offs_n < N, other=0)
-            k = tl.load(k_base + rows[:, None].to(tl.int64) * sk_n,
-                        mask=(offs_n < N)[:, None] & (offs_d < D_K)[None, :], other=0.0)
-            ksum_s += k.to(tl.float32)
-        ksum = tl.sum(ksum_s, 0)
+    # STAGES > 1: the next steps' loads in flight (cp.async) while this one is reduced
+    for r in tl.range(start, end, BLOCK, num_stages=STAGES):
+        offs_n = r + tl.arange(0, BLOCK)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_n,
+                    mask=(offs_n < N)[:, None] & (offs_d < D_V)[None, :], other=0.0)
+        vmax = tl.maximum(vmax, tl.abs(v.to(tl.float32)))
+    # K's runs (every key when SAMPLE_EVERY is 1) that start in this chunk (chunks start at
+    # multiples of SAMPLE_ROWS), in the order the attention visits the keys: through PERM when it
+    # has one (the sample then is the reference's, which smooths the permuted keys)
+    ksum_t = tl.zeros([SAMPLE_ROWS, HEAD_DIM], dtype=tl.float32)
+    period = SAMPLE_ROWS * SAMPLE_EVERY
+    for r in tl.range(tl.cdiv(start, period) * period, end, period):
+        offs_n = r + tl.arange(0, SAMPLE_ROWS)
+        rows = offs_n
+        if HAS_PERM:
+            rows = tl.load(PERM + offs_n, mask=offs_n < N, other=0)
+        k = tl.load(k_base + rows[:, None].to(tl.int64) * sk_n,
+                    mask=(offs_n < N)[:, None] & (offs_d < D_K)[None, :], other=0.0)
+        ksum_t += k.to(tl.float32)
+    ksum = tl.sum(ksum_t, 0)
     out = (bh * NCHUNK + c) * HEAD_DIM + offs_d
     tl.store(KSUM + out, ksum)
     tl.store(VMAX + out, tl.max(vmax, 0))
@@ -103,19 +91,19 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
         raise ValueError("k and v must be contiguous in the head dimension")
     B, H, N, Dk = k.shape
     Dv = v.shape[3]
-    s_rows, s_every = k_sample or (1, 1)
+    hd = next_pow2(max(Dk, Dv))
+    launch = launch or helper_launch("kv_stats", k.device)
+    block = launch.block or 32
+    s_rows, s_every = k_sample or (block, 1)  # the full mean: every run of `block` keys
     if s_rows < 1 or s_rows & (s_rows - 1) or s_rows > 128 or s_every < 1:
         raise ValueError(f"k_sample must be (R, E), R a power of two <= 128 and E >= 1, got {k_sample}")
     if perm is not None and (perm.dtype != torch.int32 or perm.shape != (N,) or perm.device != k.device):
         raise ValueError(f"perm must be an int32 ({N},) tensor on {k.device}")
     full, rest = divmod(N, s_rows * s_every)
-    k_count = N if s_every == 1 else full * s_rows + min(s_rows, rest)
-    hd = next_pow2(max(Dk, Dv))
-    launch = launch or helper_launch("kv_stats", k.device)
-    block = launch.block or 32
+    k_count = full * s_rows + min(s_rows, rest)  # N when every key counts
     # enough programs to fill the GPU several times over, each a whole number of token blocks
     nchunk = max(1, min(cdiv(N, block), cdiv(launch.programs, B * H)))
-    step = max(block, s_rows if s_every > 1 else 1)  # chunks start at whole sampled runs
+    step = max(block, s_rows)  # chunks start at whole runs
     rows = cdiv(cdiv(N, nchunk), step) * step
     nchunk = cdiv(N, rows)
     ksum = torch.empty(B * H, nchunk, hd, dtype=torch.float32, device=k.device)
@@ -125,7 +113,7 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
         k, v, perm.contiguous() if sampled_perm else ksum, ksum, vmax,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, STAGES=launch.num_stages,
-        SAMPLE_ROWS=s_rows if s_every > 1 else 1, SAMPLE_EVERY=s_every, HAS_PERM=sampled_perm,
+        SAMPLE_ROWS=s_rows, SAMPLE_EVERY=s_every, HAS_PERM=sampled_perm,
         num_warps=launch.num_warps,
     )
     k_mean = torch.empty(B, H, Dk, dtype=torch.float32, device=k.device)
