@@ -26,6 +26,11 @@ except ImportError:  # older Triton: no hook chains to respect, and no direct la
     _knobs = None
 
 
+def _key(device, specialization, options) -> tuple:
+    """The compiled-kernel cache key of one binder answer (the same in `launch` and `_first`)."""
+    return device, tuple(specialization), tuple(options.items())
+
+
 def _hooks_active() -> bool:
     rt = _knobs.runtime
     for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
@@ -59,8 +64,7 @@ class Kernel:
         if caches is None:
             return self._first(grid, args, kwargs, device)
         bound, specialization, options = caches[-1](*args, **kwargs)
-        key = (device, tuple(specialization), tuple(options.items()))
-        ck = self._compiled.get(key)
+        ck = self._compiled.get(_key(device, specialization, options))
         if ck is None:
             return self._first(grid, args, kwargs, device)
         n = len(grid)
@@ -75,7 +79,7 @@ class Kernel:
         ck = self.fn[grid](*args, **kwargs)
         try:
             bound, specialization, options = self.fn.device_caches[device][-1](*args, **kwargs)
-            key = (device, tuple(specialization), tuple(options.items()))
+            key = _key(device, specialization, options)
             ok = isinstance(bound, dict) and all(hasattr(ck, a) for a in ("run", "function", "packed_metadata"))
             hash(key)
         except (AttributeError, IndexError, KeyError, TypeError, ValueError):
