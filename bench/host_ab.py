@@ -20,10 +20,7 @@ import torch
 
 from common import card_name, comfy_sdpa, save
 from devkit.sampling_run import sampling_run
-from host_overhead import median
-
-GRIDS = {7800: (5, 30, 52), 32760: (21, 30, 52)}
-H, D, B = 12, 128, 2
+from host_overhead import GRIDS, B, D, H, median
 
 
 def load_tree(root: Path, name: str):

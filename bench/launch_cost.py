@@ -23,12 +23,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import card_name, save
 from devkit.launches import capture_launches
+from host_overhead import GRIDS, B, D, H
 from host_overhead import host_us as host_wall_cpu_us
 from sparge_attention.sparge_core import sparge_attention
 from sparge_attention.sparge_core.presets import PRESETS
-
-GRIDS = {7800: (5, 30, 52), 32760: (21, 30, 52)}
-H, D, B = 12, 128, 2
 
 
 def host_us(fn):
