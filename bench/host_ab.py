@@ -5,8 +5,11 @@ bench/host_overhead.py), so a before/after comparison of host time has to share 
 Loads this checkout as `sparge_attention` and another tree (e.g. `git archive <rev>` unpacked) as
 `sparge_before`, then alternates their calls: the public API and the node's override inside a
 sampling run (Balanced, as bench/host_overhead.py drives it), each call timed alone after a sync.
+A build with CUDA graphs (sparge_core/call_graphs.py) also times the API through one CallGraphs
+("api graphed"); its override uses them by itself (a fresh CallGraphs per sampling run: each run's
+first two steps launch and capture, the rest replay).
 
-    python bench/host_ab.py --before ../.carry/before [--tokens 7800] [--rounds 6]
+    python bench/host_ab.py --before ../.carry/before [--tokens 7800] [--rounds 4] [--steps 6]
 """
 import argparse
 import datetime
@@ -51,7 +54,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--before", required=True, help="the other tree's root (its __init__.py)")
     ap.add_argument("--tokens", type=int, default=7800)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6, help="sampling steps per round and build")
     args = ap.parse_args()
     n, grid = args.tokens, GRIDS[args.tokens]
     load_tree(Path(args.before).resolve(), "sparge_before")
@@ -60,14 +64,21 @@ def main():
     x = [torch.randn(B, n, H * D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
     qh, kh, vh = (t.view(B, n, H, D).transpose(1, 2) for t in x)
     times = {k: {"api": [], "override": []} for k in builds}
-    overrides = {}
+    overrides, graphs = {}, {}
     for name, (api, presets, config, override) in builds.items():
         p = presets.PRESETS["Balanced"].params()
         overrides[name] = (api, p, override.SpargeOverride(config.SpargeConfig.from_widgets(preset="Balanced",
                                                                                             min_tokens=1024),
                                                              node_id=f"ab-{name}"))
+        try:
+            graphs[name] = importlib.import_module(f"{api.__name__}.call_graphs").CallGraphs()
+            times[name]["api graphed"] = []
+        except ImportError:
+            pass
 
-    def run(name, record, steps=3, blocks=30):
+    summaries = {}
+
+    def run(name, record, steps, blocks=30):
         api, p, ov = overrides[name]
 
         def forward(x_, t, c_concat, c_crossattn, control, to):
@@ -81,21 +92,31 @@ def main():
             us = timed(lambda: api.sparge_attention(qh, kh, vh, p))
             if record:
                 times[name]["api"].append(us)
+        if name in graphs:
+            for _ in range(30):
+                us = timed(lambda: api.sparge_attention(qh, kh, vh, p, graphs=graphs[name]))
+                if record:
+                    times[name]["api graphed"].append(us)
+        if record and getattr(ov, "last_graphs", None):
+            summaries.setdefault(name, []).append(ov.last_graphs)
 
     for name in builds:  # compile and warm both
         run(name, False, steps=4)
     for _ in range(args.rounds):
         for name in builds:
-            run(name, True)
+            run(name, True, args.steps)
     res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "tokens": n,
-           "preset": "Balanced", "median_us": {}}
+           "preset": "Balanced", "steps": args.steps, "median_us": {}, "mean_us": {}, "override_graphs": summaries}
     print(f"host time per call (median wall us, calls alternating by build in one process), {res['card']}, "
-          f"{n} tokens, Balanced; the override's calls include its measured ones (every 4th step per block)")
+          f"{n} tokens, Balanced, {args.steps}-step runs; the override's calls include its measured ones "
+          f"(every 4th step per block) and each run's launched and captured first calls")
     for name, t in times.items():
-        med = {k: median(v) for k, v in t.items()}
-        res["median_us"][name] = med
-        print(f"  {name:<7} override {med['override']:8.1f}   API {med['api']:8.1f}   ({len(t['override'])} / "
-              f"{len(t['api'])} calls)")
+        med = res["median_us"][name] = {k: median(v) for k, v in t.items()}
+        mean = res["mean_us"][name] = {k: sum(v) / len(v) for k, v in t.items()}
+        print(f"  {name:<7} " + "   ".join(f"{k} {med[k]:8.1f} (mean {mean[k]:7.1f})" for k in t)
+              + f"   ({len(t['override'])} / {len(t['api'])} calls)")
+    for name, runs in summaries.items():
+        print(f"  {name} override graphs per run: {runs[-1]}")
     print("saved", save(res, f"{res['date']}-{card_name()}-host_ab"))
 
 

@@ -10,7 +10,8 @@ out what other processes take from this one; on the H200's host the two agree, a
 figures still move by up to 4x from one process to the next: compare builds with bench/host_ab.py,
 which runs them in one process). Rows: the node's override as ComfyUI calls it ((B, N, H*D)
 self-attention inside a forward, the preset's error-target adaptation in its steady state, i.e. an
-unmeasured call), the public API `sparge_attention`, and a cProfile listing of the override's calls
+unmeasured call; the node replays CUDA graphs of its calls, sparge_core/call_graphs.py), the public
+API `sparge_attention` with and without a CallGraphs, and a cProfile listing of the override's calls
 (top functions by own time).
 
     python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--profile [--sort cumulative]]
@@ -30,6 +31,7 @@ from devkit.sampling_run import sampling_run
 from sparge_attention.nodes.config import SpargeConfig
 from sparge_attention.nodes.override import SpargeOverride
 from sparge_attention.sparge_core import sparge_attention
+from sparge_attention.sparge_core.call_graphs import CallGraphs
 from sparge_attention.sparge_core.presets import PRESETS
 
 GRIDS = {7800: (5, 30, 52), 32760: (21, 30, 52)}  # Wan 480p latents, 17 and 81 frames
@@ -94,11 +96,14 @@ def main():
         x = [torch.randn(B, n, H * D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
         qh, kh, vh = (t.view(B, n, H, D).transpose(1, 2) for t in x)
         p = PRESETS[args.preset].params()
+        graphs = CallGraphs()
         rows = {"sparge_attention (API)": lambda: sparge_attention(qh, kh, vh, p),
+                "sparge_attention (API, CUDA graph)": lambda: sparge_attention(qh, kh, vh, p, graphs=graphs),
                 "SDPA (cuDNN) for scale": lambda: comfy_sdpa(*x, heads=H)}
         out = res["host_us"][str(n)] = {}
         override_times(args.preset, grid, x, steps=4)  # compile and warm every path
-        ts, cs, _ = override_times(args.preset, grid, x)
+        ts, cs, ov = override_times(args.preset, grid, x)
+        res.setdefault("override_graphs", {})[str(n)] = ov.last_graphs
         out[f"override (node, {args.preset}) median"] = (median(ts), median(cs))
         out[f"override (node, {args.preset}) mean"] = (sum(ts) / len(ts), sum(cs) / len(cs))
         for name, fn in rows.items():
@@ -106,6 +111,7 @@ def main():
         print(f"  {'':>6}         {'':<36} {'wall':>8}    {'CPU':>8}")
         for name, (us, cpu_us) in out.items():
             print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us {cpu_us:8.1f} us")
+        print(f"  {n:>6} tokens  the override's CUDA graphs: {ov.last_graphs}")
         if args.profile:
             pr = cProfile.Profile()
             pr.enable()

@@ -223,7 +223,7 @@ _attn = Kernel(_sparse_attn_fwd)
 def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, pvthreshd,
                     n_q: int, n_k: int, d_out: int, out_dtype, is_causal: bool, pv_skip: bool,
                     config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None,
-                    lse_inputs: tuple | None = None):
+                    lse_inputs: tuple | None = None, out: torch.Tensor | None = None):
     """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), a view of
     (B,n_q,H,d_out) memory, skipped (B,H,NQ) or None), and lse as a third item when lse_inputs is given.
 
@@ -238,7 +238,9 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     (B,Hkv,d_out) fp32 that K was smoothed by (zeros if it was not) and the softmax scale. The kernel
     then also returns lse (B,H,n_q) fp32: per output row, the natural log of sum_j exp(scale * q.k_j)
     over what the row summed (kept blocks, fill means), the logsumexp flash attention returns; -inf
-    for a row that summed nothing."""
+    for a row that summed nothing.
+    out: where to write the output, else a new tensor: (B,H,n_q,d_out) in out_dtype, a transposed view of
+    contiguous (B,n_q,H,d_out) memory, as the kernel would allocate it (a CUDA graph's caller owns it)."""
     if not isinstance(config, KernelConfig):
         raise TypeError(f"config must be a kernels.config.KernelConfig, got {type(config).__name__}")
     block_m, block_n = config.block_m, config.block_n
@@ -291,7 +293,12 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         lse_scale = float(lse_scale) * 1.4426950408889634  # scores in log2 units, like the main loop
     # token-major memory, as flash attention returns it: ComfyUI's (B, N, H*D) is then a view of it
     # (a head-major output cost the node a copy of the whole output per call)
-    out = torch.empty(B, n_q, H, d_out, dtype=out_dtype, device=q_i8.device).transpose(1, 2)
+    if out is None:
+        out = torch.empty(B, n_q, H, d_out, dtype=out_dtype, device=q_i8.device).transpose(1, 2)
+    elif (out.shape != (B, H, n_q, d_out) or out.dtype != out_dtype or out.device != q_i8.device
+          or not out.transpose(1, 2).is_contiguous()):
+        raise ValueError(f"out must be ({B},{H},{n_q},{d_out}) {out_dtype} on {q_i8.device}, a transposed view of "
+                         f"contiguous ({B},{n_q},{H},{d_out}) memory; got {tuple(out.shape)} {out.dtype}")
     # every program writes its own entry: no zero fill (a launch of its own on the host)
     skipped = torch.empty(B, H, NQ, dtype=torch.int32, device=q_i8.device) if pv_skip else counts
     pvt = pvthreshd.to(device=q_i8.device, dtype=torch.float32).contiguous()

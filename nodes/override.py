@@ -12,8 +12,9 @@ It also provides two model wrappers (comfy.patcher_extension):
 * APPLY_MODEL (one model forward): learns the latent's token grid, the sampling step and the
   block count, and puts a fresh ForwardContext (stats.py) into transformer_options for that
   forward; afterwards its records are folded into the run's per-step stats.
-* OUTER_SAMPLE (one sampling run): starts a fresh RunStats, and when the run ends builds the
-  readout (readout.py), publishes it (routes.py) and keeps the sparsity map (capture.py).
+* OUTER_SAMPLE (one sampling run): starts a fresh RunStats and CallGraphs (the run's CUDA graphs,
+  sparge_core/call_graphs.py), and when the run ends builds the readout (readout.py), publishes it
+  (routes.py) and keeps the sparsity map (capture.py).
 
 Features plug in as observers (observers.py): the error check and a loaded profile's notes come
 from the config, the Sparge Calibrate node passes its own to `install`. All state lives on the
@@ -29,6 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..sparge_core.api import block_sizes, resolve_backend
+from ..sparge_core.call_graphs import CallGraphs
 from ..sparge_core.layout import merge_heads
 from ..sparge_core.torch_op import dense_block_total
 from . import eligibility as E
@@ -42,7 +44,7 @@ from .observers import ObservedCall, Observer
 from .profile_use import ProfileUse
 from .readout import build_readout
 from .routes import publish
-from .stats import CallRecord, ForwardContext, RunStats, fold_forward
+from .stats import CallRecord, ForwardContext, RunStats, fold_forward, start_timing
 
 log = logging.getLogger("sparge_attention")
 
@@ -95,6 +97,8 @@ class SpargeOverride:
         self.observers: tuple[Observer, ...] = config_observers(config) + tuple(observers)
         self.key = f"sparge_ctx:{uuid.uuid4().hex[:12]}"
         self.run: Optional[RunStats] = None
+        self.graphs: Optional[CallGraphs] = None  # the sampling run's CUDA graphs (freed when it ends)
+        self.last_graphs: Optional[dict] = None  # their summary() after the run
         self._warned: set = set()
         self._failed: set = set()  # call signatures whose sparse call raised in this run
 
@@ -173,9 +177,9 @@ class SpargeOverride:
         if _is_compiling():
             res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture, opts.with_lse)
         else:
-            timing = self._start_timing(call.q) if cfg.verbose else None
+            timing = start_timing(call.q) if cfg.verbose else None
             try:
-                res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture, opts.with_lse)
+                res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture, opts.with_lse, self.graphs)
             except Exception as e:  # Triton compile error, OOM in prediction, ...: finish the render dense
                 self._failed.add(sig)
                 self._warn_kernel(e)
@@ -218,14 +222,6 @@ class SpargeOverride:
         first = str(e).splitlines()[0][:300] if str(e) else ""
         log.warning("Sparge Attention%s: the sparse kernel failed (%s: %s); this call and any later failing ones "
                     "run dense (counted as 'kernel error' in the readout).", self.tag(), type(e).__name__, first)
-
-    @staticmethod
-    def _start_timing(q):
-        if q.device.type != "cuda":
-            return None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        return (start, end)
 
     # ------------------------------------------------------------------ model wrappers
     def apply_model_wrapper(self, executor, *args, **kwargs):
@@ -274,8 +270,9 @@ class SpargeOverride:
         """WrappersMP.OUTER_SAMPLE: CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, ...)
         -- one sampling run (each KSampler / KSamplerAdvanced)."""
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
-        outer_run = self.run
+        outer_run, outer_graphs = self.run, self.graphs
         run = self.run = RunStats.start(sigmas if isinstance(sigmas, torch.Tensor) else None)
+        graphs = self.graphs = CallGraphs()
         self._failed.clear()  # a new run tries the sparse kernel again
         patcher = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
         for obs in self.observers:
@@ -285,7 +282,8 @@ class SpargeOverride:
             out = executor(*args, **kwargs)
             completed = True
         finally:
-            self.run = outer_run
+            self.run, self.graphs = outer_run, outer_graphs
+            self.last_graphs = graphs.summary()
             for obs in self.observers:
                 try:
                     obs.run_finished(run, completed)

@@ -17,6 +17,15 @@ import torch
 from .capture import keep_step_mask
 
 
+def start_timing(q: torch.Tensor):
+    """(start, end) CUDA events of one call (verbose), start recorded now; None off CUDA."""
+    if q.device.type != "cuda":
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    return start, end
+
+
 class CallRecord(NamedTuple):
     """One sparse call."""
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .availability import triton_status
 from .blockmask import SpargeBlockMask, causal_block_mask, check_dense_mask, num_blocks
+from .call_graphs import CallGraphs, tensor_key
 from .layout import from_hnd, to_hnd
 from .params import SpargeParams
 from .reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, expand_kv, pooled_scores, sparge_reference
@@ -194,8 +195,9 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
 
 
 def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None,
-                    return_lse: bool = False):
-    """Returns (out, block mask, P.V-skipped count, lse or None)."""
+                    return_lse: bool = False, out=None):
+    """Returns (out, block mask, P.V-skipped count, lse or None). out: where the kernel writes (see
+    kernels.attn_fwd.sparse_attn_fwd), else a new tensor."""
     from ..kernels.attn_fwd import sparse_attn_fwd
 
     P = prepare_sparse(q, k, v, params, scale, block_mask, pv_dtype, perm_q, perm_k)
@@ -207,16 +209,37 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
     res = sparse_attn_fwd(
         P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
         params.per_head("pvthreshd", H, q.device), N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
-        out_perm=perm_q, fill=P["fill"], lse_inputs=lse_inputs,
+        out_perm=perm_q, fill=P["fill"], lse_inputs=lse_inputs, out=out,
     )
     skipped = res[1]
     return res[0], block_mask, (skipped.sum() if skipped is not None else 0), (res[2] if return_lse else None)
 
 
+def _graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: float, pv_dtype: str, perms):
+    """The predicted Triton call through `graphs` (call_graphs.py): (out, kept, P.V-skipped), the
+    counts as 0-dim int64 device tensors. The output is allocated here, before the lookup, so its
+    address is part of the key like q's, k's and v's."""
+    B, H, N, D = q.shape
+    out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    pkey, keep = params.device_key(H, q.device)
+    perm_q, perm_k = perms
+    perm_key = tuple(p.data_ptr() if p is not None else None for p in perms)
+    key = (tensor_key(q), tensor_key(k), tensor_key(v), out.data_ptr(), scale, pv_dtype, perm_key, pkey)
+
+    def body():
+        _, bm, skipped, _ = _triton_forward(q, k, v, params, scale, None, pv_dtype, perm_q, perm_k, out=out)
+        skipped = skipped if isinstance(skipped, torch.Tensor) else torch.zeros((), dtype=torch.int64, device=q.device)
+        return torch.stack([bm.kv_num_blocks.sum(), skipped.to(torch.int64)])
+
+    counts = graphs.run(key, keep + tuple(p for p in perms if p is not None), body, q.device)
+    return out, counts[0], counts[1]
+
+
 def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: str = "HND",
                      grid: Optional[tuple] = None, n_grid_tokens: Optional[int] = None,
                      scale: Optional[float] = None, return_stats: bool = False, backend: str = "auto",
-                     block_mask=None, pv_dtype: str = "auto", return_lse: bool = False):
+                     block_mask=None, pv_dtype: str = "auto", return_lse: bool = False,
+                     graphs: Optional[CallGraphs] = None):
     """Sparse + quantized attention (SpargeAttn).
 
     q (B, H, N, D), k and v (B, Hkv, Nk, D) for layout "HND"; (B, N, H, D) for "NHD".
@@ -233,6 +256,9 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         torch.ops.aten._scaled_dot_product_flash_attention. -inf for a row that summed nothing.
         Partial results over key shards merge with it (ring attention):
         lse = logaddexp(lse1, lse2), out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse).
+    graphs: a CallGraphs (call_graphs.py) that owns CUDA graphs of calls like this one: a call with
+        a predicted mask and no lse then replays its graph instead of launching its kernels one by
+        one (same results; much less host time). Its stats carry no block mask.
     Returns out in q's dtype and layout; (out, lse) with return_lse; (out, stats) with
     return_stats; (out, lse, stats) with both.
     """
@@ -284,11 +310,16 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
             dense = block_mask.to_dense() & causal_block_mask(*block_mask.kv_indices.shape[2:], block_q, block_k, N, k.shape[2], q.device)
             block_mask = SpargeBlockMask.from_dense(dense, block_q, block_k, N, k.shape[2])
 
+    kept = None  # from the block mask, or from a graphed call's counts
     if be == "triton":
         # the quantizers read fp16, bf16 and fp32 alike; the output comes back in q's dtype
         perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
-        out, block_mask, skipped, lse = _triton_forward(q, k, v, params, scale, block_mask, pv_dtype, *perms,
-                                                        return_lse=return_lse)
+        if graphs is not None and block_mask is None and not return_lse and graphs.wants(q, k, v):
+            out, kept, skipped = _graphed_forward(graphs, q, k, v, params, scale, pv_dtype, perms)
+            lse = None
+        else:
+            out, block_mask, skipped, lse = _triton_forward(q, k, v, params, scale, block_mask, pv_dtype, *perms,
+                                                            return_lse=return_lse)
     else:
         pvd = "fp16" if pv_dtype == "auto" else pv_dtype
         dense_mask = block_mask.to_dense() if block_mask is not None else None
@@ -304,9 +335,11 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
     out = from_hnd(out, layout)
     if not return_stats:
         return _result(out, lse, None)
-    nq, nk = block_mask.kv_indices.shape[2:]
+    nq, nk = num_blocks(N, block_q), num_blocks(k.shape[2], block_k)
     per_head = causal_block_mask(nq, nk, block_q, block_k, N, k.shape[2]).sum().item() if params.is_causal else nq * nk
-    stats = SpargeStats(be, block_mask.kv_num_blocks.sum(), B * H * per_head, skipped, None, block_mask, block_q, block_k, H)
+    if block_mask is not None:
+        kept = block_mask.kv_num_blocks.sum()
+    stats = SpargeStats(be, kept, B * H * per_head, skipped, None, block_mask, block_q, block_k, H)
     return _result(out, lse, stats)
 
 

@@ -17,6 +17,7 @@ SCORINGS = ("pooled", "lse")
 MODES = ("cdf", "topk", "share")
 THRESHOLD_FIELD = {"cdf": "cdfthreshd", "topk": "topk", "share": "minshare"}  # each mode's one threshold
 MAX_MINSHARE = 64.0
+THRESHOLDS = ("simthreshd1", "cdfthreshd", "topk", "minshare", "pvthreshd")  # numbers or per-head tensors
 
 
 def _check_range(name: str, value: Threshold, lo: float, hi: float, lo_open: bool) -> None:
@@ -154,8 +155,26 @@ class SpargeParams:
             hit = cache[key] = (stamp, t.to(dev))
         return hit[1]
 
+    def device_key(self, heads: int, device) -> tuple:
+        """(key, tensors): what a call with these params reads from the device, for a CUDA graph of
+        the call (call_graphs.py). The key holds every setting that is not a threshold and, per
+        threshold, the address of its per-head device tensor (a graph reads the tensor's contents
+        when it replays, so its values need not be in the key); tensors are those per-head tensors,
+        which the graph keeps alive so their memory is not reused while it may read it."""
+        key, keep = [], []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in THRESHOLDS:
+                if v is not None:
+                    t = self.per_head(f.name, heads, device)
+                    key.append((f.name, t.data_ptr()))
+                    keep.append(t)
+            else:
+                key.append((f.name, v))
+        return tuple(key), tuple(keep)
+
     def check_heads(self, heads: int) -> None:
-        for f in ("simthreshd1", "cdfthreshd", "topk", "minshare", "pvthreshd"):
+        for f in THRESHOLDS:
             if getattr(self, f) is not None:
                 self.per_head(f, heads)
 

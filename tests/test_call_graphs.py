@@ -1,0 +1,66 @@
+"""What decides a CUDA graph's key (sparge_core/call_graphs.py, SpargeParams.device_key), on the CPU.
+The graphs themselves need a GPU: tests/test_call_graphs_gpu.py compares them with the launched calls."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+from devkit.pack import load_pack  # noqa: E402
+
+load_pack()
+
+import torch  # noqa: E402
+
+from sparge_attention.sparge_core import SpargeParams, sparge_attention  # noqa: E402
+from sparge_attention.sparge_core.call_graphs import CallGraphs, tensor_key  # noqa: E402
+from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_device_key_holds_settings_and_threshold_addresses():
+    p = PRESETS["Balanced"].params()
+    key, keep = p.device_key(4, CPU)
+    assert p.device_key(4, CPU)[0] == key  # cached per-head tensors: the same addresses
+    names = [k for k, _ in key]
+    assert {"simthreshd1", "minshare", "pvthreshd", "scoring", "fill_skipped", "is_causal", "attention_sink"} <= set(names)
+    assert "topk" not in names and "cdfthreshd" not in names  # unset thresholds read nothing
+    assert len(keep) == 3 and all(t.shape == (4,) and t.dtype == torch.float32 for t in keep)
+    assert dict(key)["minshare"] == p.per_head("minshare", 4, CPU).data_ptr()
+    # a setting that is not a threshold changes the key by value
+    assert dict(p.replace(is_causal=True).device_key(4, CPU)[0])["is_causal"] is True
+
+
+def test_device_key_reads_a_threshold_moved_in_place_live():
+    """The adaptation moves a CPU threshold tensor in place. On the CPU per_head hands out that tensor
+    itself, so the key stays and what it names holds the new values (a graph reads contents when it
+    replays). On a GPU per_head makes a new device copy per value, so the key changes: that case
+    runs in tests/test_call_graphs_gpu.py."""
+    ms = torch.full((4,), 1.5)
+    p = PRESETS["Balanced"].params().replace(minshare=ms)
+    key, keep = p.device_key(4, CPU)
+    ms.mul_(2.0)
+    key2, _ = p.device_key(4, CPU)
+    assert key2 == key
+    named = {k: t for (k, _), t in zip([x for x in key if x[0] in ("simthreshd1", "minshare", "pvthreshd")], keep)}
+    assert torch.equal(named["minshare"], torch.full((4,), 3.0))
+
+
+def test_tensor_key_and_what_graphs_take():
+    x = torch.zeros(2, 3, 8, 4)
+    assert tensor_key(x) == (x.data_ptr(), (2, 3, 8, 4), x.stride(), torch.float32)
+    assert tensor_key(x.transpose(1, 2)) != tensor_key(x)  # same address, other strides
+    assert tensor_key(x[:, 1:]) != tensor_key(x)  # other address
+    assert not CallGraphs().wants(x, x, x)  # CPU tensors: no graphs
+
+
+def test_graphs_leave_cpu_calls_alone():
+    """A CallGraphs passed with CPU tensors changes nothing: the reference (and the Triton interpreter)
+    run as without it, and it counts no call."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 64, generator=g) for _ in range(3))
+    p = SpargeParams(minshare=1.0, scoring="lse", fill_skipped=True)
+    graphs = CallGraphs(capture_at=1)
+    a, sa = sparge_attention(q, k, v, p, return_stats=True, graphs=graphs)
+    b, sb = sparge_attention(q, k, v, p, return_stats=True)
+    assert torch.equal(a, b) and int(sa.kept_blocks) == int(sb.kept_blocks)
+    assert graphs.summary() == {"replays": 0, "captures": 0, "eager": 0, "graphs": 0, "disabled": None}
