@@ -35,7 +35,8 @@ log = logging.getLogger("sparge_attention")
 
 MEASURE_EVERY = 4
 WARMUP_FORWARDS = 2  # sparse forwards of a run in which every block is measured
-PROBE_CALLS = 5  # at most, for the node's first block
+PROBE_CALLS = 5  # at most, for each probed block
+PROBE_BLOCKS = 2  # blocks probed at most: the first, and the next when the first sits on a cliff
 PROBE_BAND = (0.8, 1.15)  # error / target at which the probe stops
 
 
@@ -56,6 +57,7 @@ class Adaptation(Observer):
         self._run = None
         self._forwards = 0
         self._warned = False
+        self._probed = 0  # blocks probed (kept with the controllers: once per node)
 
     # ------------------------------------------------------------------ thresholds
     def choose_params(self, call: ObservedCall, params):
@@ -74,9 +76,16 @@ class Adaptation(Observer):
     def _start_block(self, layer: int, params, heads: int, call: ObservedCall):
         """A block's controller: it starts where the blocks seen before settled (their median
         minshare: a model's blocks err alike far more than the presets' tuning inputs and this
-        model do), or, for the node's very first block, where a few probe calls put it."""
-        first = not self.controllers
+        model do), or, for the node's very first block, where a few probe calls put it.
+        A probed block that settles on the safe side of a cliff (its error jumps many-fold between
+        two close minshares: on random-weight Wan models the first block alone did, at 0.006
+        against 0.62) says little about the others: the next block is probed from the preset too,
+        and later blocks start from the blocks off a cliff (from the cliff's safe side only when
+        every probed block sat on one)."""
         prior, brackets = self._prior()
+        probe = prior is None and self._probed < PROBE_BLOCKS
+        if prior is None and not probe:
+            prior, brackets = self._prior(cliffs=True)
         init = torch.as_tensor(params.minshare, dtype=torch.float32).flatten()
         ctrl = BlockController(self.target, prior if prior is not None else float(init.mean()), heads)
         if prior is None and init.numel() == heads:
@@ -87,13 +96,15 @@ class Adaptation(Observer):
         # one SpargeParams around the controller's tensor: its in-place updates reach the kernel without a
         # rebuild (SpargeParams.per_head caches device copies per value; the compiled op reads it live)
         p = self._params[layer] = dataclasses.replace(params, minshare=ctrl.thresholds)
-        if first:
+        if probe:
+            self._probed += 1
             self._probe(ctrl, p, call)
         return p
 
-    def _prior(self):
-        """(median minshare, (safe, missing) bracket) of the blocks measured so far, or (None, None)."""
-        measured = [c for c in self.controllers.values() if c.updates]
+    def _prior(self, cliffs: bool = False):
+        """(median minshare, (safe, missing) bracket) of the blocks measured so far that are not on a
+        cliff (with cliffs: of all of them), or (None, None)."""
+        measured = [c for c in self.controllers.values() if c.updates and (cliffs or not c.on_cliff())]
         vals = sorted(x for c in measured for x in c.thresholds.tolist())
         if not vals:
             return None, None
@@ -103,8 +114,8 @@ class Adaptation(Observer):
         return vals[len(vals) // 2], (safe[len(safe) // 2] if safe else None, over[len(over) // 2] if over else None)
 
     def _probe(self, ctrl: BlockController, params, call: ObservedCall) -> None:
-        """Run the node's first block a few times, measuring and moving its thresholds, until its
-        error is within PROBE_BAND of the target (once per node: later blocks start from it)."""
+        """Run a block a few times, measuring and moving its thresholds, until its error is within
+        PROBE_BAND of the target (the node's first block, and see _start_block)."""
         for _ in range(PROBE_CALLS):
             try:
                 out = sparse_call.run_sparse(call.q, call.k, call.v, params, call.grid, call.keep_keys)[0]

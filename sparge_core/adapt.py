@@ -217,6 +217,11 @@ class ThresholdController:
             return lo  # the jump is found: stay on its safe side
         return math.sqrt(lo * over[0])
 
+    def on_cliff(self) -> bool:
+        """Whether the heads' median bracket is a cliff (see _within_bracket)."""
+        safe, over = self.brackets()
+        return safe is not None and over is not None and self._is_cliff(safe, over)
+
     def _is_cliff(self, safe: tuple, over: tuple) -> bool:
         if over[1] < CLIFF_OVER * self.target or over[0] <= safe[0] or over[0] / max(safe[0], 1e-9) > CLIFF_SPAN:
             return False  # (a wide bracket may hide a smooth stretch: bisect it instead)
@@ -257,7 +262,7 @@ class BlockController:
     cap keeps the worst head within the issue's 2x of the target.
 
     Same interface as ThresholdController: `thresholds` ((H,) CPU tensor, updated in place),
-    `update(sums)`, `last_error`, `updates`, `brackets()`, `seed()`."""
+    `update(sums)`, `last_error`, `updates`, `brackets()`, `seed()`, `on_cliff()`."""
 
     def __init__(self, target: float, init: float, heads: int):
         self.target = float(target)
@@ -299,6 +304,10 @@ class BlockController:
 
     def brackets(self) -> tuple:
         return self._block.brackets()
+
+    def on_cliff(self) -> bool:
+        """Whether the block's minshare sits on the safe side of a cliff of its error."""
+        return self._block.on_cliff()
 
     def seed(self, safe: Optional[tuple], over: Optional[tuple]) -> None:
         self._block.seed(safe, over)

@@ -110,3 +110,45 @@ def test_near_uniform_attention_skips_all_it_may_and_says_so():
     assert r["measured_rel_l1"] < 0.75 * r["target_rel_l1"], r["measured_rel_l1"]
     assert a["blocks_adapted"] == 2 and a["blocks_at_sparsest"] == 2, a["per_layer"]
     assert "(target 0.0900; 2 of 2 blocks skip all they may)" in format_line(r)
+
+
+@pytest.mark.parametrize("second", ["smooth", "cliff"])
+def test_a_first_block_on_a_cliff_does_not_set_the_others_start(monkeypatch, second):
+    """The node's first block settles on the safe side of a cliff (0.006 below minshare 1.0, 0.62
+    above: random-weight Wan models' first block did). The next block is then probed from the
+    preset too, and later blocks start from it, not from the cliff's safe side; only when the
+    second block also sits on a cliff do later blocks start there (the safe choice)."""
+    from sparge_attention.nodes import adapt as node_adapt
+    from sparge_attention.nodes.observers import ObservedCall
+    from sparge_attention.sparge_core.presets import PRESETS
+
+    heads = 4
+    curves = {0: lambda m: 0.006 if m < 1.0 else 0.62,
+              1: (lambda m: 0.01 * m ** 0.7) if second == "smooth" else (lambda m: 0.005 if m < 2.0 else 0.5)}
+    probed = []
+
+    def probe(self, ctrl, params, call):  # the probe's loop, with the block's error curve for its calls
+        probed.append(call.layer)
+        for _ in range(node_adapt.PROBE_CALLS):
+            e = curves[call.layer](float(ctrl.thresholds[0]))
+            ctrl.update(torch.tensor([[e] * heads, [1.0] * heads], dtype=torch.float64))
+            if node_adapt.PROBE_BAND[0] <= ctrl.block_error / self.target <= node_adapt.PROBE_BAND[1]:
+                return
+
+    monkeypatch.setattr(node_adapt.Adaptation, "_probe", probe)
+    a = node_adapt.Adaptation(0.04)
+    params = PRESETS["Balanced"].params()
+    q = torch.zeros(1, heads, 1, 1)
+    starts = {}
+    for layer in range(3):
+        call = ObservedCall(None, (), {}, None, None, layer, q, q, q, None, None)
+        starts[layer] = float(a.choose_params(call, params).minshare[0])
+    assert a.controllers[0].on_cliff() and float(a.controllers[0].thresholds[0]) < 1.0
+    assert probed == [0, 1]  # the second block probed from the preset, not from the first's cliff
+    m1 = float(a.controllers[1].thresholds[0])
+    if second == "smooth":
+        assert not a.controllers[1].on_cliff() and m1 > 1.5
+        assert starts[2] == m1  # later blocks start where the block off the cliff settled
+    else:
+        assert a.controllers[1].on_cliff()
+        assert starts[2] < 2.0  # every probed block on a cliff: later ones start on a safe side
