@@ -24,8 +24,8 @@ as before: their GPU time exceeds their host time anyway, and their pool would h
 model's other layers could use.
 
 Capture runs on a side stream without synchronizing (torch.cuda.graph synchronizes and empties the
-cache on every capture). A capture that fails turns graphs off for this object: the call and all
-later ones run as before.
+cache on every capture). A capture or replay that fails turns graphs off for this object: the call
+and all later ones run as before.
 """
 from __future__ import annotations
 
@@ -75,7 +75,12 @@ class CallGraphs:
         hit = self._graphs.get(key)
         if hit is not None:
             self._graphs.move_to_end(key)
-            hit[0].replay()
+            try:
+                hit[0].replay()
+            except Exception as e:  # never seen; a launch the driver refuses runs as usual, once and for all
+                self._disable("replaying", e)
+                self.eager += 1
+                return body()
             self.replays += 1
             return hit[1].clone()  # the graph's own buffer is overwritten by its next replay
         n = self._seen.pop(key, 0) + 1
@@ -112,12 +117,15 @@ class CallGraphs:
                 finally:
                     g.capture_end()
         except Exception as e:  # e.g. an op that synchronizes: never graphed again by this object
-            self.disabled = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            self._graphs.clear()
-            log.warning("Sparge Attention: capturing a CUDA graph of the sparse call failed (%s); this run's "
-                        "calls launch their kernels one by one instead", self.disabled)
+            self._disable("capturing", e)
             return None
         return g, counts, keep
+
+    def _disable(self, doing: str, e: Exception) -> None:
+        self.disabled = f"{doing}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        self._graphs.clear()
+        log.warning("Sparge Attention: %s a CUDA graph of the sparse call failed (%s); this run's calls launch "
+                    "their kernels one by one instead", doing, self.disabled)
 
     def summary(self) -> dict:
         """Counts for logs and benchmarks: replays, captures, calls run as usual, graphs held."""
