@@ -6,8 +6,7 @@ Loads this checkout as `sparge_attention` and another tree (e.g. `git archive <r
 `sparge_before`, then alternates their calls: the public API and the node's override inside a
 sampling run (Balanced, as bench/host_overhead.py drives it), each call timed alone after a sync.
 A build with CUDA graphs (sparge_core/call_graphs.py) also times the API through one CallGraphs
-("api graphed"); its override uses them by itself (a fresh CallGraphs per sampling run: each run's
-first two steps launch and capture, the rest replay).
+("api graphed").
 
     python bench/host_ab.py --before ../.carry/before [--tokens 7800] [--rounds 4] [--steps 6]
 """

@@ -10,8 +10,8 @@ out what other processes take from this one; on the H200's host the two agree, a
 figures still move by up to 4x from one process to the next: compare builds with bench/host_ab.py,
 which runs them in one process). Rows: the node's override as ComfyUI calls it ((B, N, H*D)
 self-attention inside a forward, the preset's error-target adaptation in its steady state, i.e. an
-unmeasured call; the node replays CUDA graphs of its calls, sparge_core/call_graphs.py), the public
-API `sparge_attention` with and without a CallGraphs, and a cProfile listing of the override's calls
+unmeasured call), the public API `sparge_attention` with and without a CallGraphs (CUDA graphs of
+the call, sparge_core/call_graphs.py), and a cProfile listing of the override's calls
 (top functions by own time).
 
     python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--profile [--sort cumulative]]
@@ -102,8 +102,7 @@ def main():
                 "SDPA (cuDNN) for scale": lambda: comfy_sdpa(*x, heads=H)}
         out = res["host_us"][str(n)] = {}
         override_times(args.preset, grid, x, steps=4)  # compile and warm every path
-        ts, cs, ov = override_times(args.preset, grid, x)
-        res.setdefault("override_graphs", {})[str(n)] = ov.last_graphs
+        ts, cs, _ = override_times(args.preset, grid, x)
         out[f"override (node, {args.preset}) median"] = (median(ts), median(cs))
         out[f"override (node, {args.preset}) mean"] = (sum(ts) / len(ts), sum(cs) / len(cs))
         for name, fn in rows.items():
@@ -111,7 +110,6 @@ def main():
         print(f"  {'':>6}         {'':<36} {'wall':>8}    {'CPU':>8}")
         for name, (us, cpu_us) in out.items():
             print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us {cpu_us:8.1f} us")
-        print(f"  {n:>6} tokens  the override's CUDA graphs: {ov.last_graphs}")
         if args.profile:
             pr = cProfile.Profile()
             pr.enable()
