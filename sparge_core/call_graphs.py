@@ -73,33 +73,33 @@ class CallGraphs:
         from body itself run as usual. keep: tensors the graph reads that are not in the caller's
         hands (kept alive with it)."""
         hit = self._graphs.get(key)
+        captured = hit is None
         if hit is not None:
             self._graphs.move_to_end(key)
-            try:
-                hit[0].replay()
-            except Exception as e:  # never seen; a launch the driver refuses runs as usual, once and for all
-                self._disable("replaying", e)
+        else:
+            n = self._seen.pop(key, 0) + 1
+            if n < self.capture_at or self.disabled is not None:
+                self._seen[key] = n
+                while len(self._seen) > 4 * self.max_graphs:
+                    self._seen.popitem(last=False)
                 self.eager += 1
                 return body()
-            self.replays += 1
-            return hit[1].clone()  # the graph's own buffer is overwritten by its next replay
-        n = self._seen.pop(key, 0) + 1
-        if n < self.capture_at or self.disabled is not None:
-            self._seen[key] = n
-            while len(self._seen) > 4 * self.max_graphs:
-                self._seen.popitem(last=False)
+            hit = self._capture(body, keep, device)
+            if hit is None:
+                self.eager += 1
+                return body()
+            self._graphs[key] = hit
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+            self.captures += 1
+        try:  # a capture runs nothing: its first replay computes this call
+            hit[0].replay()
+        except Exception as e:  # never seen; a launch the driver refuses runs as usual, once and for all
+            self._disable("replaying", e)
             self.eager += 1
             return body()
-        entry = self._capture(body, keep, device)
-        if entry is None:
-            self.eager += 1
-            return body()
-        self._graphs[key] = entry
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
-        self.captures += 1
-        entry[0].replay()
-        return entry[1].clone()
+        self.replays += 0 if captured else 1
+        return hit[1].clone()  # the graph's own buffer is overwritten by its next replay
 
     def _capture(self, body, keep, device):
         side = self._sides.get(device)
