@@ -1,7 +1,22 @@
 """Run a GPU test module's test_* functions without pytest (the device machine may have none):
-`python tests/<file>.py` prints PASS / FAIL per test and exits non-zero on a failure."""
+`python tests/<file>.py` prints PASS / FAIL per test and exits non-zero on a failure.
+`compiled_kernels_mark()` is such a module's pytestmark."""
+import os
 import sys
 import traceback
+
+
+def compiled_kernels_mark():
+    """pytest's skip mark for tests that need compiled kernels: a CUDA GPU, not the Triton interpreter
+    (the CPU tests cover that). None without pytest (the file then runs as a script)."""
+    try:
+        import pytest
+    except ImportError:
+        return None
+    import torch
+
+    return pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                              reason="needs a CUDA GPU (compiled kernels)")
 
 
 def run_tests(namespace: dict) -> None:

@@ -12,13 +12,9 @@ load_pack()
 
 import torch  # noqa: E402
 
-try:
-    import pytest
+from devkit.gpu_script import compiled_kernels_mark  # noqa: E402
 
-    pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                                    reason="needs a CUDA GPU (compiled kernels)")
-except ImportError:  # the device machine may have no pytest: run as a script
-    pytest = None
+pytestmark = compiled_kernels_mark()
 
 from sparge_attention.sparge_core import SpargeParams, sparge_attention  # noqa: E402
 from sparge_attention.sparge_core.call_graphs import CallGraphs  # noqa: E402
