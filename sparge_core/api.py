@@ -226,12 +226,15 @@ def _graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: f
     perm_key = tuple(p.data_ptr() if p is not None else None for p in perms)
     key = (tensor_key(q), tensor_key(k), tensor_key(v), out.data_ptr(), scale, pv_dtype, perm_key, pkey)
 
-    def body():
+    def body(dst):
         _, bm, skipped, _ = _triton_forward(q, k, v, params, scale, None, pv_dtype, perm_q, perm_k, out=out)
-        skipped = skipped if isinstance(skipped, torch.Tensor) else torch.zeros((), dtype=torch.int64, device=q.device)
-        return torch.stack([bm.kv_num_blocks.sum(), skipped.to(torch.int64)])
+        dst[0].copy_(bm.kv_num_blocks.sum())  # device to device: a capture allows no host copy
+        if isinstance(skipped, torch.Tensor):
+            dst[1].copy_(skipped)
+        else:
+            dst[1].zero_()
 
-    counts = graphs.run(key, keep + tuple(p for p in perms if p is not None), body, q.device)
+    counts = graphs.run(key, keep + tuple(p for p in perms if p is not None), body, 2, q.device)
     return out, counts[0], counts[1]
 
 

@@ -23,6 +23,13 @@ sampling run (the node does) and drop it at the end. Calls whose q + k + v excee
 as before: their GPU time exceeds their host time anyway, and their pool would hold memory the
 model's other layers could use.
 
+Nothing the capture allocates outlives it: the counts a graph writes go into a buffer allocated
+before the capture. Graphs need torch's native caching allocator. Under cudaMallocAsync (ComfyUI's
+default unless it is started with --disable-cuda-malloc) what a capture allocates is graph memory
+the driver maps only at launch: Triton's launcher refuses such pointers during the capture, and
+freeing what a failed capture allocated aborts the process (both seen on an H200, bench/NOTES.md
+v26). So under any other allocator graphs are off and every call runs as before.
+
 Capture runs on a side stream without synchronizing (torch.cuda.graph synchronizes and empties the
 cache on every capture). A capture or replay that fails turns graphs off for this object: the call
 and all later ones run as before.
@@ -40,6 +47,7 @@ log = logging.getLogger("sparge_attention")
 MAX_GRAPHS = 256  # one per (layer's thresholds, address set): a 40-block model with a few address sets
 MAX_BYTES = 1 << 30  # q + k + v of a call that may be graphed (Wan 1.3B 480p at 81 frames: 0.6 GB)
 CAPTURE_AT = 2  # sightings of a key before it is captured
+ALLOCATOR_OFF = "needs torch's native allocator (cudaMallocAsync is on: ComfyUI's --disable-cuda-malloc turns it off)"
 
 
 def tensor_key(x: torch.Tensor) -> tuple:
@@ -61,17 +69,27 @@ class CallGraphs:
     def wants(self, *tensors: torch.Tensor) -> bool:
         """Whether a call on these tensors may run through a graph: CUDA, eager (not traced by
         torch.compile, not inside a caller's own graph capture), within the byte budget."""
-        if self.disabled is not None or tensors[0].device.type != "cuda":
+        if self.disabled is not None or tensors[0].device.type != "cuda" or torch.compiler.is_compiling():
             return False
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        if torch.cuda.get_allocator_backend() != "native":  # see the module docstring
+            self.disabled = ALLOCATOR_OFF
+            return False
+        if torch.cuda.is_current_stream_capturing():
             return False
         return sum(t.numel() * t.element_size() for t in tensors) <= self.max_bytes
 
-    def run(self, key: tuple, keep: tuple, body: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
-        """body() queues one call's work on `device` and returns a small tensor of its results (counts).
-        Returns that tensor: from a replay of the graph of `key`, from a fresh capture of body, or
-        from body itself run as usual. keep: tensors the graph reads that are not in the caller's
-        hands (kept alive with it)."""
+    def run(self, key: tuple, keep: tuple, body: Callable[[torch.Tensor], None], counts: int,
+            device: torch.device) -> torch.Tensor:
+        """body(dst) queues one call's work on `device` and writes `counts` int64 results of it into
+        dst (a 1-D tensor on `device`). Returns those results: from a replay of the graph of `key`,
+        from a fresh capture of body, or from body itself run as usual. keep: tensors the graph reads
+        that are not in the caller's hands (kept alive with it)."""
+        def eager():
+            self.eager += 1
+            dst = torch.empty(counts, dtype=torch.int64, device=device)
+            body(dst)
+            return dst
+
         hit = self._graphs.get(key)
         captured = hit is None
         if hit is not None:
@@ -82,12 +100,10 @@ class CallGraphs:
                 self._seen[key] = n
                 while len(self._seen) > 4 * self.max_graphs:
                     self._seen.popitem(last=False)
-                self.eager += 1
-                return body()
-            hit = self._capture(body, keep, device)
+                return eager()
+            hit = self._capture(body, counts, keep, device)
             if hit is None:
-                self.eager += 1
-                return body()
+                return eager()
             self._graphs[key] = hit
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
@@ -96,30 +112,30 @@ class CallGraphs:
             hit[0].replay()
         except Exception as e:  # never seen; a launch the driver refuses runs as usual, once and for all
             self._disable("replaying", e)
-            self.eager += 1
-            return body()
+            return eager()
         self.replays += 0 if captured else 1
         return hit[1].clone()  # the graph's own buffer is overwritten by its next replay
 
-    def _capture(self, body, keep, device):
+    def _capture(self, body, counts, keep, device):
         side = self._sides.get(device)
         if side is None:
             with torch.cuda.device(device):
                 side = self._sides[device] = (torch.cuda.Stream(device), torch.cuda.graph_pool_handle())
         g = torch.cuda.CUDAGraph()
+        dst = torch.empty(counts, dtype=torch.int64, device=device)  # before the capture: see the docstring
         # capture records work, it runs none of it: the side stream need not wait for the current
         # one, and the replay is ordered on the current stream like any launch
         try:
             with torch.cuda.stream(side[0]):
                 g.capture_begin(pool=side[1], capture_error_mode="thread_local")
                 try:
-                    counts = body()
+                    body(dst)
                 finally:
                     g.capture_end()
         except Exception as e:  # e.g. an op that synchronizes: never graphed again by this object
             self._disable("capturing", e)
             return None
-        return g, counts, keep
+        return g, dst, keep
 
     def _disable(self, doing: str, e: Exception) -> None:
         self.disabled = f"{doing}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
