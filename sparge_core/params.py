@@ -136,7 +136,8 @@ class SpargeParams:
         synchronizes the stream, which would stall every attention call of a render. The first
         copy goes through pinned memory, asynchronously. A tensor threshold is also cached per its
         values: the error-target adaptation (nodes/adapt.py) moves its thresholds in place, and
-        the device copy must follow them (a tensor already off the CPU is used as it is)."""
+        the device copy must follow them: new values are copied into the same device tensor (a
+        tensor already off the CPU is used as it is)."""
         dev = torch.device(device) if device is not None else torch.device("cpu")
         src = getattr(self, name)
         stamp = _stamp(src)
@@ -151,8 +152,14 @@ class SpargeParams:
                 raise ValueError(f"{name} has {t.numel()} per-head values but the call has {heads} heads")
             t = t.contiguous()
             if dev.type == "cuda" and t.device.type == "cpu":
-                t = t.pin_memory().to(dev, non_blocking=True)
-            hit = cache[key] = (stamp, t.to(dev))
+                t = t.pin_memory()
+            if hit is not None and dev.type != "cpu" and t.device.type == "cpu":
+                # new values into the same device tensor, ordered on the stream like any launch: its
+                # address stays, so a CUDA graph that reads it (call_graphs.py) replays with them
+                hit[1].copy_(t, non_blocking=True)
+                hit = cache[key] = (stamp, hit[1])
+            else:
+                hit = cache[key] = (stamp, t.to(dev, non_blocking=True))
         return hit[1]
 
     def device_key(self, heads: int, device) -> tuple:

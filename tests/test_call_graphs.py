@@ -33,8 +33,9 @@ def test_device_key_holds_settings_and_threshold_addresses():
 def test_device_key_reads_a_threshold_moved_in_place_live():
     """The adaptation moves a CPU threshold tensor in place. On the CPU per_head hands out that tensor
     itself, so the key stays and what it names holds the new values (a graph reads contents when it
-    replays). On a GPU per_head makes a new device copy per value, so the key changes: that case
-    runs in tests/test_call_graphs_gpu.py."""
+    replays). On another device per_head copies the new values into its device tensor, so the key
+    stays there too (meta stands in for a GPU here; the replay with the new values runs in
+    tests/test_call_graphs_gpu.py)."""
     ms = torch.full((4,), 1.5)
     p = PRESETS["Balanced"].params().replace(minshare=ms)
     key, keep = p.device_key(4, CPU)
@@ -43,6 +44,9 @@ def test_device_key_reads_a_threshold_moved_in_place_live():
     assert key2 == key
     named = {k: t for (k, _), t in zip([x for x in key if x[0] in ("simthreshd1", "minshare", "pvthreshd")], keep)}
     assert torch.equal(named["minshare"], torch.full((4,), 3.0))
+    meta = p.device_key(4, torch.device("meta"))[0]
+    ms.mul_(2.0)
+    assert p.device_key(4, torch.device("meta"))[0] == meta
 
 
 def test_tensor_key_and_what_graphs_take():
