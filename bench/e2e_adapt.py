@@ -109,7 +109,8 @@ def main():
             share = (calls * t_meas + (PROBE_CALLS * per_call_ms if cfg.target_rel_l1 else 0.0)) / (1000 * secs)
             row = {"setting": label, "s_per_step": secs / args.steps, "speedup": args.steps * t_default / secs,
                    "sparsity": r["sparsity"], "measured_rel_l1": r.get("measured_rel_l1"),
-                   "target_rel_l1": r.get("target_rel_l1"), "measured_calls": calls, "adaptation_share": share}
+                   "target_rel_l1": r.get("target_rel_l1"), "measured_calls": calls, "adaptation_share": share,
+                   "graphs": ov.last_graphs}
             if args.trace:
                 row["blocks"] = block_states(ov, r)
                 row["per_step_sparsity"] = r.get("per_step_sparsity")
@@ -121,7 +122,7 @@ def main():
             meas = "-" if row["measured_rel_l1"] is None else f"{row['measured_rel_l1']:.4f}"
             tgt = "-" if row["target_rel_l1"] is None else f"{row['target_rel_l1']:.3f}"
             print(f"{label:<20} {row['s_per_step']:7.3f} {row['speedup']:8.2f} {row['sparsity']:8.3f} {meas:>9} "
-                  f"{tgt:>7} {calls:6d} {100 * share:10.2f}%")
+                  f"{tgt:>7} {calls:6d} {100 * share:10.2f}%   graphs {ov.last_graphs}")
     print("saved", save(res, f"{res['date']}-{card_name()}-e2e_adapt"))
 
 

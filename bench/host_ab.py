@@ -6,7 +6,8 @@ Loads this checkout as `sparge_attention` and another tree (e.g. `git archive <r
 `sparge_before`, then alternates their calls: the public API and the node's override inside a
 sampling run (Balanced, as bench/host_overhead.py drives it), each call timed alone after a sync.
 A build with CUDA graphs (sparge_core/call_graphs.py) also times the API through one CallGraphs
-("api graphed").
+("api graphed"); its override uses them by itself (a fresh CallGraphs per sampling run: each run's
+first two steps launch and capture, the rest replay).
 
     python bench/host_ab.py --before ../.carry/before [--tokens 7800] [--rounds 4] [--steps 6]
 """
@@ -75,6 +76,8 @@ def main():
         except ImportError:
             pass
 
+    summaries = {}
+
     def run(name, record, steps, blocks=30):
         api, p, ov = overrides[name]
 
@@ -94,6 +97,8 @@ def main():
                 us = timed(lambda: api.sparge_attention(qh, kh, vh, p, graphs=graphs[name]))
                 if record:
                     times[name]["api graphed"].append(us)
+        if record and getattr(ov, "last_graphs", None):
+            summaries.setdefault(name, []).append(ov.last_graphs)
 
     for name in builds:  # compile and warm both
         run(name, False, steps=4)
@@ -101,15 +106,17 @@ def main():
         for name in builds:
             run(name, True, args.steps)
     res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "tokens": n,
-           "preset": "Balanced", "steps": args.steps, "median_us": {}, "mean_us": {}}
+           "preset": "Balanced", "steps": args.steps, "median_us": {}, "mean_us": {}, "override_graphs": summaries}
     print(f"host time per call (median wall us, calls alternating by build in one process), {res['card']}, "
           f"{n} tokens, Balanced, {args.steps}-step runs; the override's calls include its measured ones "
-          f"(every 4th step per block)")
+          f"(every 4th step per block) and each run's launched and captured first calls")
     for name, t in times.items():
         med = res["median_us"][name] = {k: median(v) for k, v in t.items()}
         mean = res["mean_us"][name] = {k: sum(v) / len(v) for k, v in t.items()}
         print(f"  {name:<7} " + "   ".join(f"{k} {med[k]:8.1f} (mean {mean[k]:7.1f})" for k in t)
               + f"   ({len(t['override'])} / {len(t['api'])} calls)")
+    for name, runs in summaries.items():
+        print(f"  {name} override graphs per run: {runs[-1]}")
     print("saved", save(res, f"{res['date']}-{card_name()}-host_ab"))
 
 

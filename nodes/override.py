@@ -12,8 +12,9 @@ It also provides two model wrappers (comfy.patcher_extension):
 * APPLY_MODEL (one model forward): learns the latent's token grid, the sampling step and the
   block count, and puts a fresh ForwardContext (stats.py) into transformer_options for that
   forward; afterwards its records are folded into the run's per-step stats.
-* OUTER_SAMPLE (one sampling run): starts a fresh RunStats, and when the run ends builds the
-  readout (readout.py), publishes it (routes.py) and keeps the sparsity map (capture.py).
+* OUTER_SAMPLE (one sampling run): starts a fresh RunStats and CallGraphs (the run's CUDA graphs,
+  sparge_core/call_graphs.py), and when the run ends builds the readout (readout.py), publishes it
+  (routes.py) and keeps the sparsity map (capture.py).
 
 Features plug in as observers (observers.py): the error check and a loaded profile's notes come
 from the config, the Sparge Calibrate node passes its own to `install`. All state lives on the
@@ -29,6 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..sparge_core.api import block_sizes, resolve_backend
+from ..sparge_core.call_graphs import CallGraphs
 from ..sparge_core.layout import merge_heads
 from ..sparge_core.torch_op import dense_block_total
 from . import eligibility as E
@@ -95,6 +97,8 @@ class SpargeOverride:
         self.observers: tuple[Observer, ...] = config_observers(config) + tuple(observers)
         self.key = f"sparge_ctx:{uuid.uuid4().hex[:12]}"
         self.run: Optional[RunStats] = None
+        self.graphs: Optional[CallGraphs] = None  # the sampling run's CUDA graphs (freed when it ends)
+        self.last_graphs: Optional[dict] = None  # their summary() after the run
         self._warned: set = set()
         self._failed: set = set()  # call signatures whose sparse call raised in this run
 
@@ -175,7 +179,7 @@ class SpargeOverride:
         else:
             timing = start_timing(call.q) if cfg.verbose else None
             try:
-                res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture, opts.with_lse)
+                res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture, opts.with_lse, self.graphs)
             except Exception as e:  # Triton compile error, OOM in prediction, ...: finish the render dense
                 self._failed.add(sig)
                 self._warn_kernel(e)
@@ -266,8 +270,9 @@ class SpargeOverride:
         """WrappersMP.OUTER_SAMPLE: CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, ...)
         -- one sampling run (each KSampler / KSamplerAdvanced)."""
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
-        outer_run = self.run
+        outer_run, outer_graphs = self.run, self.graphs
         run = self.run = RunStats.start(sigmas if isinstance(sigmas, torch.Tensor) else None)
+        graphs = self.graphs = CallGraphs()
         self._failed.clear()  # a new run tries the sparse kernel again
         patcher = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
         for obs in self.observers:
@@ -277,7 +282,8 @@ class SpargeOverride:
             out = executor(*args, **kwargs)
             completed = True
         finally:
-            self.run = outer_run
+            self.run, self.graphs = outer_run, outer_graphs
+            self.last_graphs = graphs.summary()
             for obs in self.observers:
                 try:
                     obs.run_finished(run, completed)

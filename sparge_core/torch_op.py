@@ -218,18 +218,20 @@ def thresholds(value, heads: int) -> torch.Tensor:
     return t.contiguous()
 
 
-def call(q, k, v, params: SpargeParams, grid=None, scale=None, with_mask: bool = False, with_lse: bool = False):
+def call(q, k, v, params: SpargeParams, grid=None, scale=None, with_mask: bool = False, with_lse: bool = False,
+         graphs=None):
     """The op with a SpargeParams (HND layout): (out, kept, pv_skipped), plus the block mask with
     with_mask ("sparge::attention_map") or the lse with with_lse ("sparge::attention_lse"; not both).
     The one way nodes/ and the benches call the op. Outside torch.compile tracing it runs the op's
     implementation directly with `params` (`_eager`): the same results without the dispatcher and
-    without rebuilding params from threshold tensors."""
+    without rebuilding params from threshold tensors, and a plain call (no mask, no lse) through
+    `graphs` (a call_graphs.CallGraphs) when one is given."""
     if with_mask and with_lse:
         raise ValueError("with_mask and with_lse: one op returns one of them")
     if params.attention_sink:
         raise ValueError("the sparge ops do not take attention_sink (call sparge_attention instead)")
     if not torch.compiler.is_compiling():
-        return _eager(q, k, v, params, grid, scale, with_mask, with_lse)
+        return _eager(q, k, v, params, grid, scale, with_mask, with_lse, graphs)
     H = q.shape[1]
     op = sparge_attention_map_op if with_mask else sparge_attention_lse_op if with_lse else sparge_attention_op
     return op(q, k, v, thresholds(params.simthreshd1, H), thresholds(params.threshold, H),
@@ -239,12 +241,13 @@ def call(q, k, v, params: SpargeParams, grid=None, scale=None, with_mask: bool =
 
 
 @torch.no_grad()
-def _eager(q, k, v, params: SpargeParams, grid, scale, with_mask: bool, with_lse: bool):
+def _eager(q, k, v, params: SpargeParams, grid, scale, with_mask: bool, with_lse: bool, graphs=None):
     """What the ops compute, from `params` itself. Per call this skips the custom op's dispatch
     (autograd and alias checks) and the threshold tensors' round trip (thresholds() here, _values()
     in the op): ~140 us of host time per call together on the dev CPU (bench/host_layers.py)."""
     res = sparge_attention(q, k, v, params, layout="HND", grid=tuple(int(g) for g in grid) if grid else None,
-                           scale=scale, return_stats=True, backend=BACKEND, return_lse=with_lse)
+                           scale=scale, return_stats=True, backend=BACKEND, return_lse=with_lse,
+                           graphs=None if with_mask or with_lse else graphs)
     if with_lse:
         out, lse, stats = res
         return (*_outputs(q, k, v, out, stats), lse.float().contiguous())

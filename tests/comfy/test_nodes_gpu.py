@@ -210,6 +210,40 @@ def test_cuda_thresholds_moved_in_place_reach_the_kernel():
     assert kept_high < 0.5 * kept_low, (kept_low, kept_high)
 
 
+def test_cuda_graphs_in_a_sampling_run_equal_the_launched_calls():
+    """Inside a sampling run the node replays CUDA graphs of its calls (sparge_core/call_graphs.py):
+    every call's output equals the same call launched kernel by kernel (the override outside a run),
+    the readout's counts agree, and the graphs are gone when the run ends."""
+    from types import SimpleNamespace
+
+    from devkit.sampling_run import sampling_run
+    from sparge_attention.sparge_core.call_graphs import ALLOCATOR_OFF
+
+    ov = _override(verbose=False)
+    q, k, v = _qkv(seed=8)
+    want = ov(_sdpa, q, k, v, heads=H, transformer_options={ov.key: _ctx()})
+    outs, kept = [], []
+
+    def forward(x_, t, c_concat, c_crossattn, control, to):
+        for _ in range(2):  # a copy: a kept output would hold the address the next call's output takes
+            outs.append(ov(_sdpa, q, k, v, heads=H, transformer_options=to).clone())
+            kept.append(int(to[ov.key].records[-1].kept))
+
+    dm = SimpleNamespace(patch_size=(1, 2, 2), blocks=[0, 1])
+    # 8 steps: one of the two calls per forward is the sparsity map's layer (not graphed: it returns
+    # the mask); the other is launched, captured, then replayed 6 times
+    sampling_run(ov, forward, dm, torch.zeros(B, 16, GRID[0], GRID[1] * 2, GRID[2] * 2), 8)
+    assert ov.graphs is None, "the run's graphs end with it"
+    if torch.cuda.get_allocator_backend() == "native":
+        assert ov.last_graphs["replays"] >= 5, ov.last_graphs
+        assert ov.last_graphs["captures"] >= 1 and ov.last_graphs["disabled"] is None, ov.last_graphs
+    else:  # cudaMallocAsync, ComfyUI's default: graphs off, calls as usual (sparge_core/call_graphs.py)
+        assert ov.last_graphs["disabled"] == ALLOCATOR_OFF and ov.last_graphs["replays"] == 0, ov.last_graphs
+    for i, out in enumerate(outs):
+        assert torch.equal(out, want), (i, (out.float() - want.float()).abs().max().item())
+    assert len(set(kept)) == 1, kept
+
+
 def test_cuda_speed_print():
     """Not an assertion of speed (that is bench/'s job): sparse top-k 0.5 vs SDPA at this shape."""
     q, k, v = _qkv(seed=4)
