@@ -19,19 +19,6 @@ def compiled_kernels_mark():
                               reason="needs a CUDA GPU (compiled kernels)")
 
 
-class Skipped(Exception):
-    """A test that does not apply to this machine (run_tests prints SKIP)."""
-
-
-def skip(reason: str) -> None:
-    """Skip the running test: pytest's skip under pytest, Skipped under run_tests."""
-    if os.environ.get("PYTEST_CURRENT_TEST"):  # under pytest (run_tests may import it for the marks)
-        import pytest
-
-        pytest.skip(reason)
-    raise Skipped(reason)
-
-
 def run_tests(namespace: dict) -> None:
     import torch
 
@@ -45,8 +32,6 @@ def run_tests(namespace: dict) -> None:
             try:
                 fn()
                 print(f"PASS {name}")
-            except Skipped as e:
-                print(f"SKIP {name}: {e}")
             except Exception as e:  # noqa: BLE001
                 failed += 1
                 traceback.print_exc()

@@ -15,15 +15,39 @@ directly with the bound arguments, as JITFunction.run itself ends.
 It launches through JITFunction.run instead, always, under the interpreter, on a Triton whose
 internals differ from the ones used here (found on the first launch), and while a profiler's
 launch hook or a pass-pipeline hook is set.
+
+Inside `addresses_unchecked()` the launcher gets each tensor argument's address as a plain int.
+Otherwise it asks the driver about every address (cuPointerGetAttribute), which refuses what a CUDA
+graph capture allocates under cudaMallocAsync: graph memory, mapped only when the graph launches.
+A launch there that would go through Triton's own path raises instead (it would run that check).
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
+import torch
 import triton
 
 try:
     from triton import knobs as _knobs  # Triton >= 3.4
 except ImportError:  # older Triton: no hook chains to respect, and no direct launch either
     _knobs = None
+
+
+_unchecked = threading.local()
+
+
+@contextmanager
+def addresses_unchecked():
+    """Launches in this thread pass their tensors' addresses unchecked (see the module docstring):
+    for a CUDA graph capture, whose tensors the caller knows to be on the device."""
+    before = getattr(_unchecked, "on", False)
+    _unchecked.on = True
+    try:
+        yield
+    finally:
+        _unchecked.on = before
 
 
 def _key(device, specialization, options) -> tuple:
@@ -54,7 +78,10 @@ class Kernel:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
+        unchecked = getattr(_unchecked, "on", False)
         if not self._direct or self.fn.pre_run_hooks or _hooks_active():
+            if unchecked:
+                raise RuntimeError("a launch through Triton's own path inside addresses_unchecked()")
             return self.fn[grid](*args, **kwargs)
         if self._device is None:
             drv = triton.runtime.driver.active
@@ -62,20 +89,25 @@ class Kernel:
         device = self._device()
         caches = self.fn.device_caches.get(device)  # made by the first launch on this device
         if caches is None:
-            return self._first(grid, args, kwargs, device)
+            return self._first(grid, args, kwargs, device, unchecked)
         bound, specialization, options = caches[-1](*args, **kwargs)
         ck = self._compiled.get(_key(device, specialization, options))
         if ck is None:
-            return self._first(grid, args, kwargs, device)
+            return self._first(grid, args, kwargs, device, unchecked)
+        vals = bound.values()
+        if unchecked:
+            vals = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in vals]
         n = len(grid)
         ck.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream(device), ck.function,
-               ck.packed_metadata, None, None, None, *bound.values())
+               ck.packed_metadata, None, None, None, *vals)
         return ck
 
-    def _first(self, grid, args, kwargs, device):
+    def _first(self, grid, args, kwargs, device, unchecked=False):
         """Triton's own launch; its compiled kernel serves the later launches of the same key. A
         Triton whose binder or compiled kernel is not the one this module knows launches through
         JITFunction.run from then on."""
+        if unchecked:
+            raise RuntimeError("a first launch of a specialization inside addresses_unchecked()")
         ck = self.fn[grid](*args, **kwargs)
         try:
             bound, specialization, options = self.fn.device_caches[device][-1](*args, **kwargs)

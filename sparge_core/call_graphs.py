@@ -24,11 +24,12 @@ as before: their GPU time exceeds their host time anyway, and their pool would h
 model's other layers could use.
 
 Nothing the capture allocates outlives it: the counts a graph writes go into a buffer allocated
-before the capture. Graphs need torch's native caching allocator. Under cudaMallocAsync (ComfyUI's
-default unless it is started with --disable-cuda-malloc) what a capture allocates is graph memory
-the driver maps only at launch: Triton's launcher refuses such pointers during the capture, and
-freeing what a failed capture allocated aborts the process (both seen on an H200, bench/NOTES.md
-v26). So under any other allocator graphs are off and every call runs as before.
+before the capture. Under cudaMallocAsync (ComfyUI's default allocator) what a capture allocates is
+graph memory that the driver maps only when the graph launches, which shapes two more rules (both
+seen on an H200, bench/NOTES.md v26): the kernels are launched with their tensors' addresses
+unchecked (kernels/launch.addresses_unchecked; Triton's launcher otherwise asks the driver about
+each address and refuses these), and a capture that fails drops the failed body's tensors while the
+capture still runs (freeing such memory after the capture aborts the process).
 
 Capture runs on a side stream without synchronizing (torch.cuda.graph synchronizes and empties the
 cache on every capture). A capture or replay that fails turns graphs off for this object: the call
@@ -47,7 +48,10 @@ log = logging.getLogger("sparge_attention")
 MAX_GRAPHS = 256  # one per (layer's thresholds, address set): a 40-block model with a few address sets
 MAX_BYTES = 1 << 30  # q + k + v of a call that may be graphed (Wan 1.3B 480p at 81 frames: 0.6 GB)
 CAPTURE_AT = 2  # sightings of a key before it is captured
-ALLOCATOR_OFF = "needs torch's native allocator (cudaMallocAsync is on: ComfyUI's --disable-cuda-malloc turns it off)"
+
+
+def _text(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def tensor_key(x: torch.Tensor) -> tuple:
@@ -69,12 +73,9 @@ class CallGraphs:
     def wants(self, *tensors: torch.Tensor) -> bool:
         """Whether a call on these tensors may run through a graph: CUDA, eager (not traced by
         torch.compile, not inside a caller's own graph capture), within the byte budget."""
-        if self.disabled is not None or tensors[0].device.type != "cuda" or torch.compiler.is_compiling():
+        if self.disabled is not None or tensors[0].device.type != "cuda":
             return False
-        if torch.cuda.get_allocator_backend() != "native":  # see the module docstring
-            self.disabled = ALLOCATOR_OFF
-            return False
-        if torch.cuda.is_current_stream_capturing():
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return False
         return sum(t.numel() * t.element_size() for t in tensors) <= self.max_bytes
 
@@ -111,12 +112,14 @@ class CallGraphs:
         try:  # a capture runs nothing: its first replay computes this call
             hit[0].replay()
         except Exception as e:  # never seen; a launch the driver refuses runs as usual, once and for all
-            self._disable("replaying", e)
+            self._disable("replaying", _text(e))
             return eager()
         self.replays += 0 if captured else 1
         return hit[1].clone()  # the graph's own buffer is overwritten by its next replay
 
     def _capture(self, body, counts, keep, device):
+        from ..kernels.launch import addresses_unchecked  # here: sparge_core imports no Triton until a kernel runs
+
         side = self._sides.get(device)
         if side is None:
             with torch.cuda.device(device):
@@ -125,20 +128,28 @@ class CallGraphs:
         dst = torch.empty(counts, dtype=torch.int64, device=device)  # before the capture: see the docstring
         # capture records work, it runs none of it: the side stream need not wait for the current
         # one, and the replay is ordered on the current stream like any launch
+        failed = None
         try:
             with torch.cuda.stream(side[0]):
                 g.capture_begin(pool=side[1], capture_error_mode="thread_local")
                 try:
-                    body(dst)
+                    with addresses_unchecked():
+                        body(dst)
+                except Exception as e:  # e.g. an op that synchronizes: never graphed again by this object
+                    # only its text is kept: the traceback, and with it the body's tensors, goes
+                    # here, inside the capture (see the module docstring)
+                    failed = _text(e)
                 finally:
                     g.capture_end()
-        except Exception as e:  # e.g. an op that synchronizes: never graphed again by this object
-            self._disable("capturing", e)
+        except Exception as e:
+            failed = failed or _text(e)
+        if failed is not None:
+            self._disable("capturing", failed)
             return None
         return g, dst, keep
 
-    def _disable(self, doing: str, e: Exception) -> None:
-        self.disabled = f"{doing}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    def _disable(self, doing: str, why: str) -> None:
+        self.disabled = f"{doing}: {why}"
         self._graphs.clear()
         log.warning("Sparge Attention: %s a CUDA graph of the sparse call failed (%s); this run's calls launch "
                     "their kernels one by one instead", doing, self.disabled)

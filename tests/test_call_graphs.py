@@ -68,3 +68,20 @@ def test_graphs_leave_cpu_calls_alone():
     b, sb = sparge_attention(q, k, v, p, return_stats=True)
     assert torch.equal(a, b) and int(sa.kept_blocks) == int(sb.kept_blocks)
     assert graphs.summary() == {"replays": 0, "captures": 0, "eager": 0, "graphs": 0, "disabled": None}
+
+
+def test_a_launch_that_would_check_addresses_raises_inside_addresses_unchecked():
+    """Inside kernels.launch.addresses_unchecked (a capture's launches) a launch that would go through
+    Triton's own path (here the interpreter's, as on a first launch of a specialization) raises before
+    it launches, instead of running the address check a capture under cudaMallocAsync fails; outside,
+    the same call runs."""
+    import pytest
+
+    from sparge_attention.kernels.launch import addresses_unchecked
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 300, 64, generator=g) for _ in range(3))
+    p = SpargeParams(minshare=1.0, scoring="lse", fill_skipped=True)
+    with addresses_unchecked(), pytest.raises(RuntimeError, match="addresses_unchecked"):
+        sparge_attention(q, k, v, p, backend="triton")
+    assert sparge_attention(q, k, v, p, backend="triton").shape == q.shape

@@ -1,5 +1,6 @@
 """CUDA graphs of whole sparse calls (sparge_core/call_graphs.py) against the same calls launched one
-by one, on CUDA (skipped without a GPU: a graph needs one).
+by one, on CUDA (skipped without a GPU: a graph needs one). Run it under both allocators: torch's
+native one and PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (ComfyUI's default).
 Also runs without pytest:  python tests/test_call_graphs_gpu.py
 """
 import os
@@ -12,12 +13,12 @@ load_pack()
 
 import torch  # noqa: E402
 
-from devkit.gpu_script import compiled_kernels_mark, skip  # noqa: E402
+from devkit.gpu_script import compiled_kernels_mark  # noqa: E402
 
 pytestmark = compiled_kernels_mark()
 
 from sparge_attention.sparge_core import SpargeParams, sparge_attention  # noqa: E402
-from sparge_attention.sparge_core.call_graphs import ALLOCATOR_OFF, CallGraphs  # noqa: E402
+from sparge_attention.sparge_core.call_graphs import CallGraphs  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 
 GRID = (3, 10, 50)  # 1,500 tokens in Hilbert order
@@ -33,10 +34,15 @@ def _run(q, k, v, params, graphs=None, grid=GRID):
     return out, int(st.kept_blocks), int(st.pv_skipped)
 
 
-def _native():
-    """Graphs need torch's native allocator; the other tests of this file skip under another one."""
-    if torch.cuda.get_allocator_backend() != "native":
-        skip(f"allocator {torch.cuda.get_allocator_backend()}: graphs are off (test_other_allocators_run_as_usual)")
+def _counts(graphs, **want):
+    """The graphs' counts. Exact under torch's native allocator, whose addresses repeat call after call;
+    under cudaMallocAsync the driver picks them, and a call whose output lands elsewhere is launched
+    (measured: 2 of 4 keys missed once), so there at least one capture and one replay."""
+    got = graphs.summary()
+    if torch.cuda.get_allocator_backend() == "native":
+        assert all(got[k] == n for k, n in want.items()), (want, got)
+    else:
+        assert got["captures"] >= 1 and got["replays"] >= 1 and got["disabled"] is None, (want, got)
 
 
 def _same(a, b, what):
@@ -47,28 +53,26 @@ def _same(a, b, what):
 def test_replay_equals_the_launched_call_and_follows_new_contents():
     """Seen once (launched), captured on the second sighting, replayed after: each result equals the
     call launched one by one; new values written into the same q, k, v are what a replay computes."""
-    _native()
     q, k, v = _qkv(0)
     p = PRESETS["Balanced"].params()
     graphs = CallGraphs()
     want = _run(q, k, v, p)
     for i in range(3):
         _same(_run(q, k, v, p, graphs), want, f"call {i}")
-    assert (graphs.eager, graphs.captures, graphs.replays) == (1, 1, 1), graphs.summary()
+    _counts(graphs, eager=1, captures=1, replays=1)
     for src, dst in zip(_qkv(1), (q, k, v)):
         dst.copy_(src)
     got = _run(q, k, v, p, graphs)  # first: its output takes the address the graph writes
     want2 = _run(q, k, v, p)
     assert want2[1] != want[1] or not torch.equal(want2[0], want[0])
     _same(got, want2, "new contents")
-    assert graphs.replays == 2, graphs.summary()
+    _counts(graphs, replays=2)
 
 
 def test_other_addresses_settings_and_thresholds_are_other_graphs():
     """Another tensor or another preset each miss the graph and get their own; a threshold moved in
     place (the error-target adaptation) replays its graph with the new values. Every result equals
     the launched call."""
-    _native()
     q, k, v = _qkv(0)
     q2 = q.clone()
     ms = torch.full((4,), 1.5)  # a CPU threshold tensor, moved in place like nodes/adapt.py does
@@ -79,20 +83,21 @@ def test_other_addresses_settings_and_thresholds_are_other_graphs():
     for rep in range(3):
         for name, x, p in cases:
             _same(_run(*x, p, graphs), _run(*x, p), f"{name}, pass {rep}")
-    assert graphs.captures == len(cases) and graphs.replays == len(cases), graphs.summary()
+    _counts(graphs, captures=len(cases), replays=len(cases))
     before = _run(q, k, v, moving)
-    ms.mul_(4.0)  # sparser, moved in place: its device copy takes the new values at the same address
+    # denser, moved in place: its device copy takes the new values at the same address (at 1.5 these
+    # random inputs keep only the blocks every call keeps; a rise changes nothing, measured)
+    ms.mul_(0.01)
     after = _run(q, k, v, moving)
-    assert after[1] < before[1], (before[1:], after[1:])
+    assert after[1] > before[1], (before[1:], after[1:])
     _same(_run(q, k, v, moving, graphs), after, "moved threshold, first")
     _same(_run(q, k, v, moving, graphs), after, "moved threshold, again")
-    assert graphs.captures == len(cases) and graphs.replays == len(cases) + 2, graphs.summary()
+    _counts(graphs, captures=len(cases), replays=len(cases) + 2)
 
 
 def test_what_is_not_graphed():
     """lse, a user mask, a call above the byte budget and fp16 / head dim 64 inputs: the first two
     and the third launch as usual; the last is graphed. All equal the launched call."""
-    _native()
     q, k, v = _qkv(2, (1, 2, 700, 64), torch.float16)
     p = SpargeParams(cdfthreshd=0.9, is_causal=True)
     graphs = CallGraphs()
@@ -114,6 +119,25 @@ def test_what_is_not_graphed():
     assert graphs.replays == 1
 
 
+def test_a_failed_capture_turns_graphs_off_and_runs_the_call():
+    """A body that fails while it is captured (after allocating, as a real call would): the call runs
+    as usual, graphs turn off with the reason, and the process lives on. Under cudaMallocAsync this is
+    the case that aborted the process when the failed body's tensors were freed after the capture."""
+    graphs = CallGraphs(capture_at=1)
+    x = torch.arange(6.0, device="cuda")
+
+    def body(dst):
+        y = x * 2  # allocated inside the capture when captured
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError("refused in the capture")
+        dst.copy_(y[:2].to(torch.int64))
+
+    got = graphs.run(("k",), (), body, 2, x.device)
+    assert got.tolist() == [0, 2] and graphs.disabled.startswith("capturing: ValueError"), graphs.summary()
+    assert graphs.run(("k",), (), body, 2, x.device).tolist() == [0, 2] and graphs.eager == 2
+    torch.cuda.synchronize()
+
+
 def _device_used() -> int:
     """Bytes in use on the device as the driver sees them: the caching allocator's segments and, under
     cudaMallocAsync, its pool and the graphs' own memory (which torch.cuda.memory_reserved omits)."""
@@ -125,7 +149,6 @@ def _device_used() -> int:
 def test_pool_is_one_call_and_is_freed():
     """Many graphs share one pool: it holds about one call's intermediates, not one per graph, and
     dropping the CallGraphs gives it back (measured as the driver sees the device's memory)."""
-    _native()
     xs = [_qkv(s, (2, 12, 7800, 128)) for s in range(6)]
     p = PRESETS["Balanced"].params()
     for x in xs[:1]:  # the eager call's own cache, so that base holds it
@@ -146,21 +169,6 @@ def test_pool_is_one_call_and_is_freed():
     left = _device_used() - base
     print(f"  after the CallGraphs is dropped: {left / 2**20:.1f} MiB")
     assert left <= one // 4, f"{left / 2**20:.1f} MiB stay after the graphs are gone"
-
-
-def test_other_allocators_run_as_usual():
-    """Under cudaMallocAsync (ComfyUI's default) no capture is tried (Triton refuses the graph memory a
-    capture allocates, and freeing it after a failed capture aborts the process): graphs turn off with
-    the reason, and every call equals the launched one. Run with
-    PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync."""
-    if torch.cuda.get_allocator_backend() == "native":
-        skip("native allocator: run with PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync")
-    q, k, v = _qkv(0)
-    p = PRESETS["Balanced"].params()
-    graphs = CallGraphs(capture_at=1)
-    for i in range(3):
-        _same(_run(q, k, v, p, graphs), _run(q, k, v, p), f"call {i}")
-    assert graphs.disabled == ALLOCATOR_OFF and graphs.summary()["graphs"] == 0, graphs.summary()
 
 
 if __name__ == "__main__":
