@@ -261,8 +261,8 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         lse = logaddexp(lse1, lse2), out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse).
     graphs: a CallGraphs (call_graphs.py) that owns CUDA graphs of calls like this one: a call with
         a predicted mask and no lse then replays its graph instead of launching its kernels one by
-        one (meant to give the same results with much less host time; not yet run on a GPU: see
-        bench/NOTES.md v25 and tests/test_call_graphs_gpu.py). Its stats carry no block mask.
+        one: the same results with much less host time (bench/NOTES.md v26,
+        tests/test_call_graphs_gpu.py). Its stats carry no block mask.
     Returns out in q's dtype and layout; (out, lse) with return_lse; (out, stats) with
     return_stats; (out, lse, stats) with both.
     """
