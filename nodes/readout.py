@@ -120,6 +120,9 @@ def build_readout(ov, run, completed: bool = True) -> dict:
                      "reused an earlier output): not counted as steps")
     for reason, desc in run.first_seen.items():
         notes.append(f"first '{reason}' call: {desc}")
+    graphs = getattr(ov, "last_graphs", None)  # the run's CUDA graphs (sparge_core/call_graphs.py)
+    if graphs and graphs.get("disabled"):
+        notes.append(f"CUDA graphs off ({graphs['disabled']}): the sparse calls launched their kernels one by one")
 
     readout = {
         "node_id": ov.node_id,
@@ -159,6 +162,7 @@ def build_readout(ov, run, completed: bool = True) -> dict:
         "notes": notes,
         "layer_step_sparsity": layer_step,
         "map_layer": getattr(run, "map_layer", None),
+        "cuda_graphs": graphs,
     }
     # present even when no observer fills them
     readout.update(error_check=None, profile=None, target_rel_l1=cfg.target_rel_l1 or None, measured_rel_l1=None,

@@ -284,3 +284,7 @@ def test_readout_from_folded_forwards():
     assert r["est_attention_speedup"] == pytest.approx((full + cross) / (full / 2 + full / 128 + cross))
     line = format_line(r)
     assert "sparsity 50.0%" in line and "cross attention 2" in line and "Hilbert on (4, 8, 8)" in line
+    assert r["cuda_graphs"] is None and not any("CUDA graphs" in n for n in r["notes"])  # no sampling run here
+    ov.last_graphs = {"replays": 0, "captures": 0, "eager": 3, "graphs": 0, "disabled": "capturing: ValueError: x"}
+    notes = build_readout(ov, ov.run)["notes"]
+    assert any(n.startswith("CUDA graphs off (capturing: ValueError: x)") for n in notes), notes
