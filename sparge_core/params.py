@@ -168,17 +168,15 @@ class SpargeParams:
         threshold, the address of its per-head device tensor (a graph reads the tensor's contents
         when it replays, so its values need not be in the key); tensors are those per-head tensors,
         which the graph keeps alive so their memory is not reused while it may read it."""
-        key, keep = [], []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in THRESHOLDS:
-                if v is not None:
-                    t = self.per_head(f.name, heads, device)
-                    key.append((f.name, t.data_ptr()))
-                    keep.append(t)
-            else:
-                key.append((f.name, v))
-        return tuple(key), tuple(keep)
+        # the fields never change (frozen): which thresholds are set and the other settings, once
+        static = self.__dict__.get("_device_key_static")
+        if static is None:
+            static = self.__dict__["_device_key_static"] = (
+                tuple(f.name for f in fields(self) if f.name in THRESHOLDS and getattr(self, f.name) is not None),
+                tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in THRESHOLDS))
+        names, settings = static
+        keep = tuple(self.per_head(name, heads, device) for name in names)
+        return settings + tuple((name, t.data_ptr()) for name, t in zip(names, keep)), keep
 
     def check_heads(self, heads: int) -> None:
         for f in THRESHOLDS:
