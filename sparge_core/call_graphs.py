@@ -152,7 +152,7 @@ class CallGraphs:
         self.disabled = f"{doing}: {why}"
         self._graphs.clear()
         log.warning("Sparge Attention: %s a CUDA graph of the sparse call failed (%s); this run's calls launch "
-                    "their kernels one by one instead", doing, self.disabled)
+                    "their kernels one by one instead", doing, why)
 
     def summary(self) -> dict:
         """Counts for logs and benchmarks: replays, captures, calls run as usual, graphs held."""
