@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .caller_addrs import addr_args, caller_ptr
 from .config import KernelConfig
 from .fp8 import INTERPRET, to_pv_dtype
 from .host_math import cdiv
@@ -125,7 +126,7 @@ def _key_block(acc, l_i, m_i, n_skip, q, q_scale, kb, ks_base, k_src, k_row, sk_
 
 @triton.jit
 def _sparse_attn_fwd(
-    Q, K, VT, QS, KS, VS, O, OPERM, CNT, IDX, SKIP, PVT, KBAR, KBS, VBAR, BIAS,
+    Q, K, VT, QS, KS, VS, O, ADDRS, OPERM, CNT, IDX, SKIP, PVT, KBAR, KBS, VBAR, BIAS,
     LSE, QRAW, KMEAN, sqr_b, sqr_h, sqr_n, lse_scale,  # read only with RETURN_LSE
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
@@ -134,7 +135,7 @@ def _sparse_attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
-    TMA: tl.constexpr, FILL: tl.constexpr, RETURN_LSE: tl.constexpr,
+    TMA: tl.constexpr, FILL: tl.constexpr, RETURN_LSE: tl.constexpr, O_SLOT: tl.constexpr,
 ):
     # one program per (batch*head, query block), query blocks fastest: the programs running
     # together share one head's K and V in L2
@@ -198,7 +199,7 @@ def _sparse_attn_fwd(
     rows = offs_m
     if HAS_PERM:  # scatter rows back to the caller's token order
         rows = tl.load(OPERM + offs_m, mask=offs_m < N_Q, other=0)
-    o_ptr = O + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_n + offs_d[None, :]
+    o_ptr = caller_ptr(O, ADDRS, O_SLOT) + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_n + offs_d[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D_OUT)[None, :])
     if PV_SKIP:
         tl.store(SKIP + b * sc_b + h * sc_h + pid_m, n_skip)
@@ -223,7 +224,7 @@ _attn = Kernel(_sparse_attn_fwd)
 def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, pvthreshd,
                     n_q: int, n_k: int, d_out: int, out_dtype, is_causal: bool, pv_skip: bool,
                     config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None,
-                    lse_inputs: tuple | None = None, out: torch.Tensor | None = None):
+                    lse_inputs: tuple | None = None, out: torch.Tensor | None = None, out_addr: tuple | None = None):
     """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), a view of
     (B,n_q,H,d_out) memory, skipped (B,H,NQ) or None), and lse as a third item when lse_inputs is given.
 
@@ -240,7 +241,9 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     over what the row summed (kept blocks, fill means), the logsumexp flash attention returns; -inf
     for a row that summed nothing.
     out: where to write the output, else a new tensor: (B,H,n_q,d_out) in out_dtype, a transposed view of
-    contiguous (B,n_q,H,d_out) memory, as the kernel would allocate it (a CUDA graph's caller owns it)."""
+    contiguous (B,n_q,H,d_out) memory, as the kernel would allocate it (a CUDA graph's caller owns it).
+    out_addr (table, slot): write the output at the address table[slot] holds instead, in out's
+    layout (kernels/caller_addrs.py)."""
     if not isinstance(config, KernelConfig):
         raise TypeError(f"config must be a kernels.config.KernelConfig, got {type(config).__name__}")
     block_m, block_n = config.block_m, config.block_n
@@ -308,8 +311,9 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     if tma:
         k_arg = TensorDescriptor.from_tensor(k_i8.view(-1, hd), [block_n, hd])
         v_arg = TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, block_n])
+    addrs, o_slot = addr_args(out_addr, counts)
     _attn[(B * H * NQ,)](
-        q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, out_perm if out_perm is not None else counts,
+        q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, addrs, out_perm if out_perm is not None else counts,
         counts, indices, skipped, pvt, kbar, kbs, vbar, bias,
         *((lse, q_raw, kmean) if lse is not None else (counts, counts, counts)), *sqr, lse_scale,
         q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
@@ -322,7 +326,8 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         n_q, n_k, H, H // Hkv, NQ, nkc,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
-        HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, RETURN_LSE=lse is not None, num_warps=config.num_warps,
+        HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, RETURN_LSE=lse is not None, O_SLOT=o_slot,
+        num_warps=config.num_warps,
         num_stages=config.num_stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     if lse is not None:

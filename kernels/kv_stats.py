@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .caller_addrs import addr_args, caller_ptr
 from .config import Launch, helper_launch
 from .host_math import cdiv, next_pow2
 from .launch import Kernel
@@ -16,10 +17,12 @@ from .numerics import batch_head
 
 
 @triton.jit
-def _kv_stats_kernel(K, V, PERM, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H, ROWS_PER_PROG, NCHUNK,
+def _kv_stats_kernel(K, V, ADDRS, PERM, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H, ROWS_PER_PROG, NCHUNK,
                      BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
                      STAGES: tl.constexpr, SAMPLE_ROWS: tl.constexpr, SAMPLE_EVERY: tl.constexpr,
-                     HAS_PERM: tl.constexpr):
+                     HAS_PERM: tl.constexpr, K_SLOT: tl.constexpr, V_SLOT: tl.constexpr):
+    K = caller_ptr(K, ADDRS, K_SLOT)
+    V = caller_ptr(V, ADDRS, V_SLOT)
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = batch_head(bh, H)
@@ -78,13 +81,15 @@ _kv_finish = Kernel(_kv_finish_kernel)
 
 def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None,
              launch: Launch | None = None, k_sample: tuple[int, int] | None = None,
-             perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             perm: torch.Tensor | None = None, k_addr: tuple | None = None,
+             v_addr: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """k (B,H,N,Dk), v (B,H,N,Dv) -> (mean of k over N (B,H,Dk), max |v| over N (B,H,Dv)), fp32.
     With v_format_max, the second is V's per-channel scale for a format whose largest value that
     is: max(max |v| / v_format_max, 1e-20). k_sample (R, E): the mean of k over the rows i with
     (i // R) % E == 0 only (R a power of two <= 128); with `perm` (int32 (N,)), row i is k's row
     perm[i] (the order the attention visits the keys in). `launch`: rows per step, warps, programs
-    (speed only)."""
+    (speed only). k_addr, v_addr (table, slot): read k or v at the address table[slot] holds
+    (kernels/caller_addrs.py)."""
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must be (B, H, N, D) with the same B, H, N, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -109,11 +114,15 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
     ksum = torch.empty(B * H, nchunk, hd, dtype=torch.float32, device=k.device)
     vmax = torch.empty_like(ksum)
     sampled_perm = perm is not None and s_every > 1  # the full mean does not depend on the order
+    addrs, k_slot = addr_args(k_addr, ksum)
+    addrs_v, v_slot = addr_args(v_addr, ksum)
+    if k_slot >= 0 and v_slot >= 0 and addrs_v is not addrs:
+        raise ValueError("k_addr and v_addr must name one address table")
     _kv_stats[(nchunk, B * H)](
-        k, v, perm.contiguous() if sampled_perm else ksum, ksum, vmax,
+        k, v, addrs if k_slot >= 0 else addrs_v, perm.contiguous() if sampled_perm else ksum, ksum, vmax,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, STAGES=launch.num_stages,
-        SAMPLE_ROWS=s_rows, SAMPLE_EVERY=s_every, HAS_PERM=sampled_perm,
+        SAMPLE_ROWS=s_rows, SAMPLE_EVERY=s_every, HAS_PERM=sampled_perm, K_SLOT=k_slot, V_SLOT=v_slot,
         num_warps=launch.num_warps,
     )
     k_mean = torch.empty(B, H, Dk, dtype=torch.float32, device=k.device)

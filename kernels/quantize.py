@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .caller_addrs import addr_args, caller_ptr
 from .config import Launch, helper_launch
 from .fp8 import INTERPRET, to_pv_dtype
 from .host_math import cdiv
@@ -25,13 +26,14 @@ def _token_rows(PERM, blk, N, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr):
 
 @triton.jit
 def _quant_pool_kernel(
-    X, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS,
+    X, ADDRS, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS,
     sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n, spq_b, spq_h, sps_b, sps_h,
     N, H, extra_scale, POOL_BLOCKS,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
-    POOL_I8: tl.constexpr,
+    POOL_I8: tl.constexpr, X_SLOT: tl.constexpr,
 ):
+    X = caller_ptr(X, ADDRS, X_SLOT)
     blk = tl.program_id(0)
     b, h = batch_head(tl.program_id(1), H)
     offs_n, rows = _token_rows(PERM, blk, N, BLOCK, HAS_PERM)
@@ -78,10 +80,12 @@ _quant_pool = Kernel(_quant_pool_kernel)
 
 
 @triton.jit
-def _quant_v_kernel(V, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, sb_b, sb_h, sb_d, N, H,
+def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, sb_b, sb_h, sb_d, N, H,
                     MEAN_BLOCKS,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
-                    EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr):
+                    EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,
+                    V_SLOT: tl.constexpr):
+    V = caller_ptr(V, ADDRS, V_SLOT)
     blk = tl.program_id(0)
     b, h = batch_head(tl.program_id(1), H)
     offs_n, rows = _token_rows(PERM, blk, N, BLOCK, HAS_PERM)
@@ -126,7 +130,8 @@ def _check_perm(perm, n, device):
 
 def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 1.0,
                mean: torch.Tensor | None = None, want_pool: bool = True, perm: torch.Tensor | None = None,
-               want_sim: bool | None = None, pool_i8_blocks: int = 0, launch: Launch | None = None):
+               want_sim: bool | None = None, pool_i8_blocks: int = 0, launch: Launch | None = None,
+               addr: tuple | None = None):
     """x (B,H,N,D) -> int8 (B,H,nb*block,head_dim), scale (B,H,nb) fp32 (times extra_scale),
     pooled (B,H,nb,D) fp32, sim (B,H,nb) fp32. `mean` (B,H,D) fp32 is subtracted first (K smoothing).
     With `perm` (int32 (N,)), token i of the output is token perm[i] of x. The pooled means and
@@ -134,7 +139,8 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     not computed is returned as None.
     pool_i8_blocks > 0: also returns the pooled means as int8 (B,H,pool_i8_blocks,
     head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), zero past the nb real blocks.
-    `launch`: the warps per program (speed only)."""
+    `launch`: the warps per program (speed only). addr (table, slot): x is read at the address
+    table[slot] holds instead (kernels/caller_addrs.py); x gives its type, shape and strides."""
     _check(x, "x")
     B, H, N, D = x.shape
     if head_dim < D or head_dim not in (16, 32, 64, 128, 256):
@@ -157,26 +163,29 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     poolq = torch.empty(B, H, pool_i8_blocks, head_dim, dtype=torch.int8, device=dev) if pool_i8 else xq
     pools = torch.empty(B, H, pool_i8_blocks, dtype=torch.float32, device=dev) if pool_i8 else scale
     launch = launch or helper_launch(f"quant_pool{block}" if block in (64, 128) else "quant_pool64", dev)
+    addrs, slot = addr_args(addr, scale)
     _quant_pool[(nb, B * H)](
-        x, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools,
+        x, addrs, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools,
         x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1),
         xq.stride(0), xq.stride(1), xq.stride(2), scale.stride(0), scale.stride(1),
         pool.stride(0), pool.stride(1), pool.stride(2) if want_pool else 0,
         poolq.stride(0), poolq.stride(1), pools.stride(0), pools.stride(1),
         N, H, float(extra_scale), pool_i8_blocks,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
-        WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, num_warps=launch.num_warps,
+        WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, X_SLOT=slot, num_warps=launch.num_warps,
     )
     out = (xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None)
     return out + ((poolq, pools),) if pool_i8 else out
 
 
 def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool,
-            perm: torch.Tensor | None = None, mean_blocks: int = 0, launch: Launch | None = None):
+            perm: torch.Tensor | None = None, mean_blocks: int = 0, launch: Launch | None = None,
+            addr: tuple | None = None):
     """v (B,H,N,D) / scale (B,H,D) -> transposed (B,H,head_dim,nb*block) fp8 e4m3 or fp16, zero padded.
     mean_blocks > 0: also returns each block's mean of v / scale, transposed and in V's type
     (B,H,head_dim,mean_blocks), zero beyond the nb real blocks (mean_blocks >= nb).
-    `launch`: the warps per program (speed only)."""
+    `launch`: the warps per program (speed only). addr (table, slot): v is read at the address
+    table[slot] holds (kernels/caller_addrs.py)."""
     _check(v, "v")
     B, H, N, D = v.shape
     nb = cdiv(N, block)
@@ -190,12 +199,13 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     # the kernel writes the zero columns past the nb real blocks itself
     vbar = torch.empty(B, H, head_dim, mean_blocks, dtype=vt.dtype, device=v.device) if mean_blocks else vt
     launch = launch or helper_launch("quant_v", v.device)
+    addrs, slot = addr_args(addr, scale)
     _quant_v[(nb, B * H)](
-        v, perm if perm is not None else scale, scale, vt, vbar, v.stride(0), v.stride(1), v.stride(2),
+        v, addrs, perm if perm is not None else scale, scale, vt, vbar, v.stride(0), v.stride(1), v.stride(2),
         scale.stride(0), scale.stride(1), vt.stride(0), vt.stride(1), vt.stride(2),
         vbar.stride(0) if mean_blocks else 0, vbar.stride(1) if mean_blocks else 0,
         vbar.stride(2) if mean_blocks else 0, N, H, mean_blocks,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET,
-        HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, num_warps=launch.num_warps,
+        HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, V_SLOT=slot, num_warps=launch.num_warps,
     )
     return (vt, vbar) if mean_blocks else vt

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .availability import triton_status
 from .blockmask import SpargeBlockMask, causal_block_mask, check_dense_mask, num_blocks
-from .call_graphs import CallGraphs, tensor_key
+from .call_graphs import CallGraphs, layout_key
 from .layout import from_hnd, to_hnd
 from .params import SpargeParams
 from .reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, expand_kv, pooled_scores, sparge_reference
@@ -131,10 +131,11 @@ def _as_block_mask(block_mask, B, H, n_q, n_k, block_q, block_k, device) -> Spar
 
 
 def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None, pv_dtype: str = "auto",
-                   perm_q=None, perm_k=None) -> dict:
+                   perm_q=None, perm_k=None, addrs=None) -> dict:
     """Everything before the attention kernel on the Triton path: quantization (with the
     Hilbert gather fused in), stage-1 scoring and block selection. Returned as a dict so
-    benchmarks can time it on its own."""
+    benchmarks can time it on its own. addrs: an int64 device table whose slots 0-2 hold the
+    addresses the kernels read q, k, v at (kernels/caller_addrs.py), or None."""
     from ..kernels.attn_fwd import FILL_PAD
     from ..kernels.config import default_config
     from ..kernels.kv_stats import kv_stats
@@ -152,17 +153,19 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     # what stage 1 reads: the lse scores need only the pooled queries (and their self-similarity
     # when the rule is on); the paper's pooled scores need both sides' means and similarities
     q_sim_wanted = predict and (not lse or params.sim_rule_enabled())
+    at = (lambda slot: (addrs, slot)) if addrs is not None else (lambda slot: None)
     q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=predict,
-                                          want_sim=q_sim_wanted, perm=perm_q)
+                                          want_sim=q_sim_wanted, perm=perm_q, addr=at(0))
     # one pass over V and a sample of K: K's smoothing vector (reference.key_mean, over the keys in
     # the order the kernels visit them) and V's per-channel fp8 scale
-    k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm_k)
+    k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm_k, k_addr=at(1),
+                               v_addr=at(2))
     # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
     k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
-                       want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc)
+                       want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc, addr=at(1))
     k_i8, k_s, k_pool, k_sim = k_out[:4]
-    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc)
+    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2))
     fill_args = None
     if fill:
         v_t, vbar = v_t
@@ -195,12 +198,14 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
 
 
 def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None,
-                    return_lse: bool = False, out=None):
+                    return_lse: bool = False, out=None, addrs=None):
     """Returns (out, block mask, P.V-skipped count, lse or None). out: where the kernel writes (see
-    kernels.attn_fwd.sparse_attn_fwd), else a new tensor."""
+    kernels.attn_fwd.sparse_attn_fwd), else a new tensor. addrs: an int64 device table of the
+    addresses of q, k, v and out (in that order) that the kernels read and write at instead of the
+    tensors' own (kernels/caller_addrs.py), or None."""
     from ..kernels.attn_fwd import sparse_attn_fwd
 
-    P = prepare_sparse(q, k, v, params, scale, block_mask, pv_dtype, perm_q, perm_k)
+    P = prepare_sparse(q, k, v, params, scale, block_mask, pv_dtype, perm_q, perm_k, addrs)
     cfg, block_mask = P["cfg"], P["block_mask"]
     B, H, N, D = q.shape
     pv_skip = params.pv_skip_enabled()
@@ -210,6 +215,7 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
         P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
         params.per_head("pvthreshd", H, q.device), N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
         out_perm=perm_q, fill=P["fill"], lse_inputs=lse_inputs, out=out,
+        out_addr=(addrs, 3) if addrs is not None else None,
     )
     skipped = res[1]
     return res[0], block_mask, (skipped.sum() if skipped is not None else 0), (res[2] if return_lse else None)
@@ -217,24 +223,27 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
 
 def _graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: float, pv_dtype: str, perms):
     """The predicted Triton call through `graphs` (call_graphs.py): (out, kept, P.V-skipped), the
-    counts as 0-dim int64 device tensors. The output is allocated here, before the lookup, so its
-    address is part of the key like q's, k's and v's."""
+    counts as 0-dim int64 device tensors. q, k, v and the output are not baked into a graph: its
+    kernels read their addresses from the graphs' address table, so the key holds only their
+    shapes, strides and dtypes (kernels/caller_addrs.py)."""
     B, H, N, D = q.shape
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     pkey, keep = params.device_key(H, q.device)
     perm_q, perm_k = perms
     perm_key = tuple(p.data_ptr() if p is not None else None for p in perms)
-    key = (tensor_key(q), tensor_key(k), tensor_key(v), out.data_ptr(), scale, pv_dtype, perm_key, pkey)
+    key = (q.device, layout_key(q), layout_key(k), layout_key(v), scale, pv_dtype, perm_key, pkey)
 
-    def body(dst):
-        _, bm, skipped, _ = _triton_forward(q, k, v, params, scale, None, pv_dtype, perm_q, perm_k, out=out)
+    def body(dst, addrs):
+        _, bm, skipped, _ = _triton_forward(q, k, v, params, scale, None, pv_dtype, perm_q, perm_k, out=out,
+                                            addrs=addrs)
         dst[0].copy_(bm.kv_num_blocks.sum())  # device to device: a capture allows no host copy
         if isinstance(skipped, torch.Tensor):
             dst[1].copy_(skipped)
         else:
             dst[1].zero_()
 
-    counts = graphs.run(key, keep + tuple(p for p in perms if p is not None), body, 2, q.device)
+    counts = graphs.run(key, keep + tuple(p for p in perms if p is not None), body, 2, q.device,
+                        (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()))
     return out, counts[0], counts[1]
 
 

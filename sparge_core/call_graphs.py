@@ -4,32 +4,34 @@ A sparse call on the Triton path queues ~8 kernel launches and ~20 small torch o
 sequences (7,800 tokens) the GPU finishes them faster than Python issues them. A CUDA graph of the
 call replays all of it with one launch.
 
-A graph bakes in the address of every tensor its kernels touch. So a graph here is keyed on the
-addresses of everything the call reads or writes from outside its own work: the caller's q, k, v,
-the output (allocated by the caller before the lookup), and the small cached tensors the call reads
-(per-head thresholds, the Hilbert permutation), with their shapes, strides and the call's settings.
-A key that matches means the current call's tensors lie exactly where the graph reads and writes,
-so a replay computes this call: nothing is copied in or out. The small cached tensors are also kept
-alive by the entry, so their memory cannot be handed to something else while a graph may read it.
-The caller's tensors are not kept (that would hold a model's activations): their addresses are only
-ever trusted through the key of the call that owns them.
+A graph bakes in every argument of every kernel, addresses too. The caller's q, k, v and the
+call's output are not baked in: the kernels that touch them read their addresses from a small
+int64 table on the device (kernels/caller_addrs.py), which `run` fills before each replay with a
+copy ordered on the stream. So one graph serves every call of the same shapes and settings
+wherever its tensors lie: under cudaMallocAsync (ComfyUI's default allocator) a model's tensors
+land elsewhere from one forward to the next, and graphs keyed on their addresses were almost never
+replayed (bench/NOTES.md v27). A graph is keyed on the caller's tensors' shapes, strides and dtypes,
+the call's settings and the addresses of the small cached tensors the call reads (per-head
+thresholds, the Hilbert permutation), which the entry keeps alive so their memory cannot be handed
+to something else while a graph may read it. The caller's tensors must be 16-byte aligned (the
+kernels read them as such; `wants` checks).
 
-In a sampling run the same addresses come back call after call (the caching allocator repeats its
-pattern every forward), so a key is captured the second time it is seen (a first sighting may be a
-one-off) and replayed from then on. The intermediates of every graph live in one memory pool shared
-by the graphs of this object; they are dead at the end of each call, so the pool is as large as one
-call's intermediates, not the sum. The pool stays reserved while the object lives: own one per
-sampling run (the node does) and drop it at the end. Calls whose q + k + v exceed `max_bytes` run
-as before: their GPU time exceeds their host time anyway, and their pool would hold memory the
-model's other layers could use.
+A key is captured the second time it is seen (a first sighting may be a one-off) and replayed from
+then on. The intermediates of every graph live in one memory pool shared by the graphs of this
+object; they are dead at the end of each call, so the pool is as large as one call's
+intermediates, not the sum. The pool stays reserved while the object lives: own one per sampling
+run (the node does) and drop it at the end. Calls whose q + k + v exceed `max_bytes` run as before:
+their GPU time exceeds their host time anyway, and their pool would hold memory the model's other
+layers could use.
 
 Nothing the capture allocates outlives it: the counts a graph writes go into a buffer allocated
-before the capture. Under cudaMallocAsync (ComfyUI's default allocator) what a capture allocates is
-graph memory that the driver maps only when the graph launches, which shapes two more rules (both
-seen on an H200, bench/NOTES.md v26): the kernels are launched with their tensors' addresses
-unchecked (kernels/launch.addresses_unchecked; Triton's launcher otherwise asks the driver about
-each address and refuses these), and a capture that fails drops the failed body's tensors while the
-capture still runs (freeing such memory after the capture aborts the process).
+before the capture, and the address table is allocated with the object. Under cudaMallocAsync what
+a capture allocates is graph memory that the driver maps only when the graph launches, which
+shapes two more rules (both seen on an H200, bench/NOTES.md v26): the kernels are launched with
+their tensors' addresses unchecked (kernels/launch.addresses_unchecked; Triton's launcher otherwise
+asks the driver about each address and refuses these), and a capture that fails drops the failed
+body's tensors while the capture still runs (freeing such memory after the capture aborts the
+process).
 
 Capture runs on a side stream without synchronizing (torch.cuda.graph synchronizes and empties the
 cache on every capture). A capture or replay that fails turns graphs off for this object: the call
@@ -54,41 +56,59 @@ def _text(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def tensor_key(x: torch.Tensor) -> tuple:
-    """What a graph bakes in of a tensor it reads: its address, shape, strides and dtype."""
-    return x.data_ptr(), tuple(x.shape), x.stride(), x.dtype
+def layout_key(x: torch.Tensor) -> tuple:
+    """What a graph bakes in of a caller's tensor it reads through the address table: its shape,
+    strides and dtype (not its address)."""
+    return tuple(x.shape), x.stride(), x.dtype
+
+
+ALIGN = 16  # bytes: the kernels read the caller's tensors through the table as 16-byte aligned
+TABLE_SLOTS = 8  # addresses a call may pass (the sparse call passes 4)
 
 
 class CallGraphs:
-    """CUDA graphs of sparse calls, replayed by address key (see the module docstring)."""
+    """CUDA graphs of sparse calls, replayed by key (see the module docstring)."""
 
     def __init__(self, max_graphs: int = MAX_GRAPHS, max_bytes: int = MAX_BYTES, capture_at: int = CAPTURE_AT):
         self.max_graphs, self.max_bytes, self.capture_at = int(max_graphs), int(max_bytes), max(1, int(capture_at))
         self._graphs: OrderedDict = OrderedDict()  # key -> (CUDAGraph, its counts output, tensors kept alive)
         self._seen: OrderedDict = OrderedDict()  # key -> sightings, of keys not captured yet
-        self._sides: dict = {}  # device -> (capture stream, memory pool)
+        self._sides: dict = {}  # device -> (capture stream, memory pool, address table)
+        self._written: dict = {}  # device -> the addresses its table holds (as of the stream's order)
+        self._streams: dict = {}  # device -> the stream its calls run on
         self.disabled: Optional[str] = None  # why graphs are off for this object
         self.replays = self.captures = self.eager = 0
 
     def wants(self, *tensors: torch.Tensor) -> bool:
         """Whether a call on these tensors may run through a graph: CUDA, eager (not traced by
-        torch.compile, not inside a caller's own graph capture), within the byte budget."""
-        if self.disabled is not None or tensors[0].device.type != "cuda":
+        torch.compile, not inside a caller's own graph capture), 16-byte aligned, within the byte
+        budget, on the stream the first such call on the device ran on (the address table and the
+        pool's memory are reused call after call in one stream's order)."""
+        dev = tensors[0].device
+        if self.disabled is not None or dev.type != "cuda":
             return False
         if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return False
+        if any(t.data_ptr() % ALIGN for t in tensors):
+            return False
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        if self._streams.setdefault(dev, stream) != stream:
+            return False
         return sum(t.numel() * t.element_size() for t in tensors) <= self.max_bytes
 
-    def run(self, key: tuple, keep: tuple, body: Callable[[torch.Tensor], None], counts: int,
-            device: torch.device) -> torch.Tensor:
-        """body(dst) queues one call's work on `device` and writes `counts` int64 results of it into
-        dst (a 1-D tensor on `device`). Returns those results: from a replay of the graph of `key`,
-        from a fresh capture of body, or from body itself run as usual. keep: tensors the graph reads
-        that are not in the caller's hands (kept alive with it)."""
+    def run(self, key: tuple, keep: tuple, body: Callable[[torch.Tensor, Optional[torch.Tensor]], None], counts: int,
+            device: torch.device, addresses: tuple = ()) -> torch.Tensor:
+        """body(dst, table) queues one call's work on `device` and writes `counts` int64 results of
+        it into dst (a 1-D tensor on `device`). table: None, or the int64 address table whose slots
+        hold `addresses` (the caller's tensors, 16-byte aligned) when the work runs; the body's
+        kernels then read and write those tensors through it. Returns the results: from a replay of
+        the graph of `key`, from a fresh capture of body, or from body itself run as usual. keep:
+        tensors the graph reads that are not in the caller's hands (kept alive with it)."""
         def eager():
             self.eager += 1
             dst = torch.empty(counts, dtype=torch.int64, device=device)
-            body(dst)
+            # through the table while graphs are on: the kernels a capture launches are then compiled
+            body(dst, self._fill(device, addresses) if self.disabled is None else None)
             return dst
 
         hit = self._graphs.get(key)
@@ -110,6 +130,7 @@ class CallGraphs:
                 self._graphs.popitem(last=False)
             self.captures += 1
         try:  # a capture runs nothing: its first replay computes this call
+            self._fill(device, addresses)
             hit[0].replay()
         except Exception as e:  # never seen; a launch the driver refuses runs as usual, once and for all
             self._disable("replaying", _text(e))
@@ -117,13 +138,33 @@ class CallGraphs:
         self.replays += 0 if captured else 1
         return hit[1].clone()  # the graph's own buffer is overwritten by its next replay
 
-    def _capture(self, body, counts, keep, device):
-        from ..kernels.launch import addresses_unchecked  # here: sparge_core imports no Triton until a kernel runs
-
+    def _side(self, device):
+        """(capture stream, memory pool, address table) of `device`, made on first use and kept: the
+        graphs bake in the table's address."""
         side = self._sides.get(device)
         if side is None:
             with torch.cuda.device(device):
-                side = self._sides[device] = (torch.cuda.Stream(device), torch.cuda.graph_pool_handle())
+                side = self._sides[device] = (torch.cuda.Stream(device), torch.cuda.graph_pool_handle(),
+                                              torch.zeros(TABLE_SLOTS, dtype=torch.int64, device=device))
+        return side
+
+    def _fill(self, device, addresses: tuple) -> torch.Tensor:
+        """The address table of `device`, holding `addresses` from this point of the current stream
+        on. A pinned host copy, not a synchronizing one: torch's pinned-memory cache keeps the host
+        buffer until the copy has run. Skipped when the table already holds these addresses."""
+        if len(addresses) > TABLE_SLOTS:
+            raise ValueError(f"{len(addresses)} addresses; the table holds {TABLE_SLOTS}")
+        table = self._side(device)[2]
+        if addresses and self._written.get(device) != addresses:
+            host = torch.tensor(addresses, dtype=torch.int64, pin_memory=True)
+            table[:len(addresses)].copy_(host, non_blocking=True)
+            self._written[device] = addresses
+        return table
+
+    def _capture(self, body, counts, keep, device):
+        from ..kernels.launch import addresses_unchecked  # here: sparge_core imports no Triton until a kernel runs
+
+        side = self._side(device)
         g = torch.cuda.CUDAGraph()
         dst = torch.empty(counts, dtype=torch.int64, device=device)  # before the capture: see the docstring
         # capture records work, it runs none of it: the side stream need not wait for the current
@@ -134,7 +175,7 @@ class CallGraphs:
                 g.capture_begin(pool=side[1], capture_error_mode="thread_local")
                 try:
                     with addresses_unchecked():
-                        body(dst)
+                        body(dst, side[2])
                 except Exception as e:  # e.g. an op that synchronizes: never graphed again by this object
                     # only its text is kept: the traceback, and with it the body's tensors, goes
                     # here, inside the capture (see the module docstring)

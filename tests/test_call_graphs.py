@@ -1,17 +1,23 @@
-"""What decides a CUDA graph's key (sparge_core/call_graphs.py, SpargeParams.device_key), on the CPU.
-The graphs themselves need a GPU: tests/test_call_graphs_gpu.py compares them with the launched calls."""
+"""What decides a CUDA graph's key (sparge_core/call_graphs.py, SpargeParams.device_key) and the
+kernels' address table (kernels/caller_addrs.py), on the CPU. The graphs themselves need a GPU:
+tests/test_call_graphs_gpu.py compares them with the launched calls."""
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+sys.path.insert(0, os.path.dirname(__file__))
+from data import clustered  # noqa: E402
 
 from devkit.pack import load_pack  # noqa: E402
 
 load_pack()
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sparge_attention.sparge_core import SpargeParams, sparge_attention  # noqa: E402
-from sparge_attention.sparge_core.call_graphs import CallGraphs, tensor_key  # noqa: E402
+from sparge_attention.sparge_core.call_graphs import CallGraphs, layout_key  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -49,12 +55,49 @@ def test_device_key_reads_a_threshold_moved_in_place_live():
     assert p.device_key(4, torch.device("meta"))[0] == meta
 
 
-def test_tensor_key_and_what_graphs_take():
+def test_layout_key_and_what_graphs_take():
     x = torch.zeros(2, 3, 8, 4)
-    assert tensor_key(x) == (x.data_ptr(), (2, 3, 8, 4), x.stride(), torch.float32)
-    assert tensor_key(x.transpose(1, 2)) != tensor_key(x)  # same address, other strides
-    assert tensor_key(x[:, 1:]) != tensor_key(x)  # other address
+    assert layout_key(x) == ((2, 3, 8, 4), x.stride(), torch.float32)
+    assert layout_key(x.transpose(1, 2)) != layout_key(x)  # other strides
+    assert layout_key(x.clone()) == layout_key(x)  # another address: the same graph
     assert not CallGraphs().wants(x, x, x)  # CPU tensors: no graphs
+
+
+@pytest.mark.parametrize("grid, params", [
+    ((3, 5, 40), SpargeParams(minshare=2.0, simthreshd1=-1.0, scoring="lse", fill_skipped=True, pvthreshd=4.0)),  # Hilbert, fill
+    (None, SpargeParams(cdfthreshd=0.6, simthreshd1=0.3, is_causal=True)),  # pooled scores, similarity rule
+])
+def test_kernels_read_and_write_the_tensors_the_table_names(grid, params):
+    """With an address table, every kernel of the call reads q, k, v and writes the output at the
+    addresses the table holds (a graph replayed on other tensors); the tensors passed only give
+    their type and layout. In ComfyUI's (B, N, H, D) memory layout, as the node passes it."""
+    from sparge_attention.sparge_core.api import _triton_forward
+    from sparge_attention.sparge_core.hilbert import TokenPermutation
+
+    def bnhd(seed):  # (B, H, N, D) views of (B, N, H, D) memory
+        return [x.transpose(1, 2).contiguous().transpose(1, 2) for x in clustered(1, 2, 600, 64, seed)]
+
+    carriers, real = bnhd(0), bnhd(1)
+    out_c, out_r = (torch.full((1, 600, 2, 64), 7.0).transpose(1, 2) for _ in range(2))
+    perms = (None, None)
+    if grid is not None:
+        perm = TokenPermutation.for_grid(grid, 600, device=CPU).perm32
+        perms = (perm, perm)
+    table = torch.tensor([t.data_ptr() for t in (*real, out_r)], dtype=torch.int64)
+    got = _triton_forward(*carriers, params, 0.125, None, "auto", *perms, out=out_c, addrs=table)
+    want = _triton_forward(*real, params, 0.125, None, "auto", *perms)
+    assert torch.equal(out_r, want[0]) and torch.equal(got[1].kv_num_blocks, want[1].kv_num_blocks)
+    assert int(want[1].kv_num_blocks.sum()) < want[1].kv_num_blocks.numel() * want[1].kv_indices.shape[-1]  # sparse
+    assert bool((out_c == 7.0).all())  # the tensor passed for the output's layout is not written
+
+
+def test_address_table_arguments_are_checked():
+    from sparge_attention.kernels.quantize import quant_pool
+
+    x = torch.zeros(1, 1, 64, 64)
+    for addr in [(torch.zeros(4, dtype=torch.int32), 0), (torch.zeros(4, dtype=torch.int64), 4), ([1, 2], 0)]:
+        with pytest.raises(ValueError, match="address table"):
+            quant_pool(x, 64, 64, addr=addr)
 
 
 def test_graphs_leave_cpu_calls_alone():
@@ -75,8 +118,6 @@ def test_a_launch_that_would_check_addresses_raises_inside_addresses_unchecked()
     Triton's own path (here the interpreter's, as on a first launch of a specialization) raises before
     it launches, instead of running the address check a capture under cudaMallocAsync fails; outside,
     the same call runs."""
-    import pytest
-
     from sparge_attention.kernels.launch import addresses_unchecked
 
     g = torch.Generator().manual_seed(1)

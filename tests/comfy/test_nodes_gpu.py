@@ -211,8 +211,8 @@ def test_cuda_thresholds_moved_in_place_reach_the_kernel():
 
 
 def test_cuda_graphs_in_a_sampling_run_equal_the_launched_calls():
-    """Inside a sampling run the node replays CUDA graphs of its calls (sparge_core/call_graphs.py):
-    every call's output equals the same call launched kernel by kernel (the override outside a run),
+    """Inside a sampling run the node replays CUDA graphs of its calls (sparge_core/call_graphs.py),
+    whatever address each call's output lands at: every call's output equals the same call launched kernel by kernel (the override outside a run),
     the readout's counts agree, and the graphs are gone when the run ends."""
     from types import SimpleNamespace
 
@@ -224,8 +224,8 @@ def test_cuda_graphs_in_a_sampling_run_equal_the_launched_calls():
     outs, kept = [], []
 
     def forward(x_, t, c_concat, c_crossattn, control, to):
-        for _ in range(2):  # a copy: a kept output would hold the address the next call's output takes
-            outs.append(ov(_sdpa, q, k, v, heads=H, transformer_options=to).clone())
+        for _ in range(2):  # every output kept: each call writes at a new address, through the same graph
+            outs.append(ov(_sdpa, q, k, v, heads=H, transformer_options=to))
             kept.append(int(to[ov.key].records[-1].kept))
 
     dm = SimpleNamespace(patch_size=(1, 2, 2), blocks=[0, 1])
@@ -233,7 +233,7 @@ def test_cuda_graphs_in_a_sampling_run_equal_the_launched_calls():
     # the mask); the other is launched, captured, then replayed 6 times
     sampling_run(ov, forward, dm, torch.zeros(B, 16, GRID[0], GRID[1] * 2, GRID[2] * 2), 8)
     assert ov.graphs is None, "the run's graphs end with it"
-    assert ov.last_graphs["replays"] >= 5, ov.last_graphs
+    assert ov.last_graphs["replays"] >= 6, ov.last_graphs
     assert ov.last_graphs["captures"] >= 1 and ov.last_graphs["disabled"] is None, ov.last_graphs
     for i, out in enumerate(outs):
         assert torch.equal(out, want), (i, (out.float() - want.float()).abs().max().item())
