@@ -12,7 +12,8 @@ which runs them in one process). Rows: the node's override as ComfyUI calls it (
 self-attention inside a forward, the preset's error-target adaptation in its steady state, i.e. an
 unmeasured call), the public API `sparge_attention` with and without a CallGraphs (CUDA graphs of
 the call, sparge_core/call_graphs.py), and a cProfile listing of the override's calls
-(top functions by own time).
+(top functions by own time). The override's calls are also split into those the error target
+measured (an exact-attention sample of the call, nodes/adapt.py) and the rest.
 
     python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--profile [--sort cumulative]]
 """
@@ -59,25 +60,29 @@ def median(xs):
 
 def override_times(preset, grid, x, steps=12, blocks=30, skip=3):
     """Host time of each self-attention call of a 30-block model's sampling run, driven through
-    the node's wrappers as ComfyUI drives them (devkit/sampling_run.py), from step `skip` on: the
-    adaptation's steady state, where a quarter of the calls are measured."""
+    the node's wrappers as ComfyUI drives them (devkit/sampling_run.py), from step `skip` on (the
+    adaptation's steady state): (wall us, CPU us, measured?) per call, and the override. A call is
+    measured when the error target's observer took an error sample of it (its pending sums changed)."""
     ov = SpargeOverride(SpargeConfig.from_widgets(preset=preset, min_tokens=1024), node_id=f"host-{preset}")
-    times, cpu = [], []
+    rows = []
     q, k, v = x
+
+    def sums():  # identities of the observers' pending error sums (read only)
+        return [{b: id(t) for b, t in (getattr(o, "_pending", None) or {}).items()} for o in ov.observers]
 
     def forward(x_, t, c_concat, c_crossattn, control, to):
         for _ in range(blocks):
+            before = sums()
             torch.cuda.synchronize()
             c0, t0 = time.thread_time(), time.perf_counter()
             ov(comfy_sdpa, q, k, v, heads=H, transformer_options=to)
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.thread_time() - c0)
+            rows.append(((time.perf_counter() - t0) * 1e6, (time.thread_time() - c0) * 1e6, sums() != before))
 
     dm = SimpleNamespace(patch_size=(1, 2, 2))
     lat = torch.zeros(B, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda")
     sampling_run(ov, forward, dm, lat, steps)
     torch.cuda.synchronize()
-    return [t * 1e6 for t in times[skip * blocks:]], [t * 1e6 for t in cpu[skip * blocks:]], ov
+    return rows[skip * blocks:], ov
 
 
 def main():
@@ -102,14 +107,24 @@ def main():
                 "SDPA (cuDNN) for scale": lambda: comfy_sdpa(*x, heads=H)}
         out = res["host_us"][str(n)] = {}
         override_times(args.preset, grid, x, steps=4)  # compile and warm every path
-        ts, cs, _ = override_times(args.preset, grid, x)
-        out[f"override (node, {args.preset}) median"] = (median(ts), median(cs))
-        out[f"override (node, {args.preset}) mean"] = (sum(ts) / len(ts), sum(cs) / len(cs))
+        calls, _ = override_times(args.preset, grid, x)
+        plain = [c for c in calls if not c[2]]
+        measured = [c for c in calls if c[2]]
+        out[f"override (node, {args.preset}) median"] = (median([c[0] for c in calls]), median([c[1] for c in calls]))
+        out[f"override (node, {args.preset}) mean"] = (sum(c[0] for c in calls) / len(calls),
+                                                      sum(c[1] for c in calls) / len(calls))
+        if plain:
+            out["override, unmeasured calls, median"] = (median([c[0] for c in plain]), median([c[1] for c in plain]))
+        if measured:
+            out["override, measured calls, median"] = (median([c[0] for c in measured]),
+                                                       median([c[1] for c in measured]))
+        res.setdefault("measured_share", {})[str(n)] = len(measured) / len(calls)
         for name, fn in rows.items():
             out[name] = host_us(fn)
         print(f"  {'':>6}         {'':<36} {'wall':>8}    {'CPU':>8}")
         for name, (us, cpu_us) in out.items():
             print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us {cpu_us:8.1f} us")
+        print(f"  {n:>6} tokens  calls the error target measured: {100 * res['measured_share'][str(n)]:.0f}%")
         if args.profile:
             pr = cProfile.Profile()
             pr.enable()

@@ -38,6 +38,11 @@ except ImportError:  # older Triton: no hook chains to respect, and no direct la
 _unchecked = threading.local()
 
 
+class NotLaunchedYet(RuntimeError):
+    """A first launch of a kernel's specialization inside addresses_unchecked(): it must run once
+    outside a capture first (Triton compiles or loads it there, checking its addresses)."""
+
+
 @contextmanager
 def addresses_unchecked():
     """Launches in this thread pass their tensors' addresses unchecked (see the module docstring):
@@ -107,7 +112,7 @@ class Kernel:
         Triton whose binder or compiled kernel is not the one this module knows launches through
         JITFunction.run from then on."""
         if unchecked:
-            raise RuntimeError("a first launch of a specialization inside addresses_unchecked()")
+            raise NotLaunchedYet("a first launch of a specialization inside addresses_unchecked()")
         ck = self.fn[grid](*args, **kwargs)
         try:
             bound, specialization, options = self.fn.device_caches[device][-1](*args, **kwargs)

@@ -124,6 +124,8 @@ class CallGraphs:
                 return eager()
             hit = self._capture(body, counts, keep, device)
             if hit is None:
+                if self.disabled is None:  # a kernel variant not launched yet: launch it, capture next time
+                    self._seen[key] = n - 1
                 return eager()
             self._graphs[key] = hit
             while len(self._graphs) > self.max_graphs:
@@ -162,20 +164,23 @@ class CallGraphs:
         return table
 
     def _capture(self, body, counts, keep, device):
-        from ..kernels.launch import addresses_unchecked  # here: sparge_core imports no Triton until a kernel runs
+        # here: sparge_core imports no Triton until a kernel runs
+        from ..kernels.launch import NotLaunchedYet, addresses_unchecked
 
         side = self._side(device)
         g = torch.cuda.CUDAGraph()
         dst = torch.empty(counts, dtype=torch.int64, device=device)  # before the capture: see the docstring
         # capture records work, it runs none of it: the side stream need not wait for the current
         # one, and the replay is ordered on the current stream like any launch
-        failed = None
+        failed = retry = None
         try:
             with torch.cuda.stream(side[0]):
                 g.capture_begin(pool=side[1], capture_error_mode="thread_local")
                 try:
                     with addresses_unchecked():
                         body(dst, side[2])
+                except NotLaunchedYet:  # e.g. a capture on a key's first sighting (capture_at=1)
+                    retry = True
                 except Exception as e:  # e.g. an op that synchronizes: never graphed again by this object
                     # only its text is kept: the traceback, and with it the body's tensors, goes
                     # here, inside the capture (see the module docstring)
@@ -187,7 +192,7 @@ class CallGraphs:
         if failed is not None:
             self._disable("capturing", failed)
             return None
-        return g, dst, keep
+        return None if retry else (g, dst, keep)
 
     def _disable(self, doing: str, why: str) -> None:
         self.disabled = f"{doing}: {why}"

@@ -34,10 +34,10 @@ def _run(q, k, v, params, graphs=None, grid=GRID):
     return out, int(st.kept_blocks), int(st.pv_skipped)
 
 
-def _counts(graphs, **want):
+def _counts(cg, **want):
     """The graphs' counts: exact under both allocators (the graphs read the caller's tensors through
     their address table, so where the allocator puts them does not matter)."""
-    got = graphs.summary()
+    got = cg.summary()
     assert all(got[k] == n for k, n in want.items()) and got["disabled"] is None, (want, got)
 
 
@@ -171,7 +171,11 @@ def test_pool_is_one_call_and_is_freed():
     one = sum(t.numel() * t.element_size() for t in xs[0])
     print(f"  {torch.cuda.get_allocator_backend()}: {len(ps)} graphs hold {held / 2**20:.1f} MiB "
           f"(q+k+v of one call {one / 2**20:.1f} MiB)")
-    assert graphs.captures == len(ps) and graphs.replays == len(ps), graphs.summary()
+    # a first capture that finds a kernel variant not launched yet in this process (run alone: the
+    # address-table variants) runs that call as usual, which launches it, and captures on the next sighting
+    got = graphs.summary()
+    assert got["captures"] == got["graphs"] == len(ps) and got["disabled"] is None, got
+    assert got["eager"] <= 1 and got["replays"] + got["eager"] == len(ps), got
     assert held < 2 * one, f"the pool holds {held / 2**20:.1f} MiB for {len(ps)} graphs (q+k+v {one / 2**20:.1f} MiB)"
     del graphs
     torch.cuda.empty_cache()
