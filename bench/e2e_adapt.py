@@ -89,15 +89,23 @@ def main():
            "measurement_ms": t_meas, "rows": []}
     print(f"{args.model} ({note}, {N} tokens, batch 2), {args.steps} steps: default {t_default:.3f} s/step; "
           f"one measurement {t_meas:.3f} ms")
-    # compile every kernel variant once, outside the timed runs
-    timed_run(SpargeOverride(SpargeConfig.from_widgets(preset="Balanced", min_tokens=1024)), dm, x, t, ctx, 2)
+
+    def settings(name):
+        p = PRESETS[name]
+        fixed = SpargeConfig.from_widgets(preset="Custom", mode="share", minshare=p.minshare, simthreshd1=-1.0,
+                                          fill_skipped=p.fill_skipped, min_tokens=1024)
+        return ((name, SpargeConfig.from_widgets(preset=name, min_tokens=1024)), (f"{name} fixed", fixed))
+
+    # every kernel variant each timed setting launches, compiled outside the timed runs (on a fresh
+    # machine a 17-frame run read 0.81x where a warm cache read 1.05x, bench/NOTES.md v27)
+    for name in args.presets.split(","):
+        for _, cfg in settings(name):
+            timed_run(SpargeOverride(cfg), dm, x, t, ctx, 3)
     print(f"{'setting':<20} {'s/step':>7} {'speed-up':>8} {'sparsity':>8} {'measured':>9} {'target':>7} "
           f"{'calls':>6} {'adapt share':>11}")
     for name in args.presets.split(","):
         p = PRESETS[name]
-        fixed = SpargeConfig.from_widgets(preset="Custom", mode="share", minshare=p.minshare, simthreshd1=-1.0,
-                                          fill_skipped=p.fill_skipped, min_tokens=1024)
-        for label, cfg in ((name, SpargeConfig.from_widgets(preset=name, min_tokens=1024)), (f"{name} fixed", fixed)):
+        for label, cfg in settings(name):
             node = f"e2e-{label}"
             # the fixed thresholds are measured the same way (measure only), so both rows show their error
             watch = () if cfg.target_rel_l1 else (Adaptation(p.target_rel_l1, measure_only=True),)

@@ -107,8 +107,13 @@ class CallGraphs:
         def eager():
             self.eager += 1
             dst = torch.empty(counts, dtype=torch.int64, device=device)
-            # through the table while graphs are on: the kernels a capture launches are then compiled
-            body(dst, self._fill(device, addresses) if self.disabled is None else None)
+            table = None
+            if self.disabled is None:  # through the table: the kernel variants a capture launches get compiled
+                try:
+                    table = self._fill(device, addresses)
+                except Exception as e:  # e.g. no pinned memory to be had: the calls launch as usual
+                    self._disable("filling the address table of", _text(e))
+            body(dst, table)
             return dst
 
         hit = self._graphs.get(key)
