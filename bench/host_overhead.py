@@ -107,7 +107,7 @@ def main():
                 "SDPA (cuDNN) for scale": lambda: comfy_sdpa(*x, heads=H)}
         out = res["host_us"][str(n)] = {}
         override_times(args.preset, grid, x, steps=4)  # compile and warm every path
-        calls, _ = override_times(args.preset, grid, x)
+        calls, ov = override_times(args.preset, grid, x)
         plain = [c for c in calls if not c[2]]
         measured = [c for c in calls if c[2]]
         out[f"override (node, {args.preset}) median"] = (median([c[0] for c in calls]), median([c[1] for c in calls]))
@@ -119,12 +119,14 @@ def main():
             out["override, measured calls, median"] = (median([c[0] for c in measured]),
                                                        median([c[1] for c in measured]))
         res.setdefault("measured_share", {})[str(n)] = len(measured) / len(calls)
+        res.setdefault("override_graphs", {})[str(n)] = ov.last_graphs
         for name, fn in rows.items():
             out[name] = host_us(fn)
         print(f"  {'':>6}         {'':<36} {'wall':>8}    {'CPU':>8}")
         for name, (us, cpu_us) in out.items():
             print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us {cpu_us:8.1f} us")
-        print(f"  {n:>6} tokens  calls the error target measured: {100 * res['measured_share'][str(n)]:.0f}%")
+        print(f"  {n:>6} tokens  calls the error target measured: {100 * res['measured_share'][str(n)]:.0f}%; "
+              f"the override's CUDA graphs: {ov.last_graphs}")
         if args.profile:
             pr = cProfile.Profile()
             pr.enable()
