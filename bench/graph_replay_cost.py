@@ -7,11 +7,11 @@ allocates from a private pool and the graph holds plain addresses. This runs the
 calls both ways, each allocator in a process of its own: launched (no graphs), through one graph,
 through 6 or 30 graphs in turn (settings, as the error target's per-block thresholds make), and
 with an eager matmul between calls that allocates (a model's other layers) and q, k, v taken in
-turn from 3 sets of tensors (the graphs' address table is rewritten on every call). Rows: GPU time per
-call (CUDA events around the whole loop, no sync inside it) and host time per call (the loop's
-wall time while the CPU queues it, i.e. when the CPU is the slower side).
+turn from 3 sets of tensors (the graphs' address table is rewritten on every call). Rows: GPU
+time per call (CUDA events around the whole loop, no sync inside it) and host time per call (the
+loop's wall time while the CPU queues it, i.e. when the CPU is the slower side).
 
-    python bench/graph_replay_cost.py [--tokens 7800] [--calls 60]
+    python bench/graph_replay_cost.py [--tokens 7800] [--calls 90]
 """
 import argparse
 import datetime

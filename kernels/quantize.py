@@ -80,7 +80,8 @@ _quant_pool = Kernel(_quant_pool_kernel)
 
 
 @triton.jit
-def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d, sb_b, sb_h, sb_d, N, H,
+def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d,
+                    sb_b, sb_h, sb_d, N, H,
                     MEAN_BLOCKS,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
                     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,

@@ -64,8 +64,9 @@ def test_layout_key_and_what_graphs_take():
 
 
 @pytest.mark.parametrize("grid, params", [
-    ((3, 5, 40), SpargeParams(minshare=2.0, simthreshd1=-1.0, scoring="lse", fill_skipped=True, pvthreshd=4.0)),  # Hilbert, fill
-    (None, SpargeParams(cdfthreshd=0.6, simthreshd1=0.3, is_causal=True)),  # pooled scores, similarity rule
+    # Hilbert order, lse scores, the estimate of skipped blocks, P.V skipping
+    ((3, 5, 40), SpargeParams(minshare=2.0, simthreshd1=-1.0, scoring="lse", fill_skipped=True, pvthreshd=4.0)),
+    (None, SpargeParams(cdfthreshd=0.6, simthreshd1=0.3, is_causal=True)),  # pooled scores, similarity rule, causal
 ])
 def test_kernels_read_and_write_the_tensors_the_table_names(grid, params):
     """With an address table, every kernel of the call reads q, k, v and writes the output at the

@@ -212,8 +212,9 @@ def test_cuda_thresholds_moved_in_place_reach_the_kernel():
 
 def test_cuda_graphs_in_a_sampling_run_equal_the_launched_calls():
     """Inside a sampling run the node replays CUDA graphs of its calls (sparge_core/call_graphs.py),
-    whatever address each call's output lands at: every call's output equals the same call launched kernel by kernel (the override outside a run),
-    the readout's counts agree, and the graphs are gone when the run ends."""
+    whatever address each call's output lands at: every call's output equals the same call launched
+    kernel by kernel (the override outside a run), the readout's counts agree, and the graphs are
+    gone when the run ends."""
     from types import SimpleNamespace
 
     from devkit.sampling_run import sampling_run
