@@ -15,12 +15,14 @@ the call, sparge_core/call_graphs.py), and a cProfile listing of the override's 
 (top functions by own time). The override's calls are also split into those the error target
 measured (an exact-attention sample of the call, nodes/adapt.py) and the rest.
 
-    python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--profile [--sort cumulative]]
+    python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--profile [--sort cumulative]] [--trace]
 """
 import argparse
+import contextlib
 import cProfile
 import datetime
 import io
+import os
 import pstats
 import time
 from types import SimpleNamespace
@@ -58,11 +60,12 @@ def median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def override_times(preset, grid, x, steps=12, blocks=30, skip=3):
+def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False):
     """Host time of each self-attention call of a 30-block model's sampling run, driven through
     the node's wrappers as ComfyUI drives them (devkit/sampling_run.py), from step `skip` on (the
     adaptation's steady state): (wall us, CPU us, measured?) per call, and the override. A call is
-    measured when the error target's observer took an error sample of it (its pending sums changed)."""
+    measured when the error target's observer took an error sample of it (its pending sums changed).
+    label: each call is a "sparge override call" range in a torch.profiler trace."""
     ov = SpargeOverride(SpargeConfig.from_widgets(preset=preset, min_tokens=1024), node_id=f"host-{preset}")
     rows = []
     q, k, v = x
@@ -75,7 +78,8 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3):
             before = sums()
             torch.cuda.synchronize()
             c0, t0 = time.thread_time(), time.perf_counter()
-            ov(comfy_sdpa, q, k, v, heads=H, transformer_options=to)
+            with torch.profiler.record_function("sparge override call") if label else contextlib.nullcontext():
+                ov(comfy_sdpa, q, k, v, heads=H, transformer_options=to)
             rows.append(((time.perf_counter() - t0) * 1e6, (time.thread_time() - c0) * 1e6, sums() != before))
 
     dm = SimpleNamespace(patch_size=(1, 2, 2))
@@ -91,6 +95,10 @@ def main():
     ap.add_argument("--preset", default="Balanced")
     ap.add_argument("--profile", action="store_true", help="cProfile listing of the override's calls")
     ap.add_argument("--sort", default="tottime", help="the listing's order (pstats key: tottime, cumulative)")
+    ap.add_argument("--trace", action="store_true",
+                    help="torch.profiler over 5 steps of the override: the CPU ops and CUDA API calls by own time, and "
+                         "a Chrome trace (host-trace-<tokens>.json in $OUT) whose 'sparge override call' ranges are "
+                         "the calls")
     args = ap.parse_args()
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
            "date": datetime.date.today().isoformat(), "preset": args.preset, "host_us": {}}
@@ -136,6 +144,15 @@ def main():
             s = io.StringIO()
             pstats.Stats(pr, stream=s).sort_stats(args.sort).print_stats(40)
             print("\n".join(s.getvalue().splitlines()[:70]))
+        if args.trace:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                override_times(args.preset, grid, x, steps=5, skip=0, label=True)
+            path = os.path.join(os.environ.get("OUT") or ".", f"host-trace-{n}.json")
+            prof.export_chrome_trace(path)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+            print("trace:", path)
     print("saved", save(res, f"{res['date']}-{card_name()}-host"))
 
 
