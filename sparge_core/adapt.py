@@ -69,9 +69,11 @@ def sampled_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     `rows` (token indices) of every batch item. q/out (B, H, N, D), k/v (B, Hkv, Nk, D), the
     exact attention in q's dtype (what the model would have computed), no host sync."""
     exact = exact_rows(q.index_select(2, rows), k, v, scale)
-    o = out.index_select(2, rows).float()
-    e = exact.float()
-    return torch.stack([(o - e).abs().sum((0, 2, 3)), e.abs().sum((0, 2, 3))]).double()
+    # [out - exact, exact] in one tensor: 7 small launches where 10 ran (each costs host time per
+    # measured call, bench/NOTES.md v27)
+    d = torch.stack([out.index_select(2, rows), exact]).float()
+    d[0] -= d[1]
+    return d.abs_().sum((1, 3, 4)).double()
 
 
 def exact_rows(qr: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
@@ -101,9 +103,15 @@ def exact_rows(qr: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Option
         qc = qr[:, :, None].expand(B, H, c, R, D).reshape(B, H * c, R, D)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention(qc, kc, vc, scale=scale)[:2]
         o, lse = o.view(B, H, c, R, D), lse.view(B, H, c, R)
-    o = o.float()
-    w = torch.exp(lse - lse.amax(2, keepdim=True))
-    return ((w[..., None] * o).sum(2) / w.sum(2)[..., None]).to(qr.dtype)
+    return merge_partials(o, lse, 2).to(qr.dtype)
+
+
+def merge_partials(o: torch.Tensor, lse: torch.Tensor, dim: int) -> torch.Tensor:
+    """Attention over all keys from its parts over key chunks, float32: o (..., c, R, D) the chunks'
+    outputs (any float dtype), lse (..., c, R) their log-sum-exps, c along `dim`. Each chunk weighs
+    exp(lse_j) / sum_i exp(lse_i), its share of the softmax's denominator (a softmax over the chunks)."""
+    w = torch.softmax(lse.float(), dim)
+    return (w.unsqueeze(-1) * o).sum(dim)
 
 
 def sample_rows(n: int, count: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
