@@ -47,7 +47,7 @@ import torch
 
 log = logging.getLogger("sparge_attention")
 
-MAX_GRAPHS = 256  # one per (layer's thresholds, address set): a 40-block model with a few address sets
+MAX_GRAPHS = 256  # one per (block's thresholds, shape): a 40-block model with a few shapes (CFG batch, text)
 MAX_BYTES = 1 << 30  # q + k + v of a call that may be graphed (Wan 1.3B 480p at 81 frames: 0.6 GB)
 CAPTURE_AT = 2  # sightings of a key before it is captured
 
