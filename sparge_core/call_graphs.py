@@ -71,9 +71,10 @@ class CallGraphs:
 
     def __init__(self, max_graphs: int = MAX_GRAPHS, max_bytes: int = MAX_BYTES, capture_at: int = CAPTURE_AT):
         self.max_graphs, self.max_bytes, self.capture_at = int(max_graphs), int(max_bytes), max(1, int(capture_at))
-        self._graphs: OrderedDict = OrderedDict()  # key -> (CUDAGraph, its counts output, tensors kept alive)
+        self._graphs: OrderedDict = OrderedDict()  # key -> (CUDAGraph, its counts output, tensors kept alive, pool)
         self._seen: OrderedDict = OrderedDict()  # key -> sightings, of keys not captured yet
-        self._sides: dict = {}  # device -> (capture stream, memory pool, address table)
+        self._sides: dict = {}  # device -> (capture stream, address table)
+        self._pools: dict = {}  # device -> the memory pool its graphs are captured into
         self._written: dict = {}  # device -> the addresses its table holds (as of the stream's order)
         self._streams: dict = {}  # device -> the stream its calls run on
         self.disabled: Optional[str] = None  # why graphs are off for this object
@@ -146,14 +147,24 @@ class CallGraphs:
         return hit[1].clone()  # the graph's own buffer is overwritten by its next replay
 
     def _side(self, device):
-        """(capture stream, memory pool, address table) of `device`, made on first use and kept: the
-        graphs bake in the table's address."""
+        """(capture stream, address table) of `device`, made on first use and kept: the graphs bake
+        in the table's address."""
         side = self._sides.get(device)
         if side is None:
             with torch.cuda.device(device):
-                side = self._sides[device] = (torch.cuda.Stream(device), torch.cuda.graph_pool_handle(),
+                side = self._sides[device] = (torch.cuda.Stream(device),
                                               torch.zeros(TABLE_SLOTS, dtype=torch.int64, device=device))
         return side
+
+    def _pool(self, device, renew: bool = False):
+        """The memory pool `device`'s graphs share. A pool handle is no more than an id: torch's
+        allocator forgets the pool once no graph captured into it lives, and a later capture into
+        that id fails an internal assert (seen on an H200, both allocators). So a capture dropped
+        while no held graph uses the pool (renew) takes a fresh handle for the next one."""
+        pool = self._pools.get(device)
+        if pool is None or (renew and not any(e[3] == pool for e in self._graphs.values())):
+            pool = self._pools[device] = torch.cuda.graph_pool_handle()
+        return pool
 
     def _fill(self, device, addresses: tuple) -> torch.Tensor:
         """The address table of `device`, holding `addresses` from this point of the current stream
@@ -161,7 +172,7 @@ class CallGraphs:
         buffer until the copy has run. Skipped when the table already holds these addresses."""
         if len(addresses) > TABLE_SLOTS:
             raise ValueError(f"{len(addresses)} addresses; the table holds {TABLE_SLOTS}")
-        table = self._side(device)[2]
+        table = self._side(device)[1]
         if addresses and self._written.get(device) != addresses:
             host = torch.tensor(addresses, dtype=torch.int64, pin_memory=True)
             table[:len(addresses)].copy_(host, non_blocking=True)
@@ -172,7 +183,7 @@ class CallGraphs:
         # here: sparge_core imports no Triton until a kernel runs
         from ..kernels.launch import NotLaunchedYet, addresses_unchecked
 
-        side = self._side(device)
+        side, pool = self._side(device), self._pool(device)
         g = torch.cuda.CUDAGraph()
         dst = torch.empty(counts, dtype=torch.int64, device=device)  # before the capture: see the docstring
         # capture records work, it runs none of it: the side stream need not wait for the current
@@ -180,10 +191,10 @@ class CallGraphs:
         failed = retry = None
         try:
             with torch.cuda.stream(side[0]):
-                g.capture_begin(pool=side[1], capture_error_mode="thread_local")
+                g.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
                     with addresses_unchecked():
-                        body(dst, side[2])
+                        body(dst, side[1])
                 except NotLaunchedYet:  # e.g. a capture on a key's first sighting (capture_at=1)
                     retry = True
                 except Exception as e:  # e.g. an op that synchronizes: never graphed again by this object
@@ -197,7 +208,11 @@ class CallGraphs:
         if failed is not None:
             self._disable("capturing", failed)
             return None
-        return None if retry else (g, dst, keep)
+        if retry:
+            del g  # the dropped capture's hold on the pool goes here, before the pool is asked after
+            self._pool(device, renew=True)
+            return None
+        return g, dst, keep, pool
 
     def _disable(self, doing: str, why: str) -> None:
         self.disabled = f"{doing}: {why}"
