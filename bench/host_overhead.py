@@ -5,6 +5,9 @@ the CPU (long sequences); at short sequences the GPU waits on Python. Each call 
 after a synchronize, so the figure is the CPU's own time at any sequence length (a loop without
 syncs would measure the GPU once the GPU is the slower side).
 
+Rows marked "GPU busy" are timed while a sleep kernel keeps the GPU busy, as a model's other layers
+do (on an idle GPU a launch takes the host longer); the others on an idle GPU.
+
 Each row: the median wall time and the median CPU time of the calling thread (the CPU time leaves
 out what other processes take from this one; on the H200's host the two agree, and one build's
 figures still move by up to 4x from one process to the next: compare builds with bench/host_ab.py,
@@ -41,13 +44,26 @@ GRIDS = {7800: (5, 30, 52), 32760: (21, 30, 52)}  # Wan 480p latents, 17 and 81 
 H, D, B = 12, 128, 2  # Wan 1.3B
 
 
-def host_us(fn, n=100, warmup=5):
-    """Median time of one call, each started on an idle GPU queue: (wall, this thread's CPU time)."""
+BUSY_CYCLES = 4_000_000  # ~2 ms of GPU clocks: longer than any call's host time here
+
+
+def settle(busy: bool) -> None:
+    """Before a timed call: an empty GPU queue, and with `busy` a GPU kept busy (a sleep kernel) while
+    the call is issued, as inside a model whose other layers keep it busy. On an idle GPU launches
+    and copies take the host longer, and the host's own time is what the goal counts."""
+    torch.cuda.synchronize()
+    if busy:
+        torch.cuda._sleep(BUSY_CYCLES)
+
+
+def host_us(fn, n=100, warmup=5, busy=False):
+    """Median time of one call, each started on an empty GPU queue (idle, or busy: `settle`):
+    (wall, this thread's CPU time)."""
     for _ in range(warmup):
         fn()
     ts, cs = [], []
     for _ in range(n):
-        torch.cuda.synchronize()
+        settle(busy)
         c0, t0 = time.thread_time(), time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
@@ -60,12 +76,12 @@ def median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False):
+def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False, busy=False):
     """Host time of each self-attention call of a 30-block model's sampling run, driven through
     the node's wrappers as ComfyUI drives them (devkit/sampling_run.py), from step `skip` on (the
     adaptation's steady state): (wall us, CPU us, measured?) per call, and the override. A call is
     measured when the error target's observer took an error sample of it (its pending sums changed).
-    label: each call is a "sparge override call" range in a torch.profiler trace."""
+    label: each call is a "sparge override call" range in a torch.profiler trace. busy: see `settle`."""
     ov = SpargeOverride(SpargeConfig.from_widgets(preset=preset, min_tokens=1024), node_id=f"host-{preset}")
     rows = []
     q, k, v = x
@@ -76,7 +92,7 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False):
     def forward(x_, t, c_concat, c_crossattn, control, to):
         for _ in range(blocks):
             before = sums()
-            torch.cuda.synchronize()
+            settle(busy)
             c0, t0 = time.thread_time(), time.perf_counter()
             with torch.profiler.record_function("sparge override call") if label else contextlib.nullcontext():
                 ov(comfy_sdpa, q, k, v, heads=H, transformer_options=to)
@@ -130,6 +146,11 @@ def main():
         res.setdefault("override_graphs", {})[str(n)] = ov.last_graphs
         for name, fn in rows.items():
             out[name] = host_us(fn)
+        busy_calls, _ = override_times(args.preset, grid, x, busy=True)
+        out["override, unmeasured calls, median, GPU busy"] = (
+            median([c[0] for c in busy_calls if not c[2]]), median([c[1] for c in busy_calls if not c[2]]))
+        for name in ("sparge_attention (API, CUDA graph)", "SDPA (cuDNN) for scale"):
+            out[name + ", GPU busy"] = host_us(rows[name], busy=True)
         print(f"  {'':>6}         {'':<36} {'wall':>8}    {'CPU':>8}")
         for name, (us, cpu_us) in out.items():
             print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us {cpu_us:8.1f} us")

@@ -6,8 +6,11 @@ call replays all of it with one launch.
 
 A graph bakes in every argument of every kernel, addresses too. The caller's q, k, v and the
 call's output are not baked in: the kernels that touch them read their addresses from a small
-int64 table on the device (kernels/caller_addrs.py), which `run` fills before each replay with a
-copy ordered on the stream. So one graph serves every call of the same shapes and settings
+int64 table on the device (kernels/caller_addrs.py). Each call's addresses go in, and its counts
+(kept blocks, P.V-skipped blocks) come out, through rings that a graph's first and last kernels
+read and write (pull_table, push_counts): the host writes the addresses into pinned memory and
+launches the graph, with no copy call of its own, and the counts it returns are a view of their
+row. So one graph serves every call of the same shapes and settings
 wherever its tensors lie: under cudaMallocAsync (ComfyUI's default allocator) a model's tensors
 land elsewhere from one forward to the next, and graphs keyed on their addresses were almost never
 replayed (bench/NOTES.md v27). A graph is keyed on the caller's tensors' shapes, strides and dtypes,
@@ -25,7 +28,7 @@ their GPU time exceeds their host time anyway, and their pool would hold memory 
 layers could use.
 
 Nothing the capture allocates outlives it: the counts a graph writes go into a buffer allocated
-before the capture, and the address table is allocated with the object. Under cudaMallocAsync what
+before the capture, and the address table and the rings are allocated with the object. Under cudaMallocAsync what
 a capture allocates is graph memory that the driver maps only when the graph launches, which
 shapes two more rules (both seen on an H200, bench/NOTES.md v26): the kernels are launched with
 their tensors' addresses unchecked (kernels/launch.addresses_unchecked; Triton's launcher otherwise
@@ -40,6 +43,7 @@ and all later ones run as before.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -64,6 +68,65 @@ def layout_key(x: torch.Tensor) -> tuple:
 
 ALIGN = 16  # bytes: the kernels read the caller's tensors through the table as 16-byte aligned
 TABLE_SLOTS = 8  # addresses a call may pass (the sparse call passes 4)
+COUNT_SLOTS = 8  # counts a call may return (the sparse call returns 2)
+RING_ROWS = 16384  # calls whose addresses and counts the rings hold (one sampling run: a few thousand)
+_QUARTER = RING_ROWS // 4
+
+
+class _Side:
+    """What every graph on one device shares, made on the device's first graphed call and kept for
+    the process: graphs bake in these addresses, and calls queued by a CallGraphs already dropped
+    may still read them. The capture stream; the address table the kernels read; the rings through
+    which each call's addresses go in and its counts come out (kernels/caller_addrs.py:
+    pull_table, push_counts) with their device counter; the host's own count of the calls queued;
+    and the stream every call through the rings runs on (the first one's: the rings are read and
+    written in that stream's order)."""
+
+    def __init__(self, device, stream: int):
+        with torch.cuda.device(device):
+            self.stream = torch.cuda.Stream(device)
+            self.table = torch.zeros(TABLE_SLOTS, dtype=torch.int64, device=device)
+            self.counter = torch.zeros(1, dtype=torch.int64, device=device)
+            self.counts = torch.zeros(RING_ROWS, COUNT_SLOTS, dtype=torch.int64, device=device)
+            self.addresses = torch.zeros(RING_ROWS, TABLE_SLOTS, dtype=torch.int64, pin_memory=True)
+        self.calls_stream = stream
+        self.laps = [None] * 4  # an event per quarter of the ring: its calls have run
+        self._host = self.addresses.numpy()  # written through numpy: no torch op per call
+        self.next = 0  # the ring row of the next call, as the device counter will name it
+
+    def write(self, addresses: tuple) -> int:
+        """Puts a call's addresses into the next row of the host ring; returns the row. Before a
+        quarter of the ring is written again, the calls that read it one lap ago must have run (an
+        event recorded then; in practice long done: a lap is RING_ROWS calls)."""
+        row = self.next
+        if row % _QUARTER == 0:
+            q = row // _QUARTER
+            done = torch.cuda.Event()
+            done.record()
+            self.laps[(q - 1) % 4] = done  # the calls of the previous quarter are before it
+            if self.laps[q] is not None:
+                self.laps[q].synchronize()
+        self._host[row, :len(addresses)] = addresses
+        self.next = (row + 1) % RING_ROWS
+        return row
+
+    def unwrite(self, row: int) -> None:
+        """A call that failed before its counts were pushed: the device counter did not move."""
+        self.next = row
+
+
+_SIDES: dict = {}  # device -> _Side, for the process (see _Side)
+_SIDES_LOCK = threading.Lock()
+
+
+def _side_of(device, stream: int) -> _Side:
+    side = _SIDES.get(device)
+    if side is None:
+        with _SIDES_LOCK:
+            side = _SIDES.get(device)
+            if side is None:
+                side = _SIDES[device] = _Side(device, stream)
+    return side
 
 
 class CallGraphs:
@@ -71,20 +134,17 @@ class CallGraphs:
 
     def __init__(self, max_graphs: int = MAX_GRAPHS, max_bytes: int = MAX_BYTES, capture_at: int = CAPTURE_AT):
         self.max_graphs, self.max_bytes, self.capture_at = int(max_graphs), int(max_bytes), max(1, int(capture_at))
-        self._graphs: OrderedDict = OrderedDict()  # key -> (CUDAGraph, its counts output, tensors kept alive, pool)
+        self._graphs: OrderedDict = OrderedDict()  # key -> (CUDAGraph, tensors kept alive, pool)
         self._seen: OrderedDict = OrderedDict()  # key -> sightings, of keys not captured yet
-        self._sides: dict = {}  # device -> (capture stream, address table)
         self._pools: dict = {}  # device -> the memory pool its graphs are captured into
-        self._written: dict = {}  # device -> the addresses its table holds (as of the stream's order)
-        self._streams: dict = {}  # device -> the stream its calls run on
         self.disabled: Optional[str] = None  # why graphs are off for this object
         self.replays = self.captures = self.eager = 0
 
     def wants(self, *tensors: torch.Tensor) -> bool:
         """Whether a call on these tensors may run through a graph: CUDA, eager (not traced by
         torch.compile, not inside a caller's own graph capture), 16-byte aligned, within the byte
-        budget, on the stream the first such call on the device ran on (the address table and the
-        pool's memory are reused call after call in one stream's order)."""
+        budget, on the stream the first such call on the device ran on (the address table, the
+        rings and the pool's memory are reused call after call in one stream's order; _Side)."""
         dev = tensors[0].device
         if self.disabled is not None or dev.type != "cuda":
             return False
@@ -92,8 +152,8 @@ class CallGraphs:
             return False
         if any(t.data_ptr() % ALIGN for t in tensors):
             return False
-        stream = torch.cuda.current_stream(dev).cuda_stream
-        if self._streams.setdefault(dev, stream) != stream:
+        side = _SIDES.get(dev)
+        if side is not None and side.calls_stream != torch.cuda.current_stream(dev).cuda_stream:
             return False
         return sum(t.numel() * t.element_size() for t in tensors) <= self.max_bytes
 
@@ -103,20 +163,12 @@ class CallGraphs:
         it into dst (a 1-D tensor on `device`). table: None, or the int64 address table whose slots
         hold `addresses` (the caller's tensors, 16-byte aligned) when the work runs; the body's
         kernels then read and write those tensors through it. Returns the results: from a replay of
-        the graph of `key`, from a fresh capture of body, or from body itself run as usual. keep:
-        tensors the graph reads that are not in the caller's hands (kept alive with it)."""
-        def eager():
-            self.eager += 1
-            dst = torch.empty(counts, dtype=torch.int64, device=device)
-            table = None
-            if self.disabled is None:  # through the table: the kernel variants a capture launches get compiled
-                try:
-                    table = self._fill(device, addresses)
-                except Exception as e:  # e.g. no pinned memory to be had: the calls launch as usual
-                    self._disable("filling the address table of", _text(e))
-            body(dst, table)
-            return dst
-
+        the graph of `key`, from a fresh capture of body, or from body itself run as usual (a view
+        of the counts ring, valid for the next RING_ROWS calls). keep: tensors the graph reads that
+        are not in the caller's hands (kept alive with it)."""
+        if len(addresses) > TABLE_SLOTS or not 0 < counts <= COUNT_SLOTS:
+            raise ValueError(f"{len(addresses)} addresses and {counts} counts; a call passes at most "
+                             f"{TABLE_SLOTS} and returns 1 to {COUNT_SLOTS}")
         hit = self._graphs.get(key)
         captured = hit is None
         if hit is not None:
@@ -127,34 +179,55 @@ class CallGraphs:
                 self._seen[key] = n
                 while len(self._seen) > 4 * self.max_graphs:
                     self._seen.popitem(last=False)
-                return eager()
+                return self._eager(body, counts, device, addresses)
             hit = self._capture(body, counts, keep, device)
             if hit is None:
                 if self.disabled is None:  # a kernel variant not launched yet: launch it, capture next time
                     self._seen[key] = n - 1
-                return eager()
+                return self._eager(body, counts, device, addresses)
             self._graphs[key] = hit
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
             self.captures += 1
+        side = _SIDES[device]
+        row = side.write(addresses)
         try:  # a capture runs nothing: its first replay computes this call
-            self._fill(device, addresses)
             hit[0].replay()
         except Exception as e:  # never seen; a launch the driver refuses runs as usual, once and for all
+            side.unwrite(row)
             self._disable("replaying", _text(e))
-            return eager()
+            return self._eager(body, counts, device, addresses)
         self.replays += 0 if captured else 1
-        return hit[1].clone()  # the graph's own buffer is overwritten by its next replay
+        return side.counts[row, :counts]
 
-    def _side(self, device):
-        """(capture stream, address table) of `device`, made on first use and kept: the graphs bake
-        in the table's address."""
-        side = self._sides.get(device)
+    def _eager(self, body, counts, device, addresses):
+        """The call launched as usual. While graphs are on, through the same table and rings as a
+        replay (so the kernel variants a capture launches get compiled)."""
+        self.eager += 1
+        dst = torch.empty(counts, dtype=torch.int64, device=device)
+        side = None
+        if self.disabled is None:
+            try:
+                side = self._side(device)
+            except Exception as e:  # e.g. no pinned memory to be had: the calls launch as usual
+                self._disable("setting up", _text(e))
         if side is None:
-            with torch.cuda.device(device):
-                side = self._sides[device] = (torch.cuda.Stream(device),
-                                              torch.zeros(TABLE_SLOTS, dtype=torch.int64, device=device))
-        return side
+            body(dst, None)
+            return dst
+        from ..kernels.caller_addrs import pull_table, push_counts
+
+        row = side.write(addresses)
+        try:
+            pull_table(side.addresses, side.counter, side.table)
+            body(dst, side.table)
+            push_counts(dst, side.counter, side.counts)
+        except BaseException:
+            side.unwrite(row)
+            raise
+        return side.counts[row, :counts]
+
+    def _side(self, device) -> _Side:
+        return _side_of(device, torch.cuda.current_stream(device).cuda_stream)
 
     def _pool(self, device, renew: bool = False):
         """The memory pool `device`'s graphs share. A pool handle is no more than an id: torch's
@@ -162,39 +235,37 @@ class CallGraphs:
         that id fails an internal assert (seen on an H200, both allocators). So a capture dropped
         while no held graph uses the pool (renew) takes a fresh handle for the next one."""
         pool = self._pools.get(device)
-        if pool is None or (renew and not any(e[3] == pool for e in self._graphs.values())):
+        if pool is None or (renew and not any(e[2] == pool for e in self._graphs.values())):
             pool = self._pools[device] = torch.cuda.graph_pool_handle()
         return pool
 
-    def _fill(self, device, addresses: tuple) -> torch.Tensor:
-        """The address table of `device`, holding `addresses` from this point of the current stream
-        on. A pinned host copy, not a synchronizing one: torch's pinned-memory cache keeps the host
-        buffer until the copy has run. Skipped when the table already holds these addresses."""
-        if len(addresses) > TABLE_SLOTS:
-            raise ValueError(f"{len(addresses)} addresses; the table holds {TABLE_SLOTS}")
-        table = self._side(device)[1]
-        if addresses and self._written.get(device) != addresses:
-            host = torch.tensor(addresses, dtype=torch.int64, pin_memory=True)
-            table[:len(addresses)].copy_(host, non_blocking=True)
-            self._written[device] = addresses
-        return table
-
     def _capture(self, body, counts, keep, device):
+        """(graph, tensors it reads that must live as long, pool), or None: the call then runs as
+        usual (graphs turned off with the reason, or a capture to try again on the key's next
+        sighting)."""
         # here: sparge_core imports no Triton until a kernel runs
+        from ..kernels.caller_addrs import pull_table, push_counts
         from ..kernels.launch import NotLaunchedYet, addresses_unchecked
 
-        side, pool = self._side(device), self._pool(device)
+        try:
+            side = self._side(device)
+        except Exception as e:  # e.g. no pinned memory to be had
+            self._disable("setting up", _text(e))
+            return None
+        pool = self._pool(device)
         g = torch.cuda.CUDAGraph()
         dst = torch.empty(counts, dtype=torch.int64, device=device)  # before the capture: see the docstring
         # capture records work, it runs none of it: the side stream need not wait for the current
         # one, and the replay is ordered on the current stream like any launch
         failed = retry = None
         try:
-            with torch.cuda.stream(side[0]):
+            with torch.cuda.stream(side.stream):
                 g.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
                     with addresses_unchecked():
-                        body(dst, side[1])
+                        pull_table(side.addresses, side.counter, side.table)
+                        body(dst, side.table)
+                        push_counts(dst, side.counter, side.counts)
                 except NotLaunchedYet:  # e.g. a capture on a key's first sighting (capture_at=1)
                     retry = True
                 except Exception as e:  # e.g. an op that synchronizes: never graphed again by this object
@@ -212,7 +283,7 @@ class CallGraphs:
             del g  # the dropped capture's hold on the pool goes here, before the pool is asked after
             self._pool(device, renew=True)
             return None
-        return g, dst, keep, pool
+        return g, keep + (dst,), pool
 
     def _disable(self, doing: str, why: str) -> None:
         self.disabled = f"{doing}: {why}"

@@ -127,3 +127,43 @@ def test_a_launch_that_would_check_addresses_raises_inside_addresses_unchecked()
     with addresses_unchecked(), pytest.raises(RuntimeError, match="addresses_unchecked"):
         sparge_attention(q, k, v, p, backend="triton")
     assert sparge_attention(q, k, v, p, backend="triton").shape == q.shape
+
+
+def test_a_pool_without_live_graphs_is_not_captured_into_again():
+    """torch's allocator forgets a graph pool once no graph captured into it lives, and a capture into
+    that id then fails an internal assert (seen on an H200). A capture dropped (a kernel variant not
+    launched yet) while no held graph uses the pool takes a fresh pool id; while one does, the pool
+    stays (the graphs share it). Only the ids are looked at here: a graph needs a GPU."""
+    graphs = CallGraphs()
+    dev = torch.device("cuda", 0)
+    first = graphs._pool(dev)
+    assert graphs._pool(dev) == first
+    fresh = graphs._pool(dev, renew=True)
+    assert fresh != first and graphs._pool(dev) == fresh
+    graphs._graphs[("held",)] = (None, (), fresh)
+    assert graphs._pool(dev, renew=True) == fresh
+
+
+def test_addresses_go_in_and_counts_come_out_through_the_rings():
+    """pull_table copies the ring row the counter names into the table; push_counts copies a call's
+    counts into that row of the counts ring and steps the counter, wrapping at the ring's end (under
+    the interpreter the host ring is plain CPU memory, as pinned memory is to the GPU)."""
+    from sparge_attention.kernels.caller_addrs import pull_table, push_counts
+
+    rows = 3
+    addresses = torch.arange(rows * 8, dtype=torch.int64).view(rows, 8) * 16 + 1000
+    counts = torch.full((rows, 8), -1, dtype=torch.int64)
+    table, ctr = torch.zeros(8, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    for call in range(5):
+        row = call % rows
+        pull_table(addresses, ctr, table)
+        assert torch.equal(table, addresses[row])
+        push_counts(torch.tensor([call, 10 * call], dtype=torch.int64), ctr, counts)
+        assert counts[row, :2].tolist() == [call, 10 * call] and int(ctr) == (call + 1) % rows
+    assert bool((counts[:, 2:] == -1).all())  # only the counts' own columns are written
+    with pytest.raises(ValueError, match="power of two"):
+        pull_table(addresses[:, :6].contiguous(), ctr, torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="no wider"):
+        push_counts(torch.zeros(9, dtype=torch.int64), ctr, counts)
+    with pytest.raises(ValueError, match="counter"):
+        push_counts(torch.zeros(2, dtype=torch.int64), ctr.int(), counts)
