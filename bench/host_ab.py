@@ -9,7 +9,11 @@ A build with CUDA graphs (sparge_core/call_graphs.py) also times the API through
 ("api graphed"); its override uses them by itself (a fresh CallGraphs per sampling run: each run's
 first two steps launch and capture, the rest replay).
 
-    python bench/host_ab.py --before ../.carry/before [--tokens 7800] [--rounds 4] [--steps 6]
+With --moving, the calls cycle through three sets of q, k, v, so that each call's tensors lie
+elsewhere than the last one's, as a model's do under cudaMallocAsync (a graphed call then passes
+new addresses to its graph every time).
+
+    python bench/host_ab.py --before ../.carry/before [--tokens 7800] [--rounds 4] [--steps 6] [--moving]
 """
 import argparse
 import datetime
@@ -56,13 +60,20 @@ def main():
     ap.add_argument("--tokens", type=int, default=7800)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6, help="sampling steps per round and build")
+    ap.add_argument("--moving", action="store_true", help="each call's q, k, v at other addresses than the last's")
     args = ap.parse_args()
     n, grid = args.tokens, GRIDS[args.tokens]
     load_tree(Path(args.before).resolve(), "sparge_before")
     builds = {"after": build("sparge_attention"), "before": build("sparge_before")}
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = [torch.randn(B, n, H * D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
-    qh, kh, vh = (t.view(B, n, H, D).transpose(1, 2) for t in x)
+    sets = [[torch.randn(B, n, H * D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
+            for _ in range(3 if args.moving else 1)]
+    heads = [[t.view(B, n, H, D).transpose(1, 2) for t in x] for x in sets]
+    turn = [0]
+
+    def pick(which):  # the next set of tensors (always the same one without --moving)
+        turn[0] += 1
+        return which[turn[0] % len(which)]
     times = {k: {"api": [], "override": []} for k in builds}
     overrides, graphs = {}, {}
     for name, (api, presets, config, override) in builds.items():
@@ -83,17 +94,20 @@ def main():
 
         def forward(x_, t, c_concat, c_crossattn, control, to):
             for _ in range(blocks):
+                x = pick(sets)
                 us = timed(lambda: ov(comfy_sdpa, *x, heads=H, transformer_options=to))
                 if record:
                     times[name]["override"].append(us)
         sampling_run(ov, forward, SimpleNamespace(patch_size=(1, 2, 2)),
                      torch.zeros(B, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda"), steps)
         for _ in range(30):
+            qh, kh, vh = pick(heads)
             us = timed(lambda: api.sparge_attention(qh, kh, vh, p))
             if record:
                 times[name]["api"].append(us)
         if name in graphs:
             for _ in range(30):
+                qh, kh, vh = pick(heads)
                 us = timed(lambda: api.sparge_attention(qh, kh, vh, p, graphs=graphs[name]))
                 if record:
                     times[name]["api graphed"].append(us)
@@ -106,10 +120,11 @@ def main():
         for name in builds:
             run(name, True, args.steps)
     res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "tokens": n,
-           "preset": "Balanced", "steps": args.steps, "median_us": {}, "mean_us": {}, "override_graphs": summaries}
+           "preset": "Balanced", "steps": args.steps, "moving": args.moving, "median_us": {}, "mean_us": {}, "override_graphs": summaries}
     print(f"host time per call (median wall us, calls alternating by build in one process), {res['card']}, "
           f"{n} tokens, Balanced, {args.steps}-step runs; the override's calls include its measured ones "
-          f"(every 4th step per block) and each run's launched and captured first calls")
+          f"(every 4th step per block) and each run's launched and captured first calls"
+          + ("; q, k, v at new addresses every call" if args.moving else ""))
     for name, t in times.items():
         med = res["median_us"][name] = {k: median(v) for k, v in t.items()}
         mean = res["mean_us"][name] = {k: sum(v) / len(v) for k, v in t.items()}
