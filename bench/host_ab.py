@@ -120,7 +120,8 @@ def main():
         for name in builds:
             run(name, True, args.steps)
     res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "tokens": n,
-           "preset": "Balanced", "steps": args.steps, "moving": args.moving, "median_us": {}, "mean_us": {}, "override_graphs": summaries}
+           "preset": "Balanced", "steps": args.steps, "moving": args.moving, "median_us": {}, "mean_us": {},
+           "override_graphs": summaries}
     print(f"host time per call (median wall us, calls alternating by build in one process), {res['card']}, "
           f"{n} tokens, Balanced, {args.steps}-step runs; the override's calls include its measured ones "
           f"(every 4th step per block) and each run's launched and captured first calls"

@@ -10,10 +10,10 @@ int64 table on the device (kernels/caller_addrs.py). Each call's addresses go in
 (kept blocks, P.V-skipped blocks) come out, through rings that a graph's first and last kernels
 read and write (pull_table, push_counts): the host writes the addresses into pinned memory and
 launches the graph, with no copy call of its own, and the counts it returns are a view of their
-row. So one graph serves every call of the same shapes and settings
-wherever its tensors lie: under cudaMallocAsync (ComfyUI's default allocator) a model's tensors
-land elsewhere from one forward to the next, and graphs keyed on their addresses were almost never
-replayed (bench/NOTES.md v27). A graph is keyed on the caller's tensors' shapes, strides and dtypes,
+row. So one graph serves every call of the same shapes and settings wherever its tensors lie:
+under cudaMallocAsync (ComfyUI's default allocator) a model's tensors land elsewhere from one
+forward to the next, and graphs keyed on their addresses were almost never replayed (bench/NOTES.md
+v27). A graph is keyed on the caller's tensors' shapes, strides and dtypes,
 the call's settings and the addresses of the small cached tensors the call reads (per-head
 thresholds, the Hilbert permutation), which the entry keeps alive so their memory cannot be handed
 to something else while a graph may read it. The caller's tensors must be 16-byte aligned (the
@@ -28,13 +28,13 @@ their GPU time exceeds their host time anyway, and their pool would hold memory 
 layers could use.
 
 Nothing the capture allocates outlives it: the counts a graph writes go into a buffer allocated
-before the capture, and the address table and the rings are allocated with the object. Under cudaMallocAsync what
-a capture allocates is graph memory that the driver maps only when the graph launches, which
-shapes two more rules (both seen on an H200, bench/NOTES.md v26): the kernels are launched with
-their tensors' addresses unchecked (kernels/launch.addresses_unchecked; Triton's launcher otherwise
-asks the driver about each address and refuses these), and a capture that fails drops the failed
-body's tensors while the capture still runs (freeing such memory after the capture aborts the
-process).
+before the capture, and the address table and the rings are allocated once per device, for the
+process (`_Side`). Under cudaMallocAsync what a capture allocates is graph memory that the driver
+maps only when the graph launches, which shapes two more rules (both seen on an H200,
+bench/NOTES.md v26): the kernels are launched with their tensors' addresses unchecked
+(kernels/launch.addresses_unchecked; Triton's launcher otherwise asks the driver about each address
+and refuses these), and a capture that fails drops the failed body's tensors while the capture
+still runs (freeing such memory after the capture aborts the process).
 
 Capture runs on a side stream without synchronizing (torch.cuda.graph synchronizes and empties the
 cache on every capture). A capture or replay that fails turns graphs off for this object: the call
