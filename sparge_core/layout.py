@@ -23,7 +23,9 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """ComfyUI's (B, N, H*D) -> (B, H, N, D)."""
     if x.shape[-1] % heads:
         raise ValueError(f"the last dim {x.shape[-1]} does not split into {heads} heads")
-    return x.unflatten(-1, (heads, x.shape[-1] // heads)).transpose(1, 2)
+    # a plain view (splitting a dim never needs a copy); Tensor.unflatten's Python wrapper costs
+    # ~2 us more per tensor, three tensors per attention call
+    return x.view(*x.shape[:-1], heads, x.shape[-1] // heads).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:

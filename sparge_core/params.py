@@ -110,7 +110,11 @@ class SpargeParams:
 
     @property
     def mode(self) -> str:
-        return next(m for m, f in THRESHOLD_FIELD.items() if getattr(self, f) is not None)
+        # asked on every attention call (the error target's observer): worked out once
+        mode = self.__dict__.get("_mode")
+        if mode is None:
+            mode = self.__dict__["_mode"] = next(m for m, f in THRESHOLD_FIELD.items() if getattr(self, f) is not None)
+        return mode
 
     @property
     def threshold_field(self) -> str:
