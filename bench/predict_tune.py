@@ -40,10 +40,6 @@ def grids(quick: bool) -> dict:
                       for s, r, t in itertools.product((2, 3), (None, 128, 168), (8, 16, 32))],
         "select": [Launch(num_warps=n) for n in (1, 2, 4, 8)],
         "block_lse_nomean": [],  # the default shape only: what the fill_skipped mean scores cost
-        # v28: the mean scores from the key blocks' int8 sums (a small kernel after the scoring one),
-        # and what writing those sums costs K's quantizer (default shapes only)
-        "block_lse_sums": [],
-        "quant_pool128_sums": [],
     }
     if quick:
         g = {k: v[:2] for k, v in g.items()}
@@ -56,9 +52,8 @@ def runners(q, k, v, perm, scale, n_k):
     nkc = cdiv(cdiv(n_k, BLOCK_N), FILL_PAD) * FILL_PAD
     k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm)
     q_pool = quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False, perm=perm)[2]
-    k_out = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
-                       pool_i8_blocks=nkc, want_sum=True)
-    k_i8, k_s, k_sum = k_out[0], k_out[1], k_out[-1]
+    k_i8, k_s = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
+                           pool_i8_blocks=nkc)[:2]
     scores, mean = block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True)
     minshare = torch.full((q.shape[1],), 1.5, device=q.device)  # Balanced
     return {
@@ -70,10 +65,6 @@ def runners(q, k, v, perm, scale, n_k):
         "kv_stats": lambda L: kv_stats(k, v, v_format_max=FP8_MAX, launch=L, k_sample=KMEAN_SAMPLE, perm=perm),
         "block_lse": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, launch=L),
         "block_lse_nomean": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, launch=L),
-        "block_lse_sums": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, launch=L,
-                                                     k_sum=k_sum),
-        "quant_pool128_sums": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False,
-                                                   perm=perm, pool_i8_blocks=nkc, launch=L, want_sum=True),
         "select": lambda L: select_blocks_fused(scores, None, None, minshare, "share", True, False, q.shape[2], n_k,
                                                 BLOCK_M, BLOCK_N, fill_mean=mean, fill_blocks=nkc, launch=L),
     }
@@ -125,7 +116,7 @@ def main():
         for kern, shapes in grids(args.quick).items():
             if args.kernels and kern not in args.kernels.split(","):
                 continue
-            default = helper_launch(kern.replace("_nomean", "").replace("_sums", ""), dev)
+            default = helper_launch(kern.replace("_nomean", ""), dev)
             canon = valid_lists if kern == "select" else (lambda out: out)
             ref = canon(run[kern](default))
             rows = []
@@ -143,17 +134,10 @@ def main():
             print(f"  {kern:<14} default {rows[0]['us']:7.1f} us  best {best['us']:7.1f} us  {best['launch']}"
                   f"  ({len(rows)} shapes, {sum('error' in x for x in rows)} failed,"
                   f" {sum(x.get('max_rel_diff', 0) >= 1e-5 for x in rows)} differ)")
-        if "block_lse" in r and "block_lse_sums" in r:  # the two ways to the mean scores: the same outputs
-            lse_default = helper_launch("block_lse", dev)
-            d = differs(run["block_lse"](lse_default), run["block_lse_sums"](lse_default))
-            r["block_lse_sums"]["vs_in_loop_max_rel_diff"] = d
-            print(f"  mean scores from the key sums vs in the scoring loop: max rel diff {d:.2e}")
-        # the sum over the kernels a call runs (not the variants timed beside them)
-        kernels = [k_ for k_ in r if not k_.endswith(("_nomean", "_sums"))]
-        tot_d = sum(r[k_]["default"]["us"] for k_ in kernels)
-        tot_b = sum(r[k_]["best"]["us"] for k_ in kernels)
+        tot_d = sum(r[k_]["default"]["us"] for k_ in r)
+        tot_b = sum(r[k_]["best"]["us"] for k_ in r)
         r["sum_us"] = {"default": tot_d, "best": tot_b}
-        print(f"  sum of the {len(kernels)} kernels: default {tot_d:.1f} us, best {tot_b:.1f} us")
+        print(f"  sum of the {len(r)} kernels: default {tot_d:.1f} us, best {tot_b:.1f} us")
         del q, k, v, run
         torch.cuda.empty_cache()
     subset = f"-{args.kernels.replace(',', '-')}" if args.kernels else ""

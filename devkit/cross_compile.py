@@ -156,14 +156,6 @@ def pack_kernel_jobs(cc: int) -> list:
         (block_scores._block_lse_kernel, "with means", lambda: block_scores.block_lse_scores(
             x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
             x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True, **helper_kw("block_lse"))),
-        # the mean scores from the key blocks' int8 sums (revisions before it computed them in the loop)
-        # (launched directly: the launcher would run the scoring kernel first)
-        (getattr(block_scores, "_mean_scores_kernel", None), "mean scores",
-         lambda: block_scores._mean_scores_kernel[(1, 1, B * H)](
-             x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk, D, dtype=torch.int32),
-             x(B, HKV, nk, dtype=torch.float32), x(B, H, nq, nk, dtype=torch.float32), H * nq * D, nq * D, D, HKV * nk,
-             nk, H * nq * nk, nq * nk, nk, nq, N, nk, H, H // HKV, 0.127,
-             BLOCK_R=64, BLOCK_N=cfg.block_n, HEAD_DIM=D, D_TRUE=D, KB_TILE=block_scores.MEAN_KB_TILE, num_warps=4)),
         # the sorting modes' shared memory grows with the padded key-block count (1024: 4 warps, 2048: 8)
         (select._select_kernel, "cdf causal fill, 1500 blocks", select_launch("cdf", True, 1500)),
         (select._select_kernel, "topk, 591 blocks", select_launch("topk", False, nk)),

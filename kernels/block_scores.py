@@ -104,56 +104,11 @@ def _block_lse_kernel(QP, K, KS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_
 _block_lse_launch = Kernel(_block_lse_kernel)
 
 
-@triton.jit
-def _mean_scores_kernel(QP, KSUM, KS, MEAN, sqp_b, sqp_h, sqp_r, sks_b, sks_h, so_b, so_h, so_r,
-                        NR, N_K, NKB, H, KV_GROUP, scale_log2,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
-                        KB_TILE: tl.constexpr):
-    """Each key block's mean score, for BLOCK_R pooled queries and KB_TILE key blocks: the same
-    numbers the scoring kernel's WANT_MEAN gives, from the blocks' int8 key sums (quant_pool's
-    want_sum) instead of a row sum per block inside its loop. The pooled queries are quantized as
-    there; the integer dot q_i8 . ksum is exact: ksum = 128 * hi + lo with hi and lo in int8 range
-    (|ksum| <= 128 * 127), two int8 products."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    bh = tl.program_id(2)
-    b, h = batch_head(bh, H)
-    hk = h // KV_GROUP
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, HEAD_DIM)
-    qp = tl.load(QP + b * sqp_b + h * sqp_h + offs_r[:, None] * sqp_r + offs_d[None, :],
-                 mask=(offs_r < NR)[:, None] & (offs_d < D_TRUE)[None, :], other=0.0)
-    qamax = tl.maximum(tl.max(tl.abs(qp), 1), 1e-20)
-    q_i8 = round_half_away(qp * (127.0 / qamax)[:, None]).to(tl.int8)
-    row_scale = qamax / 127.0 * scale_log2
-    kb = pid_c * KB_TILE + tl.arange(0, KB_TILE)
-    kb_ok = kb < NKB
-    ksum = tl.load(KSUM + ((b * (H // KV_GROUP) + hk) * NKB + kb[None, :]) * HEAD_DIM + offs_d[:, None],
-                   mask=kb_ok[None, :], other=0)
-    hi = (ksum >> 7).to(tl.int8)
-    lo = (ksum & 127).to(tl.int8)
-    dot = tl.dot(q_i8, hi) * 128 + tl.dot(q_i8, lo)
-    ks = tl.load(KS + b * sks_b + hk * sks_h + kb, mask=kb_ok, other=0.0)
-    n_real = tl.maximum(tl.minimum(N_K - kb * BLOCK_N, BLOCK_N), 1).to(tl.float32)
-    # the scoring kernel's order of operations: (sum as float) * (row scale * block scale) / count
-    mean = dot.to(tl.float32) * (row_scale[:, None] * ks[None, :]) / n_real[None, :]
-    tl.store(MEAN + b * so_b + h * so_h + offs_r[:, None] * so_r + kb[None, :], mean,
-             mask=(offs_r < NR)[:, None] & kb_ok[None, :])
-
-
-_mean_scores_launch = Kernel(_mean_scores_kernel)
-MEAN_KB_TILE = 32  # key blocks per program of the mean scores (a tensor-core tile needs >= 16)
-
-
 def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Tensor, scale: float,
-                     n_k: int, block_k: int, want_mean: bool = False, launch: Launch | None = None,
-                     k_sum: torch.Tensor | None = None):
+                     n_k: int, block_k: int, want_mean: bool = False, launch: Launch | None = None):
     """q_pool (B,H,NQ,D) fp32, k_i8 (B,Hkv,NK*block_k,HD) int8 smoothed keys, k_scale (B,Hkv,NK).
     Returns (B,H,NQ,NK) fp32 in log2 units; with want_mean also the mean score over each block's
-    real keys (same shape and units). k_sum: the key blocks' int8 sums, int32 (B,Hkv,NK,HD) (from
-    quant_pool's want_sum): the mean scores then come from a small kernel of their own instead of a
-    row sum per block in the scoring loop (~11% of its time), with the same values. `launch`: tile
-    rows, warps, stages and programs (speed only)."""
+    real keys (same shape and units). `launch`: tile rows, warps, stages and programs (speed only)."""
     B, H, NQ, D = q_pool.shape
     Hkv, n_pad, hd = k_i8.shape[1:]
     if k_i8.dtype != torch.int8 or n_pad % block_k or H % Hkv or hd < D:
@@ -161,13 +116,9 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     nkb = n_pad // block_k
     if k_scale.shape != (B, Hkv, nkb):
         raise ValueError(f"k_scale must be (B, Hkv, {nkb})")
-    if k_sum is not None and (k_sum.dtype != torch.int32 or k_sum.shape != (B, Hkv, nkb, hd)
-                              or not k_sum.is_contiguous()):
-        raise ValueError(f"k_sum must be a contiguous int32 (B, Hkv, {nkb}, {hd}) tensor")
     q_pool = q_pool.float().contiguous()
     out = torch.empty(B, H, NQ, nkb, dtype=torch.float32, device=q_pool.device)
     mean = torch.empty_like(out) if want_mean else out
-    in_loop = want_mean and k_sum is None  # the mean scores inside the scoring loop
     launch = launch or helper_launch("block_lse", q_pool.device)
     block_r = launch.block or 64
     row_tiles = cdiv(NQ, block_r)
@@ -181,15 +132,8 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
         q_pool, k_i8, k_scale, out, mean, q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
         out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634,
-        BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile, WANT_MEAN=in_loop,
+        BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile, WANT_MEAN=want_mean,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
     )
-    if want_mean and not in_loop:
-        _mean_scores_launch[(row_tiles, cdiv(nkb, MEAN_KB_TILE), B * H)](
-            q_pool, k_sum, k_scale, mean, q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
-            k_scale.stride(0), k_scale.stride(1), mean.stride(0), mean.stride(1), mean.stride(2),
-            NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634,
-            BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=MEAN_KB_TILE, num_warps=4,
-        )
     return (out, mean) if want_mean else out

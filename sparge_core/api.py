@@ -162,9 +162,8 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
                                v_addr=at(2))
     # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
-    # with the estimate, also the key blocks' int8 sums: the lse scores' mean scores come from them
     k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
-                       want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc, addr=at(1), want_sum=fill)
+                       want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc, addr=at(1))
     k_i8, k_s, k_pool, k_sim = k_out[:4]
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2))
     fill_args = None
@@ -179,8 +178,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
         if params.scoring == "lse":
             from ..kernels.block_scores import block_lse_scores
 
-            scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n, want_mean=fill,
-                                      k_sum=k_out[5] if fill else None)
+            scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n, want_mean=fill)
             if fill:
                 scores, mean = scores
         else:

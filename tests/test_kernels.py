@@ -514,15 +514,6 @@ def test_block_lse_scores_matches_reference(D, hd, Hkv):
     torch.testing.assert_close(got2, got, rtol=0, atol=0)
     torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-4)
     assert (got_mean < got).all()  # a mean never reaches the log-sum-exp of 100+ keys
-    # the mean scores from the key blocks' int8 sums (quant_pool's want_sum, a kernel of their own):
-    # the same numbers, bit for bit, as the row sums inside the scoring loop
-    *_, k_sum = quant_pool(k, BK, hd, mean=k.mean(2), want_pool=False, want_sum=True)
-    nkb = num_blocks(333, BK)
-    assert torch.equal(k_sum, k_i8.view(1, Hkv, nkb, BK, hd).int().sum(3))
-    got3, got_mean3 = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, 333, BK, want_mean=True, k_sum=k_sum)
-    assert torch.equal(got3, got) and torch.equal(got_mean3, got_mean)
-    with pytest.raises(ValueError, match="k_sum"):
-        kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, 333, BK, want_mean=True, k_sum=k_sum.float())
 
 
 def test_block_lse_scores_across_programs_and_launch_shapes():
@@ -535,17 +526,13 @@ def test_block_lse_scores_across_programs_and_launch_shapes():
     n = 17 * BK + 50  # 18 key blocks, the last partial
     q, k, _ = clustered(1, 2, n, 64, seed=5)
     _, _, q_pool, _ = quant_pool(q, BQ, 64)
-    k_i8, k_s, _, _, k_sum = quant_pool(k, BK, 64, mean=k.mean(2), want_pool=False, want_sum=True)
+    k_i8, k_s, _, _ = quant_pool(k, BK, 64, mean=k.mean(2), want_pool=False)
     want, want_mean = block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True)
     for launch in (Launch(block=64), Launch(block=128, num_warps=8), Launch(block=64, programs=1),
                    helper_launches_for(9)["block_lse"]):
         got, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True, launch=launch)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-4)
-        # the mean scores' own kernel: 18 key blocks over its 32-block tiles, rows over the launch's tiles
-        _, sum_mean = kern.block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True, launch=launch,
-                                            k_sum=k_sum)
-        assert torch.equal(sum_mean, got_mean)
 
 
 # ----------------------------------------------------------------------------- K mean + V max
