@@ -110,11 +110,8 @@ class SpargeParams:
 
     @property
     def mode(self) -> str:
-        # asked on every attention call (the error target's observer): worked out once
-        mode = self.__dict__.get("_mode")
-        if mode is None:
-            mode = self.__dict__["_mode"] = next(m for m, f in THRESHOLD_FIELD.items() if getattr(self, f) is not None)
-        return mode
+        # asked on every attention call (the error target's observer)
+        return self._once("mode", lambda: next(m for m, f in THRESHOLD_FIELD.items() if getattr(self, f) is not None))
 
     @property
     def threshold_field(self) -> str:
@@ -172,13 +169,10 @@ class SpargeParams:
         threshold, the address of its per-head device tensor (a graph reads the tensor's contents
         when it replays, so its values need not be in the key); tensors are those per-head tensors,
         which the graph keeps alive so their memory is not reused while it may read it."""
-        # the fields never change (frozen): which thresholds are set and the other settings, once
-        static = self.__dict__.get("_device_key_static")
-        if static is None:
-            static = self.__dict__["_device_key_static"] = (
-                tuple(f.name for f in fields(self) if f.name in THRESHOLDS and getattr(self, f.name) is not None),
-                tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in THRESHOLDS))
-        names, settings = static
+        # which thresholds are set, and the other settings
+        names, settings = self._once("device_key", lambda: (
+            tuple(f.name for f in fields(self) if f.name in THRESHOLDS and getattr(self, f.name) is not None),
+            tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in THRESHOLDS)))
         keep = tuple(self.per_head(name, heads, device) for name in names)
         return settings + tuple((name, t.data_ptr()) for name, t in zip(names, keep)), keep
 
@@ -187,19 +181,20 @@ class SpargeParams:
             if getattr(self, f) is not None:
                 self.per_head(f, heads)
 
-    def _flag(self, name: str, fn) -> bool:
-        # asked on every attention call: computed once (the fields never change)
-        cache = self.__dict__.setdefault("_flag_cache", {})
+    def _once(self, name: str, fn):
+        # asked on every attention call: worked out once per object (the fields never change: frozen)
+        cache = self.__dict__.setdefault("_once_cache", {})
         if name not in cache:
-            cache[name] = bool(fn())
+            cache[name] = fn()
         return cache[name]
 
     def sim_rule_enabled(self) -> bool:
         """At simthreshd1 = -1 every block counts as self-similar: the rule changes nothing."""
-        return self._flag("sim", lambda: (torch.as_tensor(self.simthreshd1, dtype=torch.float64) > -1.0).any())
+        return self._once("sim", lambda: bool((torch.as_tensor(self.simthreshd1, dtype=torch.float64) > -1.0).any()))
 
     def pv_skip_enabled(self) -> bool:
-        return self._flag("pv", lambda: torch.isfinite(torch.as_tensor(self.pvthreshd, dtype=torch.float64)).any())
+        return self._once("pv", lambda: bool(torch.isfinite(torch.as_tensor(self.pvthreshd,
+                                                                             dtype=torch.float64)).any()))
 
     def replace(self, **changes) -> "SpargeParams":
         return replace(self, **changes)
