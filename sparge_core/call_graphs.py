@@ -114,6 +114,16 @@ class _Side:
         """A call that failed before its counts were pushed: the device counter did not move."""
         self.next = row
 
+    def queue(self, body, dst: torch.Tensor) -> None:
+        """One call's work between the rings, launched or captured alike: the addresses of the row
+        the counter names go into the table, body(dst, table) runs on them, dst goes out into that
+        row of the counts ring and the counter steps."""
+        from ..kernels.caller_addrs import pull_table, push_counts  # no Triton import until a kernel runs
+
+        pull_table(self.addresses, self.counter, self.table)
+        body(dst, self.table)
+        push_counts(dst, self.counter, self.counts)
+
 
 _SIDES: dict = {}  # device -> _Side, for the process (see _Side)
 _SIDES_LOCK = threading.Lock()
@@ -205,29 +215,25 @@ class CallGraphs:
         replay (so the kernel variants a capture launches get compiled)."""
         self.eager += 1
         dst = torch.empty(counts, dtype=torch.int64, device=device)
-        side = None
-        if self.disabled is None:
-            try:
-                side = self._side(device)
-            except Exception as e:  # e.g. no pinned memory to be had: the calls launch as usual
-                self._disable("setting up", _text(e))
+        side = self._side(device) if self.disabled is None else None
         if side is None:
             body(dst, None)
             return dst
-        from ..kernels.caller_addrs import pull_table, push_counts
-
         row = side.write(addresses)
         try:
-            pull_table(side.addresses, side.counter, side.table)
-            body(dst, side.table)
-            push_counts(dst, side.counter, side.counts)
+            side.queue(body, dst)
         except BaseException:
             side.unwrite(row)
             raise
         return side.counts[row, :counts]
 
-    def _side(self, device) -> _Side:
-        return _side_of(device, torch.cuda.current_stream(device).cuda_stream)
+    def _side(self, device) -> Optional[_Side]:
+        """The device's _Side, or None with graphs turned off when it cannot be made."""
+        try:
+            return _side_of(device, torch.cuda.current_stream(device).cuda_stream)
+        except Exception as e:  # e.g. no pinned memory to be had: the calls launch as usual
+            self._disable("setting up", _text(e))
+            return None
 
     def _pool(self, device, renew: bool = False):
         """The memory pool `device`'s graphs share. A pool handle is no more than an id: torch's
@@ -244,13 +250,10 @@ class CallGraphs:
         usual (graphs turned off with the reason, or a capture to try again on the key's next
         sighting)."""
         # here: sparge_core imports no Triton until a kernel runs
-        from ..kernels.caller_addrs import pull_table, push_counts
         from ..kernels.launch import NotLaunchedYet, addresses_unchecked
 
-        try:
-            side = self._side(device)
-        except Exception as e:  # e.g. no pinned memory to be had
-            self._disable("setting up", _text(e))
+        side = self._side(device)
+        if side is None:
             return None
         pool = self._pool(device)
         g = torch.cuda.CUDAGraph()
@@ -263,9 +266,7 @@ class CallGraphs:
                 g.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
                     with addresses_unchecked():
-                        pull_table(side.addresses, side.counter, side.table)
-                        body(dst, side.table)
-                        push_counts(dst, side.counter, side.counts)
+                        side.queue(body, dst)
                 except NotLaunchedYet:  # e.g. a capture on a key's first sighting (capture_at=1)
                     retry = True
                 except Exception as e:  # e.g. an op that synchronizes: never graphed again by this object
