@@ -12,6 +12,7 @@ Each such kernel takes the table and, per caller tensor, a constexpr slot: -1 re
 argument as usual (a plain call compiles exactly as before), a slot >= 0 reads table[slot] and
 treats it as a pointer of the argument's type, 16-byte aligned: the graph's user checks the
 alignment of the tensors it passes (Triton's own launch specializes an argument on it).
+sparge_core.api passes q, k, v and the output at slots 0 to 3.
 
 Two small kernels move a call's addresses into a graph and its counts out of it without a copy
 call on the host (`pull_table`, `push_counts`). The host writes each call's addresses into the
@@ -29,9 +30,6 @@ import triton
 import triton.language as tl
 
 from .launch import Kernel
-
-SLOTS = ("q", "k", "v", "out")  # the table's layout, as sparge_core fills it
-
 
 @triton.jit
 def caller_ptr(X, ADDRS, SLOT: tl.constexpr):
