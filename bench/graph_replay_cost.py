@@ -24,9 +24,7 @@ import time
 import torch
 
 from common import card_name, save
-
-GRIDS = {7800: (5, 30, 52), 32760: (21, 30, 52)}
-H, D, B = 12, 128, 2
+from host_overhead import GRIDS, B, D, H
 
 
 def child(tokens: int, calls: int) -> dict:
