@@ -92,6 +92,7 @@ class SpargeParams:
         elif len(chosen) > 1:
             raise ValueError("set exactly one of cdfthreshd (CDF mode), topk (top-k mode) or minshare (share mode), "
                              f"got {' and '.join(chosen)}")
+        object.__setattr__(self, "_mode", next(m for m, f in THRESHOLD_FIELD.items() if getattr(self, f) is not None))
         _check_range("simthreshd1", self.simthreshd1, -1.0, 1.0, lo_open=False)
         if self.cdfthreshd is not None:
             _check_range("cdfthreshd", self.cdfthreshd, 0.0, 1.0, lo_open=True)
@@ -110,8 +111,9 @@ class SpargeParams:
 
     @property
     def mode(self) -> str:
-        # asked on every attention call (the error target's observer)
-        return self._once("mode", lambda: next(m for m, f in THRESHOLD_FIELD.items() if getattr(self, f) is not None))
+        # asked on every attention call, also while torch.compile traces the node's override: a plain
+        # attribute set in __post_init__ (torch 2.11's dynamo cannot trace dict.setdefault on __dict__)
+        return self._mode
 
     @property
     def threshold_field(self) -> str:
@@ -183,7 +185,9 @@ class SpargeParams:
 
     def _once(self, name: str, fn):
         # asked on every attention call: worked out once per object (the fields never change: frozen)
-        cache = self.__dict__.setdefault("_once_cache", {})
+        cache = self.__dict__.get("_once_cache")
+        if cache is None:
+            cache = self.__dict__["_once_cache"] = {}
         if name not in cache:
             cache[name] = fn()
         return cache[name]
