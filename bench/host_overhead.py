@@ -6,7 +6,11 @@ after a synchronize, so the figure is the CPU's own time at any sequence length 
 syncs would measure the GPU once the GPU is the slower side).
 
 Rows marked "GPU busy" are timed while a sleep kernel keeps the GPU busy, as a model's other layers
-do (on an idle GPU a launch takes the host longer); the others on an idle GPU.
+do (on an idle GPU a launch takes the host longer); the others on an idle GPU. The "queued" row
+times the override's calls with no sync between them, a forward's 30 calls queued behind one long
+sleep kernel: the host's cost per call in a model whose GPU is the slower side, without the cost
+that a synchronize before every call adds to the next one (under cudaMallocAsync: memory given back
+at the sync and mapped again).
 
 Each row: the median wall time and the median CPU time of the calling thread (the CPU time leaves
 out what other processes take from this one; on the H200's host the two agree, and one build's
@@ -14,7 +18,7 @@ figures still move by up to 4x from one process to the next: compare builds with
 which runs them in one process). Rows: the node's override as ComfyUI calls it ((B, N, H*D)
 self-attention inside a forward, the preset's error-target adaptation in its steady state, i.e. an
 unmeasured call), the public API `sparge_attention` with and without a CallGraphs (CUDA graphs of
-the call, sparge_core/call_graphs.py), and a cProfile listing of the override's calls
+the call, sparge_core/call_graphs.py), and a cProfile listing of the override's unmeasured calls
 (top functions by own time). The override's calls are also split into those the error target
 measured (an exact-attention sample of the call, nodes/adapt.py) and the rest.
 
@@ -45,6 +49,7 @@ H, D, B = 12, 128, 2  # Wan 1.3B
 
 
 BUSY_CYCLES = 4_000_000  # ~2 ms of GPU clocks: longer than any call's host time here
+QUEUE_CYCLES = 100_000_000  # ~57 ms of GPU clocks: longer than a forward's 30 queued calls take the host
 
 
 def settle(busy: bool) -> None:
@@ -72,31 +77,64 @@ def host_us(fn, n=100, warmup=5, busy=False):
     return median(ts) * 1e6, median(cs) * 1e6
 
 
+def queued_us(fn, rounds=4, calls=30):
+    """Median time of one call queued behind the others with no sync (each round of `calls` starts
+    behind one long sleep kernel): (wall, this thread's CPU time)."""
+    fn()
+    ts, cs = [], []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(QUEUE_CYCLES)
+        for _ in range(calls):
+            c0, t0 = time.thread_time(), time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+            cs.append(time.thread_time() - c0)
+    torch.cuda.synchronize()
+    return median(ts) * 1e6, median(cs) * 1e6
+
+
 def median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False, busy=False):
+def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False, busy=False, queued=False, stats=None):
     """Host time of each self-attention call of a 30-block model's sampling run, driven through
     the node's wrappers as ComfyUI drives them (devkit/sampling_run.py), from step `skip` on (the
     adaptation's steady state): (wall us, CPU us, measured?) per call, and the override. A call is
     measured when the error target's observer took an error sample of it (its pending sums changed).
-    label: each call is a "sparge override call" range in a torch.profiler trace. busy: see `settle`."""
+    label: each call is a "sparge override call" range in a torch.profiler trace. busy: see `settle`.
+    queued: no sync between calls: each forward starts with a sleep kernel that keeps the GPU busy
+    while its 30 calls are queued, as in a model whose GPU is the slower side. stats: a list that
+    gets a cProfile.Profile of each unmeasured call from step `skip` on."""
     ov = SpargeOverride(SpargeConfig.from_widgets(preset=preset, min_tokens=1024), node_id=f"host-{preset}")
     rows = []
     q, k, v = x
+    forwards = [0]
 
     def sums():  # identities of the observers' pending error sums (read only)
         return [{b: id(t) for b, t in (getattr(o, "_pending", None) or {}).items()} for o in ov.observers]
 
     def forward(x_, t, c_concat, c_crossattn, control, to):
+        forwards[0] += 1
+        if queued:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(QUEUE_CYCLES)
         for _ in range(blocks):
             before = sums()
-            settle(busy)
+            if not queued:
+                settle(busy)
+            pr = cProfile.Profile() if stats is not None and forwards[0] > skip else None
             c0, t0 = time.thread_time(), time.perf_counter()
+            if pr is not None:
+                pr.enable()
             with torch.profiler.record_function("sparge override call") if label else contextlib.nullcontext():
                 ov(comfy_sdpa, q, k, v, heads=H, transformer_options=to)
+            if pr is not None:
+                pr.disable()
             rows.append(((time.perf_counter() - t0) * 1e6, (time.thread_time() - c0) * 1e6, sums() != before))
+            if pr is not None and not rows[-1][2]:
+                stats.append(pr)
 
     dm = SimpleNamespace(patch_size=(1, 2, 2))
     lat = torch.zeros(B, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda")
@@ -149,22 +187,28 @@ def main():
         busy_calls, _ = override_times(args.preset, grid, x, busy=True)
         out["override, unmeasured calls, median, GPU busy"] = (
             median([c[0] for c in busy_calls if not c[2]]), median([c[1] for c in busy_calls if not c[2]]))
+        queued_calls, _ = override_times(args.preset, grid, x, queued=True)
+        out["override, unmeasured calls, median, queued"] = (
+            median([c[0] for c in queued_calls if not c[2]]), median([c[1] for c in queued_calls if not c[2]]))
         for name in ("sparge_attention (API, CUDA graph)", "SDPA (cuDNN) for scale"):
             out[name + ", GPU busy"] = host_us(rows[name], busy=True)
+            out[name + ", queued"] = queued_us(rows[name])
         print(f"  {'':>6}         {'':<36} {'wall':>8}    {'CPU':>8}")
         for name, (us, cpu_us) in out.items():
             print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us {cpu_us:8.1f} us")
         print(f"  {n:>6} tokens  calls the error target measured: {100 * res['measured_share'][str(n)]:.0f}%; "
               f"the override's CUDA graphs: {ov.last_graphs}")
-        if args.profile:
-            pr = cProfile.Profile()
-            pr.enable()
-            override_times(args.preset, grid, x, steps=6)
-            pr.disable()
+        if args.profile:  # the unmeasured calls of the steady state only
+            profiles = []
+            override_times(args.preset, grid, x, steps=6, stats=profiles)
             torch.cuda.synchronize()
             s = io.StringIO()
-            pstats.Stats(pr, stream=s).sort_stats(args.sort).print_stats(40)
-            print("\n".join(s.getvalue().splitlines()[:70]))
+            ps = pstats.Stats(profiles[0], stream=s)
+            for pr in profiles[1:]:
+                ps.add(pr)
+            print(f"cProfile of {len(profiles)} unmeasured calls (times are totals over them)")
+            ps.sort_stats(args.sort).print_stats(45)
+            print("\n".join(s.getvalue().splitlines()[:75]))
         if args.trace:
             from torch.profiler import ProfilerActivity, profile
 

@@ -29,7 +29,7 @@ from ..sparge_core.adapt import DEFAULT_ROWS, BlockController, sample_rows, samp
 from ..sparge_core.layout import split_heads
 from ..sparge_core.params import MAX_MINSHARE
 from . import sparse_call
-from .observers import ObservedCall, Observer
+from .observers import ObservedCall, Observer, qkv_of
 
 log = logging.getLogger("sparge_attention")
 
@@ -65,8 +65,8 @@ class Adaptation(Observer):
         if layer is None or self.measure_only or params.mode != "share" or self._profile_fixes(layer):
             return params
         p = self._params.get(layer)
-        if p is None or self.controllers[layer].thresholds.numel() != call.q.shape[1]:
-            p = self._start_block(layer, params, call.q.shape[1], call)
+        if p is None or self.controllers[layer].thresholds.numel() != call.heads:
+            p = self._start_block(layer, params, call.heads, call)
         return p
 
     def _profile_fixes(self, layer: int) -> bool:
@@ -118,7 +118,7 @@ class Adaptation(Observer):
         PROBE_BAND of the target (the node's first block, and see _start_block)."""
         for _ in range(PROBE_CALLS):
             try:
-                out = sparse_call.run_sparse(call.q, call.k, call.v, params, call.grid, call.keep_keys)[0]
+                out = sparse_call.run_sparse(*qkv_of(call), params, call.grid, call.keep_keys)[0]
                 sums = self._sums(call, out).cpu()  # a host read: once, before the node's first sparse call
             except Exception as e:  # the call itself will fall back dense if the kernel cannot run
                 log.warning("Sparge Attention: the error-target probe failed (%s: %s); thresholds start at the "
@@ -159,7 +159,7 @@ class Adaptation(Observer):
         self._pending[call.layer] = sums if prev is None else prev + sums
 
     def _sums(self, call: ObservedCall, out: torch.Tensor) -> torch.Tensor:
-        q, k, v = call.q, call.k, call.v
+        q, k, v = qkv_of(call)
         o = out if out.dim() == 4 else split_heads(out, q.shape[1])
         rows = sample_rows(q.shape[2], self.rows, q.device, self._generator(q.device))
         if call.keep_keys is None:

@@ -37,7 +37,7 @@ import torch
 
 from ..sparge_core.calibrate import Calibrator
 from .model_info import model_shape
-from .observers import ObservedCall, Observer
+from .observers import ObservedCall, Observer, qkv_of
 from .profile_files import LoadedProfile, profile_path
 
 log = logging.getLogger("sparge_attention")
@@ -143,7 +143,7 @@ class Calibration(Observer):
     def before_sparse(self, call: ObservedCall) -> Optional[str]:
         if self.cal is not None and call.ctx is not None and call.layer is not None:
             # (under torch.compile the decorated _maybe_observe runs eagerly, behind a graph break)
-            self._maybe_observe(call.ctx, call.layer, call.q, call.k, call.v, call.grid, call.keep_keys,
+            self._maybe_observe(call.ctx, call.layer, *qkv_of(call), call.grid, call.keep_keys,
                                 call.kwargs.get("transformer_options"))
         return R_CALIBRATION
 

@@ -64,23 +64,27 @@ class Call(NamedTuple):
 
 def read_call(args, kwargs) -> tuple[Optional[Call], Optional[str]]:
     """(Call, None) for a self-attention call the override can read; (None or Call, reason) else."""
-    if len(args) < 3 or not all(isinstance(a, torch.Tensor) for a in args[:3]):
+    # asked on every attention call: each tensor's shape is read once (a Size per read)
+    if len(args) < 3:
         return None, R_SHAPE
     q, k, v = args[0], args[1], args[2]
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return None, R_SHAPE
     heads = args[3] if len(args) > 3 else kwargs.get("heads")
     split = bool(kwargs.get("skip_reshape", False))
+    qs, ks = q.shape, k.shape
     if split:
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        if len(qs) != 4 or len(ks) != 4 or v.dim() != 4:
             return None, R_SHAPE
-        B, H, N, D = q.shape
-        Nk = k.shape[2]
+        B, H, N, D = qs
+        Nk = ks[2]
     else:
-        if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or not isinstance(heads, int) or heads <= 0 \
-                or q.shape[-1] % heads:
+        if len(qs) != 3 or len(ks) != 3 or v.dim() != 3 or not isinstance(heads, int) or heads <= 0 \
+                or qs[2] % heads:
             return None, R_SHAPE
-        B, N, _ = q.shape
-        H, D = heads, q.shape[-1] // heads
-        Nk = k.shape[1]
+        B, N, C = qs
+        H, D = heads, C // heads
+        Nk = ks[1]
     call = Call(q, k, v, split, not bool(kwargs.get("skip_output_reshape", False)), B, H, N, Nk, D,
                 4.0 * B * H * N * Nk * D)
     return call, (R_CROSS if Nk != N else None)

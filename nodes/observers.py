@@ -27,7 +27,9 @@ import torch
 
 
 class ObservedCall(NamedTuple):
-    """An eligible self-attention call, as observers see it."""
+    """An eligible self-attention call, as observers see it. Its q, k, v as (B, H, N, D) come from
+    `qkv_of(call)`: the override makes them on first use (an unmeasured call through a CUDA graph
+    never needs them: three views of host time less per call)."""
 
     func: Any  # ComfyUI's attention function (the dense path)
     args: tuple
@@ -35,11 +37,30 @@ class ObservedCall(NamedTuple):
     run: Any  # RunStats of the run in progress, or None
     ctx: Any  # ForwardContext of the forward, or None
     layer: Optional[int]
-    q: torch.Tensor  # (B, H, N, D)
-    k: torch.Tensor
-    v: torch.Tensor
+    heads: int
+    tokens: int  # query tokens
+    qkv: Any  # (q, k, v), or a LazyQKV; read through qkv_of
     grid: Optional[tuple]  # Hilbert token grid, None without
     keep_keys: Any  # key padding (eligibility.key_padding), None without
+
+
+class LazyQKV:
+    """q, k, v made by `make()` on first use, then kept."""
+
+    def __init__(self, make):
+        self._make, self._qkv = make, None
+
+    def get(self) -> tuple:
+        if self._qkv is None:
+            self._qkv = self._make()
+        return self._qkv
+
+
+def qkv_of(call: ObservedCall) -> tuple:
+    """(q, k, v) of an observed call, (B, H, N, D). A plain function (not a method of the named
+    tuple): torch.compile traces the override, where qkv is the tuple itself."""
+    qkv = call.qkv
+    return qkv if isinstance(qkv, tuple) else qkv.get()
 
 
 class Observer:

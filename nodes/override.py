@@ -30,9 +30,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..sparge_core.api import block_sizes, resolve_backend
+from ..sparge_core.blockmask import num_blocks
 from ..sparge_core.call_graphs import CallGraphs
-from ..sparge_core.layout import merge_heads
-from ..sparge_core.torch_op import dense_block_total
+from ..sparge_core.layout import merge_heads, split_heads
 from . import eligibility as E
 from . import sparse_call
 from .capture import MAP_AUTO, capture_layer, finish_map, pack_mask
@@ -40,7 +40,7 @@ from .adapt import Adaptation
 from .config import SpargeConfig
 from .error_check import ErrorCheck
 from .model_info import context_tokens, count_layers, double_blocks, grid_candidates, step_of
-from .observers import ObservedCall, Observer
+from .observers import LazyQKV, ObservedCall, Observer
 from .profile_use import ProfileUse
 from .readout import build_readout
 from .routes import publish
@@ -69,6 +69,12 @@ PLAIN = CallOptions()
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _signature(call, grid, keep_keys, opts: CallOptions) -> tuple:
+    """What a sparse call that failed is known by for the rest of the run."""
+    return (tuple(call.q.shape), tuple(call.k.shape), call.heads_split, call.q.dtype, str(call.q.device), grid,
+            keep_keys is not None, opts.with_lse)
 
 
 def config_observers(config: SpargeConfig) -> tuple:
@@ -149,24 +155,26 @@ class SpargeOverride:
         if reason is not None:
             return self._dense(func, args, kwargs, ctx, reason, call.flops), None
 
-        qh, kh, vh = call.split()
         if opts.no_hilbert is not None:
             grid, tail, why_not = None, None, opts.no_hilbert
         else:
             grid, tail, why_not = E.grid_for(cfg.hilbert, ctx, call.N, to)
         if grid is not None and keep_keys is not None and not E.grid_keys_kept(keep_keys, grid):
             grid, why_not = None, E.H_MASK
-        observed = ObservedCall(func, args, kwargs, self.run, ctx, layer, qh, kh, vh, grid, keep_keys)
+        compiling = _is_compiling()
+        # the split views are made when something asks for them (not on a call that replays its graph)
+        qkv = call.split() if compiling else LazyQKV(call.split)
+        observed = ObservedCall(func, args, kwargs, self.run, ctx, layer, call.H, call.N, qkv, grid, keep_keys)
         for obs in self.observers:
             reason = None if isinstance(obs, opts.skip) else obs.before_sparse(observed)
             if reason is not None:  # a profile's all-dense block, the Sparge Calibrate node, ...
                 return self._dense(func, args, kwargs, ctx, reason, call.flops), None
 
-        reason = E.backend_reason(qh.device.type)  # no usable Triton on this GPU (logged once per process)
+        reason = E.backend_reason(call.q.device.type)  # no usable Triton on this GPU (logged once per process)
         if reason is not None:
             return self._dense(func, args, kwargs, ctx, reason, call.flops), None
-        sig = (tuple(qh.shape), tuple(kh.shape), qh.dtype, str(qh.device), grid, keep_keys is not None, opts.with_lse)
-        if sig in self._failed:  # failed before in this run: do not retry (a compile error would repeat)
+        if self._failed and _signature(call, grid, keep_keys, opts) in self._failed:
+            # failed before in this run: do not retry (a compile error would repeat)
             return self._dense(func, args, kwargs, ctx, E.R_KERNEL, call.flops), None
         params = cfg.params_for_layer(layer)  # a loaded profile's per-head params, else the preset's
         for obs in self.observers:
@@ -174,14 +182,19 @@ class SpargeOverride:
         capture = (ctx is not None and layer is not None and layer == ctx.capture_layer and ctx.map_mask is None
                    and not opts.with_lse)  # one op returns the mask or the lse
         timing = None
-        if _is_compiling():
-            res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture, opts.with_lse)
+        if compiling:
+            res = sparse_call.run_sparse(*qkv, params, grid, keep_keys, capture, opts.with_lse)
         else:
             timing = start_timing(call.q) if cfg.verbose else None
             try:
-                res = sparse_call.run_sparse(qh, kh, vh, params, grid, keep_keys, capture, opts.with_lse, self.graphs)
+                res = None
+                if self.graphs is not None and keep_keys is None and not capture and not opts.with_lse:
+                    res = sparse_call.replay(call, params, grid, self.graphs)  # the steady state: nothing else runs
+                if res is None:
+                    res = sparse_call.run_sparse(*qkv.get(), params, grid, keep_keys, capture, opts.with_lse,
+                                                 self.graphs)
             except Exception as e:  # Triton compile error, OOM in prediction, ...: finish the render dense
-                self._failed.add(sig)
+                self._failed.add(_signature(call, grid, keep_keys, opts))
                 self._warn_kernel(e)
                 return self._dense(func, args, kwargs, ctx, E.R_KERNEL, call.flops), None
             if timing is not None:
@@ -191,16 +204,19 @@ class SpargeOverride:
             # fill_skipped adds a pass over the key blocks' means: one "key" per key block, i.e.
             # 1/block_k of a dense call's work
             fill = call.flops / block_k if params.fill_skipped else 0.0
-            ctx.record_sparse(CallRecord(res[1], res[2], dense_block_total(qh, kh), call.flops, fill, layer),
-                              resolve_backend(call.q.device, "auto"), grid, tail, why_not, timing)
+            total = call.B * call.H * num_blocks(call.N, block_q) * num_blocks(call.Nk, block_k)
+            ctx.record_sparse(CallRecord(res[1], total, call.flops, fill, layer), resolve_backend(call.q.device, "auto"),
+                              grid, tail, why_not, timing)
             if capture:
-                ctx.map_mask = (pack_mask(res[3][0]), int(res[3].shape[-1]))
-        if call.merge_out:
+                ctx.map_mask = (pack_mask(res[2][0]), int(res[2].shape[-1]))
+        if out.dim() == 4 and call.merge_out:
             out = merge_heads(out)
+        elif out.dim() == 3 and not call.merge_out:  # a replay of (B, N, H*D) inputs whose caller wants heads split
+            out = split_heads(out, call.H)
         if ctx is not None:
             for obs in self.observers:
                 obs.after_sparse(observed, out)
-        return out, (res[3] if opts.with_lse else None)
+        return out, (res[2] if opts.with_lse else None)
 
     def _dense(self, func, args, kwargs, ctx: Optional[ForwardContext], reason: str, flops: float):
         if ctx is not None:

@@ -22,7 +22,7 @@ class ProfileUse(Observer):
             return None
         if self.loaded.params_for_layer(call.layer, None) is None:
             return None
-        note = self.loaded.note_for(call.q.shape[2], call.grid)
+        note = self.loaded.note_for(call.tokens, call.grid)
         if note and note not in call.run.profile_notes:
             call.run.profile_notes.append(note)
         return None

@@ -1,30 +1,44 @@
-"""The sparse call of one eligible attention call: the op (sparge_core.torch_op.call), over the
-keys a key-padding mask keeps. The override calls `run_sparse` through this module, so a test can
-make it fail (the override's "kernel error" fallback) without a switch in production code."""
+"""The sparse call of one eligible attention call: a replay of its CUDA graph when the run holds
+one (`replay`), else the op (sparge_core.torch_op.call) over the keys a key-padding mask keeps
+(`run_sparse`). The override calls both through this module, so a test can make them fail (the
+override's "kernel error" fallback) without a switch in production code."""
 from __future__ import annotations
 
 import torch
 
+from ..sparge_core.api import replay_graphed
 from ..sparge_core.params import SpargeParams
 from ..sparge_core.torch_op import call as op_call
 
 
+def replay(call, params: SpargeParams, grid, graphs):
+    """(out, counts) of an eligible call without key padding, replayed from the run's CallGraphs
+    when it holds the call's graph (sparge_core.api.replay_graphed), else None. call: the
+    eligibility.Call as ComfyUI made it; out: (B, N, H*D) for (B, N, H*D) inputs, (B, H, N, D) for
+    split ones. counts: (2,) int64 on the device, [kept, P.V-skipped]."""
+    return replay_graphed(graphs, call.q, call.k, call.v, params, None if call.heads_split else call.H, grid)
+
+
+def _counts(kept, skipped) -> torch.Tensor:
+    return torch.stack([kept, skipped])
+
+
 def run_sparse(qh, kh, vh, params: SpargeParams, grid, keep_keys, want_mask: bool = False, want_lse: bool = False,
                graphs=None):
-    """(out, kept, pv_skipped), plus the (B, H, NQ, NK) block mask when want_mask (of the first
-    batch item only when each item has its own key padding) or the rows' lse, (B, H, N) float32,
-    when want_lse (not both). q/k/v are (B, H, N, D). graphs: the run's CallGraphs, or None."""
+    """(out, counts), plus the (B, H, NQ, NK) block mask when want_mask (of the first batch item
+    only when each item has its own key padding) or the rows' lse, (B, H, N) float32, when
+    want_lse (not both). q/k/v and out are (B, H, N, D); counts: (2,) int64 on the device, [kept,
+    P.V-skipped]. graphs: the run's CallGraphs, or None."""
+    if keep_keys is not None and keep_keys[0] == "shared":
+        idx = keep_keys[1][0].to(kh.device)
+        if idx.numel() != kh.shape[2]:
+            kh, vh = kh.index_select(2, idx), vh.index_select(2, idx)
+        keep_keys = None
     if keep_keys is None:
-        return op_call(qh, kh, vh, params, grid, with_mask=want_mask, with_lse=want_lse, graphs=graphs)
-    kind, lists = keep_keys
-    if kind == "shared":
-        idx = lists[0].to(kh.device)
-        if idx.numel() == kh.shape[2]:
-            return op_call(qh, kh, vh, params, grid, with_mask=want_mask, with_lse=want_lse, graphs=graphs)
-        return op_call(qh, kh.index_select(2, idx), vh.index_select(2, idx), params, grid, with_mask=want_mask,
-                       with_lse=want_lse, graphs=graphs)
+        r = op_call(qh, kh, vh, params, grid, with_mask=want_mask, with_lse=want_lse, graphs=graphs)
+        return (r[0], _counts(r[1], r[2])) + tuple(r[3:])
     outs, kept, skipped, extra = [], 0, 0, []
-    for b, idx in enumerate(lists):  # each batch item keeps its own keys
+    for b, idx in enumerate(keep_keys[1]):  # each batch item keeps its own keys
         idx = idx.to(kh.device)
         r = op_call(qh[b:b + 1], kh[b:b + 1].index_select(2, idx), vh[b:b + 1].index_select(2, idx), params, grid,
                     with_mask=want_mask and b == 0, with_lse=want_lse, graphs=graphs)
@@ -32,8 +46,9 @@ def run_sparse(qh, kh, vh, params: SpargeParams, grid, keep_keys, want_mask: boo
         kept, skipped = kept + r[1], skipped + r[2]
         if len(r) > 3:
             extra.append(r[3])
+    res = (torch.cat(outs, 0), _counts(kept, skipped))
     if want_mask:
-        return torch.cat(outs, 0), kept, skipped, extra[0]
+        return res + (extra[0],)
     if want_lse:
-        return torch.cat(outs, 0), kept, skipped, torch.cat(extra, 0)
-    return torch.cat(outs, 0), kept, skipped
+        return res + (torch.cat(extra, 0),)
+    return res

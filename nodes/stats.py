@@ -29,12 +29,19 @@ def start_timing(q: torch.Tensor):
 class CallRecord(NamedTuple):
     """One sparse call."""
 
-    kept: torch.Tensor  # computed query-block x key-block pairs (0-dim int64, device)
-    pv_skipped: torch.Tensor  # kept pairs whose P.V was skipped (0-dim int64, device)
+    counts: torch.Tensor  # (2,) int64 on the device: [computed query-block x key-block pairs, of them P.V-skipped]
     total: int  # pairs a dense call computes
     flops: float  # attention FLOPs of the call at full cost
     fill_flops: float  # FLOPs of the skipped-block estimate (fill_skipped), else 0
     layer: Optional[int]  # transformer block
+
+    @property
+    def kept(self) -> torch.Tensor:
+        return self.counts[0]
+
+    @property
+    def pv_skipped(self) -> torch.Tensor:
+        return self.counts[1]
 
 
 @dataclass(eq=False)
@@ -176,11 +183,17 @@ def fold_forward(run: RunStats, ctx: ForwardContext) -> None:
     st.flops_dense += ctx.dense_flops
     recs = ctx.records
     if recs:
-        kept_vec = torch.stack([r.kept.reshape(()) for r in recs])
-        st.kept = st.kept + kept_vec.sum()
+        # a handful of device ops per forward, whatever its number of calls
+        counts = torch.stack([r.counts for r in recs])
+        kept_vec, sums = counts[:, 0], counts.sum(0)
+        st.kept = st.kept + sums[0]
         st.layer_parts.append((tuple(r.layer for r in recs), kept_vec, tuple(r.total for r in recs)))
-        st.pv_skipped = st.pv_skipped + torch.stack([r.pv_skipped.reshape(()) for r in recs]).sum()
-        computed = torch.stack([r.kept.reshape(()).double() * (r.flops / r.total) for r in recs]).sum()
+        st.pv_skipped = st.pv_skipped + sums[1]
+        per_pair = {r.flops / r.total for r in recs}  # FLOPs of one computed pair: one value per call shape
+        if len(per_pair) == 1:
+            computed = sums[0].double() * per_pair.pop()
+        else:
+            computed = torch.stack([r.counts[0].double() * (r.flops / r.total) for r in recs]).sum()
         st.flops_sparse_computed = st.flops_sparse_computed + computed + sum(r.fill_flops for r in recs)
         st.total += sum(r.total for r in recs)
         st.flops_total += sum(r.flops for r in recs)

@@ -1,6 +1,7 @@
 """The public entry point: sparge_attention(q, k, v, params, ...)."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -24,11 +25,13 @@ CPU_BLOCKS = (64, 128)  # reference backend: the same blocks as the GPU kernels 
 def block_sizes(device: torch.device, backend: str = "auto") -> tuple[int, int]:
     """(BLKQ, BLKK) that the mask predictor and the kernel agree on for this device. Asks only the
     kernels' config (no Triton import): a GPU without Triton still gets its sizes for a dense call."""
+    if backend == "auto" and device.type != "cuda":  # asked on every call: the common answers first
+        return CPU_BLOCKS
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     if backend == "triton" and not _triton_device(device):
         raise ValueError("the Triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
-    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+    if backend != "reference":
         from ..kernels.config import default_config
 
         cfg = default_config(device)
@@ -221,17 +224,87 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
     return res[0], block_mask, (skipped.sum() if skipped is not None else 0), (res[2] if return_lse else None)
 
 
+@functools.lru_cache(maxsize=64)
+def _permutations(grid: Optional[tuple], n: int, nk: int, device: torch.device):
+    """(the queries' TokenPermutation, the keys') for a grid (None, None without): the keys' is
+    another one when a tail of text tokens makes them differ in length. Cached: asked every call."""
+    if grid is None:
+        return None, None
+    from .hilbert import TokenPermutation
+
+    perm = TokenPermutation.for_grid(grid, n, device=device)
+    return perm, (perm if nk == n else TokenPermutation.for_grid(grid, nk, device=device))
+
+
+def _graph_key(device, lq: tuple, lk: tuple, lv: tuple, scale: float, pv_dtype: str, perm32s: tuple, pkey: tuple):
+    """The key of a predicted call's CUDA graph: the layouts of q, k, v (call_graphs.layout_key),
+    the settings, and the addresses of the cached tensors the graph reads (the Hilbert permutations,
+    the per-head thresholds: params.device_key)."""
+    return (device, lq, lk, lv, scale, pv_dtype, tuple(p.data_ptr() if p is not None else None for p in perm32s),
+            pkey)
+
+
+def _split_layout(x: torch.Tensor, heads: int) -> tuple:
+    """layout_key of layout.split_heads(x, heads), without making the view: (B, N, H*D) with
+    strides (s0, s1, s2) is (B, H, N, D) with strides (s0, D*s2, s1, s2)."""
+    B, N, C = x.shape
+    s0, s1, s2 = x.stride()
+    d = C // heads
+    return (B, heads, N, d), (s0, d * s2, s1, s2), x.dtype
+
+
+def _replay_key(q, k, v, params: SpargeParams, heads: Optional[int], grid: Optional[tuple]):
+    """(the graph key sparge_attention(q, k, v, params, grid=grid) captures its call under, its
+    (B, H, N, D)) from the tensors' layouts alone (replay_graphed's q, k, v and heads)."""
+    if heads is None:
+        lq, lk, lv = layout_key(q), layout_key(k), layout_key(v)
+    else:
+        lq, lk, lv = _split_layout(q, heads), _split_layout(k, heads), _split_layout(v, heads)
+    B, H, N, D = lq[0]
+    perm, perm_k = _permutations(None if grid is None else tuple(grid), N, lk[0][2], q.device)
+    perm32s = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
+    return _graph_key(q.device, lq, lk, lv, D ** -0.5, "auto", perm32s, params.device_key(H, q.device)[0]), lq[0]
+
+
+def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Optional[int] = None,
+                   grid: Optional[tuple] = None):
+    """The call sparge_attention(q, k, v, params, grid=grid, graphs=graphs) makes, replayed from
+    `graphs` when it holds that call's graph (a call like it ran through `graphs` at least twice):
+    (out, counts), else None, with nothing run (make the call the usual way: it captures).
+
+    A replay needs only the tensors' layouts and addresses: nothing here makes a view, checks the
+    inputs again (a graph is captured only by a call that passed them, and its key holds every
+    layout and setting they depend on) or builds stats. heads: q, k, v are (B, N, H*D) with that
+    many heads (a model's attention inputs before the split), and out is (B, N, H*D); None: they
+    are (B, H, N, D) and out is too (a view of token-major memory, as sparge_attention returns it).
+    counts: (2,) int64 on q's device, [computed block pairs, P.V-skipped pairs], a view that stays
+    valid for the next call_graphs.RING_ROWS calls. Scale D**-0.5, pv_dtype "auto"."""
+    if q.dim() != (4 if heads is None else 3) or not graphs.wants(q, k, v):
+        return None
+    if heads is not None and (q.shape[-1] % heads or k.shape[-1] != q.shape[-1] or v.shape != k.shape):
+        return None
+    key, (B, H, N, D) = _replay_key(q, k, v, params, heads, grid)
+    dev = q.device
+    # the output before the lookup: a call whose graph is not held (the run's first calls) wastes it
+    if heads is None:
+        out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev)
+        res = out.transpose(1, 2)
+    else:
+        res = out = torch.empty(B, N, H * D, dtype=q.dtype, device=dev)
+    counts = graphs.replay(key, dev, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()), 2)
+    return (res, counts) if counts is not None else None
+
+
 def _graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: float, pv_dtype: str, perms):
-    """The predicted Triton call through `graphs` (call_graphs.py): (out, kept, P.V-skipped), the
-    counts as 0-dim int64 device tensors. q, k, v and the output are not baked into a graph: its
+    """The predicted Triton call through `graphs` (call_graphs.py): (out, counts), counts a (2,)
+    int64 device tensor [kept, P.V-skipped]. q, k, v and the output are not baked into a graph: its
     kernels read their addresses from the graphs' address table, so the key holds only their
     shapes, strides and dtypes (kernels/caller_addrs.py)."""
     B, H, N, D = q.shape
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     pkey, keep = params.device_key(H, q.device)
     perm_q, perm_k = perms
-    perm_key = tuple(p.data_ptr() if p is not None else None for p in perms)
-    key = (q.device, layout_key(q), layout_key(k), layout_key(v), scale, pv_dtype, perm_key, pkey)
+    key = _graph_key(q.device, layout_key(q), layout_key(k), layout_key(v), scale, pv_dtype, perms, pkey)
 
     def body(dst, addrs):
         _, bm, skipped, _ = _triton_forward(q, k, v, params, scale, None, pv_dtype, perm_q, perm_k, out=out,
@@ -244,7 +317,7 @@ def _graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: f
 
     counts = graphs.run(key, keep + tuple(p for p in perms if p is not None), body, 2, q.device,
                         (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()))
-    return out, counts[0], counts[1]
+    return out, counts
 
 
 def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: str = "HND",
@@ -303,8 +376,6 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
 
     perm = None
     if grid is not None:
-        from .hilbert import TokenPermutation
-
         grid = tuple(int(g) for g in grid)
         n_grid = math.prod(grid)
         if n_grid_tokens is not None and n_grid_tokens != n_grid:
@@ -312,8 +383,7 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         if k.shape[2] < n_grid or N < n_grid:
             raise ValueError(f"grid {grid} has {n_grid} tokens but q has {N} and k {k.shape[2]}")
         # grid tokens come first in q and k alike; the tails (text tokens) may differ in length
-        perm = TokenPermutation.for_grid(grid, N, device=q.device)
-        perm_k = perm if k.shape[2] == N else TokenPermutation.for_grid(grid, k.shape[2], device=q.device)
+        perm, perm_k = _permutations(grid, N, k.shape[2], q.device)
         if be != "triton":  # the Triton path gathers/scatters inside its kernels instead
             q, k, v = perm.apply(q, 2), perm_k.apply(k, 2), perm_k.apply(v, 2)
 
@@ -323,12 +393,12 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
             dense = block_mask.to_dense() & causal_block_mask(*block_mask.kv_indices.shape[2:], block_q, block_k, N, k.shape[2], q.device)
             block_mask = SpargeBlockMask.from_dense(dense, block_q, block_k, N, k.shape[2])
 
-    kept = None  # from the block mask, or from a graphed call's counts
+    counts = None  # a graphed call's [kept, P.V-skipped] (it returns no block mask)
     if be == "triton":
         # the quantizers read fp16, bf16 and fp32 alike; the output comes back in q's dtype
         perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
         if graphs is not None and block_mask is None and not return_lse and graphs.wants(q, k, v):
-            out, kept, skipped = _graphed_forward(graphs, q, k, v, params, scale, pv_dtype, perms)
+            out, counts = _graphed_forward(graphs, q, k, v, params, scale, pv_dtype, perms)
             lse = None
         else:
             out, block_mask, skipped, lse = _triton_forward(q, k, v, params, scale, block_mask, pv_dtype, *perms,
@@ -350,7 +420,9 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         return _result(out, lse, None)
     nq, nk = num_blocks(N, block_q), num_blocks(k.shape[2], block_k)
     per_head = causal_block_mask(nq, nk, block_q, block_k, N, k.shape[2]).sum().item() if params.is_causal else nq * nk
-    if block_mask is not None:
+    if counts is not None:
+        kept, skipped = counts[0], counts[1]
+    else:
         kept = block_mask.kv_num_blocks.sum()
     stats = SpargeStats(be, kept, B * H * per_head, skipped, None, block_mask, block_q, block_k, H)
     return _result(out, lse, stats)

@@ -92,6 +92,8 @@ class _Side:
         self.calls_stream = stream
         self.laps = [None] * 4  # an event per quarter of the ring: its calls have run
         self._host = self.addresses.numpy()  # written through numpy: no torch op per call
+        # the counts ring narrowed to each count a call may return: a call's counts are then one select
+        self._narrowed = [self.counts[:, :n] for n in range(COUNT_SLOTS + 1)]
         self.next = 0  # the ring row of the next call, as the device counter will name it
 
     def write(self, addresses: tuple) -> int:
@@ -110,6 +112,10 @@ class _Side:
         self.next = (row + 1) % RING_ROWS
         return row
 
+    def counts_of(self, row: int, counts: int) -> torch.Tensor:
+        """The first `counts` counts of a row: a view, valid for the next RING_ROWS calls."""
+        return self._narrowed[counts].select(0, row)
+
     def unwrite(self, row: int) -> None:
         """A call that failed before its counts were pushed: the device counter did not move."""
         self.next = row
@@ -123,6 +129,15 @@ class _Side:
         pull_table(self.addresses, self.counter, self.table)
         body(dst, self.table)
         push_counts(dst, self.counter, self.counts)
+
+
+def _current_stream(device: torch.device) -> int:
+    """The current stream of `device` as its cudaStream_t (torch.cuda.current_stream(device).cuda_stream
+    without making a Stream object: asked on every graphed call)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None and device.index is not None:
+        return raw(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 _SIDES: dict = {}  # device -> _Side, for the process (see _Side)
@@ -150,20 +165,24 @@ class CallGraphs:
         self.disabled: Optional[str] = None  # why graphs are off for this object
         self.replays = self.captures = self.eager = 0
 
+    def __contains__(self, key: tuple) -> bool:
+        """Whether a graph of `key` is held (a call of it would replay)."""
+        return key in self._graphs
+
     def wants(self, *tensors: torch.Tensor) -> bool:
-        """Whether a call on these tensors may run through a graph: CUDA, eager (not traced by
+        """Whether a call on these tensors may run through a graph: on one CUDA device, eager (not traced by
         torch.compile, not inside a caller's own graph capture), 16-byte aligned, within the byte
         budget, on the stream the first such call on the device ran on (the address table, the
         rings and the pool's memory are reused call after call in one stream's order; _Side)."""
         dev = tensors[0].device
-        if self.disabled is not None or dev.type != "cuda":
+        if self.disabled is not None or dev.type != "cuda" or any(t.device != dev for t in tensors):
             return False
         if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return False
         if any(t.data_ptr() % ALIGN for t in tensors):
             return False
         side = _SIDES.get(dev)
-        if side is not None and side.calls_stream != torch.cuda.current_stream(dev).cuda_stream:
+        if side is not None and side.calls_stream != _current_stream(dev):
             return False
         return sum(t.numel() * t.element_size() for t in tensors) <= self.max_bytes
 
@@ -179,36 +198,50 @@ class CallGraphs:
         if len(addresses) > TABLE_SLOTS or not 0 < counts <= COUNT_SLOTS:
             raise ValueError(f"{len(addresses)} addresses and {counts} counts; a call passes at most "
                              f"{TABLE_SLOTS} and returns 1 to {COUNT_SLOTS}")
+        out = self.replay(key, device, addresses, counts)
+        if out is not None:
+            return out
+        n = self._seen.pop(key, 0) + 1
+        if n < self.capture_at or self.disabled is not None:
+            self._seen[key] = n
+            while len(self._seen) > 4 * self.max_graphs:
+                self._seen.popitem(last=False)
+            return self._eager(body, counts, device, addresses)
+        hit = self._capture(body, counts, keep, device)
+        if hit is None:
+            if self.disabled is None:  # a kernel variant not launched yet: launch it, capture next time
+                self._seen[key] = n - 1
+            return self._eager(body, counts, device, addresses)
+        self._graphs[key] = hit
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        self.captures += 1
+        out = self._replay(hit, device, addresses, counts)  # a capture runs nothing: its first replay computes this call
+        return out if out is not None else self._eager(body, counts, device, addresses)
+
+    def replay(self, key: tuple, device: torch.device, addresses: tuple, counts: int) -> Optional[torch.Tensor]:
+        """The call of `key` replayed from its graph, with `addresses` in the table: its counts (as
+        `run` returns them), or None when no graph of `key` is held (nothing ran; `run` then
+        launches or captures the call). The whole per-call host work of a graphed call: callers that
+        can build the key without the call's tensors (sparge_core.api.replay_graphed) try this first."""
         hit = self._graphs.get(key)
-        captured = hit is None
-        if hit is not None:
-            self._graphs.move_to_end(key)
-        else:
-            n = self._seen.pop(key, 0) + 1
-            if n < self.capture_at or self.disabled is not None:
-                self._seen[key] = n
-                while len(self._seen) > 4 * self.max_graphs:
-                    self._seen.popitem(last=False)
-                return self._eager(body, counts, device, addresses)
-            hit = self._capture(body, counts, keep, device)
-            if hit is None:
-                if self.disabled is None:  # a kernel variant not launched yet: launch it, capture next time
-                    self._seen[key] = n - 1
-                return self._eager(body, counts, device, addresses)
-            self._graphs[key] = hit
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-            self.captures += 1
+        if hit is None:
+            return None
+        self._graphs.move_to_end(key)
+        out = self._replay(hit, device, addresses, counts)
+        self.replays += out is not None
+        return out
+
+    def _replay(self, hit, device, addresses, counts) -> Optional[torch.Tensor]:
         side = _SIDES[device]
         row = side.write(addresses)
-        try:  # a capture runs nothing: its first replay computes this call
+        try:
             hit[0].replay()
         except Exception as e:  # never seen; a launch the driver refuses runs as usual, once and for all
             side.unwrite(row)
             self._disable("replaying", _text(e))
-            return self._eager(body, counts, device, addresses)
-        self.replays += 0 if captured else 1
-        return side.counts[row, :counts]
+            return None
+        return side.counts_of(row, counts)
 
     def _eager(self, body, counts, device, addresses):
         """The call launched as usual. While graphs are on, through the same table and rings as a
@@ -225,12 +258,12 @@ class CallGraphs:
         except BaseException:
             side.unwrite(row)
             raise
-        return side.counts[row, :counts]
+        return side.counts_of(row, counts)
 
     def _side(self, device) -> Optional[_Side]:
         """The device's _Side, or None with graphs turned off when it cannot be made."""
         try:
-            return _side_of(device, torch.cuda.current_stream(device).cuda_stream)
+            return _side_of(device, _current_stream(device))
         except Exception as e:  # e.g. no pinned memory to be had: the calls launch as usual
             self._disable("setting up", _text(e))
             return None

@@ -41,8 +41,9 @@ def _stamp(x):
     a new object each time (never equal: it is read as it is on every call)."""
     if not isinstance(x, torch.Tensor):
         return None
-    if x.device.type == "cpu":
-        return tuple(x.detach().flatten().tolist())
+    if x.device.type == "cpu":  # thresholds are 0-D or 1-D (__post_init__): tolist alone, one op per call
+        vals = x.tolist()
+        return tuple(vals) if isinstance(vals, list) else (vals,)
     return object()
 
 
@@ -175,8 +176,16 @@ class SpargeParams:
         names, settings = self._once("device_key", lambda: (
             tuple(f.name for f in fields(self) if f.name in THRESHOLDS and getattr(self, f.name) is not None),
             tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in THRESHOLDS)))
+        # asked on every graphed call: the answer is kept while no threshold tensor changed its values
+        stamps = tuple(_stamp(getattr(self, name)) for name in names)
+        made = self._once("device_keys", dict)
+        hit = made.get((heads, device))
+        if hit is not None and hit[0] == stamps:
+            return hit[1]
         keep = tuple(self.per_head(name, heads, device) for name in names)
-        return settings + tuple((name, t.data_ptr()) for name, t in zip(names, keep)), keep
+        res = made[(heads, device)] = stamps, (settings + tuple((name, t.data_ptr()) for name, t in zip(names, keep)),
+                                               keep)
+        return res[1]
 
     def check_heads(self, heads: int) -> None:
         for f in THRESHOLDS:

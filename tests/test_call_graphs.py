@@ -167,3 +167,49 @@ def test_addresses_go_in_and_counts_come_out_through_the_rings():
         push_counts(torch.zeros(9, dtype=torch.int64), ctr, counts)
     with pytest.raises(ValueError, match="counter"):
         push_counts(torch.zeros(2, dtype=torch.int64), ctr.int(), counts)
+
+
+class _KeyRecorder:
+    """Stands in for CallGraphs.run where graphs cannot run (the CPU): keeps the key a call asks for."""
+
+    def __init__(self):
+        self.keys = []
+
+    def run(self, key, keep, body, counts, device, addresses=()):
+        self.keys.append(key)
+        return torch.zeros(counts, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("grid, n, nk, heads", [
+    ((2, 8, 16), 256, 256, 3),  # Hilbert order, self-attention
+    ((2, 8, 16), 296, 296, 3),  # text tokens after the grid
+    (None, 300, 300, 2),  # no grid
+])
+def test_a_replay_looks_up_the_key_its_call_was_captured_under(grid, n, nk, heads):
+    """replay_graphed builds the graph key from the caller's (B, N, H*D) tensors, or its (B, H, N, D)
+    views, without making a view or checking them again. It must be the very key sparge_attention's
+    graphed call captures under, or the node's calls would never replay (their results would still
+    be right: this is the test that sees it). Also for a threshold moved in place (the error target),
+    a non-contiguous layout, and other settings (another key)."""
+    from sparge_attention.sparge_core.api import _graphed_forward, _permutations, _replay_key
+    from sparge_attention.sparge_core.layout import split_heads
+
+    B, D = 2, 64
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(B, n, 3 * heads * D, generator=g)
+    packed = wide[..., :heads * D], wide[..., heads * D:2 * heads * D], wide[..., 2 * heads * D:]  # strided
+    for q, k, v in (packed, [t.contiguous() for t in packed]):
+        views = [split_heads(t, heads) for t in (q, k, v)]
+        ms = torch.full((heads,), 1.5)
+        for p in (PRESETS["Balanced"].params(), PRESETS["Balanced"].params().replace(minshare=ms)):
+            rec = _KeyRecorder()
+            perm, perm_k = _permutations(grid, n, nk, CPU)
+            perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
+            _graphed_forward(rec, *views, p, D ** -0.5, "auto", perms)
+            captured = rec.keys[0]
+            assert _replay_key(q, k, v, p, heads, grid)[0] == captured
+            assert _replay_key(*views, p, None, grid)[0] == captured
+            ms.mul_(3.0)
+            assert _replay_key(q, k, v, p, heads, grid)[0] == captured
+            assert _replay_key(q, k, v, p.replace(pvthreshd=9.0), heads, grid)[0] != captured
+    assert _replay_key(q, k, v, p, heads, None if grid else (1, 1, n))[0] != captured

@@ -97,6 +97,36 @@ def test_other_tensors_replay_the_graph_other_settings_do_not():
     _counts(graphs, captures=len(cases), replays=len(cases) + 5)
 
 
+def test_a_replay_from_the_inputs_layouts_equals_the_call():
+    """replay_graphed: once sparge_attention has captured a call through the graphs, the same call
+    replays from the (B, N, H*D) tensors a model passes (or their (B, H, N, D) views) without
+    views, checks or stats; out and counts equal the launched call's, also after new contents and on
+    other tensors. Before the capture, and for other settings, it runs nothing and says so (None)."""
+    from sparge_attention.sparge_core.api import replay_graphed
+    from sparge_attention.sparge_core.layout import merge_heads, split_heads
+
+    H = 4
+    packed = _qkv(5, shape=(2, 1500, H * 128))
+    views = [split_heads(t, H) for t in packed]
+    p = PRESETS["Balanced"].params()
+    graphs = CallGraphs()
+    assert replay_graphed(graphs, *packed, p, H, GRID) is None  # nothing captured yet
+    for _ in range(2):  # launched, then captured (and replayed once)
+        _run(*views, p, graphs)
+    _counts(graphs, eager=1, captures=1, replays=0)
+    for i, x in enumerate([packed, _qkv(6, shape=(2, 1500, H * 128))]):
+        want = _run(*[split_heads(t, H) for t in x], p)
+        out, counts = replay_graphed(graphs, *x, p, H, GRID)
+        assert out.shape == x[0].shape and counts.tolist() == list(want[1:]), (i, counts.tolist(), want[1:])
+        assert torch.equal(out, merge_heads(want[0])), i
+        out, counts = replay_graphed(graphs, *[split_heads(t, H) for t in x], p, None, GRID)
+        assert torch.equal(out, want[0]) and counts.tolist() == list(want[1:]), i
+    _counts(graphs, captures=1, replays=4)
+    assert replay_graphed(graphs, *packed, PRESETS["Fast"].params(), H, GRID) is None  # another key
+    assert replay_graphed(graphs, *packed, p, H, None) is None  # no Hilbert order: another key
+    _counts(graphs, captures=1, replays=4)
+
+
 def test_what_is_not_graphed():
     """lse, a user mask, a call above the byte budget, a q not 16-byte aligned and a call on a second
     stream launch as usual; fp16 / head dim 64 inputs are graphed. All equal the launched call."""

@@ -141,7 +141,7 @@ def test_a_first_block_on_a_cliff_does_not_set_the_others_start(monkeypatch, sec
     q = torch.zeros(1, heads, 1, 1)
     starts = {}
     for layer in range(3):
-        call = ObservedCall(None, (), {}, None, None, layer, q, q, q, None, None)
+        call = ObservedCall(None, (), {}, None, None, layer, heads, 1, (q, q, q), None, None)
         starts[layer] = float(a.choose_params(call, params).minshare[0])
     assert a.controllers[0].on_cliff() and float(a.controllers[0].thresholds[0]) < 1.0
     assert probed == [0, 1]  # the second block probed from the preset, not from the first's cliff

@@ -418,14 +418,14 @@ def test_profile_params_reach_the_op_and_compile():
     ctx = ForwardContext(0, 1.0, 0.0, True, ((1, 16, 16),), None, 0)
     want = forward(q, k, v, {ov.key: ctx})
     # block 0: head 0 keeps 1 of 2 key blocks per query block (topk 0.25), head 1 all: 4 + 8 of 16
-    assert [int(r[0]) for r in ctx.records] == [12] and ctx.record_layers == [0]
+    assert [int(r.kept) for r in ctx.records] == [12] and ctx.record_layers == [0]
     assert ctx.dense == {"profile dense layer": 1} and comfy_calls == [1]
     assert torch.equal(want[1], torch.nn.functional.scaled_dot_product_attention(q, k, v))
     torch._dynamo.reset()
     ctx2 = ForwardContext(0, 1.0, 0.0, True, ((1, 16, 16),), None, 0)
     got = torch.compile(forward, fullgraph=True, backend="aot_eager")(q, k, v, {ov.key: ctx2})
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert [int(r[0]) for r in ctx2.records] == [12] and ctx2.dense == {"profile dense layer": 1}
+    assert [int(r.kept) for r in ctx2.records] == [12] and ctx2.dense == {"profile dense layer": 1}
 
 
 def test_error_check_schedule_and_sums():

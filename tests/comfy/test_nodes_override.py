@@ -127,7 +127,7 @@ def test_wan_layout_sparse_and_close_to_dense():
     assert sdpa_func.calls == 0  # ran sparse
     ref = sdpa_func(*flat, heads=2)
     assert out.shape == (2, 256, 128) and rel(out, ref) < 2e-2
-    assert len(ctx.records) == 1 and int(ctx.records[0][0]) == ctx.records[0][2] == 2 * 2 * 4 * 2
+    assert len(ctx.records) == 1 and int(ctx.records[0].kept) == ctx.records[0].total == 2 * 2 * 4 * 2
     assert ctx.hilbert_used == 1 and ctx.last_grid == (1, 16, 16) and ctx.self_attn_calls == 1
 
 
