@@ -12,7 +12,8 @@ Each such kernel takes the table and, per caller tensor, a constexpr slot: -1 re
 argument as usual (a plain call compiles exactly as before), a slot >= 0 reads table[slot] and
 treats it as a pointer of the argument's type, 16-byte aligned: the graph's user checks the
 alignment of the tensors it passes (Triton's own launch specializes an argument on it).
-sparge_core.api passes q, k, v and the output at slots 0 to 3.
+sparge_core.api passes q, k, v and the output at slots 0 to 3, and the addresses of the call's
+per-head thresholds from slot 4 on (`pull_values` copies them into the graph's own buffer).
 
 Two small kernels move a call's addresses into a graph and its counts out of it without a copy
 call on the host (`pull_table`, `push_counts`). The host writes each call's addresses into the
@@ -58,8 +59,17 @@ def _push_counts_kernel(SRC, CTR, RING, ROWS, N: tl.constexpr, WIDTH: tl.constex
     tl.store(CTR, (row + 1) % ROWS)
 
 
+@triton.jit
+def _pull_values_kernel(TABLE, DST, N, FIRST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    for i in tl.static_range(ROWS):
+        src = tl.load(TABLE + FIRST + i).to(tl.pointer_type(tl.float32))
+        tl.store(DST + i * N + offs, tl.load(src + offs, mask=offs < N), mask=offs < N)
+
+
 _pull_table_launch = Kernel(_pull_table_kernel)
 _push_counts_launch = Kernel(_push_counts_kernel)
+_pull_values_launch = Kernel(_pull_values_kernel)
 
 
 def _ring_args(ctr: torch.Tensor, ring: torch.Tensor, table_like: torch.Tensor, what: str) -> None:
@@ -87,6 +97,21 @@ def push_counts(src: torch.Tensor, ctr: torch.Tensor, ring: torch.Tensor) -> Non
         raise ValueError("push_counts: src must be a contiguous 1-D int64 tensor no wider than the ring "
                          "(a power of two wide), on its device")
     _push_counts_launch[(1,)](src, ctr, ring, ring.shape[0], N=src.numel(), WIDTH=ring.shape[1], num_warps=1)
+
+
+def pull_values(table: torch.Tensor, first: int, dst: torch.Tensor) -> None:
+    """dst[i, :] <- the dst.shape[1] float32 values at the address held in table[first + i], for each
+    row i of dst (a call's per-head thresholds: a graph then reads each call's own, wherever they
+    lie, and blocks whose thresholds differ share one graph). Each address must hold that many
+    float32 values, on the table's device."""
+    if table.dtype != torch.int64 or table.dim() != 1 or not 0 <= first or first + dst.shape[0] > table.numel():
+        raise ValueError(f"pull_values: {dst.shape[0]} slots from {first} of an int64 address table of "
+                         f"{table.numel()}")
+    if dst.dtype != torch.float32 or dst.dim() != 2 or not dst.is_contiguous() or dst.device != table.device:
+        raise ValueError("pull_values: dst must be a contiguous 2-D float32 tensor on the table's device")
+    n = dst.shape[1]
+    _pull_values_launch[(1,)](table, dst, n, FIRST=first, ROWS=dst.shape[0], BLOCK=triton.next_power_of_2(n),
+                              num_warps=1)
 
 
 def addr_args(addr, stand_in: torch.Tensor) -> tuple:

@@ -3,13 +3,14 @@
 Dependencies point one way, from the nodes down to the plain modules (tests/test_architecture.py):
 
   extension.py       SpargeExtension: the node list, the HTTP routes
-  sparge_node.py     the "Sparge Attention" node          -> override, profile_files, profile_node
-  calibrate_node.py  the "Sparge Calibrate" node          -> override, calibration
+  sparge_node.py     the "Sparge Attention" node          -> install, profile_files, profile_node
+  calibrate_node.py  the "Sparge Calibrate" node          -> install, calibration
   profile_node.py    the "Load Sparge Profile" node (SPARGE_PROFILE type) -> profile_files
-  sparsity_map.py    the "Sparge Sparsity Map" node       -> override, sparsity_views
+  sparsity_map.py    the "Sparge Sparsity Map" node       -> install, sparsity_views
+  install.py         puts the override on a model clone, finds it again
   override.py        the attention override + model wrappers installed on a model clone
   eligibility.py     which calls run sparse (dense reasons, key padding, token grid, block index)
-  sparse_call.py     the sparse call (sparge_core.torch_op.call over the kept keys)
+  sparse_call.py     the sparse call (a replay of its CUDA graph, or sparge_core.torch_op.call over the kept keys)
   observers.py       the interface features plug into the override with
   adapt.py           observer: holds the error target (measures sampled rows, moves minshare per block)
   error_check.py     observer: the error check (sparse vs dense per block)

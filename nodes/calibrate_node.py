@@ -8,7 +8,8 @@ from comfy_api.latest import io
 from ..sparge_core.presets import PRESETS
 from .calibration import Calibration, CalibrationSettings
 from .config import CALIBRATION_MODES, DEFAULT_MIN_TOKENS, DEFAULT_PRESET, SpargeConfig
-from .override import SpargeOverride, find_override, install
+from .install import find_override, install
+from .override import SpargeOverride
 from .profile_files import profile_name_error
 from .schema import node_schema
 

@@ -39,7 +39,8 @@ import torch
 from .config import SpargeConfig
 from .model_info import grid_candidates
 from .observers import Observer
-from .override import SpargeOverride, install
+from .install import install
+from .override import SpargeOverride
 from .raylight_ring import ring_step, shard_step
 from .stats import RunStats, StepStats
 

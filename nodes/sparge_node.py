@@ -7,7 +7,7 @@ from ..sparge_core.presets import PRESET_NAMES, PRESETS
 from .capture import MAP_AUTO
 from .config import (DEFAULT_MIN_TOKENS, DEFAULT_PRESET, ERROR_CHECK_MODES, MAX_TARGET, MODES, PV_OFF_AT,
                      DenseBlocksError, SpargeConfig, parse_dense_blocks)
-from .override import install
+from .install import install
 from .profile_files import apply_profile
 from .profile_node import SpargeProfileType
 from .schema import node_schema

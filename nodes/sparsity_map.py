@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .override import find_override
+from .install import find_override
 from .schema import node_schema
 from .sparsity_render import render_message, to_tensor
 from .sparsity_views import block_mask_image, layer_step_image

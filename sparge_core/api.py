@@ -133,12 +133,21 @@ def _as_block_mask(block_mask, B, H, n_q, n_k, block_q, block_k, device) -> Spar
     return SpargeBlockMask.from_dense(dense, block_q, block_k, n_q, n_k)
 
 
+def _thresholds(params: SpargeParams, heads: int, device, staged: Optional[dict]):
+    """name -> the (heads,) float32 device tensor of that threshold the kernels read: the params' own
+    (per_head), or a graphed call's copies pulled through its address table (staged)."""
+    if staged is not None:
+        return staged.__getitem__
+    return lambda name: params.per_head(name, heads, device)
+
+
 def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None, pv_dtype: str = "auto",
-                   perm_q=None, perm_k=None, addrs=None) -> dict:
+                   perm_q=None, perm_k=None, addrs=None, staged: Optional[dict] = None) -> dict:
     """Everything before the attention kernel on the Triton path: quantization (with the
     Hilbert gather fused in), stage-1 scoring and block selection. Returned as a dict so
     benchmarks can time it on its own. addrs: an int64 device table whose slots 0-2 hold the
-    addresses the kernels read q, k, v at (kernels/caller_addrs.py), or None."""
+    addresses the kernels read q, k, v at (kernels/caller_addrs.py), or None. staged: the per-head
+    thresholds to read instead of the params' own (name -> (H,) float32 device tensor), or None."""
     from ..kernels.attn_fwd import FILL_PAD
     from ..kernels.config import default_config
     from ..kernels.kv_stats import kv_stats
@@ -157,6 +166,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     # when the rule is on); the paper's pooled scores need both sides' means and similarities
     q_sim_wanted = predict and (not lse or params.sim_rule_enabled())
     at = (lambda slot: (addrs, slot)) if addrs is not None else (lambda slot: None)
+    threshold = _thresholds(params, H, q.device, staged)
     q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=predict,
                                           want_sim=q_sim_wanted, perm=perm_q, addr=at(0))
     # one pass over V and a sample of K: K's smoothing vector (reference.key_mean, over the keys in
@@ -176,7 +186,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
 
     if block_mask is None:
         # the similarity rule's threshold: only where a self-similarity was computed
-        theta = params.per_head("simthreshd1", H, q.device)[None, :, None] if (q_sim is not None or not lse) else None
+        theta = threshold("simthreshd1")[None, :, None] if (q_sim is not None or not lse) else None
         k_ss = None
         if params.scoring == "lse":
             from ..kernels.block_scores import block_lse_scores
@@ -187,7 +197,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
         else:
             k_ss = expand_kv(k_sim[..., None], H)[..., 0] > theta
             scores = pooled_scores(q_pool, k_pool, k_ss, scale)
-        sel = params.per_head(params.threshold_field, H, q.device)
+        sel = threshold(params.threshold_field)
         q_ss = q_sim > theta if q_sim is not None else None  # None: every query block passes
         sel_out = select_blocks_fused(scores, q_ss, k_ss, sel, params.mode, params.attention_sink, params.is_causal,
                                       N, Nk, cfg.block_m, cfg.block_n, fill_mean=mean if fill else None,
@@ -201,14 +211,14 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
 
 
 def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None,
-                    return_lse: bool = False, out=None, addrs=None):
+                    return_lse: bool = False, out=None, addrs=None, staged: Optional[dict] = None):
     """Returns (out, block mask, P.V-skipped count, lse or None). out: where the kernel writes (see
     kernels.attn_fwd.sparse_attn_fwd), else a new tensor. addrs: an int64 device table of the
     addresses of q, k, v and out (in that order) that the kernels read and write at instead of the
-    tensors' own (kernels/caller_addrs.py), or None."""
+    tensors' own (kernels/caller_addrs.py), or None. staged: see prepare_sparse."""
     from ..kernels.attn_fwd import sparse_attn_fwd
 
-    P = prepare_sparse(q, k, v, params, scale, block_mask, pv_dtype, perm_q, perm_k, addrs)
+    P = prepare_sparse(q, k, v, params, scale, block_mask, pv_dtype, perm_q, perm_k, addrs, staged)
     cfg, block_mask = P["cfg"], P["block_mask"]
     B, H, N, D = q.shape
     pv_skip = params.pv_skip_enabled()
@@ -216,7 +226,7 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
     lse_inputs = (q if q.stride(-1) == 1 else q.contiguous(), P["k_mean"], scale) if return_lse else None
     res = sparse_attn_fwd(
         P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
-        params.per_head("pvthreshd", H, q.device), N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
+        _thresholds(params, H, q.device, staged)("pvthreshd"), N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
         out_perm=perm_q, fill=P["fill"], lse_inputs=lse_inputs, out=out,
         out_addr=(addrs, 3) if addrs is not None else None,
     )
@@ -238,8 +248,8 @@ def _permutations(grid: Optional[tuple], n: int, nk: int, device: torch.device):
 
 def _graph_key(device, lq: tuple, lk: tuple, lv: tuple, scale: float, pv_dtype: str, perm32s: tuple, pkey: tuple):
     """The key of a predicted call's CUDA graph: the layouts of q, k, v (call_graphs.layout_key),
-    the settings, and the addresses of the cached tensors the graph reads (the Hilbert permutations,
-    the per-head thresholds: params.device_key)."""
+    the settings (params.device_key), and the addresses of the cached tensors the graph bakes in
+    (the Hilbert permutations)."""
     return (device, lq, lk, lv, scale, pv_dtype, tuple(p.data_ptr() if p is not None else None for p in perm32s),
             pkey)
 
@@ -255,7 +265,8 @@ def _split_layout(x: torch.Tensor, heads: int) -> tuple:
 
 def _replay_key(q, k, v, params: SpargeParams, heads: Optional[int], grid: Optional[tuple]):
     """(the graph key sparge_attention(q, k, v, params, grid=grid) captures its call under, its
-    (B, H, N, D)) from the tensors' layouts alone (replay_graphed's q, k, v and heads)."""
+    (B, H, N, D), the addresses of its per-head thresholds) from the tensors' layouts alone
+    (replay_graphed's q, k, v and heads)."""
     if heads is None:
         lq, lk, lv = layout_key(q), layout_key(k), layout_key(v)
     else:
@@ -263,7 +274,9 @@ def _replay_key(q, k, v, params: SpargeParams, heads: Optional[int], grid: Optio
     B, H, N, D = lq[0]
     perm, perm_k = _permutations(None if grid is None else tuple(grid), N, lk[0][2], q.device)
     perm32s = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
-    return _graph_key(q.device, lq, lk, lv, D ** -0.5, "auto", perm32s, params.device_key(H, q.device)[0]), lq[0]
+    pkey, ths = params.device_key(H, q.device)
+    return (_graph_key(q.device, lq, lk, lv, D ** -0.5, "auto", perm32s, pkey), lq[0],
+            tuple(t.data_ptr() for _, t in ths))
 
 
 def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Optional[int] = None,
@@ -283,7 +296,7 @@ def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Opt
         return None
     if heads is not None and (q.shape[-1] % heads or k.shape[-1] != q.shape[-1] or v.shape != k.shape):
         return None
-    key, (B, H, N, D) = _replay_key(q, k, v, params, heads, grid)
+    key, (B, H, N, D), thresholds = _replay_key(q, k, v, params, heads, grid)
     dev = q.device
     # the output before the lookup: a call whose graph is not held (the run's first calls) wastes it
     if heads is None:
@@ -291,32 +304,43 @@ def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Opt
         res = out.transpose(1, 2)
     else:
         res = out = torch.empty(B, N, H * D, dtype=q.dtype, device=dev)
-    counts = graphs.replay(key, dev, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()), 2)
+    counts = graphs.replay(key, dev, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()) + thresholds, 2)
     return (res, counts) if counts is not None else None
+
+
+THRESHOLD_SLOT = 4  # the address table's first slot of a graphed call's per-head thresholds (0-3: q, k, v, out)
 
 
 def _graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: float, pv_dtype: str, perms):
     """The predicted Triton call through `graphs` (call_graphs.py): (out, counts), counts a (2,)
-    int64 device tensor [kept, P.V-skipped]. q, k, v and the output are not baked into a graph: its
-    kernels read their addresses from the graphs' address table, so the key holds only their
-    shapes, strides and dtypes (kernels/caller_addrs.py)."""
+    int64 device tensor [kept, P.V-skipped]. q, k, v, the output and the per-head thresholds are
+    not baked into a graph: its kernels read their addresses from the graphs' address table, so
+    the key holds only their shapes, strides and dtypes, and the params' settings
+    (kernels/caller_addrs.py, SpargeParams.device_key)."""
     B, H, N, D = q.shape
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    pkey, keep = params.device_key(H, q.device)
+    pkey, ths = params.device_key(H, q.device)
     perm_q, perm_k = perms
     key = _graph_key(q.device, layout_key(q), layout_key(k), layout_key(v), scale, pv_dtype, perms, pkey)
 
     def body(dst, addrs):
+        staged = None
+        if addrs is not None:  # this call's thresholds, wherever they lie, into the graph's own rows
+            from ..kernels.caller_addrs import pull_values
+
+            rows = torch.empty(len(ths), H, dtype=torch.float32, device=q.device)
+            pull_values(addrs, THRESHOLD_SLOT, rows)
+            staged = {name: rows[i] for i, (name, _) in enumerate(ths)}
         _, bm, skipped, _ = _triton_forward(q, k, v, params, scale, None, pv_dtype, perm_q, perm_k, out=out,
-                                            addrs=addrs)
+                                            addrs=addrs, staged=staged)
         dst[0].copy_(bm.kv_num_blocks.sum())  # device to device: a capture allows no host copy
         if isinstance(skipped, torch.Tensor):
             dst[1].copy_(skipped)
         else:
             dst[1].zero_()
 
-    counts = graphs.run(key, keep + tuple(p for p in perms if p is not None), body, 2, q.device,
-                        (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()))
+    addresses = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()) + tuple(t.data_ptr() for _, t in ths)
+    counts = graphs.run(key, tuple(p for p in perms if p is not None), body, 2, q.device, addresses)
     return out, counts
 
 

@@ -13,11 +13,14 @@ launches the graph, with no copy call of its own, and the counts it returns are 
 row. So one graph serves every call of the same shapes and settings wherever its tensors lie:
 under cudaMallocAsync (ComfyUI's default allocator) a model's tensors land elsewhere from one
 forward to the next, and graphs keyed on their addresses were almost never replayed (bench/NOTES.md
-v27). A graph is keyed on the caller's tensors' shapes, strides and dtypes,
-the call's settings and the addresses of the small cached tensors the call reads (per-head
-thresholds, the Hilbert permutation), which the entry keeps alive so their memory cannot be handed
-to something else while a graph may read it. The caller's tensors must be 16-byte aligned (the
-kernels read them as such; `wants` checks).
+v27). The per-head thresholds go in through the table too (sparge_core/api.py), so the blocks of a
+model, whose thresholds the error target sets one by one, share one graph per shape: a run
+captures one graph instead of one per block (29 at Wan 1.3B; each capture with its first replay
+costs milliseconds). A graph is keyed on the caller's tensors' shapes, strides and dtypes, the
+call's settings and the addresses of the small cached tensors it bakes in (the Hilbert
+permutation), which the entry keeps alive so their memory cannot be handed to something else while
+a graph may read it. The caller's tensors must be 16-byte aligned (the kernels read them as such;
+`wants` checks).
 
 A key is captured the second time it is seen (a first sighting may be a one-off) and replayed from
 then on. The intermediates of every graph live in one memory pool shared by the graphs of this
@@ -67,7 +70,7 @@ def layout_key(x: torch.Tensor) -> tuple:
 
 
 ALIGN = 16  # bytes: the kernels read the caller's tensors through the table as 16-byte aligned
-TABLE_SLOTS = 8  # addresses a call may pass (the sparse call passes 4)
+TABLE_SLOTS = 8  # addresses a call may pass (the sparse call passes 7: q, k, v, out, 3 thresholds)
 COUNT_SLOTS = 8  # counts a call may return (the sparse call returns 2)
 RING_ROWS = 16384  # calls whose addresses and counts the rings hold (one sampling run: a few thousand)
 _QUARTER = RING_ROWS // 4
@@ -138,6 +141,30 @@ def _current_stream(device: torch.device) -> int:
     if raw is not None and device.index is not None:
         return raw(device.index)
     return torch.cuda.current_stream(device).cuda_stream
+
+
+_DRIVER: list = []  # the CUDA driver library (ctypes), or None where it cannot be loaded
+
+
+def _trim_graph_memory(device: torch.device) -> bool:
+    """cuDeviceGraphMemTrim(device): graph memory no graph uses goes back to the driver's free
+    memory. The driver API, through ctypes (torch exposes no binding for it). False when it could
+    not be called."""
+    import ctypes
+    import sys
+
+    if not _DRIVER:
+        try:
+            _DRIVER.append(ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"))
+        except OSError:
+            _DRIVER.append(None)
+    lib = _DRIVER[0]
+    if lib is None or not hasattr(lib, "cuDeviceGraphMemTrim") or device.index is None:
+        return False
+    handle = ctypes.c_int()
+    if lib.cuDeviceGet(ctypes.byref(handle), ctypes.c_int(device.index)) != 0:
+        return False
+    return lib.cuDeviceGraphMemTrim(handle) == 0
 
 
 _SIDES: dict = {}  # device -> _Side, for the process (see _Side)
@@ -324,6 +351,25 @@ class CallGraphs:
         self._graphs.clear()
         log.warning("Sparge Attention: %s a CUDA graph of the sparse call failed (%s); this run's calls launch "
                     "their kernels one by one instead", doing, why)
+
+    def release(self) -> None:
+        """Drops every graph, and with them their pool (torch frees a pool once no graph captured
+        into it lives); the object captures anew if used again. Under cudaMallocAsync what the graphs
+        allocated is graph memory, which the driver keeps for graphs after they are destroyed
+        (torch.cuda.empty_cache does not give it back): it is trimmed here (_trim_graph_memory),
+        after a synchronize (the memory of a graph still queued is not trimmed), so that what runs
+        after a render (the VAE decode) can have it. Call it when the calls are over (the node does,
+        at the end of each sampling run)."""
+        devices = [d for d in self._pools if d.type == "cuda"]
+        self._graphs.clear()
+        self._seen.clear()
+        self._pools.clear()
+        if devices and torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+            for dev in devices:
+                torch.cuda.synchronize(dev)
+                if not _trim_graph_memory(dev):
+                    log.info("Sparge Attention: could not trim the CUDA graphs' memory on %s "
+                             "(cuDeviceGraphMemTrim); the driver keeps it for graphs", dev)
 
     def summary(self) -> dict:
         """Counts for logs and benchmarks: replays, captures, calls run as usual, graphs held."""

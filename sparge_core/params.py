@@ -167,25 +167,30 @@ class SpargeParams:
         return hit[1]
 
     def device_key(self, heads: int, device) -> tuple:
-        """(key, tensors): what a call with these params reads from the device, for a CUDA graph of
-        the call (call_graphs.py). The key holds every setting that is not a threshold and, per
-        threshold, the address of its per-head device tensor (a graph reads the tensor's contents
-        when it replays, so its values need not be in the key); tensors are those per-head tensors,
-        which the graph keeps alive so their memory is not reused while it may read it."""
-        # which thresholds are set, and the other settings
-        names, settings = self._once("device_key", lambda: (
-            tuple(f.name for f in fields(self) if f.name in THRESHOLDS and getattr(self, f.name) is not None),
-            tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in THRESHOLDS)))
+        """(key, thresholds) of a CUDA graph of a call with these params (call_graphs.py). key: every
+        setting that is not a threshold, which thresholds are set, and the two switches their values
+        make (the similarity rule, P.V skipping: other kernels). thresholds: (name, (heads,) float32
+        device tensor) of each set threshold. A graphed call passes those tensors' addresses through
+        its address table and the graph reads their values when it replays, so they are no part of
+        the key: the blocks of a model, whose thresholds differ (the error target's), share a graph.
+        A threshold moved in place reaches it too (per_head copies new values into the same tensor)."""
+        names, settings = self._once("device_key", self._key_parts)
         # asked on every graphed call: the answer is kept while no threshold tensor changed its values
         stamps = tuple(_stamp(getattr(self, name)) for name in names)
         made = self._once("device_keys", dict)
         hit = made.get((heads, device))
         if hit is not None and hit[0] == stamps:
             return hit[1]
-        keep = tuple(self.per_head(name, heads, device) for name in names)
-        res = made[(heads, device)] = stamps, (settings + tuple((name, t.data_ptr()) for name, t in zip(names, keep)),
-                                               keep)
-        return res[1]
+        res = settings, tuple((name, self.per_head(name, heads, device)) for name in names)
+        made[(heads, device)] = stamps, res
+        return res
+
+    def _key_parts(self) -> tuple:
+        """(the set thresholds' names, the graph key: the other settings, those names, the switches)."""
+        names = tuple(f.name for f in fields(self) if f.name in THRESHOLDS and getattr(self, f.name) is not None)
+        settings = tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in THRESHOLDS)
+        return names, settings + (("thresholds", names), ("sim_rule", self.sim_rule_enabled()),
+                                  ("pv_skip", self.pv_skip_enabled()))
 
     def check_heads(self, heads: int) -> None:
         for f in THRESHOLDS:

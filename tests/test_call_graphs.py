@@ -23,36 +23,46 @@ from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 CPU = torch.device("cpu")
 
 
-def test_device_key_holds_settings_and_threshold_addresses():
+def test_device_key_holds_settings_not_threshold_values():
+    """A graph's key holds every setting that is not a threshold, which thresholds are set, and the
+    switches their values make; the per-head threshold tensors come with it (their addresses go in
+    through the address table). Blocks whose thresholds differ share a key (one graph per shape)."""
     p = PRESETS["Balanced"].params()
-    key, keep = p.device_key(4, CPU)
-    assert p.device_key(4, CPU)[0] == key  # cached per-head tensors: the same addresses
+    key, ths = p.device_key(4, CPU)
+    assert p.device_key(4, CPU) == (key, ths)
     names = [k for k, _ in key]
-    assert {"simthreshd1", "minshare", "pvthreshd", "scoring", "fill_skipped", "is_causal", "attention_sink"} <= set(names)
-    assert "topk" not in names and "cdfthreshd" not in names  # unset thresholds read nothing
-    assert len(keep) == 3 and all(t.shape == (4,) and t.dtype == torch.float32 for t in keep)
-    assert dict(key)["minshare"] == p.per_head("minshare", 4, CPU).data_ptr()
-    # a setting that is not a threshold changes the key by value
+    assert {"scoring", "fill_skipped", "is_causal", "attention_sink", "thresholds", "sim_rule", "pv_skip"} <= set(names)
+    assert dict(key)["thresholds"] == ("simthreshd1", "minshare", "pvthreshd")
+    assert [n for n, _ in ths] == ["simthreshd1", "minshare", "pvthreshd"]
+    assert all(t.shape == (4,) and t.dtype == torch.float32 for _, t in ths)
+    assert dict(ths)["minshare"].data_ptr() == p.per_head("minshare", 4, CPU).data_ptr()
+    # other threshold values (another preset, a block's own): the same key, their own tensors
+    fast = PRESETS["Fast"].params()
+    assert fast.device_key(4, CPU)[0] == key and float(dict(fast.device_key(4, CPU)[1])["minshare"][0]) == 3.0
+    assert p.replace(minshare=torch.full((4,), 2.0)).device_key(4, CPU)[0] == key
+    # a setting, another mode, or a value that switches a kernel path: another key
     assert dict(p.replace(is_causal=True).device_key(4, CPU)[0])["is_causal"] is True
+    assert p.replace(minshare=None, topk=0.2).device_key(4, CPU)[0] != key
+    assert p.replace(pvthreshd=8.0).device_key(4, CPU)[0] != key  # P.V skipping on
+    assert p.replace(simthreshd1=0.5).device_key(4, CPU)[0] != key  # the similarity rule on
 
 
-def test_device_key_reads_a_threshold_moved_in_place_live():
+def test_device_key_follows_a_threshold_moved_in_place():
     """The adaptation moves a CPU threshold tensor in place. On the CPU per_head hands out that tensor
-    itself, so the key stays and what it names holds the new values (a graph reads contents when it
-    replays). On another device per_head copies the new values into its device tensor, so the key
-    stays there too (meta stands in for a GPU here; the replay with the new values runs in
-    tests/test_call_graphs_gpu.py)."""
+    itself; on another device per_head copies the new values into its device tensor (meta stands in
+    for a GPU here; the replay with the new values runs in tests/test_call_graphs_gpu.py). Either
+    way the key and the tensor stay, and the tensor holds the new values."""
     ms = torch.full((4,), 1.5)
     p = PRESETS["Balanced"].params().replace(minshare=ms)
-    key, keep = p.device_key(4, CPU)
+    key, ths = p.device_key(4, CPU)
     ms.mul_(2.0)
-    key2, _ = p.device_key(4, CPU)
-    assert key2 == key
-    named = {k: t for (k, _), t in zip([x for x in key if x[0] in ("simthreshd1", "minshare", "pvthreshd")], keep)}
-    assert torch.equal(named["minshare"], torch.full((4,), 3.0))
-    meta = p.device_key(4, torch.device("meta"))[0]
+    key2, ths2 = p.device_key(4, CPU)
+    assert key2 == key and dict(ths2)["minshare"] is dict(ths)["minshare"]
+    assert torch.equal(dict(ths2)["minshare"], torch.full((4,), 3.0))
+    meta_key, meta_ths = p.device_key(4, torch.device("meta"))
     ms.mul_(2.0)
-    assert p.device_key(4, torch.device("meta"))[0] == meta
+    again = p.device_key(4, torch.device("meta"))
+    assert again[0] == meta_key and dict(again[1])["minshare"] is dict(meta_ths)["minshare"]
 
 
 def test_layout_key_and_what_graphs_take():
@@ -170,13 +180,15 @@ def test_addresses_go_in_and_counts_come_out_through_the_rings():
 
 
 class _KeyRecorder:
-    """Stands in for CallGraphs.run where graphs cannot run (the CPU): keeps the key a call asks for."""
+    """Stands in for CallGraphs.run where graphs cannot run (the CPU): keeps the key a call asks for
+    and the addresses of its per-head thresholds (table slots 4 on)."""
 
     def __init__(self):
-        self.keys = []
+        self.keys, self.thresholds = [], []
 
     def run(self, key, keep, body, counts, device, addresses=()):
         self.keys.append(key)
+        self.thresholds.append(tuple(addresses[4:]))
         return torch.zeros(counts, dtype=torch.int64)
 
 
@@ -208,8 +220,78 @@ def test_a_replay_looks_up_the_key_its_call_was_captured_under(grid, n, nk, head
             _graphed_forward(rec, *views, p, D ** -0.5, "auto", perms)
             captured = rec.keys[0]
             assert _replay_key(q, k, v, p, heads, grid)[0] == captured
+            assert _replay_key(q, k, v, p, heads, grid)[2] == rec.thresholds[0] and len(rec.thresholds[0]) == 3
             assert _replay_key(*views, p, None, grid)[0] == captured
             ms.mul_(3.0)
             assert _replay_key(q, k, v, p, heads, grid)[0] == captured
-            assert _replay_key(q, k, v, p.replace(pvthreshd=9.0), heads, grid)[0] != captured
+            assert _replay_key(q, k, v, PRESETS["Fast"].params(), heads, grid)[0] == captured  # other thresholds
+            assert _replay_key(q, k, v, p.replace(pvthreshd=9.0), heads, grid)[0] != captured  # P.V skipping on
     assert _replay_key(q, k, v, p, heads, None if grid else (1, 1, n))[0] != captured
+
+
+class _ReplayOnCPU:
+    """Stands in for CallGraphs.run on the CPU (the interpreter): the first body of a key is what a
+    graph captures, and every later call of that key runs that first body again with its own
+    addresses in the table, as a replay does (the kernels read them from the table)."""
+
+    def __init__(self):
+        self.bodies = {}
+
+    def run(self, key, keep, body, counts, device, addresses=()):
+        first = self.bodies.setdefault(key, body)
+        table = torch.zeros(8, dtype=torch.int64)
+        table[:len(addresses)] = torch.tensor(addresses, dtype=torch.int64)
+        dst = torch.zeros(counts, dtype=torch.int64)
+        first(dst, table)
+        return dst
+
+
+def test_blocks_with_other_thresholds_replay_one_graph_with_their_own():
+    """The graph of one block's call, replayed for another block (other per-head thresholds, other
+    tensors): its thresholds come in through the table (pull_values), so it computes the other
+    block's result exactly, also after a threshold moved in place. In ComfyUI's memory layout."""
+    from sparge_attention.sparge_core.api import _graphed_forward, _triton_forward
+    from sparge_attention.sparge_core.hilbert import TokenPermutation
+
+    def bnhd(seed):
+        return [x.transpose(1, 2).contiguous().transpose(1, 2) for x in clustered(1, 2, 600, 64, seed)]
+
+    perm = TokenPermutation.for_grid((3, 5, 40), 600, device=CPU).perm32
+    ms = torch.tensor([0.5, 4.0])  # a block's own per-head thresholds, moved in place below
+    blocks = [PRESETS["Balanced"].params(), PRESETS["Balanced"].params().replace(minshare=0.25),
+              PRESETS["Balanced"].params().replace(minshare=ms)]
+    graphs = _ReplayOnCPU()
+    kept = []
+    for i, (p, seed) in enumerate(zip(blocks + blocks[2:], (0, 1, 2, 2))):
+        if i == 3:
+            ms.mul_(0.25)
+        x = bnhd(seed)
+        out, counts = _graphed_forward(graphs, *x, p, 0.125, "auto", (perm, perm))
+        want = _triton_forward(*x, p, 0.125, None, "auto", perm, perm)
+        assert torch.equal(out, want[0]), i
+        assert int(counts[0]) == int(want[1].kv_num_blocks.sum()), i
+        kept.append(int(counts[0]))
+    assert len(graphs.bodies) == 1  # one graph served every block
+    assert len(set(kept)) == 4, kept  # and each block kept its own blocks
+
+
+def test_pull_values_arguments_are_checked():
+    from sparge_attention.kernels.caller_addrs import pull_values
+
+    table = torch.zeros(8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="slots"):
+        pull_values(table, 6, torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="float32"):
+        pull_values(table, 4, torch.zeros(3, 4, dtype=torch.float64))
+
+
+def test_release_drops_every_graph_and_sighting():
+    """release() at the end of a run leaves nothing held: no graph, no sighting, no pool (the GPU test
+    test_pool_is_one_call_and_is_freed measures the memory it gives back); without a GPU pool it
+    touches no device."""
+    graphs = CallGraphs()
+    graphs._graphs[("held",)] = (None, (), None)
+    graphs._seen[("seen",)] = 1
+    graphs.release()
+    assert graphs.summary()["graphs"] == 0 and not graphs._seen and not graphs._pools
+    assert ("held",) not in graphs
