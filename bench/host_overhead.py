@@ -69,10 +69,7 @@ def host_us(fn, n=100, warmup=5, busy=False):
     ts, cs = [], []
     for _ in range(n):
         settle(busy)
-        c0, t0 = time.thread_time(), time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-        cs.append(time.thread_time() - c0)
+        _time_call(fn, ts, cs)
     torch.cuda.synchronize()
     return median(ts) * 1e6, median(cs) * 1e6
 
@@ -86,12 +83,17 @@ def queued_us(fn, rounds=4, calls=30):
         torch.cuda.synchronize()
         torch.cuda._sleep(QUEUE_CYCLES)
         for _ in range(calls):
-            c0, t0 = time.thread_time(), time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-            cs.append(time.thread_time() - c0)
+            _time_call(fn, ts, cs)
     torch.cuda.synchronize()
     return median(ts) * 1e6, median(cs) * 1e6
+
+
+def _time_call(fn, ts: list, cs: list) -> None:
+    """One call of fn: its wall time into ts, this thread's CPU time into cs (seconds)."""
+    c0, t0 = time.thread_time(), time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t0)
+    cs.append(time.thread_time() - c0)
 
 
 def median(xs):

@@ -330,4 +330,3 @@ class SpargeOverride:
         """The sparsity map of a finished run (capture.finish_map with this node's settings)."""
         bq, bk = block_sizes(torch.device("cpu"))  # every device uses the same blocks (kernels/config.py)
         return finish_map(run, readout, self.node_id, self.config.preset, self.map_layer, bq, bk)
-

@@ -3,8 +3,9 @@
 its run. Every field is declared here, including those the observers fill (error check, profile
 notes, calibration), so nothing is attached to these objects from outside.
 
-Counts of sparse calls are 0-dim device tensors (the op returns them without a host sync); they
-are summed on the device and read once, when the readout is built at the end of the run.
+Counts of sparse calls are (2,) int64 device vectors, [kept, P.V-skipped] (a graphed call's are a
+row of its counts ring; no host sync either way); a forward's are stacked once, summed on the
+device and read once, when the readout is built at the end of the run.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ A key is captured the second time it is seen (a first sighting may be a one-off)
 then on. The intermediates of every graph live in one memory pool shared by the graphs of this
 object; they are dead at the end of each call, so the pool is as large as one call's
 intermediates, not the sum. The pool stays reserved while the object lives: own one per sampling
-run (the node does) and drop it at the end. Calls whose q + k + v exceed `max_bytes` run as before:
+run (the node does) and `release()` it at the end. Calls whose q + k + v exceed `max_bytes` run as before:
 their GPU time exceeds their host time anyway, and their pool would hold memory the model's other
 layers could use.
 
@@ -54,7 +54,7 @@ import torch
 
 log = logging.getLogger("sparge_attention")
 
-MAX_GRAPHS = 256  # one per (block's thresholds, shape): a 40-block model with a few shapes (CFG batch, text)
+MAX_GRAPHS = 256  # one per (shape, settings): a model's few shapes (CFG batch, text) under a few settings
 MAX_BYTES = 1 << 30  # q + k + v of a call that may be graphed (Wan 1.3B 480p at 81 frames: 0.6 GB)
 CAPTURE_AT = 2  # sightings of a key before it is captured
 
