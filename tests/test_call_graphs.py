@@ -254,16 +254,15 @@ def test_blocks_with_other_thresholds_replay_one_graph_with_their_own():
     from sparge_attention.sparge_core.hilbert import TokenPermutation
 
     def bnhd(seed):
-        return [x.transpose(1, 2).contiguous().transpose(1, 2) for x in clustered(1, 2, 600, 64, seed)]
+        return [x.transpose(1, 2).contiguous().transpose(1, 2) for x in clustered(1, 2, 400, 64, seed)]
 
-    perm = TokenPermutation.for_grid((3, 5, 40), 600, device=CPU).perm32
+    perm = TokenPermutation.for_grid((2, 5, 40), 400, device=CPU).perm32
     ms = torch.tensor([0.5, 4.0])  # a block's own per-head thresholds, moved in place below
-    blocks = [PRESETS["Balanced"].params(), PRESETS["Balanced"].params().replace(minshare=0.25),
-              PRESETS["Balanced"].params().replace(minshare=ms)]
+    blocks = [PRESETS["Balanced"].params(), PRESETS["Balanced"].params().replace(minshare=ms)]
     graphs = _ReplayOnCPU()
     kept = []
-    for i, (p, seed) in enumerate(zip(blocks + blocks[2:], (0, 1, 2, 2))):
-        if i == 3:
+    for i, (p, seed) in enumerate(zip(blocks + blocks[1:], (0, 1, 1))):
+        if i == 2:
             ms.mul_(0.25)
         x = bnhd(seed)
         out, counts = _graphed_forward(graphs, *x, p, 0.125, "auto", (perm, perm))
@@ -272,7 +271,7 @@ def test_blocks_with_other_thresholds_replay_one_graph_with_their_own():
         assert int(counts[0]) == int(want[1].kv_num_blocks.sum()), i
         kept.append(int(counts[0]))
     assert len(graphs.bodies) == 1  # one graph served every block
-    assert len(set(kept)) == 4, kept  # and each block kept its own blocks
+    assert len(set(kept)) == 3, kept  # and each block kept its own blocks
 
 
 def test_pull_values_arguments_are_checked():
