@@ -205,8 +205,8 @@ class SpargeOverride:
             # 1/block_k of a dense call's work
             fill = call.flops / block_k if params.fill_skipped else 0.0
             total = call.B * call.H * num_blocks(call.N, block_q) * num_blocks(call.Nk, block_k)
-            ctx.record_sparse(CallRecord(res[1], total, call.flops, fill, layer), resolve_backend(call.q.device, "auto"),
-                              grid, tail, why_not, timing)
+            ctx.record_sparse(CallRecord(res[1], total, call.flops, fill, layer),
+                              resolve_backend(call.q.device, "auto"), grid, tail, why_not, timing)
             if capture:
                 ctx.map_mask = (pack_mask(res[2][0]), int(res[2].shape[-1]))
         if out.dim() == 4 and call.merge_out:

@@ -224,9 +224,10 @@ def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_
     pv_skip = params.pv_skip_enabled()
     # the lse's smoothing shift reads the un-quantized q (rows in the same order as the output)
     lse_inputs = (q if q.stride(-1) == 1 else q.contiguous(), P["k_mean"], scale) if return_lse else None
+    pvthreshd = _thresholds(params, H, q.device, staged)("pvthreshd")
     res = sparse_attn_fwd(
         P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
-        _thresholds(params, H, q.device, staged)("pvthreshd"), N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
+        pvthreshd, N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
         out_perm=perm_q, fill=P["fill"], lse_inputs=lse_inputs, out=out,
         out_addr=(addrs, 3) if addrs is not None else None,
     )

@@ -243,7 +243,8 @@ class CallGraphs:
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         self.captures += 1
-        out = self._replay(hit, device, addresses, counts)  # a capture runs nothing: its first replay computes this call
+        # a capture runs nothing: its first replay computes this call
+        out = self._replay(hit, device, addresses, counts)
         return out if out is not None else self._eager(body, counts, device, addresses)
 
     def replay(self, key: tuple, device: torch.device, addresses: tuple, counts: int) -> Optional[torch.Tensor]:
