@@ -16,7 +16,7 @@ from devkit.realistic_inputs import make_video_qkv
 from sparge_attention.kernels import attn_fwd
 from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
 from sparge_attention.sparge_core import SpargeParams
-from sparge_attention.sparge_core.api import prepare_sparse
+from sparge_attention.sparge_core.triton_call import prepare_sparse
 from sparge_attention.sparge_core.hilbert import TokenPermutation
 
 

@@ -113,7 +113,7 @@ def main():
             rows.append((name, label, t, t / t_cudnn, f"sparsity {st.sparsity:.3f}", ""))
             r[label] = {"ms": t, "x_cudnn": t / t_cudnn, "sparsity": st.sparsity}
         # prediction + quantization alone (everything before the attention kernel), both scorings
-        from sparge_attention.sparge_core.api import prepare_sparse
+        from sparge_attention.sparge_core.triton_call import prepare_sparse
         for scoring in ("pooled", "lse"):
             p = SpargeParams(simthreshd1=-1.0, cdfthreshd=0.9, pvthreshd=math.inf, scoring=scoring)
             # GPU time (graph replay); the event-timed figure also holds the Python launch cost

@@ -29,7 +29,7 @@ import torch
 
 from common import card_name, comfy_sdpa, save
 from devkit.sampling_run import sampling_run
-from host_overhead import GRIDS, B, D, H, median
+from host_overhead import GRIDS, B, D, H, median, pending_sums
 
 
 def load_tree(root: Path, name: str):
@@ -95,18 +95,15 @@ def main():
         api, p, ov = overrides[name]
         forwards = [0]
 
-        def pending():  # identities of the observers' pending error sums: they change when a call is measured
-            return [{b: id(t) for b, t in (getattr(o, "_pending", None) or {}).items()} for o in ov.observers]
-
         def forward(x_, t, c_concat, c_crossattn, control, to):
             forwards[0] += 1
             for _ in range(blocks):
                 x = pick(sets)
-                before = pending()
+                before = pending_sums(ov)
                 us = timed(lambda: ov(comfy_sdpa, *x, heads=H, transformer_options=to))
                 if record:
                     times[name]["override"].append(us)
-                    if forwards[0] > 2 and pending() == before:  # past launch and capture, not measured
+                    if forwards[0] > 2 and pending_sums(ov) == before:  # past launch and capture, not measured
                         times[name]["override unmeasured"].append(us)
         sampling_run(ov, forward, SimpleNamespace(patch_size=(1, 2, 2)),
                      torch.zeros(B, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda"), steps)

@@ -96,6 +96,12 @@ def _time_call(fn, ts: list, cs: list) -> None:
     cs.append(time.thread_time() - c0)
 
 
+def pending_sums(ov) -> list:
+    """Identities of the override's observers' pending error sums (read only): they change when the
+    error target measures a call."""
+    return [{b: id(t) for b, t in (getattr(o, "_pending", None) or {}).items()} for o in ov.observers]
+
+
 def median(xs):
     return sorted(xs)[len(xs) // 2]
 
@@ -114,16 +120,13 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False, bu
     q, k, v = x
     forwards = [0]
 
-    def sums():  # identities of the observers' pending error sums (read only)
-        return [{b: id(t) for b, t in (getattr(o, "_pending", None) or {}).items()} for o in ov.observers]
-
     def forward(x_, t, c_concat, c_crossattn, control, to):
         forwards[0] += 1
         if queued:
             torch.cuda.synchronize()
             torch.cuda._sleep(QUEUE_CYCLES)
         for _ in range(blocks):
-            before = sums()
+            before = pending_sums(ov)
             if not queued:
                 settle(busy)
             pr = cProfile.Profile() if stats is not None and forwards[0] > skip else None
@@ -134,7 +137,8 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False, bu
                 ov(comfy_sdpa, q, k, v, heads=H, transformer_options=to)
             if pr is not None:
                 pr.disable()
-            rows.append(((time.perf_counter() - t0) * 1e6, (time.thread_time() - c0) * 1e6, sums() != before))
+            rows.append(((time.perf_counter() - t0) * 1e6, (time.thread_time() - c0) * 1e6,
+                         pending_sums(ov) != before))
             if pr is not None and not rows[-1][2]:
                 stats.append(pr)
 

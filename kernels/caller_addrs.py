@@ -12,7 +12,7 @@ Each such kernel takes the table and, per caller tensor, a constexpr slot: -1 re
 argument as usual (a plain call compiles exactly as before), a slot >= 0 reads table[slot] and
 treats it as a pointer of the argument's type, 16-byte aligned: the graph's user checks the
 alignment of the tensors it passes (Triton's own launch specializes an argument on it).
-sparge_core.api passes q, k, v and the output at slots 0 to 3, and the addresses of the call's
+sparge_core.graphed passes q, k, v and the output at slots 0 to 3, and the addresses of the call's
 per-head thresholds from slot 4 on (`pull_values` copies them into the graph's own buffer).
 
 Two small kernels move a call's addresses into a graph and its counts out of it without a copy

@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..sparge_core.api import block_sizes, resolve_backend
-from ..sparge_core.blockmask import num_blocks
+from ..sparge_core.blockmask import block_pairs
 from ..sparge_core.call_graphs import CallGraphs
 from ..sparge_core.layout import merge_heads, split_heads
 from . import eligibility as E
@@ -204,7 +204,7 @@ class SpargeOverride:
             # fill_skipped adds a pass over the key blocks' means: one "key" per key block, i.e.
             # 1/block_k of a dense call's work
             fill = call.flops / block_k if params.fill_skipped else 0.0
-            total = call.B * call.H * num_blocks(call.N, block_q) * num_blocks(call.Nk, block_k)
+            total = block_pairs(call.B, call.H, call.N, call.Nk, block_q, block_k)
             ctx.record_sparse(CallRecord(res[1], total, call.flops, fill, layer),
                               resolve_backend(call.q.device, "auto"), grid, tail, why_not, timing)
             if capture:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from ..sparge_core.api import replay_graphed
+from ..sparge_core.graphed import replay_graphed
 from ..sparge_core.params import SpargeParams
 from ..sparge_core.torch_op import call as op_call
 
 
 def replay(call, params: SpargeParams, grid, graphs):
     """(out, counts) of an eligible call without key padding, replayed from the run's CallGraphs
-    when it holds the call's graph (sparge_core.api.replay_graphed), else None. call: the
+    when it holds the call's graph (sparge_core.graphed.replay_graphed), else None. call: the
     eligibility.Call as ComfyUI made it; out: (B, N, H*D) for (B, N, H*D) inputs, (B, H, N, D) for
     split ones. counts: (2,) int64 on the device, [kept, P.V-skipped]."""
     return replay_graphed(graphs, call.q, call.k, call.v, params, None if call.heads_split else call.H, grid)

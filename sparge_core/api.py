@@ -1,7 +1,6 @@
 """The public entry point: sparge_attention(q, k, v, params, ...)."""
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Optional
@@ -11,11 +10,14 @@ import torch.nn.functional as F
 
 from .availability import triton_status
 from .blockmask import SpargeBlockMask, causal_block_mask, check_dense_mask, num_blocks
-from .call_graphs import CallGraphs, layout_key
+from .call_graphs import CallGraphs
+from .graphed import graphed_forward
+from .hilbert import grid_permutations
 from .layout import from_hnd, to_hnd
 from .params import SpargeParams
-from .reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, expand_kv, pooled_scores, sparge_reference
+from .reference import expand_kv, sparge_reference
 from .stats import SpargeStats
+from .triton_call import triton_forward
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -133,218 +135,6 @@ def _as_block_mask(block_mask, B, H, n_q, n_k, block_q, block_k, device) -> Spar
     return SpargeBlockMask.from_dense(dense, block_q, block_k, n_q, n_k)
 
 
-def _thresholds(params: SpargeParams, heads: int, device, staged: Optional[dict]):
-    """name -> the (heads,) float32 device tensor of that threshold the kernels read: the params' own
-    (per_head), or a graphed call's copies pulled through its address table (staged)."""
-    if staged is not None:
-        return staged.__getitem__
-    return lambda name: params.per_head(name, heads, device)
-
-
-def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None, pv_dtype: str = "auto",
-                   perm_q=None, perm_k=None, addrs=None, staged: Optional[dict] = None) -> dict:
-    """Everything before the attention kernel on the Triton path: quantization (with the
-    Hilbert gather fused in), stage-1 scoring and block selection. Returned as a dict so
-    benchmarks can time it on its own. addrs: an int64 device table whose slots 0-2 hold the
-    addresses the kernels read q, k, v at (kernels/caller_addrs.py), or None. staged: the per-head
-    thresholds to read instead of the params' own (name -> (H,) float32 device tensor), or None."""
-    from ..kernels.attn_fwd import FILL_PAD
-    from ..kernels.config import default_config
-    from ..kernels.kv_stats import kv_stats
-    from ..kernels.quantize import quant_pool, quant_v
-    from ..kernels.select import select_blocks_fused
-
-    cfg = default_config(q.device)
-    B, H, N, D = q.shape
-    Nk = k.shape[2]
-    hd = 64 if D <= 64 else 128  # other head dims are zero padded; the true scale is kept
-    pv_fp8 = cfg.pv_fp8 if pv_dtype == "auto" else pv_dtype == "fp8"
-    predict = block_mask is None
-    lse = params.scoring == "lse"
-    fill = predict and params.fill_skipped  # (fill_skipped implies lse scoring)
-    # what stage 1 reads: the lse scores need only the pooled queries (and their self-similarity
-    # when the rule is on); the paper's pooled scores need both sides' means and similarities
-    q_sim_wanted = predict and (not lse or params.sim_rule_enabled())
-    at = (lambda slot: (addrs, slot)) if addrs is not None else (lambda slot: None)
-    threshold = _thresholds(params, H, q.device, staged)
-    q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=predict,
-                                          want_sim=q_sim_wanted, perm=perm_q, addr=at(0))
-    # one pass over V and a sample of K: K's smoothing vector (reference.key_mean, over the keys in
-    # the order the kernels visit them) and V's per-channel fp8 scale
-    k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm_k, k_addr=at(1),
-                               v_addr=at(2))
-    # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
-    nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
-    k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
-                       want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc, addr=at(1))
-    k_i8, k_s, k_pool, k_sim = k_out[:4]
-    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2))
-    fill_args = None
-    if fill:
-        v_t, vbar = v_t
-        kbar, kbar_scale = k_out[4]
-
-    if block_mask is None:
-        # the similarity rule's threshold: only where a self-similarity was computed
-        theta = threshold("simthreshd1")[None, :, None] if (q_sim is not None or not lse) else None
-        k_ss = None
-        if params.scoring == "lse":
-            from ..kernels.block_scores import block_lse_scores
-
-            scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n, want_mean=fill)
-            if fill:
-                scores, mean = scores
-        else:
-            k_ss = expand_kv(k_sim[..., None], H)[..., 0] > theta
-            scores = pooled_scores(q_pool, k_pool, k_ss, scale)
-        sel = threshold(params.threshold_field)
-        q_ss = q_sim > theta if q_sim is not None else None  # None: every query block passes
-        sel_out = select_blocks_fused(scores, q_ss, k_ss, sel, params.mode, params.attention_sink, params.is_causal,
-                                      N, Nk, cfg.block_m, cfg.block_n, fill_mean=mean if fill else None,
-                                      fill_blocks=nkc)
-        counts, idx = sel_out[:2]
-        if fill:
-            fill_args = (kbar, kbar_scale, vbar, sel_out[2])
-        block_mask = SpargeBlockMask(counts, idx, cfg.block_m, cfg.block_n, N, Nk)
-    return dict(cfg=cfg, q_i8=q_i8, k_i8=k_i8, v_t=v_t, q_s=q_s, k_s=k_s, v_scale=v_scale, block_mask=block_mask,
-                fill=fill_args, k_mean=k_mean)
-
-
-def _triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None,
-                    return_lse: bool = False, out=None, addrs=None, staged: Optional[dict] = None):
-    """Returns (out, block mask, P.V-skipped count, lse or None). out: where the kernel writes (see
-    kernels.attn_fwd.sparse_attn_fwd), else a new tensor. addrs: an int64 device table of the
-    addresses of q, k, v and out (in that order) that the kernels read and write at instead of the
-    tensors' own (kernels/caller_addrs.py), or None. staged: see prepare_sparse."""
-    from ..kernels.attn_fwd import sparse_attn_fwd
-
-    P = prepare_sparse(q, k, v, params, scale, block_mask, pv_dtype, perm_q, perm_k, addrs, staged)
-    cfg, block_mask = P["cfg"], P["block_mask"]
-    B, H, N, D = q.shape
-    pv_skip = params.pv_skip_enabled()
-    # the lse's smoothing shift reads the un-quantized q (rows in the same order as the output)
-    lse_inputs = (q if q.stride(-1) == 1 else q.contiguous(), P["k_mean"], scale) if return_lse else None
-    pvthreshd = _thresholds(params, H, q.device, staged)("pvthreshd")
-    res = sparse_attn_fwd(
-        P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
-        pvthreshd, N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
-        out_perm=perm_q, fill=P["fill"], lse_inputs=lse_inputs, out=out,
-        out_addr=(addrs, 3) if addrs is not None else None,
-    )
-    skipped = res[1]
-    return res[0], block_mask, (skipped.sum() if skipped is not None else 0), (res[2] if return_lse else None)
-
-
-@functools.lru_cache(maxsize=64)
-def _permutations(grid: Optional[tuple], n: int, nk: int, device: torch.device):
-    """(the queries' TokenPermutation, the keys') for a grid (None, None without): the keys' is
-    another one when a tail of text tokens makes them differ in length. Cached: asked every call."""
-    if grid is None:
-        return None, None
-    from .hilbert import TokenPermutation
-
-    perm = TokenPermutation.for_grid(grid, n, device=device)
-    return perm, (perm if nk == n else TokenPermutation.for_grid(grid, nk, device=device))
-
-
-def _graph_key(device, lq: tuple, lk: tuple, lv: tuple, scale: float, pv_dtype: str, perm32s: tuple, pkey: tuple):
-    """The key of a predicted call's CUDA graph: the layouts of q, k, v (call_graphs.layout_key),
-    the settings (params.device_key), and the addresses of the cached tensors the graph bakes in
-    (the Hilbert permutations)."""
-    return (device, lq, lk, lv, scale, pv_dtype, tuple(p.data_ptr() if p is not None else None for p in perm32s),
-            pkey)
-
-
-def _split_layout(x: torch.Tensor, heads: int) -> tuple:
-    """layout_key of layout.split_heads(x, heads), without making the view: (B, N, H*D) with
-    strides (s0, s1, s2) is (B, H, N, D) with strides (s0, D*s2, s1, s2)."""
-    B, N, C = x.shape
-    s0, s1, s2 = x.stride()
-    d = C // heads
-    return (B, heads, N, d), (s0, d * s2, s1, s2), x.dtype
-
-
-def _replay_key(q, k, v, params: SpargeParams, heads: Optional[int], grid: Optional[tuple]):
-    """(the graph key sparge_attention(q, k, v, params, grid=grid) captures its call under, its
-    (B, H, N, D), the addresses of its per-head thresholds) from the tensors' layouts alone
-    (replay_graphed's q, k, v and heads)."""
-    if heads is None:
-        lq, lk, lv = layout_key(q), layout_key(k), layout_key(v)
-    else:
-        lq, lk, lv = _split_layout(q, heads), _split_layout(k, heads), _split_layout(v, heads)
-    B, H, N, D = lq[0]
-    perm, perm_k = _permutations(None if grid is None else tuple(grid), N, lk[0][2], q.device)
-    perm32s = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
-    pkey, ths = params.device_key(H, q.device)
-    return (_graph_key(q.device, lq, lk, lv, D ** -0.5, "auto", perm32s, pkey), lq[0],
-            tuple(t.data_ptr() for _, t in ths))
-
-
-def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Optional[int] = None,
-                   grid: Optional[tuple] = None):
-    """The call sparge_attention(q, k, v, params, grid=grid, graphs=graphs) makes, replayed from
-    `graphs` when it holds that call's graph (a call like it ran through `graphs` at least twice):
-    (out, counts), else None, with nothing run (make the call the usual way: it captures).
-
-    A replay needs only the tensors' layouts and addresses: nothing here makes a view, checks the
-    inputs again (a graph is captured only by a call that passed them, and its key holds every
-    layout and setting they depend on) or builds stats. heads: q, k, v are (B, N, H*D) with that
-    many heads (a model's attention inputs before the split), and out is (B, N, H*D); None: they
-    are (B, H, N, D) and out is too (a view of token-major memory, as sparge_attention returns it).
-    counts: (2,) int64 on q's device, [computed block pairs, P.V-skipped pairs], a view that stays
-    valid for the next call_graphs.RING_ROWS calls. Scale D**-0.5, pv_dtype "auto"."""
-    if q.dim() != (4 if heads is None else 3) or not graphs.wants(q, k, v):
-        return None
-    if heads is not None and (q.shape[-1] % heads or k.shape[-1] != q.shape[-1] or v.shape != k.shape):
-        return None
-    key, (B, H, N, D), thresholds = _replay_key(q, k, v, params, heads, grid)
-    dev = q.device
-    # the output before the lookup: a call whose graph is not held (the run's first calls) wastes it
-    if heads is None:
-        out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev)
-        res = out.transpose(1, 2)
-    else:
-        res = out = torch.empty(B, N, H * D, dtype=q.dtype, device=dev)
-    counts = graphs.replay(key, dev, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()) + thresholds, 2)
-    return (res, counts) if counts is not None else None
-
-
-THRESHOLD_SLOT = 4  # the address table's first slot of a graphed call's per-head thresholds (0-3: q, k, v, out)
-
-
-def _graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: float, pv_dtype: str, perms):
-    """The predicted Triton call through `graphs` (call_graphs.py): (out, counts), counts a (2,)
-    int64 device tensor [kept, P.V-skipped]. q, k, v, the output and the per-head thresholds are
-    not baked into a graph: its kernels read their addresses from the graphs' address table, so
-    the key holds only their shapes, strides and dtypes, and the params' settings
-    (kernels/caller_addrs.py, SpargeParams.device_key)."""
-    B, H, N, D = q.shape
-    out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    pkey, ths = params.device_key(H, q.device)
-    perm_q, perm_k = perms
-    key = _graph_key(q.device, layout_key(q), layout_key(k), layout_key(v), scale, pv_dtype, perms, pkey)
-
-    def body(dst, addrs):
-        staged = None
-        if addrs is not None:  # this call's thresholds, wherever they lie, into the graph's own rows
-            from ..kernels.caller_addrs import pull_values
-
-            rows = torch.empty(len(ths), H, dtype=torch.float32, device=q.device)
-            pull_values(addrs, THRESHOLD_SLOT, rows)
-            staged = {name: rows[i] for i, (name, _) in enumerate(ths)}
-        _, bm, skipped, _ = _triton_forward(q, k, v, params, scale, None, pv_dtype, perm_q, perm_k, out=out,
-                                            addrs=addrs, staged=staged)
-        dst[0].copy_(bm.kv_num_blocks.sum())  # device to device: a capture allows no host copy
-        if isinstance(skipped, torch.Tensor):
-            dst[1].copy_(skipped)
-        else:
-            dst[1].zero_()
-
-    addresses = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()) + tuple(t.data_ptr() for _, t in ths)
-    counts = graphs.run(key, tuple(p for p in perms if p is not None), body, 2, q.device, addresses)
-    return out, counts
-
-
 def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: str = "HND",
                      grid: Optional[tuple] = None, n_grid_tokens: Optional[int] = None,
                      scale: Optional[float] = None, return_stats: bool = False, backend: str = "auto",
@@ -408,7 +198,7 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         if k.shape[2] < n_grid or N < n_grid:
             raise ValueError(f"grid {grid} has {n_grid} tokens but q has {N} and k {k.shape[2]}")
         # grid tokens come first in q and k alike; the tails (text tokens) may differ in length
-        perm, perm_k = _permutations(grid, N, k.shape[2], q.device)
+        perm, perm_k = grid_permutations(grid, N, k.shape[2], q.device)
         if be != "triton":  # the Triton path gathers/scatters inside its kernels instead
             q, k, v = perm.apply(q, 2), perm_k.apply(k, 2), perm_k.apply(v, 2)
 
@@ -423,10 +213,10 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         # the quantizers read fp16, bf16 and fp32 alike; the output comes back in q's dtype
         perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
         if graphs is not None and block_mask is None and not return_lse and graphs.wants(q, k, v):
-            out, counts = _graphed_forward(graphs, q, k, v, params, scale, pv_dtype, perms)
+            out, counts = graphed_forward(graphs, q, k, v, params, scale, pv_dtype, perms)
             lse = None
         else:
-            out, block_mask, skipped, lse = _triton_forward(q, k, v, params, scale, block_mask, pv_dtype, *perms,
+            out, block_mask, skipped, lse = triton_forward(q, k, v, params, scale, block_mask, pv_dtype, *perms,
                                                             return_lse=return_lse)
     else:
         pvd = "fp16" if pv_dtype == "auto" else pv_dtype

@@ -16,6 +16,11 @@ def num_blocks(n: int, block: int) -> int:
     return (n + block - 1) // block
 
 
+def block_pairs(B: int, H: int, n_q: int, n_k: int, block_q: int, block_k: int) -> int:
+    """Query-block x key-block pairs a dense call on (B, H, n_q) queries and n_k keys computes."""
+    return B * H * num_blocks(n_q, block_q) * num_blocks(n_k, block_k)
+
+
 def causal_block_mask(nq: int, nk: int, block_q: int, block_k: int, n_q: int, n_k: int, device=None) -> torch.Tensor:
     """(NQ, NK) bool: key block j has at least one key at or before the last query of block i.
 

@@ -13,7 +13,7 @@ launches the graph, with no copy call of its own, and the counts it returns are 
 row. So one graph serves every call of the same shapes and settings wherever its tensors lie:
 under cudaMallocAsync (ComfyUI's default allocator) a model's tensors land elsewhere from one
 forward to the next, and graphs keyed on their addresses were almost never replayed (bench/NOTES.md
-v27). The per-head thresholds go in through the table too (sparge_core/api.py), so the blocks of a
+v27). The per-head thresholds go in through the table too (sparge_core/graphed.py), so the blocks of a
 model, whose thresholds the error target sets one by one, share one graph per shape: a run
 captures one graph instead of one per block (29 at Wan 1.3B; each capture with its first replay
 costs milliseconds). A graph is keyed on the caller's tensors' shapes, strides and dtypes, the
@@ -45,7 +45,10 @@ and all later ones run as before.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from typing import Callable, Optional
@@ -143,22 +146,20 @@ def _current_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-_DRIVER: list = []  # the CUDA driver library (ctypes), or None where it cannot be loaded
+@functools.lru_cache(maxsize=1)
+def _driver():
+    """The CUDA driver library (ctypes), or None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return None
 
 
 def _trim_graph_memory(device: torch.device) -> bool:
     """cuDeviceGraphMemTrim(device): graph memory no graph uses goes back to the driver's free
     memory. The driver API, through ctypes (torch exposes no binding for it). False when it could
     not be called."""
-    import ctypes
-    import sys
-
-    if not _DRIVER:
-        try:
-            _DRIVER.append(ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"))
-        except OSError:
-            _DRIVER.append(None)
-    lib = _DRIVER[0]
+    lib = _driver()
     if lib is None or not hasattr(lib, "cuDeviceGraphMemTrim") or device.index is None:
         return False
     handle = ctypes.c_int()
@@ -191,10 +192,6 @@ class CallGraphs:
         self._pools: dict = {}  # device -> the memory pool its graphs are captured into
         self.disabled: Optional[str] = None  # why graphs are off for this object
         self.replays = self.captures = self.eager = 0
-
-    def __contains__(self, key: tuple) -> bool:
-        """Whether a graph of `key` is held (a call of it would replay)."""
-        return key in self._graphs
 
     def wants(self, *tensors: torch.Tensor) -> bool:
         """Whether a call on these tensors may run through a graph: on one CUDA device, eager (not traced by
@@ -251,7 +248,7 @@ class CallGraphs:
         """The call of `key` replayed from its graph, with `addresses` in the table: its counts (as
         `run` returns them), or None when no graph of `key` is held (nothing ran; `run` then
         launches or captures the call). The whole per-call host work of a graphed call: callers that
-        can build the key without the call's tensors (sparge_core.api.replay_graphed) try this first."""
+        can build the key without the call's tensors (sparge_core.graphed.replay_graphed) try this first."""
         hit = self._graphs.get(key)
         if hit is None:
             return None

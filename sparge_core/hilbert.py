@@ -245,6 +245,16 @@ def _cached_permutation(grid: Grid, n_tokens: int, device: torch.device) -> Toke
     return TokenPermutation(grid, n_tokens, perm, inv, perm.to(torch.int32))
 
 
+
+@functools.lru_cache(maxsize=64)
+def grid_permutations(grid: Optional[Grid], n: int, nk: int, device: torch.device):
+    """(the queries' TokenPermutation, the keys') for a grid, (None, None) without one: the keys' is
+    another one when a tail of text tokens makes them differ in length. Cached: asked every call."""
+    if grid is None:
+        return None, None
+    perm = TokenPermutation.for_grid(grid, n, device=device)
+    return perm, (perm if nk == n else TokenPermutation.for_grid(grid, nk, device=device))
+
 def _coords(t: int, h: int, w: int, order: torch.Tensor) -> torch.Tensor:
     t, h, w = _check_grid((t, h, w))
     order = torch.as_tensor(order).long().cpu()

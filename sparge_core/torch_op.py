@@ -38,7 +38,7 @@ import functools
 import torch
 
 from .api import block_sizes, sparge_attention
-from .blockmask import num_blocks
+from .blockmask import block_pairs, num_blocks
 from .params import SpargeParams
 
 OP_NAME = "sparge::attention"
@@ -70,9 +70,8 @@ def _params(simthreshd1: torch.Tensor, threshold: torch.Tensor, pvthreshd: torch
 
 def dense_block_total(q: torch.Tensor, k: torch.Tensor) -> int:
     """Query-block x key-block pairs a dense call computes (B * H * NQ * NK) on q's device."""
-    bq, bk = block_sizes(q.device)
     B, H, N, _ = q.shape
-    return B * H * num_blocks(N, bq) * num_blocks(k.shape[2], bk)
+    return block_pairs(B, H, N, k.shape[2], *block_sizes(q.device))
 
 
 def _run(q, k, v, simthreshd1, threshold, pvthreshd, mode, causal, grid, scale, scoring, fill_skipped, lse=False):

@@ -82,7 +82,7 @@ def test_kernels_read_and_write_the_tensors_the_table_names(grid, params):
     """With an address table, every kernel of the call reads q, k, v and writes the output at the
     addresses the table holds (a graph replayed on other tensors); the tensors passed only give
     their type and layout. In ComfyUI's (B, N, H, D) memory layout, as the node passes it."""
-    from sparge_attention.sparge_core.api import _triton_forward
+    from sparge_attention.sparge_core.triton_call import triton_forward
     from sparge_attention.sparge_core.hilbert import TokenPermutation
 
     def bnhd(seed):  # (B, H, N, D) views of (B, N, H, D) memory
@@ -95,8 +95,8 @@ def test_kernels_read_and_write_the_tensors_the_table_names(grid, params):
         perm = TokenPermutation.for_grid(grid, 600, device=CPU).perm32
         perms = (perm, perm)
     table = torch.tensor([t.data_ptr() for t in (*real, out_r)], dtype=torch.int64)
-    got = _triton_forward(*carriers, params, 0.125, None, "auto", *perms, out=out_c, addrs=table)
-    want = _triton_forward(*real, params, 0.125, None, "auto", *perms)
+    got = triton_forward(*carriers, params, 0.125, None, "auto", *perms, out=out_c, addrs=table)
+    want = triton_forward(*real, params, 0.125, None, "auto", *perms)
     assert torch.equal(out_r, want[0]) and torch.equal(got[1].kv_num_blocks, want[1].kv_num_blocks)
     assert int(want[1].kv_num_blocks.sum()) < want[1].kv_num_blocks.numel() * want[1].kv_indices.shape[-1]  # sparse
     assert bool((out_c == 7.0).all())  # the tensor passed for the output's layout is not written
@@ -203,7 +203,8 @@ def test_a_replay_looks_up_the_key_its_call_was_captured_under(grid, n, nk, head
     graphed call captures under, or the node's calls would never replay (their results would still
     be right: this is the test that sees it). Also for a threshold moved in place (the error target),
     a non-contiguous layout, and other settings (another key)."""
-    from sparge_attention.sparge_core.api import _graphed_forward, _permutations, _replay_key
+    from sparge_attention.sparge_core.graphed import graphed_forward, replay_key
+    from sparge_attention.sparge_core.hilbert import grid_permutations
     from sparge_attention.sparge_core.layout import split_heads
 
     B, D = 2, 64
@@ -215,18 +216,19 @@ def test_a_replay_looks_up_the_key_its_call_was_captured_under(grid, n, nk, head
         ms = torch.full((heads,), 1.5)
         for p in (PRESETS["Balanced"].params(), PRESETS["Balanced"].params().replace(minshare=ms)):
             rec = _KeyRecorder()
-            perm, perm_k = _permutations(grid, n, nk, CPU)
+            perm, perm_k = grid_permutations(grid, n, nk, CPU)
             perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
-            _graphed_forward(rec, *views, p, D ** -0.5, "auto", perms)
+            graphed_forward(rec, *views, p, D ** -0.5, "auto", perms)
             captured = rec.keys[0]
-            assert _replay_key(q, k, v, p, heads, grid)[0] == captured
-            assert _replay_key(q, k, v, p, heads, grid)[2] == rec.thresholds[0] and len(rec.thresholds[0]) == 3
-            assert _replay_key(*views, p, None, grid)[0] == captured
+            assert replay_key(q, k, v, p, heads, grid)[0] == captured
+            ths = replay_key(q, k, v, p, heads, grid)[2]
+            assert tuple(t.data_ptr() for _, t in ths) == rec.thresholds[0] and len(rec.thresholds[0]) == 3
+            assert replay_key(*views, p, None, grid)[0] == captured
             ms.mul_(3.0)
-            assert _replay_key(q, k, v, p, heads, grid)[0] == captured
-            assert _replay_key(q, k, v, PRESETS["Fast"].params(), heads, grid)[0] == captured  # other thresholds
-            assert _replay_key(q, k, v, p.replace(pvthreshd=9.0), heads, grid)[0] != captured  # P.V skipping on
-    assert _replay_key(q, k, v, p, heads, None if grid else (1, 1, n))[0] != captured
+            assert replay_key(q, k, v, p, heads, grid)[0] == captured
+            assert replay_key(q, k, v, PRESETS["Fast"].params(), heads, grid)[0] == captured  # other thresholds
+            assert replay_key(q, k, v, p.replace(pvthreshd=9.0), heads, grid)[0] != captured  # P.V skipping on
+    assert replay_key(q, k, v, p, heads, None if grid else (1, 1, n))[0] != captured
 
 
 class _ReplayOnCPU:
@@ -250,7 +252,8 @@ def test_blocks_with_other_thresholds_replay_one_graph_with_their_own():
     """The graph of one block's call, replayed for another block (other per-head thresholds, other
     tensors): its thresholds come in through the table (pull_values), so it computes the other
     block's result exactly, also after a threshold moved in place. In ComfyUI's memory layout."""
-    from sparge_attention.sparge_core.api import _graphed_forward, _triton_forward
+    from sparge_attention.sparge_core.graphed import graphed_forward
+    from sparge_attention.sparge_core.triton_call import triton_forward
     from sparge_attention.sparge_core.hilbert import TokenPermutation
 
     def bnhd(seed):
@@ -265,8 +268,8 @@ def test_blocks_with_other_thresholds_replay_one_graph_with_their_own():
         if i == 2:
             ms.mul_(0.25)
         x = bnhd(seed)
-        out, counts = _graphed_forward(graphs, *x, p, 0.125, "auto", (perm, perm))
-        want = _triton_forward(*x, p, 0.125, None, "auto", perm, perm)
+        out, counts = graphed_forward(graphs, *x, p, 0.125, "auto", (perm, perm))
+        want = triton_forward(*x, p, 0.125, None, "auto", perm, perm)
         assert torch.equal(out, want[0]), i
         assert int(counts[0]) == int(want[1].kv_num_blocks.sum()), i
         kept.append(int(counts[0]))
@@ -293,4 +296,4 @@ def test_release_drops_every_graph_and_sighting():
     graphs._seen[("seen",)] = 1
     graphs.release()
     assert graphs.summary()["graphs"] == 0 and not graphs._seen and not graphs._pools
-    assert ("held",) not in graphs
+    assert not graphs._graphs

@@ -102,7 +102,7 @@ def test_a_replay_from_the_inputs_layouts_equals_the_call():
     replays from the (B, N, H*D) tensors a model passes (or their (B, H, N, D) views) without
     views, checks or stats; out and counts equal the launched call's, also after new contents and on
     other tensors. Before the capture, and for other settings, it runs nothing and says so (None)."""
-    from sparge_attention.sparge_core.api import replay_graphed
+    from sparge_attention.sparge_core.graphed import replay_graphed
     from sparge_attention.sparge_core.layout import merge_heads, split_heads
 
     H = 4

@@ -387,7 +387,7 @@ def test_tma_and_pointer_loads_agree(causal):
     from dataclasses import replace
 
     from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
-    from sparge_attention.sparge_core.api import prepare_sparse
+    from sparge_attention.sparge_core.triton_call import prepare_sparse
 
     q, k, v = clustered(1, 4, 300, 64, seed=21, Hkv=2, dtype=torch.bfloat16)
     params = SpargeParams(simthreshd1=0.3, cdfthreshd=0.9, pvthreshd=4.0, is_causal=causal)

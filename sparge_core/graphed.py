@@ -1,0 +1,117 @@
+"""Sparse calls through CUDA graphs (call_graphs.py): `graphed_forward` runs sparge_attention's
+predicted Triton call through a CallGraphs, which launches, captures or replays it, and
+`replay_graphed` replays such a call straight from a model's tensors once it is captured. q, k, v,
+the output and the per-head thresholds go in through the graphs' address table
+(kernels/caller_addrs.py), so a graph is keyed on layouts and settings only."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .call_graphs import CallGraphs, layout_key
+from .hilbert import grid_permutations
+from .params import SpargeParams
+from .triton_call import triton_forward
+
+
+THRESHOLD_SLOT = 4  # the address table's first slot of a graphed call's per-head thresholds (0-3: q, k, v, out)
+
+
+def _addresses(q, k, v, out, thresholds: tuple) -> tuple:
+    """A graphed call's address table: q, k, v, out, then its per-head thresholds (name, tensor)."""
+    return (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()) + tuple(t.data_ptr() for _, t in thresholds)
+
+
+def _graph_key(device, lq: tuple, lk: tuple, lv: tuple, scale: float, pv_dtype: str, perm32s: tuple, pkey: tuple):
+    """The key of a predicted call's CUDA graph: the layouts of q, k, v (call_graphs.layout_key),
+    the settings (params.device_key), and the addresses of the cached tensors the graph bakes in
+    (the Hilbert permutations)."""
+    return (device, lq, lk, lv, scale, pv_dtype, tuple(p.data_ptr() if p is not None else None for p in perm32s),
+            pkey)
+
+
+def _split_layout(x: torch.Tensor, heads: int) -> tuple:
+    """layout_key of layout.split_heads(x, heads), without making the view: (B, N, H*D) with
+    strides (s0, s1, s2) is (B, H, N, D) with strides (s0, D*s2, s1, s2)."""
+    B, N, C = x.shape
+    s0, s1, s2 = x.stride()
+    d = C // heads
+    return (B, heads, N, d), (s0, d * s2, s1, s2), x.dtype
+
+
+def replay_key(q, k, v, params: SpargeParams, heads: Optional[int], grid: Optional[tuple]):
+    """(the graph key sparge_attention(q, k, v, params, grid=grid) captures its call under, its
+    (B, H, N, D), its per-head thresholds as params.device_key gives them) from the tensors'
+    layouts alone (replay_graphed's q, k, v and heads)."""
+    if heads is None:
+        lq, lk, lv = layout_key(q), layout_key(k), layout_key(v)
+    else:
+        lq, lk, lv = _split_layout(q, heads), _split_layout(k, heads), _split_layout(v, heads)
+    B, H, N, D = lq[0]
+    perm, perm_k = grid_permutations(None if grid is None else tuple(grid), N, lk[0][2], q.device)
+    perm32s = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
+    pkey, ths = params.device_key(H, q.device)
+    return _graph_key(q.device, lq, lk, lv, D ** -0.5, "auto", perm32s, pkey), lq[0], ths
+
+
+def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Optional[int] = None,
+                   grid: Optional[tuple] = None):
+    """The call sparge_attention(q, k, v, params, grid=grid, graphs=graphs) makes, replayed from
+    `graphs` when it holds that call's graph (a call like it ran through `graphs` at least twice):
+    (out, counts), else None, with nothing run (make the call the usual way: it captures).
+
+    A replay needs only the tensors' layouts and addresses: nothing here makes a view, checks the
+    inputs again (a graph is captured only by a call that passed them, and its key holds every
+    layout and setting they depend on) or builds stats. heads: q, k, v are (B, N, H*D) with that
+    many heads (a model's attention inputs before the split), and out is (B, N, H*D); None: they
+    are (B, H, N, D) and out is too (a view of token-major memory, as sparge_attention returns it).
+    counts: (2,) int64 on q's device, [computed block pairs, P.V-skipped pairs], a view that stays
+    valid for the next call_graphs.RING_ROWS calls. Scale D**-0.5, pv_dtype "auto"."""
+    if q.dim() != (4 if heads is None else 3) or not graphs.wants(q, k, v):
+        return None
+    if heads is not None and (q.shape[-1] % heads or k.shape[-1] != q.shape[-1] or v.shape != k.shape):
+        return None
+    key, (B, H, N, D), thresholds = replay_key(q, k, v, params, heads, grid)
+    dev = q.device
+    # the output before the lookup: a call whose graph is not held (the run's first calls) wastes it
+    if heads is None:
+        out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev)
+        res = out.transpose(1, 2)
+    else:
+        res = out = torch.empty(B, N, H * D, dtype=q.dtype, device=dev)
+    counts = graphs.replay(key, dev, _addresses(q, k, v, out, thresholds), 2)
+    return (res, counts) if counts is not None else None
+
+
+def graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: float, pv_dtype: str, perms):
+    """The predicted Triton call through `graphs` (call_graphs.py): (out, counts), counts a (2,)
+    int64 device tensor [kept, P.V-skipped]. q, k, v, the output and the per-head thresholds are
+    not baked into a graph: its kernels read their addresses from the graphs' address table, so
+    the key holds only their shapes, strides and dtypes, and the params' settings
+    (kernels/caller_addrs.py, SpargeParams.device_key)."""
+    B, H, N, D = q.shape
+    out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    pkey, ths = params.device_key(H, q.device)
+    perm_q, perm_k = perms
+    key = _graph_key(q.device, layout_key(q), layout_key(k), layout_key(v), scale, pv_dtype, perms, pkey)
+
+    def body(dst, addrs):
+        staged = None
+        if addrs is not None:  # this call's thresholds, wherever they lie, into the graph's own rows
+            from ..kernels.caller_addrs import pull_values
+
+            rows = torch.empty(len(ths), H, dtype=torch.float32, device=q.device)
+            pull_values(addrs, THRESHOLD_SLOT, rows)
+            staged = {name: rows[i] for i, (name, _) in enumerate(ths)}
+        _, bm, skipped, _ = triton_forward(q, k, v, params, scale, None, pv_dtype, perm_q, perm_k, out=out,
+                                           addrs=addrs, staged=staged)
+        dst[0].copy_(bm.kv_num_blocks.sum())  # device to device: a capture allows no host copy
+        if isinstance(skipped, torch.Tensor):
+            dst[1].copy_(skipped)
+        else:
+            dst[1].zero_()
+
+    counts = graphs.run(key, tuple(p for p in perms if p is not None), body, 2, q.device,
+                        _addresses(q, k, v, out, ths))
+    return out, counts
