@@ -163,6 +163,25 @@ def pack_kernel_jobs(cc: int) -> list:
         (block_index._block_index_kernel, "1500 blocks", lambda: block_index.block_map_to_index(
             x(B, H, 2, 1500, dtype=torch.bool))),
     ]
+    try:  # the error target's measurement (older revisions, compared by bench/sass_mix.py, lack it)
+        from kernels import sampled_error as se
+    except ImportError:
+        se = None
+    if se is not None:
+        def measure(d):
+            return lambda: se.sampled_error_sums(x(B, H, small, d), x(B, HKV, small, d), x(B, HKV, small, d),
+                                                 x(B, H, small, d), torch.zeros(256, dtype=torch.int64),
+                                                 x(2, H, dtype=torch.float64))
+
+        jobs += [
+            (se._rows_partial_kernel, "exact rows, D=128", measure(128)),
+            (se._rows_partial_kernel, "exact rows, D=256", measure(256)),
+            # the second kernel launched directly (the launcher would run the first one here)
+            (se._rows_error_kernel, "error sums", lambda: se._rows_error_kernel[(4, B * H)](
+                x(8 * B * H * 256, D, dtype=torch.float32), x(8 * B * H * 256, dtype=torch.float32),
+                x(B, H, small, D), torch.zeros(256, dtype=torch.int64), x(2, H, dtype=torch.float64),
+                small * D, D, D * H, H, 256, 8, BLOCK_R=64, HEAD_DIM=D, D=D, ROUND_BF16=False, num_warps=4)),
+        ]
     return [job for job in jobs if job[0] is not None]
 
 

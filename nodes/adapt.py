@@ -8,7 +8,7 @@ whose thresholds were just raised on its next call (a raise can cross a cliff of
 near-uniform attention every block's share is about even, and a small rise of minshare drops most
 of them at once; the check bounds such a miss to one forward). A measured call
 also computes exact attention for DEFAULT_ROWS random query rows (sampled_error: per-head sums on
-the device, no sync). After the forward the sums of its measured blocks are copied to pinned host
+the device, added into the block's sums of the forward by the kernels, no sync). After the forward the sums of its measured blocks are copied to pinned host
 memory without blocking; the copy is read when it has landed, at the start of a later forward, and
 each measured block's BlockController moves its minshare (and, for a head that errs far above the
 target, that head's own). So the steady state has no
@@ -147,7 +147,8 @@ class Adaptation(Observer):
     @torch.compiler.disable
     def _measure(self, call: ObservedCall, out: torch.Tensor) -> None:
         try:
-            sums = self._sums(call, out)
+            # added into the block's sums of this forward (the kernels accumulate: no extra launch)
+            self._pending[call.layer] = self._sums(call, out, self._pending.get(call.layer))
         except Exception as e:  # e.g. out of memory: the render goes on, this call is not measured
             if not self._warned:
                 self._warned = True
@@ -155,20 +156,21 @@ class Adaptation(Observer):
                             "measured keep their thresholds", type(e).__name__, str(e).splitlines()[0][:200])
             return
         self._verify.discard(call.layer)
-        prev = self._pending.get(call.layer)
-        self._pending[call.layer] = sums if prev is None else prev + sums
 
-    def _sums(self, call: ObservedCall, out: torch.Tensor) -> torch.Tensor:
+    def _sums(self, call: ObservedCall, out: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The call's (2, H) error sums, added into acc when given."""
         q, k, v = qkv_of(call)
         o = out if out.dim() == 4 else split_heads(out, q.shape[1])
         rows = sample_rows(q.shape[2], self.rows, q.device, self._generator(q.device))
         if call.keep_keys is None:
-            return sampled_error(q, k, v, o, rows)
+            return sampled_error(q, k, v, o, rows, acc=acc)
         # key padding: exact attention over the keys the call kept
         kind, lists = call.keep_keys
         items = [(slice(None), lists[0])] if kind == "shared" else [(slice(b, b + 1), ix) for b, ix in enumerate(lists)]
-        return sum(sampled_error(q[sl], k[sl].index_select(2, ix.to(k.device)), v[sl].index_select(2, ix.to(k.device)),
-                                 o[sl], rows) for sl, ix in items)
+        for sl, ix in items:
+            ix = ix.to(k.device)
+            acc = sampled_error(q[sl], k[sl].index_select(2, ix), v[sl].index_select(2, ix), o[sl], rows, acc=acc)
+        return acc
 
     def _generator(self, device) -> torch.Generator:
         g = self._generators.get(device)

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from .params import MAX_MINSHARE
 
 DEFAULT_ROWS = 256  # sampled query rows per measured call
-KEY_SPLIT = 8  # exact_rows: key chunks of the split-K pass
 ALPHA = 0.7  # d ln(rel-L1) / d ln(minshare) before a head has two measurements
 # Secant slopes from two noisy measurements close together can be tiny; below 0.4 a step would
 # jump several-fold on noise (seen on the small-grid tests), above 1.5 it would barely move.
@@ -64,54 +63,47 @@ MIN_FACTOR = 1.0 / 64
 
 @torch.no_grad()
 def sampled_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
-                  scale: Optional[float] = None) -> torch.Tensor:
+                  scale: Optional[float] = None, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(2, H) float64 on q's device: per head, sum |out - exact| and sum |exact| over the query
     `rows` (token indices) of every batch item. q/out (B, H, N, D), k/v (B, Hkv, Nk, D), the
-    exact attention in q's dtype (what the model would have computed), no host sync."""
-    exact = exact_rows(q.index_select(2, rows), k, v, scale)
-    # [out - exact, exact] in one tensor: 7 small launches where 10 ran (each costs host time per
-    # measured call, bench/NOTES.md v27)
+    exact attention in q's dtype (what the model would have computed), no host sync. With `acc`
+    ((2, H) float64) the sums are added into it, and it is returned.
+
+    On a GPU with Triton, fp16/bf16 and D <= 256 this is two launches (kernels/sampled_error.py:
+    the split-K exact rows, then the merge and the sums); elsewhere `exact_sums`, in torch."""
+    if acc is None:
+        acc = torch.zeros(2, q.shape[1], dtype=torch.float64, device=q.device)
+    if _kernel_measures(q, k, v, out):
+        from ..kernels.sampled_error import sampled_error_sums
+
+        return sampled_error_sums(q, k, v, out, rows, acc, scale)
+    return acc.add_(exact_sums(q, k, v, out, rows, scale))
+
+
+def _kernel_measures(q, k, v, out) -> bool:
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
+        return False
+    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1] or {k.dtype, v.dtype, out.dtype} != {q.dtype}:
+        return False
+    if any(t.stride(-1) != 1 for t in (q, k, v, out)):
+        return False
+    from .availability import triton_status
+
+    return triton_status().available
+
+
+def exact_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
+               scale: Optional[float] = None) -> torch.Tensor:
+    """sampled_error's sums in torch ops (~17 launches; the reference of the kernels): SDPA of
+    the sampled rows, rounded to q's dtype."""
+    qr = q.index_select(2, rows)
+    if k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    exact = F.scaled_dot_product_attention(qr, k, v, scale=scale).to(q.dtype)
     d = torch.stack([out.index_select(2, rows), exact]).float()
     d[0] -= d[1]
     return d.abs_().sum((1, 3, 4)).double()
-
-
-def exact_rows(qr: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-    """Exact attention of a few query rows qr (B, H, R, D) over all keys. A few hundred rows give
-    flash attention only B*H*R/128 programs, each streaming every key: on an H200 that took a
-    third of a whole sparse call. On CUDA the keys are split into KEY_SPLIT chunks, each chunk's
-    rows are one more "head" (or batch item) of a single flash call (KEY_SPLIT x the programs),
-    and the partial outputs merge by their log-sum-exp, exactly as a split-K flash-decoding pass
-    does. The chunks are views of k and v, never copies: ComfyUI's (B, N, H*D) activations give
-    (B, H, N, D) views whose token axis splits along the batch, contiguous ones split along the
-    heads (a copy of K and V would cost 2/3 of q + k + v at Wan 720p)."""
-    B, H, R, D = qr.shape
-    if k.shape[1] != H:
-        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
-    N = k.shape[2]
-    c = next((c for c in (KEY_SPLIT, KEY_SPLIT // 2, 2) if N % c == 0 and N // c >= 512), 1)
-    if not qr.is_cuda or c == 1 or qr.dtype not in (torch.float16, torch.bfloat16) or D > 256:
-        return F.scaled_dot_product_attention(qr, k, v, scale=scale)
-    if k.transpose(1, 2).is_contiguous() and v.transpose(1, 2).is_contiguous():
-        # token-major memory: chunk j of item b is batch item b * c + j
-        kc, vc = (t.transpose(1, 2).view(B * c, N // c, H, D).transpose(1, 2) for t in (k, v))
-        qc = qr[:, None].expand(B, c, H, R, D).reshape(B * c, H, R, D)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(qc, kc, vc, scale=scale)[:2]
-        o, lse = o.view(B, c, H, R, D).transpose(1, 2), lse.view(B, c, H, R).transpose(1, 2)
-    else:  # head-major memory (a copy only when k or v is neither): chunk j of head h is head h * c + j
-        kc, vc = (t.contiguous().view(B, H * c, N // c, D) for t in (k, v))
-        qc = qr[:, :, None].expand(B, H, c, R, D).reshape(B, H * c, R, D)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(qc, kc, vc, scale=scale)[:2]
-        o, lse = o.view(B, H, c, R, D), lse.view(B, H, c, R)
-    return merge_partials(o, lse, 2).to(qr.dtype)
-
-
-def merge_partials(o: torch.Tensor, lse: torch.Tensor, dim: int) -> torch.Tensor:
-    """Attention over all keys from its parts over key chunks, float32: o (..., c, R, D) the chunks'
-    outputs (any float dtype), lse (..., c, R) their log-sum-exps, c along `dim`. Each chunk weighs
-    exp(lse_j) / sum_i exp(lse_i), its share of the softmax's denominator (a softmax over the chunks)."""
-    w = torch.softmax(lse.float(), dim)
-    return (w.unsqueeze(-1) * o).sum(dim)
 
 
 def sample_rows(n: int, count: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:

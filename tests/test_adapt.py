@@ -238,27 +238,6 @@ def test_sampled_error_matches_direct(hkv, scale):
     assert (exact_sums[0] <= 1e-5 * exact_sums[1]).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merge_partials_is_attention_over_all_keys(dtype):
-    """exact_rows' split-K merge (CUDA only: its chunks come from flash attention), fed with chunk
-    outputs and log-sum-exps computed by hand: the merge equals attention over all keys."""
-    from sparge_attention.sparge_core.adapt import merge_partials
-
-    g = torch.Generator().manual_seed(11)
-    B, H, R, N, D, c = 2, 3, 5, 64, 16, 4
-    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (R, N, N))
-    s = q @ k.transpose(-1, -2) * 0.3
-    s[..., : N // c] += 4.0  # one chunk holds most of the mass: the weights must not be even
-    want = torch.softmax(s, -1) @ v
-    sc, vc = s.view(B, H, R, c, N // c).transpose(2, 3), v.view(B, H, c, N // c, D)
-    o = (torch.softmax(sc, -1) @ vc).to(dtype)  # (B, H, c, R, D), each chunk's own attention
-    lse = torch.logsumexp(sc, -1).float()  # (B, H, c, R)
-    got = merge_partials(o, lse, 2)
-    assert got.dtype == torch.float32 and got.shape == (B, H, R, D)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert torch.allclose(got.double(), want, rtol=tol, atol=tol), (got.double() - want).abs().max()
-
-
 def test_sample_rows():
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     r = sample_rows(1000, 256, "cpu", g1)

@@ -18,6 +18,7 @@ load_pack()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from hypothesis import Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -618,3 +619,69 @@ def test_kv_stats_rejects_bad_input():
         kv_stats(torch.randn(1, 2, 10, 64), torch.randn(1, 2, 11, 64))
     with pytest.raises(ValueError):
         kv_stats(torch.randn(2, 10, 64), torch.randn(2, 10, 64))
+
+
+# ---------------------------------------------------------------------------------------
+# the error target's measurement (kernels/sampled_error.py) against its torch ops
+# ---------------------------------------------------------------------------------------
+
+def _measured_call(B, H, Hkv, N, Nk, D, dtype, seed, token_major=False):
+    g = torch.Generator().manual_seed(seed)
+    if token_major:  # ComfyUI's (B, N, H*D) activations seen as (B, H, N, D)
+        q = torch.randn(B, N, H * D, generator=g).to(dtype).view(B, N, H, D).transpose(1, 2)
+        k, v = (torch.randn(B, Nk, Hkv * D, generator=g).to(dtype).view(B, Nk, Hkv, D).transpose(1, 2)
+                for _ in range(2))
+    else:
+        q = torch.randn(B, H, N, D, generator=g).to(dtype)
+        k, v = (torch.randn(B, Hkv, Nk, D, generator=g).to(dtype) for _ in range(2))
+    k = k * 2  # peakier rows than N(0, 1) keys give
+    exact = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(H // Hkv, 1),
+                                           v.float().repeat_interleave(H // Hkv, 1))
+    # head h errs by about 0.02 * (h + 1)
+    noise = torch.randn(exact.shape, generator=g) * (0.02 * torch.arange(1, H + 1))[None, :, None, None]
+    return q, k, v, (exact + noise * exact.abs().mean()).to(dtype)
+
+
+@pytest.mark.parametrize("B,H,Hkv,N,Nk,D,R,token_major,programs", [
+    (1, 2, 2, 70, 130, 32, 5, False, 1024),  # a few rows, two key splits with a ragged end
+    (2, 4, 2, 100, 257, 40, 80, True, 1024),  # GQA, D padded to 64, two row tiles, five splits
+    (1, 2, 1, 64, 64, 16, 70, False, 1),  # MQA, more rows than tokens (repeats), one split
+    (1, 1, 1, 40, 70, 160, 9, True, 1024),  # past 128 channels: 32-row, 32-key tiles
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sampled_error_kernels_match_torch(B, H, Hkv, N, Nk, D, R, token_major, programs, dtype):
+    from sparge_attention.kernels.sampled_error import sampled_error_sums
+
+    q, k, v, out = _measured_call(B, H, Hkv, N, Nk, D, dtype, seed=R, token_major=token_major)
+    rows = torch.randint(0, N, (R,), generator=torch.Generator().manual_seed(1))
+    rows[1] = rows[0]  # a repeated row counts twice
+
+    def want(scale):  # exact attention in float64, rounded to the model's dtype
+        kk, vv = (t.double().repeat_interleave(H // Hkv, 1) for t in (k, v))
+        exact = torch.softmax(q.double()[:, :, rows] @ kk.transpose(-1, -2) * scale, -1) @ vv
+        exact = exact.to(dtype).double()
+        return torch.stack([(out.double()[:, :, rows] - exact).abs().sum((0, 2, 3)), exact.abs().sum((0, 2, 3))])
+
+    start = torch.tensor([[1.0] * H, [2.0] * H], dtype=torch.float64)
+    got = sampled_error_sums(q, k, v, out, rows, start.clone(), programs=programs) - start  # adds into acc
+    # fp32 scores, P.V at about fp32: the exact rows round to the dtype as float64's do but for a
+    # value or two on a rounding boundary
+    assert torch.allclose(got, want(D ** -0.5), rtol=2e-3), (got, want(D ** -0.5))
+    ratio = (got[0] / got[1]).tolist()
+    assert ratio == sorted(ratio)  # the heads' errors grow as built
+    scaled = sampled_error_sums(q, k, v, out, rows, torch.zeros(2, H, dtype=torch.float64), scale=0.05)
+    assert torch.allclose(scaled, want(0.05), rtol=2e-3)
+
+
+def test_sampled_error_kernels_reject_bad_input():
+    from sparge_attention.kernels.sampled_error import sampled_error_sums
+
+    q, k, v, out = _measured_call(1, 2, 2, 64, 64, 16, torch.float16, seed=0)
+    rows, acc = torch.arange(4), torch.zeros(2, 2, dtype=torch.float64)
+    for args, what in [((q.float(), k, v, out, rows, acc), "fp16 or bf16"),
+                       ((q, k[:, :, :, :8], v, out, rows, acc), "k and v"),
+                       ((q, k, v, out, rows, acc.float()), "acc"),
+                       ((q, k, v, out, rows.float(), acc), "rows"),
+                       ((q, k.transpose(2, 3), v, out, rows, acc), "k and v")]:
+        with pytest.raises(ValueError, match=what):
+            sampled_error_sums(*args)

@@ -131,28 +131,39 @@ def test_cuda_compile_fullgraph_inductor():
     assert len(ctx.records) == 1 and ctx.backends == {"triton"}
 
 
-def test_cuda_exact_rows_split_k_matches_sdpa():
-    from sparge_attention.sparge_core.adapt import exact_rows
+def test_cuda_sampled_error_kernels_match_the_torch_sums():
+    """The measurement's two kernels (kernels/sampled_error.py) against its torch ops, same rows:
+    MHA and GQA, contiguous heads and ComfyUI's (B, N, H*D) views, no copy of K or V."""
+    from sparge_attention.sparge_core.adapt import exact_sums, sampled_error
 
     g = torch.Generator(device="cuda").manual_seed(7)
+
+    def check(q, k, v, tol=2e-3):
+        out = (F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+               + 0.05 * torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g))
+        rows = torch.randint(0, q.shape[2], (256,), device="cuda", generator=g)
+        want = exact_sums(q, k, v, out, rows)
+        got = sampled_error(q, k, v, out, rows)
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        assert torch.allclose(got, want, rtol=tol), (got / want - 1).abs().max()
+        acc = got.clone()
+        assert sampled_error(q, k, v, out, rows, acc=acc) is acc and torch.allclose(acc, 2 * got, rtol=1e-9)
+
     for n, heads_kv in ((32760, H), (7800, H), (5000, H // 4)):
-        q = torch.randn(2, H, 256, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        q = torch.randn(2, H, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
         k, v = (torch.randn(2, heads_kv, n, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=heads_kv != H)
-        err = _rel(exact_rows(q, k, v), want)
-        assert err < 5e-3, (n, heads_kv, err)
-    # ComfyUI's (B, N, H*D) activations as (B, H, N, D) views: split along the batch, no copy of K, V
-    k, v = (torch.randn(2, 32760, H * D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-    k, v = (t.view(2, 32760, H, D).transpose(1, 2) for t in (k, v))
-    want = F.scaled_dot_product_attention(q, k, v)
+        check(q, k, v)
+    q, k, v = (torch.randn(2, 32760, H * D, device="cuda", dtype=torch.bfloat16, generator=g).view(2, 32760, H, D)
+               .transpose(1, 2) for _ in range(3))
+    check(q, k, v)
+    out, rows = torch.randn_like(q), torch.randint(0, 32760, (256,), device="cuda", generator=g)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    err = _rel(exact_rows(q, k, v), want)
+    sampled_error(q, k, v, out, rows)
     extra = torch.cuda.max_memory_allocated() - before
-    assert err < 5e-3, err
-    # the rows' own buffers only (66 MB on an H200 for 256 rows); one copy of K alone would be 201 MB
-    assert extra < k.numel() * k.element_size() / 2, extra
+    # the rows' partial outputs only; one copy of K alone would be 201 MB
+    assert extra < k.numel() * k.element_size() / 4, extra
 
 
 def test_cuda_error_target_without_sync_in_the_steady_state():
