@@ -18,8 +18,8 @@ figures still move by up to 4x from one process to the next: compare builds with
 which runs them in one process). Rows: the node's override as ComfyUI calls it ((B, N, H*D)
 self-attention inside a forward, the preset's error-target adaptation in its steady state, i.e. an
 unmeasured call), the public API `sparge_attention` with and without a CallGraphs (CUDA graphs of
-the call, sparge_core/call_graphs.py), and a cProfile listing of the override's unmeasured calls
-(top functions by own time). The override's calls are also split into those the error target
+the call, sparge_core/call_graphs.py), and cProfile listings of the override's unmeasured and
+measured calls (top functions by own time). The override's calls are also split into those the error target
 measured (an exact-attention sample of the call, nodes/adapt.py) and the rest.
 
     python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--profile [--sort cumulative]] [--trace]
@@ -113,8 +113,9 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False, bu
     measured when the error target's observer took an error sample of it (its pending sums changed).
     label: each call is a "sparge override call" range in a torch.profiler trace. busy: see `settle`.
     queued: no sync between calls: each forward starts with a sleep kernel that keeps the GPU busy
-    while its 30 calls are queued, as in a model whose GPU is the slower side. stats: a list that
-    gets a cProfile.Profile of each unmeasured call from step `skip` on."""
+    while its 30 calls are queued, as in a model whose GPU is the slower side. stats: a dict
+    {False: [], True: []} that gets a cProfile.Profile of each unmeasured (False) and measured (True)
+    call from step `skip` on."""
     ov = SpargeOverride(SpargeConfig.from_widgets(preset=preset, min_tokens=1024), node_id=f"host-{preset}")
     rows = []
     q, k, v = x
@@ -139,8 +140,8 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False, bu
                 pr.disable()
             rows.append(((time.perf_counter() - t0) * 1e6, (time.thread_time() - c0) * 1e6,
                          pending_sums(ov) != before))
-            if pr is not None and not rows[-1][2]:
-                stats.append(pr)
+            if pr is not None:
+                stats[rows[-1][2]].append(pr)
 
     dm = SimpleNamespace(patch_size=(1, 2, 2))
     lat = torch.zeros(B, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda")
@@ -194,8 +195,11 @@ def main():
         out["override, unmeasured calls, median, GPU busy"] = (
             median([c[0] for c in busy_calls if not c[2]]), median([c[1] for c in busy_calls if not c[2]]))
         queued_calls, _ = override_times(args.preset, grid, x, queued=True)
-        out["override, unmeasured calls, median, queued"] = (
-            median([c[0] for c in queued_calls if not c[2]]), median([c[1] for c in queued_calls if not c[2]]))
+        for what, sel in (("unmeasured calls, median", lambda c: not c[2]), ("measured calls, median", lambda c: c[2])):
+            out[f"override, {what}, queued"] = (median([c[0] for c in queued_calls if sel(c)]),
+                                                median([c[1] for c in queued_calls if sel(c)]))
+        out["override, mean, queued"] = (sum(c[0] for c in queued_calls) / len(queued_calls),
+                                         sum(c[1] for c in queued_calls) / len(queued_calls))
         for name in ("sparge_attention (API, CUDA graph)", "SDPA (cuDNN) for scale"):
             out[name + ", GPU busy"] = host_us(rows[name], busy=True)
             out[name + ", queued"] = queued_us(rows[name])
@@ -204,17 +208,21 @@ def main():
             print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us {cpu_us:8.1f} us")
         print(f"  {n:>6} tokens  calls the error target measured: {100 * res['measured_share'][str(n)]:.0f}%; "
               f"the override's CUDA graphs: {ov.last_graphs}")
-        if args.profile:  # the unmeasured calls of the steady state only
-            profiles = []
+        if args.profile:  # the steady state's calls, unmeasured and measured apart
+            profiles = {False: [], True: []}
             override_times(args.preset, grid, x, steps=6, stats=profiles)
             torch.cuda.synchronize()
-            s = io.StringIO()
-            ps = pstats.Stats(profiles[0], stream=s)
-            for pr in profiles[1:]:
-                ps.add(pr)
-            print(f"cProfile of {len(profiles)} unmeasured calls (times are totals over them)")
-            ps.sort_stats(args.sort).print_stats(45)
-            print("\n".join(s.getvalue().splitlines()[:75]))
+            for measured, prs in profiles.items():
+                if not prs:
+                    continue
+                s = io.StringIO()
+                ps = pstats.Stats(prs[0], stream=s)
+                for pr in prs[1:]:
+                    ps.add(pr)
+                print(f"cProfile of {len(prs)} {'measured' if measured else 'unmeasured'} calls (times are totals "
+                      f"over them)")
+                ps.sort_stats(args.sort).print_stats(45)
+                print("\n".join(s.getvalue().splitlines()[:75]))
         if args.trace:
             from torch.profiler import ProfilerActivity, profile
 

@@ -1,33 +1,21 @@
 """One error-target measurement (sparge_core.adapt.sampled_error, 256 sampled rows) of this tree
 against another's, in one process (issue 14: a measured call's host time): GPU time (CUDA events,
-alternating pairs), host time (wall time of a call queued behind a busy GPU, so that the GPU's own
-time does not count), and the two builds' sums on the same rows against float64 exact attention.
+alternating pairs), host time (host_overhead.queued_us: calls queued with no sync between them
+behind a long sleep kernel, as in a model; a call timed after a sync pays under cudaMallocAsync
+for mapping again what the sync gave back), and the two builds' sums on the same rows against float64 exact attention.
 Also SDPA-cuDNN of the whole call for scale.
 
     python bench/measure_ab.py --before ../.carry/before [--tokens 7800 32760]
 """
 import argparse
 import datetime
-import time
 from pathlib import Path
 
 import torch
 
 from common import card_name, paired_ratio, save, sdpa_cudnn
 from host_ab import load_tree
-from host_overhead import B, D, H, median
-
-
-def host_us(fn, busy, reps=60) -> float:
-    """Median wall time of fn() issued right after a long GPU job (busy()), so it only queues."""
-    out = []
-    for _ in range(reps):
-        busy()
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e6)
-        torch.cuda.synchronize()
-    return median(out)
+from host_overhead import B, D, H, queued_us
 
 
 def main():
@@ -42,7 +30,6 @@ def main():
            for name, pkg in (("after", "sparge_attention"), ("before", "sparge_before"))}
     g = torch.Generator(device="cuda").manual_seed(0)
     res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "rows": 256, "shapes": {}}
-    big = torch.randn(8192, 8192, device="cuda")
     for n in args.tokens:
         # ComfyUI's (B, N, H*D) activations as (B, H, N, D) views; attention with some structure
         q, k, v = (torch.randn(B, n, H * D, device="cuda", dtype=torch.bfloat16, generator=g).view(B, n, H, D)
@@ -65,9 +52,8 @@ def main():
                                                   lambda: fns["before"](q, k, v, out, rows))
         _, _, sdpa_ms = paired_ratio(lambda: fns["after"](q, k, v, out, rows), lambda: sdpa_cudnn(q, k, v))
         row["gpu_ms"] = {"after": ms_after, "before": ms_before, "after/before": ratio, "sdpa_cudnn": sdpa_ms}
-        busy = lambda: big @ big  # noqa: E731  (~1 ms on an H100/H200)
-        row["host_us_queued"] = {name: host_us(lambda: fn(q, k, v, out, rows), busy) for name, fn in fns.items()}
-        row["host_us_queued"]["sdpa_cudnn"] = host_us(lambda: sdpa_cudnn(q, k, v), busy)
+        row["host_us_queued"] = {name: queued_us(lambda: fn(q, k, v, out, rows))[0] for name, fn in fns.items()}
+        row["host_us_queued"]["sdpa_cudnn"] = queued_us(lambda: sdpa_cudnn(q, k, v))[0]
         res["shapes"][str(n)] = row
         print(f"{n:>6} tokens  GPU ms after {ms_after:.3f} before {ms_before:.3f} (x{ratio:.3f}; SDPA whole call "
               f"{sdpa_ms:.3f})  host us queued " + ", ".join(f"{k} {v:.0f}" for k, v in row["host_us_queued"].items())

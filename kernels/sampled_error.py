@@ -46,15 +46,20 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _rows_partial_kernel(Q, K, V, ROWS, OP, LSE2, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                         H, GROUP, R, NK, KEYS_PER_SPLIT, qk_scale,
+def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                         H, GROUP, R, NK, KEYS_PER_SPLIT, qk_scale, HEADS_P2: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-                         UPCAST: tl.constexpr):
+                         UPCAST: tl.constexpr, ZERO: tl.constexpr):
     rt = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
     nbh = tl.num_programs(1)
     b, h = batch_head(bh, H)
+    if ZERO:  # a fresh accumulator: zeroed here, before the next launch adds into it (one launch less)
+        if rt + bh + split == 0:
+            offs_h = tl.arange(0, 2 * HEADS_P2)
+            tl.store(SUMS + offs_h, tl.zeros([2 * HEADS_P2], dtype=tl.float64), mask=offs_h < 2 * H)
+    LSE2 = OP + tl.num_programs(2).to(tl.int64) * nbh * R * HEAD_DIM  # the log2-sum-exps follow the outputs
     hk = h // GROUP
     offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -95,13 +100,14 @@ def _rows_partial_kernel(Q, K, V, ROWS, OP, LSE2, sq_b, sq_h, sq_n, sk_b, sk_h, 
 
 
 @triton.jit
-def _rows_error_kernel(OP, LSE2, OUT, ROWS, SUMS, so_b, so_h, so_n, H, R, SPLITS,
+def _rows_error_kernel(OP, OUT, ROWS, SUMS, so_b, so_h, so_n, H, R, SPLITS,
                        BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
                        ROUND_BF16: tl.constexpr):
     rt = tl.program_id(0)
     bh = tl.program_id(1)
     nbh = tl.num_programs(1)
     b, h = batch_head(bh, H)
+    LSE2 = OP + nbh.to(tl.int64) * SPLITS * R * HEAD_DIM
     offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM)
     r_ok = offs_r < R
@@ -145,9 +151,11 @@ def _tiles(head_dim: int) -> tuple:
 
 
 def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
-                       acc: torch.Tensor, scale: float | None = None, programs: int = PROGRAMS) -> torch.Tensor:
+                       acc: torch.Tensor | None = None, scale: float | None = None,
+                       programs: int = PROGRAMS) -> torch.Tensor:
     """Add to acc (2, H) float64, per head, sum |out - exact| and sum |exact| over the query `rows`
-    (int64 token indices, repeats count again) of every batch item; returns acc. q and out
+    (int64 token indices, repeats count again) of every batch item; returns acc (a new one
+    without). q and out
     (B, H, N, D), k and v (B, Hkv, Nk, D) with H a multiple of Hkv, fp16 or bf16, any strides with
     the head dimension contiguous, D <= 256. No host sync. `programs`: speed only."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or out.shape != q.shape:
@@ -163,6 +171,9 @@ def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                          f"{v.dtype}, {out.dtype}, D={D}")
     if any(t.stride(-1) != 1 for t in (q, k, v, out)):
         raise ValueError("q, k, v and out must be contiguous in the head dimension")
+    zero = acc is None
+    if zero:
+        acc = torch.empty(2, H, dtype=torch.float64, device=q.device)
     if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64) or acc.shape != (2, H) \
             or acc.dtype != torch.float64 or not acc.is_contiguous():
         raise ValueError(f"rows (R,) int and acc (2, {H}) contiguous float64 expected, got {tuple(rows.shape)} "
@@ -171,7 +182,7 @@ def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         raise ValueError("q, k, v, out, rows and acc must be on one device")
     R = rows.shape[0]
     if R == 0:
-        return acc
+        return acc.zero_() if zero else acc
     hd = max(16, next_pow2(D))
     br, bn, stages = _tiles(hd)
     tiles = cdiv(R, br)
@@ -179,15 +190,15 @@ def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     splits = max(1, min(cdiv(programs, tiles * B * H), cdiv(Nk, bn)))
     per_split = cdiv(cdiv(Nk, splits), bn) * bn
     splits = cdiv(Nk, per_split)
-    part = torch.empty(splits * B * H * R, hd, dtype=torch.float32, device=q.device)
-    lse2 = torch.empty(splits * B * H * R, dtype=torch.float32, device=q.device)
+    # each split's normalized output rows, then their log2-sum-exps: one allocation
+    part = torch.empty(splits * B * H * R * (hd + 1), dtype=torch.float32, device=q.device)
     qk_scale = (D ** -0.5 if scale is None else float(scale)) * LOG2E
     _partial[(tiles, B * H, splits)](
-        q, k, v, rows, part, lse2, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), H, H // Hkv, R, Nk, per_split, qk_scale,
-        BLOCK_R=br, BLOCK_N=bn, HEAD_DIM=hd, D=D, UPCAST=INTERPRET, num_warps=4, num_stages=stages,
+        q, k, v, rows, part, acc, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), H, H // Hkv, R, Nk, per_split, qk_scale, HEADS_P2=next_pow2(H),
+        BLOCK_R=br, BLOCK_N=bn, HEAD_DIM=hd, D=D, UPCAST=INTERPRET, ZERO=zero, num_warps=4, num_stages=stages,
     )
-    _error[(tiles, B * H)](part, lse2, out, rows, acc, out.stride(0), out.stride(1), out.stride(2), H, R, splits,
+    _error[(tiles, B * H)](part, out, rows, acc, out.stride(0), out.stride(1), out.stride(2), H, R, splits,
                            BLOCK_R=br, HEAD_DIM=hd, D=D, ROUND_BF16=INTERPRET and out.dtype == torch.bfloat16,
                            num_warps=4)
     return acc

@@ -71,13 +71,12 @@ def sampled_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
     On a GPU with Triton, fp16/bf16 and D <= 256 this is two launches (kernels/sampled_error.py:
     the split-K exact rows, then the merge and the sums); elsewhere `exact_sums`, in torch."""
-    if acc is None:
-        acc = torch.zeros(2, q.shape[1], dtype=torch.float64, device=q.device)
     if _kernel_measures(q, k, v, out):
         from ..kernels.sampled_error import sampled_error_sums
 
         return sampled_error_sums(q, k, v, out, rows, acc, scale)
-    return acc.add_(exact_sums(q, k, v, out, rows, scale))
+    sums = exact_sums(q, k, v, out, rows, scale)
+    return sums if acc is None else acc.add_(sums)
 
 
 def _kernel_measures(q, k, v, out) -> bool:
