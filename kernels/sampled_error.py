@@ -19,12 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .caller_addrs import caller_ptr
 from .fp8 import INTERPRET
 from .host_math import cdiv, next_pow2
 from .launch import Kernel
 from .numerics import batch_head
 
 LOG2E = 1.4426950408889634
+SEED_SLOT = tl.constexpr(5)  # with an address table: q, k, v, out, the sums at slots 0-4, the rows' seed at 5
 
 
 @triton.jit
@@ -46,10 +48,41 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                         H, GROUP, R, NK, KEYS_PER_SPLIT, qk_scale, HEADS_P2: tl.constexpr,
+def _caller(X, ADDRS, SLOT: tl.constexpr, TABLE: tl.constexpr):
+    """X, or with TABLE the tensor whose address ADDRS[SLOT] holds (caller_addrs.caller_ptr)."""
+    if TABLE:
+        return caller_ptr(X, ADDRS, SLOT)
+    else:
+        return X
+
+
+@triton.jit
+def _row_index(ROWS, offs_r, r_ok, N, seed, HAS_ROWS: tl.constexpr):
+    """The token index of sampled rows offs_r: from ROWS, or drawn from `seed` (Philox; the same
+    seed and index give the same row in both kernels and in `sampled_rows`)."""
+    if HAS_ROWS:
+        return tl.load(ROWS + offs_r, mask=r_ok, other=0).to(tl.int64)
+    else:
+        return tl.where(r_ok, tl.randint(seed, offs_r).to(tl.int64) % N, 0)
+
+
+@triton.jit
+def _seed_of(SEED, ADDRS, TABLE: tl.constexpr):
+    if TABLE:
+        return tl.load(ADDRS + SEED_SLOT)
+    else:
+        return SEED
+
+
+@triton.jit
+def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, ADDRS, SEED, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                         H, GROUP, N, R, NK, KEYS_PER_SPLIT, qk_scale, HEADS_P2: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-                         UPCAST: tl.constexpr, ZERO: tl.constexpr):
+                         UPCAST: tl.constexpr, ZERO: tl.constexpr, HAS_ROWS: tl.constexpr, TABLE: tl.constexpr):
+    Q = _caller(Q, ADDRS, 0, TABLE)
+    K = _caller(K, ADDRS, 1, TABLE)
+    V = _caller(V, ADDRS, 2, TABLE)
+    SUMS = _caller(SUMS, ADDRS, 4, TABLE)
     rt = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -64,7 +97,7 @@ def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, sq_b, sq_h, sq_n, sk_b, sk_h, 
     offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    rows = tl.load(ROWS + offs_r, mask=offs_r < R, other=0).to(tl.int64)
+    rows = _row_index(ROWS, offs_r, offs_r < R, N, _seed_of(SEED, ADDRS, TABLE), HAS_ROWS)
     q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :],
                 mask=(offs_r < R)[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * sk_b + hk * sk_h + offs_d[:, None]
@@ -100,9 +133,11 @@ def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, sq_b, sq_h, sq_n, sk_b, sk_h, 
 
 
 @triton.jit
-def _rows_error_kernel(OP, OUT, ROWS, SUMS, so_b, so_h, so_n, H, R, SPLITS,
+def _rows_error_kernel(OP, OUT, ROWS, SUMS, ADDRS, SEED, so_b, so_h, so_n, H, N, R, SPLITS,
                        BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-                       ROUND_BF16: tl.constexpr):
+                       ROUND_BF16: tl.constexpr, HAS_ROWS: tl.constexpr, TABLE: tl.constexpr):
+    OUT = _caller(OUT, ADDRS, 3, TABLE)
+    SUMS = _caller(SUMS, ADDRS, 4, TABLE)
     rt = tl.program_id(0)
     bh = tl.program_id(1)
     nbh = tl.num_programs(1)
@@ -123,7 +158,7 @@ def _rows_error_kernel(OP, OUT, ROWS, SUMS, so_b, so_h, so_n, H, R, SPLITS,
         w = tl.exp2(tl.load(LSE2 + part, mask=r_ok, other=0.0) - top)
         den += w
         num += w[:, None] * tl.load(OP + part[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
-    rows = tl.load(ROWS + offs_r, mask=r_ok, other=0).to(tl.int64)
+    rows = _row_index(ROWS, offs_r, r_ok, N, _seed_of(SEED, ADDRS, TABLE), HAS_ROWS)
     out = tl.load(OUT + b * so_b + h * so_h + rows[:, None] * so_n + offs_d[None, :], mask=ok, other=0.0)
     exact = num / den[:, None]
     if ROUND_BF16:
@@ -137,8 +172,15 @@ def _rows_error_kernel(OP, OUT, ROWS, SUMS, so_b, so_h, so_n, H, R, SPLITS,
     tl.atomic_add(SUMS + H + h, ref.to(tl.float64))
 
 
+@triton.jit
+def _rows_kernel(OUT, SEED, N, R, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(OUT + offs, _row_index(OUT, offs, offs < R, N, SEED, False), mask=offs < R)
+
+
 _partial = Kernel(_rows_partial_kernel)
 _error = Kernel(_rows_error_kernel)
+_rows = Kernel(_rows_kernel)
 
 PROGRAMS = 1024  # the partial pass's programs to aim for (key splits fill up to it)
 
@@ -150,14 +192,29 @@ def _tiles(head_dim: int) -> tuple:
     return (64, 64, 3) if head_dim <= 128 else (32, 32, 2)
 
 
-def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
-                       acc: torch.Tensor | None = None, scale: float | None = None,
-                       programs: int = PROGRAMS) -> torch.Tensor:
-    """Add to acc (2, H) float64, per head, sum |out - exact| and sum |exact| over the query `rows`
-    (int64 token indices, repeats count again) of every batch item; returns acc (a new one
-    without). q and out
-    (B, H, N, D), k and v (B, Hkv, Nk, D) with H a multiple of Hkv, fp16 or bf16, any strides with
-    the head dimension contiguous, D <= 256. No host sync. `programs`: speed only."""
+def sampled_rows(seed: int, count: int, n: int, device) -> torch.Tensor:
+    """The `count` token indices in [0, n) that `seed` draws in sampled_error_sums (int64)."""
+    out = torch.empty(count, dtype=torch.int64, device=device)
+    if count:
+        _rows[(cdiv(count, 256),)](out, seed, n, count, BLOCK=256, num_warps=1)
+    return out
+
+
+def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, rows,
+                       acc: torch.Tensor | None = None, scale: float | None = None, programs: int = PROGRAMS,
+                       fresh: bool = False, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Add to acc (2, H) float64, per head, sum |out - exact| and sum |exact| over the sampled query
+    rows of every batch item; returns acc (a new one without). q and out (B, H, N, D), k and v
+    (B, Hkv, Nk, D) with H a multiple of Hkv, fp16 or bf16, any strides with the head dimension
+    contiguous, D <= 256. No host sync. `programs`: speed only.
+
+    rows: an int tensor of token indices (repeats count again), or (count, seed): `count` rows
+    drawn in the kernels from the int `seed` (`sampled_rows` gives them), no tensor made.
+    fresh: acc holds garbage and is zeroed first, by the first kernel (a new acc always is).
+    table: an int64 address table (kernels/caller_addrs.py) from which the kernels read q, k, v,
+    out and acc at slots 0-4 and, with rows (count, None), the seed at slot 5 when they run: a CUDA
+    graph of the measurement serves every call of the same layouts (sparge_core/graphed.py). The
+    tensors passed then only give shapes, strides and dtypes."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or out.shape != q.shape:
         raise ValueError(f"q, out (B, H, N, D) and k, v (B, Hkv, Nk, D) expected, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, out {tuple(out.shape)}")
@@ -171,18 +228,28 @@ def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                          f"{v.dtype}, {out.dtype}, D={D}")
     if any(t.stride(-1) != 1 for t in (q, k, v, out)):
         raise ValueError("q, k, v and out must be contiguous in the head dimension")
-    zero = acc is None
-    if zero:
-        acc = torch.empty(2, H, dtype=torch.float64, device=q.device)
-    if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64) or acc.shape != (2, H) \
-            or acc.dtype != torch.float64 or not acc.is_contiguous():
-        raise ValueError(f"rows (R,) int and acc (2, {H}) contiguous float64 expected, got {tuple(rows.shape)} "
-                         f"{rows.dtype}, {tuple(acc.shape)} {acc.dtype}")
-    if len({t.device for t in (q, k, v, out, rows, acc)}) != 1:
+    if acc is None:
+        acc, fresh = torch.empty(2, H, dtype=torch.float64, device=q.device), True
+    if acc.shape != (2, H) or acc.dtype != torch.float64 or not acc.is_contiguous():
+        raise ValueError(f"acc must be a contiguous (2, {H}) float64 tensor, got {tuple(acc.shape)} {acc.dtype}")
+    has_rows = isinstance(rows, torch.Tensor)
+    if has_rows:
+        if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"rows must be a 1-D int tensor or (count, seed), got {tuple(rows.shape)} {rows.dtype}")
+        R, seed, devices = rows.shape[0], 0, (q, k, v, out, rows, acc)
+    else:
+        R, seed = int(rows[0]), rows[1]
+        devices = (q, k, v, out, acc)
+        if R < 0 or (seed is None) != (table is not None):
+            raise ValueError("rows (count, seed) takes an int seed, or None with a table (the seed at its slot 5)")
+        seed = 0 if seed is None else int(seed)
+    if len({t.device for t in devices}) != 1:
         raise ValueError("q, k, v, out, rows and acc must be on one device")
-    R = rows.shape[0]
+    if table is not None and (table.dtype != torch.int64 or table.dim() != 1 or table.numel() <= SEED_SLOT
+                              or table.device != q.device):
+        raise ValueError(f"table must be an int64 1-D address table of at least {SEED_SLOT + 1} slots on {q.device}")
     if R == 0:
-        return acc.zero_() if zero else acc
+        return acc.zero_() if fresh else acc
     hd = max(16, next_pow2(D))
     br, bn, stages = _tiles(hd)
     tiles = cdiv(R, br)
@@ -193,12 +260,15 @@ def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     # each split's normalized output rows, then their log2-sum-exps: one allocation
     part = torch.empty(splits * B * H * R * (hd + 1), dtype=torch.float32, device=q.device)
     qk_scale = (D ** -0.5 if scale is None else float(scale)) * LOG2E
+    idx = rows if has_rows else part  # the rows' tensor, or a stand-in the kernels do not read
+    addrs = table if table is not None else part
     _partial[(tiles, B * H, splits)](
-        q, k, v, rows, part, acc, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), H, H // Hkv, R, Nk, per_split, qk_scale, HEADS_P2=next_pow2(H),
-        BLOCK_R=br, BLOCK_N=bn, HEAD_DIM=hd, D=D, UPCAST=INTERPRET, ZERO=zero, num_warps=4, num_stages=stages,
+        q, k, v, idx, part, acc, addrs, seed, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, H // Hkv, N, R, Nk, per_split, qk_scale,
+        HEADS_P2=next_pow2(H), BLOCK_R=br, BLOCK_N=bn, HEAD_DIM=hd, D=D, UPCAST=INTERPRET, ZERO=fresh,
+        HAS_ROWS=has_rows, TABLE=table is not None, num_warps=4, num_stages=stages,
     )
-    _error[(tiles, B * H)](part, out, rows, acc, out.stride(0), out.stride(1), out.stride(2), H, R, splits,
-                           BLOCK_R=br, HEAD_DIM=hd, D=D, ROUND_BF16=INTERPRET and out.dtype == torch.bfloat16,
-                           num_warps=4)
+    _error[(tiles, B * H)](part, out, idx, acc, addrs, seed, out.stride(0), out.stride(1), out.stride(2), H, N, R,
+                           splits, BLOCK_R=br, HEAD_DIM=hd, D=D, ROUND_BF16=INTERPRET and out.dtype == torch.bfloat16,
+                           HAS_ROWS=has_rows, TABLE=table is not None, num_warps=4)
     return acc

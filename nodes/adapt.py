@@ -8,7 +8,8 @@ whose thresholds were just raised on its next call (a raise can cross a cliff of
 near-uniform attention every block's share is about even, and a small rise of minshare drops most
 of them at once; the check bounds such a miss to one forward). A measured call
 also computes exact attention for DEFAULT_ROWS random query rows (sampled_error: per-head sums on
-the device, added into the block's sums of the forward by the kernels, no sync). After the forward the sums of its measured blocks are copied to pinned host
+the device, added into the block's sums of the forward by the kernels, no sync; in a sampling run
+through a CUDA graph of the measurement, sparge_core.graphed.measure_graphed). After the forward the sums of its measured blocks are copied to pinned host
 memory without blocking; the copy is read when it has landed, at the start of a later forward, and
 each measured block's BlockController moves its minshare (and, for a head that errs far above the
 target, that head's own). So the steady state has no
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 
 from ..sparge_core.adapt import DEFAULT_ROWS, BlockController, sample_rows, sampled_error
+from ..sparge_core.graphed import measure_graphed
 from ..sparge_core.layout import split_heads
 from ..sparge_core.params import MAX_MINSHARE
 from . import sparse_call
@@ -58,6 +60,7 @@ class Adaptation(Observer):
         self._forwards = 0
         self._warned = False
         self._probed = 0  # blocks probed (kept with the controllers: once per node)
+        self._draws = 0  # measurements through CUDA graphs: each draws its rows from its own seed
 
     # ------------------------------------------------------------------ thresholds
     def choose_params(self, call: ObservedCall, params):
@@ -158,7 +161,15 @@ class Adaptation(Observer):
         self._verify.discard(call.layer)
 
     def _sums(self, call: ObservedCall, out: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The call's (2, H) error sums, added into acc when given."""
+        """The call's (2, H) error sums, added into acc when given: in a sampling run through its CUDA
+        graphs (rows drawn from a seed in the kernels), else with rows from this observer's generator."""
+        if call.graphs is not None and call.keep_keys is None and call.raw is not None:
+            self._draws += 1
+            q, k, v, heads = call.raw
+            seed = (self.seed * 1_000_003 + self._draws) & 0x7FFFFFFF
+            got = measure_graphed(call.graphs, q, k, v, out, heads, self.rows, seed, acc)
+            if got is not None:
+                return got
         q, k, v = qkv_of(call)
         o = out if out.dim() == 4 else split_heads(out, q.shape[1])
         rows = sample_rows(q.shape[2], self.rows, q.device, self._generator(q.device))

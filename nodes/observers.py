@@ -42,6 +42,9 @@ class ObservedCall(NamedTuple):
     qkv: Any  # (q, k, v), or a LazyQKV; read through qkv_of
     grid: Optional[tuple]  # Hilbert token grid, None without
     keep_keys: Any  # key padding (eligibility.key_padding), None without
+    # q, k, v as the caller passed them, and their head count when they are (B, N, H*D) (None: split)
+    raw: Optional[tuple] = None
+    graphs: Any = None  # the sampling run's CallGraphs (sparge_core/call_graphs.py), None outside one or compiled
 
 
 class LazyQKV:

@@ -164,7 +164,9 @@ class SpargeOverride:
         compiling = _is_compiling()
         # the split views are made when something asks for them (not on a call that replays its graph)
         qkv = call.split() if compiling else LazyQKV(call.split)
-        observed = ObservedCall(func, args, kwargs, self.run, ctx, layer, call.H, call.N, qkv, grid, keep_keys)
+        observed = ObservedCall(func, args, kwargs, self.run, ctx, layer, call.H, call.N, qkv, grid, keep_keys,
+                                (call.q, call.k, call.v, None if call.heads_split else call.H),
+                                None if compiling else self.graphs)
         for obs in self.observers:
             reason = None if isinstance(obs, opts.skip) else obs.before_sparse(observed)
             if reason is not None:  # a profile's all-dense block, the Sparge Calibrate node, ...

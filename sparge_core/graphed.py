@@ -2,7 +2,8 @@
 predicted Triton call through a CallGraphs, which launches, captures or replays it, and
 `replay_graphed` replays such a call straight from a model's tensors once it is captured. q, k, v,
 the output and the per-head thresholds go in through the graphs' address table
-(kernels/caller_addrs.py), so a graph is keyed on layouts and settings only."""
+(kernels/caller_addrs.py), so a graph is keyed on layouts and settings only. `measure_graphed`
+does the same for the error target's measurement of a call (kernels/sampled_error.py)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,6 +12,7 @@ import torch
 
 from .call_graphs import CallGraphs, layout_key
 from .hilbert import grid_permutations
+from .layout import split_heads
 from .params import SpargeParams
 from .triton_call import triton_forward
 
@@ -115,3 +117,46 @@ def graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: fl
     counts = graphs.run(key, tuple(p for p in perms if p is not None), body, 2, q.device,
                         _addresses(q, k, v, out, ths))
     return out, counts
+
+
+def measure_graphed(graphs: CallGraphs, q, k, v, out, heads: Optional[int], count: int, seed: int,
+                    acc: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """adapt.sampled_error of a call through `graphs`, its rows drawn from `seed`: acc ((2, H)
+    float64) with the call's sums added, a new one without; None when it cannot run this way
+    (nothing ran: measure the usual way). q, k, v, out as in replay_graphed (heads: (B, N, H*D)
+    tensors with that many heads, None: (B, H, N, D)). The two kernels read q, k, v, out, acc and
+    the seed through the address table, so one graph per layout serves every measured call: a
+    replay makes no view and checks nothing (its key holds every layout the kernels depend on),
+    where launching them costs ~10 small ops and two launches of host time (bench/NOTES.md v30)."""
+    if q.dim() != (4 if heads is None else 3) or out.shape != q.shape or not graphs.wants(q, k, v, out):
+        return None
+    if heads is None:
+        lq, lk, lv, lo = layout_key(q), layout_key(k), layout_key(v), layout_key(out)
+    elif q.shape[-1] % heads or k.shape[-1] % heads or v.shape != k.shape:
+        return None
+    else:
+        lq, lk, lv, lo = (_split_layout(t, heads) for t in (q, k, v, out))
+    (_, H, N, D), dtype = lq[0], lq[2]
+    if (dtype not in (torch.float16, torch.bfloat16) or D > 256 or lk[0][3] != D or lk[0][1] == 0 or H % lk[0][1]
+            or {lk[2], lv[2], lo[2]} != {dtype} or any(lay[1][3] != 1 for lay in (lq, lk, lv, lo))):
+        return None
+    from .availability import triton_status
+
+    if not triton_status().available:
+        return None
+    fresh = acc is None
+    if fresh:
+        acc = torch.empty(2, H, dtype=torch.float64, device=q.device)
+    rows = min(int(count), N)
+    key = ("sampled_error", q.device, lq, lk, lv, lo, rows, fresh)
+
+    def body(dst, table):
+        from ..kernels.sampled_error import sampled_error_sums
+
+        views = (q, k, v, out) if heads is None else tuple(split_heads(t, heads) for t in (q, k, v, out))
+        sampled_error_sums(*views, (rows, seed if table is None else None), acc, fresh=fresh, table=table)
+        dst.zero_()
+
+    graphs.run(key, (), body, 1, q.device, (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), acc.data_ptr(),
+                                            int(seed)))
+    return acc

@@ -132,6 +132,34 @@ def test_a_replay_from_the_inputs_layouts_equals_the_call():
     _counts(graphs, captures=1, replays=5)
 
 
+def test_a_measurement_through_graphs_equals_the_launched_one():
+    """The error target's measurement through a CallGraphs (sparge_core.graphed.measure_graphed):
+    launched, captured, then replayed on other tensors, other seeds and an accumulator at another
+    address each time; every result equals the kernels launched directly on the seed's rows, for
+    (B, N, H*D) inputs with heads and split (B, H, N, D) ones."""
+    from sparge_attention.kernels.sampled_error import sampled_error_sums, sampled_rows
+    from sparge_attention.sparge_core.graphed import measure_graphed
+
+    B, N, H, D = 2, 3000, 4, 128
+    graphs = CallGraphs()
+    for heads in (H, None):
+        for i in range(4):
+            g = torch.Generator(device="cuda").manual_seed(10 + i)
+            x = [torch.randn(B, N, H * D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
+            split = [t.view(B, N, H, D).transpose(1, 2) for t in x]
+            seed = 1000 + i
+            want = sampled_error_sums(*split, sampled_rows(seed, 256, N, "cuda"))
+            fresh = measure_graphed(graphs, *(x if heads else split), heads, 256, seed)
+            assert torch.allclose(fresh, want, rtol=1e-9), (heads, i)
+            prev = torch.randn(2, H, device="cuda", dtype=torch.float64)
+            added = measure_graphed(graphs, *(x if heads else split), heads, 256, seed, prev.clone())
+            assert torch.allclose(added, prev + want, rtol=1e-9), (heads, i)
+    # (B, N, H*D) with heads and its split views share a key (the split layout is computed): fresh and
+    # accumulating each launched once, captured once, replayed 6 times
+    _counts(graphs, eager=2, captures=2, replays=12)
+    assert measure_graphed(graphs, *split[:3], split[3].float(), None, 256, 1) is None  # not its dtype
+
+
 def test_what_is_not_graphed():
     """lse, a user mask, a call above the byte budget, a q not 16-byte aligned and a call on a second
     stream launch as usual; fp16 / head dim 64 inputs are graphed. All equal the launched call."""

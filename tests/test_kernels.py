@@ -685,3 +685,32 @@ def test_sampled_error_kernels_reject_bad_input():
                        ((q, k.transpose(2, 3), v, out, rows, acc), "k and v")]:
         with pytest.raises(ValueError, match=what):
             sampled_error_sums(*args)
+
+
+def test_sampled_error_kernels_draw_rows_from_a_seed_and_read_a_table():
+    """Rows drawn in the kernels from a seed are `sampled_rows`' rows; with an address table the
+    kernels read q, k, v, out, the sums and the seed from it (a CUDA graph replayed on other
+    tensors: the tensors passed only give layouts)."""
+    from sparge_attention.kernels.sampled_error import sampled_error_sums, sampled_rows
+
+    B, H, N, D = 2, 2, 90, 32
+    q, k, v, out = _measured_call(B, H, H, N, N, D, torch.bfloat16, seed=4, token_major=True)
+    rows = sampled_rows(12345, 70, N, "cpu")
+    assert rows.dtype == torch.int64 and rows.shape == (70,) and 0 <= int(rows.min()) and int(rows.max()) < N
+    assert torch.equal(rows, sampled_rows(12345, 70, N, "cpu"))
+    assert not torch.equal(rows, sampled_rows(12346, 70, N, "cpu"))
+    assert len(set(rows.tolist())) > 40  # spread over the tokens, not a few repeated
+    want = sampled_error_sums(q, k, v, out, rows)
+    assert torch.allclose(sampled_error_sums(q, k, v, out, (70, 12345)), want, rtol=1e-12)
+    # the table: the real tensors' addresses; the tensors passed are stand-ins of the same layouts
+    acc = torch.full((2, H), 7.0, dtype=torch.float64)  # garbage: fresh=True zeroes it
+    table = torch.zeros(8, dtype=torch.int64)
+    table[:6] = torch.tensor([q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), acc.data_ptr(), 12345])
+    stand = [torch.zeros_like(t) for t in (q, k, v, out)]
+    assert all(s.stride() == t.stride() for s, t in zip(stand, (q, k, v, out)))
+    ret = sampled_error_sums(*stand, (70, None), torch.zeros(2, H, dtype=torch.float64), fresh=True, table=table)
+    assert torch.allclose(acc, want, rtol=1e-12) and not ret.any()  # written through the table only
+    sampled_error_sums(*stand, (70, None), torch.zeros(2, H, dtype=torch.float64), table=table)
+    assert torch.allclose(acc, 2 * want, rtol=1e-12)  # not fresh: added
+    with pytest.raises(ValueError, match="seed"):
+        sampled_error_sums(q, k, v, out, (70, None))
