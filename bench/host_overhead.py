@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import cProfile
 import datetime
+import gc
 import io
 import os
 import pstats
@@ -120,6 +121,10 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False, bu
     rows = []
     q, k, v = x
     forwards = [0]
+    collections = [0]  # Python's cyclic garbage collections started so far (a call that saw one is flagged)
+
+    def on_gc(phase, info):
+        collections[0] += phase == "start"
 
     def forward(x_, t, c_concat, c_crossattn, control, to):
         forwards[0] += 1
@@ -130,6 +135,7 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False, bu
             before = pending_sums(ov)
             if not queued:
                 settle(busy)
+            gc_before = collections[0]
             pr = cProfile.Profile() if stats is not None and forwards[0] > skip else None
             c0, t0 = time.thread_time(), time.perf_counter()
             if pr is not None:
@@ -139,13 +145,17 @@ def override_times(preset, grid, x, steps=12, blocks=30, skip=3, label=False, bu
             if pr is not None:
                 pr.disable()
             rows.append(((time.perf_counter() - t0) * 1e6, (time.thread_time() - c0) * 1e6,
-                         pending_sums(ov) != before))
+                         pending_sums(ov) != before, collections[0] != gc_before))
             if pr is not None:
                 stats[rows[-1][2]].append(pr)
 
     dm = SimpleNamespace(patch_size=(1, 2, 2))
     lat = torch.zeros(B, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda")
-    sampling_run(ov, forward, dm, lat, steps)
+    gc.callbacks.append(on_gc)
+    try:
+        sampling_run(ov, forward, dm, lat, steps)
+    finally:
+        gc.callbacks.remove(on_gc)
     torch.cuda.synchronize()
     return rows[skip * blocks:], ov
 
@@ -200,12 +210,24 @@ def main():
                                                 median([c[1] for c in queued_calls if sel(c)]))
         out["override, mean, queued"] = (sum(c[0] for c in queued_calls) / len(queued_calls),
                                          sum(c[1] for c in queued_calls) / len(queued_calls))
+        # the mean's outliers: calls during which Python's garbage collector ran (it walks every object of
+        # the process, ComfyUI's too), and the slowest 2% of calls
+        no_gc = [c for c in queued_calls if not c[3]]
+        out["override, mean, queued, calls without a GC"] = (sum(c[0] for c in no_gc) / len(no_gc),
+                                                             sum(c[1] for c in no_gc) / len(no_gc))
+        walls = sorted(c[0] for c in queued_calls)
+        res.setdefault("queued_outliers", {})[str(n)] = {
+            "calls": len(walls), "with_gc": len(queued_calls) - len(no_gc),
+            "gc_calls_mean_us": (sum(c[0] for c in queued_calls if c[3]) / max(1, len(queued_calls) - len(no_gc))),
+            "p98_us": walls[int(0.98 * (len(walls) - 1))], "max_us": walls[-1],
+            "top_2pct_share_of_total": sum(walls[int(0.98 * len(walls)):]) / sum(walls)}
         for name in ("sparge_attention (API, CUDA graph)", "SDPA (cuDNN) for scale"):
             out[name + ", GPU busy"] = host_us(rows[name], busy=True)
             out[name + ", queued"] = queued_us(rows[name])
         print(f"  {'':>6}         {'':<36} {'wall':>8}    {'CPU':>8}")
         for name, (us, cpu_us) in out.items():
             print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us {cpu_us:8.1f} us")
+        print(f"  {n:>6} tokens  queued calls' outliers: {res['queued_outliers'][str(n)]}")
         print(f"  {n:>6} tokens  calls the error target measured: {100 * res['measured_share'][str(n)]:.0f}%; "
               f"the override's CUDA graphs: {ov.last_graphs}")
         if args.profile:  # the steady state's calls, unmeasured and measured apart
