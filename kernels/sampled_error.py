@@ -111,7 +111,8 @@ def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, ADDRS, SEED, sq_b, sq_h, sq_n,
         offs_n = n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         k = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_n, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        s = tl.dot(_operand(q, UPCAST), _operand(k, UPCAST)) * qk_scale  # log2 units: qk_scale = softmax scale * log2(e)
+        # log2 units: qk_scale = softmax scale * log2(e)
+        s = tl.dot(_operand(q, UPCAST), _operand(k, UPCAST)) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])

@@ -6,14 +6,15 @@ settle early), then block b at step s when (s + b) % MEASURE_EVERY == 0 (each bl
 MEASURE_EVERY steps, staggered so every step carries the same share of the cost), and a block
 whose thresholds were just raised on its next call (a raise can cross a cliff of the error: with
 near-uniform attention every block's share is about even, and a small rise of minshare drops most
-of them at once; the check bounds such a miss to one forward). A measured call
-also computes exact attention for DEFAULT_ROWS random query rows (sampled_error: per-head sums on
-the device, added into the block's sums of the forward by the kernels, no sync; in a sampling run
-through a CUDA graph of the measurement, sparge_core.graphed.measure_graphed). After the forward the sums of its measured blocks are copied to pinned host
-memory without blocking; the copy is read when it has landed, at the start of a later forward, and
-each measured block's BlockController moves its minshare (and, for a head that errs far above the
-target, that head's own). So the steady state has no
-host-device sync per call, and the thresholds a call uses are plain CPU tensors (as a profile's are).
+of them at once; the check bounds such a miss to one forward). A measured call also computes
+exact attention for DEFAULT_ROWS random query rows (sampled_error: per-head sums on the device,
+added into the block's sums of the forward by the kernels, no sync; in a sampling run through a
+CUDA graph of the measurement, sparge_core.graphed.measure_graphed). After the forward the sums of
+its measured blocks are copied to pinned host memory without blocking; the copy is read when it
+has landed, at the start of a later forward, and each measured block's BlockController moves its
+minshare (and, for a head that errs far above the target, that head's own). So the steady state
+has no host-device sync per call, and the thresholds a call uses are plain CPU tensors (as a
+profile's are).
 
 Only share mode moves thresholds (the presets; Custom in share mode with a target). Other modes, and
 the blocks a loaded profile calibrated, are measured but keep their thresholds.

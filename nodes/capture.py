@@ -1,9 +1,10 @@
 """Sparsity-map capture for the "Sparge Sparsity Map" node (nodes/sparsity_map.py).
 
 In every forward, the sparse call of ONE transformer block (the node's `map_layer`; -1 = the
-middle block) runs the "sparge::attention_map" op, which also returns the predicted block mask.
-The mask of the first batch item is bit-packed on the device (`pack_mask`) and kept per step (the
-first forward of a step wins), up to MAP_MAX_BYTES per run. Nothing is read from the device
+middle block) also returns the predicted block mask of its first batch item, bit-packed on the
+device (sparge_core.blockmask.pack_mask; in a sampling run written by the call's CUDA graph, under
+torch.compile the "sparge::attention_map" op's), kept per step (the first forward of a step wins),
+up to MAP_MAX_BYTES per run. Nothing is read from the device
 during sampling: `finish_map` copies the masks to the CPU once, at the end of the run.
 """
 from __future__ import annotations
@@ -23,26 +24,6 @@ def capture_layer(map_layer: Optional[int], n_layers: Optional[int]) -> Optional
     if map_layer >= 0:
         return int(map_layer)
     return n_layers // 2 if n_layers else 0
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(H, NQ, NK) bool -> (H, NQ, ceil(NK / 8)) uint8, bit j of byte c = block 8c + j. Device ops
-    only (no host-to-device copy, no sync)."""
-    nk = mask.shape[-1]
-    m = mask.to(torch.uint8)
-    pad = (-nk) % 8
-    if pad:
-        m = torch.nn.functional.pad(m, (0, pad))
-    m = m.reshape(*m.shape[:-1], -1, 8)
-    bits = torch.arange(8, device=m.device, dtype=torch.uint8)
-    return torch.bitwise_left_shift(m, bits).sum(-1, dtype=torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, nk: int) -> torch.Tensor:
-    """Inverse of pack_mask: (..., ceil(NK / 8)) uint8 -> (..., NK) bool."""
-    bits = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    m = torch.bitwise_and(torch.bitwise_right_shift(packed[..., None], bits), 1).bool()
-    return m.reshape(*packed.shape[:-1], -1)[..., :nk]
 
 
 def keep_step_mask(run, step: int, map_mask: tuple, sigma) -> None:

@@ -35,7 +35,7 @@ from ..sparge_core.call_graphs import CallGraphs
 from ..sparge_core.layout import merge_heads, split_heads
 from . import eligibility as E
 from . import sparse_call
-from .capture import MAP_AUTO, capture_layer, finish_map, pack_mask
+from .capture import MAP_AUTO, capture_layer, finish_map
 from .adapt import Adaptation
 from .config import SpargeConfig
 from .error_check import ErrorCheck
@@ -190,8 +190,9 @@ class SpargeOverride:
             timing = start_timing(call.q) if cfg.verbose else None
             try:
                 res = None
-                if self.graphs is not None and keep_keys is None and not capture and not opts.with_lse:
-                    res = sparse_call.replay(call, params, grid, self.graphs)  # the steady state: nothing else runs
+                if self.graphs is not None and keep_keys is None and not opts.with_lse:
+                    # the steady state: nothing else runs (the sparsity map's block too, its mask from the graph)
+                    res = sparse_call.replay(call, params, grid, self.graphs, capture)
                 if res is None:
                     res = sparse_call.run_sparse(*qkv.get(), params, grid, keep_keys, capture, opts.with_lse,
                                                  self.graphs)
@@ -210,7 +211,7 @@ class SpargeOverride:
             ctx.record_sparse(CallRecord(res[1], total, call.flops, fill, layer),
                               resolve_backend(call.q.device, "auto"), grid, tail, why_not, timing)
             if capture:
-                ctx.map_mask = (pack_mask(res[2][0]), int(res[2].shape[-1]))
+                ctx.map_mask = res[2]
         if out.dim() == 4 and call.merge_out:
             out = merge_heads(out)
         elif out.dim() == 3 and not call.merge_out:  # a replay of (B, N, H*D) inputs whose caller wants heads split

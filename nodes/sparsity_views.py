@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .capture import unpack_mask
+from ..sparge_core.blockmask import unpack_mask
 from .sparsity_render import render_block_mask, render_layer_step, render_message
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .availability import triton_status
-from .blockmask import SpargeBlockMask, causal_block_mask, check_dense_mask, num_blocks
+from .blockmask import SpargeBlockMask, causal_block_mask, check_dense_mask, num_blocks, pack_mask
 from .call_graphs import CallGraphs
 from .graphed import graphed_forward
 from .hilbert import grid_permutations
@@ -139,7 +139,7 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
                      grid: Optional[tuple] = None, n_grid_tokens: Optional[int] = None,
                      scale: Optional[float] = None, return_stats: bool = False, backend: str = "auto",
                      block_mask=None, pv_dtype: str = "auto", return_lse: bool = False,
-                     graphs: Optional[CallGraphs] = None):
+                     graphs: Optional[CallGraphs] = None, map_first: bool = False):
     """Sparse + quantized attention (SpargeAttn).
 
     q (B, H, N, D), k and v (B, Hkv, Nk, D) for layout "HND"; (B, N, H, D) for "NHD".
@@ -160,6 +160,9 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         a predicted mask and no lse then replays its graph instead of launching its kernels one by
         one: the same results with much less host time (bench/NOTES.md v26,
         tests/test_call_graphs_gpu.py). Its stats carry no block mask.
+    map_first: with return_stats, stats.first_map is the first batch item's block mask, bit-packed
+        (blockmask.pack_mask; every block of a call that ran dense), through `graphs` too: the
+        node's sparsity map takes one call per forward this way.
     Returns out in q's dtype and layout; (out, lse) with return_lse; (out, stats) with
     return_stats; (out, lse, stats) with both.
     """
@@ -187,6 +190,9 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         out = _dense(q, k, v, scale, params.is_causal)
         lse = _dense_lse(q, k, scale, params.is_causal) if return_lse else None
         stats = SpargeStats("dense", dense_reason=reason, heads=H) if return_stats else None
+        if stats is not None and map_first:
+            nq, nk = num_blocks(N, block_q), num_blocks(k.shape[2], block_k)
+            stats.first_map = pack_mask(torch.ones(H, nq, nk, dtype=torch.bool, device=q.device))
         return _result(from_hnd(out, layout), lse, stats)
 
     perm = None
@@ -208,12 +214,13 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
             dense = block_mask.to_dense() & causal_block_mask(*block_mask.kv_indices.shape[2:], block_q, block_k, N, k.shape[2], q.device)
             block_mask = SpargeBlockMask.from_dense(dense, block_q, block_k, N, k.shape[2])
 
-    counts = None  # a graphed call's [kept, P.V-skipped] (it returns no block mask)
+    counts = first_map = None  # a graphed call's [kept, P.V-skipped] (it returns no block mask) and packed map
     if be == "triton":
         # the quantizers read fp16, bf16 and fp32 alike; the output comes back in q's dtype
         perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
         if graphs is not None and block_mask is None and not return_lse and graphs.wants(q, k, v):
-            out, counts = graphed_forward(graphs, q, k, v, params, scale, pv_dtype, perms)
+            res = graphed_forward(graphs, q, k, v, params, scale, pv_dtype, perms, map_first=map_first and return_stats)
+            out, counts, first_map = res if len(res) == 3 else (*res, None)
             lse = None
         else:
             out, block_mask, skipped, lse = triton_forward(q, k, v, params, scale, block_mask, pv_dtype, *perms,
@@ -239,7 +246,10 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         kept, skipped = counts[0], counts[1]
     else:
         kept = block_mask.kv_num_blocks.sum()
-    stats = SpargeStats(be, kept, B * H * per_head, skipped, None, block_mask, block_q, block_k, H)
+    if map_first and first_map is None:
+        first_map = pack_mask(block_mask.to_dense()[0])
+    stats = SpargeStats(be, kept, B * H * per_head, skipped, None, block_mask, block_q, block_k, H,
+                        first_map if map_first else None)
     return _result(out, lse, stats)
 
 

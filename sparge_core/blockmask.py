@@ -86,3 +86,23 @@ def check_dense_mask(mask: torch.Tensor, block_q: int, block_k: int, seq_len_q: 
             f"block mask has {tuple(mask.shape[-2:])} blocks, but {seq_len_q}x{seq_len_k} tokens in "
             f"{block_q}x{block_k} blocks need {want}"
         )
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(H, NQ, NK) bool -> (H, NQ, ceil(NK / 8)) uint8, bit j of byte c = block 8c + j. Device ops
+    only (no host-to-device copy, no sync)."""
+    nk = mask.shape[-1]
+    m = mask.to(torch.uint8)
+    pad = (-nk) % 8
+    if pad:
+        m = torch.nn.functional.pad(m, (0, pad))
+    m = m.reshape(*m.shape[:-1], -1, 8)
+    bits = torch.arange(8, device=m.device, dtype=torch.uint8)
+    return torch.bitwise_left_shift(m, bits).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, nk: int) -> torch.Tensor:
+    """Inverse of pack_mask: (..., ceil(NK / 8)) uint8 -> (..., NK) bool."""
+    bits = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    m = torch.bitwise_and(torch.bitwise_right_shift(packed[..., None], bits), 1).bool()
+    return m.reshape(*packed.shape[:-1], -1)[..., :nk]

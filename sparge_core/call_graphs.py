@@ -211,14 +211,16 @@ class CallGraphs:
         return sum(t.numel() * t.element_size() for t in tensors) <= self.max_bytes
 
     def run(self, key: tuple, keep: tuple, body: Callable[[torch.Tensor, Optional[torch.Tensor]], None], counts: int,
-            device: torch.device, addresses: tuple = ()) -> torch.Tensor:
+            device: torch.device, addresses: tuple = (), outputs: tuple = ()) -> torch.Tensor:
         """body(dst, table) queues one call's work on `device` and writes `counts` int64 results of
         it into dst (a 1-D tensor on `device`). table: None, or the int64 address table whose slots
         hold `addresses` (the caller's tensors, 16-byte aligned) when the work runs; the body's
         kernels then read and write those tensors through it. Returns the results: from a replay of
         the graph of `key`, from a fresh capture of body, or from body itself run as usual (a view
         of the counts ring, valid for the next RING_ROWS calls). keep: tensors the graph reads that
-        are not in the caller's hands (kept alive with it)."""
+        are not in the caller's hands (kept alive with it). outputs: tensors, allocated before this
+        call, that body writes besides dst; a graph captured from this call writes those same ones on
+        every replay (`outputs_of(key)`: read them before the key's next call)."""
         if len(addresses) > TABLE_SLOTS or not 0 < counts <= COUNT_SLOTS:
             raise ValueError(f"{len(addresses)} addresses and {counts} counts; a call passes at most "
                              f"{TABLE_SLOTS} and returns 1 to {COUNT_SLOTS}")
@@ -231,12 +233,12 @@ class CallGraphs:
             while len(self._seen) > 4 * self.max_graphs:
                 self._seen.popitem(last=False)
             return self._eager(body, counts, device, addresses)
-        hit = self._capture(body, counts, keep, device)
+        hit = self._capture(body, counts, keep + outputs, device)
         if hit is None:
             if self.disabled is None:  # a kernel variant not launched yet: launch it, capture next time
                 self._seen[key] = n - 1
             return self._eager(body, counts, device, addresses)
-        self._graphs[key] = hit
+        hit = self._graphs[key] = hit + (outputs,)
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         self.captures += 1
@@ -256,6 +258,11 @@ class CallGraphs:
         out = self._replay(hit, device, addresses, counts)
         self.replays += out is not None
         return out
+
+    def outputs_of(self, key: tuple) -> Optional[tuple]:
+        """The outputs (see `run`) the graph of `key` writes, or None when no graph of it is held."""
+        hit = self._graphs.get(key)
+        return None if hit is None else hit[3]
 
     def _replay(self, hit, device, addresses, counts) -> Optional[torch.Tensor]:
         side = _SIDES[device]

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .blockmask import num_blocks, pack_mask
 from .call_graphs import CallGraphs, layout_key
 from .hilbert import grid_permutations
 from .layout import split_heads
@@ -25,12 +26,13 @@ def _addresses(q, k, v, out, thresholds: tuple) -> tuple:
     return (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()) + tuple(t.data_ptr() for _, t in thresholds)
 
 
-def _graph_key(device, lq: tuple, lk: tuple, lv: tuple, scale: float, pv_dtype: str, perm32s: tuple, pkey: tuple):
+def _graph_key(device, lq: tuple, lk: tuple, lv: tuple, scale: float, pv_dtype: str, perm32s: tuple, pkey: tuple,
+               map_first: bool):
     """The key of a predicted call's CUDA graph: the layouts of q, k, v (call_graphs.layout_key),
-    the settings (params.device_key), and the addresses of the cached tensors the graph bakes in
-    (the Hilbert permutations)."""
+    the settings (params.device_key), the addresses of the cached tensors the graph bakes in
+    (the Hilbert permutations), and whether it also writes the first batch item's block mask."""
     return (device, lq, lk, lv, scale, pv_dtype, tuple(p.data_ptr() if p is not None else None for p in perm32s),
-            pkey)
+            pkey, map_first)
 
 
 def _split_layout(x: torch.Tensor, heads: int) -> tuple:
@@ -42,10 +44,10 @@ def _split_layout(x: torch.Tensor, heads: int) -> tuple:
     return (B, heads, N, d), (s0, d * s2, s1, s2), x.dtype
 
 
-def replay_key(q, k, v, params: SpargeParams, heads: Optional[int], grid: Optional[tuple]):
-    """(the graph key sparge_attention(q, k, v, params, grid=grid) captures its call under, its
-    (B, H, N, D), its per-head thresholds as params.device_key gives them) from the tensors'
-    layouts alone (replay_graphed's q, k, v and heads)."""
+def replay_key(q, k, v, params: SpargeParams, heads: Optional[int], grid: Optional[tuple], map_first: bool = False):
+    """(the graph key sparge_attention(q, k, v, params, grid=grid, map_first=map_first) captures its
+    call under, its (B, H, N, D), its per-head thresholds as params.device_key gives them) from the
+    tensors' layouts alone (replay_graphed's q, k, v and heads)."""
     if heads is None:
         lq, lk, lv = layout_key(q), layout_key(k), layout_key(v)
     else:
@@ -54,14 +56,16 @@ def replay_key(q, k, v, params: SpargeParams, heads: Optional[int], grid: Option
     perm, perm_k = grid_permutations(None if grid is None else tuple(grid), N, lk[0][2], q.device)
     perm32s = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
     pkey, ths = params.device_key(H, q.device)
-    return _graph_key(q.device, lq, lk, lv, D ** -0.5, "auto", perm32s, pkey), lq[0], ths
+    return _graph_key(q.device, lq, lk, lv, D ** -0.5, "auto", perm32s, pkey, map_first), lq[0], ths
 
 
 def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Optional[int] = None,
-                   grid: Optional[tuple] = None):
-    """The call sparge_attention(q, k, v, params, grid=grid, graphs=graphs) makes, replayed from
-    `graphs` when it holds that call's graph (a call like it ran through `graphs` at least twice):
-    (out, counts), else None, with nothing run (make the call the usual way: it captures).
+                   grid: Optional[tuple] = None, map_first: bool = False):
+    """The call sparge_attention(q, k, v, params, grid=grid, graphs=graphs, map_first=map_first)
+    makes, replayed from `graphs` when it holds that call's graph (a call like it ran through
+    `graphs` at least twice): (out, counts), and with map_first the first batch item's packed block
+    mask (as sparge_attention's stats.first_map), else None, with nothing run (make the call the
+    usual way: it captures).
 
     A replay needs only the tensors' layouts and addresses: nothing here makes a view, checks the
     inputs again (a graph is captured only by a call that passed them, and its key holds every
@@ -74,7 +78,7 @@ def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Opt
         return None
     if heads is not None and (q.shape[-1] % heads or k.shape[-1] != q.shape[-1] or v.shape != k.shape):
         return None
-    key, (B, H, N, D), thresholds = replay_key(q, k, v, params, heads, grid)
+    key, (B, H, N, D), thresholds = replay_key(q, k, v, params, heads, grid, map_first)
     dev = q.device
     # the output before the lookup: a call whose graph is not held (the run's first calls) wastes it
     if heads is None:
@@ -83,20 +87,33 @@ def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Opt
     else:
         res = out = torch.empty(B, N, H * D, dtype=q.dtype, device=dev)
     counts = graphs.replay(key, dev, _addresses(q, k, v, out, thresholds), 2)
-    return (res, counts) if counts is not None else None
+    if counts is None:
+        return None
+    # the graph's own buffer, written again by its next replay: the caller gets a copy
+    return (res, counts, graphs.outputs_of(key)[0].clone()) if map_first else (res, counts)
 
 
-def graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: float, pv_dtype: str, perms):
+def graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: float, pv_dtype: str, perms,
+                    map_first: bool = False):
     """The predicted Triton call through `graphs` (call_graphs.py): (out, counts), counts a (2,)
     int64 device tensor [kept, P.V-skipped]. q, k, v, the output and the per-head thresholds are
     not baked into a graph: its kernels read their addresses from the graphs' address table, so
     the key holds only their shapes, strides and dtypes, and the params' settings
-    (kernels/caller_addrs.py, SpargeParams.device_key)."""
+    (kernels/caller_addrs.py, SpargeParams.device_key). map_first: a third result, the block mask
+    of the first batch item bit-packed (blockmask.pack_mask), written by the graph into a buffer of
+    its own (the sparsity map's block: one call per forward, which ran launched before)."""
     B, H, N, D = q.shape
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     pkey, ths = params.device_key(H, q.device)
     perm_q, perm_k = perms
-    key = _graph_key(q.device, layout_key(q), layout_key(k), layout_key(v), scale, pv_dtype, perms, pkey)
+    key = _graph_key(q.device, layout_key(q), layout_key(k), layout_key(v), scale, pv_dtype, perms, pkey, map_first)
+    packed = None
+    if map_first:  # allocated before a capture, as every buffer a graph writes and its caller reads
+        from ..kernels.config import default_config
+
+        cfg = default_config(q.device)
+        packed = torch.empty(H, num_blocks(N, cfg.block_m), -(-num_blocks(k.shape[2], cfg.block_n) // 8),
+                             dtype=torch.uint8, device=q.device)
 
     def body(dst, addrs):
         staged = None
@@ -108,6 +125,8 @@ def graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: fl
             staged = {name: rows[i] for i, (name, _) in enumerate(ths)}
         _, bm, skipped, _ = triton_forward(q, k, v, params, scale, None, pv_dtype, perm_q, perm_k, out=out,
                                            addrs=addrs, staged=staged)
+        if packed is not None:
+            packed.copy_(pack_mask(bm.to_dense()[0]))
         dst[0].copy_(bm.kv_num_blocks.sum())  # device to device: a capture allows no host copy
         if isinstance(skipped, torch.Tensor):
             dst[1].copy_(skipped)
@@ -115,8 +134,11 @@ def graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: fl
             dst[1].zero_()
 
     counts = graphs.run(key, tuple(p for p in perms if p is not None), body, 2, q.device,
-                        _addresses(q, k, v, out, ths))
-    return out, counts
+                        _addresses(q, k, v, out, ths), outputs=(packed,) if map_first else ())
+    if not map_first:
+        return out, counts
+    held = graphs.outputs_of(key)  # a graph replayed or captured now writes its own buffer
+    return out, counts, (packed if held is None else held[0].clone())
 
 
 def measure_graphed(graphs: CallGraphs, q, k, v, out, heads: Optional[int], count: int, seed: int,

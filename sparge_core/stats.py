@@ -19,6 +19,9 @@ class SpargeStats:
     block_q: int = 0
     block_k: int = 0
     heads: int = 0
+    # with sparge_attention(map_first=True): the first batch item's block mask, (H, NQ, ceil(NK / 8))
+    # uint8 (blockmask.pack_mask), also from a graphed call (whose stats carry no block_mask)
+    first_map: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def sparsity(self) -> float:

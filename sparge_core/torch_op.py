@@ -38,7 +38,7 @@ import functools
 import torch
 
 from .api import block_sizes, sparge_attention
-from .blockmask import block_pairs, num_blocks
+from .blockmask import block_pairs, num_blocks, pack_mask
 from .params import SpargeParams
 
 OP_NAME = "sparge::attention"
@@ -218,41 +218,48 @@ def thresholds(value, heads: int) -> torch.Tensor:
 
 
 def call(q, k, v, params: SpargeParams, grid=None, scale=None, with_mask: bool = False, with_lse: bool = False,
-         graphs=None):
+         graphs=None, map_first: bool = False):
     """The op with a SpargeParams (HND layout): (out, kept, pv_skipped), plus the block mask with
-    with_mask ("sparge::attention_map") or the lse with with_lse ("sparge::attention_lse"; not both).
+    with_mask ("sparge::attention_map"), or only its first batch item's bit-packed (blockmask.pack_mask)
+    with map_first (the sparsity map's call: through `graphs` too), or the lse with with_lse
+    ("sparge::attention_lse"; one of the three).
     The one way nodes/ and the benches call the op. Outside torch.compile tracing it runs the op's
     implementation directly with `params` (`_eager`): the same results without the dispatcher and
     without rebuilding params from threshold tensors, and a plain call (no mask, no lse) through
     `graphs` (a call_graphs.CallGraphs) when one is given."""
-    if with_mask and with_lse:
-        raise ValueError("with_mask and with_lse: one op returns one of them")
+    if with_mask + with_lse + map_first > 1:
+        raise ValueError("with_mask, map_first and with_lse: one op returns one of them")
     if params.attention_sink:
         raise ValueError("the sparge ops do not take attention_sink (call sparge_attention instead)")
     if not torch.compiler.is_compiling():
-        return _eager(q, k, v, params, grid, scale, with_mask, with_lse, graphs)
+        return _eager(q, k, v, params, grid, scale, with_mask, with_lse, graphs, map_first)
     H = q.shape[1]
-    op = sparge_attention_map_op if with_mask else sparge_attention_lse_op if with_lse else sparge_attention_op
-    return op(q, k, v, thresholds(params.simthreshd1, H), thresholds(params.threshold, H),
-              thresholds(params.pvthreshd, H), params.mode, bool(params.is_causal),
-              [int(g) for g in grid] if grid else [], -1.0 if scale is None else float(scale),
-              params.scoring, bool(params.fill_skipped))
+    op = (sparge_attention_map_op if with_mask or map_first else sparge_attention_lse_op if with_lse
+          else sparge_attention_op)
+    res = op(q, k, v, thresholds(params.simthreshd1, H), thresholds(params.threshold, H),
+             thresholds(params.pvthreshd, H), params.mode, bool(params.is_causal),
+             [int(g) for g in grid] if grid else [], -1.0 if scale is None else float(scale),
+             params.scoring, bool(params.fill_skipped))
+    return (*res[:3], pack_mask(res[3][0])) if map_first else res
 
 
 @torch.no_grad()
-def _eager(q, k, v, params: SpargeParams, grid, scale, with_mask: bool, with_lse: bool, graphs=None):
+def _eager(q, k, v, params: SpargeParams, grid, scale, with_mask: bool, with_lse: bool, graphs=None,
+           map_first: bool = False):
     """What the ops compute, from `params` itself. Per call this skips the custom op's dispatch
     (autograd and alias checks) and the threshold tensors' round trip (thresholds() here, _values()
     in the op): ~140 us of host time per call together on the dev CPU (bench/host_layers.py)."""
     res = sparge_attention(q, k, v, params, layout="HND", grid=tuple(int(g) for g in grid) if grid else None,
                            scale=scale, return_stats=True, backend=BACKEND, return_lse=with_lse,
-                           graphs=None if with_mask or with_lse else graphs)
+                           graphs=None if with_mask or with_lse else graphs, map_first=map_first)
     if with_lse:
         out, lse, stats = res
         return (*_outputs(q, k, v, out, stats), lse.float().contiguous())
     out, stats = res
     if with_mask:
         return (*_outputs(q, k, v, out, stats), _mask_of(q, k, stats))
+    if map_first:
+        return (*_outputs(q, k, v, out, stats), stats.first_map)
     return _outputs(q, k, v, out, stats)
 
 

@@ -186,10 +186,13 @@ class _KeyRecorder:
     def __init__(self):
         self.keys, self.thresholds = [], []
 
-    def run(self, key, keep, body, counts, device, addresses=()):
+    def run(self, key, keep, body, counts, device, addresses=(), outputs=()):
         self.keys.append(key)
         self.thresholds.append(tuple(addresses[4:]))
         return torch.zeros(counts, dtype=torch.int64)
+
+    def outputs_of(self, key):
+        return None
 
 
 @pytest.mark.parametrize("grid, n, nk, heads", [
@@ -228,6 +231,9 @@ def test_a_replay_looks_up_the_key_its_call_was_captured_under(grid, n, nk, head
             assert replay_key(q, k, v, p, heads, grid)[0] == captured
             assert replay_key(q, k, v, PRESETS["Fast"].params(), heads, grid)[0] == captured  # other thresholds
             assert replay_key(q, k, v, p.replace(pvthreshd=9.0), heads, grid)[0] != captured  # P.V skipping on
+            # the sparsity map's block: its own graph, which also writes the first item's packed mask
+            graphed_forward(rec, *views, p, D ** -0.5, "auto", perms, map_first=True)
+            assert replay_key(q, k, v, p, heads, grid, map_first=True)[0] == rec.keys[-1] != captured
     assert replay_key(q, k, v, p, heads, None if grid else (1, 1, n))[0] != captured
 
 
@@ -239,13 +245,17 @@ class _ReplayOnCPU:
     def __init__(self):
         self.bodies = {}
 
-    def run(self, key, keep, body, counts, device, addresses=()):
-        first = self.bodies.setdefault(key, body)
+    def run(self, key, keep, body, counts, device, addresses=(), outputs=()):
+        first = self.bodies.setdefault(key, (body, outputs))[0]  # a graph writes its capture's outputs
         table = torch.zeros(8, dtype=torch.int64)
         table[:len(addresses)] = torch.tensor(addresses, dtype=torch.int64)
         dst = torch.zeros(counts, dtype=torch.int64)
         first(dst, table)
         return dst
+
+    def outputs_of(self, key):
+        hit = self.bodies.get(key)
+        return None if hit is None else hit[1]
 
 
 def test_blocks_with_other_thresholds_replay_one_graph_with_their_own():
@@ -275,6 +285,29 @@ def test_blocks_with_other_thresholds_replay_one_graph_with_their_own():
         kept.append(int(counts[0]))
     assert len(graphs.bodies) == 1  # one graph served every block
     assert len(set(kept)) == 3, kept  # and each block kept its own blocks
+
+
+def test_the_sparsity_maps_graph_writes_each_calls_own_mask():
+    """The sparsity map's block through a graph (graphed_forward with map_first): the first batch
+    item's packed block mask is written by the graph into the buffer of the call it was captured
+    from; each call gets a copy equal to its own launched call's mask, not the first call's."""
+    from sparge_attention.sparge_core.blockmask import pack_mask
+    from sparge_attention.sparge_core.graphed import graphed_forward
+    from sparge_attention.sparge_core.hilbert import TokenPermutation
+    from sparge_attention.sparge_core.triton_call import triton_forward
+
+    perm = TokenPermutation.for_grid((2, 5, 40), 400, device=CPU).perm32
+    p = PRESETS["Balanced"].params()
+    graphs = _ReplayOnCPU()
+    maps = []
+    for seed in (0, 1):
+        x = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in clustered(2, 2, 400, 64, seed)]
+        out, counts, first_map = graphed_forward(graphs, *x, p, 0.125, "auto", (perm, perm), map_first=True)
+        want = triton_forward(*x, p, 0.125, None, "auto", perm, perm)
+        assert torch.equal(out, want[0]) and torch.equal(first_map, pack_mask(want[1].to_dense()[0])), seed
+        assert first_map.data_ptr() != graphs.outputs_of(next(iter(graphs.bodies)))[0].data_ptr()  # a copy
+        maps.append(first_map)
+    assert not torch.equal(maps[0], maps[1])  # each call's own
 
 
 def test_pull_values_arguments_are_checked():

@@ -47,6 +47,25 @@ def test_eager_call_equals_the_registered_op(case, variant):
     assert int(got[1]) < 2 * 5 * 3 or params.is_causal  # the call really ran sparse (kept < all blocks)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("n", [256 + 40, 40], ids=["sparse", "dense"])
+def test_map_first_is_the_ops_mask_of_the_first_item_packed(case, n):
+    """call(map_first=True) (the sparsity map's block) returns the "sparge::attention_map" op's mask
+    of the first batch item, bit-packed; also when the call runs dense (every block)."""
+    from sparge_attention.sparge_core.blockmask import pack_mask
+
+    params, grid = CASES[case]
+    grid = grid if n > 256 else None
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, n, 64, generator=g) for _ in range(3))
+    want = by_op(q, k, v, params, grid, torch_op.sparge_attention_map_op)
+    got = torch_op.call(q, k, v, params, grid, map_first=True)
+    assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+    assert got[3].dtype == torch.uint8 and torch.equal(got[3], pack_mask(want[3][0]))
+    with pytest.raises(ValueError, match="one of them"):
+        torch_op.call(q, k, v, params, map_first=True, with_mask=True)
+
+
 def test_attention_sink_is_refused_not_dropped():
     q = torch.randn(1, 2, 256, 64)
     with pytest.raises(ValueError, match="attention_sink"):

@@ -224,8 +224,9 @@ def test_cuda_thresholds_moved_in_place_reach_the_kernel():
 def test_cuda_graphs_in_a_sampling_run_equal_the_launched_calls():
     """Inside a sampling run the node replays CUDA graphs of its calls (sparge_core/call_graphs.py),
     whatever address each call's output lands at: every call's output equals the same call launched
-    kernel by kernel (the override outside a run), the readout's counts agree, and the graphs are
-    gone when the run ends."""
+    kernel by kernel (the override outside a run), the readout's counts agree, the sparsity map's
+    block (its mask written by its own graph) keeps the launched call's mask every step, and the
+    graphs are gone when the run ends."""
     from types import SimpleNamespace
 
     from devkit.sampling_run import sampling_run
@@ -233,6 +234,10 @@ def test_cuda_graphs_in_a_sampling_run_equal_the_launched_calls():
     ov = _override(verbose=False)
     q, k, v = _qkv(seed=8)
     want = ov(_sdpa, q, k, v, heads=H, transformer_options={ov.key: _ctx()})
+    ctx = _ctx()
+    ctx.capture_layer = 0  # this call's block: launched, with the map
+    ov(_sdpa, q, k, v, heads=H, transformer_options={ov.key: ctx})
+    want_map = ctx.map_mask
     outs, kept = [], []
 
     def forward(x_, t, c_concat, c_crossattn, control, to):
@@ -241,15 +246,19 @@ def test_cuda_graphs_in_a_sampling_run_equal_the_launched_calls():
             kept.append(int(to[ov.key].records[-1].kept))
 
     dm = SimpleNamespace(patch_size=(1, 2, 2), blocks=[0, 1])
-    # 8 steps: one of the two calls per forward is the sparsity map's layer (not graphed: it returns
-    # the mask); the other is launched, captured, then replayed 6 times
+    # 8 steps: one of the two calls per forward is the sparsity map's layer (a graph of its own,
+    # which also writes the mask); each graph is launched, captured, then replayed 6 times
     sampling_run(ov, forward, dm, torch.zeros(B, 16, GRID[0], GRID[1] * 2, GRID[2] * 2), 8)
     assert ov.graphs is None, "the run's graphs end with it"
-    assert ov.last_graphs["replays"] >= 6, ov.last_graphs
-    assert ov.last_graphs["captures"] >= 1 and ov.last_graphs["disabled"] is None, ov.last_graphs
+    assert ov.last_graphs["replays"] >= 12, ov.last_graphs
+    assert ov.last_graphs["captures"] == 2 and ov.last_graphs["disabled"] is None, ov.last_graphs
     for i, out in enumerate(outs):
         assert torch.equal(out, want), (i, (out.float() - want.float()).abs().max().item())
     assert len(set(kept)) == 1, kept
+    masks = ov.last_map["masks"]
+    assert len(masks) == 8, sorted(masks)
+    for step, entry in masks.items():
+        assert entry["nk"] == want_map[1] and torch.equal(entry["packed"], want_map[0].cpu()), step
 
 
 def test_cuda_speed_print():

@@ -25,6 +25,7 @@ from sparge_attention.nodes.stats import ForwardContext, RunStats, fold_forward 
 from sparge_attention.nodes.config import SpargeConfig  # noqa: E402
 from sparge_attention.nodes.readout import build_readout  # noqa: E402
 from sparge_attention.sparge_core import torch_op  # noqa: E402
+from sparge_attention.sparge_core.blockmask import pack_mask, unpack_mask  # noqa: E402
 
 from devkit.comfy_harness import hunyuan_video_graph, wan21_t2v_graph  # noqa: E402
 
@@ -45,7 +46,7 @@ def cell_colour(img: Image.Image, r: int, c: int, dx=None, dy=None):
 
 def capture_data(masks: dict, nk: int, **extra) -> dict:
     """What SpargeOverride.last_map holds, built by hand: masks {step: (H, NQ, NK) bool}."""
-    d = {"masks": {s: {"packed": C.pack_mask(m), "nk": nk, "sigma": 1.0 - 0.1 * s} for s, m in masks.items()},
+    d = {"masks": {s: {"packed": pack_mask(m), "nk": nk, "sigma": 1.0 - 0.1 * s} for s, m in masks.items()},
          "map_layer": 1, "n_layers": 2, "n_steps": max(masks) + 1 if masks else 2, "hilbert": True,
          "block_q": 64, "block_k": 128, "preset": "Custom", "sparsity": 0.5, "dropped_steps": 0, "map_dense": {},
          "steps": sorted(masks), "layer_step_sparsity": [[0.5, 0.5] for _ in masks]}
@@ -58,14 +59,14 @@ def capture_data(masks: dict, nk: int, **extra) -> dict:
 def test_pack_unpack_round_trip(nk):
     g = torch.Generator().manual_seed(nk)
     m = torch.rand(3, 5, nk, generator=g) > 0.5
-    p = C.pack_mask(m)
+    p = pack_mask(m)
     assert p.dtype == torch.uint8 and tuple(p.shape) == (3, 5, math.ceil(nk / 8))
-    assert torch.equal(C.unpack_mask(p, nk), m)
+    assert torch.equal(unpack_mask(p, nk), m)
 
 
 def test_packing_is_device_only():
     # meta tensors have no data: any host read (.item(), .cpu(), a host-to-device copy) would raise
-    p = C.pack_mask(torch.ones(2, 8, 13, dtype=torch.bool, device="meta"))
+    p = pack_mask(torch.ones(2, 8, 13, dtype=torch.bool, device="meta"))
     assert p.device.type == "meta" and tuple(p.shape) == (2, 8, 2)
 
 
@@ -203,7 +204,7 @@ def test_capture_matches_the_op_and_feeds_the_readout(monkeypatch):
                                                               cfg.params.pvthreshd))
         _, kept, _, mask = torch.ops.sparge.attention_map(q, k, v, sim, thr, pv, "cdf", False, list(GRID), -1.0,
                                                            cfg.params.scoring, cfg.params.fill_skipped)
-        got = C.unpack_mask(data["masks"][s]["packed"], data["masks"][s]["nk"])
+        got = unpack_mask(data["masks"][s]["packed"], data["masks"][s]["nk"])
         assert torch.equal(got, mask[0]) and int(got.sum()) == int(kept)
         # the block x step table agrees with the mask of the captured block
         assert readout["layer_step_sparsity"][s][1] == pytest.approx(1 - float(mask.float().mean()))
