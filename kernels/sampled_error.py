@@ -4,16 +4,21 @@
 
 Done with torch ops, a measured call made ~17 launches (index_select, the split-K flash call, the
 merge's softmax, product and sum, the casts, the stack, the difference, the sums, the accumulation):
-~430 us of host time on an H200's host, 4-8x an unmeasured call (bench/NOTES.md v29).
+~430 us of host time on an H200's host, 4-8x an unmeasured call (bench/NOTES.md v29, v30).
 
 1. `_rows_partial_kernel`: program (row tile, batch*head, key split) gathers its rows of q by
-   index (no copy of them), streams its split of the keys with an online softmax (scores and
-   the running sums in fp32, P.V at about fp32 precision) and writes
-   its partial output, normalized, and its log2-sum-exp. A few hundred rows alone would give only
-   B*H*R/64 programs, each streaming every key; the key splits multiply that.
+   index (no copy of them), streams its split of the keys with an online softmax (scores and the
+   running sums in fp32, P.V at about fp32 precision) and writes its partial output, normalized,
+   and its log2-sum-exp. A few hundred rows alone would give only B*H*R/64 programs, each
+   streaming every key; the key splits multiply that.
 2. `_rows_error_kernel`: program (row tile, batch*head) merges the splits by their log2-sum-exps,
    rounds the exact rows to the model's dtype (what the model would have computed), reads the
-   same rows of the call's output and atomically adds its two sums into the accumulator.
+   same rows of the call's output and atomically adds its two sums into the accumulator (the
+   order of those additions varies from run to run, and with it the sums' last bits).
+
+The rows are a tensor of token indices, or drawn in both kernels from a seed; with an address
+table (kernels/caller_addrs.py) the kernels read q, k, v, out, the accumulator and the seed from it,
+so one CUDA graph of the measurement serves every measured call (sparge_core.graphed.measure_graphed).
 """
 import torch
 import triton

@@ -4,8 +4,8 @@ In every forward, the sparse call of ONE transformer block (the node's `map_laye
 middle block) also returns the predicted block mask of its first batch item, bit-packed on the
 device (sparge_core.blockmask.pack_mask; in a sampling run written by the call's CUDA graph, under
 torch.compile the "sparge::attention_map" op's), kept per step (the first forward of a step wins),
-up to MAP_MAX_BYTES per run. Nothing is read from the device
-during sampling: `finish_map` copies the masks to the CPU once, at the end of the run.
+up to MAP_MAX_BYTES per run. Nothing is read from the device during sampling: `finish_map` copies
+the masks to the CPU once, at the end of the run.
 """
 from __future__ import annotations
 

@@ -158,9 +158,13 @@ def measure_graphed(graphs: CallGraphs, q, k, v, out, heads: Optional[int], coun
         return None
     else:
         lq, lk, lv, lo = (_split_layout(t, heads) for t in (q, k, v, out))
-    (_, H, N, D), dtype = lq[0], lq[2]
-    if (dtype not in (torch.float16, torch.bfloat16) or D > 256 or lk[0][3] != D or lk[0][1] == 0 or H % lk[0][1]
-            or {lk[2], lv[2], lo[2]} != {dtype} or any(lay[1][3] != 1 for lay in (lq, lk, lv, lo))):
+    (B, H, N, D), dtype = lq[0], lq[2]
+    Bk, Hkv, Nk, Dk = lk[0]
+    # every check of the kernels' launcher, here: a launch that raised inside a capture would turn the
+    # run's graphs off (call_graphs.py), the sparse calls' too
+    if (dtype not in (torch.float16, torch.bfloat16) or D > 256 or lk[0] != lv[0] or (Bk, Dk) != (B, D)
+            or Nk == 0 or Hkv == 0 or H % Hkv or {lk[2], lv[2], lo[2]} != {dtype}
+            or any(lay[1][3] != 1 for lay in (lq, lk, lv, lo))):
         return None
     from .availability import triton_status
 
