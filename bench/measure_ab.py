@@ -2,13 +2,14 @@
 against another's, in one process (issue 14: a measured call's host time): GPU time (CUDA events,
 alternating pairs), host time (host_overhead.queued_us: calls queued with no sync between them
 behind a long sleep kernel, as in a model; a call timed after a sync pays under cudaMallocAsync
-for mapping again what the sync gave back), and the two builds' sums on the same rows against float64 exact attention.
-Also SDPA-cuDNN of the whole call for scale.
+for mapping again what the sync gave back), and the two builds' sums on the same rows against
+float64 exact attention. Also SDPA-cuDNN of the whole call for scale.
 
     python bench/measure_ab.py --before ../.carry/before [--tokens 7800 32760]
 """
 import argparse
 import datetime
+import importlib
 from pathlib import Path
 
 import torch
@@ -24,8 +25,6 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[7800, 32760])
     args = ap.parse_args()
     load_tree(Path(args.before).resolve(), "sparge_before")
-    import importlib
-
     fns = {name: importlib.import_module(f"{pkg}.sparge_core.adapt").sampled_error
            for name, pkg in (("after", "sparge_attention"), ("before", "sparge_before"))}
     g = torch.Generator(device="cuda").manual_seed(0)
