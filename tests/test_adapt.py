@@ -236,6 +236,9 @@ def test_sampled_error_matches_direct(hkv, scale):
     assert ratio == sorted(ratio)  # error grows with the head index, as built
     exact_sums = sampled_error(q, k, v, exact, rows, scale=scale)
     assert (exact_sums[0] <= 1e-5 * exact_sums[1]).all()
+    acc = torch.ones(2, H, dtype=torch.float64)  # a block's sums of the forward so far: added into
+    assert sampled_error(q, k, v, out, rows, scale=scale, acc=acc) is acc
+    assert torch.allclose(acc, got + 1, rtol=1e-12)
 
 
 def test_sample_rows():
