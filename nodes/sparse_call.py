@@ -11,7 +11,6 @@ from ..sparge_core.blockmask import num_blocks
 from ..sparge_core.graphed import replay_graphed
 from ..sparge_core.params import SpargeParams
 from ..sparge_core.torch_op import call as op_call
-from ..sparge_core.torch_op import mask_shape
 
 
 def replay(call, params: SpargeParams, grid, graphs, want_map: bool = False):
@@ -24,7 +23,12 @@ def replay(call, params: SpargeParams, grid, graphs, want_map: bool = False):
                          map_first=want_map)
     if res is None or not want_map:
         return res
-    return res[0], res[1], (res[2], num_blocks(call.Nk, block_sizes(call.q.device)[1]))
+    return res[0], res[1], _map(res[2], call.Nk, call.q.device)
+
+
+def _map(packed: torch.Tensor, keys: int, device) -> tuple:
+    """The sparsity map's (packed first-item block mask, key blocks) of a call over `keys` keys."""
+    return packed, num_blocks(keys, block_sizes(device)[1])
 
 
 def _counts(kept, skipped) -> torch.Tensor:
@@ -46,7 +50,7 @@ def run_sparse(qh, kh, vh, params: SpargeParams, grid, keep_keys, want_map: bool
         r = op_call(qh, kh, vh, params, grid, map_first=want_map, with_lse=want_lse, graphs=graphs)
         res = (r[0], _counts(r[1], r[2]))
         if want_map:
-            return res + ((r[3], mask_shape(qh, kh)[3]),)
+            return res + (_map(r[3], kh.shape[2], kh.device),)
         return res + tuple(r[3:])
     outs, kept, skipped, extra = [], 0, 0, []
     for b, idx in enumerate(keep_keys[1]):  # each batch item keeps its own keys
@@ -57,7 +61,7 @@ def run_sparse(qh, kh, vh, params: SpargeParams, grid, keep_keys, want_map: bool
         outs.append(r[0])
         kept, skipped = kept + r[1], skipped + r[2]
         if len(r) > 3:
-            extra.append((r[3], mask_shape(qh, kb)[3]) if want_map else r[3])
+            extra.append(_map(r[3], kb.shape[2], kb.device) if want_map else r[3])
     res = (torch.cat(outs, 0), _counts(kept, skipped))
     if want_map:
         return res + (extra[0],)

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .call_graphs import layout_key
 from .params import MAX_MINSHARE
 
 DEFAULT_ROWS = 256  # sampled query rows per measured call
@@ -71,7 +72,7 @@ def sampled_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
     On a GPU with Triton, fp16/bf16 and D <= 256 this is two launches (kernels/sampled_error.py:
     the split-K exact rows, then the merge and the sums); elsewhere `exact_sums`, in torch."""
-    if _kernel_measures(q, k, v, out):
+    if q.is_cuda and kernel_measures(*(layout_key(t) for t in (q, k, v, out))):
         from ..kernels.sampled_error import sampled_error_sums
 
         return sampled_error_sums(q, k, v, out, rows, acc, scale)
@@ -79,12 +80,18 @@ def sampled_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     return sums if acc is None else acc.add_(sums)
 
 
-def _kernel_measures(q, k, v, out) -> bool:
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
+def kernel_measures(lq: tuple, lk: tuple, lv: tuple, lo: tuple) -> bool:
+    """Whether the measurement kernels (kernels/sampled_error.py) take q, k, v and out of these
+    layouts (call_graphs.layout_key: the (B, H, N, D) shape, strides, dtype) and Triton runs here.
+    Every check their launcher makes: a launch that raised inside a CUDA graph's capture would turn
+    the run's graphs off (sparge_core.graphed.measure_graphed), the sparse calls' too."""
+    if any(len(lay[0]) != 4 for lay in (lq, lk, lv, lo)):
         return False
-    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1] or {k.dtype, v.dtype, out.dtype} != {q.dtype}:
-        return False
-    if any(t.stride(-1) != 1 for t in (q, k, v, out)):
+    (B, H, _, D), dtype = lq[0], lq[2]
+    Bk, Hkv, Nk, Dk = lk[0]
+    if (dtype not in (torch.float16, torch.bfloat16) or D > 256 or lo[0] != lq[0] or lk[0] != lv[0]
+            or (Bk, Dk) != (B, D) or Nk == 0 or Hkv == 0 or H % Hkv or {lk[2], lv[2], lo[2]} != {dtype}
+            or any(lay[1][3] != 1 for lay in (lq, lk, lv, lo))):
         return False
     from .availability import triton_status
 

@@ -219,8 +219,11 @@ def sparge_attention(q, k, v, params: Optional[SpargeParams] = None, *, layout: 
         # the quantizers read fp16, bf16 and fp32 alike; the output comes back in q's dtype
         perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
         if graphs is not None and block_mask is None and not return_lse and graphs.wants(q, k, v):
-            res = graphed_forward(graphs, q, k, v, params, scale, pv_dtype, perms, map_first=map_first and return_stats)
-            out, counts, first_map = res if len(res) == 3 else (*res, None)
+            if map_first and return_stats:
+                out, counts, first_map = graphed_forward(graphs, q, k, v, params, scale, pv_dtype, perms,
+                                                         map_first=True)
+            else:
+                out, counts = graphed_forward(graphs, q, k, v, params, scale, pv_dtype, perms)
             lse = None
         else:
             out, block_mask, skipped, lse = triton_forward(q, k, v, params, scale, block_mask, pv_dtype, *perms,

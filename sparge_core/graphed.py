@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .adapt import kernel_measures
 from .blockmask import num_blocks, pack_mask
 from .call_graphs import CallGraphs, layout_key
 from .hilbert import grid_permutations
@@ -158,18 +159,9 @@ def measure_graphed(graphs: CallGraphs, q, k, v, out, heads: Optional[int], coun
         return None
     else:
         lq, lk, lv, lo = (_split_layout(t, heads) for t in (q, k, v, out))
-    (B, H, N, D), dtype = lq[0], lq[2]
-    Bk, Hkv, Nk, Dk = lk[0]
-    # every check of the kernels' launcher, here: a launch that raised inside a capture would turn the
-    # run's graphs off (call_graphs.py), the sparse calls' too
-    if (dtype not in (torch.float16, torch.bfloat16) or D > 256 or lk[0] != lv[0] or (Bk, Dk) != (B, D)
-            or Nk == 0 or Hkv == 0 or H % Hkv or {lk[2], lv[2], lo[2]} != {dtype}
-            or any(lay[1][3] != 1 for lay in (lq, lk, lv, lo))):
+    if not kernel_measures(lq, lk, lv, lo):
         return None
-    from .availability import triton_status
-
-    if not triton_status().available:
-        return None
+    H, N = lq[0][1], lq[0][2]
     fresh = acc is None
     if fresh:
         acc = torch.empty(2, H, dtype=torch.float64, device=q.device)

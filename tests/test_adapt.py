@@ -328,3 +328,36 @@ def test_uniform_attention():
     assert e_ad <= (1 + TOL) * target and _dist(e_ad, target) < _dist(e_fixed, target) and sp_ad > sp_fixed
     (e_fixed, sp_fixed), (e_ad, _, sp_ad), _ = _run("uniform", "Balanced")
     assert e_ad <= (1 + TOL) * PRESETS["Balanced"].target_rel_l1 and sp_ad >= sp_fixed - 0.01
+
+
+def test_kernel_measures_takes_what_the_kernels_launcher_takes():
+    """The one gate of the measurement kernels (sampled_error on a GPU, measure_graphed before a graph
+    sees the call): layouts the launcher would refuse never reach it."""
+    from sparge_attention.sparge_core.adapt import kernel_measures
+    from sparge_attention.sparge_core.availability import triton_status
+    from sparge_attention.sparge_core.call_graphs import layout_key
+
+    def lay(*shape, dtype=torch.bfloat16, token_major=False):
+        t = torch.empty(shape[0], shape[2], shape[1], shape[3], dtype=dtype).transpose(1, 2) if token_major \
+            else torch.empty(*shape, dtype=dtype)
+        return layout_key(t)
+
+    q, kv = lay(2, 4, 64, 32, token_major=True), lay(2, 2, 80, 32)
+    assert kernel_measures(q, kv, kv, q) == triton_status().available
+    if not triton_status().available:
+        return
+    bad = [
+        (lay(2, 4, 64, 32, dtype=torch.float32), kv, kv, lay(2, 4, 64, 32, dtype=torch.float32)),  # dtype
+        (q, kv, kv, lay(2, 4, 64, 32, dtype=torch.float16)),  # out's dtype
+        (q, lay(2, 3, 80, 32), lay(2, 3, 80, 32), q),  # heads not a multiple
+        (q, lay(1, 2, 80, 32), lay(1, 2, 80, 32), q),  # batch
+        (q, kv, lay(2, 2, 81, 32), q),  # k and v differ
+        (q, lay(2, 2, 80, 16), lay(2, 2, 80, 16), q),  # head dim
+        (q, kv, kv, lay(2, 4, 65, 32)),  # out's shape
+        (lay(2, 4, 64, 512), lay(2, 2, 80, 512), lay(2, 2, 80, 512), lay(2, 4, 64, 512)),  # D > 256
+        (q, ((2, 2, 80, 32), (5120, 2560, 32, 2), torch.bfloat16), kv, q),  # channels not contiguous
+        (q, lay(2, 2, 0, 32), lay(2, 2, 0, 32), q),  # no keys
+        (((2, 64, 128),) + q[1:], kv, kv, q),  # not (B, H, N, D)
+    ]
+    for i, args in enumerate(bad):
+        assert not kernel_measures(*args), i
