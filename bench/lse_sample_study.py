@@ -1,0 +1,157 @@
+"""CPU study (issue 14): stage 1's lse scores from a sample of each key block's keys.
+
+The lse scoring kernel (kernels/block_scores.py) is ~a third of prediction + quantization at Wan
+480p (127 us of ~365, bench/NOTES.md), and its work is per key: one int8 product column, one
+exp2 and two reductions for each of the block's 128 keys. Scoring every s-th key of each block
+and adding log2(s) would cut that work s-fold. What it costs: a block whose mass sits on a few
+keys can lose them from the sample and be under-scored (skipped where it mattered), and the
+skipped-block estimate's bias (lse - mean score) then carries the sample's error.
+
+Variants, all on the reference backend (sparge_core.reference), Hilbert order, share mode with
+the estimate, each at a sweep of minshare values:
+  full        today's scores (every key)
+  sN/exact    every N-th key of the block (the block's first key onwards) for the lse, the mean
+              score over all of the block's keys (what an exact mean would give: from the
+              block's mean key, as the estimate uses)
+  sN/sampled  the mean score over the same sampled keys
+Errors: rel-L1 of the whole output and of the worst head against fp32 dense attention, on
+sampled query blocks (exact for those rows, see guard_study.sample_query_blocks); the density
+is the kept fraction of (query block, key block) pairs. The inputs are none of the ones the
+presets were tuned on (realistic_bench uses seed 0 and the default head mix): other seeds,
+other head mixes, text tokens, a noisy step.
+
+    python bench/lse_sample_study.py                       # three regimes (~10 min on 2 cores)
+"""
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
+from devkit.metrics import rel_l1  # noqa: E402
+from devkit.realistic_inputs import make_video_qkv  # noqa: E402
+from guard_study import sample_query_blocks  # noqa: E402
+from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
+from sparge_attention.sparge_core.hilbert import TokenPermutation  # noqa: E402
+from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
+from sparge_attention.sparge_core.reference import (  # noqa: E402
+    LOG2E, dense_attention, expand_kv, fill_bias, pool_and_similarity, quantize_int8_per_block,
+    round_half_away, select_blocks, smooth_k, sparse_attention_reference, split_blocks)
+
+REGIMES = {
+    # name: make_video_qkv arguments (none of them the tuning inputs: seed 0, default heads, no text)
+    "wan480-seed5": dict(grid=(21, 30, 52), heads=12, seed=5),
+    "hunyuan-mix-text256-seed6": dict(grid=(9, 34, 60), heads=12, seed=6, n_text=256,
+                                      head_types=["sink", "global", "sink", "temporal", "local", "spatial"] * 2),
+    "wan480-noisy0.6-seed7": dict(grid=(13, 30, 52), heads=12, seed=7, noise_level=0.6,
+                                  head_types=["local", "temporal", "global", "spatial"] * 3),
+}
+VARIANTS = ("full", "s2/exact", "s2/sampled", "s4/exact")
+SHARES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
+
+
+def sampled_lse(q_pool, k, block_k, scale, stride, mean_mode):
+    """(lse, mean) scores (B,H,NQ,NK) in log2 units, as reference.block_lse_scores computes them
+    (int8 pooled queries, smoothed int8 keys), but the lse over every `stride`-th key of each block
+    (block positions 0, stride, ...) scaled up by (real keys / sampled real keys)."""
+    n_k = k.shape[2]
+    H = q_pool.shape[1]
+    k_i8, k_scale = quantize_int8_per_block(smooth_k(k.float()), block_k)
+    qamax = q_pool.abs().amax(-1, keepdim=True).clamp_min(1e-20)
+    q_i8 = round_half_away(q_pool * (127.0 / qamax)).clamp(-127, 127)
+    kd = expand_kv(split_blocks(k_i8.float(), block_k), H)
+    s = torch.einsum("bhqd,bhjkd->bhqjk", q_i8, kd)
+    ks = expand_kv(k_scale[..., None], H)[..., 0]
+    s = s * ((qamax / 127.0)[..., None] * ks[:, :, None, :, None] * (scale * LOG2E))
+    NK = kd.shape[2]
+    pos = torch.arange(NK * block_k).view(NK, block_k)
+    valid = pos < n_k
+    picked = valid & (torch.arange(block_k)[None, :] % stride == 0)
+    mean_keys = picked if mean_mode == "sampled" else valid
+    mean = s.masked_fill(~mean_keys, 0.0).sum(-1) / mean_keys.sum(-1).float()
+    t = s.masked_fill(~picked, -math.inf)
+    m = t.amax(-1)
+    lse = m + torch.log2(torch.exp2(t - m[..., None]).sum(-1))
+    lse = lse + torch.log2(valid.sum(-1).float() / picked.sum(-1).float())
+    return lse, mean
+
+
+def run_regime(name, kw, sample_qblocks, log):
+    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
+    t0 = time.time()
+    q, k, v, info = make_video_qkv(**kw)
+    perm = TokenPermutation.for_grid(info["grid"], q.shape[2])
+    q, k, v = (perm.apply(x, 2) for x in (q, k, v))
+    q = sample_query_blocks(q, sample_qblocks, block_q, kw["seed"])
+    scale = q.shape[-1] ** -0.5
+    ref = dense_attention(q, k, v)
+    qp, qs = pool_and_similarity(q, block_q)
+    log(f"{name}: N={k.shape[2]}, {q.shape[2]} sampled query rows, heads {info['head_types']} "
+        f"({time.time() - t0:.0f} s to build)")
+    rows = []
+    for variant in VARIANTS:
+        stride = 1 if variant == "full" else int(variant.split("/")[0][1:])
+        mean_mode = "exact" if variant == "full" else variant.split("/")[1]
+        lse, mean = sampled_lse(qp, k, block_k, scale, stride, mean_mode)
+        for share in SHARES:
+            params = PRESETS["Balanced"].params(minshare=share)
+            mask = select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k, lse)
+            bias = fill_bias(lse, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
+            out = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, fill=bias)[0]
+            row = dict(variant=variant, minshare=share, density=mask.float().mean().item(),
+                       whole=rel_l1(out, ref), worst_head=rel_l1(out, ref, dims=(0, 2, 3)).max().item())
+            rows.append(row)
+            log(f"  {variant:10s} minshare {share:4.1f}  density {row['density']:.4f}  "
+                f"rel-L1 {row['whole']:.4f}  worst head {row['worst_head']:.4f}")
+    return rows
+
+
+def density_at(rows, variant, target, key="whole"):
+    """The kept density where `key` crosses `target`, interpolated in log(density) between the
+    sweep's two neighbouring points (None when the sweep does not bracket it)."""
+    pts = sorted((r["density"], r[key]) for r in rows if r["variant"] == variant)
+    for (d0, e0), (d1, e1) in zip(pts, pts[1:]):
+        if (e0 - target) * (e1 - target) <= 0 and e0 != e1:
+            f = (target - e0) / (e1 - e0)
+            return math.exp(math.log(d0) + f * (math.log(d1) - math.log(d0)))
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES))
+    ap.add_argument("--sample-qblocks", type=int, default=12)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    result = {"date": datetime.date.today().isoformat(), "device": "cpu", "sample_qblocks": args.sample_qblocks,
+              "regimes": {}}
+    for name in args.regimes:
+        rows = run_regime(name, REGIMES[name], args.sample_qblocks, log)
+        summary = {v: {"density_at_0.05": density_at(rows, v, 0.05),
+                       "density_at_worst_head_0.10": density_at(rows, v, 0.10, "worst_head")} for v in VARIANTS}
+        for v, s in summary.items():
+            fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+            log(f"  {name} {v:10s}: density at rel-L1 0.05 {fmt(s['density_at_0.05'])}, "
+                f"at worst head 0.10 {fmt(s['density_at_worst_head_0.10'])}")
+        result["regimes"][name] = {"inputs": {k_: list(v_) if isinstance(v_, tuple) else v_
+                                              for k_, v_ in REGIMES[name].items()},
+                                   "rows": rows, "summary": summary}
+    out = Path(__file__).resolve().parent / "results" / f"{result['date']}-cpu-lse_sample_study"
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".log").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
