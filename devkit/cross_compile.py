@@ -130,6 +130,27 @@ def pack_kernel_jobs(cc: int) -> list:
     # K's sampled mean, as prepare_sparse asks for it (revisions before it took all of K)
     k_sample_kw = ({"k_sample": (32, 8), "perm": perm} if "k_sample" in kv_stats.kv_stats.__code__.co_varnames
                    else {})
+    # V's max from the same sample and quant_v's overflow check (revisions before them read all of V)
+    v_sampled = "v_headroom" in kv_stats.kv_stats.__code__.co_varnames
+    if v_sampled:
+        k_sample_kw.update(v_format_max=448.0, v_headroom=4.0)
+    v_check_kw = {"rescale_above": 448.0} if v_sampled else {}
+    finish_headroom = (4.0,) if v_sampled else ()
+    fix_kernel = getattr(quantize, "_quant_v_fix_kernel", None)
+
+    def v_fix_launch():
+        """quant_v's second kernel launched directly (the launcher would run the first one here),
+        on the overflow path's variant: fp8 or fp16 as the target runs it, with means, permuted."""
+        nb = triton.cdiv(small, cfg.block_n)
+        vt = x(B, HKV, D, nb * cfg.block_n, dtype=torch.float8_e4m3fn if cfg.pv_fp8 else torch.float16)
+        vbar = x(B, HKV, D, 128, dtype=vt.dtype)
+        f32 = dict(dtype=torch.float32)
+        fix_kernel[(B * HKV, 8)](
+            x(B, HKV, small, D), kmean, perm, x(B, HKV, D, **f32), vt, vbar, x(B * HKV, nb, D, **f32),
+            x(B * HKV, nb, **f32), small * D * HKV, small * D, D, D * HKV, D, vt.stride(0), vt.stride(1), vt.stride(2),
+            vbar.stride(0), vbar.stride(1), vbar.stride(2), small, HKV, 448.0, BLOCK=cfg.block_n, HEAD_DIM=D,
+            D_TRUE=D, PV_FP8=cfg.pv_fp8, EMULATE_FP8=False, HAS_PERM=True, WANT_MEAN=True, RBLOCK=16, V_SLOT=-1,
+            **({"num_warps": helpers["quant_v"].num_warps} if helpers else {}))
     # fill, causal and pv_skip (off: pvthreshd inf) each on and off, every pair of them together,
     # in four compiles instead of eight; fill + causal without pv_skip needs the most shared memory
     jobs = [(attn_fwd._sparse_attn_fwd, f"fill={fill} causal={causal} pv_skip={pv_skip}",
@@ -144,14 +165,16 @@ def pack_kernel_jobs(cc: int) -> list:
             **helper_kw("quant_pool128"))),
         (quantize._quant_v_kernel, "v, means", lambda: quantize.quant_v(
             x(B, HKV, small, D), kmean + 1, cfg.block_n, D, cfg.pv_fp8, perm=perm, mean_blocks=128,
-            **helper_kw("quant_v"))),
+            **helper_kw("quant_v"), **v_check_kw)),
+        (fix_kernel, "v overflow check", v_fix_launch),
         (kv_stats._kv_stats_kernel, "", lambda: kv_stats.kv_stats(x(B, HKV, small, D), x(B, HKV, small, D),
                                                                    **helper_kw("kv_stats"), **k_sample_kw)),
         # the second kernel of kv_stats, launched directly (the launcher would run the first one here;
         # older revisions, compared by bench/sass_mix.py, do not have it)
         (getattr(kv_stats, "_kv_finish_kernel", None), "v scale", lambda: kv_stats._kv_finish_kernel[(B * HKV,)](
             x(B * HKV, 4, D, dtype=torch.float32), x(B * HKV, 4, D, dtype=torch.float32),
-            x(B, HKV, D, dtype=torch.float32), x(B, HKV, D, dtype=torch.float32), float(small), 4, 448.0,
+            x(B, HKV, D, dtype=torch.float32), x(B, HKV, D, dtype=torch.float32), float(small), 4, *finish_headroom,
+            448.0,
             HEAD_DIM=D, D_K=D, D_V=D, SCALE=True, num_warps=1)),
         (block_scores._block_lse_kernel, "with means", lambda: block_scores.block_lse_scores(
             x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),

@@ -80,21 +80,16 @@ _quant_pool = Kernel(_quant_pool_kernel)
 
 
 @triton.jit
-def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d,
-                    sb_b, sb_h, sb_d, N, H,
-                    MEAN_BLOCKS,
-                    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
-                    EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,
-                    V_SLOT: tl.constexpr):
-    V = caller_ptr(V, ADDRS, V_SLOT)
-    blk = tl.program_id(0)
-    b, h = batch_head(tl.program_id(1), H)
+def _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h, st_d, sb_b, sb_h, sb_d, N,
+                   BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
+                   EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr):
+    """Token block blk of V over the per-channel scale s (HEAD_DIM,) into VT (and its mean into
+    VBAR); returns the block's max |v| per channel (before the scale)."""
     offs_n, rows = _token_rows(PERM, blk, N, BLOCK, HAS_PERM)
     offs_d = tl.arange(0, HEAD_DIM)
     dmask = offs_d < D_TRUE
     x = tl.load(V + b * sv_b + h * sv_h + rows[:, None].to(tl.int64) * sv_n + offs_d[None, :],
                 mask=(offs_n < N)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    s = tl.load(VSCALE + b * svs_b + h * svs_h + offs_d, mask=dmask, other=1.0)
     y = x / s[None, :]
     if WANT_MEAN:  # the block's mean value (fill_skipped), stored like V itself: transposed, fp8 or fp16
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
@@ -102,6 +97,28 @@ def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, s
         tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + blk, ybar)
     y = to_pv_dtype(y, PV_FP8, EMULATE_FP8)
     tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + offs_n[:, None], y)
+    return tl.max(tl.abs(x), 0)
+
+
+@triton.jit
+def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h, st_d,
+                    sb_b, sb_h, sb_d, N, H,
+                    MEAN_BLOCKS,
+                    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
+                    EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,
+                    CHECK: tl.constexpr, V_SLOT: tl.constexpr):
+    V = caller_ptr(V, ADDRS, V_SLOT)
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = batch_head(bh, H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s = tl.load(VSCALE + b * svs_b + h * svs_h + offs_d, mask=offs_d < D_TRUE, other=1.0)
+    cmax = _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h, st_d, sb_b, sb_h, sb_d, N,
+                          BLOCK, HEAD_DIM, D_TRUE, PV_FP8, EMULATE_FP8, HAS_PERM, WANT_MEAN)
+    if CHECK:  # for the overflow check (_quant_v_fix): the block's largest |v| / s, and its max |v| per channel
+        nb = tl.cdiv(N, BLOCK)
+        tl.store(RATIO + bh * nb + blk, tl.max(cmax / s, 0))
+        tl.store(VMAXB + (bh * nb + blk).to(tl.int64) * HEAD_DIM + offs_d, cmax)
     if WANT_MEAN:  # the zero columns past the real blocks (last: no tile stays live across the loop)
         nb = tl.cdiv(N, BLOCK)
         for pb in range(nb + blk, MEAN_BLOCKS, nb):
@@ -109,6 +126,44 @@ def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, sv_b, sv_h, sv_n, svs_b, s
                      tl.zeros([HEAD_DIM], VBAR.dtype.element_ty))
 
 
+@triton.jit
+def _quant_v_fix_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv_h, sv_n, svs_b, svs_h, st_b, st_h,
+                        st_d, sb_b, sb_h, sb_d, N, H, format_max,
+                        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
+                        EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,
+                        RBLOCK: tl.constexpr, V_SLOT: tl.constexpr):
+    """The overflow check of a scale from a sample (reference.value_scale): a head where some block
+    has |v| / s above the format's largest value is quantized again at its exact scale, max |v| /
+    format_max over every block, which this head's programs (grid axis 1) write back into VSCALE
+    and share out block by block. Elsewhere each program reads the head's per-block ratios and
+    ends: a few us of a launch on the common path."""
+    V = caller_ptr(V, ADDRS, V_SLOT)
+    bh = tl.program_id(0)
+    b, h = batch_head(bh, H)
+    nb = tl.cdiv(N, BLOCK)
+    worst = tl.zeros([RBLOCK], dtype=tl.float32)
+    for r in range(0, nb, RBLOCK):
+        offs = r + tl.arange(0, RBLOCK)
+        worst = tl.maximum(worst, tl.load(RATIO + bh * nb + offs, mask=offs < nb, other=0.0))
+    if tl.max(worst, 0) > format_max:
+        offs_d = tl.arange(0, HEAD_DIM)
+        amax = tl.zeros([RBLOCK, HEAD_DIM], dtype=tl.float32)
+        for r in range(0, nb, RBLOCK):  # RBLOCK blocks' maxima per load
+            offs = r + tl.arange(0, RBLOCK)
+            amax = tl.maximum(amax, tl.load(VMAXB + (bh * nb + offs[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                                            mask=(offs < nb)[:, None], other=0.0))
+        amax = tl.max(amax, 0)
+        s = tl.maximum(amax / format_max, 1e-20)
+        s = tl.where(offs_d < D_TRUE, s, 1.0)
+        if tl.program_id(1) == 0:
+            tl.store(VSCALE + b * svs_b + h * svs_h + offs_d, s, mask=offs_d < D_TRUE)
+        for blk in range(tl.program_id(1), nb, tl.num_programs(1)):
+            _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h, st_d, sb_b, sb_h, sb_d, N,
+                           BLOCK, HEAD_DIM, D_TRUE, PV_FP8, EMULATE_FP8, HAS_PERM, WANT_MEAN)
+
+
+_quant_v_fix = Kernel(_quant_v_fix_kernel)
+FIX_PROGRAMS = 8
 _quant_v = Kernel(_quant_v_kernel)
 
 
@@ -181,10 +236,15 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
 
 def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool,
             perm: torch.Tensor | None = None, mean_blocks: int = 0, launch: Launch | None = None,
-            addr: tuple | None = None):
+            addr: tuple | None = None, rescale_above: float | None = None):
     """v (B,H,N,D) / scale (B,H,D) -> transposed (B,H,head_dim,nb*block) fp8 e4m3 or fp16, zero padded.
     mean_blocks > 0: also returns each block's mean of v / scale, transposed and in V's type
     (B,H,head_dim,mean_blocks), zero beyond the nb real blocks (mean_blocks >= nb).
+    rescale_above (a format's largest value): a head where some |v| / scale exceeds it is
+    quantized again at max |v| / rescale_above per channel over all of its tokens (floored at
+    1e-20), and that scale is written into `scale` in place (contiguous fp32, so the caller's
+    tensor is the one written): the overflow check of a scale taken from a sample
+    (reference.value_scale). Costs a second, small launch that ends at once where nothing overflowed.
     `launch`: the warps per program (speed only). addr (table, slot): v is read at the address
     table[slot] holds (kernels/caller_addrs.py)."""
     _check(v, "v")
@@ -192,6 +252,9 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     nb = cdiv(N, block)
     if scale.shape != (B, H, D) or scale.dtype != torch.float32:
         raise ValueError("v scale must be fp32 (B, H, D)")
+    check = rescale_above is not None
+    if check and not scale.is_contiguous():
+        raise ValueError("rescale_above writes the scale in place: it must be contiguous")
     scale = scale.contiguous()
     vt = torch.empty(B, H, head_dim, nb * block, dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16, device=v.device)
     perm = _check_perm(perm, N, v.device)
@@ -199,14 +262,19 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
         raise ValueError(f"mean_blocks {mean_blocks} < {nb} blocks")
     # the kernel writes the zero columns past the nb real blocks itself
     vbar = torch.empty(B, H, head_dim, mean_blocks, dtype=vt.dtype, device=v.device) if mean_blocks else vt
+    # the overflow check's per-block partials: the largest |v| / scale, and max |v| per channel
+    ratio = torch.empty(B * H, nb, dtype=torch.float32, device=v.device) if check else scale
+    vmaxb = torch.empty(B * H, nb, head_dim, dtype=torch.float32, device=v.device) if check else scale
     launch = launch or helper_launch("quant_v", v.device)
     addrs, slot = addr_args(addr, scale)
-    _quant_v[(nb, B * H)](
-        v, addrs, perm if perm is not None else scale, scale, vt, vbar, v.stride(0), v.stride(1), v.stride(2),
-        scale.stride(0), scale.stride(1), vt.stride(0), vt.stride(1), vt.stride(2),
-        vbar.stride(0) if mean_blocks else 0, vbar.stride(1) if mean_blocks else 0,
-        vbar.stride(2) if mean_blocks else 0, N, H, mean_blocks,
-        BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET,
-        HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, V_SLOT=slot, num_warps=launch.num_warps,
-    )
+    args = (v, addrs, perm if perm is not None else scale, scale, vt, vbar, vmaxb, ratio,
+            v.stride(0), v.stride(1), v.stride(2), scale.stride(0), scale.stride(1), vt.stride(0), vt.stride(1),
+            vt.stride(2), vbar.stride(0) if mean_blocks else 0, vbar.stride(1) if mean_blocks else 0,
+            vbar.stride(2) if mean_blocks else 0, N, H)
+    common = dict(BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET,
+                  HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, V_SLOT=slot, num_warps=launch.num_warps)
+    _quant_v[(nb, B * H)](*args, mean_blocks, CHECK=check, **common)
+    if check:
+        # a few programs per head: on the rare overflow they share out its blocks
+        _quant_v_fix[(B * H, min(FIX_PROGRAMS, nb))](*args, float(rescale_above), RBLOCK=16, **common)
     return (vt, vbar) if mean_blocks else vt

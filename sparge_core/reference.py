@@ -53,12 +53,16 @@ def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
 KMEAN_SAMPLE = (32, 8)
 
 
-def key_mean(k: torch.Tensor) -> torch.Tensor:
-    """K's smoothing vector (B,H,1,D): the mean of the sampled keys (KMEAN_SAMPLE; token 0 onwards,
-    so every sequence has at least one sampled key)."""
+def sampled_rows(n: int, device=None) -> torch.Tensor:
+    """The rows of the stats sample (KMEAN_SAMPLE; token 0 onwards, so every sequence has at least
+    one sampled row), as a boolean (n,) mask."""
     rows, every = KMEAN_SAMPLE
-    sampled = (torch.arange(k.shape[2], device=k.device) // rows) % every == 0
-    return k[:, :, sampled].mean(dim=2, keepdim=True)
+    return (torch.arange(n, device=device) // rows) % every == 0
+
+
+def key_mean(k: torch.Tensor) -> torch.Tensor:
+    """K's smoothing vector (B,H,1,D): the mean of the sampled keys (sampled_rows)."""
+    return k[:, :, sampled_rows(k.shape[2], k.device)].mean(dim=2, keepdim=True)
 
 
 def smooth_k(k: torch.Tensor) -> torch.Tensor:
@@ -76,10 +80,31 @@ def quantize_int8_per_block(x: torch.Tensor, block: int):
     return xq.flatten(2, 3)[:, :, :n].to(torch.int8), amax / 127.0
 
 
+# V's per-channel scale comes from the same sample of rows as K's smoothing vector, with room for
+# values up to V_HEADROOM times the sample's largest: the stats pass then reads 1/8 of V instead of
+# all of it. fp8 e4m3's precision is relative (3 mantissa bits from 2^-6 to 448), so the unused top
+# two binades cost nothing measurable; a head where some value would still land above the format's
+# largest is quantized again with its exact maximum (the kernels check every block).
+V_HEADROOM = 4.0
+
+
+def value_scale(v: torch.Tensor) -> torch.Tensor:
+    """V's per-channel scale (B,H,D) over all tokens: the sampled rows' max |v| times V_HEADROOM
+    over FP8_MAX; a head where |v| / scale exceeds FP8_MAX anywhere gets max |v| / FP8_MAX over
+    every row instead (its exact scale). Floored at TINY. The same rule for fp16 P.V, where
+    nothing would overflow, so that both paths quantize alike."""
+    v = v.float().abs()
+    amax = v.amax(dim=2)
+    sampled = (v[:, :, sampled_rows(v.shape[2], v.device)].amax(dim=2) * V_HEADROOM / FP8_MAX).clamp_min(TINY)
+    over = (amax / sampled > FP8_MAX).any(dim=-1, keepdim=True)  # per (b, h)
+    return torch.where(over, (amax / FP8_MAX).clamp_min(TINY), sampled)
+
+
 def quantize_v(v: torch.Tensor, pv_dtype: str):
-    """V with one scale per channel over all tokens. Returns (fp32 values as the kernel sees them, scale (B,H,D))."""
+    """V with one scale per channel over all tokens (value_scale). Returns (fp32 values as the
+    kernel sees them, scale (B,H,D))."""
     v = v.float()
-    scale = (v.abs().amax(dim=2) / FP8_MAX).clamp_min(TINY)
+    scale = value_scale(v)
     vs = v / scale[:, :, None, :]
     if pv_dtype == "fp8":
         vs = vs.to(torch.float8_e4m3fn).float()

@@ -7,7 +7,7 @@ from typing import Optional
 
 from .blockmask import SpargeBlockMask, num_blocks
 from .params import SpargeParams
-from .reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, expand_kv, pooled_scores
+from .reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM, expand_kv, pooled_scores
 
 
 def _thresholds(params: SpargeParams, heads: int, device, staged: Optional[dict]):
@@ -46,16 +46,18 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     threshold = _thresholds(params, H, q.device, staged)
     q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=predict,
                                           want_sim=q_sim_wanted, perm=perm_q, addr=at(0))
-    # one pass over V and a sample of K: K's smoothing vector (reference.key_mean, over the keys in
-    # the order the kernels visit them) and V's per-channel fp8 scale
+    # one pass over a sample of K and V: K's smoothing vector (reference.key_mean, over the keys in
+    # the order the kernels visit them) and V's per-channel fp8 scale (reference.value_scale, which
+    # quant_v checks against every value)
     k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm_k, k_addr=at(1),
-                               v_addr=at(2))
+                               v_addr=at(2), v_headroom=V_HEADROOM)
     # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
     k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
                        want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc, addr=at(1))
     k_i8, k_s, k_pool, k_sim = k_out[:4]
-    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2))
+    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2),
+                  rescale_above=FP8_MAX)
     fill_args = None
     if fill:
         v_t, vbar = v_t

@@ -31,6 +31,7 @@ from sparge_attention.sparge_core.reference import (  # noqa: E402
     pool_and_similarity,
     quantize_int8_per_block,
     quantize_v,
+    value_scale,
     smooth_k,
     sparge_reference,
 )
@@ -183,7 +184,7 @@ def test_quant_v_matches_reference(pv_fp8, D, hd, dtype, garbage_empty):
     g = torch.Generator().manual_seed(D + pv_fp8)
     N = 201
     v = (torch.randn(2, 2, N, D, generator=g) * torch.linspace(0.01, 5, D)).to(dtype)
-    scale = (v.float().abs().amax(dim=2) / FP8_MAX).clamp_min(1e-20)
+    scale = value_scale(v)
     vt = quant_v(v, scale, BK, hd, pv_fp8)
     nb = num_blocks(N, BK)
     assert vt.shape == (2, 2, hd, nb * BK)
@@ -205,6 +206,53 @@ def test_quant_v_matches_reference(pv_fp8, D, hd, dtype, garbage_empty):
     assert (vbar.float()[..., nb:] == 0).all() and (vbar.float()[:, :, D:] == 0).all()
     with pytest.raises(ValueError):
         quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=nb - 1)
+
+
+@pytest.mark.parametrize("pv_fp8", [True, False])
+def test_v_scale_from_the_sample_and_its_overflow_check(pv_fp8):
+    """The sparse call's V: the scale from kv_stats' sample with headroom, checked against every
+    value by quant_v. A head whose largest value the sample missed by more than the headroom is
+    quantized again at its exact scale (written back into the scale tensor); the others keep the
+    sampled one. Both as reference.value_scale / quantize_v, through a permutation and with the
+    fill means."""
+    from sparge_attention.kernels.kv_stats import kv_stats
+    from sparge_attention.sparge_core.reference import KMEAN_SAMPLE, V_HEADROOM, block_means, sampled_rows
+
+    g = torch.Generator().manual_seed(11 + pv_fp8)
+    B, H, N, D = 1, 3, 700, 80
+    k = torch.randn(B, H, N, D, generator=g)
+    v = torch.randn(B, H, N, D, generator=g) * torch.linspace(0.05, 3, D)
+    perm = torch.randperm(N, generator=g).to(torch.int32)
+    vp = v[:, :, perm.long()]  # the order the kernels visit the tokens in (the reference's)
+    outside = (~sampled_rows(N)).nonzero()[:, 0]
+    vp[0, 1, outside[5], 7] = 50.0 * vp[0, 1, sampled_rows(N), 7].abs().max()  # head 1: one value far out
+    v[:, :, perm.long()] = vp
+    _, scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm, v_headroom=V_HEADROOM)
+    sampled = (vp[:, :, sampled_rows(N)].abs().amax(2) * V_HEADROOM / FP8_MAX).clamp_min(1e-20)
+    assert torch.equal(scale, sampled)
+    nb = num_blocks(N, BK)
+    vt, vbar = quant_v(v, scale, BK, 128, pv_fp8, perm=perm, mean_blocks=nb + 3, rescale_above=FP8_MAX)
+    want = value_scale(vp)
+    assert torch.equal(scale, want)  # written in place: head 1 exact, heads 0 and 2 the sample's
+    assert torch.equal(want[0, 1], (vp[0, 1].abs().amax(0) / FP8_MAX).clamp_min(1e-20))
+    assert torch.equal(want[0, ::2], sampled[0, ::2]) and not torch.equal(want[0, 1], sampled[0, 1])
+    ref, _ = quantize_v(vp, "fp8" if pv_fp8 else "fp16")
+    assert torch.equal(vt.float()[:, :, :D, :N].transpose(-1, -2), ref)
+    _, want_vbar = block_means(vp, vp, BK, "fp8" if pv_fp8 else "fp16")
+    got_vbar = vbar.float()[:, :, :D, :nb].transpose(-1, -2)
+    torch.testing.assert_close(got_vbar, want_vbar, rtol=0.07 if pv_fp8 else 2e-3, atol=1e-3)
+    assert (vbar.float()[..., nb:] == 0).all()
+    # no head over: one launch's result, the scale untouched
+    v2 = v.clone()
+    v2[:, :, perm.long()[outside[5]]] = 0.0
+    _, scale2 = kv_stats(k, v2, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm, v_headroom=V_HEADROOM)
+    before = scale2.clone()
+    quant_v(v2, scale2, BK, 128, pv_fp8, perm=perm, rescale_above=FP8_MAX)
+    assert torch.equal(scale2, before) and torch.equal(scale2, value_scale(v2[:, :, perm.long()]))
+    with pytest.raises(ValueError, match="contiguous"):
+        quant_v(v, scale.transpose(1, 2).contiguous().transpose(1, 2), BK, 128, pv_fp8, rescale_above=FP8_MAX)
+    with pytest.raises(ValueError, match="v_format_max"):
+        kv_stats(k, v, v_headroom=V_HEADROOM)
 
 
 def test_quant_v_fp8_rounding_near_powers_of_two():

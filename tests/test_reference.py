@@ -391,10 +391,33 @@ def test_quantize_v_round_trip(pv_dtype):
     assert scale.shape == (1, 2, 64)
     assert vq.abs().max() <= 448.0 * (1 + 1e-6)
     rel = {"fp8": 2 ** -4, "fp16": 2 ** -11, "fp32": 1e-6}[pv_dtype]
+    # below the format's smallest normal value the step is absolute: half of e4m3's 2^-9
+    floor = {"fp8": 2 ** -10, "fp16": 2 ** -25, "fp32": 0.0}[pv_dtype] * 1.001
     back = vq * scale[:, :, None, :]
-    assert ((back - v).abs() <= rel * v.abs() + 1e-6 * scale[:, :, None, :] * 448).all()
+    assert ((back - v).abs() <= rel * v.abs() + floor * scale[:, :, None, :] + 1e-12).all()
     with pytest.raises(ValueError, match="pv_dtype"):
         quantize_v(v, "int4")
+
+
+def test_value_scale_from_the_sample_with_headroom_and_the_exact_fallback():
+    """V's scale: the sampled rows' max times V_HEADROOM over FP8_MAX, unless some value of the
+    head would then land above FP8_MAX; that head gets its exact max over FP8_MAX, every channel."""
+    from sparge_attention.sparge_core.reference import FP8_MAX, V_HEADROOM, sampled_rows, value_scale
+
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2, 3, 600, 16, generator=g)
+    rows = sampled_rows(600)
+    assert rows[:32].all() and not rows[32:256].any() and rows[256:288].all()
+    want = v[:, :, rows].abs().amax(2) * V_HEADROOM / FP8_MAX
+    assert torch.equal(value_scale(v), want)
+    v[1, 2, 100, 5] = 10 * V_HEADROOM * v[1, 2, rows, 5].abs().max()  # outside the sample, past the headroom
+    got = value_scale(v)
+    assert torch.equal(got[1, 2], v[1, 2].abs().amax(0) / FP8_MAX)
+    got[1, 2] = want[1, 2]
+    assert torch.equal(got, want)  # the other heads keep the sampled scale
+    assert (v / value_scale(v)[:, :, None, :]).abs().max() <= FP8_MAX
+    v[0, 0, :, 3] = 0.0
+    assert value_scale(v)[0, 0, 3] == 1e-20
 
 
 def test_smooth_k_leaves_softmax_unchanged():
