@@ -9,11 +9,16 @@ skipped-block estimate's bias (lse - mean score) then carries the sample's error
 
 Variants, all on the reference backend (sparge_core.reference), Hilbert order, share mode with
 the estimate, each at a sweep of minshare values:
-  full        today's scores (every key)
+  full        the scores before v31 (every key; the mean score over the block's keys)
   sN/exact    every N-th key of the block (the block's first key onwards) for the lse, the mean
               score over all of the block's keys (what an exact mean would give: from the
               block's mean key, as the estimate uses)
   sN/sampled  the mean score over the same sampled keys
+  sN+norm/exact  as sN/exact, and the block's largest-norm key read exactly, the sample's keys
+              (every N-th) standing for the other n - 1
+  reference   reference.block_lse_scores at stride 2 (the kernel's key_stride 2: every 2nd key,
+              the top key in place of its group's, the mean score against the block's int8 mean
+              key), the default at bd0ca33; back off since (it errs on random keys, NOTES v31)
 Errors: rel-L1 of the whole output and of the worst head against fp32 dense attention, on
 sampled query blocks (exact for those rows, see guard_study.sample_query_blocks); the density
 is the kept fraction of (query block, key block) pairs. The inputs are none of the ones the
@@ -21,6 +26,7 @@ presets were tuned on (realistic_bench uses seed 0 and the default head mix): ot
 other head mixes, text tokens, a noisy step.
 
     python bench/lse_sample_study.py                       # three regimes (~10 min on 2 cores)
+    python bench/lse_sample_study.py --regimes wan480-seed5 hunyuan-mix-text256-seed6 --variants full reference --tag=-ref
 """
 import argparse
 import datetime
@@ -41,7 +47,8 @@ from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
 from sparge_attention.sparge_core.hilbert import TokenPermutation  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 from sparge_attention.sparge_core.reference import (  # noqa: E402
-    LOG2E, dense_attention, expand_kv, fill_bias, pool_and_similarity, quantize_int8_per_block,
+    LOG2E, block_lse_scores, dense_attention, expand_kv, fill_bias, mean_keys_i8, pool_and_similarity,
+    quantize_int8_per_block,
     round_half_away, select_blocks, smooth_k, sparse_attention_reference, split_blocks)
 
 REGIMES = {
@@ -52,11 +59,11 @@ REGIMES = {
     "wan480-noisy0.6-seed7": dict(grid=(13, 30, 52), heads=12, seed=7, noise_level=0.6,
                                   head_types=["local", "temporal", "global", "spatial"] * 3),
 }
-VARIANTS = ("full", "s2/exact", "s2/sampled", "s4/exact")
+VARIANTS = ("full", "s2/exact", "s2/sampled", "s4/exact", "s2+norm/exact", "s4+norm/exact", "reference")
 SHARES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 
 
-def sampled_lse(q_pool, k, block_k, scale, stride, mean_mode):
+def sampled_lse(q_pool, k, block_k, scale, stride, mean_mode, with_norm=False):
     """(lse, mean) scores (B,H,NQ,NK) in log2 units, as reference.block_lse_scores computes them
     (int8 pooled queries, smoothed int8 keys), but the lse over every `stride`-th key of each block
     (block positions 0, stride, ...) scaled up by (real keys / sampled real keys)."""
@@ -75,14 +82,26 @@ def sampled_lse(q_pool, k, block_k, scale, stride, mean_mode):
     picked = valid & (torch.arange(block_k)[None, :] % stride == 0)
     mean_keys = picked if mean_mode == "sampled" else valid
     mean = s.masked_fill(~mean_keys, 0.0).sum(-1) / mean_keys.sum(-1).float()
-    t = s.masked_fill(~picked, -math.inf)
+    if not with_norm:
+        t = s.masked_fill(~picked, -math.inf)
+        m = t.amax(-1)
+        lse = m + torch.log2(torch.exp2(t - m[..., None]).sum(-1))
+        lse = lse + torch.log2(valid.sum(-1).float() / picked.sum(-1).float())
+        return lse, mean
+    # the block's largest-norm key exactly (a sink is one), the others estimated from the sample
+    norms = kd.float().norm(dim=-1).masked_fill(~valid, -1.0)  # (B,H,NK,BK)
+    top = torch.nn.functional.one_hot(norms.argmax(-1), block_k).bool()  # (B,H,NK,BK)
+    rest = picked & ~top  # (B,H,NK,BK) via broadcasting
+    n_rest = (valid & ~top).sum(-1).float()  # (B,H,NK)
+    scale_up = n_rest / rest.sum(-1).float().clamp_min(1)
+    t = s.masked_fill(~(rest | top)[:, :, None], -math.inf)
     m = t.amax(-1)
-    lse = m + torch.log2(torch.exp2(t - m[..., None]).sum(-1))
-    lse = lse + torch.log2(valid.sum(-1).float() / picked.sum(-1).float())
-    return lse, mean
+    e = torch.exp2(t - m[..., None])
+    tot = (e * top[:, :, None]).sum(-1) + scale_up[:, :, None] * (e * rest[:, :, None]).sum(-1)
+    return m + torch.log2(tot), mean
 
 
-def run_regime(name, kw, sample_qblocks, log):
+def run_regime(name, kw, sample_qblocks, variants, log):
     block_q, block_k = block_sizes(torch.device("cpu"), "reference")
     t0 = time.time()
     q, k, v, info = make_video_qkv(**kw)
@@ -95,20 +114,29 @@ def run_regime(name, kw, sample_qblocks, log):
     log(f"{name}: N={k.shape[2]}, {q.shape[2]} sampled query rows, heads {info['head_types']} "
         f"({time.time() - t0:.0f} s to build)")
     rows = []
-    for variant in VARIANTS:
-        stride = 1 if variant == "full" else int(variant.split("/")[0][1:])
-        mean_mode = "exact" if variant == "full" else variant.split("/")[1]
-        lse, mean = sampled_lse(qp, k, block_k, scale, stride, mean_mode)
+    for variant in variants:
+        if variant == "reference":  # the reference's estimator at stride 2 (the kernel's key_stride 2)
+            ksm = smooth_k(k.float())
+            k_i8, k_scale = quantize_int8_per_block(ksm, block_k)
+            lse, mean = block_lse_scores(qp, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True,
+                                         kbar=mean_keys_i8(ksm, block_k), stride=2)
+        else:
+            head = variant.split("/")[0]
+            stride = 1 if variant == "full" else int(head[1:].split("+")[0])
+            mean_mode = "exact" if variant == "full" else variant.split("/")[1]
+            lse, mean = sampled_lse(qp, k, block_k, scale, stride, mean_mode, with_norm=head.endswith("+norm"))
         for share in SHARES:
             params = PRESETS["Balanced"].params(minshare=share)
             mask = select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k, lse)
             bias = fill_bias(lse, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
             out = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, fill=bias)[0]
+            per_head = rel_l1(out, ref, dims=(0, 2, 3))
             row = dict(variant=variant, minshare=share, density=mask.float().mean().item(),
-                       whole=rel_l1(out, ref), worst_head=rel_l1(out, ref, dims=(0, 2, 3)).max().item())
+                       whole=rel_l1(out, ref), worst_head=per_head.max().item(),
+                       worst_head_type=info["head_types"][int(per_head.argmax())])
             rows.append(row)
             log(f"  {variant:10s} minshare {share:4.1f}  density {row['density']:.4f}  "
-                f"rel-L1 {row['whole']:.4f}  worst head {row['worst_head']:.4f}")
+                f"rel-L1 {row['whole']:.4f}  worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
     return rows
 
 
@@ -127,6 +155,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES))
     ap.add_argument("--sample-qblocks", type=int, default=12)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--tag", default="", help="suffix of the result files' names")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     lines = []
@@ -138,9 +168,9 @@ def main():
     result = {"date": datetime.date.today().isoformat(), "device": "cpu", "sample_qblocks": args.sample_qblocks,
               "regimes": {}}
     for name in args.regimes:
-        rows = run_regime(name, REGIMES[name], args.sample_qblocks, log)
+        rows = run_regime(name, REGIMES[name], args.sample_qblocks, args.variants, log)
         summary = {v: {"density_at_0.05": density_at(rows, v, 0.05),
-                       "density_at_worst_head_0.10": density_at(rows, v, 0.10, "worst_head")} for v in VARIANTS}
+                       "density_at_worst_head_0.10": density_at(rows, v, 0.10, "worst_head")} for v in args.variants}
         for v, s in summary.items():
             fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
             log(f"  {name} {v:10s}: density at rel-L1 0.05 {fmt(s['density_at_0.05'])}, "
@@ -148,7 +178,7 @@ def main():
         result["regimes"][name] = {"inputs": {k_: list(v_) if isinstance(v_, tuple) else v_
                                               for k_, v_ in REGIMES[name].items()},
                                    "rows": rows, "summary": summary}
-    out = Path(__file__).resolve().parent / "results" / f"{result['date']}-cpu-lse_sample_study"
+    out = Path(__file__).resolve().parent / "results" / f"{result['date']}-cpu-lse_sample_study{args.tag}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".log").write_text("\n".join(lines) + "\n")
 

@@ -23,7 +23,7 @@ from sparge_attention.kernels.kv_stats import kv_stats
 from sparge_attention.kernels.quantize import quant_pool, quant_v
 from sparge_attention.kernels.select import select_blocks_fused
 from sparge_attention.sparge_core.hilbert import TokenPermutation
-from sparge_attention.sparge_core.reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM
+from sparge_attention.sparge_core.reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, LSE_KEY_STRIDE, V_HEADROOM
 
 
 def grids(quick: bool) -> dict:
@@ -41,8 +41,9 @@ def grids(quick: bool) -> dict:
         "select": [Launch(num_warps=n) for n in (1, 2, 4, 8)],
         "block_lse_nomean": [],  # the default shape only: what the fill_skipped mean scores cost
         # the default shape only, for comparison: v31's V stats before (all of V read for its max,
-        # no overflow check in quant_v)
+        # no overflow check in quant_v), and the lse scores from half the keys
         "kv_stats_fullv": [],
+        "block_lse_stride2": [],
         "quant_v_unchecked": [],
     }
     if quick:
@@ -51,7 +52,8 @@ def grids(quick: bool) -> dict:
 
 
 # comparison rows -> the kernel whose launch shape they take
-ALIASES = {"block_lse_nomean": "block_lse", "kv_stats_fullv": "kv_stats", "quant_v_unchecked": "quant_v"}
+ALIASES = {"block_lse_nomean": "block_lse", "kv_stats_fullv": "kv_stats", "quant_v_unchecked": "quant_v",
+           "block_lse_stride2": "block_lse"}
 
 
 def runners(q, k, v, perm, scale, n_k):
@@ -60,9 +62,11 @@ def runners(q, k, v, perm, scale, n_k):
     nkc = cdiv(cdiv(n_k, BLOCK_N), FILL_PAD) * FILL_PAD
     k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm, v_headroom=V_HEADROOM)
     q_pool = quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False, perm=perm)[2]
-    k_i8, k_s = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
-                           pool_i8_blocks=nkc)[:2]
-    scores, mean = block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True)
+    k_out = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
+                       pool_i8_blocks=nkc, want_top=True)
+    k_i8, k_s, kbar, top = k_out[0], k_out[1], k_out[4], k_out[5]
+    lse_kw = dict(key_stride=LSE_KEY_STRIDE, key_top=top, kbar=kbar)
+    scores, mean = block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, **lse_kw)
     minshare = torch.full((q.shape[1],), 1.5, device=q.device)  # Balanced
     return {
         "quant_pool64": lambda L: quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False,
@@ -75,8 +79,13 @@ def runners(q, k, v, perm, scale, n_k):
                                        v_headroom=V_HEADROOM),
         "quant_v_unchecked": lambda L: quant_v(v, v_scale, BLOCK_N, hd, True, perm=perm, mean_blocks=nkc, launch=L),
         "kv_stats_fullv": lambda L: kv_stats(k, v, v_format_max=FP8_MAX, launch=L, k_sample=KMEAN_SAMPLE, perm=perm),
-        "block_lse": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, launch=L),
-        "block_lse_nomean": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, launch=L),
+        "block_lse": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, launch=L,
+                                                **lse_kw),
+        "block_lse_nomean": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, launch=L,
+                                                       key_stride=LSE_KEY_STRIDE, key_top=top),
+        # every 2nd key and each block's top one (the kernel's key_stride 2, off by default: v31)
+        "block_lse_stride2": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True,
+                                                        launch=L, key_stride=2, key_top=top, kbar=kbar),
         "select": lambda L: select_blocks_fused(scores, None, None, minshare, "share", True, False, q.shape[2], n_k,
                                                 BLOCK_M, BLOCK_N, fill_mean=mean, fill_blocks=nkc, launch=L),
     }

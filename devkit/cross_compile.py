@@ -137,6 +137,10 @@ def pack_kernel_jobs(cc: int) -> list:
     v_check_kw = {"rescale_above": 448.0} if v_sampled else {}
     finish_headroom = (4.0,) if v_sampled else ()
     fix_kernel = getattr(quantize, "_quant_v_fix_kernel", None)
+    # the lse kernel's means from the mean keys (revisions before summed them in the loop)
+    lse_kw = {}
+    if "kbar" in block_scores.block_lse_scores.__code__.co_varnames:
+        lse_kw = dict(kbar=(x(B, HKV, 640, D, dtype=torch.int8), x(B, HKV, 640, dtype=torch.float32)))
 
     def v_fix_launch():
         """quant_v's second kernel launched directly (the launcher would run the first one here),
@@ -178,7 +182,8 @@ def pack_kernel_jobs(cc: int) -> list:
             HEAD_DIM=D, D_K=D, D_V=D, SCALE=True, num_warps=1)),
         (block_scores._block_lse_kernel, "with means", lambda: block_scores.block_lse_scores(
             x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
-            x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True, **helper_kw("block_lse"))),
+            x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True, **helper_kw("block_lse"),
+            **lse_kw)),
         # the sorting modes' shared memory grows with the padded key-block count (1024: 4 warps, 2048: 8)
         (select._select_kernel, "cdf causal fill, 1500 blocks", select_launch("cdf", True, 1500)),
         (select._select_kernel, "topk, 591 blocks", select_launch("topk", False, nk)),

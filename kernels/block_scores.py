@@ -1,5 +1,9 @@
 """Stage-1 "lse" scoring: for each pooled query and each key block, log2 sum_j exp2(q_pool . k_j)
-over the block's keys. About 1/BLOCK_M of dense attention's work, on int8 tensor cores."""
+over the block's keys, estimated from every key_stride-th key and the block's largest-norm one
+(sparge_core.reference.block_lse_scores). About 1/(BLOCK_M * key_stride) of dense attention's
+work, on int8 tensor cores."""
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -11,57 +15,53 @@ from .numerics import MAGIC_F, batch_head, int32_bits_f32, round_half_away
 
 
 @triton.jit
-def _block_lse(q_i8, k_ptrs, sk_n, row_scale, ks, kb, offs_n, N_K, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
-               WANT_MEAN: tl.constexpr):
-    """log2 sum_j exp2(score_j) over one key block, per row (and the mean score, when wanted),
-    score_j = dot_j * c with c = row_scale * ks (ks: this key block's scale). As in the attention
-    kernel, the row max works on the raw float bits f_j = dot_j + MAGIC_F of (dot + MAGIC_I);
-    f_j - f_max is exact (both in [2^23, 2^24)), so each score keeps full fp32 precision.
-    row_scale (per row, loop-invariant) and ks stay apart so that the row scale enters the scores'
-    layout once (see the caller)."""
-    k = tl.load(k_ptrs + kb * BLOCK_N * sk_n)  # int8, padded to whole blocks (offset < 2^31 within a head)
+def _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_rest, offs_s, N_K, BLOCK_N: tl.constexpr,
+               KEY_STRIDE: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """log2 sum_j w_j exp2(score_j) per row over the keys this key block's score reads: every
+    KEY_STRIDE-th, the one of the top key's group replaced by the top key (position `top`, weight
+    1), the others weighted 2^lw_rest (reference.block_lse_scores). score_j = dot_j * c with c =
+    row_scale * ks (ks: this key block's scale). As in the attention kernel, the row max works on
+    the raw float bits f_j = dot_j + MAGIC_F of (dot + MAGIC_I); f_j - f_max is exact (both in
+    [2^23, 2^24)), so each score keeps full fp32 precision. row_scale (per row, loop-invariant) and
+    ks stay apart so that the row scale enters the scores' layout once (see the caller)."""
+    if KEY_STRIDE == 1:
+        rows = offs_s
+    else:
+        rows = tl.where(offs_s == top // KEY_STRIDE, top, offs_s * KEY_STRIDE)
+    # int8, padded to whole blocks (offset < 2^31 within a head)
+    k = tl.load(k_base + (kb * BLOCK_N + rows)[None, :].to(tl.int64) * sk_n)
     dot = tl.dot(q_i8, k)
     s = int32_bits_f32(dot)
     c = row_scale * ks
-    mean = tl.zeros_like(c)
-    if WANT_MEAN:  # padded keys are zero: their dots add nothing to the sum
-        n_real = tl.minimum(N_K - kb * BLOCK_N, BLOCK_N).to(tl.float32)
-        # summed as int32 (|sum| <= 128 * 2^21 < 2^31), exact, and one conversion per row
-        # instead of one per score on the 16-per-clock conversion unit
-        mean = tl.sum(dot, 1).to(tl.float32) * c / n_real
     if MASK_KEYS:
-        s = tl.where((kb * BLOCK_N + offs_n < N_K)[None, :], s, float("-inf"))
+        s = tl.where((kb * BLOCK_N + rows < N_K)[None, :], s, float("-inf"))
     f_max = tl.max(s, 1)
-    p = tl.math.exp2((s - f_max[:, None]) * c[:, None])
-    return (f_max - MAGIC_F) * c + tl.math.log2(tl.sum(p, 1)), mean
+    if KEY_STRIDE == 1:
+        p = tl.math.exp2((s - f_max[:, None]) * c[:, None])
+    else:  # the weight's log2 in the same FFMA
+        lw = tl.where(rows == top, 0.0, lw_rest)
+        p = tl.math.exp2((s - f_max[:, None]) * c[:, None] + lw[None, :])
+    return (f_max - MAGIC_F) * c + tl.math.log2(tl.sum(p, 1))
 
 
 @triton.jit
-def _into_tile(lse_t, mean_t, lse, mean, cols, j, WANT_MEAN: tl.constexpr):
-    """Column j of the result tiles <- one key block's per-row results."""
-    hit = (cols == j)[None, :]
-    lse_t = tl.where(hit, lse[:, None], lse_t)
-    if WANT_MEAN:
-        mean_t = tl.where(hit, mean[:, None], mean_t)
-    return lse_t, mean_t
-
-
-@triton.jit
-def _block_lse_kernel(QP, K, KS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks_b, sks_h, so_b, so_h, so_r,
-                      NR, N_K, NKB, H, KV_GROUP, scale_log2,
+def _block_lse_kernel(QP, K, KS, TOP, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks_b, sks_h,
+                      skb_b, skb_h, skbs_b, skbs_h, so_b, so_h, so_r,
+                      NR, N_K, NKB, H, KV_GROUP, scale_log2, lw_full,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
-                      KB_TILE: tl.constexpr, WANT_MEAN: tl.constexpr):
+                      KB_TILE: tl.constexpr, KEY_STRIDE: tl.constexpr, WANT_MEAN: tl.constexpr):
     """One program: BLOCK_R pooled queries against KB_TILE consecutive key blocks. The per-row
     results collect in a (BLOCK_R, KB_TILE) register tile, stored once at the end: a store per
     block would move each row's value through shared memory (the dot's row layout is not the
-    store's) behind two barriers, every block."""
+    store's) behind two barriers, every block. The mean scores are one product of the pooled
+    queries with the tile's KB_TILE mean keys, before the loop."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     bh = tl.program_id(2)
     b, h = batch_head(bh, H)
     hk = h // KV_GROUP
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_s = tl.arange(0, BLOCK_N // KEY_STRIDE)
     offs_d = tl.arange(0, HEAD_DIM)
     qp = tl.load(QP + b * sqp_b + h * sqp_h + offs_r[:, None] * sqp_r + offs_d[None, :],
                  mask=(offs_r < NR)[:, None] & (offs_d < D_TRUE)[None, :], other=0.0)
@@ -69,31 +69,53 @@ def _block_lse_kernel(QP, K, KS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_
     qamax = tl.maximum(tl.max(tl.abs(qp), 1), 1e-20)
     qs = qp * (127.0 / qamax)[:, None]
     q_i8 = round_half_away(qs).to(tl.int8)
-    row_scale = qamax / 127.0 * scale_log2
-    # the row scale into the scores' layout once, here: added to a zero row of the same dot's
-    # layout, it is computed in that layout (left alone, the compiler multiplies it by each block's
-    # scale first and moves the product through shared memory behind a barrier, every block)
-    zero = tl.dot(q_i8, tl.zeros([HEAD_DIM, BLOCK_N], dtype=tl.int8))
-    row_scale = row_scale + tl.max(zero, 1).to(tl.float32)
-    k_ptrs = K + b * sk_b + hk * sk_h + offs_n[None, :].to(tl.int64) * sk_n + offs_d[:, None]
-    ks_ptr = KS + b * sks_b + hk * sks_h
+    row_scale0 = qamax / 127.0 * scale_log2
     kb0 = pid_c * KB_TILE
     kb1 = tl.minimum(kb0 + KB_TILE, NKB)
     cols = tl.arange(0, KB_TILE)
-    lse_t = tl.zeros([BLOCK_R, KB_TILE], dtype=tl.float32)
     mean_t = tl.zeros([BLOCK_R, KB_TILE], dtype=tl.float32)
+    if WANT_MEAN:  # the mean keys of this tile's blocks (int8, zero past the real blocks), one product
+        kbar = tl.load(KBAR + b * skb_b + hk * skb_h + (kb0 + cols)[None, :] * HEAD_DIM + offs_d[:, None],
+                       mask=(kb0 + cols < NKB)[None, :], other=0)
+        kbs = tl.load(KBS + b * skbs_b + hk * skbs_h + kb0 + cols, mask=kb0 + cols < NKB, other=0.0)
+        mean_t = tl.dot(q_i8, kbar).to(tl.float32) * row_scale0[:, None] * kbs[None, :]
+    # the row scale into the scores' layout once, here: added to a zero row of the same dot's
+    # layout, it is computed in that layout (left alone, the compiler multiplies it by each block's
+    # scale first and moves the product through shared memory behind a barrier, every block)
+    zero = tl.dot(q_i8, tl.zeros([HEAD_DIM, BLOCK_N // KEY_STRIDE], dtype=tl.int8))
+    row_scale = row_scale0 + tl.max(zero, 1).to(tl.float32)
+    k_base = K + b * sk_b + hk * sk_h + offs_d[:, None]
+    ks_ptr = KS + b * sks_b + hk * sks_h
+    top_ptr = TOP + b * sks_b + hk * sks_h  # TOP has KS's strides
+    lse_t = tl.zeros([BLOCK_R, KB_TILE], dtype=tl.float32)
     # only the last key block of the sequence can be partial: run the others without a mask
     kb_full = tl.minimum(kb1, N_K // BLOCK_N)
     ks_next = tl.load(ks_ptr + kb0)
+    top_next = 0
+    if KEY_STRIDE > 1:
+        top_next = tl.load(top_ptr + kb0)
     for kb in range(kb0, kb_full):
         ks = ks_next
-        ks_next = tl.load(ks_ptr + tl.minimum(kb + 1, NKB - 1))  # a block ahead: its latency hides behind this one
-        lse, mean = _block_lse(q_i8, k_ptrs, sk_n, row_scale, ks, kb, offs_n, N_K, BLOCK_N, False, WANT_MEAN)
-        lse_t, mean_t = _into_tile(lse_t, mean_t, lse, mean, cols, kb - kb0, WANT_MEAN)
+        top = top_next
+        nxt = tl.minimum(kb + 1, NKB - 1)
+        ks_next = tl.load(ks_ptr + nxt)  # a block ahead: its latency hides behind this one
+        if KEY_STRIDE > 1:
+            top_next = tl.load(top_ptr + nxt)
+        lse = _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_full, offs_s, N_K, BLOCK_N, KEY_STRIDE, False)
+        lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
     if kb_full < kb1:
-        lse, mean = _block_lse(q_i8, k_ptrs, sk_n, row_scale, tl.load(ks_ptr + kb_full), kb_full, offs_n, N_K,
-                               BLOCK_N, True, WANT_MEAN)
-        lse_t, mean_t = _into_tile(lse_t, mean_t, lse, mean, cols, kb_full - kb0, WANT_MEAN)
+        top = 0
+        lw_last = 0.0
+        if KEY_STRIDE > 1:
+            top = tl.load(top_ptr + kb_full)
+            n_real = N_K - kb_full * BLOCK_N
+            # (n - 1) / (the other real keys read); a block of one key has no other real key
+            # (its other columns are masked: their weight does not matter)
+            lw_last = tl.math.log2(tl.maximum(n_real - 1, 1).to(tl.float32)
+                                   / tl.maximum(tl.cdiv(n_real, KEY_STRIDE) - 1, 1).to(tl.float32))
+        lse = _block_lse(q_i8, k_base, sk_n, row_scale, tl.load(ks_ptr + kb_full), kb_full, top, lw_last, offs_s,
+                         N_K, BLOCK_N, KEY_STRIDE, True)
+        lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
     offs = b * so_b + h * so_h + offs_r[:, None] * so_r + (kb0 + cols)[None, :]
     ok = (offs_r < NR)[:, None] & (kb0 + cols < kb1)[None, :]
     tl.store(OUT + offs, lse_t, mask=ok)
@@ -105,10 +127,15 @@ _block_lse_launch = Kernel(_block_lse_kernel)
 
 
 def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Tensor, scale: float,
-                     n_k: int, block_k: int, want_mean: bool = False, launch: Launch | None = None):
+                     n_k: int, block_k: int, want_mean: bool = False, launch: Launch | None = None,
+                     key_stride: int = 1, key_top: torch.Tensor | None = None, kbar: tuple | None = None):
     """q_pool (B,H,NQ,D) fp32, k_i8 (B,Hkv,NK*block_k,HD) int8 smoothed keys, k_scale (B,Hkv,NK).
-    Returns (B,H,NQ,NK) fp32 in log2 units; with want_mean also the mean score over each block's
-    real keys (same shape and units). `launch`: tile rows, warps, stages and programs (speed only)."""
+    Returns (B,H,NQ,NK) fp32 in log2 units (reference.block_lse_scores); with want_mean also the
+    pooled queries' scores against the blocks' mean keys (same shape and units), kbar = (int8
+    mean keys (B,Hkv,>=NK,HD) contiguous, their scales (B,Hkv,>=NK)) from quant_pool's
+    pool_i8_blocks. key_stride > 1: each block's score reads every key_stride-th key and its
+    largest-norm one, key_top (B,Hkv,NK) int32 (quant_pool's want_top). `launch`: tile rows, warps,
+    stages and programs (speed only)."""
     B, H, NQ, D = q_pool.shape
     Hkv, n_pad, hd = k_i8.shape[1:]
     if k_i8.dtype != torch.int8 or n_pad % block_k or H % Hkv or hd < D:
@@ -116,6 +143,21 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     nkb = n_pad // block_k
     if k_scale.shape != (B, Hkv, nkb):
         raise ValueError(f"k_scale must be (B, Hkv, {nkb})")
+    if key_stride < 1 or block_k % key_stride or block_k // key_stride < 16:
+        raise ValueError(f"key_stride {key_stride} must divide block_k {block_k} into >= 16 keys")
+    if key_stride > 1 and (key_top is None or key_top.shape != k_scale.shape or key_top.dtype != torch.int32
+                           or key_top.stride() != k_scale.stride()):
+        raise ValueError(f"key_stride > 1 needs key_top, int32 (B, Hkv, {nkb}) with k_scale's strides")
+    if want_mean:
+        if kbar is None:
+            raise ValueError("want_mean needs the mean keys (kbar)")
+        kbar_i8, kbar_s = kbar
+        if (kbar_i8.dtype != torch.int8 or kbar_i8.shape[:2] != (B, Hkv) or kbar_i8.shape[2] < nkb
+                or kbar_i8.shape[3] != hd or kbar_i8.stride(2) != hd or kbar_i8.stride(3) != 1
+                or kbar_s.shape != kbar_i8.shape[:3]):
+            raise ValueError(f"kbar must be int8 (B, Hkv, >= {nkb}, {hd}) rows and their (B, Hkv, >= {nkb}) scales")
+    else:
+        kbar_i8, kbar_s = k_i8, k_scale  # not read
     q_pool = q_pool.float().contiguous()
     out = torch.empty(B, H, NQ, nkb, dtype=torch.float32, device=q_pool.device)
     mean = torch.empty_like(out) if want_mean else out
@@ -123,17 +165,22 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     block_r = launch.block or 64
     row_tiles = cdiv(NQ, block_r)
     # key blocks per program: the most (up to launch.tile) that still make about launch.programs
-    # programs, so that small grids fill every SM; a power of two (the width of the result tile)
-    kb_tile = max(8, next_pow2(launch.tile))
-    while kb_tile > 8 and row_tiles * B * H * cdiv(nkb, kb_tile) < launch.programs:
+    # programs, so that small grids fill every SM; a power of two (the width of the result tile),
+    # 16 at least (the mean keys' product)
+    kb_tile = max(16, next_pow2(launch.tile))
+    while kb_tile > 16 and row_tiles * B * H * cdiv(nkb, kb_tile) < launch.programs:
         kb_tile //= 2
+    # the weight of the keys read besides the top one in a full block: (block_k - 1) / (the others read)
+    lw_full = math.log2((block_k - 1) / (block_k // key_stride - 1)) if key_stride > 1 else 0.0
+    top = key_top if key_stride > 1 else k_scale
     grid = (row_tiles, cdiv(nkb, kb_tile), B * H)
     _block_lse_launch[grid](
-        q_pool, k_i8, k_scale, out, mean, q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
+        q_pool, k_i8, k_scale, top, kbar_i8, kbar_s, out, mean, q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634,
-        BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile, WANT_MEAN=want_mean,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        kbar_i8.stride(0), kbar_i8.stride(1), kbar_s.stride(0), kbar_s.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634, lw_full,
+        BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile, KEY_STRIDE=key_stride,
+        WANT_MEAN=want_mean, num_warps=launch.num_warps, num_stages=launch.num_stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
     )
     return (out, mean) if want_mean else out

@@ -26,12 +26,12 @@ def _token_rows(PERM, blk, N, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr):
 
 @triton.jit
 def _quant_pool_kernel(
-    X, ADDRS, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS,
+    X, ADDRS, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS, TOP,
     sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n, spq_b, spq_h, sps_b, sps_h,
     N, H, extra_scale, POOL_BLOCKS,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
-    POOL_I8: tl.constexpr, X_SLOT: tl.constexpr,
+    POOL_I8: tl.constexpr, WANT_TOP: tl.constexpr, X_SLOT: tl.constexpr,
 ):
     X = caller_ptr(X, ADDRS, X_SLOT)
     blk = tl.program_id(0)
@@ -51,6 +51,8 @@ def _quant_pool_kernel(
     # padded rows / columns are written as zeros so the attention kernel reads without masks
     tl.store(XQ + b * sq_b + h * sq_h + offs_n[:, None].to(tl.int64) * sq_n + offs_d[None, :], xq.to(tl.int8))
     tl.store(SCALE + b * ss_b + h * ss_h + blk, amax / 127.0 * extra_scale)
+    if WANT_TOP:  # the block's largest-norm key (the lse scores always read it): first on ties
+        tl.store(TOP + b * ss_b + h * ss_h + blk, tl.argmax(tl.sum(xq * xq, 1), 0, tie_break_left=True))
     if WANT_POOL or POOL_I8:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
         pooled = tl.sum(x, 0) / cnt
@@ -163,7 +165,9 @@ def _quant_v_fix_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv
 
 
 _quant_v_fix = Kernel(_quant_v_fix_kernel)
-FIX_PROGRAMS = 8
+# programs per head of the overflow check: where nothing overflows each reads the head's per-block
+# ratios (~1-2 KB) and ends; where a head does, they share its blocks (~16 each at HunyuanVideo 544p)
+FIX_PROGRAMS = 32
 _quant_v = Kernel(_quant_v_kernel)
 
 
@@ -187,7 +191,7 @@ def _check_perm(perm, n, device):
 def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 1.0,
                mean: torch.Tensor | None = None, want_pool: bool = True, perm: torch.Tensor | None = None,
                want_sim: bool | None = None, pool_i8_blocks: int = 0, launch: Launch | None = None,
-               addr: tuple | None = None):
+               addr: tuple | None = None, want_top: bool = False):
     """x (B,H,N,D) -> int8 (B,H,nb*block,head_dim), scale (B,H,nb) fp32 (times extra_scale),
     pooled (B,H,nb,D) fp32, sim (B,H,nb) fp32. `mean` (B,H,D) fp32 is subtracted first (K smoothing).
     With `perm` (int32 (N,)), token i of the output is token perm[i] of x. The pooled means and
@@ -195,6 +199,8 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     not computed is returned as None.
     pool_i8_blocks > 0: also returns the pooled means as int8 (B,H,pool_i8_blocks,
     head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), zero past the nb real blocks.
+    want_top: also returns, last, each block's position of its largest-norm token by the int8
+    values (B,H,nb) int32, the first on ties (reference.block_top_keys).
     `launch`: the warps per program (speed only). addr (table, slot): x is read at the address
     table[slot] holds instead (kernels/caller_addrs.py); x gives its type, shape and strides."""
     _check(x, "x")
@@ -218,20 +224,23 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     # the kernel writes the zeros past the nb real blocks itself
     poolq = torch.empty(B, H, pool_i8_blocks, head_dim, dtype=torch.int8, device=dev) if pool_i8 else xq
     pools = torch.empty(B, H, pool_i8_blocks, dtype=torch.float32, device=dev) if pool_i8 else scale
+    top = torch.empty(B, H, nb, dtype=torch.int32, device=dev) if want_top else scale  # strides: scale's
     launch = launch or helper_launch(f"quant_pool{block}" if block in (64, 128) else "quant_pool64", dev)
     addrs, slot = addr_args(addr, scale)
     _quant_pool[(nb, B * H)](
-        x, addrs, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools,
+        x, addrs, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools, top,
         x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1),
         xq.stride(0), xq.stride(1), xq.stride(2), scale.stride(0), scale.stride(1),
         pool.stride(0), pool.stride(1), pool.stride(2) if want_pool else 0,
         poolq.stride(0), poolq.stride(1), pools.stride(0), pools.stride(1),
         N, H, float(extra_scale), pool_i8_blocks,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
-        WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, X_SLOT=slot, num_warps=launch.num_warps,
+        WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, WANT_TOP=want_top, X_SLOT=slot,
+        num_warps=launch.num_warps,
     )
     out = (xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None)
-    return out + ((poolq, pools),) if pool_i8 else out
+    out = out + ((poolq, pools),) if pool_i8 else out
+    return out + (top,) if want_top else out
 
 
 def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool,

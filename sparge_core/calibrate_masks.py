@@ -15,7 +15,7 @@ import torch
 
 from .blockmask import num_blocks
 from .params import SpargeParams
-from .reference import block_lse_scores, expand_kv, pool_and_similarity, select_blocks
+from .reference import block_lse_scores, expand_kv, mean_keys_i8, pool_and_similarity, select_blocks
 
 # Candidates cost little (one mask + one combination each); a fine grid lands close to the target.
 DEFAULT_CDF_CANDIDATES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.82, 0.84, 0.86, 0.88, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95,
@@ -99,7 +99,8 @@ def _key_side(q_pool, ksm, k_i8, k_scale, scoring: str, blocks: CallBlocks, fill
     if scoring != "lse":
         k_pool, k_sim = pool_and_similarity(ksm, blocks.block_k)
         return None, expand_kv(k_pool, blocks.heads), expand_kv(k_sim[..., None], blocks.heads)[..., 0], None
-    scores = block_lse_scores(q_pool, k_i8, k_scale, blocks.scale, blocks.n, blocks.block_k, want_mean=fill)
+    scores = block_lse_scores(q_pool, k_i8, k_scale, blocks.scale, blocks.n, blocks.block_k, want_mean=fill,
+                              kbar=mean_keys_i8(ksm, blocks.block_k) if fill else None)
     if not fill:
         return scores, None, None, None
     scores, mean_scores = scores

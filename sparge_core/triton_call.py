@@ -7,7 +7,7 @@ from typing import Optional
 
 from .blockmask import SpargeBlockMask, num_blocks
 from .params import SpargeParams
-from .reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM, expand_kv, pooled_scores
+from .reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, LSE_KEY_STRIDE, V_HEADROOM, expand_kv, pooled_scores
 
 
 def _thresholds(params: SpargeParams, heads: int, device, staged: Optional[dict]):
@@ -53,8 +53,10 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
                                v_addr=at(2), v_headroom=V_HEADROOM)
     # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
+    # and, for the lse scores, each block's largest-norm key (which they always read)
     k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
-                       want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc, addr=at(1))
+                       want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc, addr=at(1),
+                       want_top=predict and lse and LSE_KEY_STRIDE > 1)
     k_i8, k_s, k_pool, k_sim = k_out[:4]
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2),
                   rescale_above=FP8_MAX)
@@ -70,7 +72,9 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
         if params.scoring == "lse":
             from ..kernels.block_scores import block_lse_scores
 
-            scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n, want_mean=fill)
+            scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n, want_mean=fill,
+                                      key_stride=LSE_KEY_STRIDE, key_top=k_out[-1] if LSE_KEY_STRIDE > 1 else None,
+                                      kbar=k_out[4] if fill else None)
             if fill:
                 scores, mean = scores
         else:

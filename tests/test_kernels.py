@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import itertools  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -544,42 +545,113 @@ def test_select_fused_matches_reference(shape, mode, causal, sink, ties, with_ks
         assert torch.equal(i3[row][: int(c3[row])], i4[row][: int(c4[row])])
 
 
+def _lse_inputs(q, k, hd, n_kbar=0):
+    """What prepare_sparse gives the scoring kernel: pooled queries, smoothed int8 keys with their
+    top keys, and the int8 mean keys (n_kbar rows, zero past the real blocks)."""
+    _, _, q_pool, _ = quant_pool(q, BQ, hd)
+    k_out = quant_pool(k, BK, hd, mean=k.mean(2), want_pool=False, pool_i8_blocks=n_kbar or num_blocks(k.shape[2], BK),
+                       want_top=True)
+    return q_pool, k_out[0], k_out[1], k_out[-1], k_out[4]
+
+
 @pytest.mark.parametrize("D,hd", [(64, 64), (80, 128)])
 @pytest.mark.parametrize("Hkv", [2, 1])
-def test_block_lse_scores_matches_reference(D, hd, Hkv):
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_block_lse_scores_matches_reference(D, hd, Hkv, stride):
     kern = pytest.importorskip("sparge_attention.kernels.block_scores")
-    from sparge_attention.sparge_core.reference import block_lse_scores
+    from sparge_attention.sparge_core.reference import block_lse_scores, block_top_keys
 
-    q, k, _ = clustered(1, 2, 333, D, seed=D + Hkv, Hkv=Hkv)
-    _, _, q_pool, _ = quant_pool(q, BQ, hd)
-    k_i8, k_s, _, _ = quant_pool(k, BK, hd, mean=k.mean(2), want_pool=False)
-    got = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, 333, BK)
-    want = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, 333, BK)
-    assert got.shape == (1, 2, num_blocks(333, BQ), num_blocks(333, BK))
+    n = 333
+    q, k, _ = clustered(1, 2, n, D, seed=D + Hkv, Hkv=Hkv)
+    q_pool, k_i8, k_s, top, kbar = _lse_inputs(q, k, hd, n_kbar=64)
+    assert torch.equal(top.long(), block_top_keys(k_i8[..., :D], BK, n))
+    got = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, key_stride=stride, key_top=top)
+    want = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, n, BK, stride=stride)
+    assert got.shape == (1, 2, num_blocks(n, BQ), num_blocks(n, BK))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    # with the mean score per block (fill_skipped), over the real keys of the partial last block
-    got2, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, 333, BK, want_mean=True)
-    want2, want_mean = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, 333, BK, want_mean=True)
+    # with the mean-key score per block (fill_skipped)
+    got2, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, want_mean=True, key_stride=stride,
+                                           key_top=top, kbar=kbar)
+    want2, want_mean = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, n, BK, want_mean=True, stride=stride,
+                                        kbar=(kbar[0][..., :D].float(), kbar[1]))
     torch.testing.assert_close(got2, got, rtol=0, atol=0)
     torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-4)
-    assert (got_mean < got).all()  # a mean never reaches the log-sum-exp of 100+ keys
+    assert (got_mean < got).all()  # one key's score never reaches the log-sum-exp of 100+ keys
+    if stride == 1:  # every key: the exact sum, whatever the top key
+        exact = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, n, BK, stride=1)
+        torch.testing.assert_close(kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK), exact,
+                                   rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="key_top"):
+        kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, key_stride=2)
+    with pytest.raises(ValueError, match="kbar"):
+        kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, want_mean=True)
+
+
+def test_lse_estimate_keeps_the_top_key_and_weights_the_rest():
+    """Stride 2 on a block whose mass sits on one odd-position key: the top key is read exactly
+    (a plain every-other-key sample would miss it), the other keys stand for the unread ones, and
+    a partial last block weights its real keys only."""
+    from sparge_attention.sparge_core.reference import block_lse_scores, lse_key_rows
+
+    BKs, D = 32, 16
+    n = BKs + 5  # a full block and a partial one of 5 keys
+    k_i8 = torch.ones(1, 1, 2 * BKs, D, dtype=torch.int8)
+    k_i8[0, 0, 7] = 100  # block 0's top key, at an odd position
+    k_i8[0, 0, BKs + 3] = 50  # block 1's
+    k_i8[0, 0, BKs + 5:] = 0  # padding
+    q_pool = torch.ones(1, 1, 1, D)  # int8 127 in every channel, row scale 1 / 127
+    k_s = torch.full((1, 1, 2), 0.05)
+    scale = 1.0
+    rows = lse_key_rows(torch.tensor([[[7, 3]]]), BKs, 2)
+    assert rows[0, 0, 0, 3] == 7 and rows[0, 0, 0, 2] == 4 and rows[0, 0, 1, 1] == 3
+    got = block_lse_scores(q_pool, k_i8, k_s, scale, n, BKs, stride=2)
+    exact = block_lse_scores(q_pool, k_i8, k_s, scale, n, BKs, stride=1)
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-5)  # the other keys are all alike
+    c = 1 / 127 * 0.05 * 1.4426950408889634  # one unit of the int8 dot in log2 units
+    s_top, s_one = 100 * D * 127 * c, D * 127 * c  # 115.4 and 1.15
+    want0 = math.log2(2 ** s_top + 31 * 2 ** s_one)
+    want1 = math.log2(2 ** (50 * D * 127 * c) + 4 * 2 ** s_one)
+    every_other = math.log2(16 * 2 ** s_one) + 1  # what a plain sample of the even keys would say
+    assert want0 - every_other > 100
+    torch.testing.assert_close(got[0, 0, 0], torch.tensor([want0, want1]), rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("D", [64, 80])
+def test_quant_pool_top_keys(D):
+    """Each block's largest-norm token by its int8 values (the first on ties), through a permutation
+    and for a partial last block."""
+    from sparge_attention.sparge_core.reference import block_top_keys
+
+    g = torch.Generator().manual_seed(D)
+    n = 3 * BK + 17
+    k = torch.randn(1, 2, n, D, generator=g)
+    k[0, 1, BK + 9] *= 20
+    perm = torch.randperm(n, generator=g).to(torch.int32)
+    xq, _, _, _, top = quant_pool(k, BK, 128, mean=k.mean(2), want_pool=False, perm=perm, want_top=True)
+    assert top.dtype == torch.int32 and top.shape == (1, 2, 4)
+    assert torch.equal(top.long(), block_top_keys(xq[..., :D], BK, n))
+    assert int(top[0, 1, (perm == BK + 9).nonzero()[0, 0] // BK]) == (perm == BK + 9).nonzero()[0, 0] % BK
+    ties = torch.zeros(1, 1, 2 * BK, 64)
+    ties[0, 0, [5, 9, BK + 2, BK + 30]] = 1.0
+    assert quant_pool(ties, BK, 64, want_pool=False, want_top=True)[-1].flatten().tolist() == [5, 2]
 
 
 def test_block_lse_scores_across_programs_and_launch_shapes():
-    """Key blocks split over several programs (result tiles of 8 blocks) or one (a 32-block tile, part
+    """Key blocks split over several programs (result tiles of 16 blocks) or one (a 32-block tile, part
     filled), a partial last block, 64- and 128-row tiles: the same numbers as the reference in each."""
     kern = pytest.importorskip("sparge_attention.kernels.block_scores")
     from sparge_attention.kernels.config import Launch, helper_launches_for
-    from sparge_attention.sparge_core.reference import block_lse_scores
+    from sparge_attention.sparge_core.reference import LSE_KEY_STRIDE, block_lse_scores
 
     n = 17 * BK + 50  # 18 key blocks, the last partial
     q, k, _ = clustered(1, 2, n, 64, seed=5)
-    _, _, q_pool, _ = quant_pool(q, BQ, 64)
-    k_i8, k_s, _, _ = quant_pool(k, BK, 64, mean=k.mean(2), want_pool=False)
-    want, want_mean = block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True)
+    q_pool, k_i8, k_s, top, kbar = _lse_inputs(q, k, 64)
+    want, want_mean = block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True,
+                                       kbar=(kbar[0].float(), kbar[1]))
     for launch in (Launch(block=64), Launch(block=128, num_warps=8), Launch(block=64, programs=1),
                    helper_launches_for(9)["block_lse"]):
-        got, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True, launch=launch)
+        got, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True, launch=launch,
+                                              key_stride=LSE_KEY_STRIDE, key_top=top, kbar=kbar)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-4)
 
