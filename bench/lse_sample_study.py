@@ -18,7 +18,7 @@ the estimate, each at a sweep of minshare values:
               (every N-th) standing for the other n - 1
   reference   reference.block_lse_scores at stride 2 (the kernel's key_stride 2: every 2nd key,
               the top key in place of its group's, the mean score against the block's int8 mean
-              key), the default at bd0ca33; back off since (it errs on random keys, NOTES v31)
+              key), off by default: it errs on random keys (NOTES v31)
 Errors: rel-L1 of the whole output and of the worst head against fp32 dense attention, on
 sampled query blocks (exact for those rows, see guard_study.sample_query_blocks); the density
 is the kept fraction of (query block, key block) pairs. The inputs are none of the ones the

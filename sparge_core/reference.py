@@ -186,17 +186,22 @@ def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int
     row_scale = (qamax / 127.0) * (scale * LOG2E)  # (B,H,NQ,1)
     kb = split_blocks(k_i8.float(), block_k)  # (B,Hkv,NK,BK,D) integer values
     NK, D = kb.shape[2], kb.shape[-1]
-    top = block_top_keys(k_i8, block_k, n_k)
-    rows = lse_key_rows(top, block_k, stride)  # (B,Hkv,NK,R)
-    top_col = rows == top[..., None]
-    kd = expand_kv(kb.gather(3, rows[..., None].expand(*rows.shape, D)), H)  # (B,H,NK,R,D)
+    n_real = (n_k - torch.arange(NK, device=q_pool.device) * block_k).clamp(max=block_k)  # (NK,)
+    if stride == 1:  # every key, weight 1 (no copy of the keys)
+        kd = expand_kv(kb, H)
+        valid = (torch.arange(block_k, device=q_pool.device) < n_real[:, None])[None, None, None]  # (1,1,1,NK,BK)
+        lw = 0.0
+    else:
+        top = block_top_keys(k_i8, block_k, n_k)
+        rows = lse_key_rows(top, block_k, stride)  # (B,Hkv,NK,R)
+        kd = expand_kv(kb.gather(3, rows[..., None].expand(*rows.shape, D)), H)  # (B,H,NK,R,D)
+        valid = expand_kv(rows < n_real[:, None], H)[:, :, None]  # (B,H,1,NK,R)
+        w = (n_real - 1).float() / ((n_real + stride - 1) // stride - 1).clamp_min(1).float()
+        # log2 of each key's weight: 0 for the top key
+        lw = expand_kv(torch.where(rows == top[..., None], 0.0, torch.log2(w)[:, None]), H)[:, :, None]
     s = torch.einsum("bhqd,bhjrd->bhqjr", q_i8, kd)
     ks = expand_kv(k_scale[..., None], H)[..., 0]  # (B,H,NK)
     s = s * (row_scale[..., None] * ks[:, :, None, :, None])
-    n_real = (n_k - torch.arange(NK, device=q_pool.device) * block_k).clamp(max=block_k)  # (NK,)
-    valid = expand_kv(rows < n_real[:, None], H)[:, :, None]  # (B,H,1,NK,R)
-    w = (n_real - 1).float() / ((n_real + stride - 1) // stride - 1).clamp_min(1).float()
-    lw = expand_kv(torch.where(top_col, 0.0, torch.log2(w)[:, None]), H)[:, :, None]  # log2 of each key's weight
     s = s.masked_fill(~valid, -math.inf)
     m = s.amax(-1)
     lse = m + torch.log2(torch.exp2(s - m[..., None] + lw).sum(-1))
