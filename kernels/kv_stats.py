@@ -28,12 +28,14 @@ def _kv_stats_kernel(K, V, ADDRS, PERM, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h
     bh = tl.program_id(1)
     b, h = batch_head(bh, H)
     offs_d = tl.arange(0, HEAD_DIM)
-    vmax = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
     start = c * ROWS_PER_PROG
     end = tl.minimum(start + ROWS_PER_PROG, N)
     k_base = K + b * sk_b + h * sk_h + offs_d[None, :]
     v_base = V + b * sv_b + h * sv_h + offs_d[None, :]
-    if not V_SAMPLED:
+    if V_SAMPLED:  # V's max over the sample's rows, in the loop below
+        vmax = tl.zeros([SAMPLE_ROWS, HEAD_DIM], dtype=tl.float32)
+    else:
+        vmax = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
         # STAGES > 1: the next steps' loads in flight (cp.async) while this one is reduced
         for r in tl.range(start, end, BLOCK, num_stages=STAGES):
             offs_n = r + tl.arange(0, BLOCK)
@@ -44,7 +46,6 @@ def _kv_stats_kernel(K, V, ADDRS, PERM, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h
     # at multiples of SAMPLE_ROWS), in the order the attention visits the keys: through PERM when
     # it has one (the sample then is the reference's, which smooths the permuted keys)
     ksum_t = tl.zeros([SAMPLE_ROWS, HEAD_DIM], dtype=tl.float32)
-    vmax_t = tl.zeros([SAMPLE_ROWS, HEAD_DIM], dtype=tl.float32)
     period = SAMPLE_ROWS * SAMPLE_EVERY
     for r in tl.range(tl.cdiv(start, period) * period, end, period):
         offs_n = r + tl.arange(0, SAMPLE_ROWS)
@@ -57,11 +58,11 @@ def _kv_stats_kernel(K, V, ADDRS, PERM, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h
         if V_SAMPLED:
             v = tl.load(v_base + rows[:, None].to(tl.int64) * sv_n,
                         mask=(offs_n < N)[:, None] & (offs_d < D_V)[None, :], other=0.0)
-            vmax_t = tl.maximum(vmax_t, tl.abs(v.to(tl.float32)))
+            vmax = tl.maximum(vmax, tl.abs(v.to(tl.float32)))
     ksum = tl.sum(ksum_t, 0)
     out = (bh * NCHUNK + c) * HEAD_DIM + offs_d
     tl.store(KSUM + out, ksum)
-    tl.store(VMAX + out, tl.max(vmax_t, 0) if V_SAMPLED else tl.max(vmax, 0))
+    tl.store(VMAX + out, tl.max(vmax, 0))
 
 
 _kv_stats = Kernel(_kv_stats_kernel)

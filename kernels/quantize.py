@@ -113,16 +113,15 @@ def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv_h, 
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = batch_head(bh, H)
+    nb = tl.cdiv(N, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     s = tl.load(VSCALE + b * svs_b + h * svs_h + offs_d, mask=offs_d < D_TRUE, other=1.0)
     cmax = _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h, st_d, sb_b, sb_h, sb_d, N,
                           BLOCK, HEAD_DIM, D_TRUE, PV_FP8, EMULATE_FP8, HAS_PERM, WANT_MEAN)
     if CHECK:  # for the overflow check (_quant_v_fix): the block's largest |v| / s, and its max |v| per channel
-        nb = tl.cdiv(N, BLOCK)
         tl.store(RATIO + bh * nb + blk, tl.max(cmax / s, 0))
         tl.store(VMAXB + (bh * nb + blk).to(tl.int64) * HEAD_DIM + offs_d, cmax)
     if WANT_MEAN:  # the zero columns past the real blocks (last: no tile stays live across the loop)
-        nb = tl.cdiv(N, BLOCK)
         for pb in range(nb + blk, MEAN_BLOCKS, nb):
             tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + pb,
                      tl.zeros([HEAD_DIM], VBAR.dtype.element_ty))
