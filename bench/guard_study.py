@@ -52,8 +52,9 @@ from devkit.realistic_inputs import REGIMES, make_regime_qkv  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
 from sparge_attention.sparge_core.hilbert import TokenPermutation  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
-from sparge_attention.sparge_core.reference import (  # noqa: E402
-    dense_attention, predict_block_mask, smooth_k, sparse_attention_reference, split_blocks)
+from sparge_attention.sparge_core.reference import dense_attention, sparse_attention_reference  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import predict_block_mask  # noqa: E402
+from sparge_attention.sparge_core.reference_quant import smooth_k, split_blocks  # noqa: E402
 
 PRESET_SHARES = (0.5, 1.5, 3.0, 8.0)
 STUDY_REGIMES = ("tuned", "content", "sink", "uniform", "peaked", "text256", "text512")

@@ -16,7 +16,7 @@ the estimate, each at a sweep of minshare values:
   sN/sampled  the mean score over the same sampled keys
   sN+norm/exact  as sN/exact, and the block's largest-norm key read exactly, the sample's keys
               (every N-th) standing for the other n - 1
-  reference   reference.block_lse_scores at stride 2 (the kernel's key_stride 2: every 2nd key,
+  reference   reference_predict.block_lse_scores at stride 2 (the kernel's key_stride 2: every 2nd key,
               the top key in place of its group's, the mean score against the block's int8 mean
               key), off by default: it errs on random keys (NOTES v31)
 Errors: rel-L1 of the whole output and of the worst head against fp32 dense attention, on
@@ -46,10 +46,22 @@ from guard_study import sample_query_blocks  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
 from sparge_attention.sparge_core.hilbert import TokenPermutation  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
-from sparge_attention.sparge_core.reference import (  # noqa: E402
-    LOG2E, block_lse_scores, dense_attention, expand_kv, fill_bias, mean_keys_i8, pool_and_similarity,
+from sparge_attention.sparge_core.reference import dense_attention, sparse_attention_reference  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import (  # noqa: E402
+    block_lse_scores,
+    fill_bias,
+    mean_keys_i8,
+    pool_and_similarity,
+    select_blocks,
+)
+from sparge_attention.sparge_core.reference_quant import (  # noqa: E402
+    LOG2E,
+    expand_kv,
     quantize_int8_per_block,
-    round_half_away, select_blocks, smooth_k, sparse_attention_reference, split_blocks)
+    round_half_away,
+    smooth_k,
+    split_blocks,
+)
 
 REGIMES = {
     # name: make_video_qkv arguments (none of them the tuning inputs: seed 0, default heads, no text)
@@ -64,7 +76,7 @@ SHARES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 
 
 def sampled_lse(q_pool, k, block_k, scale, stride, mean_mode, with_norm=False):
-    """(lse, mean) scores (B,H,NQ,NK) in log2 units, as reference.block_lse_scores computes them
+    """(lse, mean) scores (B,H,NQ,NK) in log2 units, as reference_predict.block_lse_scores computes them
     (int8 pooled queries, smoothed int8 keys), but the lse over every `stride`-th key of each block
     (block positions 0, stride, ...) scaled up by (real keys / sampled real keys)."""
     n_k = k.shape[2]

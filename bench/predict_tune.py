@@ -23,7 +23,8 @@ from sparge_attention.kernels.kv_stats import kv_stats
 from sparge_attention.kernels.quantize import quant_pool, quant_v
 from sparge_attention.kernels.select import select_blocks_fused
 from sparge_attention.sparge_core.hilbert import TokenPermutation
-from sparge_attention.sparge_core.reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, LSE_KEY_STRIDE, V_HEADROOM
+from sparge_attention.sparge_core.reference_predict import LSE_KEY_STRIDE
+from sparge_attention.sparge_core.reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM
 
 
 def grids(quick: bool) -> dict:

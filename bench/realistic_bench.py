@@ -99,7 +99,7 @@ def oracle_block_mass(q, k, bm, bn, chunk=4096):
 def oracle_rows(q, k, v, truth, grid, cudnn):
     """An upper bound for any block predictor: the mask chosen from the true block mass."""
     from sparge_attention.sparge_core.hilbert import TokenPermutation
-    from sparge_attention.sparge_core.reference import keep_from_scores
+    from sparge_attention.sparge_core.reference_predict import keep_from_scores
 
     perm = TokenPermutation.for_grid(grid, q.shape[2], device=q.device)
     bm, bn = 64, 128

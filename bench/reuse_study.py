@@ -39,8 +39,13 @@ from guard_study import sample_query_blocks  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
 from sparge_attention.sparge_core.hilbert import TokenPermutation  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
-from sparge_attention.sparge_core.reference import (  # noqa: E402
-    dense_attention, fill_bias, lse_stage1, pool_and_similarity, predict_block_mask, sparse_attention_reference)
+from sparge_attention.sparge_core.reference import dense_attention, sparse_attention_reference  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import (  # noqa: E402
+    fill_bias,
+    lse_stage1,
+    pool_and_similarity,
+    predict_block_mask,
+)
 
 
 def sigmas(steps: int, shift: float) -> list:

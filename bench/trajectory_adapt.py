@@ -26,8 +26,8 @@ from sparge_attention.nodes.adapt import MEASURE_EVERY, WARMUP_FORWARDS  # noqa:
 from sparge_attention.sparge_core.adapt import DEFAULT_ROWS, BlockController, sample_rows, sampled_error  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
-from sparge_attention.sparge_core.reference import (  # noqa: E402
-    dense_attention, predict_block_mask, sparse_attention_reference)
+from sparge_attention.sparge_core.reference import dense_attention, sparse_attention_reference  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import predict_block_mask  # noqa: E402
 
 
 def sparse(q, k, v, params, block_q, block_k):

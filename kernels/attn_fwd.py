@@ -7,7 +7,7 @@ tutorial: one program per (query block, batch*head), an inner helper per key blo
 partial last key block peeled off so full blocks need no masking. With fill_skipped, one more
 online-softmax pass over the key blocks' means (int8 mean keys, mean values in V's type,
 FILL_BLOCK per step) estimates what the skipped blocks would have added
-(sparge_core.reference.fill_bias). With RETURN_LSE the kernel also writes each row's log-sum-exp
+(sparge_core.reference_predict.fill_bias). With RETURN_LSE the kernel also writes each row's log-sum-exp
 (natural log of the scaled scores, as flash attention returns it) for ring-attention merges.
 """
 import torch

@@ -1,6 +1,6 @@
 """Stage-1 "lse" scoring: for each pooled query and each key block, log2 sum_j exp2(q_pool . k_j)
 over the block's keys, estimated from every key_stride-th key and the block's largest-norm one
-(sparge_core.reference.block_lse_scores). About 1/(BLOCK_M * key_stride) of dense attention's
+(sparge_core.reference_predict.block_lse_scores). About 1/(BLOCK_M * key_stride) of dense attention's
 work, on int8 tensor cores."""
 import math
 
@@ -19,7 +19,7 @@ def _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_rest, offs_s, N_K,
                KEY_STRIDE: tl.constexpr, MASK_KEYS: tl.constexpr):
     """log2 sum_j w_j exp2(score_j) per row over the keys this key block's score reads: every
     KEY_STRIDE-th, the one of the top key's group replaced by the top key (position `top`, weight
-    1), the others weighted 2^lw_rest (reference.block_lse_scores). score_j = dot_j * c with c =
+    1), the others weighted 2^lw_rest (reference_predict.block_lse_scores). score_j = dot_j * c with c =
     row_scale * ks (ks: this key block's scale). As in the attention kernel, the row max works on
     the raw float bits f_j = dot_j + MAGIC_F of (dot + MAGIC_I); f_j - f_max is exact (both in
     [2^23, 2^24)), so each score keeps full fp32 precision. row_scale (per row, loop-invariant) and
@@ -130,7 +130,7 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
                      n_k: int, block_k: int, want_mean: bool = False, launch: Launch | None = None,
                      key_stride: int = 1, key_top: torch.Tensor | None = None, kbar: tuple | None = None):
     """q_pool (B,H,NQ,D) fp32, k_i8 (B,Hkv,NK*block_k,HD) int8 smoothed keys, k_scale (B,Hkv,NK).
-    Returns (B,H,NQ,NK) fp32 in log2 units (reference.block_lse_scores); with want_mean also the
+    Returns (B,H,NQ,NK) fp32 in log2 units (reference_predict.block_lse_scores); with want_mean also the
     pooled queries' scores against the blocks' mean keys (same shape and units), kbar = (int8
     mean keys (B,Hkv,>=NK,HD) contiguous, their scales (B,Hkv,>=NK)) from quant_pool's
     pool_i8_blocks. key_stride > 1: each block's score reads every key_stride-th key and its

@@ -97,7 +97,7 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
     (i // R) % E == 0 only (R a power of two <= 128); with `perm` (int32 (N,)), row i is k's row
     perm[i] (the order the attention visits the keys in). v_headroom (needs v_format_max): V's
     max over the same sampled rows, and the scale max(max |v| * v_headroom / v_format_max, 1e-20)
-    (reference.value_scale before its overflow check, which quant_v's rescale_above does).
+    (reference_quant.value_scale before its overflow check, which quant_v's rescale_above does).
     `launch`: rows per step, warps, programs (speed only). k_addr, v_addr (table, slot): read k or
     v at the address table[slot] holds (kernels/caller_addrs.py)."""
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:

@@ -133,7 +133,7 @@ def _quant_v_fix_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv
                         BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
                         EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,
                         RBLOCK: tl.constexpr, V_SLOT: tl.constexpr):
-    """The overflow check of a scale from a sample (reference.value_scale): a head where some block
+    """The overflow check of a scale from a sample (reference_quant.value_scale): a head where some block
     has |v| / s above the format's largest value is quantized again at its exact scale, max |v| /
     format_max over every block, which this head's programs (grid axis 1) write back into VSCALE
     and share out block by block. Elsewhere each program reads the head's per-block ratios and
@@ -199,7 +199,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     pool_i8_blocks > 0: also returns the pooled means as int8 (B,H,pool_i8_blocks,
     head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), zero past the nb real blocks.
     want_top: also returns, last, each block's position of its largest-norm token by the int8
-    values (B,H,nb) int32, the first on ties (reference.block_top_keys).
+    values (B,H,nb) int32, the first on ties (reference_predict.block_top_keys).
     `launch`: the warps per program (speed only). addr (table, slot): x is read at the address
     table[slot] holds instead (kernels/caller_addrs.py); x gives its type, shape and strides."""
     _check(x, "x")
@@ -252,7 +252,7 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     quantized again at max |v| / rescale_above per channel over all of its tokens (floored at
     1e-20), and that scale is written into `scale` in place (contiguous fp32, so the caller's
     tensor is the one written): the overflow check of a scale taken from a sample
-    (reference.value_scale). Costs a second, small launch that ends at once where nothing overflowed.
+    (reference_quant.value_scale). Costs a second, small launch that ends at once where nothing overflowed.
     `launch`: the warps per program (speed only). addr (table, slot): v is read at the address
     table[slot] holds (kernels/caller_addrs.py)."""
     _check(v, "v")

@@ -1,6 +1,6 @@
 """Fused stage-1 selection: block scores -> kept key blocks -> per-row index list, one program
 per (batch, head, query block) row. Replaces a softmax, a sort (CDF / top-k), a cumsum, a scatter
-and the compaction pass with one launch. Twin of sparge_core.reference.keep_from_scores/select_blocks."""
+and the compaction pass with one launch. Twin of sparge_core.reference_predict.keep_from_scores/select_blocks."""
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +60,7 @@ def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, MEAN, BIAS, NQ, NK, NKC, H, n_q
     pos = tl.cumsum(k32, 0) - k32
     tl.store(IDX + row * NK + pos, offs, mask=keep)
     tl.store(CNT + row, tl.sum(k32, 0))
-    if FILL:  # the skipped-block estimate's bias (reference.fill_bias); kept blocks get -inf
+    if FILL:  # the skipped-block estimate's bias (reference_predict.fill_bias); kept blocks get -inf
         mean = tl.load(MEAN + row * NK + offs, mask=valid, other=0.0)
         est = valid & ~keep
         if CAUSAL:  # only blocks wholly in the past of the block's first row

@@ -15,7 +15,8 @@ from .graphed import graphed_forward
 from .hilbert import grid_permutations
 from .layout import from_hnd, to_hnd
 from .params import SpargeParams
-from .reference import expand_kv, sparge_reference
+from .reference import sparge_reference
+from .reference_quant import expand_kv
 from .stats import SpargeStats
 from .triton_call import triton_forward
 

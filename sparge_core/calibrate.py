@@ -51,7 +51,7 @@ from .calibrate_stats import DENSE_BELOW, CallCalibration, choose_heads, combine
 from .hilbert import TokenPermutation
 from .params import SCORINGS
 from .profiles import DENSE_SIMTHRESHD1, DENSE_THRESHOLD, PACK_VERSION, SpargeProfile
-from .reference import quantize_int8_per_block, smooth_k
+from .reference_quant import quantize_int8_per_block, smooth_k
 
 __all__ = ["Calibrator", "CallCalibration", "calibrate_call", "pick_configs", "DEFAULT_CDF_CANDIDATES",
            "DEFAULT_TOPK_CANDIDATES", "DEFAULT_SIM_CANDIDATES", "DENSE_BELOW"]

@@ -15,7 +15,8 @@ import torch
 
 from .blockmask import num_blocks
 from .params import SpargeParams
-from .reference import block_lse_scores, expand_kv, mean_keys_i8, pool_and_similarity, select_blocks
+from .reference_predict import block_lse_scores, mean_keys_i8, pool_and_similarity, select_blocks
+from .reference_quant import expand_kv
 
 # Candidates cost little (one mask + one combination each); a fine grid lands close to the target.
 DEFAULT_CDF_CANDIDATES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.82, 0.84, 0.86, 0.88, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95,

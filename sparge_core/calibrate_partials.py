@@ -24,7 +24,8 @@ import torch
 
 from .api import resolve_backend
 from .calibrate_masks import CallBlocks
-from .reference import LOG2E, P_SCALE_FP8, TINY, block_means, quantize_int8_per_block, quantize_v, round_p, split_blocks
+from .reference_predict import block_means
+from .reference_quant import LOG2E, P_SCALE_FP8, TINY, quantize_int8_per_block, quantize_v, round_p, split_blocks
 
 _CHUNK_ELEMS = 1 << 26  # fp32 elements of per-chunk work buffers (~256 MB)
 _OUT_DTYPE_OK: Dict[str, bool] = {}

@@ -18,7 +18,7 @@ import torch
 
 from .params import SpargeParams
 from .profiles import DENSE_SIMTHRESHD1, DENSE_THRESHOLD
-from .reference import TINY
+from .reference_quant import TINY
 
 DENSE_BELOW = 0.10  # a head whose best sparsity at the target is below this runs dense
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 from .blockmask import SpargeBlockMask, num_blocks
 from .params import SpargeParams
-from .reference import FP8_MAX, KMEAN_SAMPLE, LOG2E, LSE_KEY_STRIDE, V_HEADROOM, expand_kv, pooled_scores
+from .reference_predict import LSE_KEY_STRIDE, pooled_scores
+from .reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM, expand_kv
 
 
 def _thresholds(params: SpargeParams, heads: int, device, staged: Optional[dict]):
@@ -46,8 +47,8 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     threshold = _thresholds(params, H, q.device, staged)
     q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=predict,
                                           want_sim=q_sim_wanted, perm=perm_q, addr=at(0))
-    # one pass over a sample of K and V: K's smoothing vector (reference.key_mean, over the keys in
-    # the order the kernels visit them) and V's per-channel fp8 scale (reference.value_scale, which
+    # one pass over a sample of K and V: K's smoothing vector (reference_quant.key_mean, over the keys in
+    # the order the kernels visit them) and V's per-channel fp8 scale (reference_quant.value_scale, which
     # quant_v checks against every value)
     k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm_k, k_addr=at(1),
                                v_addr=at(2), v_headroom=V_HEADROOM)

@@ -22,7 +22,8 @@ import torch.nn.functional as F  # noqa: E402
 from sparge_attention.sparge_core import SpargeBlockMask, SpargeParams, block_sizes, sparge_attention  # noqa: E402
 from sparge_attention.sparge_core.blockmask import causal_block_mask, num_blocks  # noqa: E402
 from sparge_attention.sparge_core.hilbert import hilbert_order  # noqa: E402
-from sparge_attention.sparge_core.reference import expand_kv, sparge_reference  # noqa: E402
+from sparge_attention.sparge_core.reference import sparge_reference  # noqa: E402
+from sparge_attention.sparge_core.reference_quant import expand_kv  # noqa: E402
 
 CPU = torch.device("cpu")
 BQ, BK = block_sizes(CPU, "reference")

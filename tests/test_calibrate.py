@@ -21,11 +21,8 @@ from sparge_attention.sparge_core.calibrate import (  # noqa: E402
     calibrate_call,
     pick_configs,
 )
-from sparge_attention.sparge_core.reference import (  # noqa: E402
-    dense_attention,
-    predict_block_mask,
-    sparse_attention_reference,
-)
+from sparge_attention.sparge_core.reference import dense_attention, sparse_attention_reference  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import predict_block_mask  # noqa: E402
 
 GRID = (8, 16, 24)  # 3072 tokens: 48 query blocks of 64, 24 key blocks of 128
 HEADS = 6  # spatial, temporal, local, global, sink, spatial

@@ -25,16 +25,16 @@ from hypothesis import strategies as st  # noqa: E402
 
 from sparge_attention.sparge_core import SpargeParams, block_sizes, sparge_attention  # noqa: E402
 from sparge_attention.sparge_core.blockmask import num_blocks  # noqa: E402
-from sparge_attention.sparge_core.reference import (  # noqa: E402
+from sparge_attention.sparge_core.reference import sparge_reference  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import pool_and_similarity  # noqa: E402
+from sparge_attention.sparge_core.reference_quant import (  # noqa: E402
     FP8_MAX,
     LOG2E,
     key_mean,
-    pool_and_similarity,
     quantize_int8_per_block,
     quantize_v,
-    value_scale,
     smooth_k,
-    sparge_reference,
+    value_scale,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -145,7 +145,7 @@ def garbage_empty(monkeypatch):
 def test_quant_pool_int8_means_match_reference(D, hd, pad, garbage_empty):
     """fill_skipped's mean keys: the smoothed block means in int8 with one scale per block; the
     kernel writes the zero padding itself, also when it is longer than the real blocks."""
-    from sparge_attention.sparge_core.reference import block_means
+    from sparge_attention.sparge_core.reference_predict import block_means
 
     _, k, v = clustered(1, 2, 333, D, seed=D)
     nb = num_blocks(333, BK)
@@ -198,7 +198,7 @@ def test_quant_v_matches_reference(pv_fp8, D, hd, dtype, garbage_empty):
     # the block means of v / scale for fill_skipped: transposed and typed like V, zero-padded
     vt2, vbar = quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=4 * nb + 1)  # padding longer than the real blocks
     assert torch.equal(vt2.float(), vt.float()) and vbar.shape == (2, 2, hd, 4 * nb + 1) and vbar.dtype == vt.dtype
-    from sparge_attention.sparge_core.reference import block_means
+    from sparge_attention.sparge_core.reference_predict import block_means
     _, want_vbar = block_means(v, v, BK, "fp8" if pv_fp8 else "fp16")
     got_vbar = vbar.float()[:, :, :D, :nb].transpose(-1, -2)
     # one rounding step apart at most where the fp32 sums' order differs
@@ -214,10 +214,11 @@ def test_v_scale_from_the_sample_and_its_overflow_check(pv_fp8):
     """The sparse call's V: the scale from kv_stats' sample with headroom, checked against every
     value by quant_v. A head whose largest value the sample missed by more than the headroom is
     quantized again at its exact scale (written back into the scale tensor); the others keep the
-    sampled one. Both as reference.value_scale / quantize_v, through a permutation and with the
+    sampled one. Both as reference_quant.value_scale / quantize_v, through a permutation and with the
     fill means."""
     from sparge_attention.kernels.kv_stats import kv_stats
-    from sparge_attention.sparge_core.reference import KMEAN_SAMPLE, V_HEADROOM, block_means, sampled_rows
+    from sparge_attention.sparge_core.reference_predict import block_means
+    from sparge_attention.sparge_core.reference_quant import KMEAN_SAMPLE, V_HEADROOM, sampled_rows
 
     g = torch.Generator().manual_seed(11 + pv_fp8)
     B, H, N, D = 1, 3, 700, 80
@@ -488,10 +489,10 @@ def _select_inputs(B, H, NQ, NK, seed, ties):
 )
 def test_select_fused_matches_reference(shape, mode, causal, sink, ties, with_kss, seed):
     """kernels.select (softmax, sort, CDF/top-k/share, fix rules, compaction in one launch) against
-    reference.keep_from_scores + the fix rules of select_blocks."""
+    reference_predict.keep_from_scores + the fix rules of select_blocks."""
     select = pytest.importorskip("sparge_attention.kernels.select")
     from sparge_attention.sparge_core.blockmask import causal_block_mask
-    from sparge_attention.sparge_core.reference import keep_from_scores
+    from sparge_attention.sparge_core.reference_predict import keep_from_scores
 
     B, H, NQ, NK = shape
     scores, q_ss, k_ss = _select_inputs(B, H, NQ, NK, seed, ties)
@@ -523,8 +524,8 @@ def test_select_fused_matches_reference(shape, mode, causal, sink, ties, with_ks
     for row in itertools.product(range(B), range(H), range(NQ)):
         assert idx[row][: int(counts[row])].tolist() == want[row].nonzero().flatten().tolist()
 
-    # fill_skipped: the same selection, plus the estimate's bias (reference.fill_bias), padded
-    from sparge_attention.sparge_core.reference import fill_bias
+    # fill_skipped: the same selection, plus the estimate's bias (reference_predict.fill_bias), padded
+    from sparge_attention.sparge_core.reference_predict import fill_bias
 
     mean = scores.clamp_min(-50) - torch.rand(scores.shape, generator=g) * 3  # any finite mean scores
     c2, i2, bias = select.select_blocks_fused(scores, q_ss, k_ss, thr, mode, sink, causal, n_q, n_k, BQ, BK,
@@ -559,7 +560,7 @@ def _lse_inputs(q, k, hd, n_kbar=0):
 @pytest.mark.parametrize("stride", [1, 2, 4])
 def test_block_lse_scores_matches_reference(D, hd, Hkv, stride):
     kern = pytest.importorskip("sparge_attention.kernels.block_scores")
-    from sparge_attention.sparge_core.reference import block_lse_scores, block_top_keys
+    from sparge_attention.sparge_core.reference_predict import block_lse_scores, block_top_keys
 
     n = 333
     q, k, _ = clustered(1, 2, n, D, seed=D + Hkv, Hkv=Hkv)
@@ -591,7 +592,7 @@ def test_lse_estimate_keeps_the_top_key_and_weights_the_rest():
     """Stride 2 on a block whose mass sits on one odd-position key: the top key is read exactly
     (a plain every-other-key sample would miss it), the other keys stand for the unread ones, and
     a partial last block weights its real keys only."""
-    from sparge_attention.sparge_core.reference import block_lse_scores, lse_key_rows
+    from sparge_attention.sparge_core.reference_predict import block_lse_scores, lse_key_rows
 
     BKs, D = 32, 16
     n = BKs + 5  # a full block and a partial one of 5 keys
@@ -620,7 +621,7 @@ def test_lse_estimate_keeps_the_top_key_and_weights_the_rest():
 def test_quant_pool_top_keys(D):
     """Each block's largest-norm token by its int8 values (the first on ties), through a permutation
     and for a partial last block."""
-    from sparge_attention.sparge_core.reference import block_top_keys
+    from sparge_attention.sparge_core.reference_predict import block_top_keys
 
     g = torch.Generator().manual_seed(D)
     n = 3 * BK + 17
@@ -641,7 +642,7 @@ def test_block_lse_scores_across_programs_and_launch_shapes():
     filled), a partial last block, 64- and 128-row tiles: the same numbers as the reference in each."""
     kern = pytest.importorskip("sparge_attention.kernels.block_scores")
     from sparge_attention.kernels.config import Launch, helper_launches_for
-    from sparge_attention.sparge_core.reference import LSE_KEY_STRIDE, block_lse_scores
+    from sparge_attention.sparge_core.reference_predict import LSE_KEY_STRIDE, block_lse_scores
 
     n = 17 * BK + 50  # 18 key blocks, the last partial
     q, k, _ = clustered(1, 2, n, 64, seed=5)
@@ -676,13 +677,13 @@ def test_kv_stats_matches_torch(n, dk, dv, heads, dtype, seed):
     assert torch.equal(amax, v.float().abs().amax(dim=2))
     # the sampled mean the sparse call uses: the reference's smoothing vector (short sequences: the
     # first run alone)
-    from sparge_attention.sparge_core.reference import KMEAN_SAMPLE
+    from sparge_attention.sparge_core.reference_quant import KMEAN_SAMPLE
 
     mean_s, amax_s = kv_stats(k, v, k_sample=KMEAN_SAMPLE)
     torch.testing.assert_close(mean_s, key_mean(k.float())[:, :, 0], rtol=1e-5, atol=1e-5)
     assert torch.equal(amax_s, amax)
     # V's fp8 scale as the reference quantizer computes it (zero channels at its floor)
-    from sparge_attention.sparge_core.reference import FP8_MAX, TINY
+    from sparge_attention.sparge_core.reference_quant import FP8_MAX, TINY
 
     v[..., :3] = 0
     _, v_scale = kv_stats(k, v, v_format_max=FP8_MAX)
@@ -716,7 +717,7 @@ def test_kv_stats_sampled_mean_through_a_permutation():
     """With a token permutation (Hilbert order) the sample is taken in the permuted order, as the
     reference smooths the permuted keys; the full mean and V's max do not depend on the order."""
     from sparge_attention.kernels.kv_stats import kv_stats
-    from sparge_attention.sparge_core.reference import KMEAN_SAMPLE
+    from sparge_attention.sparge_core.reference_quant import KMEAN_SAMPLE
 
     g = torch.Generator().manual_seed(6)
     n = 700

@@ -21,13 +21,12 @@ import torch  # noqa: E402
 
 from sparge_attention.sparge_core import SpargeParams, block_sizes, sparge_attention  # noqa: E402
 from sparge_attention.sparge_core.blockmask import num_blocks  # noqa: E402
-from sparge_attention.sparge_core.reference import (  # noqa: E402
-    dense_attention,
+from sparge_attention.sparge_core.reference import dense_attention, sparge_reference  # noqa: E402
+from sparge_attention.sparge_core.reference_quant import (  # noqa: E402
     expand_kv,
     key_mean,
     quantize_int8_per_block,
     smooth_k,
-    sparge_reference,
 )
 
 INF = float("inf")

@@ -22,8 +22,14 @@ def test_v_scale_and_overflow_fix_match_the_reference():
     from sparge_attention.kernels.config import default_config
     from sparge_attention.kernels.kv_stats import kv_stats
     from sparge_attention.kernels.quantize import quant_v
-    from sparge_attention.sparge_core.reference import (
-        FP8_MAX, KMEAN_SAMPLE, V_HEADROOM, quantize_v, sampled_rows, value_scale)
+    from sparge_attention.sparge_core.reference_quant import (
+        FP8_MAX,
+        KMEAN_SAMPLE,
+        V_HEADROOM,
+        quantize_v,
+        sampled_rows,
+        value_scale,
+    )
 
     g = torch.Generator(device="cuda").manual_seed(5)
     B, H, N, D = 2, 3, 5000, 128

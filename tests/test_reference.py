@@ -20,15 +20,13 @@ from hypothesis import strategies as st  # noqa: E402
 
 from sparge_attention.sparge_core import SpargeBlockMask, SpargeParams  # noqa: E402
 from sparge_attention.sparge_core.blockmask import causal_block_mask, num_blocks  # noqa: E402
-from sparge_attention.sparge_core.reference import (  # noqa: E402
-    dense_attention,
+from sparge_attention.sparge_core.reference import dense_attention, sparge_reference  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import pool_and_similarity, predict_block_mask  # noqa: E402
+from sparge_attention.sparge_core.reference_quant import (  # noqa: E402
     expand_kv,
-    pool_and_similarity,
-    predict_block_mask,
     quantize_int8_per_block,
     quantize_v,
     smooth_k,
-    sparge_reference,
 )
 
 BQ, BK = 128, 64  # the default CPU block sizes
@@ -402,7 +400,7 @@ def test_quantize_v_round_trip(pv_dtype):
 def test_value_scale_from_the_sample_with_headroom_and_the_exact_fallback():
     """V's scale: the sampled rows' max times V_HEADROOM over FP8_MAX, unless some value of the
     head would then land above FP8_MAX; that head gets its exact max over FP8_MAX, every channel."""
-    from sparge_attention.sparge_core.reference import FP8_MAX, V_HEADROOM, sampled_rows, value_scale
+    from sparge_attention.sparge_core.reference_quant import FP8_MAX, V_HEADROOM, sampled_rows, value_scale
 
     g = torch.Generator().manual_seed(3)
     v = torch.randn(2, 3, 600, 16, generator=g)
@@ -533,7 +531,7 @@ def _rows(*probs):
 
 
 def test_share_mode_keeps_blocks_at_or_above_minshare_of_uniform():
-    from sparge_attention.sparge_core.reference import keep_from_scores
+    from sparge_attention.sparge_core.reference_predict import keep_from_scores
 
     # 4 blocks: uniform share 0.25. minshare 0.5 -> keep p >= 0.125; 1.0 -> p >= 0.25
     scores = _rows([0.5, 0.3, 0.125, 0.075], [0.25, 0.25, 0.25, 0.25], [0.97, 0.01, 0.01, 0.01])
@@ -548,7 +546,7 @@ def test_share_mode_keeps_blocks_at_or_above_minshare_of_uniform():
 
 
 def test_share_mode_counts_only_the_causal_blocks_of_a_row():
-    from sparge_attention.sparge_core.reference import keep_from_scores
+    from sparge_attention.sparge_core.reference_predict import keep_from_scores
 
     # row 0 may see 2 blocks (uniform share 0.5), row 1 all 4 (uniform share 0.25)
     scores = _rows([0.6, 0.4, 0.0001, 0.0001], [0.4, 0.3, 0.2, 0.1])
@@ -592,9 +590,15 @@ def test_fill_is_exact_where_blocks_are_what_their_means_say():
     skipped. Scores from every 2nd key and the top one (the kernel's key_stride 2, off by default)
     estimate each block's mass; on these random, large-norm keys (a few keys hold each block's
     mass) that costs accuracy, though it still beats dropping the blocks by far."""
-    from sparge_attention.sparge_core.reference import (
-        LSE_KEY_STRIDE, block_lse_scores, fill_bias, mean_keys_i8, quantize_int8_per_block, select_blocks,
-        sparse_attention_reference)
+    from sparge_attention.sparge_core.reference import sparse_attention_reference
+    from sparge_attention.sparge_core.reference_predict import (
+        LSE_KEY_STRIDE,
+        block_lse_scores,
+        fill_bias,
+        mean_keys_i8,
+        select_blocks,
+    )
+    from sparge_attention.sparge_core.reference_quant import quantize_int8_per_block
 
     g = torch.Generator().manual_seed(5)
     N, D = 512, 64
