@@ -15,7 +15,7 @@ import torch
 
 from .blockmask import num_blocks
 from .params import SpargeParams
-from .reference_predict import block_lse_scores, mean_keys_i8, pool_and_similarity, select_blocks
+from .reference_predict import block_lse_scores, pool_and_similarity, select_blocks
 from .reference_quant import expand_kv
 
 # Candidates cost little (one mask + one combination each); a fine grid lands close to the target.
@@ -92,16 +92,17 @@ def _pooled_queries(q_rows, row_valid, block_q: int):
     return q_pool * fix[:, None], q_sim * (fix * fix)
 
 
-def _key_side(q_pool, ksm, k_i8, k_scale, scoring: str, blocks: CallBlocks, fill: bool):
+def _key_side(q_pool, ksm, k_i8, k_scale, scoring: str, blocks: CallBlocks, kbar):
     """What select_blocks needs besides the pooled queries: the exact lse block scores
-    ("lse") or the pooled keys and their self-similarity ("pooled"). With fill, also the fill
-    estimate's bias per (sampled query block, key block): lse score - mean score, i.e. log2 of
-    the block's exp-sum over its mean key's exp (B, H, Sq, NK)."""
+    ("lse") or the pooled keys and their self-similarity ("pooled"). With the fill estimate's
+    mean keys (kbar, mean_keys_i8's answer), also its bias per (sampled query block, key block):
+    lse score - mean score, i.e. log2 of the block's exp-sum over its mean key's exp (B, H, Sq, NK)."""
+    fill = kbar is not None
     if scoring != "lse":
         k_pool, k_sim = pool_and_similarity(ksm, blocks.block_k)
         return None, expand_kv(k_pool, blocks.heads), expand_kv(k_sim[..., None], blocks.heads)[..., 0], None
     scores = block_lse_scores(q_pool, k_i8, k_scale, blocks.scale, blocks.n, blocks.block_k, want_mean=fill,
-                              kbar=mean_keys_i8(ksm, blocks.block_k) if fill else None)
+                              kbar=kbar)
     if not fill:
         return scores, None, None, None
     scores, mean_scores = scores
@@ -109,17 +110,18 @@ def _key_side(q_pool, ksm, k_i8, k_scale, scoring: str, blocks: CallBlocks, fill
 
 
 def candidate_masks(q_rows, row_valid, ksm, k_i8, k_scale, cands, sims, mode: str, scoring: str,
-                    blocks: CallBlocks, fill: bool):
+                    blocks: CallBlocks, kbar):
     """Block masks of the sampled query blocks for every (similarity, threshold) candidate,
     plus a last "keep everything" mask whose error is the quantization floor.
 
-    ksm: smoothed fp32 K; k_i8, k_scale: its int8 blocks. Config x = s*C + c is stacked as heads
+    ksm: smoothed fp32 K; k_i8, k_scale: its int8 blocks; kbar: the fill estimate's mean keys
+    (mean_keys_i8) or None without the estimate. Config x = s*C + c is stacked as heads
     x*H .. x*H+H-1 of one select_blocks call. Returns masks (X = S*C + 1, B, H, Sq, NK) bool and
     the fill bias (B, H, Sq, NK) or None."""
     H, Sn, C = blocks.heads, sims.numel(), cands.numel()
     Xc = Sn * C
     q_pool, q_sim = _pooled_queries(q_rows, row_valid, blocks.block_q)
-    scores, k_pool, k_sim, fill_bias = _key_side(q_pool, ksm, k_i8, k_scale, scoring, blocks, fill)
+    scores, k_pool, k_sim, fill_bias = _key_side(q_pool, ksm, k_i8, k_scale, scoring, blocks, kbar)
     scores = None if scores is None else scores.repeat(1, Xc, 1, 1)
     k_pool = None if k_pool is None else k_pool.repeat(1, Xc, 1, 1)
     k_sim = None if k_sim is None else k_sim.repeat(1, Xc, 1)

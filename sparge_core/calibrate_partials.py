@@ -225,22 +225,24 @@ def _chunk_blocks(blocks: CallBlocks, X: int, D: int, num: _Numerics, on_cuda: b
 
 
 def sampled_block_errors(q_rows, row_valid, k, v, k_i8, k_scale, masks, fill_bias, blocks: CallBlocks,
-                         pv_dtype: str, fill: bool):
+                         pv_dtype: str, kbar):
     """Per candidate, head and sampled query block: num = sum over the batch and the block's
     rows of sum_d |O_x - O_ref| (X, H, Sq), and den = the same of |O_ref| (H, Sq), fp64.
 
     q_rows (B, H, Sq*BQ, D) and row_valid from calibrate_masks.sampled_rows; k_i8, k_scale:
-    the smoothed K in int8 blocks; masks (X, B, H, Sq, NK); fill_bias (B, H, Sq, NK) or None.
+    the smoothed K in int8 blocks; masks (X, B, H, Sq, NK); fill_bias (B, H, Sq, NK) and kbar (the
+    fill estimate's mean keys, mean_keys_i8's answer), or None for both without the estimate.
     Q is quantized per block exactly as in the full call (the same blocks, the same scales)."""
     B, H, _, D = q_rows.shape
     Hkv, BQ, BK = k.shape[1], blocks.block_q, blocks.block_k
     X, Sq = masks.shape[0], masks.shape[3]
+    fill = kbar is not None
     num = _Numerics.for_call(q_rows, pv_dtype, fill)
     q_i8, q_scale = quantize_int8_per_block(q_rows, BQ)
     qs_rows = (q_scale * (blocks.scale * LOG2E)).repeat_interleave(BQ, dim=2)  # (B, H, Sq*BQ), log2 units
     k_i8 = torch.nn.functional.pad(k_i8, (0, 0, 0, blocks.nk * BK - blocks.n))
     ks_cols = k_scale.repeat_interleave(BK, dim=2)  # (B, Hkv, NK*BK)
-    means = block_means(k, v, BK, pv_dtype) if fill else None  # the kernel's mean keys and values
+    means = block_means(k, v, BK, pv_dtype, kbar) if fill else None  # the kernel's mean keys and values
     num_blk = torch.zeros(X, H, Sq, dtype=torch.float64, device=q_rows.device)
     den_blk = torch.zeros(H, Sq, dtype=torch.float64, device=q_rows.device)
     chunk = _chunk_blocks(blocks, X, D, num, q_rows.device.type == "cuda")

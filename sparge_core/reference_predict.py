@@ -216,14 +216,14 @@ def mean_keys_i8(k_smooth, block_k: int):
     return round_half_away(kbar * (127.0 / amax)).clamp(-127, 127), (amax / 127.0)[..., 0]
 
 
-def block_means(k, v, block_k: int, pv_dtype: str):
+def block_means(k, v, block_k: int, pv_dtype: str, kbar=None):
     """The estimate's mean key and mean value of every key block, (B, Hkv, NK, D) each, as the
     kernel sees them: the smoothed K's mean in int8 with one scale per mean (mean_keys_i8), and
     the mean of V over its per-channel scale (the units P.V accumulates in), rounded like V (fp8
-    or fp16)."""
+    or fp16). kbar: mean_keys_i8's answer for k, where the caller has it already."""
     n = k.shape[2]
     cnt = block_token_counts(n, block_k, k.device)[:, None]
-    kv, kscale = mean_keys_i8(smooth_k(k.float()), block_k)
+    kv, kscale = mean_keys_i8(smooth_k(k.float()), block_k) if kbar is None else kbar
     kbar = kv * kscale[..., None]
     _, vscale = quantize_v(v, "fp32")
     vbar = split_blocks(v.float() / vscale[:, :, None, :], block_k).sum(-2) / cnt
