@@ -18,7 +18,9 @@ the estimate, each at a sweep of minshare values:
               (every N-th) standing for the other n - 1
   reference   reference_predict.block_lse_scores at stride 2 (the kernel's key_stride 2: every 2nd key,
               the top key in place of its group's, the mean score against the block's int8 mean
-              key), off by default: it errs on random keys (NOTES v31)
+              key): it errs on random keys (NOTES v31)
+  guarded     the same with the guard (reference_predict.lse_exact_blocks: blocks of low key
+              self-similarity and a partial last block read in full; NOTES v32)
 Errors: rel-L1 of the whole output and of the worst head against fp32 dense attention, on
 sampled query blocks (exact for those rows, see guard_study.sample_query_blocks); the density
 is the kept fraction of (query block, key block) pairs. The inputs are none of the ones the
@@ -27,6 +29,7 @@ other head mixes, text tokens, a noisy step.
 
     python bench/lse_sample_study.py                       # three regimes (~10 min on 2 cores)
     python bench/lse_sample_study.py --regimes wan480-seed5 hunyuan-mix-text256-seed6 --variants full reference --tag=-ref
+    python bench/lse_sample_study.py --variants full guarded --tag=-guarded
 """
 import argparse
 import datetime
@@ -50,6 +53,7 @@ from sparge_attention.sparge_core.reference import dense_attention, sparse_atten
 from sparge_attention.sparge_core.reference_predict import (  # noqa: E402
     block_lse_scores,
     fill_bias,
+    lse_exact_blocks,
     mean_keys_i8,
     pool_and_similarity,
     select_blocks,
@@ -71,7 +75,7 @@ REGIMES = {
     "wan480-noisy0.6-seed7": dict(grid=(13, 30, 52), heads=12, seed=7, noise_level=0.6,
                                   head_types=["local", "temporal", "global", "spatial"] * 3),
 }
-VARIANTS = ("full", "s2/exact", "s2/sampled", "s4/exact", "s2+norm/exact", "s4+norm/exact", "reference")
+VARIANTS = ("full", "s2/exact", "s2/sampled", "s4/exact", "s2+norm/exact", "s4+norm/exact", "reference", "guarded")
 SHARES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 
 
@@ -127,11 +131,14 @@ def run_regime(name, kw, sample_qblocks, variants, log):
         f"({time.time() - t0:.0f} s to build)")
     rows = []
     for variant in variants:
-        if variant == "reference":  # the reference's estimator at stride 2 (the kernel's key_stride 2)
+        if variant in ("reference", "guarded"):  # the reference's estimator at stride 2 (key_stride 2)
             ksm = smooth_k(k.float())
             k_i8, k_scale = quantize_int8_per_block(ksm, block_k)
+            exact = lse_exact_blocks(ksm, block_k, stride=2) if variant == "guarded" else None
+            if exact is not None:
+                log(f"  guarded: {exact.float().mean().item():.4f} of the key blocks read in full")
             lse, mean = block_lse_scores(qp, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True,
-                                         kbar=mean_keys_i8(ksm, block_k), stride=2)
+                                         kbar=mean_keys_i8(ksm, block_k), stride=2, exact=exact)
         else:
             head = variant.split("/")[0]
             stride = 1 if variant == "full" else int(head[1:].split("+")[0])
@@ -163,11 +170,14 @@ def density_at(rows, variant, target, key="whole"):
     return None
 
 
-def main():
+def sweep_study(study: str, regimes: dict, variants, run_regime_fn):
+    """The command line and the report shared by the CPU sweeps over regimes (this study and
+    select_error_study): run_regime_fn(name, inputs, sample_qblocks, variants, log) -> rows; writes
+    the log and JSON as bench/results/<date>-cpu-<study><tag>."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--regimes", nargs="+", default=list(REGIMES))
+    ap.add_argument("--regimes", nargs="+", default=list(regimes))
     ap.add_argument("--sample-qblocks", type=int, default=12)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=list(variants))
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -180,20 +190,20 @@ def main():
     result = {"date": datetime.date.today().isoformat(), "device": "cpu", "sample_qblocks": args.sample_qblocks,
               "regimes": {}}
     for name in args.regimes:
-        rows = run_regime(name, REGIMES[name], args.sample_qblocks, args.variants, log)
+        rows = run_regime_fn(name, regimes[name], args.sample_qblocks, args.variants, log)
         summary = {v: {"density_at_0.05": density_at(rows, v, 0.05),
                        "density_at_worst_head_0.10": density_at(rows, v, 0.10, "worst_head")} for v in args.variants}
         for v, s in summary.items():
             fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-            log(f"  {name} {v:10s}: density at rel-L1 0.05 {fmt(s['density_at_0.05'])}, "
+            log(f"  {name} {v:12s}: density at rel-L1 0.05 {fmt(s['density_at_0.05'])}, "
                 f"at worst head 0.10 {fmt(s['density_at_worst_head_0.10'])}")
         result["regimes"][name] = {"inputs": {k_: list(v_) if isinstance(v_, tuple) else v_
-                                              for k_, v_ in REGIMES[name].items()},
+                                              for k_, v_ in regimes[name].items()},
                                    "rows": rows, "summary": summary}
-    out = Path(__file__).resolve().parent / "results" / f"{result['date']}-cpu-lse_sample_study{args.tag}"
+    out = Path(__file__).resolve().parent / "results" / f"{result['date']}-cpu-{study}{args.tag}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".log").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    sweep_study("lse_sample_study", REGIMES, VARIANTS, run_regime)

@@ -23,7 +23,7 @@ from sparge_attention.kernels.kv_stats import kv_stats
 from sparge_attention.kernels.quantize import quant_pool, quant_v
 from sparge_attention.kernels.select import select_blocks_fused
 from sparge_attention.sparge_core.hilbert import TokenPermutation
-from sparge_attention.sparge_core.reference_predict import LSE_KEY_STRIDE
+from sparge_attention.sparge_core.reference_predict import LSE_EXACT_SIM, LSE_KEY_STRIDE
 from sparge_attention.sparge_core.reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM
 
 
@@ -54,7 +54,7 @@ def grids(quick: bool) -> dict:
 
 # comparison rows -> the kernel whose launch shape they take
 ALIASES = {"block_lse_nomean": "block_lse", "kv_stats_fullv": "kv_stats", "quant_v_unchecked": "quant_v",
-           "block_lse_stride2": "block_lse"}
+           "block_lse_stride2": "block_lse", "block_lse_stride2_guard": "block_lse", "quant_pool128_sim": "quant_pool128"}
 
 
 def runners(q, k, v, perm, scale, n_k):
@@ -63,9 +63,9 @@ def runners(q, k, v, perm, scale, n_k):
     nkc = cdiv(cdiv(n_k, BLOCK_N), FILL_PAD) * FILL_PAD
     k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm, v_headroom=V_HEADROOM)
     q_pool = quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False, perm=perm)[2]
-    k_out = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
+    k_out = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=True, perm=perm,
                        pool_i8_blocks=nkc, want_top=True)
-    k_i8, k_s, kbar, top = k_out[0], k_out[1], k_out[4], k_out[5]
+    k_i8, k_s, k_sim, kbar, top = k_out[0], k_out[1], k_out[3], k_out[4], k_out[5]
     lse_kw = dict(key_stride=LSE_KEY_STRIDE, key_top=top, kbar=kbar)
     scores, mean = block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, **lse_kw)
     minshare = torch.full((q.shape[1],), 1.5, device=q.device)  # Balanced
@@ -87,6 +87,14 @@ def runners(q, k, v, perm, scale, n_k):
         # every 2nd key and each block's top one (the kernel's key_stride 2, off by default: v31)
         "block_lse_stride2": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True,
                                                         launch=L, key_stride=2, key_top=top, kbar=kbar),
+        # the same with the guard (blocks of low self-similarity and the partial one read in full;
+        # on realistic inputs that is the partial block alone), and K's quantizer with the
+        # self-similarity the guard reads
+        "block_lse_stride2_guard": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True,
+                                                              launch=L, key_stride=2, key_top=top, kbar=kbar,
+                                                              key_sim=k_sim, exact_below=LSE_EXACT_SIM),
+        "quant_pool128_sim": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=True,
+                                                  perm=perm, pool_i8_blocks=nkc, want_top=True, launch=L),
         "select": lambda L: select_blocks_fused(scores, None, None, minshare, "share", True, False, q.shape[2], n_k,
                                                 BLOCK_M, BLOCK_N, fill_mean=mean, fill_blocks=nkc, launch=L),
     }

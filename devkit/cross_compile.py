@@ -184,6 +184,14 @@ def pack_kernel_jobs(cc: int) -> list:
             x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
             x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True, **helper_kw("block_lse"),
             **lse_kw)),
+        # every 2nd key with the guard's branch (blocks of low self-similarity read in full);
+        # revisions before v32 lack it
+        (block_scores._block_lse_kernel if "key_sim" in block_scores.block_lse_scores.__code__.co_varnames else None,
+         "stride 2, guard", lambda: block_scores.block_lse_scores(
+            x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
+            x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True, **helper_kw("block_lse"),
+            key_stride=2, key_top=x(B, HKV, nk, dtype=torch.int32), key_sim=x(B, HKV, nk, dtype=torch.float32),
+            exact_below=0.2, **lse_kw)),
         # the sorting modes' shared memory grows with the padded key-block count (1024: 4 warps, 2048: 8)
         (select._select_kernel, "cdf causal fill, 1500 blocks", select_launch("cdf", True, 1500)),
         (select._select_kernel, "topk, 591 blocks", select_launch("topk", False, nk)),

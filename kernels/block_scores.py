@@ -15,15 +15,17 @@ from .numerics import MAGIC_F, batch_head, int32_bits_f32, round_half_away
 
 
 @triton.jit
-def _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_rest, offs_s, N_K, BLOCK_N: tl.constexpr,
-               KEY_STRIDE: tl.constexpr, MASK_KEYS: tl.constexpr):
+def _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
+               KEY_STRIDE: tl.constexpr, MASK_KEYS: tl.constexpr, GUARD: tl.constexpr):
     """log2 sum_j w_j exp2(score_j) per row over the keys this key block's score reads: every
     KEY_STRIDE-th, the one of the top key's group replaced by the top key (position `top`, weight
-    1), the others weighted 2^lw_rest (reference_predict.block_lse_scores). score_j = dot_j * c with c =
-    row_scale * ks (ks: this key block's scale). As in the attention kernel, the row max works on
-    the raw float bits f_j = dot_j + MAGIC_F of (dot + MAGIC_I); f_j - f_max is exact (both in
-    [2^23, 2^24)), so each score keeps full fp32 precision. row_scale (per row, loop-invariant) and
-    ks stay apart so that the row scale enters the scores' layout once (see the caller)."""
+    1), the others weighted 2^lw_rest (reference_predict.block_lse_scores); with GUARD, a block
+    where `exact` holds reads the rest of each group too, every key at weight 1 (the exact sum).
+    score_j = dot_j * c with c = row_scale * ks (ks: this key block's scale). As in the attention
+    kernel, the row max works on the raw float bits f_j = dot_j + MAGIC_F of (dot + MAGIC_I);
+    f_j - f_max is exact (both in [2^23, 2^24)), so each score keeps full fp32 precision. row_scale
+    (per row, loop-invariant) and ks stay apart so that the row scale enters the scores' layout
+    once (see the caller)."""
     if KEY_STRIDE == 1:
         rows = offs_s
     else:
@@ -37,19 +39,38 @@ def _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_rest, offs_s, N_K,
         s = tl.where((kb * BLOCK_N + rows < N_K)[None, :], s, float("-inf"))
     f_max = tl.max(s, 1)
     if KEY_STRIDE == 1:
-        p = tl.math.exp2((s - f_max[:, None]) * c[:, None])
+        res = (f_max - MAGIC_F) * c + tl.math.log2(tl.sum(tl.math.exp2((s - f_max[:, None]) * c[:, None]), 1))
     else:  # the weight's log2 in the same FFMA
         lw = tl.where(rows == top, 0.0, lw_rest)
         p = tl.math.exp2((s - f_max[:, None]) * c[:, None] + lw[None, :])
-    return (f_max - MAGIC_F) * c + tl.math.log2(tl.sum(p, 1))
+        res = (f_max - MAGIC_F) * c + tl.math.log2(tl.sum(p, 1))
+        if GUARD:
+            if exact:
+                # the groups' other keys: position ^ t (the groups are KEY_STRIDE-aligned, a power
+                # of two, and the key read is the group's first or the top key), weight 1, merged
+                # like flash attention's running max
+                m = f_max
+                acc = tl.sum(tl.math.exp2((s - f_max[:, None]) * c[:, None]), 1)
+                for t in tl.static_range(1, KEY_STRIDE):
+                    rows_t = rows ^ t
+                    k_t = tl.load(k_base + (kb * BLOCK_N + rows_t)[None, :].to(tl.int64) * sk_n)
+                    s_t = int32_bits_f32(tl.dot(q_i8, k_t))
+                    if MASK_KEYS:
+                        s_t = tl.where((kb * BLOCK_N + rows_t < N_K)[None, :], s_t, float("-inf"))
+                    m_t = tl.maximum(m, tl.max(s_t, 1))
+                    acc = acc * tl.math.exp2((m - m_t) * c) + tl.sum(tl.math.exp2((s_t - m_t[:, None]) * c[:, None]), 1)
+                    m = m_t
+                res = (m - MAGIC_F) * c + tl.math.log2(acc)
+    return res
 
 
 @triton.jit
-def _block_lse_kernel(QP, K, KS, TOP, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks_b, sks_h,
+def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks_b, sks_h,
                       skb_b, skb_h, skbs_b, skbs_h, so_b, so_h, so_r,
-                      NR, N_K, NKB, H, KV_GROUP, scale_log2, lw_full,
+                      NR, N_K, NKB, H, KV_GROUP, scale_log2, lw_full, exact_below,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
-                      KB_TILE: tl.constexpr, KEY_STRIDE: tl.constexpr, WANT_MEAN: tl.constexpr):
+                      KB_TILE: tl.constexpr, KEY_STRIDE: tl.constexpr, WANT_MEAN: tl.constexpr,
+                      GUARD: tl.constexpr):
     """One program: BLOCK_R pooled queries against KB_TILE consecutive key blocks. The per-row
     results collect in a (BLOCK_R, KB_TILE) register tile, stored once at the end: a store per
     block would move each row's value through shared memory (the dot's row layout is not the
@@ -86,26 +107,35 @@ def _block_lse_kernel(QP, K, KS, TOP, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, sqp_r,
     row_scale = row_scale0 + tl.max(zero, 1).to(tl.float32)
     k_base = K + b * sk_b + hk * sk_h + offs_d[:, None]
     ks_ptr = KS + b * sks_b + hk * sks_h
-    top_ptr = TOP + b * sks_b + hk * sks_h  # TOP has KS's strides
+    top_ptr = TOP + b * sks_b + hk * sks_h  # TOP and KSIM have KS's strides
+    sim_ptr = KSIM + b * sks_b + hk * sks_h
     lse_t = tl.zeros([BLOCK_R, KB_TILE], dtype=tl.float32)
     # only the last key block of the sequence can be partial: run the others without a mask
     kb_full = tl.minimum(kb1, N_K // BLOCK_N)
     ks_next = tl.load(ks_ptr + kb0)
     top_next = 0
+    exact_next = False
     if KEY_STRIDE > 1:
         top_next = tl.load(top_ptr + kb0)
+        if GUARD:
+            exact_next = tl.load(sim_ptr + kb0) < exact_below
     for kb in range(kb0, kb_full):
         ks = ks_next
         top = top_next
+        exact = exact_next
         nxt = tl.minimum(kb + 1, NKB - 1)
         ks_next = tl.load(ks_ptr + nxt)  # a block ahead: its latency hides behind this one
         if KEY_STRIDE > 1:
             top_next = tl.load(top_ptr + nxt)
-        lse = _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_full, offs_s, N_K, BLOCK_N, KEY_STRIDE, False)
+            if GUARD:
+                exact_next = tl.load(sim_ptr + nxt) < exact_below
+        lse = _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_full, exact, offs_s, N_K, BLOCK_N,
+                         KEY_STRIDE, False, GUARD)
         lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
     if kb_full < kb1:
         top = 0
         lw_last = 0.0
+        exact = GUARD  # the guard reads a partial block in full (reference_predict.lse_exact_blocks)
         if KEY_STRIDE > 1:
             top = tl.load(top_ptr + kb_full)
             n_real = N_K - kb_full * BLOCK_N
@@ -113,8 +143,8 @@ def _block_lse_kernel(QP, K, KS, TOP, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, sqp_r,
             # (its other columns are masked: their weight does not matter)
             lw_last = tl.math.log2(tl.maximum(n_real - 1, 1).to(tl.float32)
                                    / tl.maximum(tl.cdiv(n_real, KEY_STRIDE) - 1, 1).to(tl.float32))
-        lse = _block_lse(q_i8, k_base, sk_n, row_scale, tl.load(ks_ptr + kb_full), kb_full, top, lw_last, offs_s,
-                         N_K, BLOCK_N, KEY_STRIDE, True)
+        lse = _block_lse(q_i8, k_base, sk_n, row_scale, tl.load(ks_ptr + kb_full), kb_full, top, lw_last, exact,
+                         offs_s, N_K, BLOCK_N, KEY_STRIDE, True, GUARD)
         lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
     offs = b * so_b + h * so_h + offs_r[:, None] * so_r + (kb0 + cols)[None, :]
     ok = (offs_r < NR)[:, None] & (kb0 + cols < kb1)[None, :]
@@ -128,14 +158,18 @@ _block_lse_launch = Kernel(_block_lse_kernel)
 
 def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Tensor, scale: float,
                      n_k: int, block_k: int, want_mean: bool = False, launch: Launch | None = None,
-                     key_stride: int = 1, key_top: torch.Tensor | None = None, kbar: tuple | None = None):
+                     key_stride: int = 1, key_top: torch.Tensor | None = None, kbar: tuple | None = None,
+                     key_sim: torch.Tensor | None = None, exact_below: float = 0.0):
     """q_pool (B,H,NQ,D) fp32, k_i8 (B,Hkv,NK*block_k,HD) int8 smoothed keys, k_scale (B,Hkv,NK).
     Returns (B,H,NQ,NK) fp32 in log2 units (reference_predict.block_lse_scores); with want_mean also the
     pooled queries' scores against the blocks' mean keys (same shape and units), kbar = (int8
     mean keys (B,Hkv,>=NK,HD) contiguous, their scales (B,Hkv,>=NK)) from quant_pool's
     pool_i8_blocks. key_stride > 1: each block's score reads every key_stride-th key and its
-    largest-norm one, key_top (B,Hkv,NK) int32 (quant_pool's want_top). `launch`: tile rows, warps,
-    stages and programs (speed only)."""
+    largest-norm one, key_top (B,Hkv,NK) int32 (quant_pool's want_top); with key_sim (B,Hkv,NK)
+    fp32, the keys' self-similarity per block (quant_pool's want_sim), a block where it is below
+    exact_below, and a partial last block, read every key (reference_predict.lse_exact_blocks;
+    key_stride a power of two).
+    `launch`: tile rows, warps, stages and programs (speed only)."""
     B, H, NQ, D = q_pool.shape
     Hkv, n_pad, hd = k_i8.shape[1:]
     if k_i8.dtype != torch.int8 or n_pad % block_k or H % Hkv or hd < D:
@@ -148,6 +182,10 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     if key_stride > 1 and (key_top is None or key_top.shape != k_scale.shape or key_top.dtype != torch.int32
                            or key_top.stride() != k_scale.stride()):
         raise ValueError(f"key_stride > 1 needs key_top, int32 (B, Hkv, {nkb}) with k_scale's strides")
+    guard = key_sim is not None and key_stride > 1
+    if guard and (key_stride & (key_stride - 1) or key_sim.shape != k_scale.shape
+                  or key_sim.dtype != torch.float32 or key_sim.stride() != k_scale.stride()):
+        raise ValueError(f"key_sim must be float32 (B, Hkv, {nkb}) with k_scale's strides, key_stride a power of two")
     if want_mean:
         if kbar is None:
             raise ValueError("want_mean needs the mean keys (kbar)")
@@ -175,12 +213,12 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     top = key_top if key_stride > 1 else k_scale
     grid = (row_tiles, cdiv(nkb, kb_tile), B * H)
     _block_lse_launch[grid](
-        q_pool, k_i8, k_scale, top, kbar_i8, kbar_s, out, mean, q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
+        q_pool, k_i8, k_scale, top, key_sim if guard else k_scale, kbar_i8, kbar_s, out, mean, q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
         kbar_i8.stride(0), kbar_i8.stride(1), kbar_s.stride(0), kbar_s.stride(1),
         out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634, lw_full,
-        BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile, KEY_STRIDE=key_stride,
-        WANT_MEAN=want_mean, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        float(exact_below), BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile, KEY_STRIDE=key_stride,
+        WANT_MEAN=want_mean, GUARD=guard, num_warps=launch.num_warps, num_stages=launch.num_stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
     )
     return (out, mean) if want_mean else out

@@ -2,19 +2,26 @@
 # One call on the GPU machine (the device tool): every GPU test, then the prediction's kernels
 # and the whole call timed against SDPA-cuDNN. Writes log.txt and the benches' JSON under $OUT
 # (a temp folder without it). Takes ~8 min on an H200.
-#   bash scripts/gpu_check.sh [BEFORE_TREE]
+#   bash scripts/gpu_check.sh [BEFORE_TREE [VARIANT_TREE]]
 # BEFORE_TREE: a checkout of another commit (`git archive <rev> | tar -x -C <dir>`) whose
 # prediction is timed in the same run (bench/fill_cost.py in each tree), for a same-run ratio.
+# VARIANT_TREE: a copy of this tree with one setting changed (e.g. reference_predict.LSE_KEY_STRIDE
+# = 2, the guarded lse scores from half the keys): fill_cost and realistic_bench run there too.
+# PARTS (default "tests,bench,variant") picks the parts: all three take more than one device call
+# (10 min), so run e.g. PARTS=tests,bench first and PARTS=variant in a second call.
 # The node tests need a ComfyUI tree in .comfyui/ComfyUI (carry it to the device).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$(mktemp -d)}"
 L="$OUT/log.txt"
 cd "$REPO"
+PARTS="${PARTS:-tests,bench,variant}"
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 step() { echo "== $*" | tee -a "$L"; }
 nvidia-smi --query-gpu=name --format=csv,noheader | tee -a "$L"
 git log --oneline -1 2>/dev/null | tee -a "$L"
-for t in tests/test_quant_gpu.py tests/test_launch_gpu.py; do
+if part tests; then
+for t in tests/test_quant_gpu.py tests/test_lse_gpu.py tests/test_launch_gpu.py; do
   step "$t"
   timeout 200 python3 "$t" 2>&1 | grep -E "PASS|FAIL|Error" | tee -a "$L"
 done
@@ -26,10 +33,12 @@ done
 step "tests/comfy/test_nodes_gpu.py (async)"
 timeout 250 python3 tests/comfy/test_nodes_gpu.py 2>&1 | grep -E "PASS|FAIL|Error|measured error" | tee -a "$L"
 unset PYTORCH_CUDA_ALLOC_CONF
+fi
+if part bench; then
 mkdir -p "$OUT/predict_tune" "$OUT/fill_cost" "$OUT/fill_cost_before" "$OUT/fill_check" "$OUT/realistic"
 step "predict_tune (the helpers, and v31's comparison rows)"
 (cd bench && OUT="$OUT/predict_tune" timeout 300 python3 predict_tune.py \
-  --kernels kv_stats,kv_stats_fullv,quant_v,quant_v_unchecked,block_lse,block_lse_stride2 2>&1 \
+  --kernels kv_stats,kv_stats_fullv,quant_v,quant_v_unchecked,quant_pool128,quant_pool128_sim,block_lse,block_lse_stride2,block_lse_stride2_guard 2>&1 \
   | tail -20) | tee -a "$L"
 if [ -n "${1:-}" ]; then
   step "fill_cost in $1"
@@ -42,4 +51,15 @@ step "fill_check"
 step "realistic_bench (presets, rel-L1 0.05)"
 (cd bench && OUT="$OUT/realistic" timeout 330 python3 realistic_bench.py --no-oracle --only "lse fill,preset" 2>&1 \
   | tail -40) | tee -a "$L"
+fi
+if part variant && [ -n "${2:-}" ]; then
+  mkdir -p "$OUT/fill_cost_base" "$OUT/fill_cost_variant" "$OUT/realistic_variant"
+  step "fill_cost (this tree, the variant's same-run base)"
+  (cd bench && OUT="$OUT/fill_cost_base" timeout 150 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
+  step "fill_cost in $2"
+  (cd "$2/bench" && OUT="$OUT/fill_cost_variant" timeout 150 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
+  step "realistic_bench in $2"
+  (cd "$2/bench" && OUT="$OUT/realistic_variant" timeout 330 python3 realistic_bench.py --no-oracle \
+    --only "lse fill,preset" 2>&1 | tail -40) | tee -a "$L"
+fi
 echo "log and JSON in $OUT"

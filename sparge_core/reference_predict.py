@@ -47,9 +47,26 @@ def pool_and_similarity(x: torch.Tensor, block: int):
 # key on realistic inputs the presets were not tuned on (bench/lse_sample_study.py), but on random
 # keys (the tiny random-weight models, where a few keys hold each block's mass) the estimated
 # masses err: the Quality preset's measured error on the tiny HunyuanVideo model rose 0.011 ->
-# 0.028 against its 0.02 target (bench/NOTES.md v31). So every key is read (stride 1, the exact
-# sum); the kernel keeps the option for when a guard can tell the two kinds of block apart.
+# 0.028 against its 0.02 target (bench/NOTES.md v31). Hence the guard: a block whose smoothed keys'
+# self-similarity (pool_and_similarity) is below LSE_EXACT_SIM is read in full, and so is a partial
+# last block. Random-weight models' key blocks measure 0.02-0.10, the realistic inputs' 0.29-0.68
+# (bench/lse_guard_study.py).
+# Every key is read (stride 1, the exact sum) until the guarded stride is timed on a GPU.
 LSE_KEY_STRIDE = 1
+LSE_EXACT_SIM = 0.2
+
+
+def lse_exact_blocks(k_smooth, block_k: int, stride: int = LSE_KEY_STRIDE):
+    """The key blocks the lse scores read in full at `stride` (B,Hkv,NK) bool: those whose smoothed
+    keys' self-similarity is below LSE_EXACT_SIM, and a partial last block (too few keys for a
+    sample to stand for; in joint attention it holds the text tokens). None at stride 1 (every
+    block is read in full)."""
+    if stride == 1:
+        return None
+    exact = pool_and_similarity(k_smooth, block_k)[1] < LSE_EXACT_SIM
+    if k_smooth.shape[2] % block_k:
+        exact[..., -1] = True
+    return exact
 
 
 def block_top_keys(k_i8: torch.Tensor, block_k: int, n_k: int) -> torch.Tensor:
@@ -69,14 +86,15 @@ def lse_key_rows(top: torch.Tensor, block_k: int, stride: int) -> torch.Tensor:
 
 
 def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int, want_mean: bool = False,
-                     kbar=None, stride: int = LSE_KEY_STRIDE):
+                     kbar=None, stride: int = LSE_KEY_STRIDE, exact=None):
     """Per pooled query and key block: log2 of sum_j exp2(score_j) over the block's real keys.
 
     This is the attention mass the pooled query gives each key block, computed against its keys
     rather than the key block's mean, so one strong key (a sink) is never averaged away. With
     stride S, the sum is estimated: the block's largest-norm key exactly (block_top_keys), the
     other n - 1 real keys from the block_k / S - 1 other keys lse_key_rows reads, each of those
-    weighted (n - 1) / (the real ones among them). Stride 1 is the exact sum.
+    weighted (n - 1) / (the real ones among them); blocks where `exact` (B,Hkv,NK) bool is set
+    (lse_exact_blocks) get the exact sum. Stride 1 is the exact sum everywhere.
     Models the Triton kernel: pooled queries in int8 (one scale per row), smoothed int8 keys.
     want_mean: also return the pooled query's score against each block's mean key (log2 units,
     for fill_skipped), kbar = (the mean keys' int8 values (B,Hkv,>=NK,D), their scales
@@ -88,6 +106,13 @@ def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int
     kb = split_blocks(k_i8.float(), block_k)  # (B,Hkv,NK,BK,D) integer values
     NK, D = kb.shape[2], kb.shape[-1]
     n_real = (n_k - torch.arange(NK, device=q_pool.device) * block_k).clamp(max=block_k)  # (NK,)
+    if stride > 1 and exact is not None and exact.any():
+        est = block_lse_scores(q_pool, k_i8, k_scale, scale, n_k, block_k, want_mean, kbar, stride)
+        full = block_lse_scores(q_pool, k_i8, k_scale, scale, n_k, block_k, False, None, 1)
+        pick = expand_kv(exact[..., None], H)[..., 0][:, :, None, :]  # (B,H,1,NK)
+        if not want_mean:
+            return torch.where(pick, full, est)
+        return torch.where(pick, full, est[0]), est[1]
     if stride == 1:  # every key, weight 1 (no copy of the keys)
         kd = expand_kv(kb, H)
         valid = (torch.arange(block_k, device=q_pool.device) < n_real[:, None])[None, None, None]  # (1,1,1,NK,BK)
@@ -240,7 +265,7 @@ def lse_stage1(q_pool, k, block_k: int, scale: float):
     ksm = smooth_k(k.float())
     k_i8, k_scale = quantize_int8_per_block(ksm, block_k)
     return block_lse_scores(q_pool, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True,
-                            kbar=mean_keys_i8(ksm, block_k))
+                            kbar=mean_keys_i8(ksm, block_k), exact=lse_exact_blocks(ksm, block_k))
 
 
 def predict_block_mask(q, k, params: SpargeParams, block_q: int, block_k: int, scale: float | None = None,

@@ -7,7 +7,7 @@ from typing import Optional
 
 from .blockmask import SpargeBlockMask, num_blocks
 from .params import SpargeParams
-from .reference_predict import LSE_KEY_STRIDE, pooled_scores
+from .reference_predict import LSE_EXACT_SIM, LSE_KEY_STRIDE, pooled_scores
 from .reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM, expand_kv
 
 
@@ -54,10 +54,12 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
                                v_addr=at(2), v_headroom=V_HEADROOM)
     # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
-    # and, for the lse scores, each block's largest-norm key (which they always read)
+    # and, for lse scores from a sample of each block's keys, its largest-norm key (which they
+    # always read) and its keys' self-similarity (a block below LSE_EXACT_SIM is read in full)
+    sampled_lse = predict and lse and LSE_KEY_STRIDE > 1
     k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
-                       want_sim=predict and not lse, perm=perm_k, pool_i8_blocks=nkc, addr=at(1),
-                       want_top=predict and lse and LSE_KEY_STRIDE > 1)
+                       want_sim=predict and (not lse or sampled_lse), perm=perm_k, pool_i8_blocks=nkc, addr=at(1),
+                       want_top=sampled_lse)
     k_i8, k_s, k_pool, k_sim = k_out[:4]
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2),
                   rescale_above=FP8_MAX)
@@ -74,8 +76,9 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
             from ..kernels.block_scores import block_lse_scores
 
             scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n, want_mean=fill,
-                                      key_stride=LSE_KEY_STRIDE, key_top=k_out[-1] if LSE_KEY_STRIDE > 1 else None,
-                                      kbar=k_out[4] if fill else None)
+                                      key_stride=LSE_KEY_STRIDE, key_top=k_out[-1] if sampled_lse else None,
+                                      kbar=k_out[4] if fill else None, key_sim=k_sim if sampled_lse else None,
+                                      exact_below=LSE_EXACT_SIM)
             if fill:
                 scores, mean = scores
         else:

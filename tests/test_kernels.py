@@ -617,6 +617,43 @@ def test_lse_estimate_keeps_the_top_key_and_weights_the_rest():
     torch.testing.assert_close(got[0, 0, 0], torch.tensor([want0, want1]), rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride,Hkv", [(2, 2), (4, 1)])
+def test_block_lse_scores_guard_reads_low_similarity_blocks_in_full(stride, Hkv):
+    """With key_sim, a key block whose keys' self-similarity is below exact_below is read in full
+    (the exact sum), and so is the partial last block; the others are estimated from every
+    stride-th key and the top one: the reference's lse_exact_blocks. Random keys in block 1 (low
+    similarity), clustered ones elsewhere; with and without the mean scores."""
+    kern = pytest.importorskip("sparge_attention.kernels.block_scores")
+    from sparge_attention.sparge_core.reference_predict import LSE_EXACT_SIM, block_lse_scores
+
+    n, D = 3 * BK + 77, 64
+    q, k, _ = clustered(1, 2, n, D, seed=11, Hkv=Hkv, seg=BK, noise=0.2)
+    k[:, :, BK:2 * BK] = 6.0 * torch.randn(k[:, :, BK:2 * BK].shape, generator=torch.Generator().manual_seed(3))
+    q_pool, k_i8, k_s, top, kbar = _lse_inputs(q, k, D)
+    sim = quant_pool(k, BK, D, mean=k.mean(2), want_pool=False, want_sim=True)[3]
+    _, want_sim = pool_and_similarity(k - k.mean(2, keepdim=True), BK)
+    torch.testing.assert_close(sim, want_sim, rtol=1e-5, atol=1e-6)
+    exact = sim < LSE_EXACT_SIM
+    assert exact[..., 1].all() and not exact[..., [0, 2, 3]].any()
+    exact[..., 3] = True  # the partial block
+    kw = dict(key_stride=stride, key_top=top, key_sim=sim, exact_below=LSE_EXACT_SIM)
+    got = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, **kw)
+    want = block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, stride=stride, exact=exact)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    full = block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, stride=1)
+    est = block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, stride=stride)
+    pick = exact.repeat_interleave(2 // Hkv, 1)[:, :, None, :]
+    assert torch.equal(want, torch.where(pick, full, est))
+    assert not torch.equal(full[..., 1], est[..., 1]) and not torch.equal(full[..., 3], est[..., 3])
+    got2, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, want_mean=True, kbar=kbar, **kw)
+    torch.testing.assert_close(got2, got, rtol=0, atol=0)
+    torch.testing.assert_close(got_mean, block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, want_mean=True,
+                                                          kbar=(kbar[0].float(), kbar[1]))[1], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="key_sim"):
+        kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, key_stride=stride, key_top=top,
+                              key_sim=sim[..., :2], exact_below=LSE_EXACT_SIM)
+
+
 @pytest.mark.parametrize("D", [64, 80])
 def test_quant_pool_top_keys(D):
     """Each block's largest-norm token by its int8 values (the first on ties), through a permutation

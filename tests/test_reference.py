@@ -589,12 +589,14 @@ def test_fill_is_exact_where_blocks_are_what_their_means_say():
     and value (up to int8), so the output matches dense attention although most blocks are
     skipped. Scores from every 2nd key and the top one (the kernel's key_stride 2, off by default)
     estimate each block's mass; on these random, large-norm keys (a few keys hold each block's
-    mass) that costs accuracy, though it still beats dropping the blocks by far."""
+    mass) that costs accuracy, though it still beats dropping the blocks by far, and the guard
+    (lse_exact_blocks: blocks of low self-similarity read in full) gives the exact sums back."""
     from sparge_attention.sparge_core.reference import sparse_attention_reference
     from sparge_attention.sparge_core.reference_predict import (
         LSE_KEY_STRIDE,
         block_lse_scores,
         fill_bias,
+        lse_exact_blocks,
         mean_keys_i8,
         select_blocks,
     )
@@ -621,6 +623,41 @@ def test_fill_is_exact_where_blocks_are_what_their_means_say():
     out2 = sparse_attention_reference(q, k, v, mask2, params, BQ, BK, pv_dtype="fp32",
                                       fill=fill_bias(lse, mean, mask2, params, N, N, BQ, BK))[0]
     assert sparsity(mask2) > 0.4 and 0.05 < rel_l1(out2, truth) < 0.3 * e0
+    # the guard: these random keys' blocks are far from self-similar, so stride 2 reads them in full
+    exact = lse_exact_blocks(ksm, BK, stride=2)
+    assert exact.all() and lse_exact_blocks(ksm, BK, stride=1) is None
+    lse3, mean3 = block_lse_scores(qp, k_i8, k_s, D ** -0.5, N, BK, want_mean=True, kbar=mean_keys_i8(ksm, BK),
+                                   stride=2, exact=exact)
+    lse1, mean1 = block_lse_scores(qp, k_i8, k_s, D ** -0.5, N, BK, want_mean=True, kbar=mean_keys_i8(ksm, BK))
+    assert torch.equal(lse3, lse1) and torch.equal(mean3, mean1)
+
+
+def test_lse_guard_keeps_the_estimate_on_self_similar_blocks():
+    """Per key block: self-similar keys (one direction plus a little noise) keep the stride-2
+    estimate, random ones get the exact sum."""
+    from sparge_attention.sparge_core.reference_predict import LSE_EXACT_SIM, block_lse_scores, lse_exact_blocks
+    from sparge_attention.sparge_core.reference_quant import quantize_int8_per_block
+
+    g = torch.Generator().manual_seed(9)
+    D = 64
+    k = torch.randn(1, 1, 3 * BK, D, generator=g)
+    # block 0 random (it holds the smoothing sample's rows, so the smoothing vector is ~0), blocks
+    # 1 and 2 self-similar
+    k[:, :, BK:2 * BK] = torch.randn(D, generator=g) * 2 + 0.3 * k[:, :, BK:2 * BK]
+    k[:, :, 2 * BK:] = torch.randn(D, generator=g) * 2 + 0.3 * k[:, :, 2 * BK:]
+    ksm = smooth_k(k)
+    _, sim = pool_and_similarity(ksm, BK)
+    exact = lse_exact_blocks(ksm, BK, stride=2)
+    assert exact.tolist() == [[[True, False, False]]] and sim[0, 0, 0] < LSE_EXACT_SIM < sim[0, 0, 1]
+    qp = torch.randn(1, 1, 4, D, generator=g)
+    k_i8, k_s = quantize_int8_per_block(ksm, BK)
+    got = block_lse_scores(qp, k_i8, k_s, D ** -0.5, 3 * BK, BK, stride=2, exact=exact)
+    est = block_lse_scores(qp, k_i8, k_s, D ** -0.5, 3 * BK, BK, stride=2)
+    full = block_lse_scores(qp, k_i8, k_s, D ** -0.5, 3 * BK, BK, stride=1)
+    assert torch.equal(got[..., 1:], est[..., 1:]) and torch.equal(got[..., 0], full[..., 0])
+    assert not torch.equal(est[..., 0], full[..., 0])
+    # a partial last block is read in full whatever its similarity
+    assert lse_exact_blocks(ksm[:, :, :-5], BK, stride=2).tolist() == [[[True, False, True]]]
 
 
 def test_fill_changes_nothing_when_nothing_is_skipped():

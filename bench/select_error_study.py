@@ -1,0 +1,118 @@
+"""CPU study (issue 14): select key blocks by the estimate's expected error, not by their mass.
+
+With fill_skipped every skipped key block is estimated as one key (its mean key, its mean value,
+a per-pair bias that makes the pooled query's mass exact). Share selection keeps a block when its
+mass share p_ij is large, but the estimate of a skipped block errs only where the block's
+attention is uneven AND its values differ: for a query row that spreads its mass over the block
+evenly, the mean value is the exact answer whatever the mass. Stage 1 already has a measure of
+the unevenness for free: the Jensen gap of the block's scores,
+    g_ij = lse_ij - mean_ij - log2(n_j) >= 0   (log2 units; 0 iff every key scores the same),
+so 1 - 2^-g_ij is the share of the block's mass that an even spread would misplace. The value
+side is the key block's spread sigma_j = rms_t ||v_t - vbar_j|| (in V's per-channel scale; what
+quant_v could write per block).
+
+Selection scores (log2 units; keep_from_scores' share rule on them, swept over minshare):
+  share        lse_ij (today)
+  gap          lse_ij + log2(1 - 2^-g_ij)
+  vspread      lse_ij + log2(sigma_j)
+  gap+vspread  both factors
+The top block of each row is kept by the share rule as before; the estimate (fill_bias) is the
+same for every variant. No parameter is fit. Compared at equal kept density (the kernel's time is
+a fixed part plus one linear in density): the density where the whole output's rel-L1 crosses
+0.05, and where the worst head's crosses 0.10. The inputs are not the presets' tuning inputs
+(realistic_bench: seed 0, default head mix); the regimes are lse_sample_study's plus one more.
+
+    python bench/select_error_study.py                    # four regimes (~15 min on 2 cores)
+    python bench/select_error_study.py --regimes wan480-seed5 --sample-qblocks 6 --tag=-quick
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
+from devkit.metrics import rel_l1  # noqa: E402
+from devkit.realistic_inputs import make_video_qkv  # noqa: E402
+from guard_study import sample_query_blocks  # noqa: E402
+from lse_sample_study import REGIMES as LSE_REGIMES, sweep_study  # noqa: E402
+from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
+from sparge_attention.sparge_core.hilbert import TokenPermutation  # noqa: E402
+from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
+from sparge_attention.sparge_core.reference import dense_attention, sparse_attention_reference  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import fill_bias, lse_stage1, pool_and_similarity, select_blocks  # noqa: E402,E501
+from sparge_attention.sparge_core.reference_quant import block_token_counts, split_blocks, value_scale  # noqa: E402
+
+REGIMES = dict(LSE_REGIMES)
+REGIMES["wan480-global-text512-seed8"] = dict(grid=(17, 30, 52), heads=12, seed=8, n_text=512,
+                                              head_types=["global", "local", "global", "temporal"] * 3)
+VARIANTS = ("share", "gap", "vspread", "gap+vspread")
+SHARES = (0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0)
+
+
+def value_spread(v, block_k):
+    """sigma_j (B,Hkv,NK): each key block's rms distance of its values from their mean, in V's
+    per-channel scale (reference_quant.value_scale), over its real tokens."""
+    n = v.shape[2]
+    vs = v.float() / value_scale(v)[:, :, None, :]
+    vb = split_blocks(vs, block_k)
+    cnt = block_token_counts(n, block_k, v.device)
+    valid = (torch.arange(vb.shape[2] * block_k) < n).view(vb.shape[2], block_k)[None, None, :, :, None]
+    mean = vb.sum(-2, keepdim=True) / cnt[:, None, None]
+    dev = torch.where(valid, vb - mean, 0.0)
+    return ((dev * dev).sum((-1, -2)) / cnt).sqrt()
+
+
+def jensen_gap(lse, mean, n_k, block_k):
+    """g_ij = lse_ij - mean_ij - log2(n_j) >= 0 (rounding can make it a hair negative: clamped)."""
+    n_real = (n_k - torch.arange(lse.shape[-1]) * block_k).clamp(max=block_k).float()
+    return (lse - mean - torch.log2(n_real)).clamp_min(0.0)
+
+
+def selection_scores(variant, lse, gap, sigma):
+    s = lse
+    if "gap" in variant:
+        s = s + torch.log2((1.0 - torch.exp2(-gap)).clamp_min(1e-30))
+    if "vspread" in variant:
+        H = lse.shape[1]
+        s = s + torch.log2(sigma.clamp_min(1e-30)).repeat_interleave(H // sigma.shape[1], 1)[:, :, None, :]
+    return s
+
+
+def run_regime(name, kw, sample_qblocks, variants, log):
+    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
+    t0 = time.time()
+    q, k, v, info = make_video_qkv(**kw)
+    perm = TokenPermutation.for_grid(info["grid"], q.shape[2])
+    q, k, v = (perm.apply(x, 2) for x in (q, k, v))
+    q = sample_query_blocks(q, sample_qblocks, block_q, kw["seed"])
+    scale = q.shape[-1] ** -0.5
+    ref = dense_attention(q, k, v)
+    qp, qs = pool_and_similarity(q, block_q)
+    lse, mean = lse_stage1(qp, k, block_k, scale)
+    gap = jensen_gap(lse, mean, k.shape[2], block_k)
+    sigma = value_spread(v, block_k)
+    log(f"{name}: N={k.shape[2]}, {q.shape[2]} sampled query rows, heads {info['head_types']} "
+        f"({time.time() - t0:.0f} s to build); gap median {gap.median().item():.2f}, "
+        f"sigma_j max/median {(sigma.amax(-1) / sigma.median(-1).values).mean().item():.2f}")
+    rows = []
+    for variant in variants:
+        sel = selection_scores(variant, lse, gap, sigma)
+        for share in SHARES:
+            params = PRESETS["Balanced"].params(minshare=share)
+            mask = select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k, sel)
+            bias = fill_bias(lse, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
+            out = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, fill=bias)[0]
+            per_head = rel_l1(out, ref, dims=(0, 2, 3))
+            row = dict(variant=variant, minshare=share, density=mask.float().mean().item(),
+                       whole=rel_l1(out, ref), worst_head=per_head.max().item(),
+                       worst_head_type=info["head_types"][int(per_head.argmax())])
+            rows.append(row)
+            log(f"  {variant:12s} minshare {share:5.1f}  density {row['density']:.4f}  "
+                f"rel-L1 {row['whole']:.4f}  worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
+    return rows
+
+
+if __name__ == "__main__":
+    sweep_study("select_error_study", REGIMES, VARIANTS, run_regime)
