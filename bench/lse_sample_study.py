@@ -117,6 +117,28 @@ def sampled_lse(q_pool, k, block_k, scale, stride, mean_mode, with_norm=False):
     return m + torch.log2(tot), mean
 
 
+def sweep_shares(variant, shares, q, k, v, ref, qp, qs, select_scores, lse, mean, head_types, log):
+    """One row per minshare (Balanced's share rule with the estimate): the blocks chosen by
+    select_scores (log2 units), the estimate's bias from lse and mean, the error against ref."""
+    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
+    scale = q.shape[-1] ** -0.5
+    rows = []
+    for share in shares:
+        params = PRESETS["Balanced"].params(minshare=share)
+        mask = select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k,
+                             select_scores)
+        bias = fill_bias(lse, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
+        out = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, fill=bias)[0]
+        per_head = rel_l1(out, ref, dims=(0, 2, 3))
+        row = dict(variant=variant, minshare=share, density=mask.float().mean().item(),
+                   whole=rel_l1(out, ref), worst_head=per_head.max().item(),
+                   worst_head_type=head_types[int(per_head.argmax())])
+        rows.append(row)
+        log(f"  {variant:12s} minshare {share:5.1f}  density {row['density']:.4f}  "
+            f"rel-L1 {row['whole']:.4f}  worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
+    return rows
+
+
 def run_regime(name, kw, sample_qblocks, variants, log):
     block_q, block_k = block_sizes(torch.device("cpu"), "reference")
     t0 = time.time()
@@ -144,18 +166,7 @@ def run_regime(name, kw, sample_qblocks, variants, log):
             stride = 1 if variant == "full" else int(head[1:].split("+")[0])
             mean_mode = "exact" if variant == "full" else variant.split("/")[1]
             lse, mean = sampled_lse(qp, k, block_k, scale, stride, mean_mode, with_norm=head.endswith("+norm"))
-        for share in SHARES:
-            params = PRESETS["Balanced"].params(minshare=share)
-            mask = select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k, lse)
-            bias = fill_bias(lse, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
-            out = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, fill=bias)[0]
-            per_head = rel_l1(out, ref, dims=(0, 2, 3))
-            row = dict(variant=variant, minshare=share, density=mask.float().mean().item(),
-                       whole=rel_l1(out, ref), worst_head=per_head.max().item(),
-                       worst_head_type=info["head_types"][int(per_head.argmax())])
-            rows.append(row)
-            log(f"  {variant:10s} minshare {share:4.1f}  density {row['density']:.4f}  "
-                f"rel-L1 {row['whole']:.4f}  worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
+        rows += sweep_shares(variant, SHARES, q, k, v, ref, qp, qs, lse, lse, mean, info["head_types"], log)
     return rows
 
 

@@ -33,15 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
-from devkit.metrics import rel_l1  # noqa: E402
 from devkit.realistic_inputs import make_video_qkv  # noqa: E402
 from guard_study import sample_query_blocks  # noqa: E402
-from lse_sample_study import REGIMES as LSE_REGIMES, sweep_study  # noqa: E402
+from lse_sample_study import REGIMES as LSE_REGIMES, sweep_shares, sweep_study  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
 from sparge_attention.sparge_core.hilbert import TokenPermutation  # noqa: E402
-from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
-from sparge_attention.sparge_core.reference import dense_attention, sparse_attention_reference  # noqa: E402
-from sparge_attention.sparge_core.reference_predict import fill_bias, lse_stage1, pool_and_similarity, select_blocks  # noqa: E402,E501
+from sparge_attention.sparge_core.reference import dense_attention  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import lse_stage1, pool_and_similarity  # noqa: E402
 from sparge_attention.sparge_core.reference_quant import block_token_counts, split_blocks, value_scale  # noqa: E402
 
 REGIMES = dict(LSE_REGIMES)
@@ -99,18 +97,7 @@ def run_regime(name, kw, sample_qblocks, variants, log):
     rows = []
     for variant in variants:
         sel = selection_scores(variant, lse, gap, sigma)
-        for share in SHARES:
-            params = PRESETS["Balanced"].params(minshare=share)
-            mask = select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k, sel)
-            bias = fill_bias(lse, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
-            out = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, fill=bias)[0]
-            per_head = rel_l1(out, ref, dims=(0, 2, 3))
-            row = dict(variant=variant, minshare=share, density=mask.float().mean().item(),
-                       whole=rel_l1(out, ref), worst_head=per_head.max().item(),
-                       worst_head_type=info["head_types"][int(per_head.argmax())])
-            rows.append(row)
-            log(f"  {variant:12s} minshare {share:5.1f}  density {row['density']:.4f}  "
-                f"rel-L1 {row['whole']:.4f}  worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
+        rows += sweep_shares(variant, SHARES, q, k, v, ref, qp, qs, sel, lse, mean, info["head_types"], log)
     return rows
 
 
