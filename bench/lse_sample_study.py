@@ -139,18 +139,26 @@ def sweep_shares(variant, shares, q, k, v, ref, qp, qs, select_scores, lse, mean
     return rows
 
 
-def run_regime(name, kw, sample_qblocks, variants, log):
-    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
+def regime_inputs(name, kw, sample_qblocks, log):
+    """A regime's q, k, v in Hilbert order, q cut to the sampled query blocks, with its info, the
+    exact output of those rows and the pooled queries with their self-similarity."""
+    block_q = block_sizes(torch.device("cpu"), "reference")[0]
     t0 = time.time()
     q, k, v, info = make_video_qkv(**kw)
     perm = TokenPermutation.for_grid(info["grid"], q.shape[2])
     q, k, v = (perm.apply(x, 2) for x in (q, k, v))
     q = sample_query_blocks(q, sample_qblocks, block_q, kw["seed"])
-    scale = q.shape[-1] ** -0.5
     ref = dense_attention(q, k, v)
     qp, qs = pool_and_similarity(q, block_q)
     log(f"{name}: N={k.shape[2]}, {q.shape[2]} sampled query rows, heads {info['head_types']} "
         f"({time.time() - t0:.0f} s to build)")
+    return q, k, v, info, ref, qp, qs
+
+
+def run_regime(name, kw, sample_qblocks, variants, log):
+    block_k = block_sizes(torch.device("cpu"), "reference")[1]
+    q, k, v, info, ref, qp, qs = regime_inputs(name, kw, sample_qblocks, log)
+    scale = q.shape[-1] ** -0.5
     rows = []
     for variant in variants:
         if variant in ("reference", "guarded"):  # the reference's estimator at stride 2 (key_stride 2)

@@ -26,20 +26,15 @@ a fixed part plus one linear in density): the density where the whole output's r
     python bench/select_error_study.py --regimes wan480-seed5 --sample-qblocks 6 --tag=-quick
 """
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
-from devkit.realistic_inputs import make_video_qkv  # noqa: E402
-from guard_study import sample_query_blocks  # noqa: E402
-from lse_sample_study import REGIMES as LSE_REGIMES, sweep_shares, sweep_study  # noqa: E402
+from lse_sample_study import REGIMES as LSE_REGIMES, regime_inputs, sweep_shares, sweep_study  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
-from sparge_attention.sparge_core.hilbert import TokenPermutation  # noqa: E402
-from sparge_attention.sparge_core.reference import dense_attention  # noqa: E402
-from sparge_attention.sparge_core.reference_predict import lse_stage1, pool_and_similarity  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import lse_stage1  # noqa: E402
 from sparge_attention.sparge_core.reference_quant import block_token_counts, split_blocks, value_scale  # noqa: E402
 
 REGIMES = dict(LSE_REGIMES)
@@ -79,20 +74,12 @@ def selection_scores(variant, lse, gap, sigma):
 
 
 def run_regime(name, kw, sample_qblocks, variants, log):
-    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
-    t0 = time.time()
-    q, k, v, info = make_video_qkv(**kw)
-    perm = TokenPermutation.for_grid(info["grid"], q.shape[2])
-    q, k, v = (perm.apply(x, 2) for x in (q, k, v))
-    q = sample_query_blocks(q, sample_qblocks, block_q, kw["seed"])
-    scale = q.shape[-1] ** -0.5
-    ref = dense_attention(q, k, v)
-    qp, qs = pool_and_similarity(q, block_q)
-    lse, mean = lse_stage1(qp, k, block_k, scale)
+    block_k = block_sizes(torch.device("cpu"), "reference")[1]
+    q, k, v, info, ref, qp, qs = regime_inputs(name, kw, sample_qblocks, log)
+    lse, mean = lse_stage1(qp, k, block_k, q.shape[-1] ** -0.5)
     gap = jensen_gap(lse, mean, k.shape[2], block_k)
     sigma = value_spread(v, block_k)
-    log(f"{name}: N={k.shape[2]}, {q.shape[2]} sampled query rows, heads {info['head_types']} "
-        f"({time.time() - t0:.0f} s to build); gap median {gap.median().item():.2f}, "
+    log(f"  gap median {gap.median().item():.2f}, "
         f"sigma_j max/median {(sigma.amax(-1) / sigma.median(-1).values).mean().item():.2f}")
     rows = []
     for variant in variants:
