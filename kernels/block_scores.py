@@ -58,7 +58,8 @@ def _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, offs_
                     if MASK_KEYS:
                         s_t = tl.where((kb * BLOCK_N + rows_t < N_K)[None, :], s_t, float("-inf"))
                     m_t = tl.maximum(m, tl.max(s_t, 1))
-                    acc = acc * tl.math.exp2((m - m_t) * c) + tl.sum(tl.math.exp2((s_t - m_t[:, None]) * c[:, None]), 1)
+                    acc = (acc * tl.math.exp2((m - m_t) * c)
+                           + tl.sum(tl.math.exp2((s_t - m_t[:, None]) * c[:, None]), 1))
                     m = m_t
                 res = (m - MAGIC_F) * c + tl.math.log2(acc)
     return res
@@ -213,11 +214,13 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     top = key_top if key_stride > 1 else k_scale
     grid = (row_tiles, cdiv(nkb, kb_tile), B * H)
     _block_lse_launch[grid](
-        q_pool, k_i8, k_scale, top, key_sim if guard else k_scale, kbar_i8, kbar_s, out, mean, q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
+        q_pool, k_i8, k_scale, top, key_sim if guard else k_scale, kbar_i8, kbar_s, out, mean,
+        q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
         kbar_i8.stride(0), kbar_i8.stride(1), kbar_s.stride(0), kbar_s.stride(1),
         out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634, lw_full,
-        float(exact_below), BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile, KEY_STRIDE=key_stride,
+        float(exact_below), BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile,
+        KEY_STRIDE=key_stride,
         WANT_MEAN=want_mean, GUARD=guard, num_warps=launch.num_warps, num_stages=launch.num_stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
     )
