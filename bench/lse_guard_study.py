@@ -10,8 +10,8 @@ of input, and what each estimator costs there:
 1. the tiny models' self-attention (ComfyUI 0.3.75's own model code, the test suite's random
    weights, a 6-step euler run at 256x256x5 frames as the integration test runs them, q, k, v
    captured through the attention override): the key blocks' self-similarity, the share the guard
-   reads in full, and the rel-L1 of every key / stride 2 / stride 2 guarded at the Quality
-   preset's starting minshare (1.0) and above it;
+   reads in full, and the rel-L1 of every key / stride 2 / stride 2 guarded at minshare 1.0 and
+   1.5 (share rule with the estimate), the two sides of these models' error cliff;
 2. realistic inputs (lse_sample_study's regimes, none of them the presets' tuning inputs): the
    same self-similarities and share. (Their density at rel-L1 0.05 with the guard:
    `lse_sample_study.py --variants full guarded`.)
@@ -32,20 +32,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
-from devkit.metrics import rel_l1  # noqa: E402
 from devkit.realistic_inputs import make_video_qkv  # noqa: E402
-from lse_sample_study import REGIMES  # noqa: E402
+from lse_sample_study import REGIMES, sweep_shares  # noqa: E402
 from sparge_attention.sparge_core.hilbert import TokenPermutation  # noqa: E402
-from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
-from sparge_attention.sparge_core.reference import dense_attention, sparse_attention_reference  # noqa: E402
+from sparge_attention.sparge_core.reference import dense_attention  # noqa: E402
 from sparge_attention.sparge_core.reference_predict import (  # noqa: E402
     LSE_EXACT_SIM,
     block_lse_scores,
-    fill_bias,
     lse_exact_blocks,
     mean_keys_i8,
     pool_and_similarity,
-    select_blocks,
 )
 from sparge_attention.sparge_core.reference_quant import quantize_int8_per_block, smooth_k  # noqa: E402
 
@@ -98,21 +94,19 @@ def sims(k):
 
 
 def errors(q, k, v, ksm, exact, minshares):
-    """rel-L1 (whole output) of every key, stride 2 and stride 2 guarded at each minshare."""
-    scale = q.shape[-1] ** -0.5
+    """rel-L1 (whole output) of every key, stride 2 and stride 2 guarded at each minshare (the
+    share rule with the estimate: the presets differ only in minshare there)."""
     ref = dense_attention(q, k, v)
     qp, qs = pool_and_similarity(q, BQ)
     k_i8, k_s = quantize_int8_per_block(ksm, BK)
     kbar = mean_keys_i8(ksm, BK)
+    heads = [f"head {h}" for h in range(q.shape[1])]
     out = {}
     for name, kw in (("every", dict(stride=1)), ("stride2", dict(stride=2)), ("guarded", dict(stride=2, exact=exact))):
-        lse, mean = block_lse_scores(qp, k_i8, k_s, scale, k.shape[2], BK, want_mean=True, kbar=kbar, **kw)
-        for ms in minshares:
-            p = PRESETS["Quality"].params(minshare=ms)
-            mask = select_blocks(qp, qs, None, None, p, scale, q.shape[2], k.shape[2], BQ, BK, lse)
-            o = sparse_attention_reference(q, k, v, mask, p, BQ, BK, fill=fill_bias(lse, mean, mask, p, q.shape[2],
-                                                                                      k.shape[2], BQ, BK))[0]
-            out[f"{name}@{ms}"] = dict(density=mask.float().mean().item(), rel_l1=rel_l1(o, ref))
+        lse, mean = block_lse_scores(qp, k_i8, k_s, q.shape[-1] ** -0.5, k.shape[2], BK, want_mean=True, kbar=kbar,
+                                     **kw)
+        for r in sweep_shares(name, minshares, q, k, v, ref, qp, qs, lse, lse, mean, heads, lambda msg: None):
+            out[f"{name}@{r['minshare']}"] = dict(density=r["density"], rel_l1=r["whole"])
     return out
 
 

@@ -88,8 +88,8 @@ def runners(q, k, v, perm, scale, n_k):
         "block_lse_stride2": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True,
                                                         launch=L, key_stride=2, key_top=top, kbar=kbar),
         # the same with the guard (blocks of low self-similarity and the partial one read in full;
-        # on realistic inputs that is the partial block alone), and K's quantizer with the
-        # self-similarity the guard reads
+        # on realistic inputs that is the partial block alone), and K's quantizer as the guarded
+        # stride runs it (with the top keys and the self-similarity)
         "block_lse_stride2_guard": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True,
                                                               launch=L, key_stride=2, key_top=top, kbar=kbar,
                                                               key_sim=k_sim, exact_below=LSE_EXACT_SIM),

@@ -46,9 +46,9 @@ def pool_and_similarity(x: torch.Tensor, block: int):
 # key) falls out of the sample half the time. With it, stride 2 needed the same density as every
 # key on realistic inputs the presets were not tuned on (bench/lse_sample_study.py). On random
 # keys (the tiny random-weight models) the estimated masses move each call's error by -8% to +30%,
-# and where a run settles on a cliff of its error curve that is enough to miss a target: the
-# Quality preset's measured error on the tiny HunyuanVideo model rose 0.011 -> 0.028 against its
-# 0.02 (bench/NOTES.md v31, v32). Hence the guard: a block whose smoothed keys' self-similarity
+# and those models' error curves have a cliff (rel-L1 0.013-0.04 at minshare 1.0, 0.15-0.22 at
+# 1.5) near which that is enough to miss a target: the Quality preset's measured error on the tiny
+# HunyuanVideo model rose 0.011 -> 0.028 against its 0.02 (bench/NOTES.md v31, v32). Hence the guard: a block whose smoothed keys' self-similarity
 # (pool_and_similarity) is below LSE_EXACT_SIM is read in full, and so is a partial last block.
 # Random-weight models' key blocks measure 0.02-0.10, the realistic inputs' 0.29-0.68
 # (bench/lse_guard_study.py). Every key is read (stride 1, the exact sum) until the guarded stride
@@ -101,12 +101,6 @@ def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int
     for fill_skipped), kbar = (the mean keys' int8 values (B,Hkv,>=NK,D), their scales
     (B,Hkv,>=NK)) as mean_keys_i8 gives them: the mean key the estimate itself uses."""
     H = q_pool.shape[1]
-    qamax = q_pool.abs().amax(-1, keepdim=True).clamp_min(TINY)
-    q_i8 = round_half_away(q_pool * (127.0 / qamax)).clamp(-127, 127)
-    row_scale = (qamax / 127.0) * (scale * LOG2E)  # (B,H,NQ,1)
-    kb = split_blocks(k_i8.float(), block_k)  # (B,Hkv,NK,BK,D) integer values
-    NK, D = kb.shape[2], kb.shape[-1]
-    n_real = (n_k - torch.arange(NK, device=q_pool.device) * block_k).clamp(max=block_k)  # (NK,)
     if stride > 1 and exact is not None and exact.any():
         est = block_lse_scores(q_pool, k_i8, k_scale, scale, n_k, block_k, want_mean, kbar, stride)
         full = block_lse_scores(q_pool, k_i8, k_scale, scale, n_k, block_k, False, None, 1)
@@ -114,6 +108,12 @@ def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int
         if not want_mean:
             return torch.where(pick, full, est)
         return torch.where(pick, full, est[0]), est[1]
+    qamax = q_pool.abs().amax(-1, keepdim=True).clamp_min(TINY)
+    q_i8 = round_half_away(q_pool * (127.0 / qamax)).clamp(-127, 127)
+    row_scale = (qamax / 127.0) * (scale * LOG2E)  # (B,H,NQ,1)
+    kb = split_blocks(k_i8.float(), block_k)  # (B,Hkv,NK,BK,D) integer values
+    NK, D = kb.shape[2], kb.shape[-1]
+    n_real = (n_k - torch.arange(NK, device=q_pool.device) * block_k).clamp(max=block_k)  # (NK,)
     if stride == 1:  # every key, weight 1 (no copy of the keys)
         kd = expand_kv(kb, H)
         valid = (torch.arange(block_k, device=q_pool.device) < n_real[:, None])[None, None, None]  # (1,1,1,NK,BK)
