@@ -7,17 +7,19 @@
 # prediction is timed in the same run (bench/fill_cost.py in each tree), for a same-run ratio.
 # VARIANT_TREE: a copy of this tree with one setting changed (e.g. reference_predict.LSE_KEY_STRIDE
 # = 2, the guarded lse scores from half the keys): fill_cost and realistic_bench run there too.
-# PARTS (default "tests,bench,variant") picks the parts: all three take more than one device call
-# (10 min), so run e.g. PARTS=tests,bench first and PARTS=variant in a second call.
+# PARTS (default "tests,predict,quality,variant") picks the parts: all of them take more than one
+# device call (10 min), so split them, e.g. PARTS=tests,predict then PARTS=quality,variant.
+# ("bench" is predict + quality.) Each step's log line ends with the seconds it took.
 # The node tests need a ComfyUI tree in .comfyui/ComfyUI (carry it to the device).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$(mktemp -d)}"
 L="$OUT/log.txt"
 cd "$REPO"
-PARTS="${PARTS:-tests,bench,variant}"
+PARTS="${PARTS:-tests,predict,quality,variant}"
+PARTS="${PARTS//bench/predict,quality}"
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
-step() { echo "== $*" | tee -a "$L"; }
+step() { echo "== $* (at ${SECONDS}s)" | tee -a "$L"; }
 nvidia-smi --query-gpu=name --format=csv,noheader | tee -a "$L"
 git log --oneline -1 2>/dev/null | tee -a "$L"
 if part tests; then
@@ -34,8 +36,8 @@ step "tests/comfy/test_nodes_gpu.py (async)"
 timeout 250 python3 tests/comfy/test_nodes_gpu.py 2>&1 | grep -E "PASS|FAIL|Error|measured error" | tee -a "$L"
 unset PYTORCH_CUDA_ALLOC_CONF
 fi
-if part bench; then
-mkdir -p "$OUT/predict_tune" "$OUT/fill_cost" "$OUT/fill_cost_before" "$OUT/fill_check" "$OUT/realistic"
+if part predict; then
+mkdir -p "$OUT/predict_tune" "$OUT/fill_cost" "$OUT/fill_cost_before"
 step "predict_tune (the helpers, and v31's comparison rows)"
 (cd bench && OUT="$OUT/predict_tune" timeout 300 python3 predict_tune.py \
   --kernels kv_stats,kv_stats_fullv,quant_v,quant_v_unchecked,quant_pool128,quant_pool128_sim,block_lse,block_lse_stride2,block_lse_stride2_guard 2>&1 \
@@ -46,6 +48,9 @@ if [ -n "${1:-}" ]; then
 fi
 step "fill_cost"
 (cd bench && OUT="$OUT/fill_cost" timeout 150 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
+fi
+if part quality; then
+mkdir -p "$OUT/fill_check" "$OUT/realistic"
 step "fill_check"
 (cd bench && OUT="$OUT/fill_check" timeout 120 python3 fill_check.py 2>&1 | tail -8) | tee -a "$L"
 step "realistic_bench (presets, rel-L1 0.05)"
@@ -62,4 +67,5 @@ if part variant && [ -n "${2:-}" ]; then
   (cd "$2/bench" && OUT="$OUT/realistic_variant" timeout 330 python3 realistic_bench.py --no-oracle \
     --only "lse fill,preset" 2>&1 | tail -40) | tee -a "$L"
 fi
+step "done"
 echo "log and JSON in $OUT"
