@@ -79,8 +79,9 @@ def _kv_finish_kernel(KSUM, VMAX, KMEAN, VOUT, k_count, NCHUNK, v_headroom, v_di
         ksum += tl.load(KSUM + (bh * NCHUNK + c) * HEAD_DIM + offs_d)
         vmax = tl.maximum(vmax, tl.load(VMAX + (bh * NCHUNK + c) * HEAD_DIM + offs_d))
     tl.store(KMEAN + bh * D_K + offs_d, ksum / k_count, mask=offs_d < D_K)
-    if SCALE:  # the reference's scale: max(amax * headroom / format max, 1e-20), in its order
-        vmax = tl.maximum(vmax * v_headroom / v_div, 1e-20)
+    if SCALE:  # the reference's scale: max(amax * headroom / format max, 1e-20), in its order;
+        # div_rn: Triton's `/` is the approximate div.full.f32 on NVIDIA GPUs (up to 2 ulp)
+        vmax = tl.maximum(tl.math.div_rn(vmax * v_headroom, v_div), 1e-20)
     tl.store(VOUT + bh * D_V + offs_d, vmax, mask=offs_d < D_V)
 
 

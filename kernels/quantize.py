@@ -119,7 +119,9 @@ def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv_h, 
     cmax = _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h, st_d, sb_b, sb_h, sb_d, N,
                           BLOCK, HEAD_DIM, D_TRUE, PV_FP8, EMULATE_FP8, HAS_PERM, WANT_MEAN)
     if CHECK:  # for the overflow check (_quant_v_fix): the block's largest |v| / s, and its max |v| per channel
-        tl.store(RATIO + bh * nb + blk, tl.max(cmax / s, 0))
+        # div_rn (IEEE, as the reference; `/` is the approximate div.full.f32 on NVIDIA GPUs):
+        # 128 per program
+        tl.store(RATIO + bh * nb + blk, tl.max(tl.math.div_rn(cmax, s), 0))
         tl.store(VMAXB + (bh * nb + blk).to(tl.int64) * HEAD_DIM + offs_d, cmax)
     if WANT_MEAN:  # the zero columns past the real blocks (last: no tile stays live across the loop)
         for pb in range(nb + blk, MEAN_BLOCKS, nb):
@@ -154,7 +156,7 @@ def _quant_v_fix_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv
             amax = tl.maximum(amax, tl.load(VMAXB + (bh * nb + offs[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
                                             mask=(offs < nb)[:, None], other=0.0))
         amax = tl.max(amax, 0)
-        s = tl.maximum(amax / format_max, 1e-20)
+        s = tl.maximum(tl.math.div_rn(amax, format_max), 1e-20)  # the reference's scale, exactly
         s = tl.where(offs_d < D_TRUE, s, 1.0)
         if tl.program_id(1) == 0:
             tl.store(VSCALE + b * svs_b + h * svs_h + offs_d, s, mask=offs_d < D_TRUE)

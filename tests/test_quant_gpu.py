@@ -49,7 +49,14 @@ def test_v_scale_and_overflow_fix_match_the_reference():
         assert torch.equal(scale, want), over
         assert torch.equal(want[1, 2], (xp[1, 2].float().abs().amax(0) / FP8_MAX).clamp_min(1e-20)) == over
         ref, _ = quantize_v(xp, "fp8" if pv_fp8 else "fp16")
-        assert torch.equal(vt.float()[:, :, :, :N].transpose(-1, -2), ref), over
+        got = vt.float()[:, :, :, :N].transpose(-1, -2)
+        # v / scale per element is Triton's approximate division (div.full.f32, up to 2 ulp) on a
+        # GPU: where the exact quotient lies within 2 ulp of a rounding point of fp8 (fp16), the
+        # kernel may round to the neighbour; nowhere more than one step of the format
+        diff = got != ref
+        step = torch.maximum(got.abs(), ref.abs()) * 2.0 ** -3 + 2.0 ** -9
+        assert ((got - ref).abs() <= step).all(), over
+        assert diff.float().mean().item() < 1e-4, (over, diff.float().mean().item())
 
 
 if __name__ == "__main__":
