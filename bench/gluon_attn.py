@@ -1,0 +1,476 @@
+"""Prototype of the sparse attention forward in Gluon for Hopper (sm_90): the tensor-core work of
+one key block overlaps the softmax of another inside each warpgroup (FlashAttention-3 style).
+
+Same inputs and numerics as kernels.attn_fwd.sparse_attn_fwd in its common case (non-causal, no
+pv_skip, fill, out_perm or lse; int8 Q/K with per-block scales, Q's carrying softmax scale * log2 e;
+fp8 e4m3 V^T with per-channel scales; P pre-scaled by 2^P_LOG2; P.V of each block into a fresh
+accumulator, added to the fp32 accumulator in registers: Hopper's fp8 wgmma keeps ~22-bit sums).
+
+Why Gluon: Triton 3.6 waits for every wgmma right after issuing it, so Q.K^T, softmax and P.V run
+one after the other in each warp. Gluon exposes the async wgmma and its wait
+(warpgroup_mma(is_async=True) / warpgroup_mma_wait(n)), mbarriers and TMA, so the overlap is
+written out by hand.
+
+Variant "pipe" (one warpgroup of 64 query rows per program, 2 programs per SM by shared memory
+and registers, no warp specialization):
+  * K and V^T tiles come by TMA into a STAGES-deep shared-memory ring, one mbarrier per tile
+    (expect-tx bytes, phase = use count & 1), issued by the kept-block index list by the same
+    warps that consume them: a slot is refilled only after the wgmma that read it was waited for,
+    so no "empty" barrier is needed. K slots free a step before V slots (Q.K^T of a block is
+    waited for a step before its P.V), so K is refilled separately, STAGES blocks ahead.
+  * The loop is software pipelined by one block: step j issues S_{j+1} = Q.K_{j+1}^T (int8 ->
+    int32) asynchronously, runs block j's softmax on the CUDA cores while the tensor cores compute
+    S_{j+1}, issues P_j.V_j (fp8, P from registers, fresh accumulator), and one wait for both (wgmma
+    groups complete in order) precedes acc = acc * alpha + P_j.V_j. The tensor cores idle during
+    P_j.V_j's wait only if the other program on the SM has nothing to issue.
+    Why P_j.V_j is not also kept in flight across the next softmax (FA3's full schedule): with a
+    fresh P.V accumulator that needs acc (64 regs/thread) + P.V result (64) + S in flight (64) +
+    the scores being exponentiated (64) + P as an operand (16) > 255 registers, i.e. spills.
+    FA3 accumulates P.V inside the MMA, which our fp8 numerics forbid.
+  * Q (64 x 128 int8) is TMA-loaded once into shared memory and is the A operand of Q.K^T from
+    there (no registers held for it).
+  * Scores use the production "magic number" int32 -> fp32 trick (kernels/numerics.py): bits of
+    s + MAGIC_I read as a float are s + MAGIC_F exactly, so conversion is an integer add on the ALU
+    instead of I2F on the 16/clk conversion unit; scale, int->float and max fold into one FFMA.
+  * The partial last key block (only ever the last list entry: lists are ascending) is peeled and
+    gets -inf on columns >= n_k; full blocks pay nothing. Peeling, not a branch in the loop: at a
+    control-flow join ptxas waits for every wgmma in flight.
+  * A block's index and key scale are loaded a step ahead (two dependent global loads).
+
+Variant "pipe_fa3": FlashAttention-3's intra-warpgroup order instead: step j issues S_j, then
+P_{j-1}.V_{j-1}, waits for S_j only (wait(1)), and runs block j's softmax while P.V runs. Same
+registers. Caveat seen in the sm_90 SASS: ptxas hoists the P.V wait (WARPGROUP.DEPBAR 0) above the
+exponentials (after the row max) to retire the P.V registers early, so only the max overlaps P.V.
+
+Variants "ws" / "ws_fa3" (gl.warp_specialize): two query blocks per program, each with its own
+consumer warpgroup (64 rows, the "pipe" / "pipe_fa3" loop) and its own K/V ring (the two blocks'
+kept lists differ, so FA3's shared tiles do not apply), plus a 1-warp TMA producer partition that
+fills both rings ahead of the consumers (full/empty mbarrier pairs). setmaxnreg gives the
+consumers 240 registers each and the producer 24. The two consumers are independent instruction
+streams, so the warp schedulers interleave one's softmax with the other's wgmma; FA3 additionally
+orders them with named barriers, which Gluon 3.6 does not expose.
+"""
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK_M, BLOCK_N, HEAD_DIM = 64, 128, 128
+COMPILED = {}  # VARIANTS name -> the compiled kernel of its last launch (registers, spills, shared memory)
+MAGIC_I = gl.constexpr(0x4B400000)  # see kernels/numerics.py
+MAGIC_F = gl.constexpr(12582912.0)
+P_LOG2 = gl.constexpr(8.0)
+
+# wgmma accumulator layout of one warpgroup, 64 x 128: int8 and fp8 wgmma both have k = 32 per
+# instruction, so S (int32) and the P.V result (fp32) share one layout and P needs no row moves
+MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32]))
+P_OP = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA.value, k_width=4))  # fp8 A from registers
+ROW = gl.constexpr(gl.SliceLayout(1, MMA.value))
+COL = gl.constexpr(gl.SliceLayout(0, MMA.value))
+
+
+@gluon.jit
+def _issue_tile(desc, smem, bar, idx_base, row, j, count, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                IS_K: gl.constexpr):
+    """TMA load of the j-th kept block's K (IS_K) or V^T tile into ring slot j % STAGES (nothing
+    if j is past the list). K and V are refilled separately: a K slot frees as soon as its
+    Q.K^T is waited for, a step before the V slot, so K is fetched a step further ahead."""
+    if j < count:
+        kb = gl.load(idx_base + j)
+        s = j % STAGES
+        mbarrier.expect(bar.index(s), desc.block_type.nbytes)
+        if IS_K:
+            tma.async_copy_global_to_shared(desc, [row + kb * BLOCK_N, 0], bar.index(s), smem.index(s))
+        else:
+            tma.async_copy_global_to_shared(desc, [row, kb * BLOCK_N], bar.index(s), smem.index(s))
+
+
+@gluon.jit
+def _prologue_loads(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, idx_base, k_row, v_row, count,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    for i in gl.static_range(STAGES):
+        _issue_tile(k_desc, k_smem, k_bar, idx_base, k_row, i, count, BLOCK_N, STAGES, True)
+    for i in gl.static_range(STAGES - 1):
+        _issue_tile(v_desc, v_smem, v_bar, idx_base, v_row, i, count, BLOCK_N, STAGES, False)
+
+
+@gluon.jit
+def _issue_scores(q_smem, k_smem, k_bar, j, STAGES: gl.constexpr):
+    """Wait for K of kept block j and issue S_j = Q.K_j^T (int8, int32 result) asynchronously."""
+    s = j % STAGES
+    mbarrier.wait(k_bar.index(s), (j // STAGES) & 1)
+    zero = gl.zeros([64, 128], gl.int32, MMA)
+    return warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _softmax(s_i, m_i, l_i, qk_scale, kb, N_K, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
+    """Online-softmax step of one block from its int32 scores: returns P (fp8, as the P.V A
+    operand, pre-scaled by 2^P_LOG2), alpha, and the new m, l (as _softmax_pv in attn_fwd.py)."""
+    s = (s_i + MAGIC_I).to(gl.float32, bitcast=True)  # = s_i + MAGIC_F exactly, ordered like s_i
+    if MASK:
+        if (kb + 1) * BLOCK_N > N_K:  # a partial block: -inf on the padding keys
+            cols = kb * BLOCK_N + gl.arange(0, BLOCK_N, COL)
+            s = gl.where((cols < N_K)[None, :], s, float("-inf"))
+    m_loc = (gl.max(s, 1) - MAGIC_F) * qk_scale  # exact subtraction: both integers below 2^24
+    m_new = gl.maximum(m_i, m_loc)
+    alpha = gl.exp2(m_i - m_new)
+    c = (m_new - P_LOG2) + qk_scale * MAGIC_F
+    p = gl.exp2(s * qk_scale - c[:, None])  # one FFMA + MUFU.EX2 per score
+    l_i = l_i * alpha + gl.sum(p, 1)
+    p8 = gl.convert_layout(p.to(gl.float8e4nv), P_OP)
+    return p8, alpha, m_new, l_i
+
+
+@gluon.jit
+def _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row, v_row, count,
+             qs, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCE: gl.constexpr,
+             empty_bar, HEAD_DIM: gl.constexpr):
+    """The pipelined loop of one warpgroup (64 query rows) over the kept key blocks; returns the
+    un-normalized accumulator and the row sums. With PRODUCE this warpgroup also issues the TMA
+    loads; otherwise it releases each slot on empty_bar for the producer partition."""
+    m_i = gl.full([64], float("-inf"), gl.float32, ROW)
+    l_i = gl.zeros([64], gl.float32, ROW)
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
+    zero_o = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
+    if PRODUCE:
+        _prologue_loads(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, idx_base, k_row, v_row, count,
+                        BLOCK_N, STAGES)
+    if count > 0:
+        s_i = warpgroup_mma_wait(0, deps=(_issue_scores(q_smem, k_smem, k_bar, 0, STAGES), ))
+        kb = gl.load(idx_base)
+        qk_scale = qs * gl.load(ks_base + kb)
+        for j in range(count - 1):
+            slot = j % STAGES
+            if PRODUCE:  # refill K of block j (S_j was waited for in step j-1) and V of block j-1
+                _issue_tile(k_desc, k_smem, k_bar, idx_base, k_row, j + STAGES, count, BLOCK_N, STAGES, True)
+                _issue_tile(v_desc, v_smem, v_bar, idx_base, v_row, j + STAGES - 1, count, BLOCK_N, STAGES, False)
+            # the next block's index and scale, a step ahead: two dependent global loads
+            kb_next = gl.load(idx_base + j + 1)
+            qk_next = qs * gl.load(ks_base + kb_next)
+            # S_{j+1} on the tensor cores while this block's softmax runs on the CUDA cores
+            s_tok = _issue_scores(q_smem, k_smem, k_bar, j + 1, STAGES)
+            p8, alpha, m_i, l_i = _softmax(s_i, m_i, l_i, qk_scale, kb, N_K, BLOCK_N, False)
+            mbarrier.wait(v_bar.index(slot), (j // STAGES) & 1)
+            o_tok = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+            # wgmma groups complete in order: one wait returns S_{j+1} and P_j.V_j. (P_j's registers,
+            # read by the async wgmma, cannot be a dep: 3.6 lowers no 8-bit deps; ptxas keeps them.)
+            s_i, pv = warpgroup_mma_wait(0, deps=(s_tok, o_tok))
+            if not PRODUCE:  # slot j (K_j and V_j) is free
+                mbarrier.arrive(empty_bar.index(slot), count=1)
+            acc = acc * alpha[:, None] + pv
+            kb = kb_next
+            qk_scale = qk_next
+        # the last kept block (the only one that can be partial: lists are ascending), peeled
+        last = count - 1
+        slot = last % STAGES
+        p8, alpha, m_i, l_i = _softmax(s_i, m_i, l_i, qk_scale, kb, N_K, BLOCK_N, True)
+        mbarrier.wait(v_bar.index(slot), (last // STAGES) & 1)
+        o_tok = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+        pv = warpgroup_mma_wait(0, deps=(o_tok, ))
+        if not PRODUCE:
+            mbarrier.arrive(empty_bar.index(slot), count=1)
+        acc = acc * alpha[:, None] + pv
+    return acc, l_i
+
+
+@gluon.jit
+def _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, kb, qk_scale, p8, acc, m_i, l_i, zero_o, N_K,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCE: gl.constexpr, empty_bar, MASK: gl.constexpr):
+    """Step j >= 1 of _consume_fa3: S_j and P_{j-1}.V_{j-1} issued back to back, block j's softmax
+    while P_{j-1}.V_{j-1} runs. No branch may sit between the issue and the waits: at a control-flow
+    join ptxas waits for every wgmma in flight (seen in the SASS), so the masked step is a copy."""
+    prev = (j - 1) % STAGES
+    s_tok = _issue_scores(q_smem, k_smem, k_bar, j, STAGES)
+    mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
+    o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+    s_i = warpgroup_mma_wait(1, deps=(s_tok, ))  # S_j; P_{j-1}.V_{j-1} may still run
+    p8_new, alpha, m_i, l_i = _softmax(s_i, m_i, l_i, qk_scale, kb, N_K, BLOCK_N, MASK)
+    # l_i as a dep ties the wait to the end of the softmax (its row sums) at the MLIR/LLVM level
+    pv, l_i = warpgroup_mma_wait(0, deps=(o_tok, l_i))
+    if not PRODUCE:  # slot j-1 (K_{j-1} and V_{j-1}) is free
+        mbarrier.arrive(empty_bar.index(prev), count=1)
+    # acc holds blocks < j-1 relative to m_{j-1}; add P_{j-1}.V_{j-1}, then rescale to m_j
+    acc = (acc + pv) * alpha[:, None]
+    return p8_new, acc, m_i, l_i
+
+
+@gluon.jit
+def _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row, v_row, count,
+                 qs, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCE: gl.constexpr,
+                 empty_bar, HEAD_DIM: gl.constexpr):
+    """_consume with FlashAttention-3's intra-warpgroup order: step j issues S_j and then
+    P_{j-1}.V_{j-1}, waits for S_j only (wait(1): groups complete in order), and runs block j's
+    softmax while P_{j-1}.V_{j-1} is on the tensor cores. The tensor cores get S_j and P.V back to
+    back; the softmax hides behind P.V instead of Q.K^T. About the same registers at the peak as
+    _consume (acc, the P.V result in flight, the scores, two fp8 P)."""
+    m_i = gl.full([64], float("-inf"), gl.float32, ROW)
+    l_i = gl.zeros([64], gl.float32, ROW)
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
+    zero_o = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
+    if PRODUCE:
+        _prologue_loads(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, idx_base, k_row, v_row, count,
+                        BLOCK_N, STAGES)
+    if count > 0:
+        kb = gl.load(idx_base)
+        s_i = warpgroup_mma_wait(0, deps=(_issue_scores(q_smem, k_smem, k_bar, 0, STAGES), ))
+        # block 0 may be the partial last one (a one-block list)
+        p8, alpha, m_i, l_i = _softmax(s_i, m_i, l_i, qs * gl.load(ks_base + kb), kb, N_K, BLOCK_N, True)
+        kb = gl.load(idx_base + gl.minimum(1, count - 1))  # index and scale a step ahead
+        qk_scale = qs * gl.load(ks_base + kb)
+        for j in range(1, count - 1):
+            if PRODUCE:  # refill K of block j-1 (S_{j-1} is done) and V of block j-2
+                _issue_tile(k_desc, k_smem, k_bar, idx_base, k_row, j + STAGES - 1, count, BLOCK_N, STAGES, True)
+                _issue_tile(v_desc, v_smem, v_bar, idx_base, v_row, j + STAGES - 2, count, BLOCK_N, STAGES, False)
+            kb_next = gl.load(idx_base + j + 1)
+            qk_next = qs * gl.load(ks_base + kb_next)
+            p8, acc, m_i, l_i = _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, kb, qk_scale, p8, acc, m_i, l_i,
+                                          zero_o, N_K, BLOCK_N, STAGES, PRODUCE, empty_bar, False)
+            kb = kb_next
+            qk_scale = qk_next
+        if count > 1:  # the last block, the only one that can be partial, peeled
+            if PRODUCE:
+                _issue_tile(k_desc, k_smem, k_bar, idx_base, k_row, count + STAGES - 2, count, BLOCK_N, STAGES,
+                            True)
+                _issue_tile(v_desc, v_smem, v_bar, idx_base, v_row, count + STAGES - 3, count, BLOCK_N, STAGES,
+                            False)
+            p8, acc, m_i, l_i = _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, count - 1, kb, qk_scale, p8, acc,
+                                          m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, PRODUCE, empty_bar, True)
+        last = (count - 1) % STAGES
+        mbarrier.wait(v_bar.index(last), ((count - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p8, v_smem.index(last).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+        pv = warpgroup_mma_wait(0, deps=(o_tok, ))
+        if not PRODUCE:
+            mbarrier.arrive(empty_bar.index(last), count=1)
+        acc = acc + pv
+    return acc, l_i
+
+
+@gluon.jit
+def _epilogue(acc, l_i, O, VS, b, h, hk, row0, so_b, so_h, so_n, svs_b, svs_h, N_Q,
+              D_OUT: gl.constexpr, HEAD_DIM: gl.constexpr):
+    offs_m = row0 + gl.arange(0, 64, ROW)
+    offs_d = gl.arange(0, HEAD_DIM, COL)
+    vs = gl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
+    l_safe = gl.where(l_i > 0, l_i, 1.0)
+    out = acc * vs[None, :] / l_safe[:, None]
+    o_ptr = O + b * so_b + h * so_h + offs_m[:, None].to(gl.int64) * so_n + offs_d[None, :]
+    gl.store(o_ptr, out.to(O.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D_OUT)[None, :])
+
+
+@gluon.jit
+def _program_coords(H, KV_GROUP, NQB):
+    # query blocks fastest, as production: concurrent programs share one head's K/V in L2
+    row = gl.program_id(0)
+    pid_m = row % NQB
+    bh = row // NQB
+    b = (bh // H).to(gl.int64)
+    h = (bh % H).to(gl.int64)
+    return pid_m, b, h, h // KV_GROUP
+
+
+@gluon.jit
+def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
+               so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
+               N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
+               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
+               FA3: gl.constexpr):
+    pid_m, b, h, hk = _program_coords(H, KV_GROUP, NQB)
+    q_smem = gl.allocate_shared_memory(gl.int8, [64, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+
+    # Q, K, V^T are 2-D descriptors over (B*H*NQ_PAD, D), (B*Hkv*NK_PAD, D), (B*Hkv*D, NK_PAD)
+    q_row = ((b * H + h) * NQ_PAD + pid_m * 64).to(gl.int32)
+    k_row = ((b * (H // KV_GROUP) + hk) * NK_PAD).to(gl.int32)
+    v_row = ((b * (H // KV_GROUP) + hk) * HEAD_DIM).to(gl.int32)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+
+    count = gl.load(CNT + b * sc_b + h * sc_h + pid_m)
+    idx_base = IDX + b * si_b + h * si_h + pid_m * si_q
+    ks_base = KS + b * sks_b + hk * sks_h
+    qs = gl.load(QS + b * sqs_b + h * sqs_h + pid_m)
+    mbarrier.wait(q_bar, 0)
+    if FA3:
+        acc, l_i = _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row,
+                                v_row, count, qs, N_K, BLOCK_N, STAGES, True, k_bar, HEAD_DIM)
+    else:
+        acc, l_i = _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row, v_row,
+                            count, qs, N_K, BLOCK_N, STAGES, True, k_bar, HEAD_DIM)
+    _epilogue(acc, l_i, O, VS, b, h, hk, pid_m * 64, so_b, so_h, so_n, svs_b, svs_h, N_Q, D_OUT, HEAD_DIM)
+
+
+@gluon.jit
+def _produce(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty_bar, idx_base, k_row, v_row, j, count,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Producer warp: kept block j of one consumer into its ring, once the consumer freed the slot
+    (empty barriers start as if their previous phase completed: the first lap does not wait)."""
+    if j < count:
+        s = j % STAGES
+        mbarrier.wait(empty_bar.index(s), ((j // STAGES) & 1) ^ 1)
+        kb = gl.load(idx_base + j)
+        mbarrier.expect(k_bar.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row + kb * BLOCK_N, 0], k_bar.index(s), k_smem.index(s))
+        mbarrier.expect(v_bar.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [v_row, kb * BLOCK_N], v_bar.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _producer_part(q_desc, k_desc, v_desc, q_smem, k_smem0, v_smem0, k_smem1, v_smem1, q_bar, k_bar0, v_bar0,
+                   e_bar0, k_bar1, v_bar1, e_bar1, q_row, k_row, v_row, idx0, idx1, count0, count1,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    for c in gl.static_range(2):
+        mbarrier.expect(q_bar.index(c), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + c * 64, 0], q_bar.index(c), q_smem.index(c))
+    # the two consumers' lists, step by step: each ring runs up to STAGES blocks ahead of its consumer
+    for j in range(gl.maximum(count0, count1)):
+        _produce(k_desc, v_desc, k_smem0, v_smem0, k_bar0, v_bar0, e_bar0, idx0, k_row, v_row, j, count0,
+                 BLOCK_N, STAGES)
+        _produce(k_desc, v_desc, k_smem1, v_smem1, k_bar1, v_bar1, e_bar1, idx1, k_row, v_row, j, count1,
+                 BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _consumer_part(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, k_desc, v_desc, idx_base, ks_base,
+                   count, qs, N_K, O, VS, b, h, hk, row0, so_b, so_h, so_n, svs_b, svs_h, N_Q,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, D_OUT: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   FA3: gl.constexpr):
+    """One consumer warpgroup: 64 query rows, the "pipe" (or FA3-order) schedule on its own ring."""
+    mbarrier.wait(q_bar, 0)
+    if FA3:
+        acc, l_i = _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, 0, 0,
+                                count, qs, N_K, BLOCK_N, STAGES, False, empty_bar, HEAD_DIM)
+    else:
+        acc, l_i = _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, 0, 0, count,
+                            qs, N_K, BLOCK_N, STAGES, False, empty_bar, HEAD_DIM)
+    _epilogue(acc, l_i, O, VS, b, h, hk, row0, so_b, so_h, so_n, svs_b, svs_h, N_Q, D_OUT, HEAD_DIM)
+
+
+@gluon.jit
+def _ring(k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """A K/V^T ring of STAGES slots with its "full" (K, V) and "empty" barriers."""
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    e_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+        mbarrier.init(e_bar.index(i), count=1)
+    return k_smem, v_smem, k_bar, v_bar, e_bar
+
+
+@gluon.jit
+def _attn_ws(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
+             so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
+             N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
+             BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
+             CONSUMER_REGS: gl.constexpr, FA3: gl.constexpr):
+    """Two query blocks per program (2*pid, 2*pid+1), each with its own consumer warpgroup and its
+    own K/V ring (their kept-block lists differ), one producer warp feeding both rings."""
+    pair = gl.program_id(0)
+    npairs = (NQB + 1) // 2
+    qb0 = (pair % npairs) * 2
+    bh = pair // npairs
+    b = (bh // H).to(gl.int64)
+    h = (bh % H).to(gl.int64)
+    hk = h // KV_GROUP
+    has1 = qb0 + 1 < NQB  # the second block of an odd count does not exist: an empty list
+    q_smem = gl.allocate_shared_memory(gl.int8, [2, 64, HEAD_DIM], q_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bar.index(i), count=1)
+    # one ring per consumer (separate allocations: Triton 3.6 wants power-of-two shapes, 2 x 3 slots is not)
+    k0, v0, kb0, vb0, eb0 = _ring(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    k1, v1, kb1, vb1, eb1 = _ring(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+
+    q_row = ((b * H + h) * NQ_PAD + qb0 * 64).to(gl.int32)
+    k_row = ((b * (H // KV_GROUP) + hk) * NK_PAD).to(gl.int32)
+    v_row = ((b * (H // KV_GROUP) + hk) * HEAD_DIM).to(gl.int32)
+    cnt = CNT + b * sc_b + h * sc_h + qb0
+    count0 = gl.load(cnt)
+    count1 = gl.load(cnt + 1, mask=has1, other=0)
+    idx0 = IDX + b * si_b + h * si_h + qb0 * si_q
+    idx1 = idx0 + si_q
+    ks_base = KS + b * sks_b + hk * sks_h
+    qsp = QS + b * sqs_b + h * sqs_h + qb0
+    qs0 = gl.load(qsp)
+    qs1 = gl.load(qsp + 1, mask=has1, other=0.0)
+    gl.warp_specialize([
+        (_consumer_part, (q_smem.index(0), k0, v0, q_bar.index(0), kb0, vb0, eb0, k_desc, v_desc, idx0, ks_base,
+                          count0, qs0, N_K, O, VS, b, h, hk, qb0 * 64, so_b, so_h, so_n, svs_b, svs_h, N_Q,
+                          BLOCK_N, STAGES, D_OUT, HEAD_DIM, FA3)),
+        (_consumer_part, (q_smem.index(1), k1, v1, q_bar.index(1), kb1, vb1, eb1, k_desc, v_desc, idx1, ks_base,
+                          count1, qs1, N_K, O, VS, b, h, hk, qb0 * 64 + 64, so_b, so_h, so_n, svs_b, svs_h, N_Q,
+                          BLOCK_N, STAGES, D_OUT, HEAD_DIM, FA3)),
+        (_producer_part, (q_desc, k_desc, v_desc, q_smem, k0, v0, k1, v1, q_bar, kb0, vb0, eb0, kb1, vb1, eb1,
+                          q_row, k_row, v_row, idx0, idx1, count0, count1, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def _descs(q_i8, k_i8, v_t, q_rows):
+    hd = q_i8.shape[-1]
+    ql = gl.NVMMASharedLayout.get_default_for([q_rows, hd], gl.int8)
+    kl = gl.NVMMASharedLayout.get_default_for([BLOCK_N, hd], gl.int8)
+    vl = gl.NVMMASharedLayout.get_default_for([hd, BLOCK_N], gl.float8e4nv)
+    return (TensorDescriptor.from_tensor(q_i8.view(-1, hd), [q_rows, hd], ql),
+            TensorDescriptor.from_tensor(k_i8.view(-1, hd), [BLOCK_N, hd], kl),
+            TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, BLOCK_N], vl))
+
+
+def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, n_q, n_k, d_out, out_dtype,
+                          variant="pipe", stages=3, fa3=False):
+    """kernels.attn_fwd.sparse_attn_fwd's common case (see the module docstring) in Gluon.
+    Returns out (B,H,n_q,d_out), a transposed view of contiguous (B,n_q,H,d_out) memory."""
+    B, H, nq_pad, hd = q_i8.shape
+    Hkv = k_i8.shape[1]
+    NQ = triton.cdiv(n_q, BLOCK_M)
+    if hd != HEAD_DIM or q_i8.dtype != torch.int8 or k_i8.dtype != torch.int8 or v_t.dtype != torch.float8_e4m3fn:
+        raise ValueError("the Gluon prototype wants int8 q/k, fp8 e4m3 v^T and head dim 128")
+    if nq_pad != NQ * BLOCK_M or k_i8.shape[2] % BLOCK_N or v_t.shape[3] != k_i8.shape[2] or H % Hkv:
+        raise ValueError("quantized q/k/v must be padded to whole blocks")
+    if not (q_i8.is_contiguous() and k_i8.is_contiguous() and v_t.is_contiguous()) or indices.stride(-1) != 1:
+        raise ValueError("q, k, v^T must be contiguous (TMA descriptors over them) and index rows contiguous")
+    if counts.shape != (B, H, NQ) or indices.shape[:3] != (B, H, NQ):
+        raise ValueError("block lists must be (B,H,NQ) counts + (B,H,NQ,NK) indices")
+    out = torch.empty(B, n_q, H, d_out, dtype=out_dtype, device=q_i8.device).transpose(1, 2)
+    key = variant + ("_fa3" if fa3 else "") + ("" if stages == 3 else f"_s{stages}")  # a VARIANTS name
+    common = (q_scale, k_scale, v_scale, out, counts, indices,
+              out.stride(0), out.stride(1), out.stride(2), q_scale.stride(0), q_scale.stride(1),
+              k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
+              counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
+              n_q, n_k, H, H // Hkv)
+    if variant == "pipe":
+        qd, kd, vd = _descs(q_i8, k_i8, v_t, BLOCK_M)
+        COMPILED[key] = _attn_pipe[(B * H * NQ,)](qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2],
+                                  BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out, STAGES=stages, FA3=fa3, num_warps=4)
+    elif variant == "ws":
+        qd, kd, vd = _descs(q_i8, k_i8, v_t, BLOCK_M)
+        # 4 + 4 + 1 warps run as 3 warpgroups; 168 x 384 threads fill the register file and
+        # setmaxnreg moves the producer's share to the consumers (24 + 2 x 240 = 3 x 168)
+        COMPILED[key] = _attn_ws[(B * H * triton.cdiv(NQ, 2),)](
+            qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2], BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out,
+            STAGES=stages, CONSUMER_REGS=240, FA3=fa3, num_warps=4, maxnreg=168)
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return out
+
+
+VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
+    "pipe": dict(variant="pipe", stages=3),  # S_{j+1} overlaps softmax_j
+    "pipe_fa3": dict(variant="pipe", stages=3, fa3=True),  # P_{j-1}.V_{j-1} overlaps softmax_j
+    "ws": dict(variant="ws", stages=3),  # two consumer warpgroups + producer warp, "pipe" order
+    "ws_fa3": dict(variant="ws", stages=3, fa3=True),
+}
+KERNELS = {"pipe": _attn_pipe, "ws": _attn_ws}
