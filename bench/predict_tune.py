@@ -46,6 +46,9 @@ def grids(quick: bool) -> dict:
         "kv_stats_fullv": [],
         "block_lse_stride2": [],
         "quant_v_unchecked": [],
+        # v32's guarded stride 2 and K's quantizer as it runs it (the default shape only)
+        "block_lse_stride2_guard": [],
+        "quant_pool128_sim": [],
     }
     if quick:
         g = {k: v[:2] for k, v in g.items()}
