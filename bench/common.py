@@ -111,3 +111,31 @@ def save(result: dict, stem: str):
     path = Path(out) / f"{stem}.json"
     path.write_text(json.dumps(result, indent=1))
     return path
+
+
+def text_tail(text: str, n=6) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])
+
+
+def run_smoke_children(script: str, names, timeout_s: float) -> dict:
+    """`python script --smoke <name>` for every name, all at once, each in a child process of its
+    own (a kernel with a wrong barrier phase hangs its child, not the run). Each child prints one
+    JSON line last; returns name -> that dict, or {"variant", "ok": False, "error"} where the child
+    failed, printed nothing or ran past timeout_s."""
+    import subprocess
+
+    procs = {n: subprocess.Popen([sys.executable, script, "--smoke", n], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for n in names}
+    out = {}
+    for n, p in procs.items():
+        try:
+            stdout, stderr = p.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()  # our own child, by its handle
+            p.communicate()
+            out[n] = {"variant": n, "ok": False, "error": f"smoke test did not finish in {timeout_s} s (hang?)"}
+            continue
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+        out[n] = (json.loads(lines[-1]) if p.returncode == 0 and lines
+                  else {"variant": n, "ok": False, "error": text_tail(stderr or stdout, 12)})
+    return out

@@ -20,14 +20,13 @@ reported and left out of the timing.
 import argparse
 import datetime
 import json
-import subprocess
-import sys
 import traceback
 
 import torch
 import triton
 
-from common import SHAPES, bench_graph_ms, bench_ms, realistic_text_tokens, save
+from common import (SHAPES, bench_graph_ms, bench_ms, realistic_text_tokens, run_smoke_children, save,
+                    text_tail)
 from devkit.realistic_inputs import make_video_qkv
 from sparge_attention.kernels.attn_fwd import FILL_PAD
 from sparge_attention.kernels.block_scores import block_lse_scores
@@ -82,10 +81,6 @@ def compare(out, ref) -> dict:
     return r
 
 
-def tail(text: str, n=8) -> str:
-    return "\n".join(text.strip().splitlines()[-n:])
-
-
 def smoke(name: str):
     """Child process: small random problems through the variant and production; one JSON line."""
     dev = torch.device("cuda")
@@ -114,22 +109,8 @@ def smoke(name: str):
 
 
 def run_smokes(names) -> dict:
-    """Each variant's smoke test in a child process of its own, all at once."""
-    procs = {n: subprocess.Popen([sys.executable, __file__, "--smoke", n], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for n in names}
-    out = {}
-    for n, p in procs.items():
-        try:
-            stdout, stderr = p.communicate(timeout=SMOKE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            p.kill()  # our own child, by its handle
-            p.communicate()
-            out[n] = {"variant": n, "ok": False, "error": f"smoke test did not finish in {SMOKE_TIMEOUT_S} s (hang?)"}
-            continue
-        lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-        out[n] = (json.loads(lines[-1]) if p.returncode == 0 and lines
-                  else {"variant": n, "ok": False, "error": tail(stderr or stdout, 12)})
-    return out
+    """The smoke tests of all variants, each in a child process of its own, run at once."""
+    return run_smoke_children(__file__, names, SMOKE_TIMEOUT_S)
 
 
 def time_us(fn) -> tuple[float, str]:
@@ -138,7 +119,7 @@ def time_us(fn) -> tuple[float, str]:
         return bench_graph_ms(fn) * 1e3, "graph"
     except Exception:  # noqa: BLE001 - a launch that cannot be captured is still timed
         torch.cuda.synchronize()
-        return bench_ms(fn) * 1e3, "do_bench (graph capture failed: " + tail(traceback.format_exc(), 1) + ")"
+        return bench_ms(fn) * 1e3, "do_bench (graph capture failed: " + text_tail(traceback.format_exc(), 1) + ")"
 
 
 def main():
@@ -195,7 +176,7 @@ def main():
                 if k_ is not None:
                     row.update(n_regs=k_.n_regs, n_spills=k_.n_spills, shared=k_.metadata.shared)
             except Exception:  # a variant that fails to launch here is a result too
-                row.update(ok=False, error=tail(traceback.format_exc()))
+                row.update(ok=False, error=text_tail(traceback.format_exc()))
                 print(f"{shape} {name} raised:\n  " + row["error"].replace("\n", "\n  "))
             r["rows"].append(row)
             rows.append(row)

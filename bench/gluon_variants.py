@@ -16,14 +16,12 @@ import argparse
 import datetime
 import json
 import math
-import subprocess
-import sys
 import traceback
 
 import torch
 import triton
 
-from common import SHAPES, bench_ms, random_block_mask, save, sdpa_cudnn
+from common import SHAPES, bench_ms, random_block_mask, run_smoke_children, save, sdpa_cudnn, text_tail
 from devkit.metrics import rel_l1
 from gpu_check import prepare
 from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
@@ -50,10 +48,6 @@ def gluon_fn(prep, bmask, N, D, name):
                                                     N, N, D, torch.bfloat16, **gluon_attn.VARIANTS[name])
 
 
-def tail(exc_text: str, n=6) -> str:
-    return "\n".join(exc_text.strip().splitlines()[-n:])
-
-
 def smoke(name: str):
     """Child process: one small problem (a partial last key block, 2 heads, dense and half-dense
     masks) through the variant and production; prints one JSON line."""
@@ -78,22 +72,8 @@ def smoke(name: str):
 
 
 def run_smokes(names) -> dict:
-    """The smoke tests of all variants, each in a child process of its own, run at once (they are
-    small; most of their time is Python and compiling)."""
-    procs = {n: subprocess.Popen([sys.executable, __file__, "--smoke", n], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for n in names}
-    out = {}
-    for n, p in procs.items():
-        try:
-            stdout, stderr = p.communicate(timeout=SMOKE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            p.kill()  # our own child, by its handle
-            p.communicate()
-            out[n] = {"variant": n, "error": f"smoke test did not finish in {SMOKE_TIMEOUT_S} s (hang?)"}
-            continue
-        lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-        out[n] = json.loads(lines[-1]) if p.returncode == 0 and lines else {"variant": n, "error": tail(stderr or stdout, 12)}
-    return out
+    """The smoke tests of all variants, each in a child process of its own, run at once."""
+    return run_smoke_children(__file__, names, SMOKE_TIMEOUT_S)
 
 
 def main():
@@ -146,7 +126,7 @@ def main():
                     row["ms"] = bench_ms(fn, warmup=10, rep=60)
                     row["x_cudnn"] = row["ms"] / t_cudnn
                 except Exception:  # a variant that fails to compile or launch is a result too
-                    row.update(ok=False, error=tail(traceback.format_exc()))
+                    row.update(ok=False, error=text_tail(traceback.format_exc()))
                     print(f"{shape} {dens} {name} raised:\n  " + row["error"].replace("\n", "\n  "))
                 r["rows"].append(row)
                 rows.append(row)
