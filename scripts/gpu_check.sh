@@ -9,7 +9,7 @@
 # = 2, the guarded lse scores from half the keys): fill_cost and realistic_bench run there too.
 # PARTS (default "tests,predict,quality,variant") picks the parts: all of them take more than one
 # device call (10 min), so split them, e.g. PARTS=tests,predict then PARTS=quality,variant.
-# ("bench" is predict + quality.) Each step's log line ends with the seconds it took.
+# ("bench" is predict + quality.) Each step's log line says when it started (seconds).
 # The node tests need a ComfyUI tree in .comfyui/ComfyUI (carry it to the device).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,13 +41,13 @@ mkdir -p "$OUT/predict_tune" "$OUT/fill_cost" "$OUT/fill_cost_before"
 step "predict_tune (the helpers, and v31's comparison rows)"
 (cd bench && OUT="$OUT/predict_tune" timeout 300 python3 predict_tune.py \
   --kernels kv_stats,kv_stats_fullv,quant_v,quant_v_unchecked,quant_pool128,quant_pool128_sim,block_lse,block_lse_stride2,block_lse_stride2_guard 2>&1 \
-  | tail -20) | tee -a "$L"
+  | tail -30) | tee -a "$L"
 if [ -n "${1:-}" ]; then
   step "fill_cost in $1"
   (cd "$1/bench" && OUT="$OUT/fill_cost_before" timeout 150 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
 fi
 step "fill_cost"
-(cd bench && OUT="$OUT/fill_cost" timeout 150 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
+(cd bench && OUT="$OUT/fill_cost" timeout 150 python3 fill_cost.py 2>&1 | tail -16) | tee -a "$L"
 fi
 if part quality; then
 mkdir -p "$OUT/fill_check" "$OUT/realistic"
