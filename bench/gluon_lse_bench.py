@@ -28,15 +28,11 @@ import triton
 from common import (SHAPES, bench_graph_ms, bench_ms, realistic_text_tokens, run_smoke_children, save,
                     text_tail)
 from devkit.realistic_inputs import make_video_qkv
-from sparge_attention.kernels.attn_fwd import FILL_PAD
+from predict_tune import prediction_inputs
 from sparge_attention.kernels.block_scores import block_lse_scores
-from sparge_attention.kernels.config import BLOCK_M, BLOCK_N
-from sparge_attention.kernels.host_math import cdiv
-from sparge_attention.kernels.kv_stats import kv_stats
-from sparge_attention.kernels.quantize import quant_pool
+from sparge_attention.kernels.config import BLOCK_N
 from sparge_attention.sparge_core.hilbert import TokenPermutation
 from sparge_attention.sparge_core.reference_predict import LSE_KEY_STRIDE
-from sparge_attention.sparge_core.reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM
 
 import gluon_lse
 
@@ -45,13 +41,8 @@ SMOKE_TIMEOUT_S = 120
 
 
 def lse_inputs(q, k, v, perm, scale, n_k):
-    """(q_pool, k_i8, k_scale, kbar) as prepare_sparse makes them (bench/predict_tune.runners)."""
-    hd = 128
-    nkc = cdiv(cdiv(n_k, BLOCK_N), FILL_PAD) * FILL_PAD
-    k_mean, _ = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm, v_headroom=V_HEADROOM)
-    q_pool = quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False, perm=perm)[2]
-    k_out = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=True, perm=perm,
-                       pool_i8_blocks=nkc, want_top=True)
+    """(q_pool, k_i8, k_scale, kbar) as prepare_sparse makes them (bench/predict_tune's)."""
+    _, _, _, q_pool, k_out = prediction_inputs(q, k, v, perm, scale, n_k)
     return q_pool, k_out[0], k_out[1], k_out[4]
 
 

@@ -27,6 +27,9 @@ from sparge_attention.sparge_core.reference_predict import LSE_EXACT_SIM, LSE_KE
 from sparge_attention.sparge_core.reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM
 
 
+HD = 128  # the head dim the kernels run (the shapes' D, padded)
+
+
 def grids(quick: bool) -> dict:
     """kernel name -> the Launch shapes to try."""
     g = {
@@ -60,14 +63,22 @@ ALIASES = {"block_lse_nomean": "block_lse", "kv_stats_fullv": "kv_stats", "quant
            "block_lse_stride2": "block_lse", "block_lse_stride2_guard": "block_lse", "quant_pool128_sim": "quant_pool128"}
 
 
-def runners(q, k, v, perm, scale, n_k):
-    """kernel name -> fn(launch) returning the kernel's outputs, on the inputs prepare_sparse gives it."""
-    hd = 128
+def prediction_inputs(q, k, v, perm, scale, n_k):
+    """What prepare_sparse gives the prediction kernels: (nkc, k_mean, v_scale, q_pool, and K's
+    quant_pool outputs: int8 keys, scales, pooled (None), self-similarity, (int8 mean keys, their
+    scales), top keys)."""
     nkc = cdiv(cdiv(n_k, BLOCK_N), FILL_PAD) * FILL_PAD
     k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm, v_headroom=V_HEADROOM)
-    q_pool = quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False, perm=perm)[2]
-    k_out = quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=True, perm=perm,
+    q_pool = quant_pool(q, BLOCK_M, HD, extra_scale=scale * LOG2E, want_pool=True, want_sim=False, perm=perm)[2]
+    k_out = quant_pool(k, BLOCK_N, HD, mean=k_mean, want_pool=False, want_sim=True, perm=perm,
                        pool_i8_blocks=nkc, want_top=True)
+    return nkc, k_mean, v_scale, q_pool, k_out
+
+
+def runners(q, k, v, perm, scale, n_k):
+    """kernel name -> fn(launch) returning the kernel's outputs, on the inputs prepare_sparse gives it."""
+    hd = HD
+    nkc, k_mean, v_scale, q_pool, k_out = prediction_inputs(q, k, v, perm, scale, n_k)
     k_i8, k_s, k_sim, kbar, top = k_out[0], k_out[1], k_out[3], k_out[4], k_out[5]
     lse_kw = dict(key_stride=LSE_KEY_STRIDE, key_top=top, kbar=kbar)
     scores, mean = block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, **lse_kw)
