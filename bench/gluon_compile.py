@@ -78,6 +78,28 @@ def resources(cubin: bytes) -> dict:
     return dict(zip(("regs", "stack", "static_shared", "local"), map(int, m.groups()))) if m else {"raw": txt}
 
 
+def report_compile(name, kw, jit_fn, launch_fn, patterns, sass_path=None):
+    """Compile jit_fn through launch_fn for the target in use and print its resources, the counts
+    of the (label, regex) patterns in its SASS and the SASS's overlap events in code order; write
+    the SASS to sass_path if given. Returns the SASS, or None where it does not compile (printed:
+    a variant that does not compile is a result too)."""
+    try:
+        k = compile_through(jit_fn, launch_fn)
+    except Exception:
+        print(f"\n== {name}: COMPILE FAILED")
+        traceback.print_exc(limit=-4)
+        return None
+    sass = k.asm["sass"]
+    if sass_path:
+        Path(sass_path).write_text(sass)
+    counts = {key: len(re.findall(pat, sass)) for key, pat in patterns}
+    print(f"\n== {name} ({kw}): {resources(k.asm['cubin'])}, {k.metadata.shared} B shared memory (dynamic), "
+          f"{k.metadata.num_warps} warps")
+    print("   " + ", ".join(f"{a}: {b}" for a, b in counts.items()))
+    print("   code order (line: event x count):")
+    print("   " + "  ".join(f"{n}:{ev}x{c}" for n, ev, c in sass_events(sass)))
+    return sass
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sass", action="store_true", help="write each variant's SASS to /tmp/gluon_<variant>.sass")
@@ -88,28 +110,12 @@ def main():
     import gluon_attn as ga
 
     print(f"triton {triton.__version__}, target sm_90")
+    patterns = [("wgmma int8 (IGMMA)", r"\bIGMMA\b"), ("wgmma fp8 (QGMMA)", r"\bQGMMA\b"),
+                ("WARPGROUP.ARRIVE", r"WARPGROUP\.ARRIVE"), ("WARPGROUP.DEPBAR", r"WARPGROUP\.DEPBAR"),
+                ("MUFU.EX2", r"MUFU\.EX2"), ("local ld/st (spill)", r"\b(?:LDL|STL)\b")]
     for variant, kw in ga.VARIANTS.items():
-        jit_fn = ga.KERNELS[kw["variant"]]
-        try:
-            k = compile_through(jit_fn, launch(ga, variant))
-        except Exception:  # a variant that does not compile is a result too
-            print(f"\n== {variant}: COMPILE FAILED")
-            traceback.print_exc(limit=-3)
-            continue
-        sass = k.asm["sass"]
-        if args.sass:
-            Path(f"/tmp/gluon_{variant}.sass").write_text(sass)
-        counts = {key: len(re.findall(pat, sass)) for key, pat in [
-            ("wgmma int8 (IGMMA)", r"\bIGMMA\b"), ("wgmma fp8 (QGMMA)", r"\bQGMMA\b"),
-            ("WARPGROUP.ARRIVE", r"WARPGROUP\.ARRIVE"), ("WARPGROUP.DEPBAR", r"WARPGROUP\.DEPBAR"),
-            ("MUFU.EX2", r"MUFU\.EX2"), ("local ld/st (spill)", r"\b(?:LDL|STL)\b")]}
-        res = resources(k.asm["cubin"])
-        print(f"\n== {variant} ({kw}): {res}, {k.metadata.shared} B shared memory (dynamic), "
-              f"{k.metadata.num_warps} warps")
-        print("   " + ", ".join(f"{a}: {b}" for a, b in counts.items()))
-        print("   code order (line: event x count):")
-        print("   " + "  ".join(f"{n}:{ev}x{c}" for n, ev, c in sass_events(sass)))
-
+        report_compile(variant, kw, ga.KERNELS[kw["variant"]], launch(ga, variant), patterns,
+                       f"/tmp/gluon_{variant}.sass" if args.sass else None)
 
 if __name__ == "__main__":
     main()

@@ -280,14 +280,13 @@ KERNELS = {"pipe": _lse_pipe}
 
 def _compile_main(argv):
     import argparse
-    import re
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here.parent))  # devkit
     sys.path.insert(0, str(here))  # gluon_compile's helpers
     from devkit.cross_compile import compile_through, use_target
-    from gluon_compile import resources, sass_events
+    from gluon_compile import report_compile, resources
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true")
@@ -303,33 +302,18 @@ def _compile_main(argv):
         return torch.zeros(*shape, dtype=dtype)
 
     mod = sys.modules[__name__]
+    patterns = [("IGMMA", r"\bIGMMA\b"), ("WARPGROUP.ARRIVE", r"WARPGROUP\.ARRIVE"),
+                ("WARPGROUP.DEPBAR", r"WARPGROUP\.DEPBAR"), ("MUFU.EX2", r"MUFU\.EX2"), ("MUFU.LG2", r"MUFU\.LG2"),
+                ("BAR.SYNC", r"\bBAR\.SYNC"), ("STS", r"\bSTS\b"), ("LDS", r"\bLDS\b"),
+                ("local ld/st (spill)", r"\b(?:LDL|STL)\b")]
     for name, kw in {**VARIANTS, **COMPILE_ONLY}.items():
         launch = (lambda kw=kw: mod.gluon_block_lse_scores(
             x(B, H, nq, D), x(B, H, nkb * 128, D, dtype=torch.int8), x(B, H, nkb), D ** -0.5, N, 128,
             (x(B, H, 384, D, dtype=torch.int8), x(B, H, 384)), **kw))
-        try:
-            k = compile_through(KERNELS[kw["variant"]], launch)
-        except Exception:  # a variant that does not compile is a result too
-            import traceback
-
-            print(f"\n== {name}: COMPILE FAILED")
-            traceback.print_exc(limit=-4)
-            continue
-        sass = k.asm["sass"]
-        if args.sass:
-            Path(f"/tmp/gluon_lse_{name}.sass").write_text(sass)
-        counts = {key: len(re.findall(pat, sass)) for key, pat in [
-            ("IGMMA", r"\bIGMMA\b"), ("WARPGROUP.ARRIVE", r"WARPGROUP\.ARRIVE"),
-            ("WARPGROUP.DEPBAR", r"WARPGROUP\.DEPBAR"), ("MUFU.EX2", r"MUFU\.EX2"), ("MUFU.LG2", r"MUFU\.LG2"),
-            ("BAR.SYNC", r"\bBAR\.SYNC"), ("STS", r"\bSTS\b"), ("LDS", r"\bLDS\b"),
-            ("local ld/st (spill)", r"\b(?:LDL|STL)\b")]}
-        res = resources(k.asm["cubin"])
-        print(f"\n== {name} ({kw}): {res}, {k.metadata.shared} B shared memory (dynamic), "
-              f"{k.metadata.num_warps} warps")
-        print("   " + ", ".join(f"{a}: {b}" for a, b in counts.items()))
-        print("   code order (line: event x count):")
-        print("   " + "  ".join(f"{n_}:{ev}x{c}" for n_, ev, c in sass_events(sass)))
-        print("   main loop (the backward branch's body): " + _loop_order(sass))
+        sass = report_compile(name, kw, KERNELS[kw["variant"]], launch, patterns,
+                              f"/tmp/gluon_lse_{name}.sass" if args.sass else None)
+        if sass is not None:
+            print("   main loop (the backward branch's body): " + _loop_order(sass))
     # production's Triton kernel at the same shape and launch (kernels/config.py's Hopper shape), for comparison
     try:
         from kernels import block_scores, config
