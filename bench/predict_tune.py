@@ -35,7 +35,8 @@ def grids(quick: bool) -> dict:
     g = {
         "quant_pool64": [Launch(num_warps=n) for n in (1, 2, 4, 8)],
         "quant_pool128": [Launch(num_warps=n) for n in (2, 4, 8)],
-        "quant_v": [Launch(num_warps=n) for n in (2, 4, 8)],
+        # v34: token rows per step (0: the whole block; fewer keep the overflow check's max off the spill)
+        "quant_v": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 64, 32, 16))],
         "kv_stats": [Launch(num_warps=4, num_stages=s, block=b, programs=p)
                      for b, s, p in itertools.product((32, 64), (1, 2, 3), (1024, 2048))],
         # v24: register caps for 4 programs per SM (128; with 2 stages, as 3 stages' shared memory fits

@@ -154,7 +154,10 @@ def pack_kernel_jobs(cc: int) -> list:
             x(B * HKV, nb, **f32), small * D * HKV, small * D, D, D * HKV, D, vt.stride(0), vt.stride(1), vt.stride(2),
             vbar.stride(0), vbar.stride(1), vbar.stride(2), small, HKV, 448.0, BLOCK=cfg.block_n, HEAD_DIM=D,
             D_TRUE=D, PV_FP8=cfg.pv_fp8, EMULATE_FP8=False, HAS_PERM=True, WANT_MEAN=True, RBLOCK=16, V_SLOT=-1,
-            **({"num_warps": helpers["quant_v"].num_warps} if helpers else {}))
+            **({"num_warps": helpers["quant_v"].num_warps} if helpers else {}),
+            # the rows per step (revisions before it quantized a whole block at once)
+            **({"ROWS": min(helpers["quant_v"].block or cfg.block_n, cfg.block_n)} if "ROWS" in fix_kernel.arg_names
+               else {}))
     # fill, causal and pv_skip (off: pvthreshd inf) each on and off, every pair of them together,
     # in four compiles instead of eight; fill + causal without pv_skip needs the most shared memory
     jobs = [(attn_fwd._sparse_attn_fwd, f"fill={fill} causal={causal} pv_skip={pv_skip}",

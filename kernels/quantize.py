@@ -84,22 +84,32 @@ _quant_pool = Kernel(_quant_pool_kernel)
 @triton.jit
 def _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h, st_d, sb_b, sb_h, sb_d, N,
                    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
-                   EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr):
+                   EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,
+                   ROWS: tl.constexpr):
     """Token block blk of V over the per-channel scale s (HEAD_DIM,) into VT (and its mean into
-    VBAR); returns the block's max |v| per channel (before the scale)."""
-    offs_n, rows = _token_rows(PERM, blk, N, BLOCK, HAS_PERM)
+    VBAR), ROWS tokens at a time; returns the block's max |v| per channel (before the scale).
+    Steps of fewer rows keep fewer values live per thread: the transposed store goes through a
+    layout change, and with the max also kept a whole 128-row tile took 255 registers and
+    spilled (sm_90, 4 warps; 159 at 32 rows, devkit/cross_compile)."""
     offs_d = tl.arange(0, HEAD_DIM)
     dmask = offs_d < D_TRUE
-    x = tl.load(V + b * sv_b + h * sv_h + rows[:, None].to(tl.int64) * sv_n + offs_d[None, :],
-                mask=(offs_n < N)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    y = x / s[None, :]
+    ysum = tl.zeros([HEAD_DIM], tl.float32)
+    cmax = tl.zeros([HEAD_DIM], tl.float32)
+    for i in tl.static_range(BLOCK // ROWS):  # unrolled: every step's loads can be in flight
+        offs_n, rows = _token_rows(PERM, blk * (BLOCK // ROWS) + i, N, ROWS, HAS_PERM)
+        x = tl.load(V + b * sv_b + h * sv_h + rows[:, None].to(tl.int64) * sv_n + offs_d[None, :],
+                    mask=(offs_n < N)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        y = x / s[None, :]
+        if WANT_MEAN:
+            ysum += tl.sum(y, 0)
+        cmax = tl.maximum(cmax, tl.max(tl.abs(x), 0))
+        y = to_pv_dtype(y, PV_FP8, EMULATE_FP8)
+        tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + offs_n[:, None], y)
     if WANT_MEAN:  # the block's mean value (fill_skipped), stored like V itself: transposed, fp8 or fp16
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
-        ybar = to_pv_dtype(tl.sum(y, 0) / cnt, PV_FP8, EMULATE_FP8)
+        ybar = to_pv_dtype(ysum / cnt, PV_FP8, EMULATE_FP8)
         tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + blk, ybar)
-    y = to_pv_dtype(y, PV_FP8, EMULATE_FP8)
-    tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + offs_n[:, None], y)
-    return tl.max(tl.abs(x), 0)
+    return cmax
 
 
 @triton.jit
@@ -108,7 +118,7 @@ def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv_h, 
                     MEAN_BLOCKS,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
                     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,
-                    CHECK: tl.constexpr, V_SLOT: tl.constexpr):
+                    CHECK: tl.constexpr, V_SLOT: tl.constexpr, ROWS: tl.constexpr):
     V = caller_ptr(V, ADDRS, V_SLOT)
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -117,7 +127,7 @@ def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv_h, 
     offs_d = tl.arange(0, HEAD_DIM)
     s = tl.load(VSCALE + b * svs_b + h * svs_h + offs_d, mask=offs_d < D_TRUE, other=1.0)
     cmax = _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h, st_d, sb_b, sb_h, sb_d, N,
-                          BLOCK, HEAD_DIM, D_TRUE, PV_FP8, EMULATE_FP8, HAS_PERM, WANT_MEAN)
+                          BLOCK, HEAD_DIM, D_TRUE, PV_FP8, EMULATE_FP8, HAS_PERM, WANT_MEAN, ROWS)
     if CHECK:  # for the overflow check (_quant_v_fix): the block's largest |v| / s, and its max |v| per channel
         # div_rn (IEEE, as the reference; `/` is the approximate div.full.f32 on NVIDIA GPUs):
         # 128 per program
@@ -134,7 +144,7 @@ def _quant_v_fix_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv
                         st_d, sb_b, sb_h, sb_d, N, H, format_max,
                         BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
                         EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,
-                        RBLOCK: tl.constexpr, V_SLOT: tl.constexpr):
+                        RBLOCK: tl.constexpr, V_SLOT: tl.constexpr, ROWS: tl.constexpr):
     """The overflow check of a scale from a sample (reference_quant.value_scale): a head where some block
     has |v| / s above the format's largest value is quantized again at its exact scale, max |v| /
     format_max over every block, which this head's programs (grid axis 1) write back into VSCALE
@@ -162,7 +172,7 @@ def _quant_v_fix_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv
             tl.store(VSCALE + b * svs_b + h * svs_h + offs_d, s, mask=offs_d < D_TRUE)
         for blk in range(tl.program_id(1), nb, tl.num_programs(1)):
             _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h, st_d, sb_b, sb_h, sb_d, N,
-                           BLOCK, HEAD_DIM, D_TRUE, PV_FP8, EMULATE_FP8, HAS_PERM, WANT_MEAN)
+                           BLOCK, HEAD_DIM, D_TRUE, PV_FP8, EMULATE_FP8, HAS_PERM, WANT_MEAN, ROWS)
 
 
 _quant_v_fix = Kernel(_quant_v_fix_kernel)
@@ -255,11 +265,16 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     1e-20), and that scale is written into `scale` in place (contiguous fp32, so the caller's
     tensor is the one written): the overflow check of a scale taken from a sample
     (reference_quant.value_scale). Costs a second, small launch that ends at once where nothing overflowed.
-    `launch`: the warps per program (speed only). addr (table, slot): v is read at the address
-    table[slot] holds (kernels/caller_addrs.py)."""
+    `launch`: the warps per program and the token rows per step (launch.block, 0: the whole
+    block; speed only). addr (table, slot): v is read at the address table[slot] holds
+    (kernels/caller_addrs.py)."""
     _check(v, "v")
     B, H, N, D = v.shape
     nb = cdiv(N, block)
+    launch = launch or helper_launch("quant_v", v.device)
+    rows = min(launch.block or block, block)
+    if block % rows or rows & (rows - 1):
+        raise ValueError(f"quant_v steps of {rows} rows must be a power of two dividing the block ({block})")
     if scale.shape != (B, H, D) or scale.dtype != torch.float32:
         raise ValueError("v scale must be fp32 (B, H, D)")
     check = rescale_above is not None
@@ -275,14 +290,14 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     # the overflow check's per-block partials: the largest |v| / scale, and max |v| per channel
     ratio = torch.empty(B * H, nb, dtype=torch.float32, device=v.device) if check else scale
     vmaxb = torch.empty(B * H, nb, head_dim, dtype=torch.float32, device=v.device) if check else scale
-    launch = launch or helper_launch("quant_v", v.device)
     addrs, slot = addr_args(addr, scale)
     args = (v, addrs, perm if perm is not None else scale, scale, vt, vbar, vmaxb, ratio,
             v.stride(0), v.stride(1), v.stride(2), scale.stride(0), scale.stride(1), vt.stride(0), vt.stride(1),
             vt.stride(2), vbar.stride(0) if mean_blocks else 0, vbar.stride(1) if mean_blocks else 0,
             vbar.stride(2) if mean_blocks else 0, N, H)
     common = dict(BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET,
-                  HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, V_SLOT=slot, num_warps=launch.num_warps)
+                  HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, V_SLOT=slot, ROWS=rows,
+                  num_warps=launch.num_warps)
     _quant_v[(nb, B * H)](*args, mean_blocks, CHECK=check, **common)
     if check:
         # a few programs per head: on the rare overflow they share out its blocks

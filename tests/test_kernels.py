@@ -257,6 +257,32 @@ def test_v_scale_from_the_sample_and_its_overflow_check(pv_fp8):
         kv_stats(k, v, v_headroom=V_HEADROOM)
 
 
+@pytest.mark.parametrize("rows", [16, 64])
+def test_quant_v_row_steps_give_the_whole_blocks_results(rows):
+    """quant_v's rows per step (launch.block) is a speed setting: V's cast and the overflow check's
+    scale are the whole block's bit for bit, on both kernels (a head over the limit runs the fix);
+    the block means only sum in another order (one rounding step apart at most)."""
+    from sparge_attention.kernels.config import Launch
+
+    g = torch.Generator().manual_seed(rows)
+    B, H, N, D = 1, 2, 300, 48  # a partial last block
+    v = torch.randn(B, H, N, D, generator=g)
+    perm = torch.randperm(N, generator=g).to(torch.int32)
+    nb = num_blocks(N, BK)
+    outs = []
+    for step in (0, rows):
+        scale = (v.abs().amax(2) / FP8_MAX).clamp_min(1e-20)
+        scale[0, 1] /= 3  # head 1 overflows: the fix kernel quantizes it again
+        outs.append(quant_v(v, scale, BK, 64, True, perm=perm, mean_blocks=nb + 1, rescale_above=FP8_MAX,
+                            launch=Launch(block=step)) + (scale,))
+    (vt0, vbar0, s0), (vt1, vbar1, s1) = outs
+    assert torch.equal(s0, s1) and torch.equal(s1[0, 1], (v[0, 1].abs().amax(0) / FP8_MAX).clamp_min(1e-20))
+    assert torch.equal(vt0.float(), vt1.float())
+    torch.testing.assert_close(vbar1.float(), vbar0.float(), rtol=0.07, atol=1e-3)
+    with pytest.raises(ValueError, match="power of two"):
+        quant_v(v, s0, BK, 64, True, launch=Launch(block=48))
+
+
 def test_quant_v_fp8_rounding_near_powers_of_two():
     """The interpreter's own fp32->fp8 cast mis-rounds just below powers of two; the emulated
     rounding must agree with torch's round-to-nearest-even everywhere on the e4m3 range."""
