@@ -33,9 +33,10 @@ HD = 128  # the head dim the kernels run (the shapes' D, padded)
 def grids(quick: bool) -> dict:
     """kernel name -> the Launch shapes to try."""
     g = {
-        "quant_pool64": [Launch(num_warps=n) for n in (1, 2, 4, 8)],
-        "quant_pool128": [Launch(num_warps=n) for n in (2, 4, 8)],
-        # v34: token rows per step (0: the whole block; fewer keep the overflow check's max off the spill)
+        # v34: token rows per step (0: the whole block; fewer keep fewer values live per thread: a whole
+        # 128-row tile compiled to 253-255 registers for K, and spilled for V with its overflow check)
+        "quant_pool64": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 32, 16))],
+        "quant_pool128": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 64, 32, 16))],
         "quant_v": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 64, 32, 16))],
         "kv_stats": [Launch(num_warps=4, num_stages=s, block=b, programs=p)
                      for b, s, p in itertools.product((32, 64), (1, 2, 3), (1024, 2048))],

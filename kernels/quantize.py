@@ -25,18 +25,12 @@ def _token_rows(PERM, blk, N, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
-def _quant_pool_kernel(
-    X, ADDRS, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS, TOP,
-    sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n, spq_b, spq_h, sps_b, sps_h,
-    N, H, extra_scale, POOL_BLOCKS,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
-    SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
-    POOL_I8: tl.constexpr, WANT_TOP: tl.constexpr, X_SLOT: tl.constexpr,
-):
-    X = caller_ptr(X, ADDRS, X_SLOT)
-    blk = tl.program_id(0)
-    b, h = batch_head(tl.program_id(1), H)
-    offs_n, rows = _token_rows(PERM, blk, N, BLOCK, HAS_PERM)
+def _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, i, N, BLOCK: tl.constexpr,
+                     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, SUBTRACT_MEAN: tl.constexpr,
+                     HAS_PERM: tl.constexpr):
+    """Rows step i (ROWS tokens) of token block blk, in fp32, less the mean where SUBTRACT_MEAN
+    (zero on the padded rows); and their token offsets."""
+    offs_n, rows = _token_rows(PERM, blk * (BLOCK // ROWS) + i, N, ROWS, HAS_PERM)
     offs_d = tl.arange(0, HEAD_DIM)
     valid = offs_n < N
     dmask = offs_d < D_TRUE
@@ -45,17 +39,87 @@ def _quant_pool_kernel(
     if SUBTRACT_MEAN:
         mu = tl.load(MEAN + b * sm_b + h * sm_h + offs_d, mask=dmask, other=0.0)
         x = tl.where(valid[:, None], x - mu[None, :], 0.0)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-20)
-    xs = x * (127.0 / amax)
-    xq = round_half_away(xs)
+    return offs_n, x
+
+
+@triton.jit
+def _row_sums(x, psum, usum, SUM: tl.constexpr, UNIT_SUM: tl.constexpr):
+    """psum + the rows' sum (the pooled mean's), usum + the sum of the rows as unit vectors (the
+    self-similarity's), each where wanted."""
+    if SUM:
+        psum += tl.sum(x, 0)
+    if UNIT_SUM:
+        norm = tl.sqrt(tl.sum(x * x, 1))
+        unit = tl.where(norm[:, None] > 0, x / tl.maximum(norm, 1e-20)[:, None], 0.0)
+        usum += tl.sum(unit, 0)
+    return psum, usum
+
+
+@triton.jit
+def _round_rows(XQ, x, offs_n, amax, b, h, sq_b, sq_h, sq_n, i, best, top, ROWS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, WANT_TOP: tl.constexpr):
+    """Rows step i rounded to int8 at the block's scale and stored; (best, top) carry the largest
+    int8 norm so far and its row, the block's top key (the lse scores always read it): the
+    first on ties, as steps come in row order."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    xq = round_half_away(x * (127.0 / amax))
     # padded rows / columns are written as zeros so the attention kernel reads without masks
     tl.store(XQ + b * sq_b + h * sq_h + offs_n[:, None].to(tl.int64) * sq_n + offs_d[None, :], xq.to(tl.int8))
+    if WANT_TOP:
+        r = tl.sum(xq * xq, 1)
+        m = tl.max(r, 0)
+        top = tl.where(m > best, i * ROWS + tl.argmax(r, 0, tie_break_left=True), top)
+        best = tl.maximum(best, m)
+    return best, top
+
+
+@triton.jit
+def _quant_pool_kernel(
+    X, ADDRS, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS, TOP,
+    sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n, spq_b, spq_h, sps_b, sps_h,
+    N, H, extra_scale, POOL_BLOCKS,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
+    POOL_I8: tl.constexpr, WANT_TOP: tl.constexpr, X_SLOT: tl.constexpr, ROWS: tl.constexpr,
+):
+    """One token block, ROWS tokens a step. The first pass takes the block's largest |x| (the
+    int8 scale), its sums and unit-vector sums; the second rounds and stores the rows, read again
+    (from L2: 16-32 KB a block) where the block took more than one step. K's whole 128-row tile
+    (ROWS == BLOCK) held for both compiles to 253 registers, and spills with the self-similarity
+    and top keys (sm_90, 4 warps); at 32 rows 127, 168 with them, no spill."""
+    X = caller_ptr(X, ADDRS, X_SLOT)
+    blk = tl.program_id(0)
+    b, h = batch_head(tl.program_id(1), H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    psum = tl.zeros([HEAD_DIM], tl.float32)
+    usum = tl.zeros([HEAD_DIM], tl.float32)
+    top = 0
+    if ROWS == BLOCK:  # one step: the tile stays in registers, X read once
+        offs_n, x = _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, 0, N, BLOCK, ROWS,
+                                     HEAD_DIM, D_TRUE, SUBTRACT_MEAN, HAS_PERM)
+        amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-20)
+        _, top = _round_rows(XQ, x, offs_n, amax, b, h, sq_b, sq_h, sq_n, 0, -1.0, top, ROWS, HEAD_DIM, WANT_TOP)
+        psum, usum = _row_sums(x, psum, usum, WANT_POOL or POOL_I8, WANT_SIM)
+    else:
+        amax = 1e-20
+        for i in tl.static_range(BLOCK // ROWS):  # unrolled: every step's loads can be in flight
+            offs_n, x = _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, i, N, BLOCK, ROWS,
+                                         HEAD_DIM, D_TRUE, SUBTRACT_MEAN, HAS_PERM)
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), 1), 0))
+            psum, usum = _row_sums(x, psum, usum, WANT_POOL or POOL_I8, WANT_SIM)
+        best = -1.0
+        # a loop, not unrolled: so that the compiler does not keep the first pass's tiles for it
+        for i in tl.range(0, BLOCK // ROWS):
+            offs_n, x = _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, i, N, BLOCK, ROWS,
+                                         HEAD_DIM, D_TRUE, SUBTRACT_MEAN, HAS_PERM)
+            best, top = _round_rows(XQ, x, offs_n, amax, b, h, sq_b, sq_h, sq_n, i, best, top, ROWS, HEAD_DIM,
+                                    WANT_TOP)
     tl.store(SCALE + b * ss_b + h * ss_h + blk, amax / 127.0 * extra_scale)
-    if WANT_TOP:  # the block's largest-norm key (the lse scores always read it): first on ties
-        tl.store(TOP + b * ss_b + h * ss_h + blk, tl.argmax(tl.sum(xq * xq, 1), 0, tie_break_left=True))
+    if WANT_TOP:
+        tl.store(TOP + b * ss_b + h * ss_h + blk, top)
     if WANT_POOL or POOL_I8:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
-        pooled = tl.sum(x, 0) / cnt
+        pooled = psum / cnt
         if WANT_POOL:
             tl.store(POOL + b * sp_b + h * sp_h + blk * sp_n + offs_d, pooled)
         if POOL_I8:  # the mean in int8 with its own scale (fill_skipped's mean keys, int8 tensor cores)
@@ -65,10 +129,7 @@ def _quant_pool_kernel(
             tl.store(POOLS + b * sps_b + h * sps_h + blk, pamax / 127.0)
     if WANT_SIM:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
-        norm = tl.sqrt(tl.sum(x * x, 1))
-        unit = tl.where(norm[:, None] > 0, x / tl.maximum(norm, 1e-20)[:, None], 0.0)
-        s = tl.sum(unit, 0)
-        tl.store(SIM + b * ss_b + h * ss_h + blk, tl.sum(s * s, 0) / (cnt * cnt))
+        tl.store(SIM + b * ss_b + h * ss_h + blk, tl.sum(usum * usum, 0) / (cnt * cnt))
     if POOL_I8:
         # the zeros past the real blocks, spread over the programs (no fill launch of their own);
         # last, so that no tile stays live across the loop
@@ -191,6 +252,14 @@ def _check(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be contiguous in the head dimension")
 
 
+def _step_rows(launch: Launch, block: int) -> int:
+    """The token rows a quantizer program takes per step: launch.block, 0 for the whole block."""
+    rows = min(launch.block or block, block)
+    if block % rows or rows & (rows - 1):
+        raise ValueError(f"steps of {rows} rows must be a power of two dividing the block ({block})")
+    return rows
+
+
 def _check_perm(perm, n, device):
     if perm is None:
         return None
@@ -212,8 +281,9 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), zero past the nb real blocks.
     want_top: also returns, last, each block's position of its largest-norm token by the int8
     values (B,H,nb) int32, the first on ties (reference_predict.block_top_keys).
-    `launch`: the warps per program (speed only). addr (table, slot): x is read at the address
-    table[slot] holds instead (kernels/caller_addrs.py); x gives its type, shape and strides."""
+    `launch`: the warps per program and the token rows per step (launch.block, 0: the whole
+    block; speed only). addr (table, slot): x is read at the address table[slot] holds instead
+    (kernels/caller_addrs.py); x gives its type, shape and strides."""
     _check(x, "x")
     B, H, N, D = x.shape
     if head_dim < D or head_dim not in (16, 32, 64, 128, 256):
@@ -237,6 +307,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     pools = torch.empty(B, H, pool_i8_blocks, dtype=torch.float32, device=dev) if pool_i8 else scale
     top = torch.empty(B, H, nb, dtype=torch.int32, device=dev) if want_top else scale  # strides: scale's
     launch = launch or helper_launch(f"quant_pool{block}" if block in (64, 128) else "quant_pool64", dev)
+    rows = _step_rows(launch, block)
     addrs, slot = addr_args(addr, scale)
     _quant_pool[(nb, B * H)](
         x, addrs, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools, top,
@@ -247,7 +318,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         N, H, float(extra_scale), pool_i8_blocks,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
         WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, WANT_TOP=want_top, X_SLOT=slot,
-        num_warps=launch.num_warps,
+        ROWS=rows, num_warps=launch.num_warps,
     )
     out = (xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None)
     out = out + ((poolq, pools),) if pool_i8 else out
@@ -272,9 +343,7 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     B, H, N, D = v.shape
     nb = cdiv(N, block)
     launch = launch or helper_launch("quant_v", v.device)
-    rows = min(launch.block or block, block)
-    if block % rows or rows & (rows - 1):
-        raise ValueError(f"quant_v steps of {rows} rows must be a power of two dividing the block ({block})")
+    rows = _step_rows(launch, block)
     if scale.shape != (B, H, D) or scale.dtype != torch.float32:
         raise ValueError("v scale must be fp32 (B, H, D)")
     check = rescale_above is not None

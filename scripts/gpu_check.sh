@@ -38,9 +38,9 @@ unset PYTORCH_CUDA_ALLOC_CONF
 fi
 if part predict; then
 mkdir -p "$OUT/predict_tune" "$OUT/fill_cost" "$OUT/fill_cost_before"
-step "predict_tune (the helpers, and v31's comparison rows)"
+step "predict_tune (the helpers with v34's row steps, and v31's comparison rows)"
 (cd bench && OUT="$OUT/predict_tune" timeout 300 python3 predict_tune.py \
-  --kernels kv_stats,kv_stats_fullv,quant_v,quant_v_unchecked,quant_pool128,quant_pool128_sim,block_lse,block_lse_stride2,block_lse_stride2_guard 2>&1 \
+  --kernels quant_pool64,quant_pool128,quant_v,quant_v_unchecked,kv_stats,quant_pool128_sim,block_lse,block_lse_stride2,block_lse_stride2_guard 2>&1 \
   | tail -30) | tee -a "$L"
 if [ -n "${1:-}" ]; then
   step "fill_cost in $1"

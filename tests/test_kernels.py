@@ -257,30 +257,49 @@ def test_v_scale_from_the_sample_and_its_overflow_check(pv_fp8):
         kv_stats(k, v, v_headroom=V_HEADROOM)
 
 
-@pytest.mark.parametrize("rows", [16, 64])
-def test_quant_v_row_steps_give_the_whole_blocks_results(rows):
-    """quant_v's rows per step (launch.block) is a speed setting: V's cast and the overflow check's
-    scale are the whole block's bit for bit, on both kernels (a head over the limit runs the fix);
-    the block means only sum in another order (one rounding step apart at most)."""
+@pytest.mark.parametrize("rows", [16, 32, 64])
+def test_quantizer_row_steps_give_the_whole_blocks_results(rows):
+    """The quantizers' rows per step (launch.block) is a speed setting: the int8 and fp8 values,
+    scales, top keys and V's overflow-checked scale are the whole block's bit for bit (a V head
+    over the limit runs the fix kernel); sums (means, self-similarity) only add in another order."""
     from sparge_attention.kernels.config import Launch
 
     g = torch.Generator().manual_seed(rows)
     B, H, N, D = 1, 2, 300, 48  # a partial last block
-    v = torch.randn(B, H, N, D, generator=g)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
     perm = torch.randperm(N, generator=g).to(torch.int32)
+    p = perm.long()
+    k[:, :, p[5]] = k[:, :, p[100]] = 9.0  # block 0's top key tied between rows 5 and 100: the first wins
     nb = num_blocks(N, BK)
+    kmean = k.mean(2)
     outs = []
     for step in (0, rows):
         scale = (v.abs().amax(2) / FP8_MAX).clamp_min(1e-20)
         scale[0, 1] /= 3  # head 1 overflows: the fix kernel quantizes it again
-        outs.append(quant_v(v, scale, BK, 64, True, perm=perm, mean_blocks=nb + 1, rescale_above=FP8_MAX,
-                            launch=Launch(block=step)) + (scale,))
-    (vt0, vbar0, s0), (vt1, vbar1, s1) = outs
-    assert torch.equal(s0, s1) and torch.equal(s1[0, 1], (v[0, 1].abs().amax(0) / FP8_MAX).clamp_min(1e-20))
-    assert torch.equal(vt0.float(), vt1.float())
-    torch.testing.assert_close(vbar1.float(), vbar0.float(), rtol=0.07, atol=1e-3)
-    with pytest.raises(ValueError, match="power of two"):
-        quant_v(v, s0, BK, 64, True, launch=Launch(block=48))
+        L = Launch(block=step)
+        outs.append(dict(
+            v=quant_v(v, scale, BK, 64, True, perm=perm, mean_blocks=nb + 1, rescale_above=FP8_MAX, launch=L),
+            vscale=scale,
+            q=quant_pool(q, BQ, 64, extra_scale=0.3, want_pool=True, want_sim=False, perm=perm, launch=L),
+            k=quant_pool(k, BK, 64, mean=kmean, want_pool=False, want_sim=True, perm=perm, pool_i8_blocks=nb + 2,
+                         want_top=True, launch=L)))
+    a, b = outs
+    assert torch.equal(a["vscale"], b["vscale"])
+    assert torch.equal(b["vscale"][0, 1], (v[0, 1].abs().amax(0) / FP8_MAX).clamp_min(1e-20))
+    assert torch.equal(a["v"][0].float(), b["v"][0].float())
+    torch.testing.assert_close(b["v"][1].float(), a["v"][1].float(), rtol=0.07, atol=1e-3)
+    for name in ("q", "k"):  # int8 values and scales exact
+        assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1]), name
+    torch.testing.assert_close(b["q"][2], a["q"][2], rtol=1e-5, atol=1e-6)  # pooled means
+    torch.testing.assert_close(b["k"][3], a["k"][3], rtol=1e-5, atol=1e-6)  # self-similarity
+    assert torch.equal(b["k"][5], a["k"][5]) and (b["k"][5][:, :, 0] == 5).all()  # top keys
+    (pq_a, ps_a), (pq_b, ps_b) = a["k"][4], b["k"][4]  # int8 means: one rounding step at most
+    assert (pq_a.int() - pq_b.int()).abs().max() <= 1
+    torch.testing.assert_close(ps_b, ps_a, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="power of two dividing"):
+        quant_v(v, a["vscale"], BK, 64, True, launch=Launch(block=48))
+    with pytest.raises(ValueError, match="power of two dividing"):
+        quant_pool(q, BQ, 64, launch=Launch(block=24))
 
 
 def test_quant_v_fp8_rounding_near_powers_of_two():
