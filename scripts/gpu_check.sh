@@ -7,7 +7,8 @@
 # prediction is timed in the same run (bench/fill_cost.py in each tree), for a same-run ratio.
 # VARIANT_TREE: a copy of this tree with one setting changed (e.g. reference_predict.LSE_KEY_STRIDE
 # = 2, the guarded lse scores from half the keys): fill_cost and realistic_bench run there too.
-# PARTS (default "tests,predict,quality,variant") picks the parts: all of them take more than one
+# PARTS (default "tests,predict,kernel,quality,variant") picks the parts (kernel: the attention
+# kernel's variants at given masks, bench/kernel_variants.py): all of them take more than one
 # device call (10 min), so split them, e.g. PARTS=tests,predict then PARTS=quality,variant.
 # ("bench" is predict + quality.) Each step's log line says when it started (seconds).
 # The node tests need a ComfyUI tree in .comfyui/ComfyUI (carry it to the device).
@@ -16,7 +17,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$(mktemp -d)}"
 L="$OUT/log.txt"
 cd "$REPO"
-PARTS="${PARTS:-tests,predict,quality,variant}"
+PARTS="${PARTS:-tests,predict,kernel,quality,variant}"
 PARTS="${PARTS//bench/predict,quality}"
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
 step() { echo "== $* (at ${SECONDS}s)" | tee -a "$L"; }
@@ -48,6 +49,12 @@ if [ -n "${1:-}" ]; then
 fi
 step "fill_cost"
 (cd bench && OUT="$OUT/fill_cost" timeout 150 python3 fill_cost.py 2>&1 | tail -16) | tee -a "$L"
+fi
+if part kernel; then
+  mkdir -p "$OUT/kernel_variants"
+  step "kernel_variants (v34: half the exponentials on the FMA units)"
+  (cd bench && OUT="$OUT/kernel_variants" timeout 200 python3 kernel_variants.py --variants hopper,hopper_fma 2>&1 \
+    | tail -30) | tee -a "$L"
 fi
 if part quality; then
 mkdir -p "$OUT/fill_check" "$OUT/realistic"
