@@ -1,4 +1,13 @@
-"""fp8 e4m3 rounding for the Triton interpreter.
+"""fp8 P.V operands: the order of V's keys in fp8, and e4m3 rounding for the Triton interpreter.
+
+V^T in fp8 stores each 32-key group of a block in the order of the fp8 MMA's A operand (P):
+the softmax tile P comes out of the Q.K^T MMA with each thread holding columns 2t, 2t+1 of
+every 8, while an fp8 A operand wants k = 4t..4t+3 and 16+4t..16+4t+3 of every 32 (t = lane %
+4; wgmma on sm_90 and mma.sync on sm_89 alike). Keys in that order make the reorder of P a
+relabelling within each thread (attn_fwd._p_operand_order) instead of shuffles between lanes
+and byte permutes (sm_90: 51 of the loop's 634 instructions per key block). Position a
+(5 bits h i1 q1 q0 i0 within its group) is stored at column h q1 q0 i1 i0. fp16 V^T keeps the
+keys' order: its A operand already matches the tile (k = 2t, 2t+1 of every 8).
 
 The CPU interpreter's fp32 -> fp8 cast mis-rounds values just below a power of two (125.9
 became 64 in Triton 3.8). Under TRITON_INTERPRET we round to the e4m3 grid ourselves (round
@@ -6,6 +15,7 @@ half to even, like the GPU's cvt) so the cast that follows is exact. Compiled ke
 use this path."""
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -36,3 +46,16 @@ def to_pv_dtype(x, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
     else:
         y = x.to(tl.float16)
     return y
+
+
+@triton.jit
+def fp8_v_column(pos):
+    """The column of fp8 V^T that holds key position pos (see the module's docstring)."""
+    return (pos & ~31) | (pos & 16) | (((pos >> 1) & 3) << 2) | (((pos >> 3) & 1) << 1) | (pos & 1)
+
+
+def fp8_v_columns(n: int, device=None) -> torch.Tensor:
+    """fp8_v_column for positions 0..n-1 (n a multiple of 32), as int64 on the host: column
+    fp8_v_columns(n)[a] of an fp8 V^T from kernels.quantize.quant_v holds key a."""
+    pos = torch.arange(n, device=device)
+    return (pos & ~31) | (pos & 16) | (((pos >> 1) & 3) << 2) | (((pos >> 3) & 1) << 1) | (pos & 1)

@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .caller_addrs import addr_args, caller_ptr
 from .config import Launch, helper_launch
-from .fp8 import INTERPRET, to_pv_dtype
+from .fp8 import INTERPRET, fp8_v_column, to_pv_dtype
 from .host_math import cdiv
 from .launch import Kernel
 from .numerics import batch_head, round_half_away
@@ -165,7 +165,8 @@ def _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h
             ysum += tl.sum(y, 0)
         cmax = tl.maximum(cmax, tl.max(tl.abs(x), 0))
         y = to_pv_dtype(y, PV_FP8, EMULATE_FP8)
-        tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + offs_n[:, None], y)
+        cols = fp8_v_column(offs_n) if PV_FP8 else offs_n  # fp8: the MMA operand's order (kernels/fp8.py)
+        tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + cols[:, None], y)
     if WANT_MEAN:  # the block's mean value (fill_skipped), stored like V itself: transposed, fp8 or fp16
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
         ybar = to_pv_dtype(ysum / cnt, PV_FP8, EMULATE_FP8)
@@ -328,7 +329,9 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
 def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_fp8: bool,
             perm: torch.Tensor | None = None, mean_blocks: int = 0, launch: Launch | None = None,
             addr: tuple | None = None, rescale_above: float | None = None):
-    """v (B,H,N,D) / scale (B,H,D) -> transposed (B,H,head_dim,nb*block) fp8 e4m3 or fp16, zero padded.
+    """v (B,H,N,D) / scale (B,H,D) -> transposed (B,H,head_dim,nb*block) fp8 e4m3 or fp16, zero padded;
+    fp8 with each 32-key group in the P.V MMA's operand order (kernels/fp8.py: column
+    fp8_v_columns(n)[a] holds key a).
     mean_blocks > 0: also returns each block's mean of v / scale, transposed and in V's type
     (B,H,head_dim,mean_blocks), zero beyond the nb real blocks (mean_blocks >= nb).
     rescale_above (a format's largest value): a head where some |v| / scale exceeds it is
