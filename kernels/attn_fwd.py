@@ -120,8 +120,8 @@ def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, kbs_base, vbar_base, bia
                   HEAD_DIM: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
     """Every key block with a finite bias joins the softmax as one key: its mean key (int8, one
     scale per mean: scores q . kbar + bias in log2 units) and its mean value (stored like V:
-    transposed, fp8 or fp16), FILL_BLOCK means per step, on the same tensor-core paths as the
-    main loop."""
+    transposed, fp8 in the operand's order or fp16), FILL_BLOCK means per step, on the same
+    tensor-core paths as the main loop."""
     offs_c = tl.arange(0, FILL_BLOCK)
     for c0 in range(0, NKC, FILL_BLOCK):
         # all-kept steps (every bias -inf) are computed too: testing for them measured slower (v18)
@@ -135,7 +135,10 @@ def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, kbs_base, vbar_base, bia
         p = tl.math.exp2(t - (m_use - P_LOG2)[:, None])  # pre-scaled like the main loop's P
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = tl.load(vbar_base + offs_d[None, :] * NKC + (c0 + offs_c)[:, None])  # (FILL_BLOCK, HEAD_DIM)
-        acc = acc * alpha[:, None] + tl.dot(to_pv_dtype(p, PV_FP8, EMULATE_FP8), vb)
+        p = to_pv_dtype(p, PV_FP8, EMULATE_FP8)
+        if PV_FP8:
+            p = _p_operand_order(p)
+        acc = acc * alpha[:, None] + tl.dot(p, vb)
         m_i = m_new
     return acc, l_i, m_i
 

@@ -7,7 +7,9 @@ every 8, while an fp8 A operand wants k = 4t..4t+3 and 16+4t..16+4t+3 of every 3
 relabelling within each thread (attn_fwd._p_operand_order) instead of shuffles between lanes
 and byte permutes (sm_90: 51 of the loop's 634 instructions per key block). Position a
 (5 bits h i1 q1 q0 i0 within its group) is stored at column h q1 q0 i1 i0. fp16 V^T keeps the
-keys' order: its A operand already matches the tile (k = 2t, 2t+1 of every 8).
+keys' order: its A operand already matches the tile (k = 2t, 2t+1 of every 8). The block
+means of fp8 V (fill_skipped's mean values, one per key block) are stored the same way over
+the blocks, for the fill pass's P (sm_90: its loop 475 -> 450 instructions).
 
 The CPU interpreter's fp32 -> fp8 cast mis-rounds values just below a power of two (125.9
 became 64 in Triton 3.8). Under TRITON_INTERPRET we round to the e4m3 grid ourselves (round

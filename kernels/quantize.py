@@ -167,10 +167,12 @@ def _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h
         y = to_pv_dtype(y, PV_FP8, EMULATE_FP8)
         cols = fp8_v_column(offs_n) if PV_FP8 else offs_n  # fp8: the MMA operand's order (kernels/fp8.py)
         tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + cols[:, None], y)
-    if WANT_MEAN:  # the block's mean value (fill_skipped), stored like V itself: transposed, fp8 or fp16
+    if WANT_MEAN:  # the block's mean value (fill_skipped), stored like V itself: transposed, fp8 (in the
+        # operand's order, over the mean blocks) or fp16
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
         ybar = to_pv_dtype(ysum / cnt, PV_FP8, EMULATE_FP8)
-        tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + blk, ybar)
+        col = fp8_v_column(blk) if PV_FP8 else blk
+        tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + col, ybar)
     return cmax
 
 
@@ -197,7 +199,8 @@ def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv_h, 
         tl.store(VMAXB + (bh * nb + blk).to(tl.int64) * HEAD_DIM + offs_d, cmax)
     if WANT_MEAN:  # the zero columns past the real blocks (last: no tile stays live across the loop)
         for pb in range(nb + blk, MEAN_BLOCKS, nb):
-            tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + pb,
+            col = fp8_v_column(pb) if PV_FP8 else pb
+            tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + col,
                      tl.zeros([HEAD_DIM], VBAR.dtype.element_ty))
 
 
@@ -333,7 +336,8 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     fp8 with each 32-key group in the P.V MMA's operand order (kernels/fp8.py: column
     fp8_v_columns(n)[a] holds key a).
     mean_blocks > 0: also returns each block's mean of v / scale, transposed and in V's type
-    (B,H,head_dim,mean_blocks), zero beyond the nb real blocks (mean_blocks >= nb).
+    (B,H,head_dim,mean_blocks), zero beyond the nb real blocks (mean_blocks >= nb; for fp8 a
+    multiple of 32, its columns in the same operand order over the blocks).
     rescale_above (a format's largest value): a head where some |v| / scale exceeds it is
     quantized again at max |v| / rescale_above per channel over all of its tokens (floored at
     1e-20), and that scale is written into `scale` in place (contiguous fp32, so the caller's
@@ -357,6 +361,8 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
     perm = _check_perm(perm, N, v.device)
     if mean_blocks and mean_blocks < nb:
         raise ValueError(f"mean_blocks {mean_blocks} < {nb} blocks")
+    if mean_blocks % 32 and pv_fp8:
+        raise ValueError(f"mean_blocks {mean_blocks}: fp8 means are stored in 32-block groups (kernels/fp8.py)")
     # the kernel writes the zero columns past the nb real blocks itself
     vbar = torch.empty(B, H, head_dim, mean_blocks, dtype=vt.dtype, device=v.device) if mean_blocks else vt
     # the overflow check's per-block partials: the largest |v| / scale, and max |v| per channel

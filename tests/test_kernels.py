@@ -182,8 +182,8 @@ def test_quant_pool_rejects_bad_input():
 
 # ----------------------------------------------------------------------------- quant_v
 def in_key_order(vt):
-    """quant_v's V^T with its columns in key order: fp8 stores each 32-key group in the P.V
-    operand's order (kernels/fp8.py)."""
+    """quant_v's V^T (or block means) with its columns in key (block) order: fp8 stores each
+    group of 32 in the P.V operand's order (kernels/fp8.py)."""
     return vt[..., fp8_v_columns(vt.shape[-1])] if vt.dtype == torch.float8_e4m3fn else vt
 
 
@@ -213,8 +213,9 @@ def test_quant_v_matches_reference(pv_fp8, D, hd, dtype, garbage_empty):
     assert torch.equal(got, ref), f"{(got != ref).sum().item()} values differ"
     assert (in_key_order(vt).float()[:, :, :, N:] == 0).all() and (vt.float()[:, :, D:] == 0).all()
     # the block means of v / scale for fill_skipped: transposed and typed like V, zero-padded
-    vt2, vbar = quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=4 * nb + 1)  # padding longer than the real blocks
-    assert torch.equal(vt2.float(), vt.float()) and vbar.shape == (2, 2, hd, 4 * nb + 1) and vbar.dtype == vt.dtype
+    vt2, vbar = quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=64)  # padding longer than the real blocks
+    assert torch.equal(vt2.float(), vt.float()) and vbar.shape == (2, 2, hd, 64) and vbar.dtype == vt.dtype
+    vbar = in_key_order(vbar)  # fp8: in the operand's order over the mean blocks too
     from sparge_attention.sparge_core.reference_predict import block_means
     _, want_vbar = block_means(v, v, BK, "fp8" if pv_fp8 else "fp16")
     got_vbar = vbar.float()[:, :, :D, :nb].transpose(-1, -2)
@@ -224,6 +225,11 @@ def test_quant_v_matches_reference(pv_fp8, D, hd, dtype, garbage_empty):
     assert (vbar.float()[..., nb:] == 0).all() and (vbar.float()[:, :, D:] == 0).all()
     with pytest.raises(ValueError):
         quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=nb - 1)
+    if pv_fp8:
+        with pytest.raises(ValueError, match="32-block groups"):
+            quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=4 * nb + 1)
+    else:  # fp16 keeps the blocks' order: any length
+        assert quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=4 * nb + 1)[1].shape[-1] == 4 * nb + 1
 
 
 @pytest.mark.parametrize("pv_fp8", [True, False])
@@ -250,7 +256,8 @@ def test_v_scale_from_the_sample_and_its_overflow_check(pv_fp8):
     sampled = (vp[:, :, sampled_rows(N)].abs().amax(2) * V_HEADROOM / FP8_MAX).clamp_min(1e-20)
     assert torch.equal(scale, sampled)
     nb = num_blocks(N, BK)
-    vt, vbar = quant_v(v, scale, BK, 128, pv_fp8, perm=perm, mean_blocks=nb + 3, rescale_above=FP8_MAX)
+    vt, vbar = quant_v(v, scale, BK, 128, pv_fp8, perm=perm, mean_blocks=32, rescale_above=FP8_MAX)
+    vbar = in_key_order(vbar)
     want = value_scale(vp)
     assert torch.equal(scale, want)  # written in place: head 1 exact, heads 0 and 2 the sample's
     assert torch.equal(want[0, 1], (vp[0, 1].abs().amax(0) / FP8_MAX).clamp_min(1e-20))
@@ -295,7 +302,7 @@ def test_quantizer_row_steps_give_the_whole_blocks_results(rows):
         scale[0, 1] /= 3  # head 1 overflows: the fix kernel quantizes it again
         L = Launch(block=step)
         outs.append(dict(
-            v=quant_v(v, scale, BK, 64, True, perm=perm, mean_blocks=nb + 1, rescale_above=FP8_MAX, launch=L),
+            v=quant_v(v, scale, BK, 64, True, perm=perm, mean_blocks=32, rescale_above=FP8_MAX, launch=L),
             vscale=scale,
             q=quant_pool(q, BQ, 64, extra_scale=0.3, want_pool=True, want_sim=False, perm=perm, launch=L),
             k=quant_pool(k, BK, 64, mean=kmean, want_pool=False, want_sim=True, perm=perm, pool_i8_blocks=nb + 2,
