@@ -51,10 +51,15 @@ step "fill_cost"
 (cd bench && OUT="$OUT/fill_cost" timeout 150 python3 fill_cost.py 2>&1 | tail -16) | tee -a "$L"
 fi
 if part kernel; then
-  mkdir -p "$OUT/kernel_variants"
-  step "kernel_variants (v34: half the exponentials on the FMA units)"
+  mkdir -p "$OUT/kernel_variants" "$OUT/kernel_variants_before"
+  step "kernel_variants (v34: fp8 V in the MMA operand's order; half the exponentials on the FMA units)"
   (cd bench && OUT="$OUT/kernel_variants" timeout 200 python3 kernel_variants.py --variants hopper,hopper_fma 2>&1 \
     | tail -30) | tee -a "$L"
+  if [ -n "${1:-}" ]; then
+    step "kernel_variants in $1 (the kernel before v34)"
+    (cd "$1/bench" && OUT="$OUT/kernel_variants_before" timeout 200 python3 kernel_variants.py --variants hopper 2>&1 \
+      | tail -16) | tee -a "$L"
+  fi
 fi
 if part quality; then
 mkdir -p "$OUT/fill_check" "$OUT/realistic"
