@@ -116,14 +116,16 @@ def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, of
 
 
 @triton.jit
-def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, kbs_base, vbar_base, bias_base, NKC, offs_d,
+def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, kbs_base, vbar_base, bias_base, NKC, n_kb, offs_d,
                   HEAD_DIM: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
     """Every key block with a finite bias joins the softmax as one key: its mean key (int8, one
     scale per mean: scores q . kbar + bias in log2 units) and its mean value (stored like V:
     transposed, fp8 in the operand's order or fp16), FILL_BLOCK means per step, on the same
-    tensor-core paths as the main loop."""
+    tensor-core paths as the main loop. Only the steps that hold some of the n_kb key blocks run:
+    the means are padded to NKC columns (FILL_PAD), and a step of padding alone (biases -inf)
+    would add exactly nothing (HunyuanVideo 544p: 528 blocks, 10 steps -> 9)."""
     offs_c = tl.arange(0, FILL_BLOCK)
-    for c0 in range(0, NKC, FILL_BLOCK):
+    for c0 in range(0, tl.cdiv(n_kb, FILL_BLOCK) * FILL_BLOCK, FILL_BLOCK):
         # all-kept steps (every bias -inf) are computed too: testing for them measured slower (v18)
         bias = tl.load(bias_base + c0 + offs_c)
         kb = tl.load(kbar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK)
@@ -223,8 +225,8 @@ def _sparse_attn_fwd(
     if FILL:
         acc, l_i, m_i = _fill_skipped(acc, l_i, m_i, q, q_scale, KBAR + b * skb_b + hk * skb_h,
                                       KBS + b * sks2_b + hk * sks2_h, VBAR + b * svb_b + hk * svb_h,
-                                      BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC, offs_d, HEAD_DIM,
-                                      P_LOG2, PV_FP8, EMULATE_FP8)
+                                      BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC, tl.cdiv(N_K, BLOCK_N), offs_d,
+                                      HEAD_DIM, P_LOG2, PV_FP8, EMULATE_FP8)
 
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -266,7 +268,8 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     out_perm (int32 (n_q,)): query row i is written to output row out_perm[i].
     fill (fill_skipped): (kbar, kbar_scale, vbar_t, bias): int8 mean keys (B,Hkv,NKC,head_dim) with
     one fp32 scale each (B,Hkv,NKC), mean values transposed like v_t (B,Hkv,head_dim,NKC) and in its
-    dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of FILL_BLOCK (FILL_PAD is); -inf biases add nothing.
+    dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of FILL_BLOCK (FILL_PAD is); -inf biases add nothing,
+    and the columns past the key blocks are not read.
     lse_inputs (q, k_mean, scale): the un-quantized q (B,H,n_q,d_out) in output row order (the
     caller's order when out_perm is also the permutation q was quantized through), the mean key
     (B,Hkv,d_out) fp32 that K was smoothed by (zeros if it was not) and the softmax scale. The kernel

@@ -448,6 +448,29 @@ def test_triton_fill_skipped_matches_reference(causal, Hkv, D, n, pv):
     assert rel_l1(out, out0) > 0.02  # the estimate changed the output (not vacuous)
 
 
+def test_fill_pass_reads_only_the_key_blocks_columns():
+    """The means are padded to FILL_PAD columns; the fill pass runs only the steps that hold key
+    blocks (3 here, of 128 columns: one step of 64), so what the padding holds cannot matter."""
+    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+    from sparge_attention.sparge_core.triton_call import prepare_sparse
+
+    q, k, v = clustered(1, 2, 300, 64, seed=4, dtype=torch.bfloat16)
+    params = SpargeParams(simthreshd1=-1.0, minshare=2.0, pvthreshd=INF, scoring="lse", fill_skipped=True)
+    P = prepare_sparse(q, k, v, params, 64 ** -0.5)
+    bm = P["block_mask"]
+    kbar, kbs, vbar, bias = P["fill"]
+    assert bias.shape[-1] == 128 and num_blocks(300, BK) == 3 and torch.isinf(bias[..., 3:]).all()
+    junk = (kbar.clone(), kbs.clone(), vbar.clone(), bias.clone())
+    junk[0][:, :, 64:] = 100
+    junk[1][:, :, 64:] = 1.0
+    junk[2][..., 64:] = 64.0
+    junk[3][..., 64:] = 50.0  # a finite bias, far above the rest, in the padding's step
+    outs = [sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], bm.kv_num_blocks,
+                            bm.kv_indices, torch.full((2,), INF), 300, 300, 64, q.dtype, False, False,
+                            P["cfg"], fill=f)[0] for f in (P["fill"], junk)]
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_forward_fp16_pv(causal):
     q, k, v = clustered(1, 2, 300, 64, seed=3, dtype=torch.float16)
