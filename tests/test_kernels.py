@@ -281,7 +281,7 @@ def test_v_scale_from_the_sample_and_its_overflow_check(pv_fp8):
         kv_stats(k, v, v_headroom=V_HEADROOM)
 
 
-@pytest.mark.parametrize("rows", [16, 32, 64])
+@pytest.mark.parametrize("rows", [16, 64])  # 32, the default for V, runs in every other test
 def test_quantizer_row_steps_give_the_whole_blocks_results(rows):
     """The quantizers' rows per step (launch.block) is a speed setting: the int8 and fp8 values,
     scales, top keys and V's overflow-checked scale are the whole block's bit for bit (a V head
