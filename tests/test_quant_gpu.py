@@ -20,8 +20,8 @@ pytestmark = compiled_kernels_mark()
 
 def test_v_scale_and_overflow_fix_match_the_reference():
     from sparge_attention.kernels.config import default_config
-    from sparge_attention.kernels.kv_stats import kv_stats
     from sparge_attention.kernels.fp8 import fp8_v_columns
+    from sparge_attention.kernels.kv_stats import kv_stats
     from sparge_attention.kernels.quantize import quant_v
     from sparge_attention.sparge_core.reference_quant import (
         FP8_MAX,
