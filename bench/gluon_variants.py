@@ -26,7 +26,7 @@ from devkit.metrics import rel_l1
 from gpu_check import prepare
 from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
 from sparge_attention.kernels.config import KernelConfig
-from sparge_attention.kernels.fp8 import fp8_v_columns
+from sparge_attention.kernels.fp8 import v_in_key_order
 from sparge_attention.sparge_core import SpargeBlockMask
 
 import gluon_attn
@@ -47,7 +47,7 @@ def gluon_fn(prep, bmask, N, D, name):
     qi, ki, vt, qs, ks, vs = prep
     # the prototypes multiply P in the tile's column order: V^T back in key order (production's
     # fp8 V^T holds each 32-key group in the MMA operand's order since v34, kernels/fp8.py)
-    vt = vt[..., fp8_v_columns(vt.shape[-1], vt.device)].contiguous()
+    vt = v_in_key_order(vt).contiguous()
     return lambda: gluon_attn.gluon_sparse_attn_fwd(qi, ki, vt, qs, ks, vs, bmask.kv_num_blocks, bmask.kv_indices,
                                                     N, N, D, torch.bfloat16, **gluon_attn.VARIANTS[name])
 

@@ -56,14 +56,18 @@ def _exp2_tile(x, EXP2_FMA: tl.constexpr):
 
 
 @triton.jit
-def _p_operand_order(p):
-    """P's columns in fp8 V^T's key order: column k = (h q1 q0 i1 i0) of each 32 takes P's column
-    (h i1 q1 q0 i0) (kernels/fp8.py). In the MMA layouts each thread already holds those values,
-    so this is a relabelling of its registers: on sm_90 the loop's shuffles 24 -> 8 (the row
-    reductions'), byte permutes and selects 32 -> 0, instructions 634 -> 583 per key block."""
-    BM: tl.constexpr = p.shape[0]
-    BN: tl.constexpr = p.shape[1]
-    return tl.reshape(tl.permute(tl.reshape(p, [BM, BN // 32, 2, 2, 4, 2]), [0, 1, 2, 4, 3, 5]), [BM, BN])
+def _p_operand(p, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """P as the P.V operand: in V's type, and in fp8 with its columns in fp8 V^T's key order
+    (kernels/fp8.py): column k = (h q1 q0 i1 i0) of each 32 takes P's column (h i1 q1 q0 i0). In
+    the MMA layouts each thread already holds those values, so this is a relabelling of its
+    registers: on sm_90 the loop's shuffles 24 -> 8 (the row reductions'), byte permutes and
+    selects 32 -> 0, instructions 634 -> 583 per key block."""
+    p = to_pv_dtype(p, PV_FP8, EMULATE_FP8)
+    if PV_FP8:
+        BM: tl.constexpr = p.shape[0]
+        BN: tl.constexpr = p.shape[1]
+        p = tl.reshape(tl.permute(tl.reshape(p, [BM, BN // 32, 2, 2, 4, 2]), [0, 1, 2, 4, 3, 5]), [BM, BN])
+    return p
 
 
 @triton.jit
@@ -105,10 +109,7 @@ def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, of
         # P.V into a fresh accumulator, added to acc on the FP32 units: Hopper's fp8 MMA keeps
         # only ~22-bit sums, so accumulating every block inside the MMA drifts (measured rel-L1
         # 0.008 -> 0.052 on the realistic benchmark; SageAttention2's two-level accumulation)
-        p = to_pv_dtype(p, PV_FP8, EMULATE_FP8)
-        if PV_FP8:  # fp8 V^T holds its keys in the operand's order (kernels/fp8.py)
-            p = _p_operand_order(p)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + tl.dot(_p_operand(p, PV_FP8, EMULATE_FP8), v)
         m_i = m_new
     else:
         n_skip += 1
@@ -137,10 +138,7 @@ def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, kbs_base, vbar_base, bia
         p = tl.math.exp2(t - (m_use - P_LOG2)[:, None])  # pre-scaled like the main loop's P
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = tl.load(vbar_base + offs_d[None, :] * NKC + (c0 + offs_c)[:, None])  # (FILL_BLOCK, HEAD_DIM)
-        p = to_pv_dtype(p, PV_FP8, EMULATE_FP8)
-        if PV_FP8:
-            p = _p_operand_order(p)
-        acc = acc * alpha[:, None] + tl.dot(p, vb)
+        acc = acc * alpha[:, None] + tl.dot(_p_operand(p, PV_FP8, EMULATE_FP8), vb)
         m_i = m_new
     return acc, l_i, m_i
 

@@ -74,7 +74,7 @@ _HELPERS = {
     "quant_pool64": Launch(),
     "quant_pool128": Launch(),
     # V's cast 32 token rows a step: a whole 128-row tile with the overflow check's max compiled to
-    # 255 registers and spilled (sm_80/89/90/120, 4 warps; 153-168 and no spill at 32 rows,
+    # 255 registers and spilled (sm_80/89/90/120, 4 warps; 159-168 and no spill at 32 rows,
     # devkit/cross_compile)
     "quant_v": Launch(block=32),
     "kv_stats": Launch(num_stages=1, block=32),

@@ -4,7 +4,7 @@ V^T in fp8 stores each 32-key group of a block in the order of the fp8 MMA's A o
 the softmax tile P comes out of the Q.K^T MMA with each thread holding columns 2t, 2t+1 of
 every 8, while an fp8 A operand wants k = 4t..4t+3 and 16+4t..16+4t+3 of every 32 (t = lane %
 4; wgmma on sm_90 and mma.sync on sm_89 alike). Keys in that order make the reorder of P a
-relabelling within each thread (attn_fwd._p_operand_order) instead of shuffles between lanes
+relabelling within each thread (attn_fwd._p_operand) instead of shuffles between lanes
 and byte permutes (sm_90: 51 of the loop's 634 instructions per key block). Position a
 (5 bits h i1 q1 q0 i0 within its group) is stored at column h q1 q0 i1 i0. fp16 V^T keeps the
 keys' order: its A operand already matches the tile (k = 2t, 2t+1 of every 8). The block
@@ -51,13 +51,28 @@ def to_pv_dtype(x, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
 
 
 @triton.jit
-def fp8_v_column(pos):
-    """The column of fp8 V^T that holds key position pos (see the module's docstring)."""
-    return (pos & ~31) | (pos & 16) | (((pos >> 1) & 3) << 2) | (((pos >> 3) & 1) << 1) | (pos & 1)
+def v_column(pos, PV_FP8: tl.constexpr):
+    """The column of quant_v's V^T (or of its block means) that holds key (block) position pos:
+    in fp8 the operand's order (see the module's docstring), in fp16 pos itself."""
+    if PV_FP8:
+        pos = (pos & ~31) | (pos & 16) | (((pos >> 1) & 3) << 2) | (((pos >> 3) & 1) << 1) | (pos & 1)
+    return pos
+
+
+@triton.jit
+def v_key(col, PV_FP8: tl.constexpr):
+    """The inverse of v_column: the key (block) position that column col holds."""
+    if PV_FP8:
+        col = (col & ~31) | (col & 16) | (((col >> 1) & 1) << 3) | (((col >> 2) & 3) << 1) | (col & 1)
+    return col
 
 
 def fp8_v_columns(n: int, device=None) -> torch.Tensor:
-    """fp8_v_column for positions 0..n-1 (n a multiple of 32), as int64 on the host: column
-    fp8_v_columns(n)[a] of an fp8 V^T from kernels.quantize.quant_v holds key a."""
-    pos = torch.arange(n, device=device)
-    return (pos & ~31) | (pos & 16) | (((pos >> 1) & 3) << 2) | (((pos >> 3) & 1) << 1) | (pos & 1)
+    """v_column of fp8 for positions 0..n-1 (n a multiple of 32), on the host (the same function
+    on a torch index): column fp8_v_columns(n)[a] of an fp8 V^T from quant_v holds key a."""
+    return v_column.fn(torch.arange(n, device=device), True)
+
+
+def v_in_key_order(vt: torch.Tensor) -> torch.Tensor:
+    """quant_v's V^T, or its block means, with the columns in key (block) order."""
+    return vt[..., fp8_v_columns(vt.shape[-1], vt.device)] if vt.dtype == torch.float8_e4m3fn else vt

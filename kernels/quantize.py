@@ -7,21 +7,25 @@ import triton.language as tl
 
 from .caller_addrs import addr_args, caller_ptr
 from .config import Launch, helper_launch
-from .fp8 import INTERPRET, fp8_v_column, to_pv_dtype
+from .fp8 import INTERPRET, to_pv_dtype, v_column, v_key
 from .host_math import cdiv
 from .launch import Kernel
 from .numerics import batch_head, round_half_away
 
 
 @triton.jit
-def _token_rows(PERM, blk, N, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr):
-    """Token offsets of block blk, and the rows of the input they read: gathered through PERM
-    (curve order) when HAS_PERM, so the quantizers need no separate permute pass."""
+def _token_rows(PERM, blk, N, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, PV_ORDER: tl.constexpr):
+    """Positions of block blk, whether each holds a token, and the rows of the input they read:
+    gathered through PERM (curve order) when HAS_PERM, so the quantizers need no separate permute
+    pass. With PV_ORDER (fp8 V) position k holds key v_key(k), the P.V operand's order
+    (kernels/fp8.py), so that the output is stored in order: a store through permuted addresses
+    kept the tile from its layout change and spilled (sm_90)."""
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
-    rows = offs_n
+    src = v_key(offs_n, PV_ORDER)
+    rows = src
     if HAS_PERM:
-        rows = tl.load(PERM + offs_n, mask=offs_n < N, other=0)
-    return offs_n, rows
+        rows = tl.load(PERM + src, mask=src < N, other=0)
+    return offs_n, src < N, rows
 
 
 @triton.jit
@@ -30,9 +34,8 @@ def _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, i, 
                      HAS_PERM: tl.constexpr):
     """Rows step i (ROWS tokens) of token block blk, in fp32, less the mean where SUBTRACT_MEAN
     (zero on the padded rows); and their token offsets."""
-    offs_n, rows = _token_rows(PERM, blk * (BLOCK // ROWS) + i, N, ROWS, HAS_PERM)
+    offs_n, valid, rows = _token_rows(PERM, blk * (BLOCK // ROWS) + i, N, ROWS, HAS_PERM, False)
     offs_d = tl.arange(0, HEAD_DIM)
-    valid = offs_n < N
     dmask = offs_d < D_TRUE
     x = tl.load(X + b * sx_b + h * sx_h + rows[:, None].to(tl.int64) * sx_n + offs_d[None, :],
                 mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
@@ -151,28 +154,27 @@ def _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h
     VBAR), ROWS tokens at a time; returns the block's max |v| per channel (before the scale).
     Steps of fewer rows keep fewer values live per thread: the transposed store goes through a
     layout change, and with the max also kept a whole 128-row tile took 255 registers and
-    spilled (sm_90, 4 warps; 159 at 32 rows, devkit/cross_compile)."""
+    spilled (sm_90, 4 warps; 164 at 32 rows, devkit/cross_compile)."""
     offs_d = tl.arange(0, HEAD_DIM)
     dmask = offs_d < D_TRUE
     ysum = tl.zeros([HEAD_DIM], tl.float32)
     cmax = tl.zeros([HEAD_DIM], tl.float32)
     for i in tl.static_range(BLOCK // ROWS):  # unrolled: every step's loads can be in flight
-        offs_n, rows = _token_rows(PERM, blk * (BLOCK // ROWS) + i, N, ROWS, HAS_PERM)
+        # fp8: position k of the block holds key v_key(k), the MMA operand's order (kernels/fp8.py)
+        offs_n, valid, rows = _token_rows(PERM, blk * (BLOCK // ROWS) + i, N, ROWS, HAS_PERM, PV_FP8)
         x = tl.load(V + b * sv_b + h * sv_h + rows[:, None].to(tl.int64) * sv_n + offs_d[None, :],
-                    mask=(offs_n < N)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                    mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         y = x / s[None, :]
         if WANT_MEAN:
             ysum += tl.sum(y, 0)
         cmax = tl.maximum(cmax, tl.max(tl.abs(x), 0))
         y = to_pv_dtype(y, PV_FP8, EMULATE_FP8)
-        cols = fp8_v_column(offs_n) if PV_FP8 else offs_n  # fp8: the MMA operand's order (kernels/fp8.py)
-        tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + cols[:, None], y)
+        tl.store(VT + b * st_b + h * st_h + offs_d[None, :].to(tl.int64) * st_d + offs_n[:, None], y)
     if WANT_MEAN:  # the block's mean value (fill_skipped), stored like V itself: transposed, fp8 (in the
         # operand's order, over the mean blocks) or fp16
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
         ybar = to_pv_dtype(ysum / cnt, PV_FP8, EMULATE_FP8)
-        col = fp8_v_column(blk) if PV_FP8 else blk
-        tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + col, ybar)
+        tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + v_column(blk, PV_FP8), ybar)
     return cmax
 
 
@@ -199,8 +201,7 @@ def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv_h, 
         tl.store(VMAXB + (bh * nb + blk).to(tl.int64) * HEAD_DIM + offs_d, cmax)
     if WANT_MEAN:  # the zero columns past the real blocks (last: no tile stays live across the loop)
         for pb in range(nb + blk, MEAN_BLOCKS, nb):
-            col = fp8_v_column(pb) if PV_FP8 else pb
-            tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + col,
+            tl.store(VBAR + b * sb_b + h * sb_h + offs_d.to(tl.int64) * sb_d + v_column(pb, PV_FP8),
                      tl.zeros([HEAD_DIM], VBAR.dtype.element_ty))
 
 

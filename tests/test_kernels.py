@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from sparge_attention.kernels.block_index import block_map_to_index  # noqa: E402
-from sparge_attention.kernels.fp8 import INTERPRET, fp8_v_columns  # noqa: E402
+from sparge_attention.kernels.fp8 import INTERPRET, fp8_v_columns, v_in_key_order, v_key  # noqa: E402
 from sparge_attention.kernels.numerics import exp2_fma  # noqa: E402
 from sparge_attention.kernels.quantize import quant_pool, quant_v  # noqa: E402
 
@@ -181,18 +181,15 @@ def test_quant_pool_rejects_bad_input():
 
 
 # ----------------------------------------------------------------------------- quant_v
-def in_key_order(vt):
-    """quant_v's V^T (or block means) with its columns in key (block) order: fp8 stores each
-    group of 32 in the P.V operand's order (kernels/fp8.py)."""
-    return vt[..., fp8_v_columns(vt.shape[-1])] if vt.dtype == torch.float8_e4m3fn else vt
-
-
 def test_fp8_v_columns_permute_within_32_key_groups():
     cols = fp8_v_columns(128)
     assert torch.equal(torch.sort(cols).values, torch.arange(128))
     assert torch.equal(cols // 32, torch.arange(128) // 32)
     # the operand's k = 4t..4t+3 of a group are the tile's columns 2t, 2t+1, 2t+8, 2t+9 (t = 1)
     assert cols[[2, 3, 10, 11]].tolist() == [4, 5, 6, 7]
+    # quant_v reads V in that order (v_key) and stores it in place: v_key inverts v_column
+    assert torch.equal(v_key.fn(cols, True), torch.arange(128))
+    assert torch.equal(v_key.fn(torch.arange(128), False), torch.arange(128))
 
 
 @pytest.mark.parametrize("pv_fp8", [True, False])
@@ -209,13 +206,13 @@ def test_quant_v_matches_reference(pv_fp8, D, hd, dtype, garbage_empty):
     assert vt.dtype == (torch.float8_e4m3fn if pv_fp8 else torch.float16)
     ref, rscale = quantize_v(v, "fp8" if pv_fp8 else "fp16")
     torch.testing.assert_close(scale, rscale, rtol=0, atol=0)
-    got = in_key_order(vt).float()[:, :, :D, :N].transpose(-1, -2)
+    got = v_in_key_order(vt).float()[:, :, :D, :N].transpose(-1, -2)
     assert torch.equal(got, ref), f"{(got != ref).sum().item()} values differ"
-    assert (in_key_order(vt).float()[:, :, :, N:] == 0).all() and (vt.float()[:, :, D:] == 0).all()
+    assert (v_in_key_order(vt).float()[:, :, :, N:] == 0).all() and (vt.float()[:, :, D:] == 0).all()
     # the block means of v / scale for fill_skipped: transposed and typed like V, zero-padded
     vt2, vbar = quant_v(v, scale, BK, hd, pv_fp8, mean_blocks=64)  # padding longer than the real blocks
     assert torch.equal(vt2.float(), vt.float()) and vbar.shape == (2, 2, hd, 64) and vbar.dtype == vt.dtype
-    vbar = in_key_order(vbar)  # fp8: in the operand's order over the mean blocks too
+    vbar = v_in_key_order(vbar)  # fp8: in the operand's order over the mean blocks too
     from sparge_attention.sparge_core.reference_predict import block_means
     _, want_vbar = block_means(v, v, BK, "fp8" if pv_fp8 else "fp16")
     got_vbar = vbar.float()[:, :, :D, :nb].transpose(-1, -2)
@@ -257,13 +254,13 @@ def test_v_scale_from_the_sample_and_its_overflow_check(pv_fp8):
     assert torch.equal(scale, sampled)
     nb = num_blocks(N, BK)
     vt, vbar = quant_v(v, scale, BK, 128, pv_fp8, perm=perm, mean_blocks=32, rescale_above=FP8_MAX)
-    vbar = in_key_order(vbar)
+    vbar = v_in_key_order(vbar)
     want = value_scale(vp)
     assert torch.equal(scale, want)  # written in place: head 1 exact, heads 0 and 2 the sample's
     assert torch.equal(want[0, 1], (vp[0, 1].abs().amax(0) / FP8_MAX).clamp_min(1e-20))
     assert torch.equal(want[0, ::2], sampled[0, ::2]) and not torch.equal(want[0, 1], sampled[0, 1])
     ref, _ = quantize_v(vp, "fp8" if pv_fp8 else "fp16")
-    assert torch.equal(in_key_order(vt).float()[:, :, :D, :N].transpose(-1, -2), ref)
+    assert torch.equal(v_in_key_order(vt).float()[:, :, :D, :N].transpose(-1, -2), ref)
     _, want_vbar = block_means(vp, vp, BK, "fp8" if pv_fp8 else "fp16")
     got_vbar = vbar.float()[:, :, :D, :nb].transpose(-1, -2)
     torch.testing.assert_close(got_vbar, want_vbar, rtol=0.07 if pv_fp8 else 2e-3, atol=1e-3)
@@ -336,7 +333,7 @@ def test_quant_v_fp8_rounding_near_powers_of_two():
     v = vals[:n].reshape(1, 1, -1, 2)
     scale = torch.ones(1, 1, 2)
     vt = quant_v(v, scale, BK, 16, True)
-    got = in_key_order(vt).float()[0, 0, :2, : v.shape[2]].T
+    got = v_in_key_order(vt).float()[0, 0, :2, : v.shape[2]].T
     want = v.to(torch.float8_e4m3fn).float()
     assert torch.equal(got, want[0, 0])
 

@@ -20,7 +20,7 @@ pytestmark = compiled_kernels_mark()
 
 def test_v_scale_and_overflow_fix_match_the_reference():
     from sparge_attention.kernels.config import default_config
-    from sparge_attention.kernels.fp8 import fp8_v_columns
+    from sparge_attention.kernels.fp8 import v_in_key_order
     from sparge_attention.kernels.kv_stats import kv_stats
     from sparge_attention.kernels.quantize import quant_v
     from sparge_attention.sparge_core.reference_quant import (
@@ -52,9 +52,8 @@ def test_v_scale_and_overflow_fix_match_the_reference():
         assert torch.equal(scale.cpu(), want), over
         assert torch.equal(want[1, 2], (xp[1, 2].float().abs().amax(0) / FP8_MAX).clamp_min(1e-20)) == over
         ref, _ = quantize_v(xp, "fp8" if pv_fp8 else "fp16")
-        if pv_fp8:  # fp8 V^T holds each 32-key group in the P.V operand's order (kernels/fp8.py)
-            vt = vt[..., fp8_v_columns(vt.shape[-1], vt.device)]
-        got = vt.float()[:, :, :, :N].transpose(-1, -2).cpu()
+        # fp8 V^T holds each 32-key group in the P.V operand's order (kernels/fp8.py)
+        got = v_in_key_order(vt).float()[:, :, :, :N].transpose(-1, -2).cpu()
         # v / scale per element is Triton's approximate division (div.full.f32, up to 2 ulp) on a
         # GPU: where the exact quotient lies within 2 ulp of a rounding point of fp8 (fp16), the
         # kernel may round to the neighbour; nowhere more than one step of the format
