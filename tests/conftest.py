@@ -12,6 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+if os.environ["TRITON_INTERPRET"] == "1":
+    from interpreter_patch_once import install  # noqa: E402
+
+    install()
+
 
 def pytest_configure(config):
     config.addinivalue_line(

@@ -267,9 +267,9 @@ def test_blocks_with_other_thresholds_replay_one_graph_with_their_own():
     from sparge_attention.sparge_core.hilbert import TokenPermutation
 
     def bnhd(seed):
-        return [x.transpose(1, 2).contiguous().transpose(1, 2) for x in clustered(1, 2, 400, 64, seed)]
+        return [x.transpose(1, 2).contiguous().transpose(1, 2) for x in clustered(1, 2, 264, 64, seed)]
 
-    perm = TokenPermutation.for_grid((2, 5, 40), 400, device=CPU).perm32
+    perm = TokenPermutation.for_grid((2, 4, 33), 264, device=CPU).perm32
     ms = torch.tensor([0.5, 4.0])  # a block's own per-head thresholds, moved in place below
     blocks = [PRESETS["Balanced"].params(), PRESETS["Balanced"].params().replace(minshare=ms)]
     graphs = _ReplayOnCPU()
@@ -296,12 +296,12 @@ def test_the_sparsity_maps_graph_writes_each_calls_own_mask():
     from sparge_attention.sparge_core.hilbert import TokenPermutation
     from sparge_attention.sparge_core.triton_call import triton_forward
 
-    perm = TokenPermutation.for_grid((2, 5, 40), 400, device=CPU).perm32
+    perm = TokenPermutation.for_grid((2, 4, 33), 264, device=CPU).perm32
     p = PRESETS["Balanced"].params()
     graphs = _ReplayOnCPU()
     maps = []
     for seed in (0, 1):
-        x = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in clustered(2, 2, 400, 64, seed)]
+        x = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in clustered(2, 2, 264, 64, seed)]
         out, counts, first_map = graphed_forward(graphs, *x, p, 0.125, "auto", (perm, perm), map_first=True)
         want = triton_forward(*x, p, 0.125, None, "auto", perm, perm)
         assert torch.equal(out, want[0]) and torch.equal(first_map, pack_mask(want[1].to_dense()[0])), seed

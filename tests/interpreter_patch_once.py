@@ -1,0 +1,55 @@
+"""Triton's CPU interpreter (3.8) re-patches triton.language for every call of a @triton.jit helper
+made from inside a running kernel: an inspect.getmembers scan of the language modules, ~1-2 ms per
+call, thousands of calls per sparse attention call. While a kernel runs, the language is already
+patched (the launch patched it and restores it when the grid is done), so a helper's re-patch of
+the same modules changes nothing. `install()` skips exactly those: the kernels run the same code
+and give the same bits, ~6-10% sooner (measured on one full call: 7.7 -> 7.2 s).
+
+A patch of the test tool, not of anything under test: it touches only Triton's interpreter, and
+only the version it was read against; any other version runs as it comes."""
+import inspect
+
+CHECKED_VERSIONS = ("3.8.",)
+
+
+def install() -> bool:
+    import triton
+    import triton.language as tl
+
+    if not triton.__version__.startswith(CHECKED_VERSIONS):
+        return False
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang", None)
+    if original is None or getattr(original, "_sparge_once", False):
+        return False
+    active = []  # the language modules a running launch has patched (launches do not nest)
+
+    def langs_of(fn):
+        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+
+    class LaunchScope:  # the launch's own scope: restoring it ends the launch
+        def __init__(self, scope):
+            self.scope = scope
+
+        def restore(self):
+            active.clear()
+            self.scope.restore()
+
+    class Unchanged:
+        def restore(self):
+            pass
+
+    def patch_lang(fn):
+        langs = langs_of(fn)
+        if active and langs <= active[-1]:
+            return Unchanged()  # a helper inside a launch that already patched these modules
+        scope = original(fn)
+        if active:
+            return scope  # a helper that sees other modules: patched as Triton does it
+        active.append(langs)
+        return LaunchScope(scope)
+
+    patch_lang._sparge_once = True
+    interpreter._patch_lang = patch_lang
+    return True
