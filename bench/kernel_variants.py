@@ -31,8 +31,6 @@ def _cfg(block_m=64, block_n=128, num_warps=4, num_stages=3, **kw) -> KernelConf
 
 VARIANTS = {  # the first of a run is the baseline of the error column
     "hopper": _cfg(tma=True, maxnreg=168),  # kernels/config.py's choice for sm90
-    # v34: half of the softmax's exponentials on the FMA units (numerics.exp2_fma)
-    "hopper_fma": _cfg(tma=True, maxnreg=168, exp2_fma=True),
     "hopper_s4": _cfg(tma=True, maxnreg=168, num_stages=4),
     "no_cap": _cfg(tma=True),  # 2 programs per SM (198 registers)
     "pointers": _cfg(tma=False, maxnreg=168),  # cp.async loads, as on pre-Hopper GPUs

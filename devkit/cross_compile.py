@@ -7,7 +7,6 @@ bench/sass_mix.py (which execution units a kernel's code leans on).
 Import Triton with TRITON_INTERPRET unset (an interpreted @triton.jit cannot compile), in a
 process of its own: `use_target` replaces Triton's active driver for the rest of the process."""
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -165,9 +164,6 @@ def pack_kernel_jobs(cc: int) -> list:
              attention_launch(cfg, fill, causal, pv_skip))
             for fill, causal, pv_skip in [(False, False, False), (False, True, True), (True, False, True),
                                           (True, True, False)]]
-    if "exp2_fma" in {f.name for f in dataclasses.fields(cfg)}:  # half the exponentials on the FMA units (v34)
-        jobs.append((attn_fwd._sparse_attn_fwd, "exp2_fma", attention_launch(dataclasses.replace(cfg, exp2_fma=True),
-                                                                             True, False, True)))
     jobs += [
         (quantize._quant_pool_kernel, "q", lambda: quantize.quant_pool(
             x(B, H, small, D), cfg.block_m, D, perm=perm, **helper_kw("quant_pool64"))),

@@ -20,7 +20,7 @@ from .config import KernelConfig
 from .fp8 import INTERPRET, to_pv_dtype
 from .host_math import cdiv
 from .launch import Kernel
-from .numerics import MAGIC_F, batch_head, exp2_fma, int32_bits_f32
+from .numerics import MAGIC_F, batch_head, int32_bits_f32
 
 LN2 = tl.constexpr(0.6931471805599453)
 # key-block means per step of the fill_skipped pass (bench/NOTES.md v18: 128 spilled 66 registers, slower)
@@ -42,20 +42,6 @@ def _scores(q, k_src, k_row, kb, sk_n, BLOCK_N: tl.constexpr, TMA: tl.constexpr)
 
 
 @triton.jit
-def _exp2_tile(x, EXP2_FMA: tl.constexpr):
-    """2^x of a score tile; with EXP2_FMA the odd columns on the FMA units (numerics.exp2_fma),
-    the even ones on the MUFU. In the MMA result layout a thread holds pairs of adjacent columns,
-    so the split and the join move no data (sm_90: no shuffles or shared memory added, 168
-    registers, half the MUFU.EX2; devkit/cross_compile). A quarter of them, split twice, spilled."""
-    if EXP2_FMA:
-        BM: tl.constexpr = x.shape[0]
-        BN: tl.constexpr = x.shape[1]
-        even, odd = tl.split(tl.reshape(x, [BM, BN // 2, 2]))
-        return tl.reshape(tl.join(tl.math.exp2(even), exp2_fma(odd)), [BM, BN])
-    return tl.math.exp2(x)
-
-
-@triton.jit
 def _p_operand(p, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
     """P as the P.V operand: in V's type, and in fp8 with its columns in fp8 V^T's key order
     (kernels/fp8.py): column k = (h q1 q0 i1 i0) of each 32 takes P's column (h i1 q1 q0 i0). In
@@ -74,7 +60,7 @@ def _p_operand(p, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
 def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, offs_n, N_Q, N_K, neg_lam,
                 BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, IS_CAUSAL: tl.constexpr,
                 PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr, EMULATE_FP8: tl.constexpr,
-                TMA: tl.constexpr, EXP2_FMA: tl.constexpr):
+                TMA: tl.constexpr):
     start_n = kb * BLOCK_N
     cols = start_n + offs_n
     if IS_CAUSAL:
@@ -104,7 +90,7 @@ def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, of
         # up to 2^-24 * MAGIC_F * scale = 0.75 * scale log2 units: 4e-5 where a full-range int8 dot
         # (2^21) means 100 log2 units, against the up to 6% by which fp8 rounds P
         c = (m_use - P_LOG2) + qk_scale * MAGIC_F
-        p = _exp2_tile(s * qk_scale - c[:, None], EXP2_FMA)
+        p = tl.math.exp2(s * qk_scale - c[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         # P.V into a fresh accumulator, added to acc on the FP32 units: Hopper's fp8 MMA keeps
         # only ~22-bit sums, so accumulating every block inside the MMA drifts (measured rel-L1
@@ -147,12 +133,12 @@ def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, kbs_base, vbar_base, bia
 def _key_block(acc, l_i, m_i, n_skip, q, q_scale, kb, ks_base, k_src, k_row, sk_n, v_src, v_row, offs_m, offs_n,
                N_Q, N_K, neg_lam, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
                PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr, EMULATE_FP8: tl.constexpr,
-               TMA: tl.constexpr, EXP2_FMA: tl.constexpr):
+               TMA: tl.constexpr):
     """One kept key block kb: int8 scores, then its online-softmax and P.V step."""
     qk_scale = q_scale * tl.load(ks_base + kb)
     s = _scores(q, k_src, k_row, kb, sk_n, BLOCK_N, TMA)
     return _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, offs_n, N_Q, N_K, neg_lam,
-                       BLOCK_N, MASKED, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA, EXP2_FMA)
+                       BLOCK_N, MASKED, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
 
 
 @triton.jit
@@ -167,7 +153,6 @@ def _sparse_attn_fwd(
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
     TMA: tl.constexpr, FILL: tl.constexpr, RETURN_LSE: tl.constexpr, O_SLOT: tl.constexpr,
-    EXP2_FMA: tl.constexpr,
 ):
     # one program per (batch*head, query block), query blocks fastest: the programs running
     # together share one head's K and V in L2
@@ -214,12 +199,11 @@ def _sparse_attn_fwd(
     for it in range(0, n_full):
         acc, l_i, m_i, n_skip = _key_block(acc, l_i, m_i, n_skip, q, q_scale, tl.load(idx_base + it), ks_base, k_src,
                                            k_row, sk_n, v_src, v_row, offs_m, offs_n, N_Q, N_K, neg_lam, BLOCK_N,
-                                           False, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA, EXP2_FMA)
+                                           False, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
     if n_full < count:  # the partial last key block, masked
         acc, l_i, m_i, n_skip = _key_block(acc, l_i, m_i, n_skip, q, q_scale, tl.load(idx_base + n_full), ks_base,
                                            k_src, k_row, sk_n, v_src, v_row, offs_m, offs_n, N_Q, N_K, neg_lam,
-                                           BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA,
-                                           EXP2_FMA)
+                                           BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
     if FILL:
         acc, l_i, m_i = _fill_skipped(acc, l_i, m_i, q, q_scale, KBAR + b * skb_b + hk * skb_h,
                                       KBS + b * sks2_b + hk * sks2_h, VBAR + b * svb_b + hk * svb_h,
@@ -361,7 +345,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
         HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, RETURN_LSE=lse is not None, O_SLOT=o_slot,
-        EXP2_FMA=config.exp2_fma, num_warps=config.num_warps,
+        num_warps=config.num_warps,
         num_stages=config.num_stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     if lse is not None:

@@ -14,11 +14,6 @@ class KernelConfig:
     pv_fp8: bool  # fp8 e4m3 P.V (needs fp8 tensor cores), else fp16
     tma: bool = False  # K/V tiles by bulk tensor copies (TMA descriptors; Hopper)
     maxnreg: int | None = None  # register cap per thread (sets how many programs share an SM)
-    # half of the softmax's exponentials on the FMA units (numerics.exp2_fma): trades MUFU time
-    # (66 -> 34 per thread and key block on sm_90) for issue slots (the loop's instructions 634 ->
-    # 859), so it pays only where the MUFU, not the issue rate, bounds the loop; changes P by up to
-    # 7.5e-5 relative. Off until timed (bench/kernel_variants.py, hopper_fma)
-    exp2_fma: bool = False
 
 
 @dataclass(frozen=True)

@@ -35,20 +35,3 @@ def batch_head(bh, H):
     """(batch, head) of a program's flattened batch*head index, as int64 (pointer offsets of large
     tensors overflow int32)."""
     return (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-
-
-@triton.jit
-def exp2_fma(x):
-    """2^x on the FP32 and integer units instead of the MUFU, which gives 16 results per clock
-    per SM on Hopper against 128 FMAs (FlashAttention-4's split of the softmax's exponentials).
-    x = n + f with n = round(x) (MAGIC_F's mantissa trick, as above) and f in [-0.5, 0.5]: 2^f
-    from a degree-3 minimax polynomial, relative error 7.5e-5 (P is then rounded to fp8, steps
-    of 6%), and n added to its exponent bits. x is clamped at -125 so that every result is a
-    normal float: -inf gives 2^-125 where exp2 gives 0, far below anything a sum of P or an fp8
-    value keeps."""
-    x = tl.maximum(x, -125.0)
-    t = x + MAGIC_F
-    f = x - (t - MAGIC_F)
-    p = ((0.05517132 * f + 0.24261054) * f + 0.69326097) * f + 0.99992812
-    n = t.to(tl.int32, bitcast=True) - MAGIC_I
-    return (p.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)

@@ -20,8 +20,6 @@ load_pack()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from hypothesis import Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -45,7 +43,6 @@ pytestmark = pytest.mark.skipif(
 
 from sparge_attention.kernels.block_index import block_map_to_index  # noqa: E402
 from sparge_attention.kernels.fp8 import INTERPRET, fp8_v_columns, v_in_key_order, v_key  # noqa: E402
-from sparge_attention.kernels.numerics import exp2_fma  # noqa: E402
 from sparge_attention.kernels.quantize import quant_pool, quant_v  # noqa: E402
 
 BQ, BK = block_sizes(torch.device("cpu"), "triton")  # the interpreter's tiles (kernels.config)
@@ -538,48 +535,6 @@ def test_tma_and_pointer_loads_agree(causal):
                             replace(P["cfg"], tma=tma)) for tma in (False, True)]
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert 0 < int(bm.kv_num_blocks.sum()) < bm.kv_num_blocks.numel() * num_blocks(300, BK)
-
-
-@triton.jit
-def _exp2_fma_kernel(X, Y, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(Y + offs, exp2_fma(tl.load(X + offs)))
-
-
-def test_exp2_on_the_fma_units():
-    """numerics.exp2_fma against exp2 in float64: within 7.6e-5 relative over the scores' range
-    (the softmax subtracts the row max: x <= P_LOG2 = 8); below -125, -inf included, 2^-125
-    within the same error."""
-    x = torch.cat([torch.linspace(-130.0, 8.5, 4096 * 4 - 8),
-                   torch.tensor([0.0, -0.5, 0.5, -1e-7, 1e-7, -125.0, -1e30, -math.inf])])
-    y = torch.empty_like(x)
-    _exp2_fma_kernel[(x.numel() // 1024,)](x, y, BLOCK=1024)
-    want = torch.exp2(x.double())
-    live = x >= -125
-    assert (y.double()[live] / want[live] - 1).abs().max() < 7.6e-5
-    assert (y.double()[~live] / 2.0 ** -125 - 1).abs().max() < 7.6e-5
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_attention_with_half_the_exponentials_on_the_fma_units(causal):
-    """KernelConfig.exp2_fma changes P by at most 7.5e-5 relative: the output stays within
-    rounding of the MUFU one (it does change: the option is on) and of the reference."""
-    from dataclasses import replace
-
-    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
-    from sparge_attention.sparge_core.triton_call import prepare_sparse
-
-    q, k, v = with_sink(1, 4, 300, 64, seed=5, sink=6.0, dtype=torch.bfloat16)
-    params = SpargeParams(simthreshd1=0.3, cdfthreshd=0.95, pvthreshd=INF, is_causal=causal)
-    P = prepare_sparse(q, k, v, params, 64 ** -0.5)
-    bm = P["block_mask"]
-    outs = [sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], bm.kv_num_blocks,
-                            bm.kv_indices, torch.full((4,), INF), 300, 300, 64, q.dtype, causal, False,
-                            replace(P["cfg"], exp2_fma=fma))[0] for fma in (False, True)]
-    assert not torch.equal(outs[0], outs[1])
-    assert rel_l1(outs[1], outs[0]) < 5e-4  # 6e-5 measured
-    ref, _, _ = sparge_reference(q, k, v, params, BQ, BK, pv_dtype="fp8", mask=bm.to_dense())
-    assert rel_l1(outs[1], ref.to(q.dtype)) < 0.01
 
 
 def test_attention_launcher_wants_a_kernel_config():
