@@ -24,7 +24,7 @@ def install() -> bool:
     original = getattr(interpreter, "_patch_lang", None)
     if original is None or getattr(original, "_sparge_once", False):
         return False
-    active = []  # the language modules a running launch has patched (launches do not nest)
+    launch_langs = None  # the language modules the running launch patched (launches do not nest)
 
     def langs_of(fn):
         return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
@@ -34,7 +34,8 @@ def install() -> bool:
             self.scope = scope
 
         def restore(self):
-            active.clear()
+            nonlocal launch_langs
+            launch_langs = None
             self.scope.restore()
 
     class Unchanged:
@@ -42,13 +43,14 @@ def install() -> bool:
             pass
 
     def patch_lang(fn):
+        nonlocal launch_langs
         langs = langs_of(fn)
-        if active and langs <= active[-1]:
+        if launch_langs is not None and langs <= launch_langs:
             return Unchanged()  # a helper inside a launch that already patched these modules
         scope = original(fn)
-        if active:
+        if launch_langs is not None:
             return scope  # a helper that sees other modules: patched as Triton does it
-        active.append(langs)
+        launch_langs = langs
         return LaunchScope(scope)
 
     patch_lang._sparge_once = True
