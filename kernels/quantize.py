@@ -157,6 +157,9 @@ def _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h
     spilled (sm_90, 4 warps; 164 at 32 rows, devkit/cross_compile)."""
     offs_d = tl.arange(0, HEAD_DIM)
     dmask = offs_d < D_TRUE
+    # v times 1 / s rounded once, as reference_quant.value_reciprocal: `/` would be the approximate
+    # div.full.f32, which decides the exact fp8 ties of an exact scale by an ulp
+    r = tl.math.div_rn(tl.full([HEAD_DIM], 1.0, tl.float32), s)
     ysum = tl.zeros([HEAD_DIM], tl.float32)
     cmax = tl.zeros([HEAD_DIM], tl.float32)
     for i in tl.static_range(BLOCK // ROWS):  # unrolled: every step's loads can be in flight
@@ -164,7 +167,7 @@ def _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h
         offs_n, valid, rows = _token_rows(PERM, blk * (BLOCK // ROWS) + i, N, ROWS, HAS_PERM, PV_FP8)
         x = tl.load(V + b * sv_b + h * sv_h + rows[:, None].to(tl.int64) * sv_n + offs_d[None, :],
                     mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        y = x / s[None, :]
+        y = x * r[None, :]
         if WANT_MEAN:
             ysum += tl.sum(y, 0)
         cmax = tl.maximum(cmax, tl.max(tl.abs(x), 0))

@@ -97,12 +97,21 @@ def value_scale(v: torch.Tensor) -> torch.Tensor:
     return torch.where(over, (amax / FP8_MAX).clamp_min(TINY), sampled)
 
 
+def value_reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale, rounded once (IEEE division). V is quantized as v * (1 / scale), one
+    correctly rounded multiply, rather than v / scale: a GPU's `/` is an approximate division
+    (up to 2 ulp), and where the scale is exact (max |v| / FP8_MAX) many quotients are exact
+    ties of fp8, which an ulp decides; the product is the same on every device. It differs
+    from the exact quotient by at most an ulp of fp32, far below an fp8 step."""
+    return 1.0 / scale
+
+
 def quantize_v(v: torch.Tensor, pv_dtype: str):
-    """V with one scale per channel over all tokens (value_scale). Returns (fp32 values as the
-    kernel sees them, scale (B,H,D))."""
+    """V with one scale per channel over all tokens (value_scale), times its reciprocal
+    (value_reciprocal). Returns (fp32 values as the kernel sees them, scale (B,H,D))."""
     v = v.float()
     scale = value_scale(v)
-    vs = v / scale[:, :, None, :]
+    vs = v * value_reciprocal(scale)[:, :, None, :]
     if pv_dtype == "fp8":
         vs = vs.to(torch.float8_e4m3fn).float()
     elif pv_dtype == "fp16":
