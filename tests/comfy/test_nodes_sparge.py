@@ -367,25 +367,6 @@ def test_readout_event_and_endpoint(comfy_server):
     assert line and "backend reference" in line[-1] and "Hilbert on (2, 16, 16)" in line[-1]
 
 
-# ----------------------------------------------------------------------------- torch.compile
-def test_torch_compile_model_after_sparge(comfy_server):
-    """Core TorchCompileModel (inductor, CPU) after Sparge Attention: dynamo traces the override and
-    the sparge::attention custom op; the readout's counts survive compilation. ~50 s on 2 cores."""
-    srv = comfy_server
-    sp = sparge(mode="topk", topk=0.5, dense_blocks="1")
-    eager, rs, _ = run(srv, wan(srv, 113, sp, prefix="eager"))
-    r_eager = only(rs)
-    g = wan(srv, 113, sp, prefix="compiled")
-    g["20"] = {"class_type": "TorchCompileModel", "inputs": {"model": ["10", 0], "backend": "inductor"}}
-    g["5"]["inputs"]["model"] = ["20", 0]
-    compiled, rs, _ = run(srv, g, timeout=600)
-    r = only(rs)
-    for key in ("sparse_calls", "dense_calls", "kept_blocks", "total_blocks", "sparsity", "hilbert", "backend"):
-        assert r[key] == r_eager[key], key
-    assert r["sparse_calls"] == 2 and r["sparsity"] == pytest.approx(0.5)
-    assert rel(compiled, eager) < 1e-3, rel(compiled, eager)
-
-
 # ----------------------------------------------------------------------------- the demo
 def _demo_module():
     import importlib.util
