@@ -15,6 +15,7 @@
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
 L="$OUT/log.txt"
 cd "$REPO"
 PARTS="${PARTS:-tests,predict,kernel,quality,variant}"
