@@ -54,6 +54,13 @@ def grids(quick: bool) -> dict:
         # v32's guarded stride 2 and K's quantizer as it runs it (the default shape only)
         "block_lse_stride2_guard": [],
         "quant_pool128_sim": [],
+        # v37: what the quantizers' bytes cost elsewhere. The same kernels in token order (no Hilbert
+        # gather through perm), and torch's own passes over V: a cast to fp8 (V's bytes in and out,
+        # contiguous) and the gather of V's rows by perm (bf16 in and out)
+        "quant_v_noperm": [],
+        "quant_pool128_noperm": [],
+        "torch_cast_fp8": [],
+        "torch_gather": [],
     }
     if quick:
         g = {k: v[:2] for k, v in g.items()}
@@ -62,7 +69,9 @@ def grids(quick: bool) -> dict:
 
 # comparison rows -> the kernel whose launch shape they take
 ALIASES = {"block_lse_nomean": "block_lse", "kv_stats_fullv": "kv_stats", "quant_v_unchecked": "quant_v",
-           "block_lse_stride2": "block_lse", "block_lse_stride2_guard": "block_lse", "quant_pool128_sim": "quant_pool128"}
+           "block_lse_stride2": "block_lse", "block_lse_stride2_guard": "block_lse", "quant_pool128_sim": "quant_pool128",
+           "quant_v_noperm": "quant_v", "quant_pool128_noperm": "quant_pool128", "torch_cast_fp8": "quant_v",
+           "torch_gather": "quant_v"}
 
 
 def prediction_inputs(q, k, v, perm, scale, n_k):
@@ -111,6 +120,12 @@ def runners(q, k, v, perm, scale, n_k):
                                                               key_sim=k_sim, exact_below=LSE_EXACT_SIM),
         "quant_pool128_sim": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=True,
                                                   perm=perm, pool_i8_blocks=nkc, want_top=True, launch=L),
+        "quant_v_noperm": lambda L: quant_v(v, v_scale, BLOCK_N, hd, True, mean_blocks=nkc, launch=L,
+                                            rescale_above=FP8_MAX),
+        "quant_pool128_noperm": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False,
+                                                     pool_i8_blocks=nkc, launch=L),
+        "torch_cast_fp8": lambda L: v.to(torch.float8_e4m3fn),
+        "torch_gather": lambda L: v.index_select(2, perm),
         "select": lambda L: select_blocks_fused(scores, None, None, minshare, "share", True, False, q.shape[2], n_k,
                                                 BLOCK_M, BLOCK_N, fill_mean=mean, fill_blocks=nkc, launch=L),
     }
