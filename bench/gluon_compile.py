@@ -11,9 +11,7 @@ Needs Triton 3.6 (the device's; Gluon's API moves between versions), TRITON_INTE
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -24,7 +22,7 @@ sys.path.insert(0, str(HERE))  # gluon_attn
 
 import torch  # noqa: E402
 
-from devkit.cross_compile import compile_through, use_target  # noqa: E402
+from devkit.cross_compile import compile_through, cubin_resources as resources, use_target  # noqa: E402,F401
 
 # shapes of one compile: Wan 480p's key count (a partial last block), 2 heads
 B, H, N, D = 1, 2, 32760, 128
@@ -62,20 +60,6 @@ def sass_events(sass: str):
         else:
             out.append([n, ev, 1])
     return out
-
-
-def resources(cubin: bytes) -> dict:
-    """Registers, spill bytes and static shared memory as ptxas recorded them in the cubin
-    (cuobjdump -res-usage: a kernel compiled without a driver has no n_regs attribute)."""
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        txt = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", txt)
-    return dict(zip(("regs", "stack", "static_shared", "local"), map(int, m.groups()))) if m else {"raw": txt}
 
 
 def report_compile(name, kw, jit_fn, launch_fn, patterns, sass_path=None):

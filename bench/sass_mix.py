@@ -26,8 +26,9 @@ CLASSES = {  # opcode (before the first '.') -> class
     "tensor": ("HMMA", "IMMA", "HGMMA", "IGMMA", "QGMMA", "GMMA"),
     "fp32": ("FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP", "FCHK"),
 }
-# Triton's disassembly: "<control bits>\t[@predicate] OPCODE.modifiers operands;"
-OPCODE = re.compile(r"^[^\t]*\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+# cuobjdump -sass (devkit.cross_compile.cuobjdump: every instruction, where Triton's kernel.asm["sass"]
+# stops at 4,096): "/*<offset>*/  [@predicate] OPCODE.modifiers operands ;  /* <encoding> */"
+OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
 def mix(sass: str) -> dict:
@@ -44,11 +45,14 @@ def mix(sass: str) -> dict:
 
 def child(cc: int) -> None:
     """One JSON line per kernel variant of the pack first on sys.path (devkit.cross_compile)."""
-    from devkit.cross_compile import compile_through, pack_kernel_jobs
+    from devkit.cross_compile import compile_through, cubin_resources, cuobjdump, pack_kernel_jobs
 
     for jit_fn, variant, launch in pack_kernel_jobs(cc):
         kernel = compile_through(jit_fn, launch)
-        print(json.dumps(dict(kernel=jit_fn.fn.__name__, variant=variant, **mix(kernel.asm["sass"]))), flush=True)
+        cubin = kernel.asm["cubin"]
+        use = cubin_resources(cubin)
+        print(json.dumps(dict(kernel=jit_fn.fn.__name__, variant=variant, **mix(cuobjdump(cubin, "-sass")),
+                              regs=use["regs"], stack=use["stack"])), flush=True)
 
 
 def main():
@@ -59,13 +63,14 @@ def main():
         return
     cc, rev, before, after = res
     print(f"SASS instructions by unit, sm{cc}: {rev} (before) -> this checkout (static counts)")
-    print(f"{'kernel':<22} {'variant':<34} " + " ".join(f"{c:>17}" for c in (*CLASSES, "total")))
+    cols = (*CLASSES, "total", "regs", "stack")  # registers per thread, stack bytes (spills)
+    print(f"{'kernel':<22} {'variant':<34} " + " ".join(f"{c:>17}" for c in cols))
     rows = []
     old = {(r["kernel"], r["variant"]): r for r in before}
     for a in after:
         b = old.get((a["kernel"], a["variant"]))  # None: a kernel the revision does not have
         rows.append(dict(kernel=a["kernel"], variant=a["variant"], before=b, after=a))
-        cells = " ".join(f"{b[c] if b else '-':>7} -> {a[c]:<7}" for c in (*CLASSES, "total"))
+        cells = " ".join(f"{b.get(c, '?') if b else '-':>7} -> {a[c]:<7}" for c in cols)
         print(f"{a['kernel']:<22} {a['variant']:<34} {cells}")
     res = dict(date=datetime.date.today().isoformat(), cc=cc, before=rev, rows=rows,
                triton=__import__("triton").__version__)

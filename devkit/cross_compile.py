@@ -64,6 +64,31 @@ def compile_through(jit_fn, launch):
     raise RuntimeError("the launcher did not launch its kernel")
 
 
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """Triton's own cuobjdump run on a cubin (flag: -sass, -res-usage). Its -sass lists every
+    instruction; Triton's kernel.asm["sass"] does not: its parser (triton/tools/disasm.py) stops at
+    the first offset of five hex digits, after 4,096 instructions."""
+    import subprocess
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """Registers, spill bytes and static shared memory as ptxas recorded them in the cubin
+    (cuobjdump -res-usage: a kernel compiled without a driver has no n_regs attribute)."""
+    import re
+
+    txt = cuobjdump(cubin, "-res-usage")
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", txt)
+    return dict(zip(("regs", "stack", "static_shared", "local"), map(int, m.groups()))) if m else {"raw": txt}
+
+
 # the shapes the compiles use: head dim 128, the largest the pack runs (most shared memory), and
 # Wan 2.1 720p, 81 frames (591 key blocks)
 B, H, HKV, D, N = 1, 4, 2, 128, 75600
