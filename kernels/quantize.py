@@ -152,13 +152,14 @@ def _quant_v_block(V, PERM, VT, VBAR, s, blk, b, h, sv_b, sv_h, sv_n, st_b, st_h
                    ROWS: tl.constexpr):
     """Token block blk of V over the per-channel scale s (HEAD_DIM,) into VT (and its mean into
     VBAR), ROWS tokens at a time; returns the block's max |v| per channel (before the scale).
-    Steps of fewer rows keep fewer values live per thread: the transposed store goes through a
-    layout change, and with the max also kept a whole 128-row tile took 255 registers and
-    spilled (sm_90, 4 warps; 164 at 32 rows, devkit/cross_compile)."""
+    Steps of fewer rows keep fewer values live per thread, but each step's sums over rows and its
+    transposed store (a layout change) go through shared memory behind a barrier, so small steps
+    cost time (bench/NOTES.md v34, v37); kernels/config.py picks the rows per GPU."""
     offs_d = tl.arange(0, HEAD_DIM)
     dmask = offs_d < D_TRUE
-    # v times 1 / s rounded once, as reference_quant.value_reciprocal: `/` would be the approximate
-    # div.full.f32, which decides the exact fp8 ties of an exact scale by an ulp
+    # v times 1 / s rounded once, as reference_quant.value_reciprocal: `/` is the approximate
+    # div.full.f32, a reciprocal and fix-up per value (the kernel 30% slower, NOTES v37) that
+    # decides the exact fp8 ties of an exact scale by an ulp
     r = tl.math.div_rn(tl.full([HEAD_DIM], 1.0, tl.float32), s)
     ysum = tl.zeros([HEAD_DIM], tl.float32)
     cmax = tl.zeros([HEAD_DIM], tl.float32)

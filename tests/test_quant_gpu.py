@@ -57,6 +57,7 @@ def test_v_scale_and_overflow_fix_match_the_reference():
         got = v_in_key_order(vt).float()[:, :, :, :N].transpose(-1, -2).cpu()
         assert torch.equal(got, ref), (over, (got != ref).float().mean().item())
 
+
 if __name__ == "__main__":
     from devkit.gpu_script import run_tests
 

@@ -5,8 +5,9 @@ the Wan 2.2 high/low pair with a Sparge node and TorchCompileModel on each model
 One server for the module, started with --use-pytorch-cross-attention so that ComfyUI's own (dense)
 attention is torch SDPA, as on a GPU. Its CPU default, sub-quadratic attention, asks psutil for free
 memory (a file read) inside the block loop, which breaks the torch.compile graph there: dynamo then
-compiles module by module, a CPU-only case (a GPU's default is SDPA). TORCH_LOGS puts dynamo's graph code, graph breaks and recompiles into the
-server log, so the compile test can see the sparse op inside a compiled graph.
+compiles module by module, a CPU-only case (a GPU's default is SDPA). TORCH_LOGS puts dynamo's graph
+code, graph breaks and recompiles into the server log, so the compile test can see the sparse op
+inside a compiled graph.
 """
 import json
 import re
