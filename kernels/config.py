@@ -68,10 +68,13 @@ def config_for_capability(major: int, minor: int) -> KernelConfig:
 _HELPERS = {
     "quant_pool64": Launch(),
     "quant_pool128": Launch(),
-    # V's cast 32 token rows a step: a whole 128-row tile with the overflow check's max compiled to
-    # 255 registers and spilled (sm_80/89/90/120, 4 warps; 159-168 and no spill at 32 rows,
-    # devkit/cross_compile)
-    "quant_v": Launch(block=32),
+    # V's cast in one pass over the block. Steps of 32 rows (v34, when the division made the whole
+    # tile spill) ran 1.8x slower on an H100 (146 vs 80 us at Wan 480p, NOTES v36 / v37): every
+    # step's row sums and transposed store go through shared memory behind a barrier. With V times
+    # the reciprocal the one pass compiles without spills for sm80 / 86 (fp16 V: 255 registers),
+    # sm89 (244) and sm120 (249) (devkit/cross_compile, Triton 3.6); 64 rows at 2 warps, Hopper's
+    # choice, spills 40-120 B there. Not timed on those GPUs.
+    "quant_v": Launch(),
     "kv_stats": Launch(num_stages=1, block=32),
     "block_lse": Launch(block=64, tile=16),
     # one warp per row up to 512 key blocks, two up to 1,024 (H200, bench/predict_tune.py, NOTES
