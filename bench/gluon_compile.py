@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))  # gluon_attn
 
 import torch  # noqa: E402
 
-from devkit.cross_compile import compile_through, cubin_resources as resources, use_target  # noqa: E402,F401
+from devkit.cross_compile import compile_through, cubin_resources, use_target  # noqa: E402
 
 # shapes of one compile: Wan 480p's key count (a partial last block), 2 heads
 B, H, N, D = 1, 2, 32760, 128
@@ -77,7 +77,7 @@ def report_compile(name, kw, jit_fn, launch_fn, patterns, sass_path=None):
     if sass_path:
         Path(sass_path).write_text(sass)
     counts = {key: len(re.findall(pat, sass)) for key, pat in patterns}
-    print(f"\n== {name} ({kw}): {resources(k.asm['cubin'])}, {k.metadata.shared} B shared memory (dynamic), "
+    print(f"\n== {name} ({kw}): {cubin_resources(k.asm['cubin'])}, {k.metadata.shared} B shared memory (dynamic), "
           f"{k.metadata.num_warps} warps")
     print("   " + ", ".join(f"{a}: {b}" for a, b in counts.items()))
     print("   code order (line: event x count):")

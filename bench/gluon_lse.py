@@ -285,8 +285,8 @@ def _compile_main(argv):
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here.parent))  # devkit
     sys.path.insert(0, str(here))  # gluon_compile's helpers
-    from devkit.cross_compile import compile_through, use_target
-    from gluon_compile import report_compile, resources
+    from devkit.cross_compile import compile_through, cubin_resources, use_target
+    from gluon_compile import report_compile
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true")
@@ -323,7 +323,7 @@ def _compile_main(argv):
             want_mean=True, launch=config.helper_launches_for(9)["block_lse"],
             kbar=(x(B, H, 384, D, dtype=torch.int8), x(B, H, 384))))
         sass = k.asm["sass"]
-        print(f"\n== production _block_lse_kernel (Triton): {resources(k.asm['cubin'])}, "
+        print(f"\n== production _block_lse_kernel (Triton): {cubin_resources(k.asm['cubin'])}, "
               f"{k.metadata.shared} B shared memory, {k.metadata.num_warps} warps")
         print("   main loop (the backward branch's body): " + _loop_order(sass))
     except Exception:  # the comparison is optional

@@ -70,7 +70,7 @@ def main():
     for a in after:
         b = old.get((a["kernel"], a["variant"]))  # None: a kernel the revision does not have
         rows.append(dict(kernel=a["kernel"], variant=a["variant"], before=b, after=a))
-        cells = " ".join(f"{b.get(c, '?') if b else '-':>7} -> {a[c]:<7}" for c in cols)
+        cells = " ".join(f"{b[c] if b else '-':>7} -> {a[c]:<7}" for c in cols)
         print(f"{a['kernel']:<22} {a['variant']:<34} {cells}")
     res = dict(date=datetime.date.today().isoformat(), cc=cc, before=rev, rows=rows,
                triton=__import__("triton").__version__)

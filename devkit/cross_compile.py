@@ -9,6 +9,7 @@ process of its own: `use_target` replaces Triton's active driver for the rest of
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -68,8 +69,6 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
     """Triton's own cuobjdump run on a cubin (flag: -sass, -res-usage). Its -sass lists every
     instruction; Triton's kernel.asm["sass"] does not: its parser (triton/tools/disasm.py) stops at
     the first offset of five hex digits, after 4,096 instructions."""
-    import subprocess
-
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -82,8 +81,6 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
 def cubin_resources(cubin: bytes) -> dict:
     """Registers, spill bytes and static shared memory as ptxas recorded them in the cubin
     (cuobjdump -res-usage: a kernel compiled without a driver has no n_regs attribute)."""
-    import re
-
     txt = cuobjdump(cubin, "-res-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", txt)
     return dict(zip(("regs", "stack", "static_shared", "local"), map(int, m.groups()))) if m else {"raw": txt}

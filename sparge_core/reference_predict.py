@@ -22,7 +22,6 @@ from .reference_quant import (
     round_half_away,
     smooth_k,
     split_blocks,
-    value_reciprocal,
 )
 
 
@@ -252,8 +251,8 @@ def block_means(k, v, block_k: int, pv_dtype: str, kbar=None):
     cnt = block_token_counts(n, block_k, k.device)[:, None]
     kv, kscale = mean_keys_i8(smooth_k(k.float()), block_k) if kbar is None else kbar
     kbar = kv * kscale[..., None]
-    _, vscale = quantize_v(v, "fp32")
-    vbar = split_blocks(v.float() * value_reciprocal(vscale)[:, :, None, :], block_k).sum(-2) / cnt
+    vs, _ = quantize_v(v, "fp32")  # v times its scale's reciprocal, unrounded
+    vbar = split_blocks(vs, block_k).sum(-2) / cnt
     if pv_dtype == "fp8":
         vbar = vbar.to(torch.float8_e4m3fn).float()
     elif pv_dtype == "fp16":
