@@ -41,9 +41,11 @@ def grids(quick: bool) -> dict:
         "kv_stats": [Launch(num_warps=4, num_stages=s, block=b, programs=p)
                      for b, s, p in itertools.product((32, 64), (1, 2, 3), (1024, 2048))],
         # v24: register caps for 4 programs per SM (128; with 2 stages, as 3 stages' shared memory fits
-        # only 3) and result-tile widths (two key blocks per dot, measured slower, is in NOTES v24)
-        "block_lse": [Launch(num_warps=4, num_stages=s, block=64, programs=256, maxnreg=r, tile=t)
-                      for s, r, t in itertools.product((2, 3), (None, 128, 168), (8, 16, 32))],
+        # only 3; slower, the grid has it no more) and result-tile widths (two key blocks per dot, measured
+        # slower, is in NOTES v24);
+        # v39: the keys by pointers or by TMA
+        "block_lse": [Launch(num_warps=4, num_stages=s, block=64, programs=256, maxnreg=r, tile=t, tma=m)
+                      for s, r, t, m in itertools.product((2, 3), (None, 168), (16, 32), (False, True))],
         "select": [Launch(num_warps=n) for n in (1, 2, 4, 8)],
         "block_lse_nomean": [],  # the default shape only: what the fill_skipped mean scores cost
         # the default shape only, for comparison: v31's V stats before (all of V read for its max,

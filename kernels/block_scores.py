@@ -7,6 +7,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .config import Launch, helper_launch
 from .host_math import cdiv, next_pow2
@@ -15,9 +16,32 @@ from .numerics import MAGIC_F, batch_head, int32_bits_f32, round_half_away
 
 
 @triton.jit
-def _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
+def _key_rows(top, offs_s, KEY_STRIDE: tl.constexpr):
+    """The block's key positions a score reads: every one, or every KEY_STRIDE-th with the top
+    key's group read at the top key."""
+    if KEY_STRIDE == 1:
+        rows = offs_s
+    else:
+        rows = tl.where(offs_s == top // KEY_STRIDE, top, offs_s * KEY_STRIDE)
+    return rows
+
+
+@triton.jit
+def _key_tile(K, k_base, k_row, kb, rows, sk_n, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """(HEAD_DIM, keys) int8 tile of the keys at `rows` of key block kb: by a bulk tensor copy
+    (TMA, every key of the block; K a descriptor over the (rows, HEAD_DIM) keys, k_row the head's
+    first row) or by pointers (K padded to whole blocks: no mask)."""
+    if TMA:
+        k = K.load([k_row + kb * BLOCK_N, 0]).T
+    else:
+        k = tl.load(k_base + (kb * BLOCK_N + rows)[None, :].to(tl.int64) * sk_n)
+    return k
+
+
+@triton.jit
+def _block_lse(q_i8, k, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
                KEY_STRIDE: tl.constexpr, MASK_KEYS: tl.constexpr, GUARD: tl.constexpr):
-    """log2 sum_j w_j exp2(score_j) per row over the keys this key block's score reads: every
+    """log2 sum_j w_j exp2(score_j) per row over the keys this key block's score reads (k): every
     KEY_STRIDE-th, the one of the top key's group replaced by the top key (position `top`, weight
     1), the others weighted 2^lw_rest (reference_predict.block_lse_scores); with GUARD, a block
     where `exact` holds reads the rest of each group too, every key at weight 1 (the exact sum).
@@ -26,12 +50,7 @@ def _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, offs_
     f_j - f_max is exact (both in [2^23, 2^24)), so each score keeps full fp32 precision. row_scale
     (per row, loop-invariant) and ks stay apart so that the row scale enters the scores' layout
     once (see the caller)."""
-    if KEY_STRIDE == 1:
-        rows = offs_s
-    else:
-        rows = tl.where(offs_s == top // KEY_STRIDE, top, offs_s * KEY_STRIDE)
-    # int8, padded to whole blocks (offset < 2^31 within a head)
-    k = tl.load(k_base + (kb * BLOCK_N + rows)[None, :].to(tl.int64) * sk_n)
+    rows = _key_rows(top, offs_s, KEY_STRIDE)  # k: the keys at these rows (_key_tile)
     dot = tl.dot(q_i8, k)
     s = int32_bits_f32(dot)
     c = row_scale * ks
@@ -66,12 +85,33 @@ def _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, offs_
 
 
 @triton.jit
+def _block_lse_ref(q_i8, k, row_scale, ref, ks, kb, offs_s, N_K, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """log2 sum_j exp2(score_j) per row over every key of the block (k), each exp2 taken relative
+    to ref (per row, log2 units; the caller's: the lse of its first block) instead of the block's
+    own row max. No max over the block: per score the dot's value (an exact FADD of the magic
+    number), one FFMA (scale and shift), the exp2 and the sum; the max had added a chain of 31
+    FMNMX and two shuffles per row before the first exp2, and the shift's FADD and FMUL.
+    2^t is a finite normal fp32 for t in [-126, 128). A key scoring more than 126 below ref
+    counts as 0 (flushed), and a block whose sum is lost so gets ref - 126: its mass is under
+    2^-119 of the reference block's, which no selection or estimate downstream tells from 0. A
+    block whose sum passes 2^128 gets ref + 128: it outweighs the reference block 2^128 to 1 and
+    is kept whatever its exact score. In between: the max form's value up to rounding (t is
+    rounded once)."""
+    d = int32_bits_f32(tl.dot(q_i8, k)) - MAGIC_F  # the int32 dot's value, exactly
+    c = row_scale * ks
+    p = tl.math.exp2(d * c[:, None] - ref[:, None])
+    if MASK_KEYS:
+        p = tl.where((kb * BLOCK_N + offs_s < N_K)[None, :], p, 0.0)
+    return ref + tl.minimum(tl.maximum(tl.math.log2(tl.sum(p, 1)), -126.0), 128.0)
+
+
+@triton.jit
 def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks_b, sks_h,
                       skb_b, skb_h, skbs_b, skbs_h, so_b, so_h, so_r,
                       NR, N_K, NKB, H, KV_GROUP, scale_log2, lw_full, exact_below,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
                       KB_TILE: tl.constexpr, KEY_STRIDE: tl.constexpr, WANT_MEAN: tl.constexpr,
-                      GUARD: tl.constexpr):
+                      GUARD: tl.constexpr, TMA: tl.constexpr):
     """One program: BLOCK_R pooled queries against KB_TILE consecutive key blocks. The per-row
     results collect in a (BLOCK_R, KB_TILE) register tile, stored once at the end: a store per
     block would move each row's value through shared memory (the dot's row layout is not the
@@ -106,47 +146,66 @@ def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, 
     # scale first and moves the product through shared memory behind a barrier, every block)
     zero = tl.dot(q_i8, tl.zeros([HEAD_DIM, BLOCK_N // KEY_STRIDE], dtype=tl.int8))
     row_scale = row_scale0 + tl.max(zero, 1).to(tl.float32)
-    k_base = K + b * sk_b + hk * sk_h + offs_d[:, None]
+    if TMA:  # K: a descriptor over the (B * Hkv * padded keys, HEAD_DIM) rows
+        k_base = K  # not read
+        k_row = ((b * sk_b + hk * sk_h) // sk_n).to(tl.int32)  # rows < 2^31, as the descriptor wants
+    else:
+        k_base = K + b * sk_b + hk * sk_h + offs_d[:, None]
+        k_row = 0
     ks_ptr = KS + b * sks_b + hk * sks_h
     top_ptr = TOP + b * sks_b + hk * sks_h  # TOP and KSIM have KS's strides
     sim_ptr = KSIM + b * sks_b + hk * sks_h
     lse_t = tl.zeros([BLOCK_R, KB_TILE], dtype=tl.float32)
     # only the last key block of the sequence can be partial: run the others without a mask
     kb_full = tl.minimum(kb1, N_K // BLOCK_N)
-    ks_next = tl.load(ks_ptr + kb0)
-    top_next = 0
-    exact_next = False
-    if KEY_STRIDE > 1:
+    if KEY_STRIDE == 1:
+        # the tile's first block with its own row max (masked: it may be the partial last one); its
+        # lse is the reference of the others (_block_lse_ref), which then need no max of their own
+        ref = _block_lse(q_i8, _key_tile(K, k_base, k_row, kb0, offs_s, sk_n, BLOCK_N, TMA), k_base, sk_n, row_scale,
+                         tl.load(ks_ptr + kb0), kb0, 0, 0.0, False, offs_s, N_K, BLOCK_N, 1, True, False)
+        lse_t = tl.where((cols == 0)[None, :], ref[:, None], lse_t)
+        ks_next = tl.load(ks_ptr + tl.minimum(kb0 + 1, NKB - 1))
+        for kb in range(kb0 + 1, kb_full):
+            ks = ks_next
+            ks_next = tl.load(ks_ptr + tl.minimum(kb + 1, NKB - 1))  # a block ahead: its latency hides
+            lse = _block_lse_ref(q_i8, _key_tile(K, k_base, k_row, kb, offs_s, sk_n, BLOCK_N, TMA), row_scale, ref,
+                                 ks, kb, offs_s, N_K, BLOCK_N, False)
+            lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
+        if (kb0 < kb_full) & (kb_full < kb1):  # the partial last block, unless it was the first
+            lse = _block_lse_ref(q_i8, _key_tile(K, k_base, k_row, kb_full, offs_s, sk_n, BLOCK_N, TMA), row_scale,
+                                 ref, tl.load(ks_ptr + kb_full), kb_full, offs_s, N_K, BLOCK_N, True)
+            lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
+    else:
+        ks_next = tl.load(ks_ptr + kb0)
         top_next = tl.load(top_ptr + kb0)
+        exact_next = False
         if GUARD:
             exact_next = tl.load(sim_ptr + kb0) < exact_below
-    for kb in range(kb0, kb_full):
-        ks = ks_next
-        top = top_next
-        exact = exact_next
-        nxt = tl.minimum(kb + 1, NKB - 1)
-        ks_next = tl.load(ks_ptr + nxt)  # a block ahead: its latency hides behind this one
-        if KEY_STRIDE > 1:
+        for kb in range(kb0, kb_full):
+            ks = ks_next
+            top = top_next
+            exact = exact_next
+            nxt = tl.minimum(kb + 1, NKB - 1)
+            ks_next = tl.load(ks_ptr + nxt)  # a block ahead: its latency hides behind this one
             top_next = tl.load(top_ptr + nxt)
             if GUARD:
                 exact_next = tl.load(sim_ptr + nxt) < exact_below
-        lse = _block_lse(q_i8, k_base, sk_n, row_scale, ks, kb, top, lw_full, exact, offs_s, N_K, BLOCK_N,
-                         KEY_STRIDE, False, GUARD)
-        lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
-    if kb_full < kb1:
-        top = 0
-        lw_last = 0.0
-        exact = GUARD  # the guard reads a partial block in full (reference_predict.lse_exact_blocks)
-        if KEY_STRIDE > 1:
+            k = _key_tile(K, k_base, k_row, kb, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, False)
+            lse = _block_lse(q_i8, k, k_base, sk_n, row_scale, ks, kb, top, lw_full, exact, offs_s, N_K, BLOCK_N,
+                             KEY_STRIDE, False, GUARD)
+            lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
+        if kb_full < kb1:
             top = tl.load(top_ptr + kb_full)
             n_real = N_K - kb_full * BLOCK_N
             # (n - 1) / (the other real keys read); a block of one key has no other real key
             # (its other columns are masked: their weight does not matter)
             lw_last = tl.math.log2(tl.maximum(n_real - 1, 1).to(tl.float32)
                                    / tl.maximum(tl.cdiv(n_real, KEY_STRIDE) - 1, 1).to(tl.float32))
-        lse = _block_lse(q_i8, k_base, sk_n, row_scale, tl.load(ks_ptr + kb_full), kb_full, top, lw_last, exact,
-                         offs_s, N_K, BLOCK_N, KEY_STRIDE, True, GUARD)
-        lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
+            # the guard reads a partial block in full (reference_predict.lse_exact_blocks)
+            k = _key_tile(K, k_base, k_row, kb_full, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, False)
+            lse = _block_lse(q_i8, k, k_base, sk_n, row_scale, tl.load(ks_ptr + kb_full), kb_full, top, lw_last,
+                             GUARD, offs_s, N_K, BLOCK_N, KEY_STRIDE, True, GUARD)
+            lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
     offs = b * so_b + h * so_h + offs_r[:, None] * so_r + (kb0 + cols)[None, :]
     ok = (offs_r < NR)[:, None] & (kb0 + cols < kb1)[None, :]
     tl.store(OUT + offs, lse_t, mask=ok)
@@ -212,16 +271,19 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     # the weight of the keys read besides the top one in a full block: (block_k - 1) / (the others read)
     lw_full = math.log2((block_k - 1) / (block_k // key_stride - 1)) if key_stride > 1 else 0.0
     top = key_top if key_stride > 1 else k_scale
+    # the keys by bulk tensor copies where every key of a block is read (Hopper: launch.tma)
+    tma = launch.tma and key_stride == 1 and k_i8.is_contiguous() and hd % 16 == 0
+    k_arg = TensorDescriptor.from_tensor(k_i8.view(-1, hd), [block_k, hd]) if tma else k_i8
     grid = (row_tiles, cdiv(nkb, kb_tile), B * H)
     _block_lse_launch[grid](
-        q_pool, k_i8, k_scale, top, key_sim if guard else k_scale, kbar_i8, kbar_s, out, mean,
+        q_pool, k_arg, k_scale, top, key_sim if guard else k_scale, kbar_i8, kbar_s, out, mean,
         q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
         kbar_i8.stride(0), kbar_i8.stride(1), kbar_s.stride(0), kbar_s.stride(1),
         out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634, lw_full,
         float(exact_below), BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile,
         KEY_STRIDE=key_stride,
-        WANT_MEAN=want_mean, GUARD=guard, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        WANT_MEAN=want_mean, GUARD=guard, TMA=tma, num_warps=launch.num_warps, num_stages=launch.num_stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
     )
     return (out, mean) if want_mean else out

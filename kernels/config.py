@@ -31,6 +31,7 @@ class Launch:
     programs: int = 1024
     maxnreg: int | None = None
     tile: int = 32
+    tma: bool = False  # the scoring kernel's keys by bulk tensor copies (TMA descriptors; Hopper)
 
 
 # Block sizes shared by every device, so that masks, profiles and calibration made on one
@@ -89,7 +90,7 @@ _HELPERS = {
 # several blocks per program with loads ahead: 56 -> 76 us for Q at Wan).
 # quant_v in 64-row steps with 2 warps (H200, 2026-12-05, predict_tune; NOTES v35): 173 -> 87 us at
 # Wan 480p, 681 -> 326 us at HunyuanVideo 544p against 32 rows with 4 warps (the one pass: 90 / 358).
-_HOPPER = {"block_lse": Launch(block=64, programs=256, maxnreg=168), "kv_stats": Launch(num_stages=3, block=32),
+_HOPPER = {"block_lse": Launch(block=64, programs=256, maxnreg=168, tma=True), "kv_stats": Launch(num_stages=3, block=32),
            "quant_v": Launch(num_warps=2, block=64)}
 
 

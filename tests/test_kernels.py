@@ -780,6 +780,37 @@ def test_block_lse_scores_across_programs_and_launch_shapes():
         torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on exp2 overflow, log2(0)
+def test_block_lse_scores_far_from_the_first_block_stay_finite():
+    """Every block's lse is taken relative to its program's first block (no max of its own): a
+    block 300 log2 units above it is clamped at +128 (it still outranks every other), one 300
+    below at -126 (negligible either way), the blocks in between match the reference; by pointers
+    and by TMA alike."""
+    kern = pytest.importorskip("sparge_attention.kernels.block_scores")
+    from sparge_attention.kernels.config import Launch
+    from sparge_attention.sparge_core.reference_predict import block_lse_scores
+
+    g = torch.Generator().manual_seed(3)
+    D, n = 64, 4 * BK
+    q_pool = torch.randn(1, 1, 2, D, generator=g)
+    k_i8 = torch.randint(-127, 128, (1, 1, n, D), generator=g, dtype=torch.int8)
+    k_i8[0, 0, BK:2 * BK] = (q_pool[0, 0, 0] / q_pool[0, 0, 0].abs().max() * 127).round().to(torch.int8)  # aligned
+    k_i8[0, 0, 2 * BK:3 * BK] = -k_i8[0, 0, BK:2 * BK]  # anti-aligned
+    k_s = torch.tensor([[[0.01, 0.05, 0.05, 0.01]]])
+    scale = 1.0
+    want = block_lse_scores(q_pool, k_i8, k_s, scale, n, BK, stride=1)[0, 0, 0]
+    assert want[1] - want[0] > 200 and want[0] - want[2] > 200  # the regimes this test is about
+    for launch in (Launch(block=64), Launch(block=64, tma=True)):
+        got = kern.block_lse_scores(q_pool, k_i8, k_s, scale, n, BK, launch=launch)[0, 0]
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got[:, [0, 3]], block_lse_scores(q_pool, k_i8, k_s, scale, n, BK, stride=1)[0, 0][:, [0, 3]],
+                                   rtol=1e-5, atol=1e-4)
+        ref = got[0, 0]
+        torch.testing.assert_close(got[0, 1], ref + 128, rtol=0, atol=1e-4)
+        torch.testing.assert_close(got[0, 2], ref - 126, rtol=0, atol=1e-4)
+        assert got[0].argmax() == 1
+
+
 # ----------------------------------------------------------------------------- K mean + V max
 @settings(max_examples=10, deadline=None, phases=NO_SHRINK)
 @given(n=st.integers(1, 700), dk=st.sampled_from([64, 80, 128]), dv=st.sampled_from([64, 80, 128]),
