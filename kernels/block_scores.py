@@ -12,7 +12,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .config import Launch, helper_launch
 from .host_math import cdiv, next_pow2
 from .launch import Kernel
-from .numerics import MAGIC_F, batch_head, int32_bits_f32, round_half_away
+from .fp8 import INTERPRET
+from .numerics import MAGIC_F, batch_head, int32_bits_f32, log2_mufu, round_half_away
 
 
 @triton.jit
@@ -85,24 +86,34 @@ def _block_lse(q_i8, k, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, of
 
 
 @triton.jit
-def _block_lse_ref(q_i8, k, row_scale, ref, ks, kb, offs_s, N_K, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+def _block_lse_ref(q_i8, k, row_scale, ref, ks, kb, offs_s, N_K, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
+                   INTERPRETED: tl.constexpr):
     """log2 sum_j exp2(score_j) per row over every key of the block (k), each exp2 taken relative
     to ref (per row, log2 units; the caller's: the lse of its first block) instead of the block's
-    own row max. No max over the block: per score the dot's value (an exact FADD of the magic
-    number), one FFMA (scale and shift), the exp2 and the sum; the max had added a chain of 31
-    FMNMX and two shuffles per row before the first exp2, and the shift's FADD and FMUL.
+    own row max. No max over the block: per score one FFMA (the dot's float bits times the scale,
+    plus a per-row bias that also takes the magic number out), the exp2 and the sum; the max form
+    adds a chain of 31 FMNMX and two shuffles per row before the first exp2, and an FADD and FMUL
+    per score. The block's log2 is the MUFU's (log2_mufu).
     2^t is a finite normal fp32 for t in [-126, 128). A key scoring more than 126 below ref
-    counts as 0 (flushed), and a block whose sum is lost so gets ref - 126: its mass is under
-    2^-119 of the reference block's, which no selection or estimate downstream tells from 0. A
-    block whose sum passes 2^128 gets ref + 128: it outweighs the reference block 2^128 to 1 and
-    is kept whatever its exact score. In between: the max form's value up to rounding (t is
-    rounded once)."""
-    d = int32_bits_f32(tl.dot(q_i8, k)) - MAGIC_F  # the int32 dot's value, exactly
+    counts as 0 (flushed), and a block whose sum is lost so gets about ref - 126: its mass is
+    under 2^-119 of the reference block's, which no selection or estimate downstream tells from 0.
+    A block whose sum passes 2^128 gets about ref + 128: it outweighs the reference block 2^128
+    to 1 and is kept whatever its exact score. In between: the max form's value to fp32 rounding."""
+    f = int32_bits_f32(tl.dot(q_i8, k))  # MAGIC_F + the int32 dot, exactly
     c = row_scale * ks
-    p = tl.math.exp2(d * c[:, None] - ref[:, None])
+    # t = (f - MAGIC_F) * c - ref in one FFMA per score: f * c + bias, with bias any fp32 near
+    # -(MAGIC_F * c + ref) and the reference taken as what bias makes it, ref_b = -(MAGIC_F * c + bias),
+    # itself one FFMA per row: the product inside each FFMA is exact, so t and ref_b are rounded once,
+    # at their own (small) magnitudes, and t + ref_b is the score to fp32 rounding
+    bias = -(MAGIC_F * c + ref)
+    ref_b = tl.fma(c, -MAGIC_F, -bias)
+    if INTERPRETED:  # its fma rounds the product first (at f * c's magnitude): the same t by steps
+        p = tl.math.exp2((f - MAGIC_F) * c[:, None] - ref_b[:, None])
+    else:
+        p = tl.math.exp2(tl.fma(f, c[:, None], bias[:, None]))
     if MASK_KEYS:
         p = tl.where((kb * BLOCK_N + offs_s < N_K)[None, :], p, 0.0)
-    return ref + tl.minimum(tl.maximum(tl.math.log2(tl.sum(p, 1)), -126.0), 128.0)
+    return ref_b + tl.minimum(tl.maximum(log2_mufu(tl.sum(p, 1), INTERPRETED), -126.0), 128.0)
 
 
 @triton.jit
@@ -111,7 +122,7 @@ def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, 
                       NR, N_K, NKB, H, KV_GROUP, scale_log2, lw_full, exact_below,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
                       KB_TILE: tl.constexpr, KEY_STRIDE: tl.constexpr, WANT_MEAN: tl.constexpr,
-                      GUARD: tl.constexpr, TMA: tl.constexpr):
+                      GUARD: tl.constexpr, TMA: tl.constexpr, INTERPRETED: tl.constexpr):
     """One program: BLOCK_R pooled queries against KB_TILE consecutive key blocks. The per-row
     results collect in a (BLOCK_R, KB_TILE) register tile, stored once at the end: a store per
     block would move each row's value through shared memory (the dot's row layout is not the
@@ -169,11 +180,11 @@ def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, 
             ks = ks_next
             ks_next = tl.load(ks_ptr + tl.minimum(kb + 1, NKB - 1))  # a block ahead: its latency hides
             lse = _block_lse_ref(q_i8, _key_tile(K, k_base, k_row, kb, offs_s, sk_n, BLOCK_N, TMA), row_scale, ref,
-                                 ks, kb, offs_s, N_K, BLOCK_N, False)
+                                 ks, kb, offs_s, N_K, BLOCK_N, False, INTERPRETED)
             lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
         if (kb0 < kb_full) & (kb_full < kb1):  # the partial last block, unless it was the first
             lse = _block_lse_ref(q_i8, _key_tile(K, k_base, k_row, kb_full, offs_s, sk_n, BLOCK_N, TMA), row_scale,
-                                 ref, tl.load(ks_ptr + kb_full), kb_full, offs_s, N_K, BLOCK_N, True)
+                                 ref, tl.load(ks_ptr + kb_full), kb_full, offs_s, N_K, BLOCK_N, True, INTERPRETED)
             lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
     else:
         ks_next = tl.load(ks_ptr + kb0)
@@ -283,7 +294,7 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
         out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634, lw_full,
         float(exact_below), BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile,
         KEY_STRIDE=key_stride,
-        WANT_MEAN=want_mean, GUARD=guard, TMA=tma, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        WANT_MEAN=want_mean, GUARD=guard, TMA=tma, INTERPRETED=INTERPRET, num_warps=launch.num_warps, num_stages=launch.num_stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
     )
     return (out, mean) if want_mean else out
