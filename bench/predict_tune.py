@@ -43,9 +43,9 @@ def grids(quick: bool) -> dict:
         # v24: register caps for 4 programs per SM (128; with 2 stages, as 3 stages' shared memory fits
         # only 3; slower, the grid has it no more) and result-tile widths (two key blocks per dot, measured
         # slower, is in NOTES v24);
-        # v39: the keys by pointers or by TMA
+        # v39: the keys by TMA or by pointers (--quick: the default shape and the same with pointers)
         "block_lse": [Launch(num_warps=4, num_stages=s, block=64, programs=256, maxnreg=r, tile=t, tma=m)
-                      for s, r, t, m in itertools.product((2, 3), (None, 168), (16, 32), (False, True))],
+                      for s, r, t, m in itertools.product((3, 2), (168, None), (32, 16), (True, False))],
         "select": [Launch(num_warps=n) for n in (1, 2, 4, 8)],
         "block_lse_nomean": [],  # the default shape only: what the fill_skipped mean scores cost
         # the default shape only, for comparison: v31's V stats before (all of V read for its max,
