@@ -10,6 +10,9 @@
 # PARTS (default "tests,predict,kernel,quality,variant") picks the parts (kernel: the attention
 # kernel's variants at given masks, bench/kernel_variants.py): all of them take more than one
 # device call (10 min), so split them, e.g. PARTS=tests,predict then PARTS=quality,variant.
+# Two more, run first when named: "lse" (the scoring kernel's GPU test, then its default launch and
+# its pointer-load twin timed in this tree, BEFORE_TREE and VARIANT_TREE) and "cost" (fill_cost in
+# BEFORE_TREE and this tree, predict's second half), e.g. PARTS=lse,cost,quality,tests (~7 min).
 # ("bench" is predict + quality.) Each step's log line says when it started (seconds).
 # The node tests need a ComfyUI tree in .comfyui/ComfyUI (carry it to the device).
 set -uo pipefail
@@ -24,6 +27,27 @@ part() { [[ ",$PARTS," == *",$1,"* ]]; }
 step() { echo "== $* (at ${SECONDS}s)" | tee -a "$L"; }
 nvidia-smi --query-gpu=name --format=csv,noheader | tee -a "$L"
 git log --oneline -1 2>/dev/null | tee -a "$L"
+if part lse; then  # the scoring kernel alone, in this tree and the others given (predict_tune --quick)
+  step tests/test_lse_gpu.py
+  timeout 100 python3 tests/test_lse_gpu.py 2>&1 | grep -E "PASS|FAIL|Error" | tee -a "$L"
+  i=0
+  for tree in . "${1:-}" "${2:-}"; do
+    [ -n "$tree" ] || continue
+    i=$((i + 1)); mkdir -p "$OUT/lse_$i"
+    step "predict_tune --quick block_lse in $tree"
+    (cd "$tree/bench" && OUT="$OUT/lse_$i" timeout 100 python3 predict_tune.py --quick --kernels block_lse,block_lse_nomean \
+      2>&1 | tail -12) | tee -a "$L"
+  done
+fi
+if part cost; then  # prediction + quantization and the kernel at the Balanced mask, BEFORE_TREE then this tree
+  mkdir -p "$OUT/fill_cost" "$OUT/fill_cost_before"
+  if [ -n "${1:-}" ]; then
+    step "fill_cost in $1"
+    (cd "$1/bench" && OUT="$OUT/fill_cost_before" timeout 100 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
+  fi
+  step "fill_cost"
+  (cd bench && OUT="$OUT/fill_cost" timeout 100 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
+fi
 if part tests; then
 for t in tests/test_quant_gpu.py tests/test_lse_gpu.py tests/test_launch_gpu.py; do
   step "$t"
