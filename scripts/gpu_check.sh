@@ -35,8 +35,8 @@ if part lse; then  # the scoring kernel alone, in this tree and the others given
     [ -n "$tree" ] || continue
     i=$((i + 1)); mkdir -p "$OUT/lse_$i"
     step "predict_tune --quick block_lse in $tree"
-    (cd "$tree/bench" && OUT="$OUT/lse_$i" timeout 100 python3 predict_tune.py --quick --kernels block_lse,block_lse_nomean \
-      2>&1 | tail -12) | tee -a "$L"
+    (cd "$tree/bench" && OUT="$OUT/lse_$i" timeout 100 python3 predict_tune.py --quick \
+      --kernels block_lse,block_lse_nomean 2>&1 | tail -12) | tee -a "$L"
   done
 fi
 if part cost; then  # prediction + quantization and the kernel at the Balanced mask, BEFORE_TREE then this tree
