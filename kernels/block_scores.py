@@ -28,14 +28,20 @@ def _key_rows(top, offs_s, KEY_STRIDE: tl.constexpr):
 
 
 @triton.jit
+def _key_ptr_tile(k_base, kb, rows, sk_n, BLOCK_N: tl.constexpr):
+    """(HEAD_DIM, keys) int8 tile of the keys at `rows` of key block kb, by pointers (K padded to
+    whole blocks: no mask)."""
+    return tl.load(k_base + (kb * BLOCK_N + rows)[None, :].to(tl.int64) * sk_n)
+
+
+@triton.jit
 def _key_tile(K, k_base, k_row, kb, rows, sk_n, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
-    """(HEAD_DIM, keys) int8 tile of the keys at `rows` of key block kb: by a bulk tensor copy
-    (TMA, every key of the block; K a descriptor over the (rows, HEAD_DIM) keys, k_row the head's
-    first row) or by pointers (K padded to whole blocks: no mask)."""
+    """The same tile by a bulk tensor copy (TMA, every key of the block; K a descriptor over the
+    (rows, HEAD_DIM) keys, k_row the head's first row) or by pointers (_key_ptr_tile)."""
     if TMA:
         k = K.load([k_row + kb * BLOCK_N, 0]).T
     else:
-        k = tl.load(k_base + (kb * BLOCK_N + rows)[None, :].to(tl.int64) * sk_n)
+        k = _key_ptr_tile(k_base, kb, rows, sk_n, BLOCK_N)
     return k
 
 
@@ -73,7 +79,7 @@ def _block_lse(q_i8, k, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, of
                 acc = tl.sum(tl.math.exp2((s - f_max[:, None]) * c[:, None]), 1)
                 for t in tl.static_range(1, KEY_STRIDE):
                     rows_t = rows ^ t
-                    k_t = tl.load(k_base + (kb * BLOCK_N + rows_t)[None, :].to(tl.int64) * sk_n)
+                    k_t = _key_ptr_tile(k_base, kb, rows_t, sk_n, BLOCK_N)
                     s_t = int32_bits_f32(tl.dot(q_i8, k_t))
                     if MASK_KEYS:
                         s_t = tl.where((kb * BLOCK_N + rows_t < N_K)[None, :], s_t, float("-inf"))

@@ -12,7 +12,8 @@
 # device call (10 min), so split them, e.g. PARTS=tests,predict then PARTS=quality,variant.
 # Two more, run first when named: "lse" (the scoring kernel's GPU test, then its default launch and
 # its pointer-load twin timed in this tree, BEFORE_TREE and VARIANT_TREE) and "cost" (fill_cost in
-# BEFORE_TREE and this tree, predict's second half), e.g. PARTS=lse,cost,quality,tests (~7 min).
+# BEFORE_TREE and this tree; "predict" is predict_tune plus this part), e.g. PARTS=lse,cost,quality,tests
+# (~7 min).
 # ("bench" is predict + quality.) Each step's log line says when it started (seconds).
 # The node tests need a ComfyUI tree in .comfyui/ComfyUI (carry it to the device).
 set -uo pipefail
@@ -23,6 +24,7 @@ L="$OUT/log.txt"
 cd "$REPO"
 PARTS="${PARTS:-tests,predict,kernel,quality,variant}"
 PARTS="${PARTS//bench/predict,quality}"
+PARTS="${PARTS//predict/predict,cost}"  # predict_tune, then fill_cost (the cost part)
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
 step() { echo "== $* (at ${SECONDS}s)" | tee -a "$L"; }
 nvidia-smi --query-gpu=name --format=csv,noheader | tee -a "$L"
@@ -43,10 +45,10 @@ if part cost; then  # prediction + quantization and the kernel at the Balanced m
   mkdir -p "$OUT/fill_cost" "$OUT/fill_cost_before"
   if [ -n "${1:-}" ]; then
     step "fill_cost in $1"
-    (cd "$1/bench" && OUT="$OUT/fill_cost_before" timeout 100 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
+    (cd "$1/bench" && OUT="$OUT/fill_cost_before" timeout 150 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
   fi
   step "fill_cost"
-  (cd bench && OUT="$OUT/fill_cost" timeout 100 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
+  (cd bench && OUT="$OUT/fill_cost" timeout 150 python3 fill_cost.py 2>&1 | tail -16) | tee -a "$L"
 fi
 if part tests; then
 for t in tests/test_quant_gpu.py tests/test_lse_gpu.py tests/test_launch_gpu.py; do
@@ -63,17 +65,11 @@ timeout 250 python3 tests/comfy/test_nodes_gpu.py 2>&1 | grep -E "PASS|FAIL|Erro
 unset PYTORCH_CUDA_ALLOC_CONF
 fi
 if part predict; then
-mkdir -p "$OUT/predict_tune" "$OUT/fill_cost" "$OUT/fill_cost_before"
+mkdir -p "$OUT/predict_tune"
 step "predict_tune (the helpers with v34's row steps, and v31's comparison rows)"
 (cd bench && OUT="$OUT/predict_tune" timeout 300 python3 predict_tune.py \
   --kernels quant_pool64,quant_pool128,quant_v,quant_v_unchecked,kv_stats,quant_pool128_sim,block_lse,block_lse_stride2,block_lse_stride2_guard 2>&1 \
   | tail -30) | tee -a "$L"
-if [ -n "${1:-}" ]; then
-  step "fill_cost in $1"
-  (cd "$1/bench" && OUT="$OUT/fill_cost_before" timeout 150 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
-fi
-step "fill_cost"
-(cd bench && OUT="$OUT/fill_cost" timeout 150 python3 fill_cost.py 2>&1 | tail -16) | tee -a "$L"
 fi
 if part kernel; then
   mkdir -p "$OUT/kernel_variants" "$OUT/kernel_variants_before"
