@@ -18,12 +18,15 @@ from .numerics import MAGIC_F, batch_head, int32_bits_f32, log2_mufu, round_half
 
 @triton.jit
 def _key_rows(top, offs_s, KEY_STRIDE: tl.constexpr):
-    """The block's key positions a score reads: every one, or every KEY_STRIDE-th with the top
-    key's group read at the top key."""
+    """The block's key positions a score reads: every one, or every KEY_STRIDE-th of the groups
+    other than the top key's, after the top key itself in column 0 (its group's place). Column 0
+    is then the top key in every block, so its weight (1, the others' w) is the same column in
+    each and the weights stay out of the loop."""
     if KEY_STRIDE == 1:
         rows = offs_s
     else:
-        rows = tl.where(offs_s == top // KEY_STRIDE, top, offs_s * KEY_STRIDE)
+        group = tl.where(offs_s <= top // KEY_STRIDE, offs_s - 1, offs_s)  # the groups below the top's, then above
+        rows = tl.where(offs_s == 0, top, group * KEY_STRIDE)
     return rows
 
 
@@ -67,7 +70,7 @@ def _block_lse(q_i8, k, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, of
     if KEY_STRIDE == 1:
         res = (f_max - MAGIC_F) * c + tl.math.log2(tl.sum(tl.math.exp2((s - f_max[:, None]) * c[:, None]), 1))
     else:  # the weight's log2 in the same FFMA
-        lw = tl.where(rows == top, 0.0, lw_rest)
+        lw = tl.where(offs_s == 0, 0.0, lw_rest)  # column 0: the top key (_key_rows)
         p = tl.math.exp2((s - f_max[:, None]) * c[:, None] + lw[None, :])
         res = (f_max - MAGIC_F) * c + tl.math.log2(tl.sum(p, 1))
         if GUARD:
@@ -92,19 +95,35 @@ def _block_lse(q_i8, k, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, of
 
 
 @triton.jit
-def _block_lse_ref(q_i8, k, row_scale, ref, ks, kb, offs_s, N_K, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
+def _exp2_rel(f, c, bias, ref_b, INTERPRETED: tl.constexpr):
+    """exp2 of each score relative to the row's reference (_block_lse_ref): one FFMA per score,
+    f * c + bias; the interpreter's fma rounds the product first (at f * c's magnitude), so there
+    the same t by steps."""
+    if INTERPRETED:
+        p = tl.math.exp2((f - MAGIC_F) * c[:, None] - ref_b[:, None])
+    else:
+        p = tl.math.exp2(tl.fma(f, c[:, None], bias[:, None]))
+    return p
+
+
+@triton.jit
+def _block_lse_ref(q_i8, k, k_base, sk_n, row_scale, ref, ks, kb, top, w, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
+                   KEY_STRIDE: tl.constexpr, MASK_KEYS: tl.constexpr, GUARD: tl.constexpr,
                    INTERPRETED: tl.constexpr):
-    """log2 sum_j exp2(score_j) per row over every key of the block (k), each exp2 taken relative
-    to ref (per row, log2 units; the caller's: the lse of its first block) instead of the block's
-    own row max. No max over the block: per score one FFMA (the dot's float bits times the scale,
-    plus a per-row bias that also takes the magic number out), the exp2 and the sum; the max form
-    adds a chain of 31 FMNMX and two shuffles per row before the first exp2, and an FADD and FMUL
-    per score. The block's log2 is the MUFU's (log2_mufu).
+    """_block_lse's sum (every key, or every KEY_STRIDE-th with the top key's group read at the
+    top key and the others weighted w = 2^lw; with GUARD and `exact`, every key at weight 1) with
+    each exp2 taken relative to ref (per row, log2 units; the caller's: the lse of its first block)
+    instead of the block's own row max. No max over the block: per score one FFMA (the dot's float
+    bits times the scale, plus a per-row bias that also takes the magic number out), the exp2 and
+    the sum (a weighted sum's product folds into it as an FFMA); the max form adds a chain of
+    FMNMX and two shuffles per row before the first exp2, and an FADD and FMUL per score. The
+    block's log2 is the MUFU's (log2_mufu).
     2^t is a finite normal fp32 for t in [-126, 128). A key scoring more than 126 below ref
     counts as 0 (flushed), and a block whose sum is lost so gets about ref - 126: its mass is
     under 2^-119 of the reference block's, which no selection or estimate downstream tells from 0.
     A block whose sum passes 2^128 gets about ref + 128: it outweighs the reference block 2^128
     to 1 and is kept whatever its exact score. In between: the max form's value to fp32 rounding."""
+    rows = _key_rows(top, offs_s, KEY_STRIDE)  # k: the keys at these rows (_key_tile)
     f = int32_bits_f32(tl.dot(q_i8, k))  # MAGIC_F + the int32 dot, exactly
     c = row_scale * ks
     # t = (f - MAGIC_F) * c - ref in one FFMA per score: f * c + bias, with bias any fp32 near
@@ -113,19 +132,30 @@ def _block_lse_ref(q_i8, k, row_scale, ref, ks, kb, offs_s, N_K, BLOCK_N: tl.con
     # at their own (small) magnitudes, and t + ref_b is the score to fp32 rounding
     bias = -(MAGIC_F * c + ref)
     ref_b = tl.fma(c, -MAGIC_F, -bias)
-    if INTERPRETED:  # its fma rounds the product first (at f * c's magnitude): the same t by steps
-        p = tl.math.exp2((f - MAGIC_F) * c[:, None] - ref_b[:, None])
-    else:
-        p = tl.math.exp2(tl.fma(f, c[:, None], bias[:, None]))
+    p = _exp2_rel(f, c, bias, ref_b, INTERPRETED)
     if MASK_KEYS:
-        p = tl.where((kb * BLOCK_N + offs_s < N_K)[None, :], p, 0.0)
-    return ref_b + tl.minimum(tl.maximum(log2_mufu(tl.sum(p, 1), INTERPRETED), -126.0), 128.0)
+        p = tl.where((kb * BLOCK_N + rows < N_K)[None, :], p, 0.0)
+    if KEY_STRIDE == 1:
+        acc = tl.sum(p, 1)
+    else:
+        acc = tl.sum(p * tl.where(offs_s == 0, 1.0, w)[None, :], 1)  # column 0: the top key
+        if GUARD:
+            if exact:  # the groups' other keys (position ^ t, as in _block_lse), every key at weight 1
+                acc = tl.sum(p, 1)
+                for t in tl.static_range(1, KEY_STRIDE):
+                    rows_t = rows ^ t
+                    p_t = _exp2_rel(int32_bits_f32(tl.dot(q_i8, _key_ptr_tile(k_base, kb, rows_t, sk_n, BLOCK_N))),
+                                    c, bias, ref_b, INTERPRETED)
+                    if MASK_KEYS:
+                        p_t = tl.where((kb * BLOCK_N + rows_t < N_K)[None, :], p_t, 0.0)
+                    acc += tl.sum(p_t, 1)
+    return ref_b + tl.minimum(tl.maximum(log2_mufu(acc, INTERPRETED), -126.0), 128.0)
 
 
 @triton.jit
 def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks_b, sks_h,
                       skb_b, skb_h, skbs_b, skbs_h, so_b, so_h, so_r,
-                      NR, N_K, NKB, H, KV_GROUP, scale_log2, lw_full, exact_below,
+                      NR, N_K, NKB, H, KV_GROUP, scale_log2, lw_full, w_full, exact_below,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
                       KB_TILE: tl.constexpr, KEY_STRIDE: tl.constexpr, WANT_MEAN: tl.constexpr,
                       GUARD: tl.constexpr, TMA: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -175,54 +205,56 @@ def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, 
     lse_t = tl.zeros([BLOCK_R, KB_TILE], dtype=tl.float32)
     # only the last key block of the sequence can be partial: run the others without a mask
     kb_full = tl.minimum(kb1, N_K // BLOCK_N)
-    if KEY_STRIDE == 1:
-        # the tile's first block with its own row max (masked: it may be the partial last one); its
-        # lse is the reference of the others (_block_lse_ref), which then need no max of their own
-        ref = _block_lse(q_i8, _key_tile(K, k_base, k_row, kb0, offs_s, sk_n, BLOCK_N, TMA), k_base, sk_n, row_scale,
-                         tl.load(ks_ptr + kb0), kb0, 0, 0.0, False, offs_s, N_K, BLOCK_N, 1, True, False)
-        lse_t = tl.where((cols == 0)[None, :], ref[:, None], lse_t)
-        ks_next = tl.load(ks_ptr + tl.minimum(kb0 + 1, NKB - 1))
-        for kb in range(kb0 + 1, kb_full):
-            ks = ks_next
-            ks_next = tl.load(ks_ptr + tl.minimum(kb + 1, NKB - 1))  # a block ahead: its latency hides
-            lse = _block_lse_ref(q_i8, _key_tile(K, k_base, k_row, kb, offs_s, sk_n, BLOCK_N, TMA), row_scale, ref,
-                                 ks, kb, offs_s, N_K, BLOCK_N, False, INTERPRETED)
-            lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
-        if (kb0 < kb_full) & (kb_full < kb1):  # the partial last block, unless it was the first
-            lse = _block_lse_ref(q_i8, _key_tile(K, k_base, k_row, kb_full, offs_s, sk_n, BLOCK_N, TMA), row_scale,
-                                 ref, tl.load(ks_ptr + kb_full), kb_full, offs_s, N_K, BLOCK_N, True, INTERPRETED)
-            lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
-    else:
-        ks_next = tl.load(ks_ptr + kb0)
-        top_next = tl.load(top_ptr + kb0)
-        exact_next = False
+    # a partial last block's weight of the keys read besides the top one: (n - 1) / (the other real
+    # keys read); a block of one key has no other real key (its other columns are masked: their
+    # weight does not matter). Under the guard it is read in full (reference_predict.lse_exact_blocks)
+    n_real = N_K - kb_full * BLOCK_N
+    w_last = (tl.maximum(n_real - 1, 1).to(tl.float32)
+              / tl.maximum(tl.cdiv(n_real, KEY_STRIDE) - 1, 1).to(tl.float32))
+    # the tile's first block with its own row max (masked: it may be the partial last one); its
+    # lse is the reference of the others (_block_lse_ref), which then need no max of their own
+    first_partial = kb0 >= kb_full
+    top = 0
+    exact = False
+    if KEY_STRIDE > 1:
+        top = tl.load(top_ptr + kb0)
         if GUARD:
-            exact_next = tl.load(sim_ptr + kb0) < exact_below
-        for kb in range(kb0, kb_full):
-            ks = ks_next
-            top = top_next
-            exact = exact_next
-            nxt = tl.minimum(kb + 1, NKB - 1)
-            ks_next = tl.load(ks_ptr + nxt)  # a block ahead: its latency hides behind this one
+            exact = (tl.load(sim_ptr + kb0) < exact_below) | first_partial
+    lw0 = tl.where(first_partial, tl.math.log2(w_last), lw_full)
+    ref = _block_lse(q_i8, _key_tile(K, k_base, k_row, kb0, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, TMA),
+                     k_base, sk_n, row_scale, tl.load(ks_ptr + kb0), kb0, top, lw0, exact, offs_s, N_K, BLOCK_N,
+                     KEY_STRIDE, True, GUARD)
+    lse_t = tl.where((cols == 0)[None, :], ref[:, None], lse_t)
+    nxt = tl.minimum(kb0 + 1, NKB - 1)
+    ks_next = tl.load(ks_ptr + nxt)
+    top_next = 0
+    exact_next = False
+    if KEY_STRIDE > 1:
+        top_next = tl.load(top_ptr + nxt)
+        if GUARD:
+            exact_next = tl.load(sim_ptr + nxt) < exact_below
+    for kb in range(kb0 + 1, kb_full):
+        ks = ks_next
+        top = top_next
+        exact = exact_next
+        nxt = tl.minimum(kb + 1, NKB - 1)
+        ks_next = tl.load(ks_ptr + nxt)  # a block ahead: its latency hides behind this one
+        if KEY_STRIDE > 1:
             top_next = tl.load(top_ptr + nxt)
             if GUARD:
                 exact_next = tl.load(sim_ptr + nxt) < exact_below
-            k = _key_tile(K, k_base, k_row, kb, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, False)
-            lse = _block_lse(q_i8, k, k_base, sk_n, row_scale, ks, kb, top, lw_full, exact, offs_s, N_K, BLOCK_N,
-                             KEY_STRIDE, False, GUARD)
-            lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
-        if kb_full < kb1:
+        k = _key_tile(K, k_base, k_row, kb, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, TMA)
+        lse = _block_lse_ref(q_i8, k, k_base, sk_n, row_scale, ref, ks, kb, top, w_full, exact, offs_s, N_K, BLOCK_N,
+                             KEY_STRIDE, False, GUARD, INTERPRETED)
+        lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
+    if (kb0 < kb_full) & (kb_full < kb1):  # the partial last block, unless it was the first
+        top = 0
+        if KEY_STRIDE > 1:
             top = tl.load(top_ptr + kb_full)
-            n_real = N_K - kb_full * BLOCK_N
-            # (n - 1) / (the other real keys read); a block of one key has no other real key
-            # (its other columns are masked: their weight does not matter)
-            lw_last = tl.math.log2(tl.maximum(n_real - 1, 1).to(tl.float32)
-                                   / tl.maximum(tl.cdiv(n_real, KEY_STRIDE) - 1, 1).to(tl.float32))
-            # the guard reads a partial block in full (reference_predict.lse_exact_blocks)
-            k = _key_tile(K, k_base, k_row, kb_full, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, False)
-            lse = _block_lse(q_i8, k, k_base, sk_n, row_scale, tl.load(ks_ptr + kb_full), kb_full, top, lw_last,
-                             GUARD, offs_s, N_K, BLOCK_N, KEY_STRIDE, True, GUARD)
-            lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
+        k = _key_tile(K, k_base, k_row, kb_full, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, TMA)
+        lse = _block_lse_ref(q_i8, k, k_base, sk_n, row_scale, ref, tl.load(ks_ptr + kb_full), kb_full, top, w_last,
+                             GUARD, offs_s, N_K, BLOCK_N, KEY_STRIDE, True, GUARD, INTERPRETED)
+        lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
     offs = b * so_b + h * so_h + offs_r[:, None] * so_r + (kb0 + cols)[None, :]
     ok = (offs_r < NR)[:, None] & (kb0 + cols < kb1)[None, :]
     tl.store(OUT + offs, lse_t, mask=ok)
@@ -286,7 +318,8 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
     while kb_tile > 16 and row_tiles * B * H * cdiv(nkb, kb_tile) < launch.programs:
         kb_tile //= 2
     # the weight of the keys read besides the top one in a full block: (block_k - 1) / (the others read)
-    lw_full = math.log2((block_k - 1) / (block_k // key_stride - 1)) if key_stride > 1 else 0.0
+    w_full = (block_k - 1) / (block_k // key_stride - 1) if key_stride > 1 else 1.0
+    lw_full = math.log2(w_full)
     top = key_top if key_stride > 1 else k_scale
     # the keys by bulk tensor copies where every key of a block is read (Hopper: launch.tma)
     tma = launch.tma and key_stride == 1 and k_i8.is_contiguous() and hd % 16 == 0
@@ -297,7 +330,7 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
         q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
         kbar_i8.stride(0), kbar_i8.stride(1), kbar_s.stride(0), kbar_s.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634, lw_full,
+        out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634, lw_full, w_full,
         float(exact_below), BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile,
         KEY_STRIDE=key_stride,
         WANT_MEAN=want_mean, GUARD=guard, TMA=tma, INTERPRETED=INTERPRET, num_warps=launch.num_warps,

@@ -10,8 +10,8 @@
 # PARTS (default "tests,predict,kernel,quality,variant") picks the parts (kernel: the attention
 # kernel's variants at given masks, bench/kernel_variants.py): all of them take more than one
 # device call (10 min), so split them, e.g. PARTS=tests,predict then PARTS=quality,variant.
-# Two more, run first when named: "lse" (the scoring kernel's GPU test, then its default launch and
-# its pointer-load twin timed in this tree, BEFORE_TREE and VARIANT_TREE) and "cost" (fill_cost in
+# Two more, run first when named: "lse" (the scoring kernel's GPU test, then its default launch,
+# its pointer-load twin and the guarded stride 2 timed in this tree, BEFORE_TREE and VARIANT_TREE) and "cost" (fill_cost in
 # BEFORE_TREE and this tree; "predict" is predict_tune plus this part), e.g. PARTS=lse,cost,quality,tests
 # (~7 min).
 # ("bench" is predict + quality.) Each step's log line says when it started (seconds).
@@ -38,7 +38,7 @@ if part lse; then  # the scoring kernel alone, in this tree and the others given
     i=$((i + 1)); mkdir -p "$OUT/lse_$i"
     step "predict_tune --quick block_lse in $tree"
     (cd "$tree/bench" && OUT="$OUT/lse_$i" timeout 100 python3 predict_tune.py --quick \
-      --kernels block_lse,block_lse_nomean 2>&1 | tail -12) | tee -a "$L"
+      --kernels block_lse,block_lse_nomean,block_lse_stride2_guard 2>&1 | tail -14) | tee -a "$L"
   done
 fi
 if part cost; then  # prediction + quantization and the kernel at the Balanced mask, BEFORE_TREE then this tree

@@ -760,22 +760,33 @@ def test_quant_pool_top_keys(D):
     assert quant_pool(ties, BK, 64, want_pool=False, want_top=True)[-1].flatten().tolist() == [5, 2]
 
 
-def test_block_lse_scores_across_programs_and_launch_shapes():
+@pytest.mark.parametrize("stride,guard", [(1, False), (2, True), (4, False)])
+def test_block_lse_scores_across_programs_and_launch_shapes(stride, guard):
     """Key blocks split over several programs (result tiles of 16 blocks) or one (a 32-block tile, part
-    filled), a partial last block, 64- and 128-row tiles: the same numbers as the reference in each."""
+    filled), a partial last block, 64- and 128-row tiles: the same numbers as the reference in each.
+    Every key, or every stride-th and the top one, with the guard's full reads (low-similarity
+    blocks, one of them a tile's first and one later in its tile; the partial block)."""
     kern = pytest.importorskip("sparge_attention.kernels.block_scores")
     from sparge_attention.kernels.config import Launch, helper_launches_for
-    from sparge_attention.sparge_core.reference_predict import LSE_KEY_STRIDE, block_lse_scores
+    from sparge_attention.sparge_core.reference_predict import LSE_EXACT_SIM, block_lse_scores
 
     n = 17 * BK + 50  # 18 key blocks, the last partial
     q, k, _ = clustered(1, 2, n, 64, seed=5)
     q_pool, k_i8, k_s, top, kbar = _lse_inputs(q, k, 64)
+    kw, exact = dict(key_stride=stride, key_top=top), None
+    if guard:
+        sim = quant_pool(k, BK, 64, mean=k.mean(2), want_pool=False, want_sim=True)[3]
+        sim[..., [3, 16]] = 0.0  # block 16: the first of the second 16-block tile
+        kw.update(key_sim=sim, exact_below=LSE_EXACT_SIM)
+        exact = sim < LSE_EXACT_SIM
+        exact[..., -1] = True
+        assert 2 <= int(exact[0, 0].sum()) < 18
     want, want_mean = block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True,
-                                       kbar=(kbar[0].float(), kbar[1]))
+                                       kbar=(kbar[0].float(), kbar[1]), stride=stride, exact=exact)
     for launch in (Launch(block=64), Launch(block=128, num_warps=8), Launch(block=64, programs=1),
                    helper_launches_for(9)["block_lse"]):
         got, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True, launch=launch,
-                                              key_stride=LSE_KEY_STRIDE, key_top=top, kbar=kbar)
+                                              kbar=kbar, **kw)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-4)
 
