@@ -110,8 +110,8 @@ def _exp2_rel(f, c, bias, ref_b, INTERPRETED: tl.constexpr):
 def _block_lse_ref(q_i8, k, k_base, sk_n, row_scale, ref, ks, kb, top, w, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
                    KEY_STRIDE: tl.constexpr, MASK_KEYS: tl.constexpr, GUARD: tl.constexpr,
                    INTERPRETED: tl.constexpr):
-    """_block_lse's sum (every key, or every KEY_STRIDE-th with the top key's group read at the
-    top key and the others weighted w = 2^lw; with GUARD and `exact`, every key at weight 1) with
+    """_block_lse's sum (every key, or every KEY_STRIDE-th with the top key in column 0 at weight 1
+    and the others weighted w = 2^lw (_key_rows); with GUARD and `exact`, every key at weight 1) with
     each exp2 taken relative to ref (per row, log2 units; the caller's: the lse of its first block)
     instead of the block's own row max. No max over the block: per score one FFMA (the dot's float
     bits times the scale, plus a per-row bias that also takes the magic number out), the exp2 and
@@ -330,8 +330,8 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
         q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
         kbar_i8.stride(0), kbar_i8.stride(1), kbar_s.stride(0), kbar_s.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634, lw_full, w_full,
-        float(exact_below), BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile,
+        out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634, lw_full,
+        w_full, float(exact_below), BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile,
         KEY_STRIDE=key_stride,
         WANT_MEAN=want_mean, GUARD=guard, TMA=tma, INTERPRETED=INTERPRET, num_warps=launch.num_warps,
         num_stages=launch.num_stages,
