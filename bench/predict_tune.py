@@ -53,9 +53,10 @@ def grids(quick: bool) -> dict:
         "kv_stats_fullv": [],
         "block_lse_stride2": [],
         "quant_v_unchecked": [],
-        # v32's guarded stride 2 and K's quantizer as it runs it (the default shape only)
+        # v32's guarded stride 2 (the default shape only) and K's quantizer as it runs it: v40, its
+        # whole tile with the self-similarity and top keys spills (sm_90), row steps do not
         "block_lse_stride2_guard": [],
-        "quant_pool128_sim": [],
+        "quant_pool128_sim": [Launch(num_warps=n, block=b) for n, b in itertools.product((4, 8), (0, 64, 32, 16))],
         # v37: what the quantizers' bytes cost elsewhere. The same kernels in token order (no Hilbert
         # gather through perm), and torch's own passes over V: a cast to fp8 (V's bytes in and out,
         # contiguous) and the gather of V's rows by perm (bf16 in and out)
