@@ -107,7 +107,7 @@ def _exp2_rel(f, c, bias, ref_b, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _block_lse_ref(q_i8, d, k_base, sk_n, row_scale, ref, ks, kb, top, w, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
+def _block_lse_ref(q_i8, k, k_base, sk_n, row_scale, ref, ks, kb, top, w, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
                    KEY_STRIDE: tl.constexpr, MASK_KEYS: tl.constexpr, GUARD: tl.constexpr,
                    INTERPRETED: tl.constexpr):
     """_block_lse's sum (every key, or every KEY_STRIDE-th with the top key in column 0 at weight 1
@@ -122,10 +122,9 @@ def _block_lse_ref(q_i8, d, k_base, sk_n, row_scale, ref, ks, kb, top, w, exact,
     counts as 0 (flushed), and a block whose sum is lost so gets about ref - 126: its mass is
     under 2^-119 of the reference block's, which no selection or estimate downstream tells from 0.
     A block whose sum passes 2^128 gets about ref + 128: it outweighs the reference block 2^128
-    to 1 and is kept whatever its exact score. In between: the max form's value to fp32 rounding.
-    d, the block's int32 dot, comes from the caller, which issues it a block ahead (the kernel's loop)."""
-    rows = _key_rows(top, offs_s, KEY_STRIDE)  # d: the int32 dot with the keys at these rows (_key_tile)
-    f = int32_bits_f32(d)  # MAGIC_F + the int32 dot, exactly
+    to 1 and is kept whatever its exact score. In between: the max form's value to fp32 rounding."""
+    rows = _key_rows(top, offs_s, KEY_STRIDE)  # k: the keys at these rows (_key_tile)
+    f = int32_bits_f32(tl.dot(q_i8, k))  # MAGIC_F + the int32 dot, exactly
     c = row_scale * ks
     # t = (f - MAGIC_F) * c - ref in one FFMA per score: f * c + bias, with bias any fp32 near
     # -(MAGIC_F * c + ref) and the reference taken as what bias makes it, ref_b = -(MAGIC_F * c + bias),
@@ -226,8 +225,6 @@ def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, 
                      k_base, sk_n, row_scale, tl.load(ks_ptr + kb0), kb0, top, lw0, exact, offs_s, N_K, BLOCK_N,
                      KEY_STRIDE, True, GUARD)
     lse_t = tl.where((cols == 0)[None, :], ref[:, None], lse_t)
-    # each block's dot is issued one block ahead, before the previous block's exp2 and sums, so that
-    # the tensor cores work while those run instead of the loop waiting on each product in turn
     nxt = tl.minimum(kb0 + 1, NKB - 1)
     ks_next = tl.load(ks_ptr + nxt)
     top_next = 0
@@ -236,26 +233,27 @@ def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, 
         top_next = tl.load(top_ptr + nxt)
         if GUARD:
             exact_next = tl.load(sim_ptr + nxt) < exact_below
-    d_next = tl.dot(q_i8, _key_tile(K, k_base, k_row, nxt, _key_rows(top_next, offs_s, KEY_STRIDE), sk_n, BLOCK_N, TMA))
     for kb in range(kb0 + 1, kb_full):
-        d = d_next
         ks = ks_next
         top = top_next
         exact = exact_next
-        nxt = tl.minimum(kb + 1, NKB - 1)  # the last trip's is the partial block, or one past the tile (unused)
-        ks_next = tl.load(ks_ptr + nxt)
+        nxt = tl.minimum(kb + 1, NKB - 1)
+        ks_next = tl.load(ks_ptr + nxt)  # a block ahead: its latency hides behind this one
         if KEY_STRIDE > 1:
             top_next = tl.load(top_ptr + nxt)
             if GUARD:
                 exact_next = tl.load(sim_ptr + nxt) < exact_below
-        d_next = tl.dot(q_i8, _key_tile(K, k_base, k_row, nxt, _key_rows(top_next, offs_s, KEY_STRIDE), sk_n, BLOCK_N,
-                                        TMA))
-        lse = _block_lse_ref(q_i8, d, k_base, sk_n, row_scale, ref, ks, kb, top, w_full, exact, offs_s, N_K, BLOCK_N,
+        k = _key_tile(K, k_base, k_row, kb, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, TMA)
+        lse = _block_lse_ref(q_i8, k, k_base, sk_n, row_scale, ref, ks, kb, top, w_full, exact, offs_s, N_K, BLOCK_N,
                              KEY_STRIDE, False, GUARD, INTERPRETED)
         lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
-    if (kb0 < kb_full) & (kb_full < kb1):  # the partial last block, unless it was the first: d_next is its dot
-        lse = _block_lse_ref(q_i8, d_next, k_base, sk_n, row_scale, ref, ks_next, kb_full, top_next, w_last, GUARD,
-                             offs_s, N_K, BLOCK_N, KEY_STRIDE, True, GUARD, INTERPRETED)
+    if (kb0 < kb_full) & (kb_full < kb1):  # the partial last block, unless it was the first
+        top = 0
+        if KEY_STRIDE > 1:
+            top = tl.load(top_ptr + kb_full)
+        k = _key_tile(K, k_base, k_row, kb_full, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, TMA)
+        lse = _block_lse_ref(q_i8, k, k_base, sk_n, row_scale, ref, tl.load(ks_ptr + kb_full), kb_full, top, w_last,
+                             GUARD, offs_s, N_K, BLOCK_N, KEY_STRIDE, True, GUARD, INTERPRETED)
         lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
     offs = b * so_b + h * so_h + offs_r[:, None] * so_r + (kb0 + cols)[None, :]
     ok = (offs_r < NR)[:, None] & (kb0 + cols < kb1)[None, :]

@@ -90,10 +90,9 @@ _HELPERS = {
 # several blocks per program with loads ahead: 56 -> 76 us for Q at Wan).
 # quant_v in 64-row steps with 2 warps (H200, 2026-12-05, predict_tune; NOTES v35): 173 -> 87 us at
 # Wan 480p, 681 -> 326 us at HunyuanVideo 544p against 32 rows with 4 warps (the one pass: 90 / 358).
-# The scoring kernel's keys by TMA (NOTES v39; H100 2026-12-06: 106.1 -> 96.6 us at Wan 480p). With each
-# block's product issued a block ahead (v41) two products are live, which at 168 registers spills
-# (112 B, sm_90): 200 registers, two programs per SM. Not timed yet.
-_HOPPER = {"block_lse": Launch(block=64, programs=256, maxnreg=200, tma=True),
+# The scoring kernel's keys by TMA (NOTES v39), as the attention kernel's: 106.1 -> 96.6 us at Wan 480p,
+# 849.1 -> 786.7 at HunyuanVideo 544p (H100, 2026-12-06).
+_HOPPER = {"block_lse": Launch(block=64, programs=256, maxnreg=168, tma=True),
            "kv_stats": Launch(num_stages=3, block=32), "quant_v": Launch(num_warps=2, block=64)}
 
 
