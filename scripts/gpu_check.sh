@@ -11,9 +11,10 @@
 # kernel's variants at given masks, bench/kernel_variants.py): all of them take more than one
 # device call (10 min), so split them, e.g. PARTS=tests,predict then PARTS=quality,variant.
 # Two more, run first when named: "lse" (the scoring kernel's GPU test, then its default launch,
-# its pointer-load twin and the guarded stride 2 timed in this tree, BEFORE_TREE and VARIANT_TREE) and "cost" (fill_cost in
-# BEFORE_TREE and this tree; "predict" is predict_tune plus this part), e.g. PARTS=lse,cost,quality,tests
-# (~7 min).
+# its pointer-load twin and the guarded stride 2 timed in this tree, BEFORE_TREE and VARIANT_TREE;
+# an empty BEFORE_TREE is skipped) and "cost" (fill_cost in BEFORE_TREE and this tree; "predict" is
+# predict_tune plus this part), e.g. PARTS=lse,cost,quality,tests (~6 min on an H100: lse,cost 2,
+# quality,tests 4).
 # ("bench" is predict + quality.) Each step's log line says when it started (seconds).
 # The node tests need a ComfyUI tree in .comfyui/ComfyUI (carry it to the device).
 set -uo pipefail
