@@ -29,16 +29,15 @@ CLASSES = {  # opcode (before the first '.') -> class
 }
 # cuobjdump -sass (devkit.cross_compile.cuobjdump: every instruction, where Triton's kernel.asm["sass"]
 # stops at 4,096): "/*<offset>*/  [@predicate] OPCODE.modifiers operands ;  /* <encoding> */"
-OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
-INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)")
+INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)")  # offset, opcode, rest
 
 
 def mix(sass: str) -> dict:
     ops = Counter()
     for line in sass.splitlines():
-        m = OPCODE.match(line)
+        m = INSTR.match(line)
         if m:
-            ops[m.group(1)] += 1
+            ops[m.group(2)] += 1
     out = {c: sum(ops[o] for o in names) for c, names in CLASSES.items()}
     out["total"] = sum(ops.values())
     out["detail"] = {o: ops[o] for names in CLASSES.values() for o in names if ops[o]}
@@ -50,17 +49,17 @@ def inner_loops(sass: str, least: int = 50) -> list:
     least `least` instructions, as the class mix of their bodies: what one trip costs, where a
     kernel's time is its main loop's (the scoring kernel's key blocks, the attention kernel's).
     Code inside a branch of the body is counted whether or not a trip runs it."""
-    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(INSTR.match, sass.splitlines()) if m]
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3), line)
+           for line in sass.splitlines() if (m := INSTR.match(line))]
     spans = []
-    for off, op, rest in ins:
+    for off, op, rest, _ in ins:
         t = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
         if t and int(t.group(1), 16) < off:
             spans.append((int(t.group(1), 16), off))
     inner = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
     out = []
     for a, b in inner:
-        body = "\n".join(f"/*{off:04x}*/ {op}{rest}" for off, op, rest in ins if a <= off <= b)
-        m = mix(body)
+        m = mix("\n".join(line for off, _, _, line in ins if a <= off <= b))
         if m["total"] >= least:
             out.append({c: m[c] for c in (*CLASSES, "total")})
     return out
