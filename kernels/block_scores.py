@@ -49,18 +49,17 @@ def _key_tile(K, k_base, k_row, kb, rows, sk_n, BLOCK_N: tl.constexpr, TMA: tl.c
 
 
 @triton.jit
-def _block_lse(q_i8, k, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
+def _block_lse(q_i8, k, rows, k_base, sk_n, row_scale, ks, kb, lw_rest, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
                KEY_STRIDE: tl.constexpr, MASK_KEYS: tl.constexpr, GUARD: tl.constexpr):
-    """log2 sum_j w_j exp2(score_j) per row over the keys this key block's score reads (k): every
-    KEY_STRIDE-th, the one of the top key's group replaced by the top key (position `top`, weight
-    1), the others weighted 2^lw_rest (reference_predict.block_lse_scores); with GUARD, a block
+    """log2 sum_j w_j exp2(score_j) per row over the keys this key block's score reads (k, the keys
+    at `rows`, _key_rows): every KEY_STRIDE-th, the one of the top key's group replaced by the top
+    key (column 0, weight 1), the others weighted 2^lw_rest (reference_predict.block_lse_scores); with GUARD, a block
     where `exact` holds reads the rest of each group too, every key at weight 1 (the exact sum).
     score_j = dot_j * c with c = row_scale * ks (ks: this key block's scale). As in the attention
     kernel, the row max works on the raw float bits f_j = dot_j + MAGIC_F of (dot + MAGIC_I);
     f_j - f_max is exact (both in [2^23, 2^24)), so each score keeps full fp32 precision. row_scale
     (per row, loop-invariant) and ks stay apart so that the row scale enters the scores' layout
     once (see the caller)."""
-    rows = _key_rows(top, offs_s, KEY_STRIDE)  # k: the keys at these rows (_key_tile)
     dot = tl.dot(q_i8, k)
     s = int32_bits_f32(dot)
     c = row_scale * ks
@@ -95,6 +94,19 @@ def _block_lse(q_i8, k, k_base, sk_n, row_scale, ks, kb, top, lw_rest, exact, of
 
 
 @triton.jit
+def _block_meta(ks_ptr, top_ptr, sim_ptr, kb, exact_below, KEY_STRIDE: tl.constexpr, GUARD: tl.constexpr):
+    """Key block kb's scale, its top key (where KEY_STRIDE > 1, else 0) and whether the guard reads
+    it in full (its keys' self-similarity below exact_below)."""
+    top = 0
+    exact = False
+    if KEY_STRIDE > 1:
+        top = tl.load(top_ptr + kb)
+        if GUARD:
+            exact = tl.load(sim_ptr + kb) < exact_below
+    return tl.load(ks_ptr + kb), top, exact
+
+
+@triton.jit
 def _exp2_rel(f, c, bias, ref_b, INTERPRETED: tl.constexpr):
     """exp2 of each score relative to the row's reference (_block_lse_ref): one FFMA per score,
     f * c + bias; the interpreter's fma rounds the product first (at f * c's magnitude), so there
@@ -107,23 +119,22 @@ def _exp2_rel(f, c, bias, ref_b, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _block_lse_ref(q_i8, k, k_base, sk_n, row_scale, ref, ks, kb, top, w, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
+def _block_lse_ref(q_i8, k, rows, k_base, sk_n, row_scale, ref, ks, kb, w, exact, offs_s, N_K, BLOCK_N: tl.constexpr,
                    KEY_STRIDE: tl.constexpr, MASK_KEYS: tl.constexpr, GUARD: tl.constexpr,
                    INTERPRETED: tl.constexpr):
-    """_block_lse's sum (every key, or every KEY_STRIDE-th with the top key in column 0 at weight 1
-    and the others weighted w = 2^lw (_key_rows); with GUARD and `exact`, every key at weight 1) with
-    each exp2 taken relative to ref (per row, log2 units; the caller's: the lse of its first block)
-    instead of the block's own row max. No max over the block: per score one FFMA (the dot's float
-    bits times the scale, plus a per-row bias that also takes the magic number out), the exp2 and
-    the sum (a weighted sum's product folds into it as an FFMA); the max form adds a chain of
-    FMNMX and two shuffles per row before the first exp2, and an FADD and FMUL per score. The
-    block's log2 is the MUFU's (log2_mufu).
+    """_block_lse's sum over the keys k at `rows` (every key, or every KEY_STRIDE-th with the top
+    key in column 0 at weight 1 and the others weighted w = 2^lw (_key_rows); with GUARD and
+    `exact`, every key at weight 1) with each exp2 taken relative to ref (per row, log2 units; the
+    caller's: the lse of its first block) instead of the block's own row max. No max over the
+    block: per score one FFMA (the dot's float bits times the scale, plus a per-row bias that also
+    takes the magic number out), the exp2 and the sum (a weighted sum's product folds into it as
+    an FFMA); the max form adds a chain of FMNMX and two shuffles per row before the first exp2,
+    and an FADD and FMUL per score. The block's log2 is the MUFU's (log2_mufu).
     2^t is a finite normal fp32 for t in [-126, 128). A key scoring more than 126 below ref
     counts as 0 (flushed), and a block whose sum is lost so gets about ref - 126: its mass is
     under 2^-119 of the reference block's, which no selection or estimate downstream tells from 0.
     A block whose sum passes 2^128 gets about ref + 128: it outweighs the reference block 2^128
     to 1 and is kept whatever its exact score. In between: the max form's value to fp32 rounding."""
-    rows = _key_rows(top, offs_s, KEY_STRIDE)  # k: the keys at these rows (_key_tile)
     f = int32_bits_f32(tl.dot(q_i8, k))  # MAGIC_F + the int32 dot, exactly
     c = row_scale * ks
     # t = (f - MAGIC_F) * c - ref in one FFMA per score: f * c + bias, with bias any fp32 near
@@ -214,46 +225,33 @@ def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, 
     # the tile's first block with its own row max (masked: it may be the partial last one); its
     # lse is the reference of the others (_block_lse_ref), which then need no max of their own
     first_partial = kb0 >= kb_full
-    top = 0
-    exact = False
-    if KEY_STRIDE > 1:
-        top = tl.load(top_ptr + kb0)
-        if GUARD:
-            exact = (tl.load(sim_ptr + kb0) < exact_below) | first_partial
+    ks, top, exact = _block_meta(ks_ptr, top_ptr, sim_ptr, kb0, exact_below, KEY_STRIDE, GUARD)
+    rows = _key_rows(top, offs_s, KEY_STRIDE)
+    if GUARD:
+        exact = exact | first_partial
     lw0 = tl.where(first_partial, tl.math.log2(w_last), lw_full)
-    ref = _block_lse(q_i8, _key_tile(K, k_base, k_row, kb0, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, TMA),
-                     k_base, sk_n, row_scale, tl.load(ks_ptr + kb0), kb0, top, lw0, exact, offs_s, N_K, BLOCK_N,
-                     KEY_STRIDE, True, GUARD)
+    ref = _block_lse(q_i8, _key_tile(K, k_base, k_row, kb0, rows, sk_n, BLOCK_N, TMA), rows, k_base, sk_n, row_scale,
+                     ks, kb0, lw0, exact, offs_s, N_K, BLOCK_N, KEY_STRIDE, True, GUARD)
     lse_t = tl.where((cols == 0)[None, :], ref[:, None], lse_t)
-    nxt = tl.minimum(kb0 + 1, NKB - 1)
-    ks_next = tl.load(ks_ptr + nxt)
-    top_next = 0
-    exact_next = False
-    if KEY_STRIDE > 1:
-        top_next = tl.load(top_ptr + nxt)
-        if GUARD:
-            exact_next = tl.load(sim_ptr + nxt) < exact_below
+    ks_next, top_next, exact_next = _block_meta(ks_ptr, top_ptr, sim_ptr, tl.minimum(kb0 + 1, NKB - 1), exact_below,
+                                                KEY_STRIDE, GUARD)
     for kb in range(kb0 + 1, kb_full):
         ks = ks_next
-        top = top_next
+        rows = _key_rows(top_next, offs_s, KEY_STRIDE)
         exact = exact_next
-        nxt = tl.minimum(kb + 1, NKB - 1)
-        ks_next = tl.load(ks_ptr + nxt)  # a block ahead: its latency hides behind this one
-        if KEY_STRIDE > 1:
-            top_next = tl.load(top_ptr + nxt)
-            if GUARD:
-                exact_next = tl.load(sim_ptr + nxt) < exact_below
-        k = _key_tile(K, k_base, k_row, kb, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, TMA)
-        lse = _block_lse_ref(q_i8, k, k_base, sk_n, row_scale, ref, ks, kb, top, w_full, exact, offs_s, N_K, BLOCK_N,
+        # a block ahead: its loads' latency hides behind this one
+        ks_next, top_next, exact_next = _block_meta(ks_ptr, top_ptr, sim_ptr, tl.minimum(kb + 1, NKB - 1),
+                                                    exact_below, KEY_STRIDE, GUARD)
+        k = _key_tile(K, k_base, k_row, kb, rows, sk_n, BLOCK_N, TMA)
+        lse = _block_lse_ref(q_i8, k, rows, k_base, sk_n, row_scale, ref, ks, kb, w_full, exact, offs_s, N_K, BLOCK_N,
                              KEY_STRIDE, False, GUARD, INTERPRETED)
         lse_t = tl.where((cols == kb - kb0)[None, :], lse[:, None], lse_t)
     if (kb0 < kb_full) & (kb_full < kb1):  # the partial last block, unless it was the first
-        top = 0
-        if KEY_STRIDE > 1:
-            top = tl.load(top_ptr + kb_full)
-        k = _key_tile(K, k_base, k_row, kb_full, _key_rows(top, offs_s, KEY_STRIDE), sk_n, BLOCK_N, TMA)
-        lse = _block_lse_ref(q_i8, k, k_base, sk_n, row_scale, ref, tl.load(ks_ptr + kb_full), kb_full, top, w_last,
-                             GUARD, offs_s, N_K, BLOCK_N, KEY_STRIDE, True, GUARD, INTERPRETED)
+        ks, top, _ = _block_meta(ks_ptr, top_ptr, sim_ptr, kb_full, exact_below, KEY_STRIDE, False)
+        rows = _key_rows(top, offs_s, KEY_STRIDE)
+        k = _key_tile(K, k_base, k_row, kb_full, rows, sk_n, BLOCK_N, TMA)
+        lse = _block_lse_ref(q_i8, k, rows, k_base, sk_n, row_scale, ref, ks, kb_full, w_last, GUARD, offs_s, N_K,
+                             BLOCK_N, KEY_STRIDE, True, GUARD, INTERPRETED)
         lse_t = tl.where((cols == kb_full - kb0)[None, :], lse[:, None], lse_t)
     offs = b * so_b + h * so_h + offs_r[:, None] * so_r + (kb0 + cols)[None, :]
     ok = (offs_r < NR)[:, None] & (kb0 + cols < kb1)[None, :]
