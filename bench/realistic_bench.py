@@ -7,7 +7,11 @@ CDF, top-k and share modes, with and without Hilbert order and the self-similari
 mode with the skipped-block estimate (fill_skipped), the presets and oracle masks, and where each
 family crosses rel-L1 0.05.
 
-    python bench/realistic_bench.py [--shapes wan480,hunyuan544] [--quick] [--only a,b] [--no-oracle]
+    python bench/realistic_bench.py [--shapes wan480,hunyuan544] [--quick] [--only a,b] [--no-oracle] [--graphs]
+
+--graphs times each call as the node runs it: through a CallGraphs (sparge_core/call_graphs.py), so
+a call whose q + k + v fit its byte budget (Wan 480p here, not HunyuanVideo 544p) replays a CUDA graph
+of its kernels instead of launching them one by one.
 """
 import argparse
 import sys
@@ -21,6 +25,7 @@ from common import SHAPES, card_name, paired_ratio, realistic_text_tokens, save,
 from devkit.metrics import cosine, rel_l1
 from devkit.realistic_inputs import make_video_qkv
 from sparge_attention.sparge_core import SpargeParams, sparge_attention
+from sparge_attention.sparge_core.call_graphs import CallGraphs
 from sparge_attention.sparge_core.presets import PRESETS
 
 INF = math.inf
@@ -144,15 +149,17 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="run only settings whose label contains one of these (comma-separated)")
     ap.add_argument("--no-oracle", action="store_true", help="skip the oracle-mask rows")
+    ap.add_argument("--graphs", action="store_true", help="time the calls through CUDA graphs, as the node runs them")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "graphs": args.graphs,
            "date": datetime.date.today().isoformat(), "shapes": {}}
     for name in args.shapes.split(","):
         B, H, N, D, grid, _ = SHAPES[name]
         n_text = realistic_text_tokens(name)
         q, k, v, info = make_video_qkv(grid=grid, heads=H, head_dim=D, n_text=n_text, seed=0, device=dev)
         truth = fp32_dense(q, k, v)
+        graphs = CallGraphs() if args.graphs else None
         cudnn = lambda: sdpa_cudnn(q, k, v)  # noqa: E731
         t_cudnn = paired_ratio(cudnn, cudnn)[1]
         r = res["shapes"][name] = {"shape": [B, H, q.shape[2], D], "n_text": n_text, "cudnn_ms": t_cudnn,
@@ -172,7 +179,7 @@ def main():
             e, c = rel_l1(out, truth), cosine(out, truth)
             per_head = [rel_l1(out[:, h], truth[:, h]) for h in range(H)]
             del out
-            x, t, t_c = paired_ratio(lambda: sparge_attention(q, k, v, p, grid=g), cudnn)
+            x, t, t_c = paired_ratio(lambda: sparge_attention(q, k, v, p, grid=g, graphs=graphs), cudnn)
             row = {"setting": label, "hilbert": hil, "sparsity": st.sparsity, "rel_l1": e, "cosine": c,
                    "x_cudnn": x, "ms": t, "cudnn_ms_paired": t_c, "pv_skip_fraction": st.pv_skip_fraction,
                    "worst_head_rel_l1": max(per_head), "params": p.describe()}
@@ -182,6 +189,10 @@ def main():
             r["rows"].append(row)
             print(f"{row['setting']:<40} {'True':>7} {row['sparsity']:8.3f} {row['rel_l1']:7.4f} {row['cosine']:7.4f} {row['x_cudnn']:8.3f}")
         r["at_target"] = at_target(r["rows"], TARGET_L1)
+        if graphs is not None:
+            r["graphs"] = graphs.summary()
+            print("CUDA graphs:", r["graphs"])
+            graphs.release()
         print(f"at rel-L1 {TARGET_L1} (interpolated between the two settings around it):")
         for fam, v_ in r["at_target"].items():
             print(f"  {fam:<28} " + (f"{v_['x_cudnn']:.3f}x cuDNN, sparsity {v_['sparsity']:.3f}" if v_ else "not bracketed"))
