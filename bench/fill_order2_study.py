@@ -1,0 +1,152 @@
+"""CPU study (issue 14): a second-order term in the skipped-block estimate's weight.
+
+fill_skipped gives a skipped key block j one key in row r's softmax, with weight
+    2^(q_r . kbar_j + bias_ij),   bias_ij = lse_ij - q_pool_i . kbar_j      (log2 units)
+exact for the pooled query of block i, first order in (q_r - q_pool_i) around it. The true weight is
+2^lse_j(q_r); by the cumulant expansion of a block's scores s = q . k (in log2 units),
+    lse_j(q) = log2 n_j + q . kbar_j + (ln 2 / 2) q^T Sigma_j q + ...,
+with Sigma_j the covariance of the block's keys, so the estimate misses, per row,
+    c_rj = (ln 2 / 2) (q_r^T Sigma_j q_r - q_pool^T Sigma_j q_pool).
+A query row pointed along the keys' spread more than its block's mean is, gets more of the block
+than the mean says. With Sigma_j's diagonal (each channel's variance over the block: 128 numbers
+per block, as many as the mean key) the term is one more product per skipped block in the kernel's
+fill pass, (q_r^2 - q_pool^2) . var_j.
+
+Variants, all on the same masks (Balanced's share rule over lse scores from the pooled query,
+swept over minshare), everything in fp32 so that only the estimate differs (no quantization):
+  mean      today's weight
+  diag      + c_rj with Sigma_j's diagonal
+  diag/2    + c_rj / 2 (a damped term: the expansion overshoots where a block's scores are skewed)
+  diag<2    + c_rj held within +-2 (log2 units; what the kernel does, reference_predict.fill_logits)
+  full      + c_rj with the whole Sigma_j (what the diagonal leaves out)
+  oracle    the true per-row weight 2^lse_j(q_r) (a bound for weights with the mean value only: the
+            diagonal term beats it, so part of its gain comes through the value side)
+  mean+X    today's weight raised by a constant X (log2 units): whether the gain is a mere mass boost
+Errors: rel-L1 of the whole output and of the worst head against fp32 dense attention, on
+sampled query blocks. The regimes are lse_sample_study's (none of them the presets' tuning inputs).
+
+    python bench/fill_order2_study.py                               # three regimes (~8 min on 2 cores)
+    python bench/fill_order2_study.py --variants mean diag mean+0.3 mean+0.6 mean+1.0 --tag=-boost
+    python bench/fill_order2_study.py --variants mean diag "diag<2" --tag=-clamp
+"""
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
+from devkit.metrics import rel_l1  # noqa: E402
+from lse_sample_study import REGIMES, regime_inputs, sweep_study  # noqa: E402
+from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
+from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import select_blocks  # noqa: E402
+from sparge_attention.sparge_core.reference_quant import LOG2E, smooth_k  # noqa: E402
+
+VARIANTS = ("mean", "diag", "diag/2", "full", "oracle")  # the default run; mean+X and diag<2 on request
+SHARES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0)
+LN2 = math.log(2.0)
+
+
+def head_parts(qh, kh, vh, block_q, block_k):
+    """One head's fp32 pieces: scaled rows q' (log2 units per key), pooled q', every row's scores
+    against every key (R, N), and per key block its mean key, mean value, channel variance,
+    covariance and the pooled query's lse and mean score."""
+    D = qh.shape[-1]
+    qs = qh.float() * (D ** -0.5 * LOG2E)
+    R, N = qs.shape[0], kh.shape[0]
+    NK = -(-N // block_k)
+    pad = NK * block_k - N
+    kb = torch.nn.functional.pad(kh, (0, 0, 0, pad)).view(NK, block_k, D)
+    vb = torch.nn.functional.pad(vh.float(), (0, 0, 0, pad)).view(NK, block_k, D)
+    cnt = torch.full((NK,), float(block_k))
+    cnt[-1] = block_k - pad
+    valid = (torch.arange(NK * block_k) < N).view(NK, block_k)
+    kbar = kb.sum(1) / cnt[:, None]
+    vbar = vb.sum(1) / cnt[:, None]
+    dk = (kb - kbar[:, None]) * valid[..., None]
+    cov = dk.transpose(1, 2) @ dk / cnt[:, None, None]  # (NK, D, D)
+    var = torch.diagonal(cov, dim1=1, dim2=2)  # (NK, D)
+    qp = qs.view(-1, block_q, D).mean(1)  # (NQs, D)
+    s_pool = torch.nn.functional.pad(qp @ kh.T, (0, pad), value=-math.inf).view(-1, NK, block_k)
+    lse_pool = torch.logsumexp(s_pool * LN2, -1) / LN2  # (NQs, NK)
+    mean_pool = qp @ kbar.T
+    s = qs @ kh.T  # (R, N)
+    return dict(qs=qs, qp=qp, s=s, kbar=kbar, vbar=vbar, var=var, cov=cov, lse_pool=lse_pool,
+                mean_pool=mean_pool, NK=NK, pad=pad, vb=vb)
+
+
+def fill_logits(P, variant, block_q, block_k):
+    """(R, NK) log2 weights of every key block as one key for every row, by variant."""
+    qs, qp = P["qs"], P["qp"]
+    rows_blk = torch.arange(qs.shape[0]) // block_q
+    bias = (P["lse_pool"] - P["mean_pool"])[rows_blk]  # (R, NK)
+    t = qs @ P["kbar"].T + bias
+    if variant == "mean":
+        return t
+    if variant.startswith("mean+"):  # the same weight raised by a constant: is the gain a mere mass boost?
+        return t + float(variant[5:])
+    if variant == "oracle":
+        s = torch.nn.functional.pad(P["s"], (0, P["pad"]), value=-math.inf).view(qs.shape[0], P["NK"], block_k)
+        return torch.logsumexp(s * LN2, -1) / LN2
+    if variant in ("diag", "diag/2", "diag<2"):
+        quad = (qs * qs) @ P["var"].T - ((qp * qp) @ P["var"].T)[rows_blk]
+    elif variant == "full":
+        quad = torch.einsum("rd,jde,re->rj", qs, P["cov"], qs) - torch.einsum("id,jde,ie->ij", qp, P["cov"], qp)[rows_blk]
+    else:
+        raise ValueError(variant)
+    c = 0.5 * LN2 * quad
+    if variant == "diag<2":  # the term held within 2 log2 units (a factor 4 of mass) either way
+        c = c.clamp(-2.0, 2.0)
+    return t + (0.5 * c if variant == "diag/2" else c)
+
+
+def estimate(P, keep_rows, variant, block_q, block_k):
+    """Every sampled row's output: its kept blocks exactly, its skipped blocks as one key each."""
+    R, N = P["s"].shape
+    NK = P["NK"]
+    key_blk = torch.arange(N) // block_k
+    kept_keys = keep_rows[:, key_blk]  # (R, N)
+    s = P["s"].masked_fill(~kept_keys, -math.inf)
+    t = fill_logits(P, variant, block_q, block_k).masked_fill(keep_rows, -math.inf)
+    m = torch.maximum(s.amax(-1), t.amax(-1))[:, None]
+    ps, pt = torch.exp2(s - m), torch.exp2(t - m)
+    vh = P["vb"].view(NK * block_k, -1)[:N]
+    num = ps @ vh + pt @ P["vbar"]
+    return num / (ps.sum(-1) + pt.sum(-1))[:, None]
+
+
+def run_regime(name, kw, sample_qblocks, variants, log):
+    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
+    q, k, v, info, _, qp_all, qs_all = regime_inputs(name, kw, sample_qblocks, log)
+    B, H, R, D = q.shape
+    ksm = smooth_k(k.float())
+    Hkv = k.shape[1]
+    parts, refs = [], []
+    for h in range(H):
+        hk = h * Hkv // H
+        P = head_parts(q[0, h], ksm[0, hk], v[0, hk], block_q, block_k)
+        refs.append(torch.softmax(P["s"] * LN2, -1) @ v[0, hk].float())
+        parts.append(P)
+    ref = torch.stack(refs)[None]
+    lse = torch.stack([P["lse_pool"] for P in parts])[None]  # (1, H, NQs, NK)
+    rows = []
+    for share in SHARES:
+        params = PRESETS["Balanced"].params(minshare=share)
+        mask = select_blocks(qp_all, qs_all, None, None, params, D ** -0.5, R, k.shape[2], block_q, block_k, lse)
+        rows_blk = torch.arange(R) // block_q
+        for variant in variants:
+            out = torch.stack([estimate(parts[h], mask[0, h][rows_blk], variant, block_q, block_k)
+                               for h in range(H)])[None]
+            per_head = rel_l1(out, ref, dims=(0, 2, 3))
+            row = dict(variant=variant, minshare=share, density=mask.float().mean().item(), whole=rel_l1(out, ref),
+                       worst_head=per_head.max().item(), worst_head_type=info["head_types"][int(per_head.argmax())])
+            rows.append(row)
+            log(f"  {variant:8s} minshare {share:5.1f}  density {row['density']:.4f}  rel-L1 {row['whole']:.4f}  "
+                f"worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
+    return rows
+
+
+if __name__ == "__main__":
+    sweep_study("fill_order2_study", REGIMES, VARIANTS, run_regime)
