@@ -6,7 +6,8 @@
 # BEFORE_TREE: a checkout of another commit (`git archive <rev> | tar -x -C <dir>`) whose
 # prediction is timed in the same run (bench/fill_cost.py in each tree), for a same-run ratio.
 # VARIANT_TREE: a copy of this tree with one setting changed (e.g. reference_predict.LSE_KEY_STRIDE
-# = 2, the guarded lse scores from half the keys): fill_cost and realistic_bench run there too.
+# = 2, the guarded lse scores from half the keys) or a commit not in production (v42: 17cea0e):
+# fill_cost, fill_check and realistic_bench run there too.
 # PARTS (default "tests,predict,kernel,quality,variant") picks the parts (kernel: the attention
 # kernel's variants at given masks, bench/kernel_variants.py): all of them take more than one
 # device call (10 min), so split them, e.g. PARTS=tests,predict then PARTS=quality,variant.
@@ -97,6 +98,9 @@ if part variant && [ -n "${2:-}" ]; then
   (cd bench && OUT="$OUT/fill_cost_base" timeout 150 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
   step "fill_cost in $2"
   (cd "$2/bench" && OUT="$OUT/fill_cost_variant" timeout 150 python3 fill_cost.py 2>&1 | tail -12) | tee -a "$L"
+  mkdir -p "$OUT/fill_check_variant"
+  step "fill_check in $2"
+  (cd "$2/bench" && OUT="$OUT/fill_check_variant" timeout 120 python3 fill_check.py 2>&1 | tail -8) | tee -a "$L"
   step "realistic_bench in $2"
   (cd "$2/bench" && OUT="$OUT/realistic_variant" timeout 330 python3 realistic_bench.py --no-oracle \
     --only "lse fill,preset" 2>&1 | tail -40) | tee -a "$L"
