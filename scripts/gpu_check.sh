@@ -6,7 +6,7 @@
 # BEFORE_TREE: a checkout of another commit (`git archive <rev> | tar -x -C <dir>`) whose
 # prediction is timed in the same run (bench/fill_cost.py in each tree), for a same-run ratio.
 # VARIANT_TREE: a copy of this tree with one setting changed (e.g. reference_predict.LSE_KEY_STRIDE
-# = 2, the guarded lse scores from half the keys) or a commit not in production (v42: 17cea0e):
+# = 2, the guarded lse scores from half the keys) or a commit not in production (v42b: 9452af8):
 # fill_cost, fill_check and realistic_bench run there too.
 # PARTS (default "tests,predict,kernel,quality,variant") picks the parts (kernel: the attention
 # kernel's variants at given masks, bench/kernel_variants.py): all of them take more than one
