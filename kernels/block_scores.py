@@ -2,7 +2,6 @@
 over the block's keys, estimated from every key_stride-th key and the block's largest-norm one
 (sparge_core.reference_predict.block_lse_scores). About 1/(BLOCK_M * key_stride) of dense attention's
 work, on int8 tensor cores."""
-import math
 
 import torch
 import triton
@@ -166,7 +165,7 @@ def _block_lse_ref(q_i8, k, rows, k_base, sk_n, row_scale, ref, ks, kb, w, exact
 @triton.jit
 def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, sqp_r, sk_b, sk_h, sk_n, sks_b, sks_h,
                       skb_b, skb_h, skbs_b, skbs_h, so_b, so_h, so_r,
-                      NR, N_K, NKB, H, KV_GROUP, scale_log2, lw_full, w_full, exact_below,
+                      NR, N_K, NKB, H, KV_GROUP, scale_log2, w_full, exact_below,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
                       KB_TILE: tl.constexpr, KEY_STRIDE: tl.constexpr, WANT_MEAN: tl.constexpr,
                       GUARD: tl.constexpr, TMA: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -229,7 +228,7 @@ def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, 
     rows = _key_rows(top, offs_s, KEY_STRIDE)
     if GUARD:
         exact = exact | first_partial
-    lw0 = tl.where(first_partial, tl.math.log2(w_last), lw_full)
+    lw0 = tl.math.log2(tl.where(first_partial, w_last, w_full))
     ref = _block_lse(q_i8, _key_tile(K, k_base, k_row, kb0, rows, sk_n, BLOCK_N, TMA), rows, k_base, sk_n, row_scale,
                      ks, kb0, lw0, exact, offs_s, N_K, BLOCK_N, KEY_STRIDE, True, GUARD)
     lse_t = tl.where((cols == 0)[None, :], ref[:, None], lse_t)
@@ -317,7 +316,6 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
         kb_tile //= 2
     # the weight of the keys read besides the top one in a full block: (block_k - 1) / (the others read)
     w_full = (block_k - 1) / (block_k // key_stride - 1) if key_stride > 1 else 1.0
-    lw_full = math.log2(w_full)
     top = key_top if key_stride > 1 else k_scale
     # the keys by bulk tensor copies where every key of a block is read (Hopper: launch.tma)
     tma = launch.tma and key_stride == 1 and k_i8.is_contiguous() and hd % 16 == 0
@@ -328,7 +326,7 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
         q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_i8.stride(0), k_i8.stride(1), k_i8.stride(2), k_scale.stride(0), k_scale.stride(1),
         kbar_i8.stride(0), kbar_i8.stride(1), kbar_s.stride(0), kbar_s.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634, lw_full,
+        out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634,
         w_full, float(exact_below), BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile,
         KEY_STRIDE=key_stride,
         WANT_MEAN=want_mean, GUARD=guard, TMA=tma, INTERPRETED=INTERPRET, num_warps=launch.num_warps,
