@@ -93,7 +93,7 @@ def runners(q, k, v, perm, scale, n_k):
     """kernel name -> fn(launch) returning the kernel's outputs, on the inputs prepare_sparse gives it."""
     hd = HD
     nkc, k_mean, v_scale, q_pool, k_out = prediction_inputs(q, k, v, perm, scale, n_k)
-    k_i8, k_s, k_sim, kbar, top = k_out[0], k_out[1], k_out[3], k_out[4], k_out[5]
+    k_i8, k_s, k_sim, kbar, top = k_out[0], k_out[1], k_out[3], k_out[4], k_out[-1]
     lse_kw = dict(key_stride=LSE_KEY_STRIDE, key_top=top, kbar=kbar)
     scores, mean = block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, **lse_kw)
     minshare = torch.full((q.shape[1],), 1.5, device=q.device)  # Balanced

@@ -74,7 +74,7 @@ def settings(quick: bool, lse_only: bool = False):
         for k in (0.25, 0.35, 0.4) if hil and not quick else ():
             out.append((f"lse topk {k} sim-off", SpargeParams(simthreshd1=-1.0, topk=k, pvthreshd=INF, scoring="lse"), hil))
     # fill_skipped: skipped blocks estimated from their mean key and value instead of dropped
-    fills = (0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0) if not quick else (0.6, 2.0, 4.0)
+    fills = (0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0) if not quick else (0.6, 2.0, 4.0)
     for c in fills:
         out.append((f"lse fill share {c} sim-off", SpargeParams(simthreshd1=-1.0, minshare=c, pvthreshd=INF,
                                                                 scoring="lse", fill_skipped=True), True))

@@ -105,16 +105,21 @@ def attention_launch(cfg, fill: bool, causal: bool, pv_skip: bool, perm: bool = 
     def x(*shape, dtype=torch.bfloat16):
         return torch.zeros(*shape, dtype=dtype)
 
-    f = None
+    f, kw = None, {}
     if fill:
-        f = (x(B, HKV, nkc, D, dtype=torch.int8), x(B, HKV, nkc, dtype=torch.float32),
+        # the keys' variances (the estimate's second-order term) and its bound: revisions before
+        # them took four tensors
+        order2 = "fill_clamp" in attn_fwd.sparse_attn_fwd.__code__.co_varnames
+        kvar = (x(B, HKV, nkc, D, dtype=torch.float16),) if order2 else ()
+        kw = {"fill_clamp": 2.0} if order2 else {}
+        f = (x(B, HKV, nkc, D, dtype=torch.int8), x(B, HKV, nkc, dtype=torch.float32), *kvar,
              x(B, HKV, D, nkc, dtype=v_dtype), x(B, H, nq, nkc, dtype=torch.float32))
     return lambda: attn_fwd.sparse_attn_fwd(
         x(B, H, nq * cfg.block_m, D, dtype=torch.int8), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
         x(B, HKV, D, nk * cfg.block_n, dtype=v_dtype), x(B, H, nq, dtype=torch.float32),
         x(B, HKV, nk, dtype=torch.float32), x(B, HKV, D, dtype=torch.float32), x(B, H, nq, dtype=torch.int32),
         x(B, H, nq, nk, dtype=torch.int32), x(H, dtype=torch.float32), N, N, D, torch.bfloat16, causal, pv_skip,
-        cfg, out_perm=torch.arange(N, dtype=torch.int32) if perm else None, fill=f)
+        cfg, out_perm=torch.arange(N, dtype=torch.int32) if perm else None, fill=f, **kw)
 
 
 def pack_kernel_jobs(cc: int) -> list:

@@ -23,8 +23,9 @@ from .launch import Kernel
 from .numerics import MAGIC_F, batch_head, int32_bits_f32
 
 LN2 = tl.constexpr(0.6931471805599453)
-# key-block means per step of the fill_skipped pass (bench/NOTES.md v18: 128 spilled 66 registers, slower)
-FILL_BLOCK = tl.constexpr(64)
+# key-block means per step of the fill_skipped pass (bench/NOTES.md v18: 128 spilled 66 registers, slower;
+# v42: with the second-order term's product 64 spilled 80 B at sm_90's 168 registers, 32 none in its loop)
+FILL_BLOCK = tl.constexpr(32)
 FILL_PAD = 128  # the means and biases are padded to a multiple of this (a multiple of FILL_BLOCK)
 
 
@@ -103,21 +104,36 @@ def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, of
 
 
 @triton.jit
-def _fill_skipped(acc, l_i, m_i, q, q_scale, kbar_base, kbs_base, vbar_base, bias_base, NKC, n_kb, offs_d,
-                  HEAD_DIM: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
+def _fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_base, kbs_base, kvar_base, vbar_base, bias_base, NKC,
+                  n_kb, n_rows, clamp, offs_d, HEAD_DIM: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr,
+                  EMULATE_FP8: tl.constexpr):
     """Every key block with a finite bias joins the softmax as one key: its mean key (int8, one
-    scale per mean: scores q . kbar + bias in log2 units) and its mean value (stored like V:
-    transposed, fp8 in the operand's order or fp16), FILL_BLOCK means per step, on the same
-    tensor-core paths as the main loop. Only the steps that hold some of the n_kb key blocks run:
-    the means are padded to NKC columns (FILL_PAD), and a step of padding alone (biases -inf)
-    would add exactly nothing (HunyuanVideo 544p: 528 blocks, 10 steps -> 9)."""
+    scale per mean: scores q . kbar + bias in log2 units, plus the second-order term of
+    reference_predict.fill_logits: (q^2 - qbar^2) . var times q's scale squared and ln 2 / 2,
+    held within +-clamp) and its mean value (stored like V: transposed, fp8 in the operand's
+    order or fp16), FILL_BLOCK means per step, on the same tensor-core paths as the main loop.
+    Only the steps that hold some of the n_kb key blocks run: the means are padded to NKC columns
+    (FILL_PAD), and a step of padding alone (biases -inf) would add exactly nothing
+    (HunyuanVideo 544p: 528 blocks, 20 steps -> 17)."""
     offs_c = tl.arange(0, FILL_BLOCK)
+    # the second-order term's operand: each row's squares less the squared mean of the block's
+    # n_rows real rows (the padded rows are zeros), in fp16 for the tensor cores (|d2| < 127^2)
+    # Q's tile read again (8 KB from L2; volatile, or it is merged with the first load): using the
+    # main loop's q here kept its registers live through that loop (sm_90: 8 more bytes spilled)
+    q = tl.load(q_src, volatile=True)
+    qbar = tl.sum(q.to(tl.int32), 0).to(tl.float32) / n_rows
+    qf = q.to(tl.float32)
+    d2 = (qf * qf - (qbar * qbar)[None, :]).to(tl.float16)
+    c2 = q_scale * q_scale * (0.5 * LN2)
     for c0 in range(0, tl.cdiv(n_kb, FILL_BLOCK) * FILL_BLOCK, FILL_BLOCK):
         # all-kept steps (every bias -inf) are computed too: testing for them measured slower (v18)
         bias = tl.load(bias_base + c0 + offs_c)
         kb = tl.load(kbar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK)
         col_scale = q_scale * tl.load(kbs_base + c0 + offs_c)
+        kv2 = tl.load(kvar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK) fp16
+        corr = tl.dot(d2, kv2) * c2
         t = tl.dot(q, kb).to(tl.float32) * col_scale[None, :] + bias[None, :]
+        t += tl.minimum(tl.maximum(corr, -clamp), clamp)
         m_new = tl.maximum(m_i, tl.max(t, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
@@ -143,7 +159,7 @@ def _key_block(acc, l_i, m_i, n_skip, q, q_scale, kb, ks_base, k_src, k_row, sk_
 
 @triton.jit
 def _sparse_attn_fwd(
-    Q, K, VT, QS, KS, VS, O, ADDRS, OPERM, CNT, IDX, SKIP, PVT, KBAR, KBS, VBAR, BIAS,
+    Q, K, VT, QS, KS, VS, O, ADDRS, OPERM, CNT, IDX, SKIP, PVT, KBAR, KBS, KVAR, VBAR, BIAS, fill_clamp,
     LSE, QRAW, KMEAN, sqr_b, sqr_h, sqr_n, lse_scale,  # read only with RETURN_LSE
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
@@ -166,7 +182,8 @@ def _sparse_attn_fwd(
     offs_d = tl.arange(0, HEAD_DIM)
 
     # Q, K and V^T are padded to whole blocks by the quantizer: no load masks needed
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_n + offs_d[None, :])
+    q_src = Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_n + offs_d[None, :]
+    q = tl.load(q_src)
     q_scale = tl.load(QS + b * sqs_b + h * sqs_h + pid_m)
     if TMA:  # K and V^T are 2-D descriptors over (B*Hkv*N_pad, D) and (B*Hkv*D, N_pad)
         k_src = K
@@ -205,10 +222,12 @@ def _sparse_attn_fwd(
                                            k_src, k_row, sk_n, v_src, v_row, offs_m, offs_n, N_Q, N_K, neg_lam,
                                            BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
     if FILL:
-        acc, l_i, m_i = _fill_skipped(acc, l_i, m_i, q, q_scale, KBAR + b * skb_b + hk * skb_h,
-                                      KBS + b * sks2_b + hk * sks2_h, VBAR + b * svb_b + hk * svb_h,
-                                      BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC, tl.cdiv(N_K, BLOCK_N), offs_d,
-                                      HEAD_DIM, P_LOG2, PV_FP8, EMULATE_FP8)
+        # KVAR (fp16) is laid out as KBAR (int8): the same strides in elements
+        acc, l_i, m_i = _fill_skipped(acc, l_i, m_i, q_src, q_scale, KBAR + b * skb_b + hk * skb_h,
+                                      KBS + b * sks2_b + hk * sks2_h, KVAR + b * skb_b + hk * skb_h,
+                                      VBAR + b * svb_b + hk * svb_h, BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC,
+                                      tl.cdiv(N_K, BLOCK_N), tl.minimum(N_Q - pid_m * BLOCK_M, BLOCK_M).to(tl.float32),
+                                      fill_clamp, offs_d, HEAD_DIM, P_LOG2, PV_FP8, EMULATE_FP8)
 
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -241,17 +260,20 @@ _attn = Kernel(_sparse_attn_fwd)
 def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, pvthreshd,
                     n_q: int, n_k: int, d_out: int, out_dtype, is_causal: bool, pv_skip: bool,
                     config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None,
-                    lse_inputs: tuple | None = None, out: torch.Tensor | None = None, out_addr: tuple | None = None):
+                    lse_inputs: tuple | None = None, out: torch.Tensor | None = None, out_addr: tuple | None = None,
+                    fill_clamp: float | None = None):
     """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), a view of
     (B,n_q,H,d_out) memory, skipped (B,H,NQ) or None), and lse as a third item when lse_inputs is given.
 
     config: tiles and launch settings (kernels.config); its pv_fp8 is not read here, v_t's dtype
     (fp8 or fp16) decides the P.V type. TMA loads need contiguous K and V^T (else plain loads).
     out_perm (int32 (n_q,)): query row i is written to output row out_perm[i].
-    fill (fill_skipped): (kbar, kbar_scale, vbar_t, bias): int8 mean keys (B,Hkv,NKC,head_dim) with
-    one fp32 scale each (B,Hkv,NKC), mean values transposed like v_t (B,Hkv,head_dim,NKC) and in its
-    dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of FILL_BLOCK (FILL_PAD is); -inf biases add nothing,
-    and the columns past the key blocks are not read.
+    fill (fill_skipped): (kbar, kbar_scale, kvar, vbar_t, bias): int8 mean keys (B,Hkv,NKC,head_dim) with
+    one fp32 scale each (B,Hkv,NKC), the keys' per-channel variances in fp16 (B,Hkv,NKC,head_dim), mean
+    values transposed like v_t (B,Hkv,head_dim,NKC) and in its dtype, fp32 biases (B,H,NQ,NKC); NKC a
+    multiple of FILL_BLOCK (FILL_PAD is); -inf biases add nothing, and the columns past the key blocks
+    are not read. fill_clamp (with fill): the bound of the second-order term, log2 units
+    (reference_predict.FILL_ORDER2_CLAMP).
     lse_inputs (q, k_mean, scale): the un-quantized q (B,H,n_q,d_out) in output row order (the
     caller's order when out_perm is also the permutation q was quantized through), the mean key
     (B,Hkv,d_out) fp32 that K was smoothed by (zeros if it was not) and the softmax scale. The kernel
@@ -286,18 +308,21 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         raise ValueError(f"out_perm must be int32 ({n_q},)")
     nkc = 0
     if fill is not None:
-        kbar, kbs, vbar, bias = fill
+        kbar, kbs, kvar, vbar, bias = fill
         nkc = bias.shape[-1]
-        if (kbar.dtype != torch.int8 or kbs.dtype != torch.float32 or vbar.dtype != v_t.dtype
-                or bias.dtype != torch.float32 or kbar.shape != (B, Hkv, nkc, hd) or kbs.shape != (B, Hkv, nkc)
-                or vbar.shape != (B, Hkv, hd, nkc) or bias.shape != (B, H, NQ, nkc)
-                or nkc % FILL_BLOCK.value or nkc * block_n < n_k
-                or not all(x.is_contiguous() for x in (kbar, kbs, vbar, bias))):
-            raise ValueError(f"fill wants contiguous int8 kbar (B,Hkv,NKC,{hd}), fp32 scales (B,Hkv,NKC), vbar^T "
-                             f"(B,Hkv,{hd},NKC) in v's dtype and fp32 bias (B,H,{NQ},NKC), NKC a multiple of "
-                             f"{FILL_BLOCK.value} covering the keys")
+        if (kbar.dtype != torch.int8 or kbs.dtype != torch.float32 or kvar.dtype != torch.float16
+                or vbar.dtype != v_t.dtype or bias.dtype != torch.float32 or kbar.shape != (B, Hkv, nkc, hd)
+                or kbs.shape != (B, Hkv, nkc) or kvar.shape != kbar.shape or vbar.shape != (B, Hkv, hd, nkc)
+                or bias.shape != (B, H, NQ, nkc) or nkc % FILL_BLOCK.value or nkc * block_n < n_k
+                or not all(x.is_contiguous() for x in (kbar, kbs, kvar, vbar, bias))):
+            raise ValueError(f"fill wants contiguous int8 kbar (B,Hkv,NKC,{hd}), fp32 scales (B,Hkv,NKC), fp16 "
+                             f"kvar (B,Hkv,NKC,{hd}), vbar^T (B,Hkv,{hd},NKC) in v's dtype and fp32 bias "
+                             f"(B,H,{NQ},NKC), NKC a multiple of {FILL_BLOCK.value} covering the keys")
+        if fill_clamp is None or not fill_clamp >= 0:
+            raise ValueError(f"fill wants fill_clamp >= 0 (the second-order term's bound), got {fill_clamp}")
     else:
-        kbar = kbs = vbar = bias = counts
+        kbar = kbs = kvar = vbar = bias = counts
+        fill_clamp = 0.0
     # without lse_inputs the lse arguments are stand-ins the kernel never reads (RETURN_LSE is off), as
     # for the other optional inputs above: a real tensor, not None, works on every Triton version
     lse = q_raw = kmean = None
@@ -332,7 +357,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     addrs, o_slot = addr_args(out_addr, counts)
     _attn[(B * H * NQ,)](
         q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, addrs, out_perm if out_perm is not None else counts,
-        counts, indices, skipped, pvt, kbar, kbs, vbar, bias,
+        counts, indices, skipped, pvt, kbar, kbs, kvar, vbar, bias, float(fill_clamp),
         *((lse, q_raw, kmean) if lse is not None else (counts, counts, counts)), *sqr, lse_scale,
         q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),

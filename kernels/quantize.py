@@ -46,16 +46,18 @@ def _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, i, 
 
 
 @triton.jit
-def _row_sums(x, psum, usum, SUM: tl.constexpr, UNIT_SUM: tl.constexpr):
+def _row_sums(x, psum, usum, ssum, SUM: tl.constexpr, UNIT_SUM: tl.constexpr, SQ_SUM: tl.constexpr):
     """psum + the rows' sum (the pooled mean's), usum + the sum of the rows as unit vectors (the
-    self-similarity's), each where wanted."""
+    self-similarity's), ssum + the rows' sum of squares (the channel variances'), each where wanted."""
     if SUM:
         psum += tl.sum(x, 0)
+    if SQ_SUM:
+        ssum += tl.sum(x * x, 0)
     if UNIT_SUM:
         norm = tl.sqrt(tl.sum(x * x, 1))
         unit = tl.where(norm[:, None] > 0, x / tl.maximum(norm, 1e-20)[:, None], 0.0)
         usum += tl.sum(unit, 0)
-    return psum, usum
+    return psum, usum, ssum
 
 
 @triton.jit
@@ -78,7 +80,7 @@ def _round_rows(XQ, x, offs_n, amax, b, h, sq_b, sq_h, sq_n, i, best, top, ROWS:
 
 @triton.jit
 def _quant_pool_kernel(
-    X, ADDRS, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS, TOP,
+    X, ADDRS, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS, POOLV, TOP,
     sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n, spq_b, spq_h, sps_b, sps_h,
     N, H, extra_scale, POOL_BLOCKS,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
@@ -96,20 +98,21 @@ def _quant_pool_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     psum = tl.zeros([HEAD_DIM], tl.float32)
     usum = tl.zeros([HEAD_DIM], tl.float32)
+    ssum = tl.zeros([HEAD_DIM], tl.float32)
     top = 0
     if ROWS == BLOCK:  # one step: the tile stays in registers, X read once
         offs_n, x = _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, 0, N, BLOCK, ROWS,
                                      HEAD_DIM, D_TRUE, SUBTRACT_MEAN, HAS_PERM)
         amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-20)
         _, top = _round_rows(XQ, x, offs_n, amax, b, h, sq_b, sq_h, sq_n, 0, -1.0, top, ROWS, HEAD_DIM, WANT_TOP)
-        psum, usum = _row_sums(x, psum, usum, WANT_POOL or POOL_I8, WANT_SIM)
+        psum, usum, ssum = _row_sums(x, psum, usum, ssum, WANT_POOL or POOL_I8, WANT_SIM, POOL_I8)
     else:
         amax = 1e-20
         for i in tl.static_range(BLOCK // ROWS):  # unrolled: every step's loads can be in flight
             offs_n, x = _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, i, N, BLOCK, ROWS,
                                          HEAD_DIM, D_TRUE, SUBTRACT_MEAN, HAS_PERM)
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), 1), 0))
-            psum, usum = _row_sums(x, psum, usum, WANT_POOL or POOL_I8, WANT_SIM)
+            psum, usum, ssum = _row_sums(x, psum, usum, ssum, WANT_POOL or POOL_I8, WANT_SIM, POOL_I8)
         best = -1.0
         # a loop, not unrolled: so that the compiler does not keep the first pass's tiles for it
         for i in tl.range(0, BLOCK // ROWS):
@@ -130,6 +133,10 @@ def _quant_pool_kernel(
             tl.store(POOLQ + b * spq_b + h * spq_h + blk * HEAD_DIM + offs_d,
                      round_half_away(pooled * (127.0 / pamax)).to(tl.int8))
             tl.store(POOLS + b * sps_b + h * sps_h + blk, pamax / 127.0)
+            # and each channel's variance over the block, fp16 up to its largest value (the estimate's
+            # second-order term, reference_predict.key_variances); POOLV is laid out as POOLQ
+            var = tl.minimum(tl.maximum(ssum / cnt - pooled * pooled, 0.0), 65504.0)
+            tl.store(POOLV + b * spq_b + h * spq_h + blk * HEAD_DIM + offs_d, var.to(tl.float16))
     if WANT_SIM:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
         tl.store(SIM + b * ss_b + h * ss_h + blk, tl.sum(usum * usum, 0) / (cnt * cnt))
@@ -140,6 +147,7 @@ def _quant_pool_kernel(
         for pb in range(nb + blk, POOL_BLOCKS, nb):
             tl.store(POOLQ + b * spq_b + h * spq_h + pb * HEAD_DIM + offs_d, tl.zeros([HEAD_DIM], tl.int8))
             tl.store(POOLS + b * sps_b + h * sps_h + pb, 0.0)
+            tl.store(POOLV + b * spq_b + h * spq_h + pb * HEAD_DIM + offs_d, tl.zeros([HEAD_DIM], tl.float16))
 
 
 _quant_pool = Kernel(_quant_pool_kernel)
@@ -287,7 +295,9 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     the self-similarities are only computed when wanted (want_sim defaults to want_pool); what is
     not computed is returned as None.
     pool_i8_blocks > 0: also returns the pooled means as int8 (B,H,pool_i8_blocks,
-    head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), zero past the nb real blocks.
+    head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), as a pair, then each block's
+    per-channel variance (of x less `mean`) in fp16 (B,H,pool_i8_blocks,head_dim), zero past the
+    nb real blocks.
     want_top: also returns, last, each block's position of its largest-norm token by the int8
     values (B,H,nb) int32, the first on ties (reference_predict.block_top_keys).
     `launch`: the warps per program and the token rows per step (launch.block, 0: the whole
@@ -314,12 +324,13 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     # the kernel writes the zeros past the nb real blocks itself
     poolq = torch.empty(B, H, pool_i8_blocks, head_dim, dtype=torch.int8, device=dev) if pool_i8 else xq
     pools = torch.empty(B, H, pool_i8_blocks, dtype=torch.float32, device=dev) if pool_i8 else scale
+    poolv = torch.empty(B, H, pool_i8_blocks, head_dim, dtype=torch.float16, device=dev) if pool_i8 else xq
     top = torch.empty(B, H, nb, dtype=torch.int32, device=dev) if want_top else scale  # strides: scale's
     launch = launch or helper_launch(f"quant_pool{block}" if block in (64, 128) else "quant_pool64", dev)
     rows = _step_rows(launch, block)
     addrs, slot = addr_args(addr, scale)
     _quant_pool[(nb, B * H)](
-        x, addrs, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools, top,
+        x, addrs, perm if perm is not None else scale, m, xq, scale, pool, sim, poolq, pools, poolv, top,
         x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1),
         xq.stride(0), xq.stride(1), xq.stride(2), scale.stride(0), scale.stride(1),
         pool.stride(0), pool.stride(1), pool.stride(2) if want_pool else 0,
@@ -330,7 +341,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         ROWS=rows, num_warps=launch.num_warps,
     )
     out = (xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None)
-    out = out + ((poolq, pools),) if pool_i8 else out
+    out = out + ((poolq, pools), poolv) if pool_i8 else out
     return out + (top,) if want_top else out
 
 

@@ -24,7 +24,7 @@ import torch
 
 from .api import resolve_backend
 from .calibrate_masks import CallBlocks
-from .reference_predict import block_means
+from .reference_predict import block_means, fill_logits, key_variances
 from .reference_quant import LOG2E, P_SCALE_FP8, TINY, quantize_int8_per_block, quantize_v, round_p, split_blocks
 
 _CHUNK_ELEMS = 1 << 26  # fp32 elements of per-chunk work buffers (~256 MB)
@@ -83,7 +83,7 @@ class _Numerics:
 class _KeyHead:
     """One key/value head's operands as the kernel sees them: int8 K (padded to whole blocks)
     with its per-column scale, V quantized per channel in blocks (NK, BK, D) with its scale,
-    K and V for the truth, and (fill) the blocks' mean key and value."""
+    K and V for the truth, and (fill) the blocks' mean key, mean value and keys' variances."""
 
     kq: torch.Tensor
     ksc: torch.Tensor
@@ -94,6 +94,7 @@ class _KeyHead:
     vt: torch.Tensor
     kbar: Optional[torch.Tensor] = None
     vbar: Optional[torch.Tensor] = None
+    kvar: Optional[torch.Tensor] = None
 
 
 class _HeadRows(NamedTuple):
@@ -189,9 +190,9 @@ def _key_head(k, v, k_i8, ks_cols, means, b: int, hk: int, blocks: CallBlocks, n
     if num.half_pv:
         vq = (vq / P_SCALE_FP8 if num.pv_dtype == "fp8" else vq).half()
     kt, vt = (k[b, hk], v[b, hk]) if num.split else (k[b, hk].float(), v[b, hk].float())
-    kbar, vbar = (means[0][b, hk], means[1][b, hk]) if means is not None else (None, None)
+    kbar, vbar, kvar = (m[b, hk] for m in means) if means is not None else (None, None, None)
     return _KeyHead(kq=kq, ksc=ksc, kd=None if num.int_mm else kq.float() * ksc[:, None], vq=vq,
-                    vscale=vscale[0, 0], kt=kt, vt=vt, kbar=kbar, vbar=vbar)
+                    vscale=vscale[0, 0], kt=kt, vt=vt, kbar=kbar, vbar=vbar, kvar=kvar)
 
 
 def _chunk_errors(rows: _HeadRows, sl: slice, kv: _KeyHead, blocks: CallBlocks, num: _Numerics):
@@ -201,7 +202,7 @@ def _chunk_errors(rows: _HeadRows, sl: slice, kv: _KeyHead, blocks: CallBlocks, 
     r = slice(sl.start * BQ, sl.stop * BQ)
     nb, R = sl.stop - sl.start, (sl.stop - sl.start) * BQ
     q_i8, qs = rows.q_i8[r], rows.qs[r]
-    qd = q_i8.float() * qs[:, None] if (num.fill or not num.int_mm) else None
+    qd = q_i8.float() * qs[:, None] if not num.int_mm else None
     m, lsum, o = block_partials(qd, q_i8, qs, kv, blocks, num)
     ref = truth_rows(rows.q[r], kv.kt, kv.vt, blocks.scale, num.split)
     rvf = rows.valid[r].to(ref.dtype)
@@ -209,8 +210,9 @@ def _chunk_errors(rows: _HeadRows, sl: slice, kv: _KeyHead, blocks: CallBlocks, 
     X, NK = rows.masks.shape[0], blocks.nk
     keep = rows.masks[:, sl].permute(1, 0, 2)[:, None].expand(nb, BQ, X, NK).reshape(R, X, NK)
     fill_t = None
-    if num.fill:  # the estimated key's score: q . kbar + the block's bias
-        fill_t = qd @ kv.kbar.T + rows.bias[sl].repeat_interleave(BQ, dim=0)
+    if num.fill:  # the estimated key's score (reference_predict.fill_logits)
+        fill_t = fill_logits(q_i8.float().view(nb, BQ, -1), qs.view(nb, BQ)[:, 0], kv.kbar, kv.kvar, rows.bias[sl],
+                             rows.valid[r].view(nb, BQ).sum(-1).clamp_min(1)).view(R, -1)
     out = combine_candidates(m, lsum, o, keep, kv.vscale, fill_t, kv.vbar)
     out = out.to(num.out_dtype).float()  # the kernel stores the output in q's dtype
     e = (out.sub_(ref[:, None, :])).abs_().sum(-1) * rvf[:, None]  # (R, X)
@@ -242,7 +244,8 @@ def sampled_block_errors(q_rows, row_valid, k, v, k_i8, k_scale, masks, fill_bia
     qs_rows = (q_scale * (blocks.scale * LOG2E)).repeat_interleave(BQ, dim=2)  # (B, H, Sq*BQ), log2 units
     k_i8 = torch.nn.functional.pad(k_i8, (0, 0, 0, blocks.nk * BK - blocks.n))
     ks_cols = k_scale.repeat_interleave(BK, dim=2)  # (B, Hkv, NK*BK)
-    means = block_means(k, v, BK, pv_dtype, kbar) if fill else None  # the kernel's mean keys and values
+    # the kernel's mean keys and values, and the keys' variances
+    means = (*block_means(k, v, BK, pv_dtype, kbar), key_variances(k, BK)) if fill else None
     num_blk = torch.zeros(X, H, Sq, dtype=torch.float64, device=q_rows.device)
     den_blk = torch.zeros(H, Sq, dtype=torch.float64, device=q_rows.device)
     chunk = _chunk_blocks(blocks, X, D, num, q_rows.device.type == "cuda")

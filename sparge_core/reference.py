@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from .blockmask import num_blocks
 from .params import SpargeParams
-from .reference_predict import block_means, predict_block_mask
+from .reference_predict import block_means, fill_logits, key_variances, predict_block_mask
 from .reference_quant import (
     LOG2E,
     TINY,
+    block_token_counts,
     expand_kv,
     key_mean,
     quantize_int8_per_block,
@@ -51,7 +52,8 @@ def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int
                                return_lse: bool = False):
     """Sparse, quantized attention over the kept blocks of `mask` (B,H,NQ,NK), with P.V skipping.
     fill: the fill_skipped bias (B,H,NQ,NK) from fill_bias: after the kept blocks, every key
-    block with a finite bias joins the softmax as one key (its mean key and mean value).
+    block with a finite bias joins the softmax as one key (its mean key and mean value, scored by
+    reference_predict.fill_logits).
 
     Returns (out in q.dtype (B,H,N,D), pv_skipped per query block (B,H,NQ) int64), and with
     return_lse a third item: the float32 (B,H,N) log-sum-exp the output was normalized by (row_lse)."""
@@ -106,7 +108,9 @@ def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int
     if fill is not None:
         # the kernel's last step: one more online-softmax update over the block means, P rounded like the main P
         kbar, vbar = (expand_kv(x, H) for x in block_means(k, v, block_k, pv_dtype))
-        t = qd @ kbar[:, :, None].transpose(-1, -2) + fill[..., None, :]  # (B,H,NQ,BQ,NK) log2 units
+        kvar = expand_kv(key_variances(k, block_k), H)
+        t = fill_logits(split_blocks(qq.float(), block_q), qscale * (scale * LOG2E), kbar, kvar, fill,
+                        block_token_counts(N, block_q, dev))  # (B,H,NQ,BQ,NK) log2 units
         m_new = torch.maximum(m, t.amax(-1))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         alpha = torch.exp2(m - m_safe)

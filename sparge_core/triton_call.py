@@ -7,7 +7,7 @@ from typing import Optional
 
 from .blockmask import SpargeBlockMask, num_blocks
 from .params import SpargeParams
-from .reference_predict import LSE_EXACT_SIM, LSE_KEY_STRIDE, pooled_scores
+from .reference_predict import FILL_ORDER2_CLAMP, LSE_EXACT_SIM, LSE_KEY_STRIDE, pooled_scores
 from .reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM, expand_kv
 
 
@@ -66,7 +66,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     fill_args = None
     if fill:
         v_t, vbar = v_t
-        kbar, kbar_scale = k_out[4]
+        (kbar, kbar_scale), kvar = k_out[4:6]
 
     if block_mask is None:
         # the similarity rule's threshold: only where a self-similarity was computed
@@ -91,7 +91,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
                                       fill_blocks=nkc)
         counts, idx = sel_out[:2]
         if fill:
-            fill_args = (kbar, kbar_scale, vbar, sel_out[2])
+            fill_args = (kbar, kbar_scale, kvar, vbar, sel_out[2])
         block_mask = SpargeBlockMask(counts, idx, cfg.block_m, cfg.block_n, N, Nk)
     return dict(cfg=cfg, q_i8=q_i8, k_i8=k_i8, v_t=v_t, q_s=q_s, k_s=k_s, v_scale=v_scale, block_mask=block_mask,
                 fill=fill_args, k_mean=k_mean)
@@ -116,7 +116,7 @@ def triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_d
         P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
         pvthreshd, N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
         out_perm=perm_q, fill=P["fill"], lse_inputs=lse_inputs, out=out,
-        out_addr=(addrs, 3) if addrs is not None else None,
+        out_addr=(addrs, 3) if addrs is not None else None, fill_clamp=FILL_ORDER2_CLAMP,
     )
     skipped = res[1]
     return res[0], block_mask, (skipped.sum() if skipped is not None else 0), (res[2] if return_lse else None)

@@ -143,9 +143,10 @@ def garbage_empty(monkeypatch):
 
 @pytest.mark.parametrize("D,hd,pad", [(64, 64, 2), (80, 128, 2), (64, 64, 9)])
 def test_quant_pool_int8_means_match_reference(D, hd, pad, garbage_empty):
-    """fill_skipped's mean keys: the smoothed block means in int8 with one scale per block; the
-    kernel writes the zero padding itself, also when it is longer than the real blocks."""
-    from sparge_attention.sparge_core.reference_predict import block_means
+    """fill_skipped's mean keys: the smoothed block means in int8 with one scale per block, and
+    the smoothed keys' per-channel variances in fp16; the kernel writes the zero padding itself,
+    also when it is longer than the real blocks."""
+    from sparge_attention.sparge_core.reference_predict import block_means, key_variances
 
     _, k, v = clustered(1, 2, 333, D, seed=D)
     nb = num_blocks(333, BK)
@@ -157,6 +158,11 @@ def test_quant_pool_int8_means_match_reference(D, hd, pad, garbage_empty):
     got = kq[:, :, :nb, :D].float() * ks[:, :, :nb, None]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=float(ks.max()) * 1.01)  # at most one int8 step
     assert (got - want).abs().max() <= float(ks.max()) * 1.01
+    kv = out[5]
+    assert kv.shape == kq.shape and kv.dtype == torch.float16
+    assert (kv[:, :, nb:] == 0).all() and (kv[..., D:] == 0).all() and (kv >= 0).all()
+    # fp32 sums in another order, then fp16: one fp16 step at most
+    torch.testing.assert_close(kv[:, :, :nb, :D].float(), key_variances(k, BK), rtol=2 ** -9, atol=1e-6)
     with pytest.raises(ValueError):
         quant_pool(k, BK, hd, want_pool=True, pool_i8_blocks=nb - 1)
 
@@ -310,10 +316,11 @@ def test_quantizer_row_steps_give_the_whole_blocks_results(rows):
         assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1]), name
     torch.testing.assert_close(b["q"][2], a["q"][2], rtol=1e-5, atol=1e-6)  # pooled means
     torch.testing.assert_close(b["k"][3], a["k"][3], rtol=1e-5, atol=1e-6)  # self-similarity
-    assert torch.equal(b["k"][5], a["k"][5]) and (b["k"][5][:, :, 0] == 5).all()  # top keys
+    assert torch.equal(b["k"][6], a["k"][6]) and (b["k"][6][:, :, 0] == 5).all()  # top keys
     (pq_a, ps_a), (pq_b, ps_b) = a["k"][4], b["k"][4]  # int8 means: one rounding step at most
     assert (pq_a.int() - pq_b.int()).abs().max() <= 1
     torch.testing.assert_close(ps_b, ps_a, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(b["k"][5].float(), a["k"][5].float(), rtol=2 ** -9, atol=1e-6)  # variances, fp16
     with pytest.raises(ValueError, match="power of two dividing"):
         quant_v(v, a["vscale"], BK, 64, True, launch=Launch(block=48))
     with pytest.raises(ValueError, match="power of two dividing"):
@@ -444,24 +451,26 @@ def test_triton_fill_skipped_matches_reference(causal, Hkv, D, n, pv):
 
 def test_fill_pass_reads_only_the_key_blocks_columns():
     """The means are padded to FILL_PAD columns; the fill pass runs only the steps that hold key
-    blocks (3 here, of 128 columns: one step of 64), so what the padding holds cannot matter."""
-    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+    blocks (3 here, of 128 columns: one step of FILL_BLOCK), so what the padding holds cannot matter."""
+    from sparge_attention.kernels.attn_fwd import FILL_BLOCK, sparse_attn_fwd
     from sparge_attention.sparge_core.triton_call import prepare_sparse
 
     q, k, v = clustered(1, 2, 300, 64, seed=4, dtype=torch.bfloat16)
     params = SpargeParams(simthreshd1=-1.0, minshare=2.0, pvthreshd=INF, scoring="lse", fill_skipped=True)
     P = prepare_sparse(q, k, v, params, 64 ** -0.5)
     bm = P["block_mask"]
-    kbar, kbs, vbar, bias = P["fill"]
+    kbar, kbs, kvar, vbar, bias = P["fill"]
     assert bias.shape[-1] == 128 and num_blocks(300, BK) == 3 and torch.isinf(bias[..., 3:]).all()
-    junk = (kbar.clone(), kbs.clone(), vbar.clone(), bias.clone())
-    junk[0][:, :, 64:] = 100
-    junk[1][:, :, 64:] = 1.0
-    junk[2][..., 64:] = 64.0
-    junk[3][..., 64:] = 50.0  # a finite bias, far above the rest, in the padding's step
+    junk = (kbar.clone(), kbs.clone(), kvar.clone(), vbar.clone(), bias.clone())
+    c = FILL_BLOCK.value  # the first column of the padding's steps
+    junk[0][:, :, c:] = 100
+    junk[1][:, :, c:] = 1.0
+    junk[2][:, :, c:] = 9.0
+    junk[3][..., c:] = 64.0
+    junk[4][..., c:] = 50.0  # a finite bias, far above the rest, in the padding's steps
     outs = [sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], bm.kv_num_blocks,
                             bm.kv_indices, torch.full((2,), INF), 300, 300, 64, q.dtype, False, False,
-                            P["cfg"], fill=f)[0] for f in (P["fill"], junk)]
+                            P["cfg"], fill=f, fill_clamp=2.0)[0] for f in (P["fill"], junk)]
     assert torch.equal(outs[0], outs[1])
 
 

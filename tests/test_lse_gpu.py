@@ -45,7 +45,7 @@ def test_lse_scores_match_the_reference_at_each_stride_and_with_the_guard():
     scale = D ** -0.5
     k_mean, _ = kv_stats(k, k, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm)
     q_pool = quant_pool(q, BLOCK_M, D, perm=perm)[2]
-    k_i8, k_s, _, k_sim, kbar, top = quant_pool(k, BLOCK_N, D, mean=k_mean, want_pool=False, want_sim=True, perm=perm,
+    k_i8, k_s, _, k_sim, kbar, _, top = quant_pool(k, BLOCK_N, D, mean=k_mean, want_pool=False, want_sim=True, perm=perm,
                                                 pool_i8_blocks=64, want_top=True)
     ksm = smooth_k(kp.float())
     _, want_sim = pool_and_similarity(ksm, BLOCK_N)

