@@ -57,10 +57,10 @@ _SRC = "realistic benchmark, Wan 480p and HunyuanVideo 544p (README table)"
 PRESETS = {
     p.name: p
     for p in (
-        Preset("Quality", "share", -1.0, 0.97, 0.5, 0.5, math.inf, "lse", True, 0.02, _SRC),
-        Preset("Balanced", "share", -1.0, 0.95, 0.5, 1.5, math.inf, "lse", True, 0.04, _SRC),
-        Preset("Fast", "share", -1.0, 0.90, 0.3, 3.0, math.inf, "lse", True, 0.06, _SRC),
-        Preset("Turbo", "share", -1.0, 0.85, 0.2, 8.0, math.inf, "lse", True, 0.09, _SRC),
+        Preset("Quality", "share", -1.0, 0.97, 0.5, 0.8, math.inf, "lse", True, 0.02, _SRC),
+        Preset("Balanced", "share", -1.0, 0.95, 0.5, 2.5, math.inf, "lse", True, 0.04, _SRC),
+        Preset("Fast", "share", -1.0, 0.90, 0.3, 5.0, math.inf, "lse", True, 0.06, _SRC),
+        Preset("Turbo", "share", -1.0, 0.85, 0.2, 12.0, math.inf, "lse", True, 0.09, _SRC),
     )
 }
 PRESET_NAMES = list(PRESETS) + ["Custom"]

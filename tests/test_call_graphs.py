@@ -38,7 +38,7 @@ def test_device_key_holds_settings_not_threshold_values():
     assert dict(ths)["minshare"].data_ptr() == p.per_head("minshare", 4, CPU).data_ptr()
     # other threshold values (another preset, a block's own): the same key, their own tensors
     fast = PRESETS["Fast"].params()
-    assert fast.device_key(4, CPU)[0] == key and float(dict(fast.device_key(4, CPU)[1])["minshare"][0]) == 3.0
+    assert fast.device_key(4, CPU)[0] == key and float(dict(fast.device_key(4, CPU)[1])["minshare"][0]) == PRESETS["Fast"].minshare
     assert p.replace(minshare=torch.full((4,), 2.0)).device_key(4, CPU)[0] == key
     # a setting, another mode, or a value that switches a kernel path: another key
     assert dict(p.replace(is_causal=True).device_key(4, CPU)[0])["is_causal"] is True
