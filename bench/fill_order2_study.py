@@ -21,6 +21,8 @@ swept over minshare), everything in fp32 so that only the estimate differs (no q
   full      + c_rj with the whole Sigma_j (what the diagonal leaves out)
   oracle    the true per-row weight 2^lse_j(q_r) (a bound for weights with the mean value only: the
             diagonal term beats it, so part of its gain comes through the value side)
+  grpN      diag with the channels in groups of N (contiguous): each row's summed (q^2 - q_pool^2) and
+            each block's mean variance per group; grp8 is one fp16 MMA k-step (16 groups) in the kernel
   mean+X    today's weight raised by a constant X (log2 units): whether the gain is a mere mass boost
 Errors: rel-L1 of the whole output and of the worst head against fp32 dense attention, on
 sampled query blocks. The regimes are lse_sample_study's (none of them the presets' tuning inputs).
@@ -92,6 +94,10 @@ def fill_logits(P, variant, block_q, block_k):
         return torch.logsumexp(s * LN2, -1) / LN2
     if variant in ("diag", "diag/2", "diag<2"):
         quad = (qs * qs) @ P["var"].T - ((qp * qp) @ P["var"].T)[rows_blk]
+    elif variant.startswith("grp"):  # channels in groups of N: the rows' summed squares times the mean variance
+        g = int(variant[3:])
+        d2 = (qs * qs - (qp * qp)[rows_blk])
+        quad = d2.view(d2.shape[0], -1, g).sum(-1) @ P["var"].view(P["var"].shape[0], -1, g).mean(-1).T
     elif variant == "full":
         quad = torch.einsum("rd,jde,re->rj", qs, P["cov"], qs) - torch.einsum("id,jde,ie->ij", qp, P["cov"], qp)[rows_blk]
     else:
