@@ -108,9 +108,10 @@ def attention_launch(cfg, fill: bool, causal: bool, pv_skip: bool, perm: bool = 
     f, kw = None, {}
     if fill:
         # the keys' variances (the estimate's second-order term) and its bound: revisions before
-        # them took four tensors
+        # them took four tensors; v42 kept a variance per channel, v43 per channel group
         order2 = "fill_clamp" in attn_fwd.sparse_attn_fwd.__code__.co_varnames
-        kvar = (x(B, HKV, nkc, D, dtype=torch.float16),) if order2 else ()
+        groups = getattr(attn_fwd, "VAR_GROUPS", None)
+        kvar = (x(B, HKV, nkc, groups.value if groups is not None else D, dtype=torch.float16),) if order2 else ()
         kw = {"fill_clamp": 2.0} if order2 else {}
         f = (x(B, HKV, nkc, D, dtype=torch.int8), x(B, HKV, nkc, dtype=torch.float32), *kvar,
              x(B, HKV, D, nkc, dtype=v_dtype), x(B, H, nq, nkc, dtype=torch.float32))

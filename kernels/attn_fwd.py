@@ -21,10 +21,12 @@ from .fp8 import INTERPRET, to_pv_dtype
 from .host_math import cdiv
 from .launch import Kernel
 from .numerics import MAGIC_F, batch_head, int32_bits_f32
+from .quantize import VAR_GROUPS
 
 LN2 = tl.constexpr(0.6931471805599453)
 # key-block means per step of the fill_skipped pass (bench/NOTES.md v18: 128 spilled 66 registers, slower;
-# v42: with the second-order term's product 64 spilled 80 B at sm_90's 168 registers, 32 none in its loop)
+# v42: with the second-order term's product 64 spilled 80 B at sm_90's 168 registers, 32 none in its loop;
+# v43's grouped term: 64 spills in both loops, 32 in neither)
 FILL_BLOCK = tl.constexpr(32)
 FILL_PAD = 128  # the means and biases are padded to a multiple of this (a multiple of FILL_BLOCK)
 
@@ -109,31 +111,43 @@ def _fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_base, kbs_base, kvar_base,
                   EMULATE_FP8: tl.constexpr):
     """Every key block with a finite bias joins the softmax as one key: its mean key (int8, one
     scale per mean: scores q . kbar + bias in log2 units, plus the second-order term of
-    reference_predict.fill_logits: (q^2 - qbar^2) . var times q's scale squared and ln 2 / 2,
-    held within +-clamp) and its mean value (stored like V: transposed, fp8 in the operand's
-    order or fp16), FILL_BLOCK means per step, on the same tensor-core paths as the main loop.
+    reference_predict.fill_logits: (q^2 - qbar^2) . var over VAR_GROUPS channel groups, times q's
+    scale squared and ln 2 / 2, held within +-clamp through the variances) and its mean value
+    (stored like V: transposed, fp8 in the operand's order or fp16), FILL_BLOCK means per step, on
+    the same tensor-core paths as the main loop.
     Only the steps that hold some of the n_kb key blocks run: the means are padded to NKC columns
     (FILL_PAD), and a step of padding alone (biases -inf) would add exactly nothing
     (HunyuanVideo 544p: 528 blocks, 20 steps -> 17)."""
     offs_c = tl.arange(0, FILL_BLOCK)
     # the second-order term's operand: each row's squares less the squared mean of the block's
-    # n_rows real rows (the padded rows are zeros), in fp16 for the tensor cores (|d2| < 127^2)
+    # n_rows real rows (the padded rows are zeros), averaged over each group of channels, times
+    # the term's factor, in fp16 for the tensor cores: (BLOCK_M, VAR_GROUPS), 4 registers a thread
+    # where the whole diagonal's (BLOCK_M, HEAD_DIM) took 32 and spilled (v42).
     # Q's tile read again (8 KB from L2; volatile, or it is merged with the first load): using the
     # main loop's q here kept its registers live through that loop (sm_90: 8 more bytes spilled)
     q = tl.load(q_src, volatile=True)
     qbar = tl.sum(q.to(tl.int32), 0).to(tl.float32) / n_rows
     qf = q.to(tl.float32)
-    d2 = (qf * qf - (qbar * qbar)[None, :]).to(tl.float16)
+    d2 = tl.reshape(qf * qf - (qbar * qbar)[None, :], (q.shape[0], VAR_GROUPS, HEAD_DIM // VAR_GROUPS))
     c2 = q_scale * q_scale * (0.5 * LN2)
+    d2 = (tl.sum(d2, 2) * (VAR_GROUPS / HEAD_DIM) * c2).to(tl.float16)
+    # the term's bound: the block's group variances capped at clamp over the largest row sum of
+    # |d2| (real rows), so that |d2 . var| <= clamp for every row. Bounding the product itself
+    # would need it as a tile of its own beside the scores (sm_90: 388 instructions per 32 means
+    # and a spill in the main loop); as the operands' bound it accumulates into the scores' tile
+    # (301, no spill)
+    s_abs = tl.sum(tl.abs(d2.to(tl.float32)), 1)
+    s_max = tl.max(tl.where(tl.arange(0, q.shape[0]) < n_rows, s_abs, 0.0), 0)
+    cap = tl.minimum(clamp / tl.maximum(s_max, 1e-30), 65504.0).to(tl.float16)
+    offs_g = tl.arange(0, VAR_GROUPS)
     for c0 in range(0, tl.cdiv(n_kb, FILL_BLOCK) * FILL_BLOCK, FILL_BLOCK):
         # all-kept steps (every bias -inf) are computed too: testing for them measured slower (v18)
         bias = tl.load(bias_base + c0 + offs_c)
         kb = tl.load(kbar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK)
         col_scale = q_scale * tl.load(kbs_base + c0 + offs_c)
-        kv2 = tl.load(kvar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK) fp16
-        corr = tl.dot(d2, kv2) * c2
+        kv2 = tl.load(kvar_base + (c0 + offs_c)[None, :] * VAR_GROUPS + offs_g[:, None])  # (VAR_GROUPS, FILL_BLOCK)
         t = tl.dot(q, kb).to(tl.float32) * col_scale[None, :] + bias[None, :]
-        t += tl.minimum(tl.maximum(corr, -clamp), clamp)
+        t = tl.dot(d2, tl.minimum(kv2, cap), acc=t)
         m_new = tl.maximum(m_i, tl.max(t, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
@@ -163,7 +177,7 @@ def _sparse_attn_fwd(
     LSE, QRAW, KMEAN, sqr_b, sqr_h, sqr_n, lse_scale,  # read only with RETURN_LSE
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
-    skb_b, skb_h, sks2_b, sks2_h, svb_b, svb_h, sb_b, sb_h, sb_q,
+    skb_b, skb_h, sks2_b, sks2_h, skv_b, skv_h, svb_b, svb_h, sb_b, sb_h, sb_q,
     N_Q, N_K, H, KV_GROUP, NQB, NKC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
@@ -222,9 +236,8 @@ def _sparse_attn_fwd(
                                            k_src, k_row, sk_n, v_src, v_row, offs_m, offs_n, N_Q, N_K, neg_lam,
                                            BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
     if FILL:
-        # KVAR (fp16) is laid out as KBAR (int8): the same strides in elements
         acc, l_i, m_i = _fill_skipped(acc, l_i, m_i, q_src, q_scale, KBAR + b * skb_b + hk * skb_h,
-                                      KBS + b * sks2_b + hk * sks2_h, KVAR + b * skb_b + hk * skb_h,
+                                      KBS + b * sks2_b + hk * sks2_h, KVAR + b * skv_b + hk * skv_h,
                                       VBAR + b * svb_b + hk * svb_h, BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC,
                                       tl.cdiv(N_K, BLOCK_N), tl.minimum(N_Q - pid_m * BLOCK_M, BLOCK_M).to(tl.float32),
                                       fill_clamp, offs_d, HEAD_DIM, P_LOG2, PV_FP8, EMULATE_FP8)
@@ -269,8 +282,8 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     (fp8 or fp16) decides the P.V type. TMA loads need contiguous K and V^T (else plain loads).
     out_perm (int32 (n_q,)): query row i is written to output row out_perm[i].
     fill (fill_skipped): (kbar, kbar_scale, kvar, vbar_t, bias): int8 mean keys (B,Hkv,NKC,head_dim) with
-    one fp32 scale each (B,Hkv,NKC), the keys' per-channel variances in fp16 (B,Hkv,NKC,head_dim), mean
-    values transposed like v_t (B,Hkv,head_dim,NKC) and in its dtype, fp32 biases (B,H,NQ,NKC); NKC a
+    one fp32 scale each (B,Hkv,NKC), the keys' channel variances summed per VAR_GROUPS groups in fp16
+    (B,Hkv,NKC,VAR_GROUPS; kernels.quantize), mean values transposed like v_t (B,Hkv,head_dim,NKC) and in its dtype, fp32 biases (B,H,NQ,NKC); NKC a
     multiple of FILL_BLOCK (FILL_PAD is); -inf biases add nothing, and the columns past the key blocks
     are not read. fill_clamp (with fill): the bound of the second-order term, log2 units
     (reference_predict.FILL_ORDER2_CLAMP).
@@ -312,11 +325,12 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         nkc = bias.shape[-1]
         if (kbar.dtype != torch.int8 or kbs.dtype != torch.float32 or kvar.dtype != torch.float16
                 or vbar.dtype != v_t.dtype or bias.dtype != torch.float32 or kbar.shape != (B, Hkv, nkc, hd)
-                or kbs.shape != (B, Hkv, nkc) or kvar.shape != kbar.shape or vbar.shape != (B, Hkv, hd, nkc)
+                or kbs.shape != (B, Hkv, nkc) or kvar.shape != (B, Hkv, nkc, VAR_GROUPS.value)
+                or vbar.shape != (B, Hkv, hd, nkc)
                 or bias.shape != (B, H, NQ, nkc) or nkc % FILL_BLOCK.value or nkc * block_n < n_k
                 or not all(x.is_contiguous() for x in (kbar, kbs, kvar, vbar, bias))):
             raise ValueError(f"fill wants contiguous int8 kbar (B,Hkv,NKC,{hd}), fp32 scales (B,Hkv,NKC), fp16 "
-                             f"kvar (B,Hkv,NKC,{hd}), vbar^T (B,Hkv,{hd},NKC) in v's dtype and fp32 bias "
+                             f"kvar (B,Hkv,NKC,{VAR_GROUPS.value}), vbar^T (B,Hkv,{hd},NKC) in v's dtype and fp32 bias "
                              f"(B,H,{NQ},NKC), NKC a multiple of {FILL_BLOCK.value} covering the keys")
         if fill_clamp is None or not fill_clamp >= 0:
             raise ValueError(f"fill wants fill_clamp >= 0 (the second-order term's bound), got {fill_clamp}")
@@ -364,7 +378,8 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         q_scale.stride(0), q_scale.stride(1), k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
         kbar.stride(0) if nkc else 0, kbar.stride(1) if nkc else 0, kbs.stride(0) if nkc else 0,
-        kbs.stride(1) if nkc else 0, vbar.stride(0) if nkc else 0, vbar.stride(1) if nkc else 0,
+        kbs.stride(1) if nkc else 0, kvar.stride(0) if nkc else 0, kvar.stride(1) if nkc else 0,
+        vbar.stride(0) if nkc else 0, vbar.stride(1) if nkc else 0,
         bias.stride(0) if nkc else 0, bias.stride(1) if nkc else 0, bias.stride(2) if nkc else 0,
         n_q, n_k, H, H // Hkv, NQ, nkc,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,

@@ -12,6 +12,10 @@ from .host_math import cdiv
 from .launch import Kernel
 from .numerics import batch_head, round_half_away
 
+# fill_skipped's key variances are kept per group of contiguous channels, this many groups (head dim
+# 128: 8 channels each): the attention kernel's product with them is one 16-deep fp16 MMA step
+VAR_GROUPS = tl.constexpr(16)
+
 
 @triton.jit
 def _token_rows(PERM, blk, N, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, PV_ORDER: tl.constexpr):
@@ -82,6 +86,7 @@ def _round_rows(XQ, x, offs_n, amax, b, h, sq_b, sq_h, sq_n, i, best, top, ROWS:
 def _quant_pool_kernel(
     X, ADDRS, PERM, MEAN, XQ, SCALE, POOL, SIM, POOLQ, POOLS, POOLV, TOP,
     sx_b, sx_h, sx_n, sm_b, sm_h, sq_b, sq_h, sq_n, ss_b, ss_h, sp_b, sp_h, sp_n, spq_b, spq_h, sps_b, sps_h,
+    spv_b, spv_h,
     N, H, extra_scale, POOL_BLOCKS,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
@@ -133,10 +138,12 @@ def _quant_pool_kernel(
             tl.store(POOLQ + b * spq_b + h * spq_h + blk * HEAD_DIM + offs_d,
                      round_half_away(pooled * (127.0 / pamax)).to(tl.int8))
             tl.store(POOLS + b * sps_b + h * sps_h + blk, pamax / 127.0)
-            # and each channel's variance over the block, fp16 up to its largest value (the estimate's
-            # second-order term, reference_predict.key_variances); POOLV is laid out as POOLQ
-            var = tl.minimum(tl.maximum(ssum / cnt - pooled * pooled, 0.0), 65504.0)
-            tl.store(POOLV + b * spq_b + h * spq_h + blk * HEAD_DIM + offs_d, var.to(tl.float16))
+            # and the channels' variances over the block, summed in VAR_GROUPS groups of contiguous
+            # channels, fp16 up to its largest value (the estimate's second-order term,
+            # reference_predict.key_variances)
+            var = tl.maximum(ssum / cnt - pooled * pooled, 0.0)
+            var = tl.minimum(tl.sum(tl.reshape(var, (VAR_GROUPS, HEAD_DIM // VAR_GROUPS)), 1), 65504.0)
+            tl.store(POOLV + b * spv_b + h * spv_h + blk * VAR_GROUPS + tl.arange(0, VAR_GROUPS), var.to(tl.float16))
     if WANT_SIM:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
         tl.store(SIM + b * ss_b + h * ss_h + blk, tl.sum(usum * usum, 0) / (cnt * cnt))
@@ -147,7 +154,8 @@ def _quant_pool_kernel(
         for pb in range(nb + blk, POOL_BLOCKS, nb):
             tl.store(POOLQ + b * spq_b + h * spq_h + pb * HEAD_DIM + offs_d, tl.zeros([HEAD_DIM], tl.int8))
             tl.store(POOLS + b * sps_b + h * sps_h + pb, 0.0)
-            tl.store(POOLV + b * spq_b + h * spq_h + pb * HEAD_DIM + offs_d, tl.zeros([HEAD_DIM], tl.float16))
+            tl.store(POOLV + b * spv_b + h * spv_h + pb * VAR_GROUPS + tl.arange(0, VAR_GROUPS),
+                     tl.zeros([VAR_GROUPS], tl.float16))
 
 
 _quant_pool = Kernel(_quant_pool_kernel)
@@ -296,8 +304,8 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     not computed is returned as None.
     pool_i8_blocks > 0: also returns the pooled means as int8 (B,H,pool_i8_blocks,
     head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), as a pair, then each block's
-    per-channel variance (of x less `mean`) in fp16 (B,H,pool_i8_blocks,head_dim), zero past the
-    nb real blocks.
+    channel variances (of x less `mean`) summed in VAR_GROUPS groups of contiguous channels, fp16
+    (B,H,pool_i8_blocks,VAR_GROUPS), zero past the nb real blocks.
     want_top: also returns, last, each block's position of its largest-norm token by the int8
     values (B,H,nb) int32, the first on ties (reference_predict.block_top_keys).
     `launch`: the warps per program and the token rows per step (launch.block, 0: the whole
@@ -324,7 +332,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     # the kernel writes the zeros past the nb real blocks itself
     poolq = torch.empty(B, H, pool_i8_blocks, head_dim, dtype=torch.int8, device=dev) if pool_i8 else xq
     pools = torch.empty(B, H, pool_i8_blocks, dtype=torch.float32, device=dev) if pool_i8 else scale
-    poolv = torch.empty(B, H, pool_i8_blocks, head_dim, dtype=torch.float16, device=dev) if pool_i8 else xq
+    poolv = torch.empty(B, H, pool_i8_blocks, VAR_GROUPS.value, dtype=torch.float16, device=dev) if pool_i8 else xq
     top = torch.empty(B, H, nb, dtype=torch.int32, device=dev) if want_top else scale  # strides: scale's
     launch = launch or helper_launch(f"quant_pool{block}" if block in (64, 128) else "quant_pool64", dev)
     rows = _step_rows(launch, block)
@@ -334,7 +342,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1),
         xq.stride(0), xq.stride(1), xq.stride(2), scale.stride(0), scale.stride(1),
         pool.stride(0), pool.stride(1), pool.stride(2) if want_pool else 0,
-        poolq.stride(0), poolq.stride(1), pools.stride(0), pools.stride(1),
+        poolq.stride(0), poolq.stride(1), pools.stride(0), pools.stride(1), poolv.stride(0), poolv.stride(1),
         N, H, float(extra_scale), pool_i8_blocks,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
         WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, WANT_TOP=want_top, X_SLOT=slot,

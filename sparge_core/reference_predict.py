@@ -260,17 +260,35 @@ def block_means(k, v, block_k: int, pv_dtype: str, kbar=None):
     return kbar, vbar
 
 
+FILL_VAR_GROUPS = 16  # the second-order term's channel groups: one fp16 tensor-core k-step in the kernel
+
+
+def padded_head_dim(D: int) -> int:
+    """The head dim the kernels work in: q, k and v are zero padded to it (the true scale is kept)."""
+    return 64 if D <= 64 else 128
+
+
+def channel_groups(x, mean: bool):
+    """(..., D) -> (..., FILL_VAR_GROUPS): x zero padded to the kernels' head dim and summed (or
+    averaged) over groups of that many contiguous channels (8 at head dim 128, 4 at 64)."""
+    hd = padded_head_dim(x.shape[-1])
+    x = torch.nn.functional.pad(x, (0, hd - x.shape[-1]))
+    g = x.view(*x.shape[:-1], FILL_VAR_GROUPS, hd // FILL_VAR_GROUPS)
+    return g.mean(-1) if mean else g.sum(-1)
+
+
 def key_variances(k, block_k: int, k_smooth=None):
-    """Every key block's per-channel variance of the smoothed keys (B, Hkv, NK, D) over its real
-    tokens, mean of squares less the squared mean in fp32 (as K's quantizer sums them), rounded to
-    fp16 like the kernel's copy (held below fp16's largest value): the second-order term of the
-    skipped-block estimate (fill_logits)."""
+    """Every key block's channel variances of the smoothed keys over its real tokens, summed in
+    FILL_VAR_GROUPS groups of contiguous channels (B, Hkv, NK, FILL_VAR_GROUPS): mean of squares
+    less the squared mean in fp32 (as K's quantizer sums them), each channel's held at >= 0, then
+    the group sums rounded to fp16 like the kernel's copy (held below fp16's largest value): the
+    second-order term of the skipped-block estimate (fill_logits)."""
     ks = smooth_k(k.float()) if k_smooth is None else k_smooth
     cnt = block_token_counts(ks.shape[2], block_k, ks.device)[:, None]
     xb = split_blocks(ks, block_k)
     mean = xb.sum(-2) / cnt
     var = ((xb * xb).sum(-2) / cnt - mean * mean).clamp_min(0.0)
-    return var.clamp(max=65504.0).to(torch.float16).float()
+    return channel_groups(var, mean=False).clamp(max=65504.0).to(torch.float16).float()
 
 
 FILL_ORDER2_CLAMP = 2.0  # log2 units: the second-order term moves a block's weight by 4x at most
@@ -279,24 +297,36 @@ FILL_ORDER2_CLAMP = 2.0  # log2 units: the second-order term moves a block's wei
 def fill_logits(q_i8, q_scale, kbar, kvar, bias, n_rows):
     """The skipped-block estimate's score of every row against every key block's mean key, log2
     units: q_i8 (..., NQ, BQ, D) the int8 query rows (as floats; zeros past the real rows) and
-    q_scale (..., NQ) their scales in log2 units, kbar / kvar (..., NK, D) the mean keys and the
-    keys' per-channel variances (key_variances), bias (..., NQ, NK) from fill_bias, n_rows (NQ,)
-    the real rows of each query block.
+    q_scale (..., NQ) their scales in log2 units, kbar (..., NK, D) the mean keys, kvar (..., NK,
+    FILL_VAR_GROUPS) the keys' grouped variances (key_variances), bias (..., NQ, NK) from
+    fill_bias, n_rows (NQ,) the real rows of each query block.
 
     The weight 2^(q . kbar + bias) is exact for the block's pooled query and first order in the
     row's distance from it. The cumulant expansion of a block's scores s = q . k,
         log2 sum_k 2^s = log2 n + q . kbar + (ln 2 / 2) q^T Sigma q + ...,
     gives the second-order term a row misses: (ln 2 / 2) (q^T Sigma q - qbar^T Sigma qbar), here
-    with Sigma's diagonal (kvar) and qbar the mean of the block's int8 rows (the kernel has them at
-    hand): one more product per skipped block, (q^2 - qbar^2) in fp32 rounded to fp16 against kvar, times the
-    squared scale. It is held within +-FILL_ORDER2_CLAMP. On query rows spread around their
-    pooled query it cut the density needed for rel-L1 0.05 by ~30% (bench/fill_order2_study.py,
-    NOTES v42); the full Sigma overshoots (the expansion's higher terms), the diagonal does not."""
+    with Sigma's diagonal and qbar the mean of the block's int8 rows (the kernel has them at hand),
+    the channels taken in FILL_VAR_GROUPS groups: each group's mean of (q^2 - qbar^2) (fp32, rounded
+    to fp16: |.| < 127^2) against the group's summed variance (kvar), times the squared scale. That
+    is one 16-deep product per skipped block, an eighth of the whole diagonal's at head dim 128
+    (whose row operand alone held 32 registers a thread and made the kernel spill). It is held
+    within +-FILL_ORDER2_CLAMP through its operands (capped variances: the kernel adds the product
+    straight into the scores' tile). On query rows spread around their pooled query the whole diagonal
+    cut the density needed for rel-L1 0.05 by ~30%, the groups of 8 nearly as much
+    (bench/fill_order2_study.py, NOTES v42, v43); the full Sigma overshoots (the expansion's higher
+    terms), the diagonal does not."""
     qbar = q_i8.sum(-2, keepdim=True) / n_rows.to(q_i8.dtype)[:, None, None]
-    d2 = (q_i8 * q_i8 - qbar * qbar).to(torch.float16).float()  # the kernel's operand (|d2| < 127^2)
-    corr = (d2 @ kvar[..., None, :, :].transpose(-1, -2)) * (0.5 * math.log(2.0) * q_scale * q_scale)[..., None, None]
+    c2 = 0.5 * math.log(2.0) * q_scale * q_scale
+    # the kernel's operand: the groups' means times the term's factor, in fp16
+    d2 = (channel_groups(q_i8 * q_i8 - qbar * qbar, mean=True) * c2[..., None, None]).to(torch.float16).float()
+    # the bound, through the operands: each query block caps its key blocks' group variances at
+    # clamp over its real rows' largest sum of |d2|, so that no row's term passes +-clamp
+    real = torch.arange(q_i8.shape[-2], device=q_i8.device) < n_rows[:, None]  # (NQ, BQ)
+    s_max = (d2.abs().sum(-1) * real).amax(-1)  # (..., NQ)
+    cap = (FILL_ORDER2_CLAMP / s_max.clamp_min(1e-30)).clamp(max=65504.0).to(torch.float16).float()
+    kv = torch.minimum(kvar[..., None, :, :], cap[..., None, None])  # (..., NQ, NK, G)
     t = (q_i8 @ kbar[..., None, :, :].transpose(-1, -2)) * q_scale[..., None, None] + bias[..., None, :]
-    return t + corr.clamp(-FILL_ORDER2_CLAMP, FILL_ORDER2_CLAMP)
+    return t + d2 @ kv.transpose(-1, -2)
 
 
 def lse_stage1(q_pool, k, block_k: int, scale: float):

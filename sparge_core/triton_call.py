@@ -7,7 +7,7 @@ from typing import Optional
 
 from .blockmask import SpargeBlockMask, num_blocks
 from .params import SpargeParams
-from .reference_predict import FILL_ORDER2_CLAMP, LSE_EXACT_SIM, LSE_KEY_STRIDE, pooled_scores
+from .reference_predict import FILL_ORDER2_CLAMP, LSE_EXACT_SIM, LSE_KEY_STRIDE, padded_head_dim, pooled_scores
 from .reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM, expand_kv
 
 
@@ -35,7 +35,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     cfg = default_config(q.device)
     B, H, N, D = q.shape
     Nk = k.shape[2]
-    hd = 64 if D <= 64 else 128  # other head dims are zero padded; the true scale is kept
+    hd = padded_head_dim(D)  # other head dims are zero padded; the true scale is kept
     pv_fp8 = cfg.pv_fp8 if pv_dtype == "auto" else pv_dtype == "fp8"
     predict = block_mask is None
     lse = params.scoring == "lse"

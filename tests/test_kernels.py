@@ -146,7 +146,7 @@ def test_quant_pool_int8_means_match_reference(D, hd, pad, garbage_empty):
     """fill_skipped's mean keys: the smoothed block means in int8 with one scale per block, and
     the smoothed keys' per-channel variances in fp16; the kernel writes the zero padding itself,
     also when it is longer than the real blocks."""
-    from sparge_attention.sparge_core.reference_predict import block_means, key_variances
+    from sparge_attention.sparge_core.reference_predict import FILL_VAR_GROUPS, block_means, key_variances
 
     _, k, v = clustered(1, 2, 333, D, seed=D)
     nb = num_blocks(333, BK)
@@ -158,11 +158,13 @@ def test_quant_pool_int8_means_match_reference(D, hd, pad, garbage_empty):
     got = kq[:, :, :nb, :D].float() * ks[:, :, :nb, None]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=float(ks.max()) * 1.01)  # at most one int8 step
     assert (got - want).abs().max() <= float(ks.max()) * 1.01
-    kv = out[5]
-    assert kv.shape == kq.shape and kv.dtype == torch.float16
-    assert (kv[:, :, nb:] == 0).all() and (kv[..., D:] == 0).all() and (kv >= 0).all()
+    kv = out[5]  # the variances summed per channel group (FILL_VAR_GROUPS of them)
+    assert kv.shape == (1, 2, nb + pad, FILL_VAR_GROUPS) and kv.dtype == torch.float16
+    assert (kv[:, :, nb:] == 0).all() and (kv >= 0).all()
+    if D < hd:  # the zero padded channels add nothing: the last groups are empty
+        assert (kv[:, :, :nb, D * FILL_VAR_GROUPS // hd:] == 0).all()
     # fp32 sums in another order, then fp16: one fp16 step at most
-    torch.testing.assert_close(kv[:, :, :nb, :D].float(), key_variances(k, BK), rtol=2 ** -9, atol=1e-6)
+    torch.testing.assert_close(kv[:, :, :nb].float(), key_variances(k, BK), rtol=2 ** -9, atol=1e-6)
     with pytest.raises(ValueError):
         quant_pool(k, BK, hd, want_pool=True, pool_i8_blocks=nb - 1)
 
@@ -447,6 +449,37 @@ def test_triton_fill_skipped_matches_reference(causal, Hkv, D, n, pv):
     assert st.sparsity > 0.3
     assert rel_l1(out, ref) < 0.01
     assert rel_l1(out, out0) > 0.02  # the estimate changed the output (not vacuous)
+
+
+def test_fill_second_order_bound_matches_reference(monkeypatch):
+    """Key variances far beyond real ones (x 1000): the second-order term is held within its bound
+    through the capped variances in the kernel as in the reference, so both stay together and the
+    output moves only by what the bound lets through."""
+    from sparge_attention.kernels import quantize
+    from sparge_attention.sparge_core import reference, reference_predict
+
+    q, k, v = clustered(1, 2, 300, 64, seed=9, dtype=torch.bfloat16)
+    params = SpargeParams(simthreshd1=-1.0, minshare=2.0, pvthreshd=INF, scoring="lse", fill_skipped=True)
+    out0, _, ref0, _, _ = run_both(q, k, v, params)
+    real_kv = reference.key_variances
+
+    def big_kv(*a, **kw):
+        return (real_kv(*a, **kw) * 1000).clamp(max=65504.0)
+    monkeypatch.setattr(reference, "key_variances", big_kv)
+    real_quant_pool = quantize.quant_pool
+
+    def quant_pool_big(*a, **kw):
+        out = real_quant_pool(*a, **kw)
+        if kw.get("pool_i8_blocks", 0):
+            out = (*out[:5], (out[5].float() * 1000).clamp(max=65504.0).half(), *out[6:])
+        return out
+    monkeypatch.setattr(quantize, "quant_pool", quant_pool_big)
+    out, _, ref, _, _ = run_both(q, k, v, params)
+    assert rel_l1(out, ref) < 0.01
+    assert rel_l1(ref, ref0) > 0.005  # the term moved the output (0.025 here): the bound was reached, not vacuous
+    # at most a factor 2^clamp on each estimated block's weight
+    b = reference_predict.FILL_ORDER2_CLAMP
+    assert rel_l1(ref, ref0) < 2 ** b - 1
 
 
 def test_fill_pass_reads_only_the_key_blocks_columns():

@@ -699,11 +699,13 @@ def test_fill_second_order_term_follows_each_rows_mass():
     term, so a row's estimated log-mass of the block (first order: q . kbar + bias, exact for the
     pooled query) comes close to the true one once the variances enter; without them it is off
     by about the row's own variance term."""
-    from sparge_attention.sparge_core.reference_predict import FILL_ORDER2_CLAMP, fill_logits
+    from sparge_attention.sparge_core.reference_predict import FILL_ORDER2_CLAMP, channel_groups, fill_logits
 
     g = torch.Generator().manual_seed(13)
     D, n, rows = 16, 8192, 64
-    sigma = torch.linspace(0.2, 0.7, D)
+    # one spread per group of 4 channels (head dim 16 is padded to 64: 16 groups of 4), where the
+    # grouped term is the whole diagonal's
+    sigma = torch.linspace(0.2, 0.7, D // 4).repeat_interleave(4)
     k = torch.randn(n, D, generator=g) * sigma + 0.1
     qbar = torch.randn(D, generator=g) * 0.5
     q = qbar + torch.randn(rows, D, generator=g) * 0.8
@@ -712,11 +714,11 @@ def test_fill_second_order_term_follows_each_rows_mass():
     def lse2(x):  # log2 sum_k 2^(x . k)
         return torch.logsumexp((x @ k.T) * math.log(2.0), -1) / math.log(2.0)
 
-    kbar, kvar = k.mean(0), k.var(0, unbiased=False)
+    kbar, kvar = k.mean(0), channel_groups(k.var(0, unbiased=False), mean=False)
     bias = (lse2(qbar[None]) - qbar @ kbar).view(1, 1)
     truth = lse2(q)
     args = (q[None], torch.ones(1), kbar[None])
-    t1 = fill_logits(*args, torch.zeros(1, D), bias, torch.tensor([rows]))[0, :, 0]
+    t1 = fill_logits(*args, torch.zeros_like(kvar)[None], bias, torch.tensor([rows]))[0, :, 0]
     t2 = fill_logits(*args, kvar[None], bias, torch.tensor([rows]))[0, :, 0]
     e1, e2 = (t1 - truth).abs().mean(), (t2 - truth).abs().mean()
     assert e1 > 0.1 and e2 < 0.25 * e1, (e1, e2)
