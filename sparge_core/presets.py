@@ -1,17 +1,21 @@
 """Named settings for the node's preset combo, chosen by measurement.
 
 Source: bench/realistic_bench.py on realistic video attention (Wan 2.1 480p and HunyuanVideo
-544p shapes, 3D RoPE, local / temporal / global / sink heads), H100, 2026-11-27
-(bench/results/2026-11-27-H100-realistic-v18.log). Each preset is the share-mode threshold whose
-whole-output rel-L1 against fp32 dense attention (quantization and skipping together) lands near
-its target on both shapes: Quality ~0.02, Balanced ~0.04, Fast ~0.06, Turbo ~0.09. Those targets
+544p shapes, 3D RoPE, local / temporal / global / sink heads), first H100 2026-11-27
+(bench/results/2026-11-27-H100-realistic-v18.log); the minshares moved up on 2026-12-06 with the
+estimate's second-order term, which lowered the error at every threshold (2026-12-06-H100-v43.log:
+rel-L1 0.023 / 0.046 / 0.066 / 0.097 at Wan, 0.021 / 0.039 / 0.053 / 0.076 at HunyuanVideo). Each
+preset is the share-mode threshold whose whole-output rel-L1 against fp32 dense attention
+(quantization and skipping together) lands near its target, averaged over both shapes: Quality
+~0.02, Balanced ~0.04, Fast ~0.06, Turbo ~0.09. Those targets
 are the presets' `target_rel_l1`: during sampling the node measures the error per block and head
 and moves each head's minshare toward it (sparge_core/adapt.py); minshare is where it starts.
 
 All presets estimate the skipped blocks (fill_skipped: each skipped key block joins the softmax as
 its mean key and mean value, calibrated by the lse scores) instead of dropping them: that cut the
-error ~3x at equal sparsity, so at rel-L1 0.05 the whole call runs at 0.120x cuDNN (Wan, sparsity
-0.93) and 0.092x (HunyuanVideo, 0.94), where dropping needed 0.254x / 0.259x. Share mode (one
+error ~3x at equal sparsity (then 20-30% more with the second-order term), so at rel-L1 0.05 the
+whole call runs at 0.098x cuDNN (Wan, sparsity 0.95) and 0.065x (HunyuanVideo, 0.97), where
+dropping needed 0.254x / 0.259x (2026-11-27). Share mode (one
 probability floor, minshare x an even share, for every row) reached a given error with fewer
 blocks than CDF or top-k (without the estimate: 0.253x vs 0.280x / 0.273x at Wan). "lse" scoring
 (the pooled query against every key) with the similarity rule off, which only matters for

@@ -276,8 +276,8 @@ and the sparsity of every block at every step.
 How much is skipped depends on the model, the prompt and the step: the readout shows it. A step
 speeds up less than attention alone (attention is roughly 60% of a Wan step). The presets estimate
 the skipped blocks (**fill_skipped**) instead of dropping them; in the project's H100 benchmark on
-realistic video attention, Balanced skipped ~0.9 of the blocks at rel-L1 ~0.04 (attention 7-8x
-faster). Turn **error_check** on to measure the error on your model, and bypass the node (Ctrl+B)
+realistic video attention, Balanced skipped ~0.94 of the blocks at rel-L1 ~0.04 (attention
+~10x faster). Turn **error_check** on to measure the error on your model, and bypass the node (Ctrl+B)
 to compare the image.
 """
 
