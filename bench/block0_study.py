@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT  # noqa: E402  (loads the pack as `sparge_attention`)
 from devkit.metrics import rel_l1  # noqa: E402
 from devkit.tiny_models import _import_comfy  # noqa: E402
+from e2e_wan import random_weights_  # noqa: E402
 from sparge_attention.sparge_core import reference_predict, sparge_attention  # noqa: E402
 from sparge_attention.sparge_core.hilbert import TokenPermutation  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
@@ -51,14 +52,8 @@ def block0_qkv(grid):
                          operations=comfy.ops.disable_weight_init, dim=1536, ffn_dim=8960, num_heads=12,
                          num_layers=1)
         g = torch.Generator().manual_seed(0)
+        random_weights_(dm, g)  # as bench/e2e_wan.build
         with torch.no_grad():
-            for name, p in dm.named_parameters():  # as bench/e2e_wan.build
-                if p.dim() >= 2:
-                    p.normal_(0.0, 0.02, generator=g)
-                elif name.endswith("weight"):
-                    p.fill_(1.0)
-                else:
-                    p.zero_()
             T, Hg, Wg = grid
             x = torch.randn(1, 16, T, 2 * Hg, 2 * Wg, generator=g)
             dm(x, torch.full((1,), 500.0), torch.randn(1, 512, 4096, generator=g))

@@ -39,7 +39,12 @@ def build(kw, dev):
 
     dm = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, freq_dim=256, text_dim=4096,
                   out_dim=16, device=dev, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init, **kw)
-    g = torch.Generator(device=dev).manual_seed(0)
+    random_weights_(dm, torch.Generator(device=dev).manual_seed(0))
+    return dm.eval()
+
+
+def random_weights_(dm, g):
+    """The benches' random weights: matrices N(0, 0.02), norm weights 1, biases 0 (in place)."""
     with torch.no_grad():
         for name, p in dm.named_parameters():
             if p.dim() >= 2:
@@ -48,7 +53,6 @@ def build(kw, dev):
                 p.fill_(1.0)
             else:
                 p.zero_()
-    return dm.eval()
 
 
 def wan_inputs(name, dev):
