@@ -306,13 +306,14 @@ def fill_logits(q_i8, q_scale, kbar, kvar, bias, n_rows):
         log2 sum_k 2^s = log2 n + q . kbar + (ln 2 / 2) q^T Sigma q + ...,
     gives the second-order term a row misses: (ln 2 / 2) (q^T Sigma q - qbar^T Sigma qbar), here
     with Sigma's diagonal and qbar the mean of the block's int8 rows (the kernel has them at hand),
-    the channels taken in FILL_VAR_GROUPS groups: each group's mean of (q^2 - qbar^2) (fp32, rounded
-    to fp16: |.| < 127^2) against the group's summed variance (kvar), times the squared scale. That
+    the channels taken in FILL_VAR_GROUPS groups: each group's mean of (q^2 - qbar^2) times the
+    term's factor (ln 2 / 2 and the squared scale; fp32, rounded to fp16) against the group's
+    summed variance (kvar). That
     is one 16-deep product per skipped block, an eighth of the whole diagonal's at head dim 128
     (whose row operand alone held 32 registers a thread and made the kernel spill). It is held
     within +-FILL_ORDER2_CLAMP through its operands (capped variances: the kernel adds the product
-    straight into the scores' tile). On query rows spread around their pooled query the whole diagonal
-    cut the density needed for rel-L1 0.05 by ~30%, the groups of 8 nearly as much
+    straight into the scores' tile). On query rows spread around their pooled query the whole
+    diagonal cut the density needed for rel-L1 0.05 by ~30%, the groups of 8 nearly as much
     (bench/fill_order2_study.py, NOTES v42, v43); the full Sigma overshoots (the expansion's higher
     terms), the diagonal does not."""
     qbar = q_i8.sum(-2, keepdim=True) / n_rows.to(q_i8.dtype)[:, None, None]
