@@ -51,7 +51,7 @@ from .calibrate_stats import DENSE_BELOW, CallCalibration, choose_heads, combine
 from .hilbert import TokenPermutation
 from .params import SCORINGS
 from .profiles import DENSE_SIMTHRESHD1, DENSE_THRESHOLD, PACK_VERSION, SpargeProfile
-from .reference_predict import mean_keys_i8
+from .reference_predict import key_variances, mean_keys_i8
 from .reference_quant import quantize_int8_per_block, smooth_k
 
 __all__ = ["Calibrator", "CallCalibration", "calibrate_call", "pick_configs", "DEFAULT_CDF_CANDIDATES",
@@ -145,13 +145,14 @@ def calibrate_call(q, k, v, target_l1: float, *, grid: Optional[Sequence[int]] =
     ksm = smooth_k(k.float())
     k_i8, k_scale = quantize_int8_per_block(ksm, blocks.block_k)
     kbar = mean_keys_i8(ksm, blocks.block_k) if fill else None  # the estimate's mean keys, for both steps
+    kvar = key_variances(k, blocks.block_k, k_smooth=ksm) if fill else None  # and its keys' variances
     masks, fill_bias = candidate_masks(q_rows, row_valid, ksm, k_i8, k_scale, cands, sims, mode, scoring, blocks,
                                        kbar)
     del ksm
     density = masks.float().mean(dim=(1, 3, 4))  # (X, H)
     # step 2: per-block errors of every candidate from the rows' block partials (calibrate_partials)
     num_blk, den_blk = sampled_block_errors(q_rows, row_valid, k, v, k_i8, k_scale, masks, fill_bias, blocks,
-                                            pvd, kbar)
+                                            pvd, kbar, kvar)
     del masks
     # step 3: error curves with standard errors, and the per-head choice (calibrate_stats)
     stats = error_statistics(num_blk, den_blk, density, blocks.nq, sims.numel(), cands.numel())

@@ -24,7 +24,7 @@ import torch
 
 from .api import resolve_backend
 from .calibrate_masks import CallBlocks
-from .reference_predict import block_means, fill_logits, key_variances
+from .reference_predict import block_means, fill_logits
 from .reference_quant import LOG2E, P_SCALE_FP8, TINY, quantize_int8_per_block, quantize_v, round_p, split_blocks
 
 _CHUNK_ELEMS = 1 << 26  # fp32 elements of per-chunk work buffers (~256 MB)
@@ -227,13 +227,14 @@ def _chunk_blocks(blocks: CallBlocks, X: int, D: int, num: _Numerics, on_cuda: b
 
 
 def sampled_block_errors(q_rows, row_valid, k, v, k_i8, k_scale, masks, fill_bias, blocks: CallBlocks,
-                         pv_dtype: str, kbar):
+                         pv_dtype: str, kbar, kvar):
     """Per candidate, head and sampled query block: num = sum over the batch and the block's
     rows of sum_d |O_x - O_ref| (X, H, Sq), and den = the same of |O_ref| (H, Sq), fp64.
 
     q_rows (B, H, Sq*BQ, D) and row_valid from calibrate_masks.sampled_rows; k_i8, k_scale:
-    the smoothed K in int8 blocks; masks (X, B, H, Sq, NK); fill_bias (B, H, Sq, NK) and kbar (the
-    fill estimate's mean keys, mean_keys_i8's answer), or None for both without the estimate.
+    the smoothed K in int8 blocks; masks (X, B, H, Sq, NK); fill_bias (B, H, Sq, NK), kbar (the
+    fill estimate's mean keys, mean_keys_i8's answer) and kvar (its keys' grouped variances,
+    key_variances'), or None for all three without the estimate.
     Q is quantized per block exactly as in the full call (the same blocks, the same scales)."""
     B, H, _, D = q_rows.shape
     Hkv, BQ, BK = k.shape[1], blocks.block_q, blocks.block_k
@@ -245,7 +246,7 @@ def sampled_block_errors(q_rows, row_valid, k, v, k_i8, k_scale, masks, fill_bia
     k_i8 = torch.nn.functional.pad(k_i8, (0, 0, 0, blocks.nk * BK - blocks.n))
     ks_cols = k_scale.repeat_interleave(BK, dim=2)  # (B, Hkv, NK*BK)
     # the kernel's mean keys and values, and the keys' variances
-    means = (*block_means(k, v, BK, pv_dtype, kbar), key_variances(k, BK)) if fill else None
+    means = (*block_means(k, v, BK, pv_dtype, kbar), kvar) if fill else None
     num_blk = torch.zeros(X, H, Sq, dtype=torch.float64, device=q_rows.device)
     den_blk = torch.zeros(H, Sq, dtype=torch.float64, device=q_rows.device)
     chunk = _chunk_blocks(blocks, X, D, num, q_rows.device.type == "cuda")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .blockmask import num_blocks
 from .params import SpargeParams
-from .reference_predict import block_means, fill_logits, key_variances, predict_block_mask
+from .reference_predict import block_means, fill_logits, key_variances, mean_keys_i8, predict_block_mask
 from .reference_quant import (
     LOG2E,
     TINY,
@@ -64,7 +64,8 @@ def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int
     NQ, NK = num_blocks(N, block_q), num_blocks(Nk, block_k)
 
     qq, qscale = quantize_int8_per_block(q, block_q)
-    kq, kscale = quantize_int8_per_block(smooth_k(k.float()), block_k)
+    ksm = smooth_k(k.float())
+    kq, kscale = quantize_int8_per_block(ksm, block_k)
     # scores come out in log2 units so the softmax can use exp2
     qd = split_blocks(qq.float(), block_q) * (qscale * (scale * LOG2E))[..., None, None]  # (B,H,NQ,BQ,D)
     kd = expand_kv(split_blocks(kq.float(), block_k) * kscale[..., None, None], H)  # (B,H,NK,BK,D)
@@ -107,8 +108,8 @@ def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int
         m = m_new
     if fill is not None:
         # the kernel's last step: one more online-softmax update over the block means, P rounded like the main P
-        kbar, vbar = (expand_kv(x, H) for x in block_means(k, v, block_k, pv_dtype))
-        kvar = expand_kv(key_variances(k, block_k), H)
+        kbar, vbar = (expand_kv(x, H) for x in block_means(k, v, block_k, pv_dtype, mean_keys_i8(ksm, block_k)))
+        kvar = expand_kv(key_variances(k, block_k, k_smooth=ksm), H)
         t = fill_logits(split_blocks(qq.float(), block_q), qscale * (scale * LOG2E), kbar, kvar, fill,
                         block_token_counts(N, block_q, dev))  # (B,H,NQ,BQ,NK) log2 units
         m_new = torch.maximum(m, t.amax(-1))
