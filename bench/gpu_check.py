@@ -16,7 +16,8 @@ import triton
 from common import SHAPES, bench_graph_ms, bench_ms, card_name, random_block_mask, save, sdpa_cudnn, sdpa_flash
 from devkit.metrics import cosine, rel_l1
 from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
-from sparge_attention.kernels.quantize import quant_pool, quant_v
+from sparge_attention.kernels.quantize import quant_pool
+from sparge_attention.kernels.quantize_v import quant_v
 from sparge_attention.sparge_core import SpargeBlockMask, SpargeParams, sparge_attention
 from sparge_attention.sparge_core.reference import sparse_attention_reference
 from sparge_attention.sparge_core.reference_quant import FP8_MAX, LOG2E, TINY

@@ -20,7 +20,8 @@ from sparge_attention.kernels.block_scores import block_lse_scores
 from sparge_attention.kernels.config import BLOCK_M, BLOCK_N, Launch, helper_launch
 from sparge_attention.kernels.host_math import cdiv
 from sparge_attention.kernels.kv_stats import kv_stats
-from sparge_attention.kernels.quantize import quant_pool, quant_v
+from sparge_attention.kernels.quantize import quant_pool
+from sparge_attention.kernels.quantize_v import quant_v
 from sparge_attention.kernels.select import select_blocks_fused
 from sparge_attention.sparge_core.hilbert import TokenPermutation
 from sparge_attention.sparge_core.reference_predict import LSE_EXACT_SIM, LSE_KEY_STRIDE

@@ -132,6 +132,12 @@ def pack_kernel_jobs(cc: int) -> list:
 
     from kernels import attn_fwd, block_index, block_scores, config, kv_stats, quantize, select
 
+    # V's quantizer has a module of its own since the review of v43 (before: in quantize)
+    try:
+        from kernels import quantize_v
+    except ImportError:
+        quantize_v = quantize
+
     cfg = config.config_for_capability(cc // 10, cc % 10)
     # the helper kernels' launch shapes on that GPU (revisions before them took none)
     helpers = config.helper_launches_for(cc // 10) if hasattr(config, "helper_launches_for") else None
@@ -164,7 +170,7 @@ def pack_kernel_jobs(cc: int) -> list:
         k_sample_kw.update(v_format_max=448.0, v_headroom=4.0)
     v_check_kw = {"rescale_above": 448.0} if v_sampled else {}
     finish_headroom = (4.0,) if v_sampled else ()
-    fix_kernel = getattr(quantize, "_quant_v_fix_kernel", None)
+    fix_kernel = getattr(quantize_v, "_quant_v_fix_kernel", None)
     # the lse kernel's means from the mean keys (revisions before summed them in the loop)
     lse_kw = {}
     if "kbar" in block_scores.block_lse_scores.__code__.co_varnames:
@@ -198,7 +204,7 @@ def pack_kernel_jobs(cc: int) -> list:
         (quantize._quant_pool_kernel, "k, int8 means", lambda: quantize.quant_pool(
             x(B, HKV, small, D), cfg.block_n, D, mean=kmean, want_pool=False, perm=perm, pool_i8_blocks=128,
             **helper_kw("quant_pool128"))),
-        (quantize._quant_v_kernel, "v, means", lambda: quantize.quant_v(
+        (quantize_v._quant_v_kernel, "v, means", lambda: quantize_v.quant_v(
             x(B, HKV, small, D), kmean + 1, cfg.block_n, D, cfg.pv_fp8, perm=perm, mean_blocks=128,
             **helper_kw("quant_v"), **v_check_kw)),
         (fix_kernel, "v overflow check", v_fix_launch),

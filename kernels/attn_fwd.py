@@ -275,7 +275,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
                     config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None,
                     lse_inputs: tuple | None = None, out: torch.Tensor | None = None, out_addr: tuple | None = None,
                     fill_clamp: float | None = None):
-    """Launch the kernel on quantized inputs (see kernels.quantize). Returns (out (B,H,n_q,d_out), a view of
+    """Launch the kernel on quantized inputs (kernels.quantize, quantize_v). Returns (out (B,H,n_q,d_out), a view of
     (B,n_q,H,d_out) memory, skipped (B,H,NQ) or None), and lse as a third item when lse_inputs is given.
 
     config: tiles and launch settings (kernels.config); its pv_fp8 is not read here, v_t's dtype

@@ -29,7 +29,8 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     from ..kernels.attn_fwd import FILL_PAD
     from ..kernels.config import default_config
     from ..kernels.kv_stats import kv_stats
-    from ..kernels.quantize import quant_pool, quant_v
+    from ..kernels.quantize import quant_pool
+    from ..kernels.quantize_v import quant_v
     from ..kernels.select import select_blocks_fused
 
     cfg = default_config(q.device)

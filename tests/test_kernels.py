@@ -43,7 +43,8 @@ pytestmark = pytest.mark.skipif(
 
 from sparge_attention.kernels.block_index import block_map_to_index  # noqa: E402
 from sparge_attention.kernels.fp8 import INTERPRET, fp8_v_columns, v_in_key_order, v_key  # noqa: E402
-from sparge_attention.kernels.quantize import quant_pool, quant_v  # noqa: E402
+from sparge_attention.kernels.quantize import quant_pool  # noqa: E402
+from sparge_attention.kernels.quantize_v import quant_v  # noqa: E402
 
 BQ, BK = block_sizes(torch.device("cpu"), "triton")  # the interpreter's tiles (kernels.config)
 # the forward tests are slow in the interpreter: no shrinking (a failure prints its example)

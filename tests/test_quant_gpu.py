@@ -22,7 +22,7 @@ def test_v_scale_and_overflow_fix_match_the_reference():
     from sparge_attention.kernels.config import default_config
     from sparge_attention.kernels.fp8 import v_in_key_order
     from sparge_attention.kernels.kv_stats import kv_stats
-    from sparge_attention.kernels.quantize import quant_v
+    from sparge_attention.kernels.quantize_v import quant_v
     from sparge_attention.sparge_core.reference_quant import (
         FP8_MAX,
         KMEAN_SAMPLE,
