@@ -26,8 +26,10 @@ from .quantize import VAR_GROUPS
 LN2 = tl.constexpr(0.6931471805599453)
 # key-block means per step of the fill_skipped pass (bench/NOTES.md v18: 128 spilled 66 registers, slower;
 # v42: with the second-order term's product 64 spilled 80 B at sm_90's 168 registers, 32 none in its loop;
-# v43's grouped term: 64 spills in both loops, 32 in neither)
-FILL_BLOCK = tl.constexpr(32)
+# v43's grouped term: 64 spills in both loops, 32 in neither; v44: with the biases through the tensor
+# cores 64 fit but for 2 spill stores and 7 reloads a step, and ran the kernel 3-4% faster than 32)
+FILL_BLOCK = tl.constexpr(64)
+BIAS_MAX = tl.constexpr(60000.0)  # log2 units: finite biases are held within +-this, inside fp16's range
 FILL_PAD = 128  # the means and biases are padded to a multiple of this (a multiple of FILL_BLOCK)
 
 
@@ -114,10 +116,11 @@ def _fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_base, kbs_base, kvar_base,
     reference_predict.fill_logits: (q^2 - qbar^2) . var over VAR_GROUPS channel groups, times q's
     scale squared and ln 2 / 2, held within +-clamp through the variances) and its mean value
     (stored like V: transposed, fp8 in the operand's order or fp16), FILL_BLOCK means per step, on
-    the same tensor-core paths as the main loop.
+    the same tensor-core paths as the main loop. The biases join the scores through an fp16 product
+    as well, as a high and a low part (~22 bits; held within +-BIAS_MAX).
     Only the steps that hold some of the n_kb key blocks run: the means are padded to NKC columns
     (FILL_PAD), and a step of padding alone (biases -inf) would add exactly nothing
-    (HunyuanVideo 544p: 528 blocks, 20 steps -> 17)."""
+    (HunyuanVideo 544p: 528 blocks, 10 steps -> 9)."""
     offs_c = tl.arange(0, FILL_BLOCK)
     # the second-order term's operand: each row's squares less the squared mean of the block's
     # n_rows real rows (the padded rows are zeros), averaged over each group of channels, times
@@ -140,14 +143,25 @@ def _fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_base, kbs_base, kvar_base,
     s_max = tl.max(tl.where(tl.arange(0, q.shape[0]) < n_rows, s_abs, 0.0), 0)
     cap = tl.minimum(clamp / tl.maximum(s_max, 1e-30), 65504.0).to(tl.float16)
     offs_g = tl.arange(0, VAR_GROUPS)
+    # the biases' product: ones in the first two columns against the biases' high and low parts in
+    # the first two rows of a (VAR_GROUPS, FILL_BLOCK) tile. Added as a column vector in the
+    # scores' layout, a bias took a register per column a thread holds (16 at 64 means a step)
+    ones2 = tl.where(offs_g[None, :] < 2, 1.0, 0.0).to(tl.float16) + tl.zeros([q.shape[0], VAR_GROUPS], tl.float16)
     for c0 in range(0, tl.cdiv(n_kb, FILL_BLOCK) * FILL_BLOCK, FILL_BLOCK):
         # all-kept steps (every bias -inf) are computed too: testing for them measured slower (v18)
         bias = tl.load(bias_base + c0 + offs_c)
+        kept = bias == float("-inf")
+        finite = tl.where(kept, 0.0, tl.minimum(tl.maximum(bias, -BIAS_MAX), BIAS_MAX))
+        hi = finite.to(tl.float16)
+        lo = (finite - hi.to(tl.float32)).to(tl.float16)
+        hi = tl.where(kept, float("-inf"), hi.to(tl.float32)).to(tl.float16)
+        b2 = tl.where(offs_g[:, None] == 0, hi[None, :], tl.where(offs_g[:, None] == 1, lo[None, :], 0.0))
         kb = tl.load(kbar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK)
         col_scale = q_scale * tl.load(kbs_base + c0 + offs_c)
         kv2 = tl.load(kvar_base + (c0 + offs_c)[None, :] * VAR_GROUPS + offs_g[:, None])  # (VAR_GROUPS, FILL_BLOCK)
-        t = tl.dot(q, kb).to(tl.float32) * col_scale[None, :] + bias[None, :]
+        t = tl.dot(q, kb).to(tl.float32) * col_scale[None, :]
         t = tl.dot(d2, tl.minimum(kv2, cap), acc=t)
+        t = tl.dot(ones2, b2.to(tl.float16), acc=t)
         m_new = tl.maximum(m_i, tl.max(t, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)

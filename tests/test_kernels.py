@@ -508,6 +508,31 @@ def test_fill_pass_reads_only_the_key_blocks_columns():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_fill_biases_keep_their_precision():
+    """The biases enter the fill pass's scores through an fp16 product, as a high and a low part.
+    With no kept block the output is a softmax over the means alone, which moving every bias by
+    1000.3 must leave as it was, to what fp32 scores near 1000 allow; a single fp16 part would
+    round each bias by up to 0.25 log2 units there (rel-L1 0.016 with the high part alone)."""
+    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+    from sparge_attention.sparge_core.triton_call import prepare_sparse
+
+    q, k, v = clustered(1, 2, 300, 64, seed=4, dtype=torch.bfloat16)
+    params = SpargeParams(simthreshd1=-1.0, minshare=2.0, pvthreshd=INF, scoring="lse", fill_skipped=True)
+    P = prepare_sparse(q, k, v, params, 64 ** -0.5)
+    kbar, kbs, kvar, vbar, bias = P["fill"]
+    real = torch.arange(bias.shape[-1]) < num_blocks(300, BK)
+    b0 = torch.where(real & torch.isinf(bias), 1.5, bias)  # the kept blocks estimated too
+    none = torch.zeros_like(P["block_mask"].kv_num_blocks)
+
+    def run(b):
+        return sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], none,
+                               P["block_mask"].kv_indices, torch.full((2,), INF), 300, 300, 64, torch.float32, False,
+                               False, P["cfg"], fill=(kbar, kbs, kvar, vbar, b.contiguous()), fill_clamp=2.0)[0]
+    out0, out1 = run(b0), run(torch.where(real, b0 + 1000.3, b0))
+    assert torch.isfinite(out0).all() and out0.abs().max() > 0
+    assert rel_l1(out1, out0) < 2e-3
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_forward_fp16_pv(causal):
     q, k, v = clustered(1, 2, 300, 64, seed=3, dtype=torch.float16)
