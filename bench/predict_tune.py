@@ -171,8 +171,8 @@ def main():
     res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "shapes": {}}
     for name in args.shapes.split(","):
         B, H, N, D, grid, _ = SHAPES[name]
-        q, k, v, _ = make_video_qkv(grid=grid, heads=H, head_dim=D, n_text=realistic_text_tokens(name), seed=0,
-                                    device=dev)
+        q, k, v, _ = make_video_qkv(grid=grid, heads=H, head_dim=D, batch=B, n_text=realistic_text_tokens(name),
+                                    seed=0, device=dev)
         N = q.shape[2]
         perm = TokenPermutation.for_grid(grid, N, device=dev).perm32
         run = runners(q, k, v, perm, D ** -0.5, N)
