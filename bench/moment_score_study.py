@@ -1,0 +1,93 @@
+"""CPU study (issue 14): stage-1 scores from each key block's moments instead of the lse pass.
+
+The lse kernel (about a third of prediction + quantization at Wan 480p) scores every pooled query
+against every key. The cumulant expansion that gave the estimate its second-order term
+(fill_order2_study) also approximates the pooled query's own score of a block from numbers the
+quantizers already write, with no pass over the keys:
+    lse_j(q_pool) ~ log2 n_j + q_pool . kbar_j + (ln 2 / 2) sum_c q_pool_c^2 var_jc
+Variants (the mask AND the estimate's bias come from the score, as they would in the kernels;
+the estimate itself is the production one, grp8):
+  lse      the exact pooled lse (production)
+  mom1     log2 n + q_pool . kbar (first order: the paper's pooled score plus the block's size)
+  mom2g8   + the second-order term over 16 channel groups (what K's quantizer writes)
+  mom2d    + the second-order term with every channel's variance
+Errors: rel-L1 of the whole output and of the worst head against fp32 dense attention, on sampled
+query blocks of lse_sample_study's regimes (none of them the presets' tuning inputs).
+
+    python bench/moment_score_study.py [--regimes ...] [--variants lse mom1 mom2g8 mom2d]
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
+from devkit.metrics import rel_l1  # noqa: E402
+from fill_order2_study import LN2, estimate, head_parts  # noqa: E402
+from lse_sample_study import REGIMES, regime_inputs, sweep_study  # noqa: E402
+from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
+from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import select_blocks  # noqa: E402
+from sparge_attention.sparge_core.reference_quant import smooth_k  # noqa: E402
+
+VARIANTS = ("lse", "mom1", "mom2g8", "mom2d")
+SHARES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0)
+
+
+def block_scores(P, variant, block_k):
+    """(NQs, NK) stage-1 scores of one head's pooled queries, log2 units."""
+    if variant == "lse":
+        return P["lse_exact"]
+    cnt = torch.full((P["NK"],), float(block_k))
+    cnt[-1] = block_k - P["pad"]
+    first = torch.log2(cnt)[None] + P["mean_pool"]
+    if variant == "mom1":
+        return first
+    qp2, var = P["qp"] ** 2, P["var"]
+    if variant == "mom2g8":  # groups of 8 channels: summed squares times the group's mean variance
+        quad = qp2.view(qp2.shape[0], -1, 8).sum(-1) @ var.view(var.shape[0], -1, 8).mean(-1).T
+    elif variant == "mom2d":
+        quad = qp2 @ var.T
+    else:
+        raise ValueError(variant)
+    return first + 0.5 * LN2 * quad
+
+
+def run_regime(name, kw, sample_qblocks, variants, log):
+    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
+    q, k, v, info, _, qp_all, qs_all = regime_inputs(name, kw, sample_qblocks, log)
+    B, H, R, D = q.shape
+    ksm = smooth_k(k.float())
+    Hkv = k.shape[1]
+    parts, refs = [], []
+    for h in range(H):
+        hk = h * Hkv // H
+        P = head_parts(q[0, h], ksm[0, hk], v[0, hk], block_q, block_k)
+        P["lse_exact"] = P["lse_pool"]
+        refs.append(torch.softmax(P["s"] * LN2, -1) @ v[0, hk].float())
+        parts.append(P)
+    ref = torch.stack(refs)[None]
+    rows_blk = torch.arange(R) // block_q
+    rows = []
+    for variant in variants:
+        for P in parts:  # the estimate's bias follows the score (fill_order2_study.fill_logits reads lse_pool)
+            P["lse_pool"] = block_scores(P, variant, block_k)
+        scores = torch.stack([P["lse_pool"] for P in parts])[None]
+        for share in SHARES:
+            params = PRESETS["Balanced"].params(minshare=share)
+            mask = select_blocks(qp_all, qs_all, None, None, params, D ** -0.5, R, k.shape[2], block_q, block_k,
+                                 scores)
+            out = torch.stack([estimate(parts[h], mask[0, h][rows_blk], "grp8", block_q, block_k)
+                               for h in range(H)])[None]
+            per_head = rel_l1(out, ref, dims=(0, 2, 3))
+            row = dict(variant=variant, minshare=share, density=mask.float().mean().item(), whole=rel_l1(out, ref),
+                       worst_head=per_head.max().item(), worst_head_type=info["head_types"][int(per_head.argmax())])
+            rows.append(row)
+            log(f"  {variant:8s} minshare {share:5.1f}  density {row['density']:.4f}  rel-L1 {row['whole']:.4f}  "
+                f"worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
+    return rows
+
+
+if __name__ == "__main__":
+    sweep_study("moment_score_study", REGIMES, VARIANTS, run_regime)
