@@ -123,34 +123,52 @@ def estimate(P, keep_rows, variant, block_q, block_k):
     return num / (ps.sum(-1) + pt.sum(-1))[:, None]
 
 
-def run_regime(name, kw, sample_qblocks, variants, log):
+def regime_parts(name, kw, sample_qblocks, log):
+    """A regime's per-head fp32 pieces (head_parts), the exact output of its sampled rows, and what
+    select_blocks needs: (parts, ref, info, pooled queries, their self-similarity, key count)."""
     block_q, block_k = block_sizes(torch.device("cpu"), "reference")
     q, k, v, info, _, qp_all, qs_all = regime_inputs(name, kw, sample_qblocks, log)
-    B, H, R, D = q.shape
     ksm = smooth_k(k.float())
-    Hkv = k.shape[1]
+    H, Hkv = q.shape[1], k.shape[1]
     parts, refs = [], []
     for h in range(H):
         hk = h * Hkv // H
         P = head_parts(q[0, h], ksm[0, hk], v[0, hk], block_q, block_k)
         refs.append(torch.softmax(P["s"] * LN2, -1) @ v[0, hk].float())
         parts.append(P)
-    ref = torch.stack(refs)[None]
+    return parts, torch.stack(refs)[None], info, qp_all, qs_all, k.shape[2]
+
+
+def regime_mask(parts, qp_all, qs_all, n_k, scores, share):
+    """Balanced's share rule at `share` over stage-1 `scores` (1, H, NQs, NK), as the presets select."""
+    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
+    R, D = parts[0]["qs"].shape
+    params = PRESETS["Balanced"].params(minshare=share)
+    return select_blocks(qp_all, qs_all, None, None, params, D ** -0.5, R, n_k, block_q, block_k, scores)
+
+
+def error_row(parts, ref, info, mask, estimator, label, share, log):
+    """The whole and worst-head rel-L1 of the sampled rows' output with `mask` kept exactly and the
+    other blocks by fill_logits' `estimator`, as a result row (logged) named `label`."""
+    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
+    rows_blk = torch.arange(ref.shape[2]) // block_q
+    out = torch.stack([estimate(P, mask[0, h][rows_blk], estimator, block_q, block_k)
+                       for h, P in enumerate(parts)])[None]
+    per_head = rel_l1(out, ref, dims=(0, 2, 3))
+    row = dict(variant=label, minshare=share, density=mask.float().mean().item(), whole=rel_l1(out, ref),
+               worst_head=per_head.max().item(), worst_head_type=info["head_types"][int(per_head.argmax())])
+    log(f"  {label:8s} minshare {share:5.1f}  density {row['density']:.4f}  rel-L1 {row['whole']:.4f}  "
+        f"worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
+    return row
+
+
+def run_regime(name, kw, sample_qblocks, variants, log):
+    parts, ref, info, qp_all, qs_all, n_k = regime_parts(name, kw, sample_qblocks, log)
     lse = torch.stack([P["lse_pool"] for P in parts])[None]  # (1, H, NQs, NK)
     rows = []
     for share in SHARES:
-        params = PRESETS["Balanced"].params(minshare=share)
-        mask = select_blocks(qp_all, qs_all, None, None, params, D ** -0.5, R, k.shape[2], block_q, block_k, lse)
-        rows_blk = torch.arange(R) // block_q
-        for variant in variants:
-            out = torch.stack([estimate(parts[h], mask[0, h][rows_blk], variant, block_q, block_k)
-                               for h in range(H)])[None]
-            per_head = rel_l1(out, ref, dims=(0, 2, 3))
-            row = dict(variant=variant, minshare=share, density=mask.float().mean().item(), whole=rel_l1(out, ref),
-                       worst_head=per_head.max().item(), worst_head_type=info["head_types"][int(per_head.argmax())])
-            rows.append(row)
-            log(f"  {variant:8s} minshare {share:5.1f}  density {row['density']:.4f}  rel-L1 {row['whole']:.4f}  "
-                f"worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
+        mask = regime_mask(parts, qp_all, qs_all, n_k, lse, share)
+        rows += [error_row(parts, ref, info, mask, variant, variant, share, log) for variant in variants]
     return rows
 
 

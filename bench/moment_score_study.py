@@ -23,13 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
-from devkit.metrics import rel_l1  # noqa: E402
-from fill_order2_study import LN2, estimate, head_parts  # noqa: E402
-from lse_sample_study import REGIMES, regime_inputs, sweep_study  # noqa: E402
+from fill_order2_study import LN2, error_row, regime_mask, regime_parts  # noqa: E402
+from lse_sample_study import REGIMES, sweep_study  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
-from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
-from sparge_attention.sparge_core.reference_predict import select_blocks  # noqa: E402
-from sparge_attention.sparge_core.reference_quant import smooth_k  # noqa: E402
 
 VARIANTS = ("lse", "mom1", "mom2g8", "mom2d")
 SHARES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0)
@@ -55,37 +51,18 @@ def block_scores(P, variant, block_k):
 
 
 def run_regime(name, kw, sample_qblocks, variants, log):
-    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
-    q, k, v, info, _, qp_all, qs_all = regime_inputs(name, kw, sample_qblocks, log)
-    B, H, R, D = q.shape
-    ksm = smooth_k(k.float())
-    Hkv = k.shape[1]
-    parts, refs = [], []
-    for h in range(H):
-        hk = h * Hkv // H
-        P = head_parts(q[0, h], ksm[0, hk], v[0, hk], block_q, block_k)
+    parts, ref, info, qp_all, qs_all, n_k = regime_parts(name, kw, sample_qblocks, log)
+    block_k = block_sizes(torch.device("cpu"), "reference")[1]
+    for P in parts:
         P["lse_exact"] = P["lse_pool"]
-        refs.append(torch.softmax(P["s"] * LN2, -1) @ v[0, hk].float())
-        parts.append(P)
-    ref = torch.stack(refs)[None]
-    rows_blk = torch.arange(R) // block_q
     rows = []
     for variant in variants:
         for P in parts:  # the estimate's bias follows the score (fill_order2_study.fill_logits reads lse_pool)
             P["lse_pool"] = block_scores(P, variant, block_k)
         scores = torch.stack([P["lse_pool"] for P in parts])[None]
         for share in SHARES:
-            params = PRESETS["Balanced"].params(minshare=share)
-            mask = select_blocks(qp_all, qs_all, None, None, params, D ** -0.5, R, k.shape[2], block_q, block_k,
-                                 scores)
-            out = torch.stack([estimate(parts[h], mask[0, h][rows_blk], "grp8", block_q, block_k)
-                               for h in range(H)])[None]
-            per_head = rel_l1(out, ref, dims=(0, 2, 3))
-            row = dict(variant=variant, minshare=share, density=mask.float().mean().item(), whole=rel_l1(out, ref),
-                       worst_head=per_head.max().item(), worst_head_type=info["head_types"][int(per_head.argmax())])
-            rows.append(row)
-            log(f"  {variant:8s} minshare {share:5.1f}  density {row['density']:.4f}  rel-L1 {row['whole']:.4f}  "
-                f"worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
+            mask = regime_mask(parts, qp_all, qs_all, n_k, scores, share)
+            rows.append(error_row(parts, ref, info, mask, "grp8", variant, share, log))
     return rows
 
 
