@@ -15,7 +15,7 @@ import torch
 
 from common import SHAPES, bench_graph_ms, card_name, realistic_text_tokens, save
 from devkit.realistic_inputs import make_video_qkv
-from sparge_attention.kernels.attn_fwd import FILL_PAD
+from sparge_attention.kernels.fill_pass import FILL_PAD
 from sparge_attention.kernels.block_scores import block_lse_scores
 from sparge_attention.kernels.config import BLOCK_M, BLOCK_N, Launch, helper_launch
 from sparge_attention.kernels.host_math import cdiv

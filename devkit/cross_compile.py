@@ -91,6 +91,16 @@ def cubin_resources(cubin: bytes) -> dict:
 B, H, HKV, D, N = 1, 4, 2, 128, 75600
 
 
+def fill_module():
+    """The module that holds the fill pass's FILL_PAD and VAR_GROUPS in the revision being compiled:
+    kernels.fill_pass since v44's split, kernels.attn_fwd before (VAR_GROUPS absent before v43)."""
+    try:
+        from kernels import fill_pass
+    except ImportError:
+        from kernels import attn_fwd as fill_pass
+    return fill_pass
+
+
 def attention_launch(cfg, fill: bool, causal: bool, pv_skip: bool, perm: bool = True):
     """A launch of the attention kernel (kernels.attn_fwd) in one variant, on zero inputs of the
     shapes above, with the KernelConfig `cfg`."""
@@ -99,7 +109,8 @@ def attention_launch(cfg, fill: bool, causal: bool, pv_skip: bool, perm: bool = 
     from kernels import attn_fwd
 
     nq, nk = triton.cdiv(N, cfg.block_m), triton.cdiv(N, cfg.block_n)
-    nkc = triton.cdiv(nk, attn_fwd.FILL_PAD) * attn_fwd.FILL_PAD
+    pad_to = fill_module().FILL_PAD
+    nkc = triton.cdiv(nk, pad_to) * pad_to
     v_dtype = torch.float8_e4m3fn if cfg.pv_fp8 else torch.float16
 
     def x(*shape, dtype=torch.bfloat16):
@@ -110,7 +121,7 @@ def attention_launch(cfg, fill: bool, causal: bool, pv_skip: bool, perm: bool = 
         # the keys' variances (the estimate's second-order term) and its bound: revisions before
         # them took four tensors; v42 kept a variance per channel, v43 per channel group
         order2 = "fill_clamp" in attn_fwd.sparse_attn_fwd.__code__.co_varnames
-        groups = getattr(attn_fwd, "VAR_GROUPS", None)
+        groups = getattr(fill_module(), "VAR_GROUPS", None)
         kvar = (x(B, HKV, nkc, groups.value if groups is not None else D, dtype=torch.float16),) if order2 else ()
         kw = {"fill_clamp": 2.0} if order2 else {}
         f = (x(B, HKV, nkc, D, dtype=torch.int8), x(B, HKV, nkc, dtype=torch.float32), *kvar,
@@ -153,7 +164,8 @@ def pack_kernel_jobs(cc: int) -> list:
 
     def select_launch(mode, fill, nkb):
         scores = x(B, H, 2, nkb, dtype=torch.float32)
-        pad = triton.cdiv(nkb, attn_fwd.FILL_PAD) * attn_fwd.FILL_PAD
+        pad_to = fill_module().FILL_PAD
+        pad = triton.cdiv(nkb, pad_to) * pad_to
         return lambda: select.select_blocks_fused(
             scores, x(B, H, 2, dtype=torch.bool), None, x(H, dtype=torch.float32), mode, True, fill,
             2 * cfg.block_m, nkb * cfg.block_n, cfg.block_m, cfg.block_n,

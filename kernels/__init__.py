@@ -15,7 +15,8 @@ def import_error() -> Optional[Exception]:
     """None when every kernel module imports, else the exception that stopped it (whatever its type:
     a broken install raises RuntimeError, AttributeError, OSError... from inside triton)."""
     try:
-        from . import attn_fwd, block_index, block_scores, kv_stats, quantize, quantize_v, sampled_error, select  # noqa: F401
+        from . import (attn_fwd, block_index, block_scores, fill_pass, kv_stats, quantize, quantize_v,  # noqa: F401
+                       sampled_error, select)
     except Exception as e:
         return e
     return None

@@ -4,7 +4,7 @@ V^T in fp8 stores each 32-key group of a block in the order of the fp8 MMA's A o
 the softmax tile P comes out of the Q.K^T MMA with each thread holding columns 2t, 2t+1 of
 every 8, while an fp8 A operand wants k = 4t..4t+3 and 16+4t..16+4t+3 of every 32 (t = lane %
 4; wgmma on sm_90 and mma.sync on sm_89 alike). Keys in that order make the reorder of P a
-relabelling within each thread (attn_fwd._p_operand) instead of shuffles between lanes
+relabelling within each thread (p_operand) instead of shuffles between lanes
 and byte permutes (sm_90: 51 of the loop's 634 instructions per key block). Position a
 (5 bits h i1 q1 q0 i0 within its group) is stored at column h q1 q0 i1 i0. fp16 V^T keeps the
 keys' order: its A operand already matches the tile (k = 2t, 2t+1 of every 8). The block
@@ -76,3 +76,18 @@ def fp8_v_columns(n: int, device=None) -> torch.Tensor:
 def v_in_key_order(vt: torch.Tensor) -> torch.Tensor:
     """quant_v's V^T, or its block means, with the columns in key (block) order."""
     return vt[..., fp8_v_columns(vt.shape[-1], vt.device)] if vt.dtype == torch.float8_e4m3fn else vt
+
+
+@triton.jit
+def p_operand(p, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """P as the P.V operand: in V's type, and in fp8 with its columns in fp8 V^T's key order
+    (this module's docstring): column k = (h q1 q0 i1 i0) of each 32 takes P's column
+    (h i1 q1 q0 i0). In the MMA layouts each thread already holds those values, so this is a
+    relabelling of its registers: on sm_90 the attention loop's shuffles 24 -> 8 (the row
+    reductions'), byte permutes and selects 32 -> 0, instructions 634 -> 583 per key block."""
+    p = to_pv_dtype(p, PV_FP8, EMULATE_FP8)
+    if PV_FP8:
+        BM: tl.constexpr = p.shape[0]
+        BN: tl.constexpr = p.shape[1]
+        p = tl.reshape(tl.permute(tl.reshape(p, [BM, BN // 32, 2, 2, 4, 2]), [0, 1, 2, 4, 3, 5]), [BM, BN])
+    return p

@@ -7,6 +7,7 @@ import triton.language as tl
 # 128*127*127 ~ 2^21, so this is exact.
 MAGIC_I = tl.constexpr(0x4B400000)
 MAGIC_F = tl.constexpr(12582912.0)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     benchmarks can time it on its own. addrs: an int64 device table whose slots 0-2 hold the
     addresses the kernels read q, k, v at (kernels/caller_addrs.py), or None. staged: the per-head
     thresholds to read instead of the params' own (name -> (H,) float32 device tensor), or None."""
-    from ..kernels.attn_fwd import FILL_PAD
+    from ..kernels.fill_pass import FILL_PAD
     from ..kernels.config import default_config
     from ..kernels.kv_stats import kv_stats
     from ..kernels.quantize import quant_pool

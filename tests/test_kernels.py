@@ -486,7 +486,8 @@ def test_fill_second_order_bound_matches_reference(monkeypatch):
 def test_fill_pass_reads_only_the_key_blocks_columns():
     """The means are padded to FILL_PAD columns; the fill pass runs only the steps that hold key
     blocks (3 here, of 128 columns: one step of FILL_BLOCK), so what the padding holds cannot matter."""
-    from sparge_attention.kernels.attn_fwd import FILL_BLOCK, sparse_attn_fwd
+    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+    from sparge_attention.kernels.fill_pass import FILL_BLOCK
     from sparge_attention.sparge_core.triton_call import prepare_sparse
 
     q, k, v = clustered(1, 2, 300, 64, seed=4, dtype=torch.bfloat16)
