@@ -39,14 +39,23 @@ class _Recorder:
         return launch
 
 
+def kernel_modules() -> tuple:
+    """Every module of the pack's kernels package, imported: found, not listed, so that a module
+    split off later (quantize_v from quantize) is recorded too."""
+    import importlib
+    import pkgutil
+
+    import sparge_attention.kernels as pkg
+
+    return tuple(importlib.import_module(f"{pkg.__name__}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__))
+
+
 def capture_launches(fn, modules=None) -> list:
     """Run fn() with the launch sites of `modules` (default: every kernel module of the pack)
     recorded. Only the objects the launchers index (kernels.launch.Kernel instances) are swapped,
     so @triton.jit helpers called from inside kernels stay as they are."""
     if modules is None:
-        from sparge_attention.kernels import attn_fwd, block_index, block_scores, kv_stats, quantize, select
-
-        modules = (attn_fwd, block_index, block_scores, kv_stats, quantize, select)
+        modules = kernel_modules()
     from sparge_attention.kernels.launch import Kernel
 
     log: list = []
