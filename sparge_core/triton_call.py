@@ -11,46 +11,6 @@ from .reference_predict import FILL_ORDER2_CLAMP, LSE_EXACT_SIM, LSE_KEY_STRIDE,
 from .reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM, expand_kv
 
 
-# Inside a CUDA graph capture, the helpers that do not wait on each other run on two side streams
-# (K's statistics and quantizer on one, V's cast on the other, Q's quantizer and the scoring on the
-# caller's), so that a replay overlaps their ramps and tails; launched eagerly, the stream switches'
-# host time would cost more than they save
-FORK_IN_GRAPHS = True
-_SIDE_STREAMS: dict = {}  # device -> its two side streams, made once per process
-
-
-def _side_streams(device) -> Optional[tuple]:
-    """The two side streams of `device` when the current stream is being captured (and
-    FORK_IN_GRAPHS), else None."""
-    if not FORK_IN_GRAPHS or device.type != "cuda":
-        return None
-    import torch
-
-    if not torch.cuda.is_current_stream_capturing():
-        return None
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
-    return _SIDE_STREAMS[device]
-
-
-class _On:
-    """`with _On(stream):` runs on `stream`, or on the current stream when it is None."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def __enter__(self):
-        if self.stream is not None:
-            import torch
-
-            self.ctx = torch.cuda.stream(self.stream)
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.stream is not None:
-            self.ctx.__exit__(*exc)
-
-
 def _thresholds(params: SpargeParams, heads: int, device, staged: Optional[dict]):
     """name -> the (heads,) float32 device tensor of that threshold the kernels read: the params' own
     (per_head), or a graphed call's copies pulled through its address table (staged)."""
@@ -86,38 +46,24 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     q_sim_wanted = predict and (not lse or params.sim_rule_enabled())
     at = (lambda slot: (addrs, slot)) if addrs is not None else (lambda slot: None)
     threshold = _thresholds(params, H, q.device, staged)
-    side = _side_streams(q.device)
-    if side is not None:  # fork: both side streams start after what the caller queued
-        import torch
-
-        main = torch.cuda.current_stream(q.device)
-        side[0].wait_stream(main)
-        side[1].wait_stream(main)
-    with _On(side and side[0]):
-        # one pass over a sample of K and V: K's smoothing vector (reference_quant.key_mean, over the keys
-        # in the order the kernels visit them) and V's per-channel fp8 scale (reference_quant.value_scale,
-        # which quant_v checks against every value)
-        k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm_k, k_addr=at(1),
-                                   v_addr=at(2), v_headroom=V_HEADROOM)
-        if side is not None:
-            side[1].wait_stream(side[0])  # V's cast reads V's scale
-        # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
-        nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
-        # and, for lse scores from a sample of each block's keys, its largest-norm key (which they
-        # always read) and its keys' self-similarity (a block below LSE_EXACT_SIM is read in full)
-        sampled_lse = predict and lse and LSE_KEY_STRIDE > 1
-        k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
-                           want_sim=predict and (not lse or sampled_lse), perm=perm_k, pool_i8_blocks=nkc,
-                           addr=at(1), want_top=sampled_lse)
-    with _On(side and side[1]):
-        v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2),
-                      rescale_above=FP8_MAX)
     q_i8, q_s, q_pool, q_sim = quant_pool(q, cfg.block_m, hd, extra_scale=scale * LOG2E, want_pool=predict,
                                           want_sim=q_sim_wanted, perm=perm_q, addr=at(0))
-    if side is not None:  # join: the scores read K's quantizer's outputs, the attention kernel V's
-        main.wait_stream(side[0])
-        main.wait_stream(side[1])
+    # one pass over a sample of K and V: K's smoothing vector (reference_quant.key_mean, over the keys in
+    # the order the kernels visit them) and V's per-channel fp8 scale (reference_quant.value_scale, which
+    # quant_v checks against every value)
+    k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm_k, k_addr=at(1),
+                               v_addr=at(2), v_headroom=V_HEADROOM)
+    # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
+    nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
+    # and, for lse scores from a sample of each block's keys, its largest-norm key (which they
+    # always read) and its keys' self-similarity (a block below LSE_EXACT_SIM is read in full)
+    sampled_lse = predict and lse and LSE_KEY_STRIDE > 1
+    k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
+                       want_sim=predict and (not lse or sampled_lse), perm=perm_k, pool_i8_blocks=nkc, addr=at(1),
+                       want_top=sampled_lse)
     k_i8, k_s, k_pool, k_sim = k_out[:4]
+    v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2),
+                  rescale_above=FP8_MAX)
     fill_args = None
     if fill:
         v_t, vbar = v_t
