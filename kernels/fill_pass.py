@@ -55,15 +55,11 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_base, kbs_base, kvar_base, 
     s_abs = tl.sum(tl.abs(d2.to(tl.float32)), 1)
     s_max = tl.max(tl.where(tl.arange(0, q.shape[0]) < n_rows, s_abs, 0.0), 0)
     cap = tl.minimum(clamp / tl.maximum(s_max, 1e-30), 65504.0).to(tl.float16)
-    # the second-order term and the biases in one fp16 product, 2 * VAR_GROUPS deep: the rows'
-    # operand is [d2 | ones in two columns], the means' is [their capped variances ; the biases'
-    # high and low parts]. Added as a column vector in the scores' layout, a bias took a register
-    # per column a thread holds (16 at 64 means a step); as a product of its own it cost an MMA
-    # and its wait a step (v44)
     offs_g = tl.arange(0, VAR_GROUPS)
+    # the biases' product: ones in the first two columns against the biases' high and low parts in
+    # the first two rows of a (VAR_GROUPS, FILL_BLOCK) tile. Added as a column vector in the
+    # scores' layout, a bias took a register per column a thread holds (16 at 64 means a step)
     ones2 = tl.where(offs_g[None, :] < 2, 1.0, 0.0).to(tl.float16) + tl.zeros([q.shape[0], VAR_GROUPS], tl.float16)
-    rows_op = tl.reshape(tl.permute(tl.join(d2, ones2), (0, 2, 1)), (q.shape[0], 2 * VAR_GROUPS))
-    offs_g2 = tl.arange(0, 2 * VAR_GROUPS)
     for c0 in range(0, tl.cdiv(n_kb, FILL_BLOCK) * FILL_BLOCK, FILL_BLOCK):
         # all-kept steps (every bias -inf) are computed too: testing for them measured slower (v18)
         bias = tl.load(bias_base + c0 + offs_c)
@@ -72,15 +68,13 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_base, kbs_base, kvar_base, 
         hi = finite.to(tl.float16)
         lo = (finite - hi.to(tl.float32)).to(tl.float16)
         hi = tl.where(kept, float("-inf"), hi.to(tl.float32)).to(tl.float16)
+        b2 = tl.where(offs_g[:, None] == 0, hi[None, :], tl.where(offs_g[:, None] == 1, lo[None, :], 0.0))
         kb = tl.load(kbar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK)
         col_scale = q_scale * tl.load(kbs_base + c0 + offs_c)
-        kv2 = tl.load(kvar_base + (c0 + offs_c)[None, :] * VAR_GROUPS + offs_g2[:, None],
-                      mask=(offs_g2 < VAR_GROUPS)[:, None], other=0.0)  # (2 * VAR_GROUPS, FILL_BLOCK)
-        # (the rows past VAR_GROUPS load as zeros: cap >= 0 keeps them so)
-        means_op = tl.minimum(kv2, cap) + tl.where(offs_g2[:, None] == VAR_GROUPS, hi[None, :],
-                                                   tl.where(offs_g2[:, None] == VAR_GROUPS + 1, lo[None, :], 0.0))
+        kv2 = tl.load(kvar_base + (c0 + offs_c)[None, :] * VAR_GROUPS + offs_g[:, None])  # (VAR_GROUPS, FILL_BLOCK)
         t = tl.dot(q, kb).to(tl.float32) * col_scale[None, :]
-        t = tl.dot(rows_op, means_op.to(tl.float16), acc=t)
+        t = tl.dot(d2, tl.minimum(kv2, cap), acc=t)
+        t = tl.dot(ones2, b2.to(tl.float16), acc=t)
         m_new = tl.maximum(m_i, tl.max(t, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
