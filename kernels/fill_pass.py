@@ -14,7 +14,8 @@ from .quantize import VAR_GROUPS
 # key-block means per step of the fill_skipped pass (bench/NOTES.md v18: 128 spilled 66 registers, slower;
 # v42: with the second-order term's product 64 spilled 80 B at sm_90's 168 registers, 32 none in its loop;
 # v43's grouped term: 64 spills in both loops, 32 in neither; v44: with the biases through the tensor
-# cores 64 fit but for 2 spill stores and 7 reloads a step, and ran the kernel 3-4% faster than 32)
+# cores 64 fit but for 2 spill stores and 7 reloads a step, and ran the kernel 3-4% faster than 32;
+# v47: 128 again spilled 40 registers and ran the pass ~7x slower)
 FILL_BLOCK = tl.constexpr(64)
 BIAS_MAX = tl.constexpr(60000.0)  # log2 units: finite biases are held within +-this, inside fp16's range
 FILL_PAD = 128  # the means and biases are padded to a multiple of this (a multiple of FILL_BLOCK)
