@@ -123,11 +123,12 @@ def estimate(P, keep_rows, variant, block_q, block_k):
     return num / (ps.sum(-1) + pt.sum(-1))[:, None]
 
 
-def regime_parts(name, kw, sample_qblocks, log):
+def regime_parts(name, kw, sample_qblocks, log, sample_rows=None):
     """A regime's per-head fp32 pieces (head_parts), the exact output of its sampled rows, and what
-    select_blocks needs: (parts, ref, info, pooled queries, their self-similarity, key count)."""
+    select_blocks needs: (parts, ref, info, pooled queries, their self-similarity, key count).
+    sample_rows: see lse_sample_study.regime_inputs."""
     block_q, block_k = block_sizes(torch.device("cpu"), "reference")
-    q, k, v, info, _, qp_all, qs_all = regime_inputs(name, kw, sample_qblocks, log)
+    q, k, v, info, _, qp_all, qs_all = regime_inputs(name, kw, sample_qblocks, log, sample_rows)
     ksm = smooth_k(k.float())
     H, Hkv = q.shape[1], k.shape[1]
     parts, refs = [], []
@@ -160,6 +161,13 @@ def error_row(parts, ref, info, mask, estimator, label, share, log):
     log(f"  {label:8s} minshare {share:5.1f}  density {row['density']:.4f}  rel-L1 {row['whole']:.4f}  "
         f"worst head {row['worst_head']:.4f} ({row['worst_head_type']})")
     return row
+
+
+def share_sweep(parts, ref, info, qp_all, qs_all, n_k, scores, estimator, label, log):
+    """error_row at every minshare of SHARES, the mask from `scores` (regime_mask), the skipped
+    blocks by `estimator`; the rows named `label`."""
+    return [error_row(parts, ref, info, regime_mask(parts, qp_all, qs_all, n_k, scores, share), estimator, label,
+                      share, log) for share in SHARES]
 
 
 def run_regime(name, kw, sample_qblocks, variants, log):

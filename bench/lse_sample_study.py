@@ -139,15 +139,17 @@ def sweep_shares(variant, shares, q, k, v, ref, qp, qs, select_scores, lse, mean
     return rows
 
 
-def regime_inputs(name, kw, sample_qblocks, log):
+def regime_inputs(name, kw, sample_qblocks, log, sample_rows=None):
     """A regime's q, k, v in Hilbert order, q cut to the sampled query blocks, with its info, the
-    exact output of those rows and the pooled queries with their self-similarity."""
+    exact output of those rows and the pooled queries with their self-similarity. sample_rows: the
+    size of the sampled chunks (a multiple of the query block; default one block), sample_qblocks
+    of them."""
     block_q = block_sizes(torch.device("cpu"), "reference")[0]
     t0 = time.time()
     q, k, v, info = make_video_qkv(**kw)
     perm = TokenPermutation.for_grid(info["grid"], q.shape[2])
     q, k, v = (perm.apply(x, 2) for x in (q, k, v))
-    q = sample_query_blocks(q, sample_qblocks, block_q, kw["seed"])
+    q = sample_query_blocks(q, sample_qblocks, sample_rows or block_q, kw["seed"])
     ref = dense_attention(q, k, v)
     qp, qs = pool_and_similarity(q, block_q)
     log(f"{name}: N={k.shape[2]}, {q.shape[2]} sampled query rows, heads {info['head_types']} "

@@ -23,12 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
-from fill_order2_study import LN2, error_row, regime_mask, regime_parts  # noqa: E402
+from fill_order2_study import LN2, regime_parts, share_sweep  # noqa: E402
 from lse_sample_study import REGIMES, sweep_study  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
 
 VARIANTS = ("lse", "mom1", "mom2g8", "mom2d")
-SHARES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0)
 
 
 def block_scores(P, variant, block_k):
@@ -60,9 +59,7 @@ def run_regime(name, kw, sample_qblocks, variants, log):
         for P in parts:  # the estimate's bias follows the score (fill_order2_study.fill_logits reads lse_pool)
             P["lse_pool"] = block_scores(P, variant, block_k)
         scores = torch.stack([P["lse_pool"] for P in parts])[None]
-        for share in SHARES:
-            mask = regime_mask(parts, qp_all, qs_all, n_k, scores, share)
-            rows.append(error_row(parts, ref, info, mask, "grp8", variant, share, log))
+        rows += share_sweep(parts, ref, info, qp_all, qs_all, n_k, scores, "grp8", variant, log)
     return rows
 
 
