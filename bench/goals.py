@@ -49,8 +49,8 @@ def _at_target(d, shape):
     return d["shapes"][shape]["at_target"]["lse fill hilbert"]["x_cudnn"]
 
 
-def _preset(d, shape, name, field="x_cudnn"):
-    return next(r[field] for r in d["shapes"][shape]["rows"] if r["setting"] == f"preset {name}")
+def _preset(d, shape, name):
+    return next(r["x_cudnn"] for r in d["shapes"][shape]["rows"] if r["setting"] == f"preset {name}")
 
 
 def _kernel(d, shape, density):

@@ -115,7 +115,8 @@ def median(xs):
 FORWARD_CALLS = 30  # self-attention calls per forward (Wan 1.3B's blocks)
 
 
-def override_times(preset, grid, x, steps=12, blocks=FORWARD_CALLS, skip=3, label=False, busy=False, queued=False, stats=None):
+def override_times(preset, grid, x, steps=12, blocks=FORWARD_CALLS, skip=3, label=False, busy=False, queued=False,
+                   stats=None):
     """Host time of each self-attention call of a 30-block model's sampling run, driven through
     the node's wrappers as ComfyUI drives them (devkit/sampling_run.py), from step `skip` on (the
     adaptation's steady state): (wall us, CPU us, measured?) per call, and the override. A call is
@@ -218,13 +219,14 @@ def main():
                                                 median([c[1] for c in queued_calls if sel(c)]))
         out["override, mean, queued"] = (sum(c[0] for c in queued_calls) / len(queued_calls),
                                          sum(c[1] for c in queued_calls) / len(queued_calls))
-        # the mean's outliers: calls during which Python's garbage collector ran (it walks every object of
-        # the process, ComfyUI's too), and the slowest 2% of calls
         # a forward's first call comes right after the synchronize that bounds the queue (this bench's,
-        # not the model's): measured 3-8x slower than the rest, SDPA's as much (NOTES, v44 host time)
+        # not the model's): measured 3-8x slower than the rest, SDPA's first call too (NOTES, goals
+        # re-measured after v44)
         later = [c for i, c in enumerate(queued_calls) if i % FORWARD_CALLS]
         out["override, mean, queued, not a forward's first call"] = (mean([c[0] for c in later]),
                                                                      mean([c[1] for c in later]))
+        # the mean's outliers: calls during which Python's garbage collector ran (it walks every object of
+        # the process, ComfyUI's too), and the slowest 2% of calls
         no_gc = [c for c in queued_calls if not c[3]]
         out["override, mean, queued, calls without a GC"] = (sum(c[0] for c in no_gc) / len(no_gc),
                                                              sum(c[1] for c in no_gc) / len(no_gc))
