@@ -94,6 +94,11 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
+def mean_times(calls) -> tuple:
+    """(mean wall, mean CPU time) of override_times' calls."""
+    return mean([c[0] for c in calls]), mean([c[1] for c in calls])
+
+
 def _time_call(fn, ts: list, cs: list) -> None:
     """One call of fn: its wall time into ts, this thread's CPU time into cs (seconds)."""
     c0, t0 = time.thread_time(), time.perf_counter()
@@ -199,8 +204,7 @@ def main():
         plain = [c for c in calls if not c[2]]
         measured = [c for c in calls if c[2]]
         out[f"override (node, {args.preset}) median"] = (median([c[0] for c in calls]), median([c[1] for c in calls]))
-        out[f"override (node, {args.preset}) mean"] = (sum(c[0] for c in calls) / len(calls),
-                                                      sum(c[1] for c in calls) / len(calls))
+        out[f"override (node, {args.preset}) mean"] = mean_times(calls)
         if plain:
             out["override, unmeasured calls, median"] = (median([c[0] for c in plain]), median([c[1] for c in plain]))
         if measured:
@@ -217,19 +221,16 @@ def main():
         for what, sel in (("unmeasured calls, median", lambda c: not c[2]), ("measured calls, median", lambda c: c[2])):
             out[f"override, {what}, queued"] = (median([c[0] for c in queued_calls if sel(c)]),
                                                 median([c[1] for c in queued_calls if sel(c)]))
-        out["override, mean, queued"] = (sum(c[0] for c in queued_calls) / len(queued_calls),
-                                         sum(c[1] for c in queued_calls) / len(queued_calls))
+        out["override, mean, queued"] = mean_times(queued_calls)
         # a forward's first call comes right after the synchronize that bounds the queue (this bench's,
         # not the model's): measured 3-8x slower than the rest, SDPA's first call too (NOTES, goals
         # re-measured after v44)
-        later = [c for i, c in enumerate(queued_calls) if i % FORWARD_CALLS]
-        out["override, mean, queued, not a forward's first call"] = (mean([c[0] for c in later]),
-                                                                     mean([c[1] for c in later]))
+        out["override, mean, queued, not a forward's first call"] = mean_times(
+            [c for i, c in enumerate(queued_calls) if i % FORWARD_CALLS])
         # the mean's outliers: calls during which Python's garbage collector ran (it walks every object of
         # the process, ComfyUI's too), and the slowest 2% of calls
         no_gc = [c for c in queued_calls if not c[3]]
-        out["override, mean, queued, calls without a GC"] = (sum(c[0] for c in no_gc) / len(no_gc),
-                                                             sum(c[1] for c in no_gc) / len(no_gc))
+        out["override, mean, queued, calls without a GC"] = mean_times(no_gc)
         walls = sorted(c[0] for c in queued_calls)
         res.setdefault("queued_outliers", {})[str(n)] = {
             "calls": len(walls), "with_gc": len(queued_calls) - len(no_gc),
