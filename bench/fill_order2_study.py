@@ -51,6 +51,13 @@ SHARES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0)
 LN2 = math.log(2.0)
 
 
+def block_lse(scores, pad, nk, block_k):
+    """(R, N) scores in log2 units -> each key block's log2-sum-exp2 (R, NK), the last block's
+    padding left out."""
+    s = torch.nn.functional.pad(scores, (0, pad), value=-math.inf).view(scores.shape[0], nk, block_k)
+    return torch.logsumexp(s * LN2, -1) / LN2
+
+
 def head_parts(qh, kh, vh, block_q, block_k):
     """One head's fp32 pieces: scaled rows q' (log2 units per key), pooled q', every row's scores
     against every key (R, N), and per key block its mean key, mean value, channel variance,
@@ -71,8 +78,7 @@ def head_parts(qh, kh, vh, block_q, block_k):
     cov = dk.transpose(1, 2) @ dk / cnt[:, None, None]  # (NK, D, D)
     var = torch.diagonal(cov, dim1=1, dim2=2)  # (NK, D)
     qp = qs.view(-1, block_q, D).mean(1)  # (NQs, D)
-    s_pool = torch.nn.functional.pad(qp @ kh.T, (0, pad), value=-math.inf).view(-1, NK, block_k)
-    lse_pool = torch.logsumexp(s_pool * LN2, -1) / LN2  # (NQs, NK)
+    lse_pool = block_lse(qp @ kh.T, pad, NK, block_k)  # (NQs, NK)
     mean_pool = qp @ kbar.T
     s = qs @ kh.T  # (R, N)
     return dict(qs=qs, qp=qp, s=s, kbar=kbar, vbar=vbar, var=var, cov=cov, lse_pool=lse_pool,

@@ -20,7 +20,6 @@ the density where the whole output's rel-L1 crosses 0.05, and where the worst he
 
     python bench/pool128_study.py                    # three regimes, 6 pairs each (~1.5 min on 2 cores)
 """
-import math
 import sys
 from pathlib import Path
 
@@ -28,13 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
-from fill_order2_study import regime_parts, share_sweep  # noqa: E402
+from fill_order2_study import block_lse, regime_parts, share_sweep  # noqa: E402
 from lse_sample_study import REGIMES, sweep_study  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
 
 VARIANTS = ("pool64", "pool128")
 PAIR = 128
-LN2 = math.log(2.0)
 
 
 def pooled_over(P, rows: int):
@@ -43,10 +41,8 @@ def pooled_over(P, rows: int):
     are the mean of its rows' (a score is linear in the query)."""
     block_q, block_k = block_sizes(torch.device("cpu"), "reference")
     qs, s = P["qs"], P["s"]
-    N = s.shape[1]
     qp = qs.view(-1, rows, qs.shape[1]).mean(1)
-    sp = torch.nn.functional.pad(s.view(-1, rows, N).mean(1), (0, P["pad"]), value=-math.inf)
-    lse = torch.logsumexp(sp.view(qp.shape[0], P["NK"], block_k) * LN2, -1) / LN2
+    lse = block_lse(s.view(-1, rows, s.shape[1]).mean(1), P["pad"], P["NK"], block_k)
     rep = rows // block_q
     return {**P, "qp": qp.repeat_interleave(rep, 0), "lse_pool": lse.repeat_interleave(rep, 0),
             "mean_pool": (qp @ P["kbar"].T).repeat_interleave(rep, 0)}
