@@ -14,8 +14,8 @@ and moves each head's minshare toward it (sparge_core/adapt.py); minshare is whe
 All presets estimate the skipped blocks (fill_skipped: each skipped key block joins the softmax as
 its mean key and mean value, calibrated by the lse scores) instead of dropping them: that cut the
 error ~3x at equal sparsity (then 20-30% more with the second-order term), so at rel-L1 0.05 the
-whole call runs at 0.098x cuDNN (Wan, sparsity 0.95) and 0.065x (HunyuanVideo, 0.97), where
-dropping needed 0.254x / 0.259x (2026-11-27). Share mode (one
+whole call runs at 0.095x cuDNN (Wan, sparsity 0.95) and 0.063x (HunyuanVideo, 0.97; H100,
+2026-12-06-H100-v44.log), where dropping needed 0.254x / 0.259x (2026-11-27). Share mode (one
 probability floor, minshare x an even share, for every row) reached a given error with fewer
 blocks than CDF or top-k (without the estimate: 0.253x vs 0.280x / 0.273x at Wan). "lse" scoring
 (the pooled query against every key) with the similarity rule off, which only matters for
