@@ -45,3 +45,19 @@ def test_a_figure_past_its_goal_is_not_met(tmp_path):
     assert rows["prediction + quantization, Wan 480p"]["met"] is True
     assert rows["prediction + quantization, HunyuanVideo 544p"]["met"] is True
     assert rows["whole call at rel-L1 0.05, Wan 480p"]["figure"] is None
+
+
+def test_the_kernel_goal_takes_the_paired_ratio_where_a_file_has_it(tmp_path):
+    d = json.loads(open(os.path.join(RESULTS, "2026-12-06-H100-variants-v44c.json")).read())
+    for shape in d["shapes"].values():
+        for row in shape["rows"]:
+            row["x_cudnn"], row["x_paired"] = 0.01, 5.0
+    (tmp_path / "2026-12-08-H100-variants-v50.json").write_text(json.dumps(d))
+    rows = {r["goal"]: r for r in goals.goal_rows(tmp_path)}
+    assert rows["kernel at a mask, density 0.1, wan480"]["figure"] == 5.0
+    assert rows["kernel at a mask, density 0.1, wan480"]["met"] is False
+    for shape in d["shapes"].values():
+        for row in shape["rows"]:
+            del row["x_paired"]
+    (tmp_path / "2026-12-08-H100-variants-v50.json").write_text(json.dumps(d))
+    assert {r["goal"]: r for r in goals.goal_rows(tmp_path)}["kernel at a mask, density 0.1, wan480"]["figure"] == 0.01
