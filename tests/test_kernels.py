@@ -483,17 +483,31 @@ def test_fill_second_order_bound_matches_reference(monkeypatch):
     assert rel_l1(ref, ref0) < 2 ** b - 1
 
 
-def test_fill_pass_reads_only_the_key_blocks_columns():
-    """The means are padded to FILL_PAD columns; the fill pass runs only the steps that hold key
-    blocks (3 here, of 128 columns: one step of FILL_BLOCK), so what the padding holds cannot matter."""
-    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
-    from sparge_attention.kernels.fill_pass import FILL_BLOCK
+def _fill_inputs():
+    """prepare_sparse's inputs of the attention kernel with the fill pass's: 300 tokens (3 key
+    blocks), head dim 64, most blocks skipped."""
     from sparge_attention.sparge_core.triton_call import prepare_sparse
 
     q, k, v = clustered(1, 2, 300, 64, seed=4, dtype=torch.bfloat16)
     params = SpargeParams(simthreshd1=-1.0, minshare=2.0, pvthreshd=INF, scoring="lse", fill_skipped=True)
-    P = prepare_sparse(q, k, v, params, 64 ** -0.5)
-    bm = P["block_mask"]
+    return prepare_sparse(q, k, v, params, 64 ** -0.5)
+
+
+def _fill_attention(P, counts, fill, out_dtype=torch.bfloat16):
+    """The attention kernel on _fill_inputs' P with these key-block counts and fill inputs."""
+    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+
+    return sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], counts,
+                           P["block_mask"].kv_indices, torch.full((2,), INF), 300, 300, 64, out_dtype, False, False,
+                           P["cfg"], fill=fill, fill_clamp=2.0)[0]
+
+
+def test_fill_pass_reads_only_the_key_blocks_columns():
+    """The means are padded to FILL_PAD columns; the fill pass runs only the steps that hold key
+    blocks (3 here, of 128 columns: one step of FILL_BLOCK), so what the padding holds cannot matter."""
+    from sparge_attention.kernels.fill_pass import FILL_BLOCK
+
+    P = _fill_inputs()
     kbar, kbs, kvar, vbar, bias = P["fill"]
     assert bias.shape[-1] == 128 and num_blocks(300, BK) == 3 and torch.isinf(bias[..., 3:]).all()
     junk = (kbar.clone(), kbs.clone(), kvar.clone(), vbar.clone(), bias.clone())
@@ -503,9 +517,7 @@ def test_fill_pass_reads_only_the_key_blocks_columns():
     junk[2][:, :, c:] = 9.0
     junk[3][..., c:] = 64.0
     junk[4][..., c:] = 50.0  # a finite bias, far above the rest, in the padding's steps
-    outs = [sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], bm.kv_num_blocks,
-                            bm.kv_indices, torch.full((2,), INF), 300, 300, 64, q.dtype, False, False,
-                            P["cfg"], fill=f, fill_clamp=2.0)[0] for f in (P["fill"], junk)]
+    outs = [_fill_attention(P, P["block_mask"].kv_num_blocks, f) for f in (P["fill"], junk)]
     assert torch.equal(outs[0], outs[1])
 
 
@@ -514,21 +526,14 @@ def test_fill_biases_keep_their_precision():
     With no kept block the output is a softmax over the means alone, which moving every bias by
     1000.3 must leave as it was, to what fp32 scores near 1000 allow; a single fp16 part would
     round each bias by up to 0.25 log2 units there (rel-L1 0.016 with the high part alone)."""
-    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
-    from sparge_attention.sparge_core.triton_call import prepare_sparse
-
-    q, k, v = clustered(1, 2, 300, 64, seed=4, dtype=torch.bfloat16)
-    params = SpargeParams(simthreshd1=-1.0, minshare=2.0, pvthreshd=INF, scoring="lse", fill_skipped=True)
-    P = prepare_sparse(q, k, v, params, 64 ** -0.5)
+    P = _fill_inputs()
     kbar, kbs, kvar, vbar, bias = P["fill"]
     real = torch.arange(bias.shape[-1]) < num_blocks(300, BK)
     b0 = torch.where(real & torch.isinf(bias), 1.5, bias)  # the kept blocks estimated too
     none = torch.zeros_like(P["block_mask"].kv_num_blocks)
 
     def run(b):
-        return sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], none,
-                               P["block_mask"].kv_indices, torch.full((2,), INF), 300, 300, 64, torch.float32, False,
-                               False, P["cfg"], fill=(kbar, kbs, kvar, vbar, b.contiguous()), fill_clamp=2.0)[0]
+        return _fill_attention(P, none, (kbar, kbs, kvar, vbar, b.contiguous()), torch.float32)
     out0, out1 = run(b0), run(torch.where(real, b0 + 1000.3, b0))
     assert torch.isfinite(out0).all() and out0.abs().max() > 0
     assert rel_l1(out1, out0) < 2e-3
