@@ -55,9 +55,10 @@ def _preset(d, shape, name):
 
 def _kernel(d, shape, density):
     """The production variant's mean over its rows at that density (kernel_variants times it twice):
-    the paired ratio where the file has one (since 2026-12-06; the GPU runs at its power limit, and
-    each kernel timed alone read 0.66-0.76 at density 1.0 from row to row, paired 0.74-0.76), else
-    the ratio of the two timed alone."""
+    the paired ratio where the file has one (since 2026-12-06), else the ratio of the two timed alone.
+    At the H100's power limit the kernel timed alone read 0.66-0.76 at density 1.0 from row to row
+    (its energy ratio to cuDNN, 0.705, with clocks wandering), paired 0.74-0.76 (its cycle ratio,
+    0.759: bench/power_draw.py)."""
     xs = [r.get("x_paired", r["x_cudnn"]) for r in d["shapes"][shape]["rows"]
           if r["density"] == density and r["variant"] in ("hopper", "hopper (again)")]
     return sum(xs) / len(xs)
