@@ -25,7 +25,8 @@ acc: dict = {}
 
 
 def timed(owner, name: str, label: str):
-    """Wrap owner.name so that each call adds its time to acc[label] (nested pieces count in both)."""
+    """Wrap owner.name so that each call adds its time to acc[label] (a nested piece counts in its own
+    label and in the one above it)."""
     fn = getattr(owner, name)
 
     @functools.wraps(fn)
@@ -38,7 +39,8 @@ def timed(owner, name: str, label: str):
     setattr(owner, name, wrapper)
 
 
-PIECES = [  # (owner, attribute, label, counted in the node's own time?)
+PIECES = [  # (owner, attribute, label, level): True a decision of the override, False a part beside them, None
+    # a part of the piece above it (left out of the sum that gives the rest)
     (eligibility, "read_call", "read_call", True),
     (eligibility, "dense_reason", "dense_reason", True),
     (eligibility, "layer_index", "layer_index", True),
