@@ -98,10 +98,9 @@ class _Side:
         self.calls_stream = stream
         self.laps = [None] * 4  # an event per quarter of the ring: its calls have run
         self._host = self.addresses.numpy()  # written through numpy: no torch op per call
-        # the counts ring narrowed to each count a call may return, and its rows as views, made by one
-        # unbind on a width's first use: a call's counts are then a list item (a select per call took
-        # ~5 us of an H100 host's ~90, bench/host_breakdown.py; 16,384 views hold ~11 MB of host memory)
-        self._narrowed = [self.counts[:, :n] for n in range(COUNT_SLOTS + 1)]
+        # the counts ring's rows narrowed to each count a call may return, as views made by one unbind
+        # on a width's first use: a call's counts are then a list item (a select per call took ~5 us of
+        # an H100 host's ~90, bench/host_breakdown.py; 16,384 views hold ~11 MB of host memory)
         self._rows: list = [None] * (COUNT_SLOTS + 1)
         self.next = 0  # the ring row of the next call, as the device counter will name it
 
@@ -125,7 +124,7 @@ class _Side:
         """The first `counts` counts of a row: a view, valid for the next RING_ROWS calls."""
         rows = self._rows[counts]
         if rows is None:
-            rows = self._rows[counts] = self._narrowed[counts].unbind(0)
+            rows = self._rows[counts] = self.counts[:, :counts].unbind(0)
         return rows[row]
 
     def unwrite(self, row: int) -> None:
