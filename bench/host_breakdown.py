@@ -64,18 +64,6 @@ PIECES = [  # (owner, attribute, label, level): True a decision of the override,
 ]
 
 
-def empty_us(shape, n=2000) -> float:
-    """Mean time of torch.empty of a call's output (bf16 on the GPU), queued behind a sleep kernel."""
-    torch.cuda.synchronize()
-    torch.cuda._sleep(ho.QUEUE_CYCLES)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        torch.empty(shape, dtype=torch.bfloat16, device="cuda")
-    t = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return t
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=7800)
@@ -117,7 +105,9 @@ def main():
         print(f"    {'the rest of the override':<46} {own:7.1f}")
         for lb in labels:
             print(f"    {lb:<46} {means[lb]:7.1f}")
-    res["torch_empty_output_us"] = empty_us((ho.B, n, ho.H * ho.D))
+    # torch.empty of the output alone, queued as the calls are (host_overhead.queued_us), its mean
+    res["torch_empty_output_us"] = ho.queued_us(
+        lambda: torch.empty((ho.B, n, ho.H * ho.D), dtype=torch.bfloat16, device="cuda"), stat=ho.mean)[0]
     print(f"  torch.empty of the output alone (queued): {res['torch_empty_output_us']:.1f} us")
     print("saved", save(res, f"{res['date']}-{card_name()}-host_breakdown"))
 
