@@ -1,17 +1,17 @@
 """A/B of the attention kernel's compile-time variants at given block masks, in one process.
 
-Each variant is a KernelConfig (kernels/config.py: tile shape, warps, stages, tma, maxnreg)
-given to the launcher. Every row is a ratio to SDPA-cuDNN timed in the same run, two ways:
-`x_cudnn`, each timed alone (do_bench), cuDNN right before the row (one cuDNN figure from the run's
-start let the same kernel on the same mask read 0.175 and 0.208 two rows apart, 2026-12-06), and
-`x_paired`, the two alternating (common.paired_ratio). Alone, each runs at the clocks its own power
-draw allows; alternating, both run at about one clock. On an H100 at its 700 W limit (2026-12-06)
-the kernel read 0.68-0.76 alone from row to row and 0.751 paired at density 1.0, Wan 480p;
-bench/power_draw.py measured why: alone the ratio follows the energy per call (0.713 against 0.705),
-paired the clock cycles (0.755 against 0.759). bench/goals.py takes the paired figure: stable, and
-the one a GPU below its power limit sees. `ms` is the kernel timed alone. The first variant is timed twice so the table shows
-the run's noise. Error columns compare each variant with the first one on the same mask (should be
-rounding-level) and, with nothing skipped, with cuDNN (quantization error).
+Each variant is a KernelConfig (kernels/config.py: tile shape, warps, stages, tma, maxnreg) given to
+the launcher. Every row is a ratio to SDPA-cuDNN timed in the same run, two ways: `x_cudnn`, each
+timed alone (do_bench), cuDNN right before the row (one cuDNN figure from the run's start let the
+same kernel on the same mask read 0.175 and 0.208 two rows apart, 2026-12-06), and `x_paired`, the
+two alternating (common.paired_ratio). Alone, each runs at the clocks its own power draw allows;
+alternating, both run at about one clock. On an H100 at its 700 W limit (2026-12-06) the kernel read
+0.68-0.76 alone from row to row and 0.751 paired at density 1.0, Wan 480p; bench/power_draw.py
+measured why: alone the ratio follows the energy per call (0.713 against 0.705), paired the clock
+cycles (0.755 against 0.759). bench/goals.py takes the paired figure: stable, and the one a GPU
+below its power limit sees. `ms` is the kernel timed alone. The first variant is timed twice so the
+table shows the run's noise. Error columns compare each variant with the first one on the same mask
+(should be rounding-level) and, with nothing skipped, with cuDNN (quantization error).
 
     python bench/kernel_variants.py [--shapes wan480,hunyuan544] [--variants hopper,no_cap,pointers]
 """
