@@ -16,7 +16,13 @@ With --moving, the calls cycle through three sets of q, k, v, so that each call'
 elsewhere than the last one's, as a model's do under cudaMallocAsync (a graphed call then passes
 new addresses to its graph every time).
 
-    python bench/host_ab.py --before ../.carry/before [--tokens 7800] [--rounds 4] [--steps 6] [--moving]
+With --queued, the override's calls are timed as bench/host_overhead.py's goal row times them: no
+sync between them, each forward's 30 calls queued behind one long sleep kernel (a model whose GPU
+is the slower side); "override" is then their mean from the third forward on, the goal's figure,
+with each build's runs alternating so that both see the host's same moods (its speed moved up to
+2x between host_overhead runs a minute apart, bench/NOTES.md v52).
+
+    python bench/host_ab.py --before ../.carry/before [--tokens 7800] [--rounds 4] [--steps 6] [--moving] [--queued]
 """
 import argparse
 import datetime
@@ -30,7 +36,7 @@ import torch
 
 from common import card_name, comfy_sdpa, save
 from devkit.sampling_run import sampling_run
-from host_overhead import GRIDS, B, D, H, median, pending_sums
+from host_overhead import GRIDS, QUEUE_CYCLES, B, D, H, median, pending_sums
 
 
 def load_tree(root: Path, name: str):
@@ -50,8 +56,9 @@ def build(pkg: str):
     return api, presets, config, override
 
 
-def timed(fn):
-    torch.cuda.synchronize()
+def timed(fn, sync: bool = True):
+    if sync:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e6
@@ -64,6 +71,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6, help="sampling steps per round and build")
     ap.add_argument("--moving", action="store_true", help="each call's q, k, v at other addresses than the last's")
+    ap.add_argument("--queued", action="store_true", help="the override's calls queued (no sync between them)")
     args = ap.parse_args()
     n, grid = args.tokens, GRIDS[args.tokens]
     load_tree(Path(args.before).resolve(), "sparge_before")
@@ -79,6 +87,7 @@ def main():
         return which[turn[0] % len(which)]
     times = {k: {"api": [], "override": [], "override unmeasured": [], "override measured": []} for k in builds}
     overrides, graphs = {}, {}
+    trace = {k: [] for k in builds}  # (forward, call in it, measured, us) of each steady-state override call
     for name, (api, presets, config, override) in builds.items():
         p = presets.PRESETS["Balanced"].params()
         overrides[name] = (api, p, override.SpargeOverride(config.SpargeConfig.from_widgets(preset="Balanced",
@@ -98,15 +107,19 @@ def main():
 
         def forward(x_, t, c_concat, c_crossattn, control, to):
             forwards[0] += 1
+            if args.queued:
+                torch.cuda.synchronize()
+                torch.cuda._sleep(QUEUE_CYCLES)
             for _ in range(blocks):
                 x = pick(sets)
                 before = pending_sums(ov)
-                us = timed(lambda: ov(comfy_sdpa, *x, heads=H, transformer_options=to))
-                if record:
+                us = timed(lambda: ov(comfy_sdpa, *x, heads=H, transformer_options=to), sync=not args.queued)
+                if record and (forwards[0] > 2 or not args.queued):  # queued: the steady state only
                     times[name]["override"].append(us)
-                    if forwards[0] > 2:  # past launch and capture
-                        measured = pending_sums(ov) != before
-                        times[name]["override measured" if measured else "override unmeasured"].append(us)
+                if record and forwards[0] > 2:  # past launch and capture
+                    measured = pending_sums(ov) != before
+                    times[name]["override measured" if measured else "override unmeasured"].append(us)
+                    trace[name].append((forwards[0], len(trace[name]) % blocks, measured, round(us, 1)))
         sampling_run(ov, forward, SimpleNamespace(patch_size=(1, 2, 2)),
                      torch.zeros(B, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda"), steps)
         for _ in range(30):
@@ -129,12 +142,14 @@ def main():
         for name in builds:
             run(name, True, args.steps)
     res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "tokens": n,
-           "preset": "Balanced", "steps": args.steps, "moving": args.moving, "median_us": {}, "mean_us": {},
+           "preset": "Balanced", "steps": args.steps, "moving": args.moving, "queued": args.queued,
+           "median_us": {}, "mean_us": {}, "calls": trace,
            "override_graphs": summaries}
     print(f"host time per call (median wall us, calls alternating by build in one process), {res['card']}, "
           f"{n} tokens, Balanced, {args.steps}-step runs; the override's calls include its measured ones "
           f"(every 4th step per block) and each run's launched and captured first calls"
-          + ("; q, k, v at new addresses every call" if args.moving else ""))
+          + ("; q, k, v at new addresses every call" if args.moving else "")
+          + ("; the override's calls queued, from each run's third forward on" if args.queued else ""))
     for name, t in times.items():
         med = res["median_us"][name] = {k: median(v) for k, v in t.items()}
         mean = res["mean_us"][name] = {k: sum(v) / len(v) for k, v in t.items()}
@@ -142,7 +157,7 @@ def main():
               + f"   ({len(t['override'])} / {len(t['api'])} calls)")
     for name, runs in summaries.items():
         print(f"  {name} override graphs per run: {runs[-1]}")
-    print("saved", save(res, f"{res['date']}-{card_name()}-host_ab"))
+    print("saved", save(res, f"{res['date']}-{card_name()}-host_ab-{n}" + ("-queued" if args.queued else "")))
 
 
 if __name__ == "__main__":

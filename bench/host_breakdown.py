@@ -6,7 +6,7 @@ them; production code has no such switch) and prints each piece's mean time per 
 calls the error target did not measure and for those it did. "the rest of the override" is the
 whole call less the pieces listed under it (indented pieces are parts of the one above). Each timer
 costs its own time (~0.2 us on a fast CPU, more on a slow host): a piece with timers nested inside
-reads high by theirs, and the whole call by all of them (18 on a call that is not measured).
+reads high by theirs, and the whole call by all of them (19 on a call that is not measured).
 
     python bench/host_breakdown.py [--tokens 7800] [--preset Balanced]
 """
@@ -48,9 +48,11 @@ PIECES = [  # (owner, attribute, label, level): True a decision of the override,
     (eligibility, "layer_index", "layer_index", True),
     (eligibility, "grid_for", "grid_for", True),
     (adapt.Adaptation, "choose_params", "adapt.choose_params", True),
+    (adapt.Adaptation, "measure_in_graph", "adapt.measure_in_graph", True),
     (stats.ForwardContext, "record_sparse", "record_sparse", True),
     (adapt.Adaptation, "after_sparse", "adapt.after_sparse (the measurement, when due)", False),
     (sparse_call, "replay", "sparse_call.replay", False),
+    (sparse_call, "replay_measured", "  replay_measured (a measured call's one replay)", None),
     (call_graphs.CallGraphs, "wants", "  CallGraphs.wants", None),
     (graphed, "replay_key", "  replay_key", None),
     (graphed, "_split_layout", "    _split_layout (3 a call)", None),

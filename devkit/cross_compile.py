@@ -261,11 +261,13 @@ def pack_kernel_jobs(cc: int) -> list:
             (se._rows_partial_kernel, "exact rows, D=128", measure(128)),
             (se._rows_partial_kernel, "exact rows, D=256", measure(256)),
             # the second kernel launched directly (the launcher would run the first one here), as a
-            # graphed measurement runs it: its tensors and seed from the address table
+            # graphed measurement runs it: its tensors and seed from the address table (in a measured
+            # sparse call's graph, its sums after three thresholds' slots; older revisions lack the slot)
             (se._rows_error_kernel, "error sums, table", lambda: se._rows_error_kernel[(4, B * H)](
                 x(8 * B * H * 256 * (D + 1), dtype=torch.float32), x(B, H, small, D), x(1, dtype=torch.float32),
-                x(2, H, dtype=torch.float64), torch.zeros(8, dtype=torch.int64), 0, small * D, D, D * H, H, small, 256,
-                8, BLOCK_R=64, HEAD_DIM=D, D=D, ROUND_BF16=False, HAS_ROWS=False, TABLE=True, num_warps=4)),
+                x(2, H, dtype=torch.float64), torch.zeros(16, dtype=torch.int64), 0, small * D, D, D * H, H, small,
+                256, 8, BLOCK_R=64, HEAD_DIM=D, D=D, ROUND_BF16=False, HAS_ROWS=False, TABLE=True, num_warps=4,
+                **({"SUMS_AT": se.SUMS_SLOT + 3} if hasattr(se, "SUMS_SLOT") else {}))),
         ]
     return [job for job in jobs if job[0] is not None]
 

@@ -31,7 +31,7 @@ from .launch import Kernel
 from .numerics import batch_head
 
 LOG2E = 1.4426950408889634
-SEED_SLOT = tl.constexpr(5)  # with an address table: q, k, v, out, the sums at slots 0-4, the rows' seed at 5
+SUMS_SLOT = 4  # with an address table: q, k, v, out at slots 0-3, the sums at 4 and the rows' seed after them
 
 
 @triton.jit
@@ -72,9 +72,9 @@ def _row_index(ROWS, offs_r, r_ok, N, seed, HAS_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _seed_of(SEED, ADDRS, TABLE: tl.constexpr):
+def _seed_of(SEED, ADDRS, SUMS_AT: tl.constexpr, TABLE: tl.constexpr):
     if TABLE:
-        return tl.load(ADDRS + SEED_SLOT)
+        return tl.load(ADDRS + SUMS_AT + 1)
     else:
         return SEED
 
@@ -83,11 +83,12 @@ def _seed_of(SEED, ADDRS, TABLE: tl.constexpr):
 def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, ADDRS, SEED, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                          H, GROUP, N, R, NK, KEYS_PER_SPLIT, qk_scale, HEADS_P2: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-                         UPCAST: tl.constexpr, ZERO: tl.constexpr, HAS_ROWS: tl.constexpr, TABLE: tl.constexpr):
+                         UPCAST: tl.constexpr, ZERO: tl.constexpr, HAS_ROWS: tl.constexpr, TABLE: tl.constexpr,
+                         SUMS_AT: tl.constexpr):
     Q = _caller(Q, ADDRS, 0, TABLE)
     K = _caller(K, ADDRS, 1, TABLE)
     V = _caller(V, ADDRS, 2, TABLE)
-    SUMS = _caller(SUMS, ADDRS, 4, TABLE)
+    SUMS = _caller(SUMS, ADDRS, SUMS_AT, TABLE)
     rt = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -102,7 +103,7 @@ def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, ADDRS, SEED, sq_b, sq_h, sq_n,
     offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    rows = _row_index(ROWS, offs_r, offs_r < R, N, _seed_of(SEED, ADDRS, TABLE), HAS_ROWS)
+    rows = _row_index(ROWS, offs_r, offs_r < R, N, _seed_of(SEED, ADDRS, SUMS_AT, TABLE), HAS_ROWS)
     q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :],
                 mask=(offs_r < R)[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * sk_b + hk * sk_h + offs_d[:, None]
@@ -141,9 +142,10 @@ def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, ADDRS, SEED, sq_b, sq_h, sq_n,
 @triton.jit
 def _rows_error_kernel(OP, OUT, ROWS, SUMS, ADDRS, SEED, so_b, so_h, so_n, H, N, R, SPLITS,
                        BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-                       ROUND_BF16: tl.constexpr, HAS_ROWS: tl.constexpr, TABLE: tl.constexpr):
+                       ROUND_BF16: tl.constexpr, HAS_ROWS: tl.constexpr, TABLE: tl.constexpr,
+                       SUMS_AT: tl.constexpr):
     OUT = _caller(OUT, ADDRS, 3, TABLE)
-    SUMS = _caller(SUMS, ADDRS, 4, TABLE)
+    SUMS = _caller(SUMS, ADDRS, SUMS_AT, TABLE)
     rt = tl.program_id(0)
     bh = tl.program_id(1)
     nbh = tl.num_programs(1)
@@ -164,7 +166,7 @@ def _rows_error_kernel(OP, OUT, ROWS, SUMS, ADDRS, SEED, so_b, so_h, so_n, H, N,
         w = tl.exp2(tl.load(LSE2 + part, mask=r_ok, other=0.0) - top)
         den += w
         num += w[:, None] * tl.load(OP + part[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
-    rows = _row_index(ROWS, offs_r, r_ok, N, _seed_of(SEED, ADDRS, TABLE), HAS_ROWS)
+    rows = _row_index(ROWS, offs_r, r_ok, N, _seed_of(SEED, ADDRS, SUMS_AT, TABLE), HAS_ROWS)
     out = tl.load(OUT + b * so_b + h * so_h + rows[:, None] * so_n + offs_d[None, :], mask=ok, other=0.0)
     exact = num / den[:, None]
     if ROUND_BF16:
@@ -208,7 +210,8 @@ def sampled_rows(seed: int, count: int, n: int, device) -> torch.Tensor:
 
 def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, rows,
                        acc: torch.Tensor | None = None, scale: float | None = None, programs: int = PROGRAMS,
-                       fresh: bool = False, table: torch.Tensor | None = None) -> torch.Tensor:
+                       fresh: bool = False, table: torch.Tensor | None = None,
+                       sums_slot: int = SUMS_SLOT) -> torch.Tensor:
     """Add to acc (2, H) float64, per head, sum |out - exact| and sum |exact| over the sampled query
     rows of every batch item; returns acc (a new one without). q and out (B, H, N, D), k and v
     (B, Hkv, Nk, D) with H a multiple of Hkv, fp16 or bf16, any strides with the head dimension
@@ -217,10 +220,11 @@ def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     rows: an int tensor of token indices (repeats count again), or (count, seed): `count` rows
     drawn in the kernels from the int `seed` (`sampled_rows` gives them), no tensor made.
     fresh: acc holds garbage and is zeroed first, by the first kernel (a new acc always is).
-    table: an int64 address table (kernels/caller_addrs.py) from which the kernels read q, k, v,
-    out and acc at slots 0-4 and, with rows (count, None), the seed at slot 5 when they run: a CUDA
-    graph of the measurement serves every call of the same layouts (sparge_core/graphed.py). The
-    tensors passed then only give shapes, strides and dtypes."""
+    table: an int64 address table (kernels/caller_addrs.py) from which the kernels read q, k, v
+    and out at slots 0-3, acc at `sums_slot` and, with rows (count, None), the seed at the slot
+    after it when they run: a CUDA graph of the measurement serves every call of the same layouts
+    (sparge_core/graphed.py; a sparse call's graph that measures too puts its thresholds between
+    out and acc). The tensors passed then only give shapes, strides and dtypes."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or out.shape != q.shape:
         raise ValueError(f"q, out (B, H, N, D) and k, v (B, Hkv, Nk, D) expected, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, out {tuple(out.shape)}")
@@ -247,13 +251,14 @@ def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         R, seed = int(rows[0]), rows[1]
         devices = (q, k, v, out, acc)
         if R < 0 or (seed is None) != (table is not None):
-            raise ValueError("rows (count, seed) takes an int seed, or None with a table (the seed at its slot 5)")
+            raise ValueError("rows (count, seed) takes an int seed, or None with a table (the seed after acc's slot)")
         seed = 0 if seed is None else int(seed)
     if len({t.device for t in devices}) != 1:
         raise ValueError("q, k, v, out, rows and acc must be on one device")
-    if table is not None and (table.dtype != torch.int64 or table.dim() != 1 or table.numel() <= SEED_SLOT
+    if table is not None and (table.dtype != torch.int64 or table.dim() != 1 or not 4 <= sums_slot < table.numel() - 1
                               or table.device != q.device):
-        raise ValueError(f"table must be an int64 1-D address table of at least {SEED_SLOT + 1} slots on {q.device}")
+        raise ValueError(f"table must be an int64 1-D address table on {q.device} with acc's slot {sums_slot} >= 4 and "
+                         f"the seed's after it")
     if R == 0:
         return acc.zero_() if fresh else acc
     hd = max(16, next_pow2(D))
@@ -272,9 +277,9 @@ def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         q, k, v, idx, part, acc, addrs, seed, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, H // Hkv, N, R, Nk, per_split, qk_scale,
         HEADS_P2=next_pow2(H), BLOCK_R=br, BLOCK_N=bn, HEAD_DIM=hd, D=D, UPCAST=INTERPRET, ZERO=fresh,
-        HAS_ROWS=has_rows, TABLE=table is not None, num_warps=4, num_stages=stages,
+        HAS_ROWS=has_rows, TABLE=table is not None, SUMS_AT=sums_slot, num_warps=4, num_stages=stages,
     )
     _error[(tiles, B * H)](part, out, idx, acc, addrs, seed, out.stride(0), out.stride(1), out.stride(2), H, N, R,
                            splits, BLOCK_R=br, HEAD_DIM=hd, D=D, ROUND_BF16=INTERPRET and out.dtype == torch.bfloat16,
-                           HAS_ROWS=has_rows, TABLE=table is not None, num_warps=4)
+                           HAS_ROWS=has_rows, TABLE=table is not None, SUMS_AT=sums_slot, num_warps=4)
     return acc

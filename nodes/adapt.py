@@ -8,8 +8,9 @@ whose thresholds were just raised on its next call (a raise can cross a cliff of
 near-uniform attention every block's share is about even, and a small rise of minshare drops most
 of them at once; the check bounds such a miss to one forward). A measured call also computes
 exact attention for DEFAULT_ROWS random query rows (sampled_error: per-head sums on the device,
-added into the block's sums of the forward by the kernels, no sync; in a sampling run through a
-CUDA graph of the measurement, sparge_core.graphed.measure_graphed). After the forward the sums of
+added into the block's sums of the forward by the kernels, no sync; in a sampling run inside the
+call's own CUDA graph, sparge_core.graphed.replay_measured, or through a graph of its own,
+measure_graphed, when the call ran launched). After the forward the sums of
 its measured blocks are copied to pinned host memory without blocking; the copy is read when it
 has landed, at the start of a later forward, and each measured block's BlockController moves its
 minshare (and, for a head that errs far above the target, that head's own). So the steady state
@@ -32,7 +33,7 @@ from ..sparge_core.graphed import measure_graphed
 from ..sparge_core.layout import split_heads
 from ..sparge_core.params import MAX_MINSHARE
 from . import sparse_call
-from .observers import ObservedCall, Observer, qkv_of
+from .observers import GraphMeasure, ObservedCall, Observer, qkv_of
 
 log = logging.getLogger("sparge_attention")
 
@@ -62,6 +63,7 @@ class Adaptation(Observer):
         self._warned = False
         self._probed = 0  # blocks probed (kept with the controllers: once per node)
         self._draws = 0  # measurements through CUDA graphs: each draws its rows from its own seed
+        self._served = None  # the call whose measurement its CUDA graph made (measured), until its after_sparse
 
     # ------------------------------------------------------------------ thresholds
     def choose_params(self, call: ObservedCall, params):
@@ -141,11 +143,25 @@ class Adaptation(Observer):
         step = ctx.step if ctx.step is not None else self._forwards
         return (step + layer) % MEASURE_EVERY == 0
 
+    def measure_in_graph(self, call: ObservedCall) -> Optional[GraphMeasure]:
+        """A due call that may replay its CUDA graph is measured inside it (sparge_core.graphed.replay_measured):
+        its rows drawn from the next seed, its sums added into the block's sums of this forward."""
+        if call.graphs is None or call.keep_keys is not None or call.raw is None or not self._due(call.ctx, call.layer):
+            return None
+        return GraphMeasure(self.rows, self._next_seed(), self._pending.get(call.layer))
+
+    def measured(self, call: ObservedCall, acc: torch.Tensor) -> None:
+        self._pending[call.layer] = acc
+        self._verify.discard(call.layer)
+        self._served = call  # its after_sparse measures nothing
+
     # not traced: which calls are due changes every forward, and a compiled model would guard on the
     # counters it reads and recompile per forward (it hit dynamo's recompile limit in 8 steps)
     @torch.compiler.disable
     def after_sparse(self, call: ObservedCall, out: torch.Tensor) -> None:
-        if self._due(call.ctx, call.layer):
+        if self._served is call:
+            self._served = None
+        elif self._due(call.ctx, call.layer):
             self._measure(call, out)
 
     @torch.compiler.disable
@@ -165,10 +181,8 @@ class Adaptation(Observer):
         """The call's (2, H) error sums, added into acc when given: in a sampling run through its CUDA
         graphs (rows drawn from a seed in the kernels), else with rows from this observer's generator."""
         if call.graphs is not None and call.keep_keys is None and call.raw is not None:
-            self._draws += 1
             q, k, v, heads = call.raw
-            seed = (self.seed * 1_000_003 + self._draws) & 0x7FFFFFFF
-            got = measure_graphed(call.graphs, q, k, v, out, heads, self.rows, seed, acc)
+            got = measure_graphed(call.graphs, q, k, v, out, heads, self.rows, self._next_seed(), acc)
             if got is not None:
                 return got
         q, k, v = qkv_of(call)
@@ -183,6 +197,11 @@ class Adaptation(Observer):
             ix = ix.to(k.device)
             acc = sampled_error(q[sl], k[sl].index_select(2, ix), v[sl].index_select(2, ix), o[sl], rows, acc=acc)
         return acc
+
+    def _next_seed(self) -> int:
+        """The seed of the next measurement through a CUDA graph (each draws its rows from its own)."""
+        self._draws += 1
+        return (self.seed * 1_000_003 + self._draws) & 0x7FFFFFFF
 
     def _generator(self, device) -> torch.Generator:
         g = self._generators.get(device)

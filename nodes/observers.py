@@ -9,6 +9,12 @@ the error check and a loaded profile). The override calls, in this order:
                                     run dense instead (counted under that reason), None lets it run
   choose_params(call, params)       -> the SpargeParams the call runs with (steering: e.g. per-head
                                     thresholds that adapt); return `params` to leave them
+  measure_in_graph(call) -> request a GraphMeasure when the observer will measure this call's error
+                                    (adapt.sampled_error), else None: asked only of a call that may
+                                    replay its CUDA graph; the first observer's request runs inside
+                                    that graph (one replay, not two)
+  measured(call, acc)               that request's sums, before after_sparse (a request the replay
+                                    could not serve gets none: measure in after_sparse as usual)
   after_sparse(call, out)           the sparse call returned `out` (in the caller's layout)
   forward_finished(ctx)             the forward is done (its calls are queued, maybe not run yet)
   run_finished(run, completed)      the run ended, before its readout is built; raising here fails
@@ -47,6 +53,16 @@ class ObservedCall(NamedTuple):
     graphs: Any = None  # the sampling run's CallGraphs (sparge_core/call_graphs.py), None outside one or compiled
 
 
+class GraphMeasure(NamedTuple):
+    """A measurement of a call's error asked of its CUDA graph (sparge_core.graphed.replay_measured):
+    `rows` sampled query rows drawn from `seed`, their sums added into `acc` ((2, H) float64 on the
+    call's device) or into a fresh one when acc is None."""
+
+    rows: int
+    seed: int
+    acc: Optional[torch.Tensor] = None
+
+
 class LazyQKV:
     """q, k, v made by `make()` on first use, then kept."""
 
@@ -80,6 +96,12 @@ class Observer:
 
     def choose_params(self, call: ObservedCall, params):
         return params
+
+    def measure_in_graph(self, call: ObservedCall) -> Optional[GraphMeasure]:
+        return None
+
+    def measured(self, call: ObservedCall, acc: torch.Tensor) -> None:
+        pass
 
     def after_sparse(self, call: ObservedCall, out: torch.Tensor) -> None:
         pass

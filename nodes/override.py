@@ -183,7 +183,7 @@ class SpargeOverride:
             params = obs.choose_params(observed, params)
         capture = (ctx is not None and layer is not None and layer == ctx.capture_layer and ctx.map_mask is None
                    and not opts.with_lse)  # one op returns the mask or the lse
-        timing = None
+        timing = asker = graph_sums = None
         if compiling:
             res = sparse_call.run_sparse(*qkv, params, grid, keep_keys, capture, opts.with_lse)
         else:
@@ -191,8 +191,19 @@ class SpargeOverride:
             try:
                 res = None
                 if self.graphs is not None and keep_keys is None and not opts.with_lse:
-                    # the steady state: nothing else runs (the sparsity map's block too, its mask from the graph)
-                    res = sparse_call.replay(call, params, grid, self.graphs, capture)
+                    # the steady state: nothing else runs (the sparsity map's block too, its mask from the graph;
+                    # an observer's measurement of the call in the same graph, except on the map's block: that
+                    # graph would be first seen late in a run, its measured steps every 4th after its map graph's
+                    # capture, and captured there at a few ms, for 1/120 of the calls)
+                    measure = None
+                    for obs in () if capture else self.observers:
+                        measure = obs.measure_in_graph(observed)
+                        if measure is not None:
+                            asker = obs
+                            break
+                    res = sparse_call.replay(call, params, grid, self.graphs, capture, measure)
+                    if res is not None and measure is not None:
+                        res, graph_sums = res[:-1], res[-1]
                 if res is None:
                     res = sparse_call.run_sparse(*qkv.get(), params, grid, keep_keys, capture, opts.with_lse,
                                                  self.graphs)
@@ -216,6 +227,8 @@ class SpargeOverride:
             out = merge_heads(out)
         elif out.dim() == 3 and not call.merge_out:  # a replay of (B, N, H*D) inputs whose caller wants heads split
             out = split_heads(out, call.H)
+        if graph_sums is not None:  # measured inside the call's graph: the asker's sums, before after_sparse
+            asker.measured(observed, graph_sums)
         if ctx is not None:
             for obs in self.observers:
                 obs.after_sparse(observed, out)

@@ -8,22 +8,32 @@ import torch
 
 from ..sparge_core.api import block_sizes
 from ..sparge_core.blockmask import num_blocks
-from ..sparge_core.graphed import replay_graphed
+from ..sparge_core.graphed import replay_graphed, replay_measured
 from ..sparge_core.params import SpargeParams
 from ..sparge_core.torch_op import call as op_call
 
 
-def replay(call, params: SpargeParams, grid, graphs, want_map: bool = False):
+def replay(call, params: SpargeParams, grid, graphs, want_map: bool = False, measure=None):
     """(out, counts) of an eligible call without key padding, replayed from the run's CallGraphs
     when it holds the call's graph (sparge_core.graphed.replay_graphed), else None. call: the
     eligibility.Call as ComfyUI made it; out: (B, N, H*D) for (B, N, H*D) inputs, (B, H, N, D) for
     split ones. counts: (2,) int64 on the device, [kept, P.V-skipped]. want_map: plus the sparsity
-    map's (packed first-item block mask, key blocks), as run_sparse gives it."""
-    res = replay_graphed(graphs, call.q, call.k, call.v, params, None if call.heads_split else call.H, grid,
-                         map_first=want_map)
-    if res is None or not want_map:
-        return res
-    return res[0], res[1], _map(res[2], call.Nk, call.q.device)
+    map's (packed first-item block mask, key blocks), as run_sparse gives it. measure: an
+    observers.GraphMeasure: one more result, last, the measurement's sums when the same graph made
+    them (sparge_core.graphed.replay_measured; never with want_map), else None (the call replayed
+    alone: measure it the usual way)."""
+    heads = None if call.heads_split else call.H
+    if measure is not None and not want_map:
+        res = replay_measured(graphs, call.q, call.k, call.v, params, heads, grid, measure.rows, measure.seed,
+                              measure.acc)
+        if res is not None:
+            return res
+    res = replay_graphed(graphs, call.q, call.k, call.v, params, heads, grid, map_first=want_map)
+    if res is None:
+        return None
+    if want_map:
+        res = res[0], res[1], _map(res[2], call.Nk, call.q.device)
+    return res if measure is None else res + (None,)
 
 
 def _map(packed: torch.Tensor, keys: int, device) -> tuple:

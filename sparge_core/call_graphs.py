@@ -73,7 +73,8 @@ def layout_key(x: torch.Tensor) -> tuple:
 
 
 ALIGN = 16  # bytes: the kernels read the caller's tensors through the table as 16-byte aligned
-TABLE_SLOTS = 8  # addresses a call may pass (the sparse call passes 7: q, k, v, out, 3 thresholds)
+TABLE_SLOTS = 16  # addresses a call may pass (a power of two: the sparse call passes q, k, v, out and up to 5
+# thresholds, and when it measures too the measurement's sums and seed)
 COUNT_SLOTS = 8  # counts a call may return (the sparse call returns 2)
 RING_ROWS = 16384  # calls whose addresses and counts the rings hold (one sampling run: a few thousand)
 _QUARTER = RING_ROWS // 4

@@ -12,7 +12,7 @@ import torch
 
 from .adapt import kernel_measures
 from .blockmask import num_blocks, pack_mask
-from .call_graphs import CallGraphs, layout_key
+from .call_graphs import TABLE_SLOTS, CallGraphs, layout_key
 from .hilbert import grid_permutations
 from .layout import split_heads
 from .params import SpargeParams
@@ -60,6 +60,16 @@ def replay_key(q, k, v, params: SpargeParams, heads: Optional[int], grid: Option
     return _graph_key(q.device, lq, lk, lv, D ** -0.5, "auto", perm32s, pkey, map_first), lq[0], ths
 
 
+def _output(q, heads: Optional[int], B: int, H: int, N: int, D: int) -> tuple:
+    """(the memory a replayed call writes, the output its caller gets): (B, N, H*D) for a model's
+    (B, N, H*D) inputs, else a (B, H, N, D) view of token-major memory."""
+    if heads is None:
+        out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)
+        return out, out.transpose(1, 2)
+    out = torch.empty(B, N, H * D, dtype=q.dtype, device=q.device)
+    return out, out
+
+
 def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Optional[int] = None,
                    grid: Optional[tuple] = None, map_first: bool = False):
     """The call sparge_attention(q, k, v, params, grid=grid, graphs=graphs, map_first=map_first)
@@ -82,16 +92,87 @@ def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Opt
     key, (B, H, N, D), thresholds = replay_key(q, k, v, params, heads, grid, map_first)
     dev = q.device
     # the output before the lookup: a call whose graph is not held (the run's first calls) wastes it
-    if heads is None:
-        out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev)
-        res = out.transpose(1, 2)
-    else:
-        res = out = torch.empty(B, N, H * D, dtype=q.dtype, device=dev)
+    out, res = _output(q, heads, B, H, N, D)
     counts = graphs.replay(key, dev, _addresses(q, k, v, out, thresholds), 2)
     if counts is None:
         return None
     # the graph's own buffer, written again by its next replay: the caller gets a copy
     return (res, counts, graphs.outputs_of(key)[0].clone()) if map_first else (res, counts)
+
+
+def replay_measured(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Optional[int], grid: Optional[tuple],
+                    count: int, seed: int, acc: Optional[torch.Tensor] = None):
+    """replay_graphed's call and measure_graphed's measurement of its output in one graph: one
+    replay where the error target's measured calls took two (~50 us of host time less on each,
+    bench/NOTES.md). Returns (out, counts) as replay_graphed does and the measurement's acc (as
+    measure_graphed returns it), or None with nothing run when the call's own graph is not held yet
+    (a graph is captured only by a call that passed sparge_attention's checks) or the measurement
+    cannot run in a graph: replay and measure the usual way.
+
+    The graph is keyed on the call's key, the rows' count and whether acc is fresh; acc and the
+    seed go in through the address table after the thresholds. Like every key, it is launched on
+    its first sighting and captured on its second (CallGraphs.run)."""
+    if q.dim() != (4 if heads is None else 3) or not graphs.wants(q, k, v):
+        return None
+    if heads is not None and (q.shape[-1] % heads or k.shape[-1] != q.shape[-1] or v.shape != k.shape):
+        return None
+    key, (B, H, N, D), ths = replay_key(q, k, v, params, heads, grid)
+    if graphs.outputs_of(key) is None:
+        return None
+    dev = q.device
+    fresh = acc is None
+    if fresh:
+        acc = torch.empty(2, H, dtype=torch.float64, device=dev)
+    out, res = _output(q, heads, B, H, N, D)
+    rows = min(int(count), N)
+    sums_slot = THRESHOLD_SLOT + len(ths)
+    addresses = _addresses(q, k, v, out, ths) + (acc.data_ptr(), int(seed))
+    mkey = ("measured", key, rows, fresh)
+    counts = graphs.replay(mkey, dev, addresses, 2)
+    if counts is None:  # launched or captured now: everything below is done only then
+        views = (q, k, v, res) if heads is None else tuple(split_heads(t, heads) for t in (q, k, v, out))
+        if sums_slot + 2 > TABLE_SLOTS or not kernel_measures(*(layout_key(t) for t in views)):
+            return None
+        perm, perm_k = grid_permutations(None if grid is None else tuple(grid), N, views[1].shape[2], dev)
+        perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
+        sparse = _sparse_body(*views, params, D ** -0.5, "auto", perms, ths, None)
+
+        def body(dst, table):
+            from ..kernels.sampled_error import sampled_error_sums
+
+            sparse(dst, table)
+            sampled_error_sums(*views, (rows, seed if table is None else None), acc, fresh=fresh, table=table,
+                               sums_slot=sums_slot)
+
+        counts = graphs.run(mkey, tuple(p for p in perms if p is not None), body, 2, dev, addresses)
+    return res, counts, acc
+
+
+def _sparse_body(q, k, v, out, params: SpargeParams, scale: float, pv_dtype: str, perms, ths: tuple,
+                 packed: Optional[torch.Tensor]):
+    """body(dst, addrs) of a predicted call for CallGraphs.run: its kernels on q, k, v (B, H, N, D)
+    into out, the counts [kept, P.V-skipped] into dst, the packed map into `packed` when given.
+    With an address table the thresholds come from its slots THRESHOLD_SLOT on (ths: their names)."""
+    H = q.shape[1]
+
+    def body(dst, addrs):
+        staged = None
+        if addrs is not None:  # this call's thresholds, wherever they lie, into the graph's own rows
+            from ..kernels.caller_addrs import pull_values
+
+            rows = torch.empty(len(ths), H, dtype=torch.float32, device=q.device)
+            pull_values(addrs, THRESHOLD_SLOT, rows)
+            staged = {name: rows[i] for i, (name, _) in enumerate(ths)}
+        _, bm, skipped, _ = triton_forward(q, k, v, params, scale, None, pv_dtype, *perms, out=out,
+                                           addrs=addrs, staged=staged)
+        if packed is not None:
+            packed.copy_(pack_mask(bm.to_dense()[0]))
+        dst[0].copy_(bm.kv_num_blocks.sum())  # device to device: a capture allows no host copy
+        if isinstance(skipped, torch.Tensor):
+            dst[1].copy_(skipped)
+        else:
+            dst[1].zero_()
+    return body
 
 
 def graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: float, pv_dtype: str, perms,
@@ -106,7 +187,6 @@ def graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: fl
     B, H, N, D = q.shape
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     pkey, ths = params.device_key(H, q.device)
-    perm_q, perm_k = perms
     key = _graph_key(q.device, layout_key(q), layout_key(k), layout_key(v), scale, pv_dtype, perms, pkey, map_first)
     packed = None
     if map_first:  # allocated before a capture, as every buffer a graph writes and its caller reads
@@ -116,24 +196,7 @@ def graphed_forward(graphs: CallGraphs, q, k, v, params: SpargeParams, scale: fl
         packed = torch.empty(H, num_blocks(N, cfg.block_m), -(-num_blocks(k.shape[2], cfg.block_n) // 8),
                              dtype=torch.uint8, device=q.device)
 
-    def body(dst, addrs):
-        staged = None
-        if addrs is not None:  # this call's thresholds, wherever they lie, into the graph's own rows
-            from ..kernels.caller_addrs import pull_values
-
-            rows = torch.empty(len(ths), H, dtype=torch.float32, device=q.device)
-            pull_values(addrs, THRESHOLD_SLOT, rows)
-            staged = {name: rows[i] for i, (name, _) in enumerate(ths)}
-        _, bm, skipped, _ = triton_forward(q, k, v, params, scale, None, pv_dtype, perm_q, perm_k, out=out,
-                                           addrs=addrs, staged=staged)
-        if packed is not None:
-            packed.copy_(pack_mask(bm.to_dense()[0]))
-        dst[0].copy_(bm.kv_num_blocks.sum())  # device to device: a capture allows no host copy
-        if isinstance(skipped, torch.Tensor):
-            dst[1].copy_(skipped)
-        else:
-            dst[1].zero_()
-
+    body = _sparse_body(q, k, v, out, params, scale, pv_dtype, perms, ths, packed)
     counts = graphs.run(key, tuple(p for p in perms if p is not None), body, 2, q.device,
                         _addresses(q, k, v, out, ths), outputs=(packed,) if map_first else ())
     if not map_first:

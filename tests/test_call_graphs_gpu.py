@@ -160,6 +160,43 @@ def test_a_measurement_through_graphs_equals_the_launched_one():
     assert measure_graphed(graphs, *split[:3], split[3].float(), None, 256, 1) is None  # not its dtype
 
 
+def test_a_measured_replay_is_the_replay_and_its_measurement_in_one_graph():
+    """replay_measured (the error target's measured calls: one replay, not two): before the call's own
+    graph is held it runs nothing (None); then its own key is launched once, captured once and
+    replayed, on other tensors and seeds each time. Its output and counts equal the plain replay's,
+    its sums the measurement kernels' on the seed's rows of that output, fresh and added into an
+    accumulator; (B, H, N, D) views replay the same graphs."""
+    from sparge_attention.kernels.sampled_error import sampled_error_sums, sampled_rows
+    from sparge_attention.sparge_core.graphed import replay_graphed, replay_measured
+    from sparge_attention.sparge_core.layout import split_heads
+
+    H, N = 4, 1500
+    p = PRESETS["Balanced"].params()
+    graphs = CallGraphs()
+    packed = _qkv(20, shape=(2, N, H * 128))
+    assert replay_measured(graphs, *packed, p, H, GRID, 256, 7) is None  # the call's graph not held yet
+    for _ in range(2):
+        _run(*[split_heads(t, H) for t in packed], p, graphs)
+    _counts(graphs, eager=1, captures=1, replays=0)
+    for i in range(4):
+        x = _qkv(21 + i, shape=(2, N, H * 128))
+        seed = 500 + i
+        plain = replay_graphed(graphs, *x, p, H, GRID)
+        prev = torch.randn(2, H, device="cuda", dtype=torch.float64)
+        for acc in (None, prev.clone()):
+            out, counts, sums = replay_measured(graphs, *x, p, H, GRID, 256, seed, acc)
+            assert torch.equal(out, plain[0]) and counts.tolist() == plain[1].tolist(), (i, acc is None)
+            want = sampled_error_sums(*[split_heads(t, H) for t in (*x, out)], sampled_rows(seed, 256, N, "cuda"))
+            if acc is not None:
+                assert sums.data_ptr() == acc.data_ptr()
+                want = want + prev
+            assert torch.allclose(sums, want, rtol=1e-9), (i, acc is None)
+    # fresh and accumulating: each launched once, captured once, replayed twice (and 4 plain replays)
+    _counts(graphs, eager=3, captures=3, replays=4 + 4)
+    out, counts, sums = replay_measured(graphs, *[split_heads(t, H) for t in packed], p, None, GRID, 256, 9)
+    assert torch.equal(out, replay_graphed(graphs, *packed, p, H, GRID)[0].view(2, N, H, 128).transpose(1, 2))
+    _counts(graphs, eager=3, captures=3, replays=4 + 4 + 2)  # split views: the same graphs
+
 def test_what_is_not_graphed():
     """lse, a user mask, a call above the byte budget, a q not 16-byte aligned and a call on a second
     stream launch as usual; fp16 / head dim 64 inputs are graphed. All equal the launched call."""

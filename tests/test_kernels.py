@@ -1071,5 +1071,13 @@ def test_sampled_error_kernels_draw_rows_from_a_seed_and_read_a_table():
     assert torch.allclose(acc, want, rtol=1e-12) and not ret.any()  # written through the table only
     sampled_error_sums(*stand, (70, None), torch.zeros(2, H, dtype=torch.float64), table=table)
     assert torch.allclose(acc, 2 * want, rtol=1e-12)  # not fresh: added
+    # a sparse call's table that measures too: three thresholds' slots before the sums and the seed
+    wide = torch.zeros(16, dtype=torch.int64)
+    wide[:4], wide[7:9] = table[:4], torch.tensor([acc.data_ptr(), 12345])
+    sampled_error_sums(*stand, (70, None), torch.zeros(2, H, dtype=torch.float64), fresh=True, table=wide,
+                       sums_slot=7)
+    assert torch.allclose(acc, want, rtol=1e-12)
+    with pytest.raises(ValueError, match="slot"):
+        sampled_error_sums(*stand, (70, None), acc, table=table, sums_slot=7)  # the seed's slot past the table
     with pytest.raises(ValueError, match="seed"):
         sampled_error_sums(q, k, v, out, (70, None))

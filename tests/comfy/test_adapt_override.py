@@ -152,3 +152,35 @@ def test_a_first_block_on_a_cliff_does_not_set_the_others_start(monkeypatch, sec
     else:
         assert a.controllers[1].on_cliff()
         assert starts[2] < 2.0  # every probed block on a cliff: later ones start on a safe side
+
+
+def test_a_due_call_is_measured_once_in_its_graph_or_after_it():
+    """The error target asks for a due call's measurement inside the call's CUDA graph (a GraphMeasure:
+    its rows, a new seed each time, the block's sums of the forward so far) only where a graph may
+    serve it; a served call (measured) is not measured again in after_sparse, and an unserved one is."""
+    from sparge_attention.nodes.observers import GraphMeasure, ObservedCall
+
+    heads, n = 4, 256
+    q, k, v = make_video_qkv((1, 16, 16), heads, 64, seed=3)[:3]
+    out = F.scaled_dot_product_attention(q, k, v)
+    a = Adaptation(0.04)
+    a.run_started(None, None)
+    ctx = SimpleNamespace(step=0)
+    a.forward_started(ctx)  # a warm-up forward: every block is due
+    graphs = object()  # any run's CallGraphs: the observer only passes it on
+    call = ObservedCall(sdpa_func, (), {}, None, ctx, 0, heads, n, (q, k, v), None, None, (q, k, v, None), graphs)
+    assert a.measure_in_graph(call._replace(graphs=None)) is None  # no graph to measure in
+    assert a.measure_in_graph(call._replace(keep_keys=("shared", []))) is None  # key padding: not graphed
+    m1, m2 = a.measure_in_graph(call), a.measure_in_graph(call)
+    assert isinstance(m1, GraphMeasure) and m1.rows == a.rows and m1.acc is None and m1.seed != m2.seed
+    sums = torch.ones(2, heads, dtype=torch.float64)
+    a.measured(call, sums)
+    a.after_sparse(call, out)  # served: nothing more (measuring through `graphs` would fail)
+    assert a._pending[0] is sums and not a._warned
+    assert a.measure_in_graph(call).acc is sums  # the block's next measured call in this forward adds into them
+    unserved = call._replace(graphs=None)  # not served (e.g. launched): measured the usual way
+    a.after_sparse(unserved, out)
+    assert a._pending[0][1].gt(1.0).all()  # its sums added into the block's
+    for _ in range(3):
+        a.forward_started(ctx)  # past the warm-up: block 1 at step 0 is not due
+    assert a.measure_in_graph(call._replace(layer=1)) is None
