@@ -2,7 +2,9 @@
 bf16 weights, batch 2) driven through the Sparge Attention node's model wrappers the way ComfyUI
 calls them (OUTER_SAMPLE around the run, APPLY_MODEL around each forward), for each preset with its
 adaptation, and for today's fixed preset thresholds (Custom share mode, no target; measured the
-same way but never moved) side by side.
+same way but never moved) side by side, and those fixed thresholds once more as a user runs them
+(nothing measures a setting without a target: its speed without the bench's measurement, its error
+the measured row's, whose masks it shares).
 
     python bench/e2e_adapt.py [--model wan13b_480] [--steps 30] [--presets Quality,Balanced,Fast,Turbo]
 
@@ -91,24 +93,28 @@ def main():
           f"one measurement {t_meas:.3f} ms")
 
     def settings(name):
+        """(label, config, measured by the bench): the preset; its starting thresholds fixed, measured the
+        same way but never moved (measure only: the row shows their error); and that fixed setting as a
+        user runs it (Custom share mode, no target: nothing measures it; the same masks as the row before,
+        whose error it has)."""
         p = PRESETS[name]
         fixed = SpargeConfig.from_widgets(preset="Custom", mode="share", minshare=p.minshare, simthreshd1=-1.0,
                                           fill_skipped=p.fill_skipped, min_tokens=1024)
-        return ((name, SpargeConfig.from_widgets(preset=name, min_tokens=1024)), (f"{name} fixed", fixed))
+        return ((name, SpargeConfig.from_widgets(preset=name, min_tokens=1024), False), (f"{name} fixed", fixed, True),
+                (f"{name} fixed, unmeasured", fixed, False))
 
     # every kernel variant each timed setting launches, compiled outside the timed runs (on a fresh
     # machine a 17-frame run read 0.81x where a warm cache read 1.05x, bench/NOTES.md v27)
     for name in args.presets.split(","):
-        for _, cfg in settings(name):
+        for _, cfg, _ in settings(name)[:2]:
             timed_run(SpargeOverride(cfg), dm, x, t, ctx, 3)
     print(f"{'setting':<20} {'s/step':>7} {'speed-up':>8} {'sparsity':>8} {'measured':>9} {'target':>7} "
           f"{'calls':>6} {'adapt share':>11}")
     for name in args.presets.split(","):
         p = PRESETS[name]
-        for label, cfg in settings(name):
+        for label, cfg, measured in settings(name):
             node = f"e2e-{label}"
-            # the fixed thresholds are measured the same way (measure only), so both rows show their error
-            watch = () if cfg.target_rel_l1 else (Adaptation(p.target_rel_l1, measure_only=True),)
+            watch = (Adaptation(p.target_rel_l1, measure_only=True),) if measured else ()
             ov = SpargeOverride(cfg, node_id=node, observers=watch)
             secs = timed_run(ov, dm, x, t, ctx, args.steps)
             r = routes.last_readouts()[node]

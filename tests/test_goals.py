@@ -61,3 +61,14 @@ def test_the_kernel_goal_takes_the_paired_ratio_where_a_file_has_it(tmp_path):
             del row["x_paired"]
     (tmp_path / "2026-12-08-H100-variants-v50.json").write_text(json.dumps(d))
     assert {r["goal"]: r for r in goals.goal_rows(tmp_path)}["kernel at a mask, density 0.1, wan480"]["figure"] == 0.01
+
+
+def test_an_e2e_file_without_a_setting_gives_no_figure(tmp_path):
+    """Files written before a row existed (the fixed setting run unmeasured) give no figure for it, not an error."""
+    d = json.loads(open(os.path.join(RESULTS, "2026-12-06-H100-e2e_adapt-30-async-v44b.json")).read())
+    assert all(r["setting"] != "Balanced fixed, unmeasured" for r in d["rows"])
+    (tmp_path / "2026-12-08-H100-e2e_adapt-30-async-v50.json").write_text(json.dumps(d))
+    rows = {r["goal"]: r for r in goals.goal_rows(tmp_path)}
+    row = rows["e2e Wan 1.3B 480p, Balanced fixed as run (no measurement)"]
+    assert row["figure"] is None and row["met"] is None and row["file"]
+    assert rows["e2e Wan 1.3B 480p, Balanced fixed (realistic rel-L1 0.046)"]["figure"] > 2
