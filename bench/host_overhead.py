@@ -10,7 +10,9 @@ do (on an idle GPU a launch takes the host longer); the others on an idle GPU. T
 times the override's calls with no sync between them, a forward's 30 calls queued behind one long
 sleep kernel: the host's cost per call in a model whose GPU is the slower side, without the cost
 that a synchronize before every call adds to the next one (under cudaMallocAsync: memory given back
-at the sync and mapped again).
+at the sync and mapped again). That row is taken from --rounds such sampling runs: the run whose
+mean is the median of theirs, each run's mean and SDPA's queued mean timed after it kept beside it
+(the host's own speed moves between runs).
 
 Each row: the median wall time and the median CPU time of the calling thread (the CPU time leaves
 out what other processes take from this one; on the H200's host the two agree, and one build's
@@ -22,7 +24,7 @@ the call, sparge_core/call_graphs.py), and cProfile listings of the override's u
 measured calls (top functions by own time). The override's calls are also split into those the error target
 measured (an exact-attention sample of the call, nodes/adapt.py) and the rest.
 
-    python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--profile [--sort cumulative]] [--trace]
+    python bench/host_overhead.py [--tokens 7800,32760] [--preset Balanced] [--rounds 3] [--profile [--sort cumulative]] [--trace]
 """
 import argparse
 import contextlib
@@ -180,6 +182,7 @@ def main():
     ap.add_argument("--preset", default="Balanced")
     ap.add_argument("--profile", action="store_true", help="cProfile listing of the override's calls")
     ap.add_argument("--sort", default="tottime", help="the listing's order (pstats key: tottime, cumulative)")
+    ap.add_argument("--rounds", type=int, default=3, help="queued sampling runs for the goal's row (the median one counts)")
     ap.add_argument("--trace", action="store_true",
                     help="torch.profiler over 5 steps of the override: the CPU ops and CUDA API calls by own time, and "
                          "a Chrome trace (host-trace-<tokens>.json in $OUT) whose 'sparge override call' ranges are "
@@ -217,7 +220,15 @@ def main():
         busy_calls, _ = override_times(args.preset, grid, x, busy=True)
         out["override, unmeasured calls, median, GPU busy"] = (
             median([c[0] for c in busy_calls if not c[2]]), median([c[1] for c in busy_calls if not c[2]]))
-        queued_calls, _ = override_times(args.preset, grid, x, queued=True)
+        # the goal's row: several queued sampling runs, SDPA's queued mean timed between them; the figure is
+        # the run whose mean is the median of the runs' (one run can fall in a slow phase of the host: the
+        # same build read 71 and 139 us a minute apart, bench/NOTES.md v52)
+        runs = []
+        for _ in range(args.rounds):
+            calls_r, _ = override_times(args.preset, grid, x, queued=True)
+            runs.append((mean_times(calls_r)[0], queued_us(rows["SDPA (cuDNN) for scale"], stat=mean)[0], calls_r))
+        res.setdefault("queued_rounds", {})[str(n)] = [{"override_mean_us": m, "sdpa_mean_us": sd} for m, sd, _ in runs]
+        queued_calls = sorted(runs, key=lambda r: r[0])[len(runs) // 2][2]
         for what, sel in (("unmeasured calls, median", lambda c: not c[2]), ("measured calls, median", lambda c: c[2])):
             out[f"override, {what}, queued"] = (median([c[0] for c in queued_calls if sel(c)]),
                                                 median([c[1] for c in queued_calls if sel(c)]))
@@ -245,6 +256,8 @@ def main():
         for name, (us, cpu_us) in out.items():
             print(f"  {n:>6} tokens  {name:<36} {us:8.1f} us {cpu_us:8.1f} us")
         print(f"  {n:>6} tokens  queued calls' outliers: {res['queued_outliers'][str(n)]}")
+        print(f"  {n:>6} tokens  queued runs (override mean, SDPA mean between them, us): "
+              + ", ".join(f"{r['override_mean_us']:.1f} / {r['sdpa_mean_us']:.1f}" for r in res["queued_rounds"][str(n)]))
         print(f"  {n:>6} tokens  calls the error target measured: {100 * res['measured_share'][str(n)]:.0f}%; "
               f"the override's CUDA graphs: {ov.last_graphs}")
         if args.profile:  # the steady state's calls, unmeasured and measured apart
