@@ -195,7 +195,9 @@ def test_a_measured_replay_is_the_replay_and_its_measurement_in_one_graph():
     _counts(graphs, eager=3, captures=3, replays=4 + 4)
     out, counts, sums = replay_measured(graphs, *[split_heads(t, H) for t in packed], p, None, GRID, 256, 9)
     assert torch.equal(out, replay_graphed(graphs, *packed, p, H, GRID)[0].view(2, N, H, 128).transpose(1, 2))
+    assert sums.shape == (2, H)
     _counts(graphs, eager=3, captures=3, replays=4 + 4 + 2)  # split views: the same graphs
+
 
 def test_what_is_not_graphed():
     """lse, a user mask, a call above the byte budget, a q not 16-byte aligned and a call on a second
