@@ -255,10 +255,10 @@ def sampled_error_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         seed = 0 if seed is None else int(seed)
     if len({t.device for t in devices}) != 1:
         raise ValueError("q, k, v, out, rows and acc must be on one device")
-    if table is not None and (table.dtype != torch.int64 or table.dim() != 1 or not 4 <= sums_slot < table.numel() - 1
-                              or table.device != q.device):
-        raise ValueError(f"table must be an int64 1-D address table on {q.device} with acc's slot {sums_slot} >= 4 and "
-                         f"the seed's after it")
+    if table is not None and (table.dtype != torch.int64 or table.dim() != 1
+                              or not SUMS_SLOT <= sums_slot < table.numel() - 1 or table.device != q.device):
+        raise ValueError(f"table must be an int64 1-D address table on {q.device} with acc's slot {sums_slot} >= "
+                         f"{SUMS_SLOT} and the seed's after it")
     if R == 0:
         return acc.zero_() if fresh else acc
     hd = max(16, next_pow2(D))

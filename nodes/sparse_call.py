@@ -24,10 +24,8 @@ def replay(call, params: SpargeParams, grid, graphs, want_map: bool = False, mea
     alone: measure it the usual way)."""
     heads = None if call.heads_split else call.H
     if measure is not None and not want_map:
-        res = replay_measured(graphs, call.q, call.k, call.v, params, heads, grid, measure.rows, measure.seed,
-                              measure.acc)
-        if res is not None:
-            return res
+        return replay_measured(graphs, call.q, call.k, call.v, params, heads, grid, measure.rows, measure.seed,
+                               measure.acc)
     res = replay_graphed(graphs, call.q, call.k, call.v, params, heads, grid, map_first=want_map)
     if res is None:
         return None

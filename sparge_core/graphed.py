@@ -70,6 +70,17 @@ def _output(q, heads: Optional[int], B: int, H: int, N: int, D: int) -> tuple:
     return out, out
 
 
+def _replay_plan(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Optional[int], grid: Optional[tuple],
+                 map_first: bool):
+    """replay_key's (key, shape, thresholds) of a call the graphs may replay, or None: q, k, v of
+    the wrong rank for `heads`, heads that do not split them, or a call `graphs` does not want."""
+    if q.dim() != (4 if heads is None else 3) or not graphs.wants(q, k, v):
+        return None
+    if heads is not None and (q.shape[-1] % heads or k.shape[-1] != q.shape[-1] or v.shape != k.shape):
+        return None
+    return replay_key(q, k, v, params, heads, grid, map_first)
+
+
 def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Optional[int] = None,
                    grid: Optional[tuple] = None, map_first: bool = False):
     """The call sparge_attention(q, k, v, params, grid=grid, graphs=graphs, map_first=map_first)
@@ -85,11 +96,10 @@ def replay_graphed(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Opt
     are (B, H, N, D) and out is too (a view of token-major memory, as sparge_attention returns it).
     counts: (2,) int64 on q's device, [computed block pairs, P.V-skipped pairs], a view that stays
     valid for the next call_graphs.RING_ROWS calls. Scale D**-0.5, pv_dtype "auto"."""
-    if q.dim() != (4 if heads is None else 3) or not graphs.wants(q, k, v):
+    plan = _replay_plan(graphs, q, k, v, params, heads, grid, map_first)
+    if plan is None:
         return None
-    if heads is not None and (q.shape[-1] % heads or k.shape[-1] != q.shape[-1] or v.shape != k.shape):
-        return None
-    key, (B, H, N, D), thresholds = replay_key(q, k, v, params, heads, grid, map_first)
+    key, (B, H, N, D), thresholds = plan
     dev = q.device
     # the output before the lookup: a call whose graph is not held (the run's first calls) wastes it
     out, res = _output(q, heads, B, H, N, D)
@@ -105,20 +115,17 @@ def replay_measured(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Op
     """replay_graphed's call and measure_graphed's measurement of its output in one graph: one
     replay where the error target's measured calls took two (~50 us of host time less on each,
     bench/NOTES.md). Returns (out, counts) as replay_graphed does and the measurement's acc (as
-    measure_graphed returns it), or None with nothing run when the call's own graph is not held yet
-    (a graph is captured only by a call that passed sparge_attention's checks) or the measurement
-    cannot run in a graph: replay and measure the usual way.
+    measure_graphed returns it); acc None when the measurement cannot run in a graph (the call
+    replayed alone: measure it the usual way); None with nothing run when the call's own graph is
+    not held yet (a graph is captured only by a call that passed sparge_attention's checks).
 
     The graph is keyed on the call's key, the rows' count and whether acc is fresh; acc and the
     seed go in through the address table after the thresholds. Like every key, it is launched on
     its first sighting and captured on its second (CallGraphs.run)."""
-    if q.dim() != (4 if heads is None else 3) or not graphs.wants(q, k, v):
+    plan = _replay_plan(graphs, q, k, v, params, heads, grid, False)
+    if plan is None or graphs.outputs_of(plan[0]) is None:
         return None
-    if heads is not None and (q.shape[-1] % heads or k.shape[-1] != q.shape[-1] or v.shape != k.shape):
-        return None
-    key, (B, H, N, D), ths = replay_key(q, k, v, params, heads, grid)
-    if graphs.outputs_of(key) is None:
-        return None
+    key, (B, H, N, D), ths = plan
     dev = q.device
     fresh = acc is None
     if fresh:
@@ -132,7 +139,8 @@ def replay_measured(graphs: CallGraphs, q, k, v, params: SpargeParams, heads: Op
     if counts is None:  # launched or captured now: everything below is done only then
         views = (q, k, v, res) if heads is None else tuple(split_heads(t, heads) for t in (q, k, v, out))
         if sums_slot + 2 > TABLE_SLOTS or not kernel_measures(*(layout_key(t) for t in views)):
-            return None
+            counts = graphs.replay(key, dev, _addresses(q, k, v, out, ths), 2)
+            return None if counts is None else (res, counts, None)
         perm, perm_k = grid_permutations(None if grid is None else tuple(grid), N, views[1].shape[2], dev)
         perms = (perm.perm32, perm_k.perm32) if perm is not None else (None, None)
         sparse = _sparse_body(*views, params, D ** -0.5, "auto", perms, ths, None)
