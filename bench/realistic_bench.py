@@ -80,6 +80,10 @@ def settings(quick: bool, lse_only: bool = False):
                                                                 scoring="lse", fill_skipped=True), True))
     for name, preset in PRESETS.items():
         out.append((f"preset {name}", preset.params(), True))
+    # the Custom slider's P.V skip on top of the default preset, with its estimate of skipped blocks
+    # (README: 100 = off is best on modern GPUs; the kernel's variant with both keeps a few spills)
+    for pv in (8.0, 15.0):
+        out.append((f"preset Balanced pv {pv:g}", PRESETS["Balanced"].params().replace(pvthreshd=pv), True))
     return out
 
 

@@ -255,7 +255,8 @@ SLIDERS_MD = """\
 - **fill_skipped**: adds an estimate of what the skipped blocks would have contributed (their mean
   key and value) instead of dropping it: about 3x lower error at the same sparsity. On in every preset.
 - **simthreshd1**: how alike a block's tokens must be before it may be skipped (-1 = any block).
-- **pvthreshd**: skips the value product of hopeless blocks; 100 = off (best on modern GPUs).
+- **pvthreshd**: skips the value product of hopeless blocks; 100 = off, the best choice (with the
+  presets it skips almost nothing and makes each call ~10% slower).
 - **start_percent / end_percent**: the part of the sampler's steps that runs sparse. The first steps
   shape the layout; 0.1-0.3 protects quality.
 - **dense_blocks**: blocks that always run normal attention, e.g. `0, 1, 29`.
