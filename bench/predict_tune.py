@@ -36,9 +36,15 @@ def grids(quick: bool) -> dict:
     g = {
         # v34: token rows per step (0: the whole block; fewer keep fewer values live per thread: a whole
         # 128-row tile compiled to 253-255 registers for K, and spilled for V with its overflow check)
-        "quant_pool64": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 32, 16))],
-        "quant_pool128": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 64, 32, 16))],
-        "quant_v": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 64, 32, 16))],
+        # v53: register caps for more programs per SM (sm_90: Q 96 registers at 4 warps, 80 -> 6 programs
+        # with 56 B of spills; K 165 -> 3 programs, 8 warps at 80 -> 3 of 8 warps with 32 B; V 229 at
+        # 2 warps -> 4 programs, 168 -> 6 with 120 B)
+        "quant_pool64": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 32, 16))]
+        + [Launch(maxnreg=80), Launch(maxnreg=64)],
+        "quant_pool128": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 64, 32, 16))]
+        + [Launch(maxnreg=128), Launch(num_warps=8, maxnreg=80)],
+        "quant_v": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 64, 32, 16))]
+        + [Launch(num_warps=2, block=64, maxnreg=r) for r in (168, 128)] + [Launch(num_warps=4, maxnreg=128)],
         "kv_stats": [Launch(num_warps=4, num_stages=s, block=b, programs=p)
                      for b, s, p in itertools.product((32, 64), (1, 2, 3), (1024, 2048))],
         # v24: register caps for 4 programs per SM (128; with 2 stages, as 3 stages' shared memory fits

@@ -329,8 +329,7 @@ def block_lse_scores(q_pool: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Te
         out.stride(0), out.stride(1), out.stride(2), NQ, n_k, nkb, H, H // Hkv, scale * 1.4426950408889634,
         w_full, float(exact_below), BLOCK_R=block_r, BLOCK_N=block_k, HEAD_DIM=hd, D_TRUE=D, KB_TILE=kb_tile,
         KEY_STRIDE=key_stride,
-        WANT_MEAN=want_mean, GUARD=guard, TMA=tma, INTERPRETED=INTERPRET, num_warps=launch.num_warps,
-        num_stages=launch.num_stages,
-        **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
+        WANT_MEAN=want_mean, GUARD=guard, TMA=tma, INTERPRETED=INTERPRET, num_stages=launch.num_stages,
+        **launch.warps_and_cap(),
     )
     return (out, mean) if want_mean else out

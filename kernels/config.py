@@ -33,6 +33,10 @@ class Launch:
     tile: int = 32
     tma: bool = False  # the scoring kernel's keys by bulk tensor copies (TMA descriptors; Hopper)
 
+    def warps_and_cap(self) -> dict:
+        """Triton's launch options for the warps and, where set, the register cap."""
+        return {"num_warps": self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {})}
+
 
 # Block sizes shared by every device, so that masks, profiles and calibration made on one
 # machine (or on the CPU reference) mean the same thing on another.

@@ -139,7 +139,7 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_format_max: float | None = None
         N, H, rows, nchunk, BLOCK=block, HEAD_DIM=hd, D_K=Dk, D_V=Dv, STAGES=launch.num_stages,
         SAMPLE_ROWS=s_rows, SAMPLE_EVERY=s_every, HAS_PERM=sampled_perm, V_SAMPLED=v_sampled, K_SLOT=k_slot,
         V_SLOT=v_slot,
-        num_warps=launch.num_warps,
+        **launch.warps_and_cap(),
     )
     k_mean = torch.empty(B, H, Dk, dtype=torch.float32, device=k.device)
     v_out = torch.empty(B, H, Dv, dtype=torch.float32, device=k.device)

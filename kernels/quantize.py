@@ -199,7 +199,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         N, H, float(extra_scale), pool_i8_blocks,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
         WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, WANT_TOP=want_top, X_SLOT=slot,
-        ROWS=rows, num_warps=launch.num_warps,
+        ROWS=rows, **launch.warps_and_cap(),
     )
     out = (xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None)
     out = out + ((poolq, pools), poolv) if pool_i8 else out

@@ -167,7 +167,7 @@ def quant_v(v: torch.Tensor, scale: torch.Tensor, block: int, head_dim: int, pv_
             vbar.stride(2) if mean_blocks else 0, N, H)
     common = dict(BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, PV_FP8=pv_fp8, EMULATE_FP8=INTERPRET,
                   HAS_PERM=perm is not None, WANT_MEAN=mean_blocks > 0, V_SLOT=slot, ROWS=rows,
-                  num_warps=launch.num_warps)
+                  **launch.warps_and_cap())
     _quant_v[(nb, B * H)](*args, mean_blocks, CHECK=check, **common)
     if check:
         # a few programs per head: on the rare overflow they share out its blocks

@@ -186,6 +186,24 @@ def test_quant_pool_rejects_bad_input():
         quant_pool(torch.randn(1, 1, 100, 80), 64, 64)
 
 
+def test_helper_launches_pass_their_warps_and_register_cap():
+    """A Launch's register cap reaches every helper kernel it shapes (before v53 the quantizers
+    dropped it, and a sweep over caps timed the same kernel under different names)."""
+    from devkit.launches import capture_launches
+    from sparge_attention.kernels.config import Launch
+    from sparge_attention.kernels.kv_stats import kv_stats
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 130, 64, generator=g)
+    cap = Launch(num_warps=2, maxnreg=80)
+    log = capture_launches(lambda: (quant_pool(x, 64, 64, launch=cap), quant_v(x, torch.ones(1, 2, 64), 128, 64, True,
+                                                                                launch=cap),
+                                    kv_stats(x, x, launch=Launch(num_warps=2, num_stages=1, block=32, maxnreg=80))))
+    main = [kw for name, _, _, _, kw in log if not name.endswith(("fix", "finish"))]
+    assert len(main) == 3 and all(kw["num_warps"] == 2 and kw["maxnreg"] == 80 for kw in main), main
+    assert Launch().warps_and_cap() == {"num_warps": 4}
+
+
 # ----------------------------------------------------------------------------- quant_v
 def test_fp8_v_columns_permute_within_32_key_groups():
     cols = fp8_v_columns(128)
