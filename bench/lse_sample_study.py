@@ -62,7 +62,7 @@ from sparge_attention.sparge_core.reference_quant import (  # noqa: E402
     LOG2E,
     expand_kv,
     quantize_int8_per_block,
-    round_half_away,
+    int8_values,
     smooth_k,
     split_blocks,
 )
@@ -87,7 +87,7 @@ def sampled_lse(q_pool, k, block_k, scale, stride, mean_mode, with_norm=False):
     H = q_pool.shape[1]
     k_i8, k_scale = quantize_int8_per_block(smooth_k(k.float()), block_k)
     qamax = q_pool.abs().amax(-1, keepdim=True).clamp_min(1e-20)
-    q_i8 = round_half_away(q_pool * (127.0 / qamax)).clamp(-127, 127)
+    q_i8 = int8_values(q_pool, qamax)
     kd = expand_kv(split_blocks(k_i8.float(), block_k), H)
     s = torch.einsum("bhqd,bhjkd->bhqjk", q_i8, kd)
     ks = expand_kv(k_scale[..., None], H)[..., 0]

@@ -12,7 +12,7 @@ from .config import Launch, helper_launch
 from .host_math import cdiv, next_pow2
 from .launch import Kernel
 from .fp8 import INTERPRET
-from .numerics import MAGIC_F, batch_head, int32_bits_f32, log2_mufu, round_half_away
+from .numerics import MAGIC_F, batch_head, int32_bits_f32, log2_mufu, round_to_i32
 
 
 @triton.jit
@@ -184,10 +184,9 @@ def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, 
     offs_d = tl.arange(0, HEAD_DIM)
     qp = tl.load(QP + b * sqp_b + h * sqp_h + offs_r[:, None] * sqp_r + offs_d[None, :],
                  mask=(offs_r < NR)[:, None] & (offs_d < D_TRUE)[None, :], other=0.0)
-    # pooled queries to int8, one scale per row (round half away from zero, like the quantizer)
+    # pooled queries to int8, one scale per row (rounded as the quantizers round)
     qamax = tl.maximum(tl.max(tl.abs(qp), 1), 1e-20)
-    qs = qp * (127.0 / qamax)[:, None]
-    q_i8 = round_half_away(qs).to(tl.int8)
+    q_i8 = round_to_i32(qp, tl.math.div_rn(127.0, qamax)[:, None], INTERPRETED).to(tl.int8)
     row_scale0 = qamax / 127.0 * scale_log2
     kb0 = pid_c * KB_TILE
     kb1 = tl.minimum(kb0 + KB_TILE, NKB)

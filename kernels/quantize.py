@@ -9,7 +9,8 @@ from .caller_addrs import addr_args, caller_ptr
 from .config import Launch, helper_launch
 from .host_math import cdiv
 from .launch import Kernel
-from .numerics import batch_head, round_half_away
+from .fp8 import INTERPRET
+from .numerics import batch_head, round_to_i32
 from .token_blocks import check_input, check_perm, step_rows, token_rows
 
 # fill_skipped's key variances are kept per group of contiguous channels, this many groups (head dim
@@ -50,13 +51,13 @@ def _row_sums(x, psum, usum, ssum, SUM: tl.constexpr, UNIT_SUM: tl.constexpr, SQ
 
 
 @triton.jit
-def _round_rows(XQ, x, offs_n, amax, b, h, sq_b, sq_h, sq_n, i, best, top, ROWS: tl.constexpr,
-                HEAD_DIM: tl.constexpr, WANT_TOP: tl.constexpr):
+def _round_rows(XQ, x, offs_n, s, b, h, sq_b, sq_h, sq_n, i, best, top, ROWS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, WANT_TOP: tl.constexpr, INTERPRETED: tl.constexpr):
     """Rows step i rounded to int8 at the block's scale and stored; (best, top) carry the largest
     int8 norm so far and its row, the block's top key (the lse scores always read it): the
     first on ties, as steps come in row order."""
     offs_d = tl.arange(0, HEAD_DIM)
-    xq = round_half_away(x * (127.0 / amax))
+    xq = round_to_i32(x, s, INTERPRETED)
     # padded rows / columns are written as zeros so the attention kernel reads without masks
     tl.store(XQ + b * sq_b + h * sq_h + offs_n[:, None].to(tl.int64) * sq_n + offs_d[None, :], xq.to(tl.int8))
     if WANT_TOP:
@@ -76,6 +77,7 @@ def _quant_pool_kernel(
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
     POOL_I8: tl.constexpr, WANT_TOP: tl.constexpr, X_SLOT: tl.constexpr, ROWS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """One token block, ROWS tokens a step. The first pass takes the block's largest |x| (the
     int8 scale), its sums and unit-vector sums; the second rounds and stores the rows, read again
@@ -94,7 +96,8 @@ def _quant_pool_kernel(
         offs_n, x = _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, 0, N, BLOCK, ROWS,
                                      HEAD_DIM, D_TRUE, SUBTRACT_MEAN, HAS_PERM)
         amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-20)
-        _, top = _round_rows(XQ, x, offs_n, amax, b, h, sq_b, sq_h, sq_n, 0, -1.0, top, ROWS, HEAD_DIM, WANT_TOP)
+        _, top = _round_rows(XQ, x, offs_n, tl.math.div_rn(127.0, amax), b, h, sq_b, sq_h, sq_n, 0, -1.0, top, ROWS,
+                             HEAD_DIM, WANT_TOP, INTERPRETED)
         psum, usum, ssum = _row_sums(x, psum, usum, ssum, WANT_POOL or POOL_I8, WANT_SIM, POOL_I8)
     else:
         amax = 1e-20
@@ -104,12 +107,13 @@ def _quant_pool_kernel(
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), 1), 0))
             psum, usum, ssum = _row_sums(x, psum, usum, ssum, WANT_POOL or POOL_I8, WANT_SIM, POOL_I8)
         best = -1.0
+        s = tl.math.div_rn(127.0, amax)
         # a loop, not unrolled: so that the compiler does not keep the first pass's tiles for it
         for i in tl.range(0, BLOCK // ROWS):
             offs_n, x = _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, i, N, BLOCK, ROWS,
                                          HEAD_DIM, D_TRUE, SUBTRACT_MEAN, HAS_PERM)
-            best, top = _round_rows(XQ, x, offs_n, amax, b, h, sq_b, sq_h, sq_n, i, best, top, ROWS, HEAD_DIM,
-                                    WANT_TOP)
+            best, top = _round_rows(XQ, x, offs_n, s, b, h, sq_b, sq_h, sq_n, i, best, top, ROWS, HEAD_DIM,
+                                    WANT_TOP, INTERPRETED)
     tl.store(SCALE + b * ss_b + h * ss_h + blk, amax / 127.0 * extra_scale)
     if WANT_TOP:
         tl.store(TOP + b * ss_b + h * ss_h + blk, top)
@@ -121,7 +125,7 @@ def _quant_pool_kernel(
         if POOL_I8:  # the mean in int8 with its own scale (fill_skipped's mean keys, int8 tensor cores)
             pamax = tl.maximum(tl.max(tl.abs(pooled), 0), 1e-20)
             tl.store(POOLQ + b * spq_b + h * spq_h + blk * HEAD_DIM + offs_d,
-                     round_half_away(pooled * (127.0 / pamax)).to(tl.int8))
+                     round_to_i32(pooled, tl.math.div_rn(127.0, pamax), INTERPRETED).to(tl.int8))
             tl.store(POOLS + b * sps_b + h * sps_h + blk, pamax / 127.0)
             # and the channels' variances over the block, summed in VAR_GROUPS groups of contiguous
             # channels, fp16 up to its largest value (the estimate's second-order term,
@@ -199,7 +203,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         N, H, float(extra_scale), pool_i8_blocks,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
         WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, WANT_TOP=want_top, X_SLOT=slot,
-        ROWS=rows, **launch.warps_and_cap(),
+        ROWS=rows, INTERPRETED=INTERPRET, **launch.warps_and_cap(),
     )
     out = (xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None)
     out = out + ((poolq, pools), poolv) if pool_i8 else out

@@ -19,7 +19,7 @@ from .reference_quant import (
     expand_kv,
     quantize_int8_per_block,
     quantize_v,
-    round_half_away,
+    int8_values,
     smooth_k,
     split_blocks,
 )
@@ -109,7 +109,7 @@ def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int
             return torch.where(pick, full, est)
         return torch.where(pick, full, est[0]), est[1]
     qamax = q_pool.abs().amax(-1, keepdim=True).clamp_min(TINY)
-    q_i8 = round_half_away(q_pool * (127.0 / qamax)).clamp(-127, 127)
+    q_i8 = int8_values(q_pool, qamax)
     row_scale = (qamax / 127.0) * (scale * LOG2E)  # (B,H,NQ,1)
     kb = split_blocks(k_i8.float(), block_k)  # (B,Hkv,NK,BK,D) integer values
     NK, D = kb.shape[2], kb.shape[-1]
@@ -239,7 +239,7 @@ def mean_keys_i8(k_smooth, block_k: int):
     cnt = block_token_counts(k_smooth.shape[2], block_k, k_smooth.device)[:, None]
     kbar = split_blocks(k_smooth.float(), block_k).sum(-2) / cnt
     amax = kbar.abs().amax(-1, keepdim=True).clamp_min(TINY)
-    return round_half_away(kbar * (127.0 / amax)).clamp(-127, 127), (amax / 127.0)[..., 0]
+    return int8_values(kbar, amax), (amax / 127.0)[..., 0]
 
 
 def block_means(k, v, block_k: int, pv_dtype: str, kbar=None):

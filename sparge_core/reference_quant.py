@@ -32,8 +32,13 @@ def block_token_counts(n: int, block: int, device=None) -> torch.Tensor:
     return torch.clamp(n - starts, max=block).float()
 
 
-def round_half_away(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+def int8_values(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """x in int8 steps of amax / 127 (as floats): x * s with s = 127 / amax (fp32, divided
+    exactly), the exact product rounded once to the nearest integer, ties to even, which the
+    kernels do in one FFMA (kernels.numerics.round_to_i32). For fp32 x and s the float64 product
+    is exact. (127.0 / amax would multiply by amax's rounded reciprocal.)"""
+    s = torch.full_like(amax, 127.0) / amax
+    return torch.round(x.double() * s.double()).float().clamp(-127, 127)
 
 
 def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -73,7 +78,7 @@ def quantize_int8_per_block(x: torch.Tensor, block: int):
     n = x.shape[2]
     xb = split_blocks(x.float(), block)
     amax = xb.abs().amax(dim=(-1, -2)).clamp_min(TINY)
-    xq = round_half_away(xb * (127.0 / amax)[..., None, None]).clamp(-127, 127)
+    xq = int8_values(xb, amax[..., None, None])
     return xq.flatten(2, 3)[:, :, :n].to(torch.int8), amax / 127.0
 
 

@@ -1,6 +1,7 @@
-"""V's quantization on CUDA against the reference (the CPU tests run the same kernels in the
-Triton interpreter): the per-channel scale from the stats sample with headroom, and quant_v's
-overflow check, which quantizes a head again at its exact scale. Skipped without a GPU.
+"""The quantizers on CUDA against the reference (the CPU tests run the same kernels in the Triton
+interpreter): Q's and K's int8 values, rounded in one FFMA, and V's per-channel scale from the
+stats sample with headroom, with quant_v's overflow check, which quantizes a head again at its
+exact scale. Skipped without a GPU.
 Also runs without pytest:  python tests/test_quant_gpu.py
 """
 import os
@@ -16,6 +17,31 @@ import torch  # noqa: E402
 from devkit.gpu_script import compiled_kernels_mark  # noqa: E402
 
 pytestmark = compiled_kernels_mark()
+
+
+def test_q_and_k_int8_match_the_reference():
+    """Q's and K's int8 values equal the reference's bit for bit: the exact x * (127 / amax)
+    rounded once, ties to even (kernels.numerics.round_to_i32: one FFMA on the GPU, float64 in
+    the interpreter), with a block of exact ties among random ones."""
+    from sparge_attention.kernels.quantize import quant_pool
+    from sparge_attention.sparge_core.reference_quant import quantize_int8_per_block
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    B, H, N, D = 1, 3, 3000, 128
+    x = torch.randn(B, H, N, D, device="cuda", generator=g, dtype=torch.bfloat16) * 3
+    perm = torch.randperm(N, device="cuda", generator=g).to(torch.int32)
+    rows = perm[:64].long()  # the first 64-row block in curve order: largest |x| 127, halves elsewhere
+    ties = torch.arange(-60, 60, device="cuda", dtype=torch.float32) + 0.5
+    x[0, 1, rows] = ties[torch.randint(0, len(ties), (64, D), device="cuda", generator=g)].to(torch.bfloat16)
+    x[0, 1, rows[0], 0] = 127.0
+    mean = x.float().mean(2)
+    xp = x[:, :, perm.long()].float().cpu()
+    for block, m in ((64, None), (128, mean)):
+        got = quant_pool(x, block, D, mean=m, want_pool=False, perm=perm)[0][:, :, :N].cpu()
+        want, _ = quantize_int8_per_block(xp if m is None else xp - m.cpu()[:, :, None, :], block)
+        assert torch.equal(got, want), (block, (got != want).float().mean().item())
+    tie_block = quant_pool(x, 64, D, want_pool=False, perm=perm)[0][0, 1, :64].cpu()
+    assert (tie_block.int() % 2 == 0).float().mean() > 0.99  # the halves went to even integers
 
 
 def test_v_scale_and_overflow_fix_match_the_reference():
