@@ -34,11 +34,21 @@ def block_token_counts(n: int, block: int, device=None) -> torch.Tensor:
 
 def int8_values(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """x in int8 steps of amax / 127 (as floats): x * s with s = 127 / amax (fp32, divided
-    exactly), the exact product rounded once to the nearest integer, ties to even, which the
-    kernels do in one FFMA (kernels.numerics.round_to_i32). For fp32 x and s the float64 product
-    is exact. (127.0 / amax would multiply by amax's rounded reciprocal.)"""
+    exactly; 127.0 / amax would multiply by amax's rounded reciprocal), the exact product rounded
+    once to the nearest integer, ties to even, which the kernels do in one FFMA
+    (kernels.numerics.round_to_i32).
+
+    Rounding the fp32 product gives the same integer unless that product is a half-integer: below
+    2^22 half-integers lie on fp32's grid, so an exact product that is not one stays on the same
+    side of it. There (rarely) the exact product decides, in float64, where the product of two
+    fp32 values is exact; the rest stays in fp32, with no float64 copy of x."""
     s = torch.full_like(amax, 127.0) / amax
-    return torch.round(x.double() * s.double()).float().clamp(-127, 127)
+    p = x * s
+    r = torch.round(p)
+    tie = (p - torch.floor(p)) == 0.5
+    if tie.any():
+        r[tie] = torch.round(x.expand_as(p)[tie].double() * s.expand_as(p)[tie].double()).float()
+    return r.clamp(-127, 127)
 
 
 def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -749,3 +749,18 @@ def test_fill_second_order_term_lowers_the_error_on_video_attention(monkeypatch)
             out, mask, _ = sparge_reference(q, k, v, _fill_params(c, fill_skipped=True), 64, 128, pv_dtype="fp32")
             errs.append(rel_l1(out, truth))
         assert sparsity(mask) > 0.8 and errs[1] < 0.95 * errs[0], (c, sparsity(mask), errs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2 ** 31 - 1), st.floats(-3, 3), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_int8_values_round_the_exact_product_once(seed, log_scale, dtype):
+    """int8_values rounds in fp32 and goes to float64 only where the fp32 product is a
+    half-integer: the same integers as rounding the exact (float64) product everywhere."""
+    from sparge_attention.sparge_core.reference_quant import int8_values
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, 64, 128, generator=g) * 10 ** log_scale).to(dtype).float()
+    amax = x.abs().amax((-1, -2), keepdim=True).clamp_min(1e-20)
+    s = torch.full_like(amax, 127.0) / amax
+    want = torch.round(x.double() * s.double()).float().clamp(-127, 127)
+    assert torch.equal(int8_values(x, amax), want)
