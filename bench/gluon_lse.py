@@ -15,8 +15,8 @@ program, the production grid; no warp specialization):
     refills the slot of block j (its product S_j was waited for at the end of step j-1) with
     block j+STAGES. Loads past the program's blocks are predicated off (no branch: at a control
     flow join ptxas waits for every wgmma in flight).
-  * The pooled queries are loaded (fp32), quantized to int8 per row in the kernel (round half
-    away from zero on the FP32/integer units, kernels/numerics.round_half_away re-expressed), and
+  * The pooled queries are loaded (fp32), quantized to int8 per row in the kernel (the exact
+    product rounded once in an FFMA, kernels/numerics.round_to_i32 re-expressed; v54), and
     stored once into shared memory, the A operand of every product (no registers held for Q).
   * Software pipelined by one block: step j waits for K_{j+1}'s barrier, issues
     S_{j+1} = Q_i8 . K_{j+1}^T (int8 -> int32, 4 IGMMA k-steps) asynchronously, then runs block
@@ -73,15 +73,10 @@ MAGIC_F = gl.constexpr(12582912.0)
 
 
 @gluon.jit
-def _round_half_away(x):
-    """kernels.numerics.round_half_away in Gluon: sign(x) * floor(|x| + 0.5) as int32 on the FP32
-    and integer units (MAGIC_F rounds a = |x| + 0.5 to the nearest integer in the mantissa; one
-    less where that rounded up gives floor(a))."""
-    a = gl.abs(x) + 0.5
-    t = a + MAGIC_F
-    i = t.to(gl.int32, bitcast=True) - MAGIC_I
-    i = gl.where(t - MAGIC_F > a, i - 1, i)
-    return gl.where(x < 0, -i, i)
+def _round_to_i32(x, s):
+    """kernels.numerics.round_to_i32 in Gluon (the GPU's branch): x * s rounded to the nearest
+    integer, ties to even, as int32: x * s + MAGIC_F is exact before the FFMA's one rounding."""
+    return gl.fma(x, s, MAGIC_F).to(gl.int32, bitcast=True) - MAGIC_I
 
 
 @gluon.jit
@@ -135,14 +130,14 @@ def _lse_pipe(QP, k_desc, KS, KBAR, KBS, OUT, MEAN,
         tma.async_copy_global_to_shared(k_desc, [k_row + i * BLOCK_N, 0], k_bar.index(i), k_smem.index(i),
                                         pred=i < n)
 
-    # pooled queries to int8, one scale per row (round half away from zero, like the quantizer)
+    # pooled queries to int8, one scale per row (rounded as the quantizers round)
     offs_r = pid_r * 64 + gl.arange(0, 64, gl.SliceLayout(1, Q_LOAD))
     offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, Q_LOAD))
     qp = gl.load(QP + b * sqp_b + h * sqp_h + offs_r[:, None] * sqp_r + offs_d[None, :],
                  mask=(offs_r < NR)[:, None] & (offs_d < D_TRUE)[None, :], other=0.0)
     qamax = gl.maximum(gl.max(gl.abs(qp), 1), 1e-20)
-    qs = qp * (127.0 / qamax)[:, None]
-    q_smem = gl.allocate_shared_memory(gl.int8, [64, HEAD_DIM], Q_SMEM, _round_half_away(qs).to(gl.int8))
+    qs = gl.div_rn(gl.full_like(qamax, 127.0), qamax)[:, None]
+    q_smem = gl.allocate_shared_memory(gl.int8, [64, HEAD_DIM], Q_SMEM, _round_to_i32(qp, qs).to(gl.int8))
     # the row scale in the score tile's row layout, once
     row_scale0 = gl.convert_layout(qamax / 127.0 * scale_log2, ROW)
 
