@@ -174,25 +174,26 @@ class SpargeParams:
         its address table and the graph reads their values when it replays, so they are no part of
         the key: the blocks of a model, whose thresholds differ (the error target's), share a graph.
         A threshold moved in place reaches it too (per_head copies new values into the same tensor)."""
-        # asked on every graphed call: the answer is kept while no threshold tensor changed its values.
-        # What that takes is worked out once (the fields never change: frozen): the names, the key,
-        # the threshold tensors whose values are read on each call (_stamp, without its checks: ~8 of
-        # an H100 host's ~90 us per call went here, bench/host_breakdown.py), and whether one lives off
-        # the CPU (read as it is on every call: nothing kept)
-        plan = self.__dict__.get("_device_key_plan")
-        if plan is None:
-            names, settings = self._key_parts()
-            live = tuple(v for v in (getattr(self, n) for n in names) if isinstance(v, torch.Tensor))
-            kept = all(v.device.type == "cpu" for v in live)
-            plan = self.__dict__["_device_key_plan"] = names, settings, live, kept, {}
-        names, settings, live, kept, made = plan
-        stamps = [v.tolist() for v in live]
+        # asked on every graphed call: the answer is kept while no threshold tensor changed its values
+        # (_stamp's rule, its checks worked out once: ~8 of an H100 host's ~90 us per call went here,
+        # bench/host_breakdown.py). A threshold tensor off the CPU is never read here (that would sync):
+        # nothing is kept, and the answer is made again on every call
+        names, settings, live, kept, made = self._once("device_key", self._device_key_plan)
+        stamps = [v.tolist() for v in live] if kept else None
         hit = made.get((heads, device))
         if kept and hit is not None and hit[0] == stamps:
             return hit[1]
         res = settings, tuple((name, self.per_head(name, heads, device)) for name in names)
         made[(heads, device)] = stamps, res
         return res
+
+    def _device_key_plan(self) -> tuple:
+        """What device_key works out once: the set thresholds' names, the graph key, the threshold
+        tensors whose values it compares on each call, whether they all live on the CPU, and its
+        answers so far by (heads, device)."""
+        names, settings = self._key_parts()
+        live = tuple(v for v in (getattr(self, n) for n in names) if isinstance(v, torch.Tensor))
+        return names, settings, live, all(v.device.type == "cpu" for v in live), {}
 
     def _key_parts(self) -> tuple:
         """(the set thresholds' names, the graph key: the other settings, those names, the switches)."""
