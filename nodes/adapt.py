@@ -44,6 +44,12 @@ PROBE_BLOCKS = 2  # blocks probed at most: the first, and the next when the firs
 PROBE_BAND = (0.8, 1.15)  # error / target at which the probe stops
 
 
+def _graphable(call: ObservedCall) -> bool:
+    """Whether the call's measurement may run through the sampling run's CUDA graphs (its own, or
+    one of the measurement): a run with graphs, no key padding, and ComfyUI's q, k, v at hand."""
+    return call.graphs is not None and call.keep_keys is None and call.raw is not None
+
+
 class Adaptation(Observer):
     def __init__(self, target: float, profile=None, rows: int = DEFAULT_ROWS, seed: int = 0,
                  measure_only: bool = False):
@@ -146,7 +152,7 @@ class Adaptation(Observer):
     def measure_in_graph(self, call: ObservedCall) -> Optional[GraphMeasure]:
         """A due call that may replay its CUDA graph is measured inside it (sparge_core.graphed.replay_measured):
         its rows drawn from the next seed, its sums added into the block's sums of this forward."""
-        if call.graphs is None or call.keep_keys is not None or call.raw is None or not self._due(call.ctx, call.layer):
+        if not _graphable(call) or not self._due(call.ctx, call.layer):
             return None
         return GraphMeasure(self.rows, self._next_seed(), self._pending.get(call.layer))
 
@@ -180,7 +186,7 @@ class Adaptation(Observer):
     def _sums(self, call: ObservedCall, out: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The call's (2, H) error sums, added into acc when given: in a sampling run through its CUDA
         graphs (rows drawn from a seed in the kernels), else with rows from this observer's generator."""
-        if call.graphs is not None and call.keep_keys is None and call.raw is not None:
+        if _graphable(call):
             q, k, v, heads = call.raw
             got = measure_graphed(call.graphs, q, k, v, out, heads, self.rows, self._next_seed(), acc)
             if got is not None:
