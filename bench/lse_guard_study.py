@@ -3,7 +3,8 @@
 v31 built the lse scores from every 2nd key plus each block's largest-norm key and left them off:
 on the tiny random-weight HunyuanVideo model the Quality preset's measured error went 0.011 ->
 0.028 against its 0.02 target. The guard reads a key block in full where its smoothed keys'
-self-similarity (mean pairwise cosine, pool_and_similarity) is below LSE_EXACT_SIM, and a partial
+self-similarity (since v55 energy_similarity; the mean pairwise cosine, pool_and_similarity,
+before) is below LSE_EXACT_SIM, and a partial
 last block (in joint attention: the text tokens). This study shows what separates the two kinds
 of input, and what each estimator costs there:
 
@@ -39,6 +40,8 @@ from sparge_attention.sparge_core.reference import dense_attention  # noqa: E402
 from sparge_attention.sparge_core.reference_predict import (  # noqa: E402
     LSE_EXACT_SIM,
     block_lse_scores,
+    block_top_keys,
+    energy_similarity,
     lse_exact_blocks,
     mean_keys_i8,
     pool_and_similarity,
@@ -90,7 +93,7 @@ def capture(kind: str, tmp: Path):
 def sims(k):
     """The key blocks' self-similarity of the smoothed keys, the guard's choice."""
     ksm = smooth_k(k.float())
-    return ksm, pool_and_similarity(ksm, BK)[1], lse_exact_blocks(ksm, BK, stride=2)
+    return ksm, energy_similarity(ksm, BK), lse_exact_blocks(ksm, BK, stride=2)
 
 
 def errors(q, k, v, ksm, exact, minshares):
@@ -104,7 +107,7 @@ def errors(q, k, v, ksm, exact, minshares):
     out = {}
     for name, kw in (("every", dict(stride=1)), ("stride2", dict(stride=2)), ("guarded", dict(stride=2, exact=exact))):
         lse, mean = block_lse_scores(qp, k_i8, k_s, q.shape[-1] ** -0.5, k.shape[2], BK, want_mean=True, kbar=kbar,
-                                     **kw)
+                                     top=block_top_keys(ksm, BK, k.shape[2]), **kw)
         for r in sweep_shares(name, minshares, q, k, v, ref, qp, qs, lse, lse, mean, heads, lambda msg: None):
             out[f"{name}@{r['minshare']}"] = dict(density=r["density"], rel_l1=r["whole"])
     return out

@@ -21,6 +21,10 @@ the estimate, each at a sweep of minshare values:
               key): it errs on random keys (NOTES v31)
   guarded     the same with the guard (reference_predict.lse_exact_blocks: blocks of low key
               self-similarity and a partial last block read in full; NOTES v32)
+The top key and the guard's similarity are production's (v55: the key holding the block's largest
+|value|, energy_similarity); the run that compared them with v54's largest-norm key by the int8
+values (both with the energy guard) is 2026-12-06-cpu-lse_sample_study-energy-max (its "guarded"
+row v54's key, "guarded-max" v55's).
 Errors: rel-L1 of the whole output and of the worst head against fp32 dense attention, on
 sampled query blocks (exact for those rows, see guard_study.sample_query_blocks); the density
 is the kept fraction of (query block, key block) pairs. The inputs are none of the ones the
@@ -52,6 +56,7 @@ from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 from sparge_attention.sparge_core.reference import dense_attention, sparse_attention_reference  # noqa: E402
 from sparge_attention.sparge_core.reference_predict import (  # noqa: E402
     block_lse_scores,
+    block_top_keys,
     fill_bias,
     lse_exact_blocks,
     mean_keys_i8,
@@ -170,7 +175,8 @@ def run_regime(name, kw, sample_qblocks, variants, log):
             if exact is not None:
                 log(f"  guarded: {exact.float().mean().item():.4f} of the key blocks read in full")
             lse, mean = block_lse_scores(qp, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True,
-                                         kbar=mean_keys_i8(ksm, block_k), stride=2, exact=exact)
+                                         kbar=mean_keys_i8(ksm, block_k), stride=2, exact=exact,
+                                         top=block_top_keys(ksm, block_k, k.shape[2]))
         else:
             head = variant.split("/")[0]
             stride = 1 if variant == "full" else int(head[1:].split("+")[0])

@@ -58,12 +58,12 @@ def grids(quick: bool) -> dict:
         # the default shape only, for comparison: v31's V stats before (all of V read for its max,
         # no overflow check in quant_v), and the lse scores from half the keys
         "kv_stats_fullv": [],
-        "block_lse_stride2": [],
+        "block_lse_every_key": [],
         "quant_v_unchecked": [],
-        # v32's guarded stride 2 (the default shape only) and K's quantizer as it runs it: v40, its
-        # whole tile with the self-similarity and top keys spills (sm_90), row steps do not
-        "block_lse_stride2_guard": [],
-        "quant_pool128_sim": [Launch(num_warps=n, block=b) for n, b in itertools.product((4, 8), (0, 64, 32, 16))],
+        # K's quantizer as every key needs it (no self-similarity, no top keys: before v55), and
+        # with v40's cosine self-similarity (its whole tile spilled on sm_90)
+        "quant_pool128_nosim": [],
+        "quant_pool128_cosine": [Launch(num_warps=n, block=b) for n, b in itertools.product((4, 8), (0, 64))],
         # v37: what the quantizers' bytes cost elsewhere. The same kernels in token order (no Hilbert
         # gather through perm), and torch's own passes over V: a cast to fp8 (V's bytes in and out,
         # contiguous) and the gather of V's rows by perm (bf16 in and out)
@@ -79,9 +79,15 @@ def grids(quick: bool) -> dict:
 
 # comparison rows -> the kernel whose launch shape they take
 ALIASES = {"block_lse_nomean": "block_lse", "kv_stats_fullv": "kv_stats", "quant_v_unchecked": "quant_v",
-           "block_lse_stride2": "block_lse", "block_lse_stride2_guard": "block_lse", "quant_pool128_sim": "quant_pool128",
+           "block_lse_every_key": "block_lse", "quant_pool128_nosim": "quant_pool128",
+           "quant_pool128_cosine": "quant_pool128",
            "quant_v_noperm": "quant_v", "quant_pool128_noperm": "quant_pool128", "torch_cast_fp8": "quant_v",
            "torch_gather": "quant_v"}
+
+
+# K's quantizer as prepare_sparse runs it (mean added per call): self-similarity and top keys for
+# the guarded lse scores at LSE_KEY_STRIDE > 1
+K_KW = dict(want_pool=False, want_sim=LSE_KEY_STRIDE > 1, want_top=LSE_KEY_STRIDE > 1, sim_kind="energy")
 
 
 def prediction_inputs(q, k, v, perm, scale, n_k):
@@ -91,8 +97,7 @@ def prediction_inputs(q, k, v, perm, scale, n_k):
     nkc = cdiv(cdiv(n_k, BLOCK_N), FILL_PAD) * FILL_PAD
     k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm, v_headroom=V_HEADROOM)
     q_pool = quant_pool(q, BLOCK_M, HD, extra_scale=scale * LOG2E, want_pool=True, want_sim=False, perm=perm)[2]
-    k_out = quant_pool(k, BLOCK_N, HD, mean=k_mean, want_pool=False, want_sim=True, perm=perm,
-                       pool_i8_blocks=nkc, want_top=True)
+    k_out = quant_pool(k, BLOCK_N, HD, mean=k_mean, **K_KW, perm=perm, pool_i8_blocks=nkc)
     return nkc, k_mean, v_scale, q_pool, k_out
 
 
@@ -101,14 +106,15 @@ def runners(q, k, v, perm, scale, n_k):
     hd = HD
     nkc, k_mean, v_scale, q_pool, k_out = prediction_inputs(q, k, v, perm, scale, n_k)
     k_i8, k_s, k_sim, kbar, top = k_out[0], k_out[1], k_out[3], k_out[4], k_out[-1]
-    lse_kw = dict(key_stride=LSE_KEY_STRIDE, key_top=top, kbar=kbar)
+    guard = dict(key_top=top, key_sim=k_sim, exact_below=LSE_EXACT_SIM) if LSE_KEY_STRIDE > 1 else {}
+    lse_kw = dict(key_stride=LSE_KEY_STRIDE, kbar=kbar, **guard)
     scores, mean = block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, **lse_kw)
     minshare = torch.full((q.shape[1],), 1.5, device=q.device)  # Balanced
     return {
         "quant_pool64": lambda L: quant_pool(q, BLOCK_M, hd, extra_scale=scale * LOG2E, want_pool=True, want_sim=False,
                                              perm=perm, launch=L),
-        "quant_pool128": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False, perm=perm,
-                                              pool_i8_blocks=nkc, launch=L),
+        "quant_pool128": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, **K_KW, perm=perm, pool_i8_blocks=nkc,
+                                              launch=L),
         "quant_v": lambda L: quant_v(v, v_scale, BLOCK_N, hd, True, perm=perm, mean_blocks=nkc, launch=L,
                                      rescale_above=FP8_MAX),
         "kv_stats": lambda L: kv_stats(k, v, v_format_max=FP8_MAX, launch=L, k_sample=KMEAN_SAMPLE, perm=perm,
@@ -118,18 +124,14 @@ def runners(q, k, v, perm, scale, n_k):
         "block_lse": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, launch=L,
                                                 **lse_kw),
         "block_lse_nomean": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, launch=L,
-                                                       key_stride=LSE_KEY_STRIDE, key_top=top),
-        # every 2nd key and each block's top one (the kernel's key_stride 2, off by default: v31)
-        "block_lse_stride2": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True,
-                                                        launch=L, key_stride=2, key_top=top, kbar=kbar),
-        # the same with the guard (blocks of low self-similarity and the partial one read in full;
-        # on realistic inputs that is the partial block alone), and K's quantizer as the guarded
-        # stride runs it (with the top keys and the self-similarity)
-        "block_lse_stride2_guard": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True,
-                                                              launch=L, key_stride=2, key_top=top, kbar=kbar,
-                                                              key_sim=k_sim, exact_below=LSE_EXACT_SIM),
-        "quant_pool128_sim": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=True,
-                                                  perm=perm, pool_i8_blocks=nkc, want_top=True, launch=L),
+                                                       key_stride=LSE_KEY_STRIDE, **guard),
+        # every key (stride 1, no guard: before v55)
+        "block_lse_every_key": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True,
+                                                          launch=L, kbar=kbar),
+        "quant_pool128_nosim": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, perm=perm,
+                                                    pool_i8_blocks=nkc, launch=L),
+        "quant_pool128_cosine": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=True,
+                                                     perm=perm, pool_i8_blocks=nkc, want_top=True, launch=L),
         "quant_v_noperm": lambda L: quant_v(v, v_scale, BLOCK_N, hd, True, mean_blocks=nkc, launch=L,
                                             rescale_above=FP8_MAX),
         "quant_pool128_noperm": lambda L: quant_pool(k, BLOCK_N, hd, mean=k_mean, want_pool=False, want_sim=False,

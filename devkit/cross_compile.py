@@ -188,6 +188,11 @@ def pack_kernel_jobs(cc: int) -> list:
     if "kbar" in block_scores.block_lse_scores.__code__.co_varnames:
         lse_kw = dict(kbar=(x(B, HKV, 640, D, dtype=torch.int8), x(B, HKV, 640, dtype=torch.float32)))
 
+    # K's quantizer as production runs it since v55 (the guarded lse scores at stride 2 read its
+    # self-similarity and top keys); revisions before it ran it without either
+    k_guard_kw = (dict(want_sim=True, want_top=True, sim_kind="energy")
+                  if "sim_kind" in quantize.quant_pool.__code__.co_varnames else {})
+
     def v_fix_launch():
         """quant_v's second kernel launched directly (the launcher would run the first one here),
         on the overflow path's variant: fp8 or fp16 as the target runs it, with means, permuted."""
@@ -215,7 +220,7 @@ def pack_kernel_jobs(cc: int) -> list:
             x(B, H, small, D), cfg.block_m, D, perm=perm, **helper_kw("quant_pool64"))),
         (quantize._quant_pool_kernel, "k, int8 means", lambda: quantize.quant_pool(
             x(B, HKV, small, D), cfg.block_n, D, mean=kmean, want_pool=False, perm=perm, pool_i8_blocks=128,
-            **helper_kw("quant_pool128"))),
+            **k_guard_kw, **helper_kw("quant_pool128"))),
         (quantize_v._quant_v_kernel, "v, means", lambda: quantize_v.quant_v(
             x(B, HKV, small, D), kmean + 1, cfg.block_n, D, cfg.pv_fp8, perm=perm, mean_blocks=128,
             **helper_kw("quant_v"), **v_check_kw)),

@@ -51,21 +51,24 @@ def _row_sums(x, psum, usum, ssum, SUM: tl.constexpr, UNIT_SUM: tl.constexpr, SQ
 
 
 @triton.jit
-def _round_rows(XQ, x, offs_n, s, b, h, sq_b, sq_h, sq_n, i, best, top, ROWS: tl.constexpr,
-                HEAD_DIM: tl.constexpr, WANT_TOP: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Rows step i rounded to int8 at the block's scale and stored; (best, top) carry the largest
-    int8 norm so far and its row, the block's top key (the lse scores always read it): the
-    first on ties, as steps come in row order."""
+def _round_rows(XQ, x, offs_n, s, b, h, sq_b, sq_h, sq_n, HEAD_DIM: tl.constexpr, INTERPRETED: tl.constexpr):
+    """A rows step rounded to int8 at the block's scale and stored."""
     offs_d = tl.arange(0, HEAD_DIM)
     xq = round_to_i32(x, s, INTERPRETED)
     # padded rows / columns are written as zeros so the attention kernel reads without masks
     tl.store(XQ + b * sq_b + h * sq_h + offs_n[:, None].to(tl.int64) * sq_n + offs_d[None, :], xq.to(tl.int8))
-    if WANT_TOP:
-        r = tl.sum(xq * xq, 1)
-        m = tl.max(r, 0)
-        top = tl.where(m > best, i * ROWS + tl.argmax(r, 0, tie_break_left=True), top)
-        best = tl.maximum(best, m)
-    return best, top
+
+
+@triton.jit
+def _row_max(x, i, amax, top, ROWS: tl.constexpr):
+    """amax and top carried over rows step i: the largest |x| so far (the int8 scale's) and the row
+    that holds it, the block's top key (reference_predict.block_top_keys; the lse scores always
+    read it), the first on ties as steps come in row order. The row maxima are the ones the scale
+    takes anyway, so the top key costs one argmax over the rows."""
+    rowmax = tl.max(tl.abs(x), 1)
+    m = tl.max(rowmax, 0)
+    top = tl.where(m > amax, i * ROWS + tl.argmax(rowmax, 0, tie_break_left=True), top)
+    return tl.maximum(amax, m), top
 
 
 @triton.jit
@@ -77,13 +80,16 @@ def _quant_pool_kernel(
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
     POOL_I8: tl.constexpr, WANT_TOP: tl.constexpr, X_SLOT: tl.constexpr, ROWS: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    INTERPRETED: tl.constexpr, SIM_ENERGY: tl.constexpr,
 ):
     """One token block, ROWS tokens a step. The first pass takes the block's largest |x| (the
     int8 scale), its sums and unit-vector sums; the second rounds and stores the rows, read again
     (from L2: 16-32 KB a block) where the block took more than one step. K's whole 128-row tile
     (ROWS == BLOCK) held for both compiles to 253 registers, and spills with the self-similarity
-    and top keys (sm_90, 4 warps); at 32 rows 127, 168 with them, no spill."""
+    and top keys (sm_90, 4 warps); at 32 rows 127, 168 with them, no spill. SIM_ENERGY: the
+    self-similarity from the sums the block takes anyway (reference_predict.energy_similarity), no
+    per-token norms or unit vectors: with it and the top key, K's whole tile takes 166 registers
+    (sm_90, v55)."""
     X = caller_ptr(X, ADDRS, X_SLOT)
     blk = tl.program_id(0)
     b, h = batch_head(tl.program_id(1), H)
@@ -92,28 +98,32 @@ def _quant_pool_kernel(
     usum = tl.zeros([HEAD_DIM], tl.float32)
     ssum = tl.zeros([HEAD_DIM], tl.float32)
     top = 0
+    SUMS: tl.constexpr = WANT_POOL or POOL_I8 or (WANT_SIM and SIM_ENERGY)
+    UNIT_SUM: tl.constexpr = WANT_SIM and not SIM_ENERGY
+    SQ_SUM: tl.constexpr = POOL_I8 or (WANT_SIM and SIM_ENERGY)
+    # from 0, so that a block's top is its first row unless a later one is larger; clamped after
+    # the rows, so that an all-zero block keeps a finite scale
+    amax = 0.0
     if ROWS == BLOCK:  # one step: the tile stays in registers, X read once
         offs_n, x = _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, 0, N, BLOCK, ROWS,
                                      HEAD_DIM, D_TRUE, SUBTRACT_MEAN, HAS_PERM)
-        amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-20)
-        _, top = _round_rows(XQ, x, offs_n, tl.math.div_rn(127.0, amax), b, h, sq_b, sq_h, sq_n, 0, -1.0, top, ROWS,
-                             HEAD_DIM, WANT_TOP, INTERPRETED)
-        psum, usum, ssum = _row_sums(x, psum, usum, ssum, WANT_POOL or POOL_I8, WANT_SIM, POOL_I8)
+        amax, top = _row_max(x, 0, amax, top, ROWS)
+        amax = tl.maximum(amax, 1e-20)
+        _round_rows(XQ, x, offs_n, tl.math.div_rn(127.0, amax), b, h, sq_b, sq_h, sq_n, HEAD_DIM, INTERPRETED)
+        psum, usum, ssum = _row_sums(x, psum, usum, ssum, SUMS, UNIT_SUM, SQ_SUM)
     else:
-        amax = 1e-20
         for i in tl.static_range(BLOCK // ROWS):  # unrolled: every step's loads can be in flight
             offs_n, x = _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, i, N, BLOCK, ROWS,
                                          HEAD_DIM, D_TRUE, SUBTRACT_MEAN, HAS_PERM)
-            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), 1), 0))
-            psum, usum, ssum = _row_sums(x, psum, usum, ssum, WANT_POOL or POOL_I8, WANT_SIM, POOL_I8)
-        best = -1.0
+            amax, top = _row_max(x, i, amax, top, ROWS)
+            psum, usum, ssum = _row_sums(x, psum, usum, ssum, SUMS, UNIT_SUM, SQ_SUM)
+        amax = tl.maximum(amax, 1e-20)
         s = tl.math.div_rn(127.0, amax)
         # a loop, not unrolled: so that the compiler does not keep the first pass's tiles for it
         for i in tl.range(0, BLOCK // ROWS):
             offs_n, x = _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, i, N, BLOCK, ROWS,
                                          HEAD_DIM, D_TRUE, SUBTRACT_MEAN, HAS_PERM)
-            best, top = _round_rows(XQ, x, offs_n, s, b, h, sq_b, sq_h, sq_n, i, best, top, ROWS, HEAD_DIM,
-                                    WANT_TOP, INTERPRETED)
+            _round_rows(XQ, x, offs_n, s, b, h, sq_b, sq_h, sq_n, HEAD_DIM, INTERPRETED)
     tl.store(SCALE + b * ss_b + h * ss_h + blk, amax / 127.0 * extra_scale)
     if WANT_TOP:
         tl.store(TOP + b * ss_b + h * ss_h + blk, top)
@@ -135,7 +145,12 @@ def _quant_pool_kernel(
             tl.store(POOLV + b * spv_b + h * spv_h + blk * VAR_GROUPS + tl.arange(0, VAR_GROUPS), var.to(tl.float16))
     if WANT_SIM:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
-        tl.store(SIM + b * ss_b + h * ss_h + blk, tl.sum(usum * usum, 0) / (cnt * cnt))
+        if SIM_ENERGY:
+            energy = tl.sum(ssum, 0)
+            sim = tl.where(energy > 0, tl.sum(psum * psum, 0) / (cnt * tl.maximum(energy, 1e-30)), 0.0)
+        else:
+            sim = tl.sum(usum * usum, 0) / (cnt * cnt)
+        tl.store(SIM + b * ss_b + h * ss_h + blk, sim)
     if POOL_I8:
         # the zeros past the real blocks, spread over the programs (no fill launch of their own);
         # last, so that no tile stays live across the loop
@@ -153,7 +168,7 @@ _quant_pool = Kernel(_quant_pool_kernel)
 def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 1.0,
                mean: torch.Tensor | None = None, want_pool: bool = True, perm: torch.Tensor | None = None,
                want_sim: bool | None = None, pool_i8_blocks: int = 0, launch: Launch | None = None,
-               addr: tuple | None = None, want_top: bool = False):
+               addr: tuple | None = None, want_top: bool = False, sim_kind: str = "cosine"):
     """x (B,H,N,D) -> int8 (B,H,nb*block,head_dim), scale (B,H,nb) fp32 (times extra_scale),
     pooled (B,H,nb,D) fp32, sim (B,H,nb) fp32. `mean` (B,H,D) fp32 is subtracted first (K smoothing).
     With `perm` (int32 (N,)), token i of the output is token perm[i] of x. The pooled means and
@@ -163,8 +178,11 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     head_dim) with one fp32 scale per block (B,H,pool_i8_blocks), as a pair, then each block's
     channel variances (of x less `mean`) summed in VAR_GROUPS groups of contiguous channels, fp16
     (B,H,pool_i8_blocks,VAR_GROUPS), zero past the nb real blocks.
-    want_top: also returns, last, each block's position of its largest-norm token by the int8
-    values (B,H,nb) int32, the first on ties (reference_predict.block_top_keys).
+    sim_kind: what the self-similarity measures: "cosine", the mean pairwise cosine
+    (pool_and_similarity), or "energy", the mean pairwise dot over the mean squared norm
+    (energy_similarity: from the sums, no per-token norms; the lse guard's).
+    want_top: also returns, last, each block's position of the token that holds its largest |x|
+    (less `mean`) (B,H,nb) int32, the first on ties (reference_predict.block_top_keys).
     `launch`: the warps per program and the token rows per step (launch.block, 0: the whole
     block; speed only). addr (table, slot): x is read at the address table[slot] holds instead
     (kernels/caller_addrs.py); x gives its type, shape and strides."""
@@ -172,6 +190,8 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
     B, H, N, D = x.shape
     if head_dim < D or head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim {head_dim} must be a power of two >= {D}")
+    if sim_kind not in ("cosine", "energy"):
+        raise ValueError(f"sim_kind {sim_kind!r} must be 'cosine' or 'energy'")
     nb = cdiv(N, block)
     dev = x.device
     xq = torch.empty(B, H, nb * block, head_dim, dtype=torch.int8, device=dev)
@@ -203,7 +223,7 @@ def quant_pool(x: torch.Tensor, block: int, head_dim: int, extra_scale: float = 
         N, H, float(extra_scale), pool_i8_blocks,
         BLOCK=block, HEAD_DIM=head_dim, D_TRUE=D, SUBTRACT_MEAN=mean is not None, WANT_POOL=want_pool,
         WANT_SIM=want_sim, HAS_PERM=perm is not None, POOL_I8=pool_i8, WANT_TOP=want_top, X_SLOT=slot,
-        ROWS=rows, INTERPRETED=INTERPRET, **launch.warps_and_cap(),
+        ROWS=rows, INTERPRETED=INTERPRET, SIM_ENERGY=sim_kind == "energy", **launch.warps_and_cap(),
     )
     out = (xq, scale, pool[..., :D] if want_pool else None, sim if want_sim else None)
     out = out + ((poolq, pools), poolv) if pool_i8 else out

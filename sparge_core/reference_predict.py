@@ -40,43 +40,63 @@ def pool_and_similarity(x: torch.Tensor, block: int):
     return pooled, sim
 
 
-# The lse scores can read every LSE_KEY_STRIDE-th key of a block and, always, the block's
-# largest-norm key (in place of the sampled key of its group), the others weighted for the keys not
+def energy_similarity(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per block (B,H,nb): ||sum_i x_i||^2 / (n sum_i ||x_i||^2), the mean pairwise dot product of
+    its tokens over their mean squared norm (0 for an all-zero block). Equal to
+    pool_and_similarity's mean pairwise cosine where the tokens' norms are equal, and, unlike it,
+    made from the block's sums alone: K's quantizer takes its column sums and sums of squares for
+    the estimate anyway, so the lse guard costs it no per-token work."""
+    n = x.shape[2]
+    xb = split_blocks(x.float(), block)
+    cnt = block_token_counts(n, block, x.device)
+    s = xb.sum(-2)
+    energy = (xb * xb).sum((-2, -1))
+    return torch.where(energy > 0, (s * s).sum(-1) / (cnt * energy.clamp_min(1e-30)), torch.zeros_like(energy))
+
+
+# The lse scores read every LSE_KEY_STRIDE-th key of a block and, always, the block's top key
+# (block_top_keys, in place of the sampled key of its group), the others weighted for the keys not
 # read: the scoring kernel's work per block falls by the stride. Without that key a sink (one strong
 # key) falls out of the sample half the time. With it, stride 2 needed the same density as every
 # key on realistic inputs the presets were not tuned on (bench/lse_sample_study.py). On random
 # keys (the tiny random-weight models) the estimated masses move each call's error by -8% to +30%,
 # and those models' error curves have a cliff (rel-L1 0.013-0.04 at minshare 1.0, 0.15-0.22 at
 # 1.5) near which that is enough to miss a target: the Quality preset's measured error on the tiny
-# HunyuanVideo model rose 0.011 -> 0.028 against its 0.02 (bench/NOTES.md v31, v32). Hence the guard: a block whose smoothed keys' self-similarity
-# (pool_and_similarity) is below LSE_EXACT_SIM is read in full, and so is a partial last block.
-# Random-weight models' key blocks measure 0.02-0.10, the realistic inputs' 0.29-0.68
-# (bench/lse_guard_study.py). Every key is read (stride 1, the exact sum) until the guarded stride
-# is timed on a GPU.
-LSE_KEY_STRIDE = 1
+# HunyuanVideo model rose 0.011 -> 0.028 against its 0.02 (bench/NOTES.md v31, v32). Hence the
+# guard: a block whose smoothed keys' self-similarity (energy_similarity) is below LSE_EXACT_SIM is
+# read in full, and so is a partial last block. Random-weight models' key blocks measure
+# 0.02-0.10, the realistic inputs' 0.29-0.90 (0.09-0.47 at a noisy step, where 12% of the blocks
+# are read in full; bench/lse_guard_study.py). On by default since v55, when K's quantizer took the
+# guard's similarity and the top key from what it computes anyway (before: per-token norms and
+# unit vectors, which made it spill and cost the gain at Wan 480p; NOTES v40, v55).
+LSE_KEY_STRIDE = 2
 LSE_EXACT_SIM = 0.2
 
 
 def lse_exact_blocks(k_smooth, block_k: int, stride: int = LSE_KEY_STRIDE):
     """The key blocks the lse scores read in full at `stride` (B,Hkv,NK) bool: those whose smoothed
-    keys' self-similarity is below LSE_EXACT_SIM, and a partial last block (too few keys for a
+    keys' self-similarity (energy_similarity) is below LSE_EXACT_SIM, and a partial last block (too few keys for a
     sample to stand for; in joint attention it holds the text tokens). None at stride 1 (every
     block is read in full)."""
     if stride == 1:
         return None
-    exact = pool_and_similarity(k_smooth, block_k)[1] < LSE_EXACT_SIM
+    exact = energy_similarity(k_smooth, block_k) < LSE_EXACT_SIM
     if k_smooth.shape[2] % block_k:
         exact[..., -1] = True
     return exact
 
 
-def block_top_keys(k_i8: torch.Tensor, block_k: int, n_k: int) -> torch.Tensor:
-    """Per key block, the position in the block (0 .. block_k - 1) of its largest-norm key, by the
-    int8 values' squared norm; the first such key on ties, real keys only. (B,H,NK) int64."""
-    kb = split_blocks(k_i8.float(), block_k)  # (B,H,NK,BK,D)
+def block_top_keys(k_smooth: torch.Tensor, block_k: int, n_k: int) -> torch.Tensor:
+    """Per key block, the position in the block (0 .. block_k - 1) of its top key: the one that
+    holds the block's largest |value| (smoothed keys, before rounding), the first such key on
+    ties, real keys only. (B,H,NK) int64. K's quantizer finds it from the row maxima its int8 scale
+    takes anyway; until v55 it was the largest-norm key by the int8 values, which cost that kernel
+    a second reduction per row and its spills (the same densities on the realistic regimes,
+    bench/lse_sample_study.py, NOTES v55)."""
+    kb = split_blocks(k_smooth.float(), block_k).abs().amax(-1)  # (B,H,NK,BK)
     NK = kb.shape[2]
-    valid = (torch.arange(NK * block_k, device=k_i8.device) < n_k).view(NK, block_k)
-    return (kb * kb).sum(-1).masked_fill(~valid, -1.0).argmax(-1)
+    valid = (torch.arange(NK * block_k, device=k_smooth.device) < n_k).view(NK, block_k)
+    return kb.masked_fill(~valid, -1.0).argmax(-1)
 
 
 def lse_key_rows(top: torch.Tensor, block_k: int, stride: int) -> torch.Tensor:
@@ -87,22 +107,23 @@ def lse_key_rows(top: torch.Tensor, block_k: int, stride: int) -> torch.Tensor:
 
 
 def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int, want_mean: bool = False,
-                     kbar=None, stride: int = LSE_KEY_STRIDE, exact=None):
+                     kbar=None, stride: int = 1, exact=None, top=None):
     """Per pooled query and key block: log2 of sum_j exp2(score_j) over the block's real keys.
 
     This is the attention mass the pooled query gives each key block, computed against its keys
     rather than the key block's mean, so one strong key (a sink) is never averaged away. With
-    stride S, the sum is estimated: the block's largest-norm key exactly (block_top_keys), the
-    other n - 1 real keys from the block_k / S - 1 other keys lse_key_rows reads, each of those
-    weighted (n - 1) / (the real ones among them); blocks where `exact` (B,Hkv,NK) bool is set
-    (lse_exact_blocks) get the exact sum. Stride 1 is the exact sum everywhere.
+    stride S, the sum is estimated: the block's top key exactly (`top` (B,Hkv,NK), block_top_keys'
+    answer, needed at S > 1), the other n - 1 real keys from the block_k / S - 1 other keys
+    lse_key_rows reads, each of those weighted (n - 1) / (the real ones among them); blocks where
+    `exact` (B,Hkv,NK) bool is set (lse_exact_blocks) get the exact sum. Stride 1 is the exact sum
+    everywhere.
     Models the Triton kernel: pooled queries in int8 (one scale per row), smoothed int8 keys.
     want_mean: also return the pooled query's score against each block's mean key (log2 units,
     for fill_skipped), kbar = (the mean keys' int8 values (B,Hkv,>=NK,D), their scales
     (B,Hkv,>=NK)) as mean_keys_i8 gives them: the mean key the estimate itself uses."""
     H = q_pool.shape[1]
     if stride > 1 and exact is not None and exact.any():
-        est = block_lse_scores(q_pool, k_i8, k_scale, scale, n_k, block_k, want_mean, kbar, stride)
+        est = block_lse_scores(q_pool, k_i8, k_scale, scale, n_k, block_k, want_mean, kbar, stride, top=top)
         full = block_lse_scores(q_pool, k_i8, k_scale, scale, n_k, block_k, False, None, 1)
         pick = expand_kv(exact[..., None], H)[..., 0][:, :, None, :]  # (B,H,1,NK)
         if not want_mean:
@@ -119,7 +140,9 @@ def block_lse_scores(q_pool, k_i8, k_scale, scale: float, n_k: int, block_k: int
         valid = (torch.arange(block_k, device=q_pool.device) < n_real[:, None])[None, None, None]  # (1,1,1,NK,BK)
         lw = 0.0
     else:
-        top = block_top_keys(k_i8, block_k, n_k)
+        if top is None:
+            raise ValueError(f"lse scores at stride {stride} need each key block's top key (block_top_keys)")
+        top = top.long()  # the kernel's are int32
         rows = lse_key_rows(top, block_k, stride)  # (B,Hkv,NK,R)
         kd = expand_kv(kb.gather(3, rows[..., None].expand(*rows.shape, D)), H)  # (B,H,NK,R,D)
         valid = expand_kv(rows < n_real[:, None], H)[:, :, None]  # (B,H,1,NK,R)
@@ -336,7 +359,8 @@ def lse_stage1(q_pool, k, block_k: int, scale: float):
     ksm = smooth_k(k.float())
     k_i8, k_scale = quantize_int8_per_block(ksm, block_k)
     return block_lse_scores(q_pool, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True,
-                            kbar=mean_keys_i8(ksm, block_k), exact=lse_exact_blocks(ksm, block_k))
+                            kbar=mean_keys_i8(ksm, block_k), stride=LSE_KEY_STRIDE,
+                            exact=lse_exact_blocks(ksm, block_k), top=block_top_keys(ksm, block_k, k.shape[2]))
 
 
 def predict_block_mask(q, k, params: SpargeParams, block_q: int, block_k: int, scale: float | None = None,

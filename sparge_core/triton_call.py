@@ -56,11 +56,12 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
     # and, for lse scores from a sample of each block's keys, its largest-norm key (which they
-    # always read) and its keys' self-similarity (a block below LSE_EXACT_SIM is read in full)
+    # always read) and its keys' self-similarity (energy_similarity: a block below LSE_EXACT_SIM is
+    # read in full)
     sampled_lse = predict and lse and LSE_KEY_STRIDE > 1
     k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
                        want_sim=predict and (not lse or sampled_lse), perm=perm_k, pool_i8_blocks=nkc, addr=at(1),
-                       want_top=sampled_lse)
+                       want_top=sampled_lse, sim_kind="energy" if lse else "cosine")
     k_i8, k_s, k_pool, k_sim = k_out[:4]
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2),
                   rescale_above=FP8_MAX)

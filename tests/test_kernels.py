@@ -26,7 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 from sparge_attention.sparge_core import SpargeParams, block_sizes, sparge_attention  # noqa: E402
 from sparge_attention.sparge_core.blockmask import num_blocks  # noqa: E402
 from sparge_attention.sparge_core.reference import sparge_reference  # noqa: E402
-from sparge_attention.sparge_core.reference_predict import pool_and_similarity  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import energy_similarity, pool_and_similarity  # noqa: E402
 from sparge_attention.sparge_core.reference_quant import (  # noqa: E402
     FP8_MAX,
     LOG2E,
@@ -94,6 +94,11 @@ def check_quant_pool(x, block, hd, mean=None, extra_scale=1.0):
     # pooled means without the similarity (the lse scoring path): the same means
     xq3, scale3, p3, s3 = quant_pool(x, block, hd, extra_scale=extra_scale, mean=mean, want_sim=False)
     assert s3 is None and torch.equal(p3, pooled) and torch.equal(xq3, xq) and torch.equal(scale3, scale)
+    # the lse guard's similarity from the block's sums (energy_similarity): same integers and scales
+    xq4, scale4, _, s4 = quant_pool(x, block, hd, extra_scale=extra_scale, mean=mean, want_pool=False,
+                                    want_sim=True, sim_kind="energy")
+    assert torch.equal(xq4, xq) and torch.equal(scale4, scale)
+    torch.testing.assert_close(s4, energy_similarity(xs, block), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("D,hd", [(64, 64), (48, 64), (96, 128), (128, 128), (80, 128)])
@@ -337,7 +342,9 @@ def test_quantizer_row_steps_give_the_whole_blocks_results(rows):
             vscale=scale,
             q=quant_pool(q, BQ, 64, extra_scale=0.3, want_pool=True, want_sim=False, perm=perm, launch=L),
             k=quant_pool(k, BK, 64, mean=kmean, want_pool=False, want_sim=True, perm=perm, pool_i8_blocks=nb + 2,
-                         want_top=True, launch=L)))
+                         want_top=True, launch=L),
+            k_energy=quant_pool(k, BK, 64, mean=kmean, want_pool=False, want_sim=True, perm=perm,
+                                pool_i8_blocks=nb + 2, want_top=True, launch=L, sim_kind="energy")))
     a, b = outs
     assert torch.equal(a["vscale"], b["vscale"])
     assert torch.equal(b["vscale"][0, 1], (v[0, 1].abs().amax(0) / FP8_MAX).clamp_min(1e-20))
@@ -352,6 +359,11 @@ def test_quantizer_row_steps_give_the_whole_blocks_results(rows):
     assert (pq_a.int() - pq_b.int()).abs().max() <= 1
     torch.testing.assert_close(ps_b, ps_a, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(b["k"][5].float(), a["k"][5].float(), rtol=2 ** -9, atol=1e-6)  # variances, fp16
+    for i in (0, 1, 4, 5, 6):  # the energy similarity changes nothing else K's quantizer writes
+        for r in (a, b):
+            x, y = r["k"][i], r["k_energy"][i]
+            assert all(torch.equal(u, w) for u, w in zip(x, y)) if isinstance(x, tuple) else torch.equal(x, y), i
+    torch.testing.assert_close(b["k_energy"][3], a["k_energy"][3], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="power of two dividing"):
         quant_v(v, a["vscale"], BK, 64, True, launch=Launch(block=48))
     with pytest.raises(ValueError, match="power of two dividing"):
@@ -753,16 +765,16 @@ def test_block_lse_scores_matches_reference(D, hd, Hkv, stride):
     n = 333
     q, k, _ = clustered(1, 2, n, D, seed=D + Hkv, Hkv=Hkv)
     q_pool, k_i8, k_s, top, kbar = _lse_inputs(q, k, hd, n_kbar=64)
-    assert torch.equal(top.long(), block_top_keys(k_i8[..., :D], BK, n))
+    assert torch.equal(top.long(), block_top_keys(k.float() - k.float().mean(2, keepdim=True), BK, n))
     got = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, key_stride=stride, key_top=top)
-    want = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, n, BK, stride=stride)
+    want = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, n, BK, stride=stride, top=top)
     assert got.shape == (1, 2, num_blocks(n, BQ), num_blocks(n, BK))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     # with the mean-key score per block (fill_skipped)
     got2, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, want_mean=True, key_stride=stride,
                                            key_top=top, kbar=kbar)
     want2, want_mean = block_lse_scores(q_pool, k_i8[..., :D], k_s, D ** -0.5, n, BK, want_mean=True, stride=stride,
-                                        kbar=(kbar[0][..., :D].float(), kbar[1]))
+                                        kbar=(kbar[0][..., :D].float(), kbar[1]), top=top)
     torch.testing.assert_close(got2, got, rtol=0, atol=0)
     torch.testing.assert_close(got_mean, want_mean, rtol=1e-5, atol=1e-4)
     assert (got_mean < got).all()  # one key's score never reaches the log-sum-exp of 100+ keys
@@ -793,8 +805,10 @@ def test_lse_estimate_keeps_the_top_key_and_weights_the_rest():
     scale = 1.0
     rows = lse_key_rows(torch.tensor([[[7, 3]]]), BKs, 2)
     assert rows[0, 0, 0, 3] == 7 and rows[0, 0, 0, 2] == 4 and rows[0, 0, 1, 1] == 3
-    got = block_lse_scores(q_pool, k_i8, k_s, scale, n, BKs, stride=2)
+    got = block_lse_scores(q_pool, k_i8, k_s, scale, n, BKs, stride=2, top=torch.tensor([[[7, 3]]]))
     exact = block_lse_scores(q_pool, k_i8, k_s, scale, n, BKs, stride=1)
+    with pytest.raises(ValueError, match="top key"):
+        block_lse_scores(q_pool, k_i8, k_s, scale, n, BKs, stride=2)
     torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-5)  # the other keys are all alike
     c = 1 / 127 * 0.05 * 1.4426950408889634  # one unit of the int8 dot in log2 units
     s_top, s_one = 100 * D * 127 * c, D * 127 * c  # 115.4 and 1.15
@@ -818,18 +832,17 @@ def test_block_lse_scores_guard_reads_low_similarity_blocks_in_full(stride, Hkv)
     q, k, _ = clustered(1, 2, n, D, seed=11, Hkv=Hkv, seg=BK, noise=0.2)
     k[:, :, BK:2 * BK] = 6.0 * torch.randn(k[:, :, BK:2 * BK].shape, generator=torch.Generator().manual_seed(3))
     q_pool, k_i8, k_s, top, kbar = _lse_inputs(q, k, D)
-    sim = quant_pool(k, BK, D, mean=k.mean(2), want_pool=False, want_sim=True)[3]
-    _, want_sim = pool_and_similarity(k - k.mean(2, keepdim=True), BK)
-    torch.testing.assert_close(sim, want_sim, rtol=1e-5, atol=1e-6)
+    sim = quant_pool(k, BK, D, mean=k.mean(2), want_pool=False, want_sim=True, sim_kind="energy")[3]
+    torch.testing.assert_close(sim, energy_similarity(k - k.mean(2, keepdim=True), BK), rtol=1e-5, atol=1e-6)
     exact = sim < LSE_EXACT_SIM
     assert exact[..., 1].all() and not exact[..., [0, 2, 3]].any()
     exact[..., 3] = True  # the partial block
     kw = dict(key_stride=stride, key_top=top, key_sim=sim, exact_below=LSE_EXACT_SIM)
     got = kern.block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, **kw)
-    want = block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, stride=stride, exact=exact)
+    want = block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, stride=stride, exact=exact, top=top)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     full = block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, stride=1)
-    est = block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, stride=stride)
+    est = block_lse_scores(q_pool, k_i8, k_s, D ** -0.5, n, BK, stride=stride, top=top)
     pick = exact.repeat_interleave(2 // Hkv, 1)[:, :, None, :]
     assert torch.equal(want, torch.where(pick, full, est))
     assert not torch.equal(full[..., 1], est[..., 1]) and not torch.equal(full[..., 3], est[..., 3])
@@ -844,8 +857,9 @@ def test_block_lse_scores_guard_reads_low_similarity_blocks_in_full(stride, Hkv)
 
 @pytest.mark.parametrize("D", [64, 80])
 def test_quant_pool_top_keys(D):
-    """Each block's largest-norm token by its int8 values (the first on ties), through a permutation
-    and for a partial last block."""
+    """Each block's top key: the token that holds its largest |value| (less the mean; the first on
+    ties), through a permutation, for a partial last block, in one pass and in row steps."""
+    from sparge_attention.kernels.config import Launch
     from sparge_attention.sparge_core.reference_predict import block_top_keys
 
     g = torch.Generator().manual_seed(D)
@@ -853,9 +867,13 @@ def test_quant_pool_top_keys(D):
     k = torch.randn(1, 2, n, D, generator=g)
     k[0, 1, BK + 9] *= 20
     perm = torch.randperm(n, generator=g).to(torch.int32)
-    xq, _, _, _, top = quant_pool(k, BK, 128, mean=k.mean(2), want_pool=False, perm=perm, want_top=True)
+    xq, _, _, _, top = quant_pool(k, BK, 128, mean=k.mean(2), perm=perm, want_pool=False, want_top=True)
     assert top.dtype == torch.int32 and top.shape == (1, 2, 4)
-    assert torch.equal(top.long(), block_top_keys(xq[..., :D], BK, n))
+    assert torch.equal(top.long(), block_top_keys((k - k.mean(2, keepdim=True))[:, :, perm.long()], BK, n))
+    for rows in (32, 64):  # row steps carry the top over steps, the first step's on ties
+        got = quant_pool(k, BK, 128, mean=k.mean(2), want_pool=False, perm=perm, want_top=True,
+                         launch=Launch(block=rows))[-1]
+        assert torch.equal(got, top), rows
     assert int(top[0, 1, (perm == BK + 9).nonzero()[0, 0] // BK]) == (perm == BK + 9).nonzero()[0, 0] % BK
     ties = torch.zeros(1, 1, 2 * BK, 64)
     ties[0, 0, [5, 9, BK + 2, BK + 30]] = 1.0
@@ -877,14 +895,14 @@ def test_block_lse_scores_across_programs_and_launch_shapes(stride, guard):
     q_pool, k_i8, k_s, top, kbar = _lse_inputs(q, k, 64)
     kw, exact = dict(key_stride=stride, key_top=top), None
     if guard:
-        sim = quant_pool(k, BK, 64, mean=k.mean(2), want_pool=False, want_sim=True)[3]
+        sim = quant_pool(k, BK, 64, mean=k.mean(2), want_pool=False, want_sim=True, sim_kind="energy")[3]
         sim[..., [3, 16]] = 0.0  # block 16: the first of the second 16-block tile
         kw.update(key_sim=sim, exact_below=LSE_EXACT_SIM)
         exact = sim < LSE_EXACT_SIM
         exact[..., -1] = True
         assert 2 <= int(exact[0, 0].sum()) < 18
     want, want_mean = block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True,
-                                       kbar=(kbar[0].float(), kbar[1]), stride=stride, exact=exact)
+                                       kbar=(kbar[0].float(), kbar[1]), stride=stride, exact=exact, top=top)
     for launch in (Launch(block=64), Launch(block=128, num_warps=8), Launch(block=64, programs=1),
                    helper_launches_for(9)["block_lse"]):
         got, got_mean = kern.block_lse_scores(q_pool, k_i8, k_s, 0.125, n, BK, want_mean=True, launch=launch,

@@ -27,8 +27,9 @@ def test_lse_scores_match_the_reference_at_each_stride_and_with_the_guard():
     from sparge_attention.sparge_core.reference_predict import (
         LSE_EXACT_SIM,
         block_lse_scores,
+        block_top_keys,
+        energy_similarity,
         lse_exact_blocks,
-        pool_and_similarity,
     )
     from sparge_attention.sparge_core.reference_quant import FP8_MAX, KMEAN_SAMPLE, smooth_k
 
@@ -46,10 +47,11 @@ def test_lse_scores_match_the_reference_at_each_stride_and_with_the_guard():
     k_mean, _ = kv_stats(k, k, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm)
     q_pool = quant_pool(q, BLOCK_M, D, perm=perm)[2]
     k_i8, k_s, _, k_sim, kbar, _, top = quant_pool(k, BLOCK_N, D, mean=k_mean, want_pool=False, want_sim=True, perm=perm,
-                                                pool_i8_blocks=64, want_top=True)
+                                                pool_i8_blocks=64, want_top=True, sim_kind="energy")
     ksm = smooth_k(kp.float())
-    _, want_sim = pool_and_similarity(ksm, BLOCK_N)
+    want_sim = energy_similarity(ksm, BLOCK_N)
     torch.testing.assert_close(k_sim, want_sim, rtol=1e-4, atol=1e-5)
+    assert torch.equal(top.long(), block_top_keys(ksm, BLOCK_N, N))
     exact = lse_exact_blocks(ksm, BLOCK_N, stride=2)
     assert exact.any() and not exact.all()  # both kinds of block
     assert torch.equal(exact[..., :-1], (k_sim < LSE_EXACT_SIM)[..., :-1]) and exact[..., -1].all()
@@ -59,7 +61,7 @@ def test_lse_scores_match_the_reference_at_each_stride_and_with_the_guard():
         got, got_mean = kernel_lse(q_pool, k_i8, k_s, scale, N, BLOCK_N, want_mean=True, key_stride=stride,
                                    key_top=top if stride > 1 else None, kbar=kbar, **kw)
         want, want_mean = block_lse_scores(q_pool, k_i8, k_s, scale, N, BLOCK_N, want_mean=True, kbar=kbar_ref,
-                                           stride=stride, exact=exact if guard else None)
+                                           stride=stride, exact=exact if guard else None, top=top)
         # scores up to ~90 (log2 units): fp32 sums in another order differ by a few 1e-5 of that
         torch.testing.assert_close(got, want, rtol=5e-5, atol=1e-3, msg=f"stride {stride}, guard {guard}")
         torch.testing.assert_close(got_mean, want_mean, rtol=5e-5, atol=1e-3)

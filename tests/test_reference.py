@@ -455,6 +455,26 @@ def test_pool_and_similarity_definition():
     assert pool_and_similarity(same, 64)[1].item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_energy_similarity_definition():
+    """Mean pairwise dot over mean squared norm, per block (the partial one too); the cosine where
+    the norms are equal; 0 for an all-zero block; below the cosine for one direction at unequal
+    norms (x_i = a_i u: (sum a_i)^2 / (n sum a_i^2) < 1)."""
+    from sparge_attention.sparge_core.reference_predict import energy_similarity
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 150, 16, generator=g)
+    sim = energy_similarity(x, 64)
+    for b, (s, e) in enumerate([(0, 64), (64, 128), (128, 150)]):
+        xb = x[:, :, s:e].double()
+        want = (xb @ xb.transpose(-1, -2)).mean((-1, -2)) / (xb * xb).sum(-1).mean(-1)
+        torch.testing.assert_close(sim[:, :, b], want.float(), rtol=1e-5, atol=1e-6)
+    unit = F.normalize(x, dim=-1)
+    torch.testing.assert_close(energy_similarity(unit, 64), pool_and_similarity(unit, 64)[1], rtol=1e-5, atol=1e-6)
+    assert energy_similarity(torch.zeros(1, 1, 64, 16), 64).item() == 0.0
+    same = torch.randn(16, generator=g).expand(1, 1, 64, 16) * torch.rand(1, 1, 64, 1, generator=g)
+    assert 0.5 < energy_similarity(same, 64).item() < pool_and_similarity(same, 64)[1].item()
+
+
 # ----------------------------------------------------------------------------- SpargeBlockMask
 @settings(max_examples=15, deadline=None)
 @given(
@@ -587,14 +607,14 @@ def test_fill_is_exact_where_blocks_are_what_their_means_say():
     """Query blocks of identical rows (each row is the pooled query) and value blocks of one value
     repeated: with lse scores over every key the estimate of a skipped block is then its true mass
     and value (up to int8), so the output matches dense attention although most blocks are
-    skipped. Scores from every 2nd key and the top one (the kernel's key_stride 2, off by default)
+    skipped. Scores from every 2nd key and the top one (LSE_KEY_STRIDE 2, unguarded here)
     estimate each block's mass; on these random, large-norm keys (a few keys hold each block's
     mass) that costs accuracy, though it still beats dropping the blocks by far, and the guard
     (lse_exact_blocks: blocks of low self-similarity read in full) gives the exact sums back."""
     from sparge_attention.sparge_core.reference import sparse_attention_reference
     from sparge_attention.sparge_core.reference_predict import (
-        LSE_KEY_STRIDE,
         block_lse_scores,
+        block_top_keys,
         fill_bias,
         lse_exact_blocks,
         mean_keys_i8,
@@ -610,15 +630,17 @@ def test_fill_is_exact_where_blocks_are_what_their_means_say():
     truth = dense_attention(q, k, v)
     out0, mask, _ = sparge_reference(q, k, v, _fill_params(1.5), BQ, BK, pv_dtype="fp32")
     out1, mask1, _ = sparge_reference(q, k, v, _fill_params(1.5, fill_skipped=True), BQ, BK, pv_dtype="fp32")
-    assert LSE_KEY_STRIDE == 1 and torch.equal(mask, mask1) and sparsity(mask) > 0.4
+    # the reference's own stage 1 at LSE_KEY_STRIDE: the guard reads these random keys' blocks in full
+    assert torch.equal(mask, mask1) and sparsity(mask) > 0.4
     e0 = rel_l1(out0, truth)
     assert e0 > 0.05 and rel_l1(out1, truth) < 0.01
     params = _fill_params(1.5, fill_skipped=True)
     qp, qs = pool_and_similarity(q, BQ)
     ksm = smooth_k(k.float())
     k_i8, k_s = quantize_int8_per_block(ksm, BK)
+    top = block_top_keys(ksm, BK, N)
     lse, mean = block_lse_scores(qp, k_i8, k_s, D ** -0.5, N, BK, want_mean=True, kbar=mean_keys_i8(ksm, BK),
-                                 stride=2)
+                                 stride=2, top=top)
     mask2 = select_blocks(qp, qs, None, None, params, D ** -0.5, N, N, BQ, BK, lse)
     out2 = sparse_attention_reference(q, k, v, mask2, params, BQ, BK, pv_dtype="fp32",
                                       fill=fill_bias(lse, mean, mask2, params, N, N, BQ, BK))[0]
@@ -627,7 +649,7 @@ def test_fill_is_exact_where_blocks_are_what_their_means_say():
     exact = lse_exact_blocks(ksm, BK, stride=2)
     assert exact.all() and lse_exact_blocks(ksm, BK, stride=1) is None
     lse3, mean3 = block_lse_scores(qp, k_i8, k_s, D ** -0.5, N, BK, want_mean=True, kbar=mean_keys_i8(ksm, BK),
-                                   stride=2, exact=exact)
+                                   stride=2, exact=exact, top=top)
     lse1, mean1 = block_lse_scores(qp, k_i8, k_s, D ** -0.5, N, BK, want_mean=True, kbar=mean_keys_i8(ksm, BK))
     assert torch.equal(lse3, lse1) and torch.equal(mean3, mean1)
 
@@ -635,7 +657,13 @@ def test_fill_is_exact_where_blocks_are_what_their_means_say():
 def test_lse_guard_keeps_the_estimate_on_self_similar_blocks():
     """Per key block: self-similar keys (one direction plus a little noise) keep the stride-2
     estimate, random ones get the exact sum."""
-    from sparge_attention.sparge_core.reference_predict import LSE_EXACT_SIM, block_lse_scores, lse_exact_blocks
+    from sparge_attention.sparge_core.reference_predict import (
+        LSE_EXACT_SIM,
+        block_lse_scores,
+        block_top_keys,
+        energy_similarity,
+        lse_exact_blocks,
+    )
     from sparge_attention.sparge_core.reference_quant import quantize_int8_per_block
 
     g = torch.Generator().manual_seed(9)
@@ -646,13 +674,14 @@ def test_lse_guard_keeps_the_estimate_on_self_similar_blocks():
     k[:, :, BK:2 * BK] = torch.randn(D, generator=g) * 2 + 0.3 * k[:, :, BK:2 * BK]
     k[:, :, 2 * BK:] = torch.randn(D, generator=g) * 2 + 0.3 * k[:, :, 2 * BK:]
     ksm = smooth_k(k)
-    _, sim = pool_and_similarity(ksm, BK)
+    sim = energy_similarity(ksm, BK)
     exact = lse_exact_blocks(ksm, BK, stride=2)
     assert exact.tolist() == [[[True, False, False]]] and sim[0, 0, 0] < LSE_EXACT_SIM < sim[0, 0, 1]
     qp = torch.randn(1, 1, 4, D, generator=g)
     k_i8, k_s = quantize_int8_per_block(ksm, BK)
-    got = block_lse_scores(qp, k_i8, k_s, D ** -0.5, 3 * BK, BK, stride=2, exact=exact)
-    est = block_lse_scores(qp, k_i8, k_s, D ** -0.5, 3 * BK, BK, stride=2)
+    top = block_top_keys(ksm, BK, 3 * BK)
+    got = block_lse_scores(qp, k_i8, k_s, D ** -0.5, 3 * BK, BK, stride=2, exact=exact, top=top)
+    est = block_lse_scores(qp, k_i8, k_s, D ** -0.5, 3 * BK, BK, stride=2, top=top)
     full = block_lse_scores(qp, k_i8, k_s, D ** -0.5, 3 * BK, BK, stride=1)
     assert torch.equal(got[..., 1:], est[..., 1:]) and torch.equal(got[..., 0], full[..., 0])
     assert not torch.equal(est[..., 0], full[..., 0])
