@@ -21,6 +21,7 @@ the estimate, each at a sweep of minshare values:
               key): it errs on random keys (NOTES v31)
   guarded     the same with the guard (reference_predict.lse_exact_blocks: blocks of low key
               self-similarity and a partial last block read in full; NOTES v32)
+  guarded4    the same at stride 4 (every 4th key and the top one)
 The top key and the guard's similarity are production's (v55: the key holding the block's largest
 |value|, energy_similarity); the run that compared them with v54's largest-norm key by the int8
 values (both with the energy guard) is 2026-12-06-cpu-lse_sample_study-energy-max (its "guarded"
@@ -80,7 +81,8 @@ REGIMES = {
     "wan480-noisy0.6-seed7": dict(grid=(13, 30, 52), heads=12, seed=7, noise_level=0.6,
                                   head_types=["local", "temporal", "global", "spatial"] * 3),
 }
-VARIANTS = ("full", "s2/exact", "s2/sampled", "s4/exact", "s2+norm/exact", "s4+norm/exact", "reference", "guarded")
+VARIANTS = ("full", "s2/exact", "s2/sampled", "s4/exact", "s2+norm/exact", "s4+norm/exact", "reference", "guarded",
+            "guarded4")
 SHARES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 
 
@@ -168,14 +170,15 @@ def run_regime(name, kw, sample_qblocks, variants, log):
     scale = q.shape[-1] ** -0.5
     rows = []
     for variant in variants:
-        if variant in ("reference", "guarded"):  # the reference's estimator at stride 2 (key_stride 2)
+        if variant in ("reference", "guarded", "guarded4"):  # the reference's estimator at stride 2 (4)
+            stride = 4 if variant == "guarded4" else 2
             ksm = smooth_k(k.float())
             k_i8, k_scale = quantize_int8_per_block(ksm, block_k)
-            exact = lse_exact_blocks(ksm, block_k, stride=2) if variant == "guarded" else None
+            exact = lse_exact_blocks(ksm, block_k, stride=stride) if variant != "reference" else None
             if exact is not None:
                 log(f"  guarded: {exact.float().mean().item():.4f} of the key blocks read in full")
             lse, mean = block_lse_scores(qp, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True,
-                                         kbar=mean_keys_i8(ksm, block_k), stride=2, exact=exact,
+                                         kbar=mean_keys_i8(ksm, block_k), stride=stride, exact=exact,
                                          top=block_top_keys(ksm, block_k, k.shape[2]))
         else:
             head = variant.split("/")[0]
