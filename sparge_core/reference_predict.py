@@ -75,9 +75,9 @@ LSE_EXACT_SIM = 0.2
 
 def lse_exact_blocks(k_smooth, block_k: int, stride: int = LSE_KEY_STRIDE):
     """The key blocks the lse scores read in full at `stride` (B,Hkv,NK) bool: those whose smoothed
-    keys' self-similarity (energy_similarity) is below LSE_EXACT_SIM, and a partial last block (too few keys for a
-    sample to stand for; in joint attention it holds the text tokens). None at stride 1 (every
-    block is read in full)."""
+    keys' self-similarity (energy_similarity) is below LSE_EXACT_SIM, and a partial last block
+    (too few keys for a sample to stand for; in joint attention it holds the text tokens). None at
+    stride 1 (every block is read in full)."""
     if stride == 1:
         return None
     exact = energy_similarity(k_smooth, block_k) < LSE_EXACT_SIM
