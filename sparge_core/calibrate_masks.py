@@ -15,14 +15,7 @@ import torch
 
 from .blockmask import num_blocks
 from .params import SpargeParams
-from .reference_predict import (
-    LSE_KEY_STRIDE,
-    block_lse_scores,
-    block_top_keys,
-    lse_exact_blocks,
-    pool_and_similarity,
-    select_blocks,
-)
+from .reference_predict import block_lse_scores, lse_sampling, pool_and_similarity, select_blocks
 from .reference_quant import expand_kv
 
 # Candidates cost little (one mask + one combination each); a fine grid lands close to the target.
@@ -109,8 +102,7 @@ def _key_side(q_pool, ksm, k_i8, k_scale, scoring: str, blocks: CallBlocks, kbar
         k_pool, k_sim = pool_and_similarity(ksm, blocks.block_k)
         return None, expand_kv(k_pool, blocks.heads), expand_kv(k_sim[..., None], blocks.heads)[..., 0], None
     scores = block_lse_scores(q_pool, k_i8, k_scale, blocks.scale, blocks.n, blocks.block_k, want_mean=fill,
-                              kbar=kbar, stride=LSE_KEY_STRIDE, exact=lse_exact_blocks(ksm, blocks.block_k),
-                              top=block_top_keys(ksm, blocks.block_k, blocks.n))
+                              kbar=kbar, **lse_sampling(ksm, blocks.block_k))
     if not fill:
         return scores, None, None, None
     scores, mean_scores = scores

@@ -99,6 +99,13 @@ def block_top_keys(k_smooth: torch.Tensor, block_k: int, n_k: int) -> torch.Tens
     return kb.masked_fill(~valid, -1.0).argmax(-1)
 
 
+def lse_sampling(k_smooth: torch.Tensor, block_k: int) -> dict:
+    """block_lse_scores' stride, exact and top for stage 1 as production runs it on these smoothed
+    keys (B,Hkv,Nk,D): LSE_KEY_STRIDE, the guard's blocks read in full and each block's top key."""
+    return dict(stride=LSE_KEY_STRIDE, exact=lse_exact_blocks(k_smooth, block_k),
+                top=block_top_keys(k_smooth, block_k, k_smooth.shape[2]))
+
+
 def lse_key_rows(top: torch.Tensor, block_k: int, stride: int) -> torch.Tensor:
     """The positions in each key block that its lse score reads (B,H,NK,block_k // stride): j *
     stride for every j, except the top key's group j = top // stride, which reads the top key."""
@@ -359,8 +366,7 @@ def lse_stage1(q_pool, k, block_k: int, scale: float):
     ksm = smooth_k(k.float())
     k_i8, k_scale = quantize_int8_per_block(ksm, block_k)
     return block_lse_scores(q_pool, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True,
-                            kbar=mean_keys_i8(ksm, block_k), stride=LSE_KEY_STRIDE,
-                            exact=lse_exact_blocks(ksm, block_k), top=block_top_keys(ksm, block_k, k.shape[2]))
+                            kbar=mean_keys_i8(ksm, block_k), **lse_sampling(ksm, block_k))
 
 
 def predict_block_mask(q, k, params: SpargeParams, block_q: int, block_k: int, scale: float | None = None,
