@@ -188,7 +188,7 @@ def pack_kernel_jobs(cc: int) -> list:
     if "kbar" in block_scores.block_lse_scores.__code__.co_varnames:
         lse_kw = dict(kbar=(x(B, HKV, 640, D, dtype=torch.int8), x(B, HKV, 640, dtype=torch.float32)))
 
-    # K's quantizer as production runs it since v55 (the guarded lse scores at stride 2 read its
+    # K's quantizer as production runs it since v55 (the guarded lse scores at stride 2, 4 since v56, read its
     # self-similarity and top keys); revisions before it ran it without either
     k_guard_kw = (dict(want_sim=True, want_top=True, sim_kind="energy")
                   if "sim_kind" in quantize.quant_pool.__code__.co_varnames else {})
@@ -238,13 +238,13 @@ def pack_kernel_jobs(cc: int) -> list:
             x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
             x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True, **helper_kw("block_lse"),
             **lse_kw)),
-        # every 2nd key with the guard's branch (blocks of low self-similarity read in full);
-        # revisions before v32 lack it
+        # every 4th key (production's stride since v56; 2 in v55) with the guard's branch (blocks
+        # of low self-similarity read in full); revisions before v32 lack it
         (block_scores._block_lse_kernel if "key_sim" in block_scores.block_lse_scores.__code__.co_varnames else None,
-         "stride 2, guard", lambda: block_scores.block_lse_scores(
+         "stride 4, guard", lambda: block_scores.block_lse_scores(
             x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
             x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True, **helper_kw("block_lse"),
-            key_stride=2, key_top=x(B, HKV, nk, dtype=torch.int32), key_sim=x(B, HKV, nk, dtype=torch.float32),
+            key_stride=4, key_top=x(B, HKV, nk, dtype=torch.int32), key_sim=x(B, HKV, nk, dtype=torch.float32),
             exact_below=0.2, **lse_kw)),
         # the sorting modes' shared memory grows with the padded key-block count (1024: 4 warps, 2048: 8)
         (select._select_kernel, "cdf causal fill, 1500 blocks", select_launch("cdf", True, 1500)),

@@ -68,8 +68,11 @@ def energy_similarity(x: torch.Tensor, block: int) -> torch.Tensor:
 # 0.02-0.10, the realistic inputs' 0.29-0.90 (0.09-0.47 at a noisy step, where 12% of the blocks
 # are read in full; bench/lse_guard_study.py). On by default since v55, when K's quantizer took the
 # guard's similarity and the top key from what it computes anyway (before: per-token norms and
-# unit vectors, which made it spill and cost the gain at Wan 480p; NOTES v40, v55).
-LSE_KEY_STRIDE = 2
+# unit vectors, which made it spill and cost the gain at Wan 480p; NOTES v40, v55). Stride 4 since
+# v56: on the realistic regimes +3% / +1% density at rel-L1 0.05 over stride 2 with the worst head
+# no worse (CPU), and the presets' errors within 1% on the GPU, for a scoring kernel about half as
+# long (prediction + quantization 0.0155x -> 0.0141x at HunyuanVideo 544p, H100; NOTES v56).
+LSE_KEY_STRIDE = 4
 LSE_EXACT_SIM = 0.2
 
 

@@ -1,5 +1,6 @@
 """The lse scoring kernel on CUDA against the reference (the CPU tests run it in the Triton
-interpreter): every key, every 2nd key with each block's top key, and the same with the guard
+interpreter): every key, every 2nd key with each block's top key, and every 2nd and every 4th (production's
+stride) with the guard
 (blocks of low key self-similarity and the partial last block read in full), on keys whose blocks
 are self-similar in places and random in others, through a permutation. Skipped without a GPU.
 Also runs without pytest:  python tests/test_lse_gpu.py
@@ -52,11 +53,11 @@ def test_lse_scores_match_the_reference_at_each_stride_and_with_the_guard():
     want_sim = energy_similarity(ksm, BLOCK_N)
     torch.testing.assert_close(k_sim, want_sim, rtol=1e-4, atol=1e-5)
     assert torch.equal(top.long(), block_top_keys(ksm, BLOCK_N, N))
-    exact = lse_exact_blocks(ksm, BLOCK_N, stride=2)
+    exact = lse_exact_blocks(ksm, BLOCK_N, stride=2)  # the same blocks at any stride > 1
     assert exact.any() and not exact.all()  # both kinds of block
     assert torch.equal(exact[..., :-1], (k_sim < LSE_EXACT_SIM)[..., :-1]) and exact[..., -1].all()
     kbar_ref = (kbar[0].float(), kbar[1])
-    for stride, guard in ((1, False), (2, False), (2, True)):
+    for stride, guard in ((1, False), (2, False), (2, True), (4, True)):
         kw = dict(key_sim=k_sim, exact_below=LSE_EXACT_SIM) if guard else {}
         got, got_mean = kernel_lse(q_pool, k_i8, k_s, scale, N, BLOCK_N, want_mean=True, key_stride=stride,
                                    key_top=top if stride > 1 else None, kbar=kbar, **kw)

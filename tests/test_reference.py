@@ -607,7 +607,7 @@ def test_fill_is_exact_where_blocks_are_what_their_means_say():
     """Query blocks of identical rows (each row is the pooled query) and value blocks of one value
     repeated: with lse scores over every key the estimate of a skipped block is then its true mass
     and value (up to int8), so the output matches dense attention although most blocks are
-    skipped. Scores from every 2nd key and the top one (LSE_KEY_STRIDE 2, unguarded here)
+    skipped. Scores from every 2nd key and the top one (stride 2, unguarded here)
     estimate each block's mass; on these random, large-norm keys (a few keys hold each block's
     mass) that costs accuracy, though it still beats dropping the blocks by far, and the guard
     (lse_exact_blocks: blocks of low self-similarity read in full) gives the exact sums back."""
