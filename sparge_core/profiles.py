@@ -30,7 +30,8 @@ from .profile_format import load_tensors as _load_tensors
 from .profile_format import meta_int as _meta_int
 from .profile_format import parse_header, read_bytes
 
-PACK_VERSION = "0.1.0"  # TODO(lead): move to one place in the pack if a version constant appears
+# written into each profile: pyproject.toml's version (tests/test_profiles.py checks that they agree)
+PACK_VERSION = "0.1.0"
 FORMAT = "sparge-attention-profile"
 FORMAT_VERSION = 1
 DENSE_THRESHOLD = 1.0

@@ -260,3 +260,14 @@ def test_invalid_profile_cannot_be_built_or_saved():
         make_profile(threshold=torch.full((L, H), math.nan))
     with pytest.raises(ValueError, match="has shape"):
         make_profile(simthreshd1=torch.zeros(L, H + 1))
+
+
+def test_pack_version_is_pyprojects():
+    """The version written into profiles is the one the pack is released under."""
+    import tomllib
+
+    from sparge_attention.sparge_core.profiles import PACK_VERSION
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        assert PACK_VERSION == tomllib.load(f)["project"]["version"]
