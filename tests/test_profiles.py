@@ -263,11 +263,13 @@ def test_invalid_profile_cannot_be_built_or_saved():
 
 
 def test_pack_version_is_pyprojects():
-    """The version written into profiles is the one the pack is released under."""
-    import tomllib
+    """The version written into profiles is the one the pack is released under (pyproject's
+    [project] version; read as text: tomllib needs Python 3.11 and the pack supports 3.10)."""
+    import re
 
     from sparge_attention.sparge_core.profiles import PACK_VERSION
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
-        assert PACK_VERSION == tomllib.load(f)["project"]["version"]
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        project = f.read().split("[project]", 1)[1].split("\n[", 1)[0]
+    assert PACK_VERSION == re.search(r'^version\s*=\s*"([^"]+)"', project, re.M).group(1)
