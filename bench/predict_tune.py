@@ -26,6 +26,7 @@ from sparge_attention.kernels.select import select_blocks_fused
 from sparge_attention.sparge_core.hilbert import TokenPermutation
 from sparge_attention.sparge_core.reference_predict import LSE_EXACT_SIM, LSE_KEY_STRIDE
 from sparge_attention.sparge_core.reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM
+from sparge_attention.sparge_core.triton_call import key_quant_outputs
 
 
 HD = 128  # the head dim the kernels run (the shapes' D, padded)
@@ -85,9 +86,8 @@ ALIASES = {"block_lse_nomean": "block_lse", "kv_stats_fullv": "kv_stats", "quant
            "torch_gather": "quant_v"}
 
 
-# K's quantizer as prepare_sparse runs it (mean added per call): self-similarity and top keys for
-# the guarded lse scores at LSE_KEY_STRIDE > 1
-K_KW = dict(want_pool=False, want_sim=LSE_KEY_STRIDE > 1, want_top=LSE_KEY_STRIDE > 1, sim_kind="energy")
+# K's quantizer as prepare_sparse runs it for the lse scores (mean added per call)
+K_KW = key_quant_outputs(predict=True, lse=True)
 
 
 def prediction_inputs(q, k, v, perm, scale, n_k):

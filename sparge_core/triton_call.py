@@ -19,6 +19,17 @@ def _thresholds(params: SpargeParams, heads: int, device, staged: Optional[dict]
     return lambda name: params.per_head(name, heads, device)
 
 
+def key_quant_outputs(predict: bool, lse: bool) -> dict:
+    """What stage 1 asks of K's quantizer (quant_pool's want_pool, want_sim, want_top, sim_kind):
+    the paper's pooled scores need each block's mean and mean pairwise cosine; the lse scores from
+    a sample of each block's keys (LSE_KEY_STRIDE > 1) need its top key, which they always read,
+    and its keys' self-similarity from the block's sums (energy_similarity: a block below
+    LSE_EXACT_SIM is read in full); the lse scores over every key need neither."""
+    sampled = predict and lse and LSE_KEY_STRIDE > 1
+    return dict(want_pool=predict and not lse, want_sim=predict and (not lse or sampled), want_top=sampled,
+                sim_kind="energy" if lse else "cosine")
+
+
 def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None, pv_dtype: str = "auto",
                    perm_q=None, perm_k=None, addrs=None, staged: Optional[dict] = None) -> dict:
     """Everything before the attention kernel on the Triton path: quantization (with the
@@ -53,15 +64,11 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
     # quant_v checks against every value)
     k_mean, v_scale = kv_stats(k, v, v_format_max=FP8_MAX, k_sample=KMEAN_SAMPLE, perm=perm_k, k_addr=at(1),
                                v_addr=at(2), v_headroom=V_HEADROOM)
-    # K's block means: fp32 for the paper's pooled scores, int8 for the fill_skipped estimate's mean keys
+    # K's int8 mean keys for the fill_skipped estimate, and what stage 1 reads (key_quant_outputs)
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
-    # and, for lse scores from a sample of each block's keys, its largest-norm key (which they
-    # always read) and its keys' self-similarity (energy_similarity: a block below LSE_EXACT_SIM is
-    # read in full)
-    sampled_lse = predict and lse and LSE_KEY_STRIDE > 1
-    k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, want_pool=predict and not lse,
-                       want_sim=predict and (not lse or sampled_lse), perm=perm_k, pool_i8_blocks=nkc, addr=at(1),
-                       want_top=sampled_lse, sim_kind="energy" if lse else "cosine")
+    k_opts = key_quant_outputs(predict, lse)
+    sampled_lse = k_opts["want_top"]  # the lse scores from a sample of each block's keys
+    k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, perm=perm_k, pool_i8_blocks=nkc, addr=at(1), **k_opts)
     k_i8, k_s, k_pool, k_sim = k_out[:4]
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2),
                   rescale_above=FP8_MAX)
