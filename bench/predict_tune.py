@@ -46,8 +46,9 @@ def grids(quick: bool) -> dict:
         + [Launch(maxnreg=128), Launch(num_warps=8, maxnreg=80)],
         "quant_v": [Launch(num_warps=n, block=b) for n, b in itertools.product((2, 4, 8), (0, 64, 32, 16))]
         + [Launch(num_warps=2, block=64, maxnreg=r) for r in (168, 128)] + [Launch(num_warps=4, maxnreg=128)],
+        # v57: fewer programs (one wave at 96 registers, 5 per SM) with the sampled runs' loads ahead
         "kv_stats": [Launch(num_warps=4, num_stages=s, block=b, programs=p)
-                     for b, s, p in itertools.product((32, 64), (1, 2, 3), (1024, 2048))],
+                     for b, s, p in itertools.product((32, 64), (1, 3), (128, 256, 512, 1024))],
         # v24: register caps for 4 programs per SM (128; with 2 stages, as 3 stages' shared memory fits
         # only 3; slower, the grid has it no more) and result-tile widths (two key blocks per dot, measured
         # slower, is in NOTES v24);

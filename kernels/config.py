@@ -96,8 +96,11 @@ _HELPERS = {
 # Wan 480p, 681 -> 326 us at HunyuanVideo 544p against 32 rows with 4 warps (the one pass: 90 / 358).
 # The scoring kernel's keys by TMA (NOTES v39), as the attention kernel's: 106.1 -> 96.6 us at Wan 480p,
 # 849.1 -> 786.7 at HunyuanVideo 544p (H100, 2026-12-06).
+# kv_stats over 256 programs with the sampled runs' loads ahead (NOTES v57, H100): one wave of
+# programs instead of ~1.6 (96 registers: 5 per SM) and a finish over 4x fewer partials; with its
+# finish 23.4 -> 10.5-11.4 us at Wan 480p, 55.4 -> 42.5 at HunyuanVideo 544p, 17.1 -> 8.9 at 17 frames.
 _HOPPER = {"block_lse": Launch(block=64, programs=256, maxnreg=168, tma=True),
-           "kv_stats": Launch(num_stages=3, block=32), "quant_v": Launch(num_warps=2, block=64)}
+           "kv_stats": Launch(num_stages=3, block=32, programs=256), "quant_v": Launch(num_warps=2, block=64)}
 
 
 def helper_launches_for(major: int | None) -> dict[str, Launch]:

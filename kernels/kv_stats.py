@@ -47,7 +47,9 @@ def _kv_stats_kernel(K, V, ADDRS, PERM, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h
     # it has one (the sample then is the reference's, which smooths the permuted keys)
     ksum_t = tl.zeros([SAMPLE_ROWS, HEAD_DIM], dtype=tl.float32)
     period = SAMPLE_ROWS * SAMPLE_EVERY
-    for r in tl.range(tl.cdiv(start, period) * period, end, period):
+    # loads ahead here too: a program is a chain of runs (PERM, then K's and V's rows), so without
+    # them each run waits out its loads' latency (v57: with 256 programs, one wave on an H100)
+    for r in tl.range(tl.cdiv(start, period) * period, end, period, num_stages=STAGES):
         offs_n = r + tl.arange(0, SAMPLE_ROWS)
         rows = offs_n
         if HAS_PERM:
