@@ -31,18 +31,23 @@ def _quant_pool_rows(X, PERM, MEAN, b, h, sx_b, sx_h, sx_n, sm_b, sm_h, blk, i, 
                 mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     if SUBTRACT_MEAN:
         mu = tl.load(MEAN + b * sm_b + h * sm_h + offs_d, mask=dmask, other=0.0)
-        x = tl.where(valid[:, None], x - mu[None, :], 0.0)
+        # x - mu on the real rows, 0 on the padded ones (loaded as 0): one FFMA a value, the same
+        # bits as a subtraction (mu * 1 is exact), where a subtraction and a select took two
+        x = tl.fma(-mu[None, :], valid[:, None].to(tl.float32), x)
     return offs_n, x
 
 
 @triton.jit
 def _row_sums(x, psum, usum, ssum, SUM: tl.constexpr, UNIT_SUM: tl.constexpr, SQ_SUM: tl.constexpr):
     """psum + the rows' sum (the pooled mean's), usum + the sum of the rows as unit vectors (the
-    self-similarity's), ssum + the rows' sum of squares (the channel variances'), each where wanted."""
+    self-similarity's), ssum + the rows' sums of squares over VAR_GROUPS groups of contiguous
+    channels (the grouped variances' and the energy similarity's: summed by group before the rows,
+    so that 16 sums cross threads, not 128), each where wanted."""
     if SUM:
         psum += tl.sum(x, 0)
     if SQ_SUM:
-        ssum += tl.sum(x * x, 0)
+        sq = tl.reshape(x * x, (x.shape[0], VAR_GROUPS, x.shape[1] // VAR_GROUPS))
+        ssum += tl.sum(tl.sum(sq, 2), 0)
     if UNIT_SUM:
         norm = tl.sqrt(tl.sum(x * x, 1))
         unit = tl.where(norm[:, None] > 0, x / tl.maximum(norm, 1e-20)[:, None], 0.0)
@@ -96,7 +101,7 @@ def _quant_pool_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     psum = tl.zeros([HEAD_DIM], tl.float32)
     usum = tl.zeros([HEAD_DIM], tl.float32)
-    ssum = tl.zeros([HEAD_DIM], tl.float32)
+    ssum = tl.zeros([VAR_GROUPS], tl.float32)
     top = 0
     SUMS: tl.constexpr = WANT_POOL or POOL_I8 or (WANT_SIM and SIM_ENERGY)
     UNIT_SUM: tl.constexpr = WANT_SIM and not SIM_ENERGY
@@ -140,8 +145,8 @@ def _quant_pool_kernel(
             # and the channels' variances over the block, summed in VAR_GROUPS groups of contiguous
             # channels, fp16 up to its largest value (the estimate's second-order term,
             # reference_predict.key_variances)
-            var = tl.maximum(ssum / cnt - pooled * pooled, 0.0)
-            var = tl.minimum(tl.sum(tl.reshape(var, (VAR_GROUPS, HEAD_DIM // VAR_GROUPS)), 1), 65504.0)
+            psq = tl.sum(tl.reshape(pooled * pooled, (VAR_GROUPS, HEAD_DIM // VAR_GROUPS)), 1)
+            var = tl.minimum(tl.maximum(ssum / cnt - psq, 0.0), 65504.0)
             tl.store(POOLV + b * spv_b + h * spv_h + blk * VAR_GROUPS + tl.arange(0, VAR_GROUPS), var.to(tl.float16))
     if WANT_SIM:
         cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)

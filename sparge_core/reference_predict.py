@@ -312,16 +312,17 @@ def channel_groups(x, mean: bool):
 
 def key_variances(k, block_k: int, k_smooth=None):
     """Every key block's channel variances of the smoothed keys over its real tokens, summed in
-    FILL_VAR_GROUPS groups of contiguous channels (B, Hkv, NK, FILL_VAR_GROUPS): mean of squares
-    less the squared mean in fp32 (as K's quantizer sums them), each channel's held at >= 0, then
-    the group sums rounded to fp16 like the kernel's copy (held below fp16's largest value): the
-    second-order term of the skipped-block estimate (fill_logits)."""
+    FILL_VAR_GROUPS groups of contiguous channels (B, Hkv, NK, FILL_VAR_GROUPS): a group's mean
+    of squares less its channels' squared means, in fp32 (as K's quantizer sums them: its squares
+    summed by group before the rows, 16 sums across threads instead of 128), held at >= 0, then
+    rounded to fp16 like the kernel's copy (held below fp16's largest value): the second-order
+    term of the skipped-block estimate (fill_logits)."""
     ks = smooth_k(k.float()) if k_smooth is None else k_smooth
     cnt = block_token_counts(ks.shape[2], block_k, ks.device)[:, None]
     xb = split_blocks(ks, block_k)
     mean = xb.sum(-2) / cnt
-    var = ((xb * xb).sum(-2) / cnt - mean * mean).clamp_min(0.0)
-    return channel_groups(var, mean=False).clamp(max=65504.0).to(torch.float16).float()
+    var = channel_groups((xb * xb).sum(-2), mean=False) / cnt - channel_groups(mean * mean, mean=False)
+    return var.clamp(0.0, 65504.0).to(torch.float16).float()
 
 
 FILL_ORDER2_CLAMP = 2.0  # log2 units: the second-order term moves a block's weight by 4x at most
