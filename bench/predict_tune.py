@@ -24,9 +24,8 @@ from sparge_attention.kernels.quantize import quant_pool
 from sparge_attention.kernels.quantize_v import quant_v
 from sparge_attention.kernels.select import select_blocks_fused
 from sparge_attention.sparge_core.hilbert import TokenPermutation
-from sparge_attention.sparge_core.reference_predict import LSE_EXACT_SIM, LSE_KEY_STRIDE
 from sparge_attention.sparge_core.reference_quant import FP8_MAX, KMEAN_SAMPLE, LOG2E, V_HEADROOM
-from sparge_attention.sparge_core.triton_call import key_quant_outputs
+from sparge_attention.sparge_core.triton_call import key_lse_sampling, key_quant_outputs
 
 
 HD = 128  # the head dim the kernels run (the shapes' D, padded)
@@ -106,9 +105,9 @@ def runners(q, k, v, perm, scale, n_k):
     """kernel name -> fn(launch) returning the kernel's outputs, on the inputs prepare_sparse gives it."""
     hd = HD
     nkc, k_mean, v_scale, q_pool, k_out = prediction_inputs(q, k, v, perm, scale, n_k)
-    k_i8, k_s, k_sim, kbar, top = k_out[0], k_out[1], k_out[3], k_out[4], k_out[-1]
-    guard = dict(key_top=top, key_sim=k_sim, exact_below=LSE_EXACT_SIM) if LSE_KEY_STRIDE > 1 else {}
-    lse_kw = dict(key_stride=LSE_KEY_STRIDE, kbar=kbar, **guard)
+    k_i8, k_s, kbar = k_out[0], k_out[1], k_out[4]
+    sampling = key_lse_sampling(k_out)  # as prepare_sparse passes them
+    lse_kw = dict(kbar=kbar, **sampling)
     scores, mean = block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, **lse_kw)
     minshare = torch.full((q.shape[1],), 1.5, device=q.device)  # Balanced
     return {
@@ -125,7 +124,7 @@ def runners(q, k, v, perm, scale, n_k):
         "block_lse": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True, launch=L,
                                                 **lse_kw),
         "block_lse_nomean": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, launch=L,
-                                                       key_stride=LSE_KEY_STRIDE, **guard),
+                                                       **sampling),
         # every key (stride 1, no guard: before v55)
         "block_lse_every_key": lambda L: block_lse_scores(q_pool, k_i8, k_s, scale, n_k, BLOCK_N, want_mean=True,
                                                           launch=L, kbar=kbar),

@@ -30,6 +30,16 @@ def key_quant_outputs(predict: bool, lse: bool) -> dict:
                 sim_kind="energy" if lse else "cosine")
 
 
+def key_lse_sampling(k_out) -> dict:
+    """The scoring kernel's sampling arguments (block_lse_scores' key_stride, key_top, key_sim,
+    exact_below) from what K's quantizer returned for key_quant_outputs(True, True): at
+    LSE_KEY_STRIDE > 1 each block's top key (k_out's last) and self-similarity (k_out[3]), for
+    the guard that reads blocks below LSE_EXACT_SIM in full; at stride 1 neither."""
+    sampled = LSE_KEY_STRIDE > 1
+    return dict(key_stride=LSE_KEY_STRIDE, key_top=k_out[-1] if sampled else None,
+                key_sim=k_out[3] if sampled else None, exact_below=LSE_EXACT_SIM)
+
+
 def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None, pv_dtype: str = "auto",
                    perm_q=None, perm_k=None, addrs=None, staged: Optional[dict] = None) -> dict:
     """Everything before the attention kernel on the Triton path: quantization (with the
@@ -66,9 +76,8 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
                                v_addr=at(2), v_headroom=V_HEADROOM)
     # K's int8 mean keys for the fill_skipped estimate, and what stage 1 reads (key_quant_outputs)
     nkc = num_blocks(num_blocks(Nk, cfg.block_n), FILL_PAD) * FILL_PAD if fill else 0  # mean blocks, padded
-    k_opts = key_quant_outputs(predict, lse)
-    sampled_lse = k_opts["want_top"]  # the lse scores from a sample of each block's keys
-    k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, perm=perm_k, pool_i8_blocks=nkc, addr=at(1), **k_opts)
+    k_out = quant_pool(k, cfg.block_n, hd, mean=k_mean, perm=perm_k, pool_i8_blocks=nkc, addr=at(1),
+                       **key_quant_outputs(predict, lse))
     k_i8, k_s, k_pool, k_sim = k_out[:4]
     v_t = quant_v(v, v_scale, cfg.block_n, hd, pv_fp8, perm=perm_k, mean_blocks=nkc, addr=at(2),
                   rescale_above=FP8_MAX)
@@ -85,9 +94,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
             from ..kernels.block_scores import block_lse_scores
 
             scores = block_lse_scores(q_pool, k_i8, k_s, scale, Nk, cfg.block_n, want_mean=fill,
-                                      key_stride=LSE_KEY_STRIDE, key_top=k_out[-1] if sampled_lse else None,
-                                      kbar=k_out[4] if fill else None, key_sim=k_sim if sampled_lse else None,
-                                      exact_below=LSE_EXACT_SIM)
+                                      kbar=k_out[4] if fill else None, **key_lse_sampling(k_out))
             if fill:
                 scores, mean = scores
         else:
