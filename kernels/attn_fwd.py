@@ -16,7 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .caller_addrs import addr_args, caller_ptr
 from .config import KernelConfig
-from .fill_pass import check_fill, fill_skipped
+from .fill_pass import FILL_BLOCK, check_fill, fill_skipped
 from .fp8 import INTERPRET, p_operand
 from .host_math import cdiv
 from .launch import Kernel
@@ -160,11 +160,21 @@ def _sparse_attn_fwd(
                                            k_src, k_row, sk_n, v_src, v_row, offs_m, offs_n, N_Q, N_K, neg_lam,
                                            BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
     if FILL:
-        acc, l_i, m_i = fill_skipped(acc, l_i, m_i, q_src, q_scale, KBAR + b * skb_b + hk * skb_h,
-                                     KBS + b * sks2_b + hk * sks2_h, KVAR + b * skv_b + hk * skv_h,
-                                     VBAR + b * svb_b + hk * svb_h, BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC,
+        if TMA:  # 2-D descriptors over (B*Hkv*NKC, HEAD_DIM) and (B*Hkv*HEAD_DIM, NKC), like K and V^T
+            kbar_src = KBAR
+            vbar_src = VBAR
+            kbar_row = ((b * skb_b + hk * skb_h) // HEAD_DIM).to(tl.int32)
+            vbar_row = ((b * svb_b + hk * svb_h) // NKC).to(tl.int32)
+        else:
+            kbar_src = KBAR + b * skb_b + hk * skb_h
+            vbar_src = VBAR + b * svb_b + hk * svb_h
+            kbar_row = 0
+            vbar_row = 0
+        acc, l_i, m_i = fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, KBS + b * sks2_b + hk * sks2_h,
+                                     KVAR + b * skv_b + hk * skv_h, vbar_src, vbar_row,
+                                     BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC,
                                      tl.cdiv(N_K, BLOCK_N), tl.minimum(N_Q - pid_m * BLOCK_M, BLOCK_M).to(tl.float32),
-                                     fill_clamp, offs_d, HEAD_DIM, P_LOG2, PV_FP8, EMULATE_FP8)
+                                     fill_clamp, offs_d, HEAD_DIM, P_LOG2, PV_FP8, EMULATE_FP8, TMA)
 
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -273,13 +283,17 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     pv_fp8 = v_t.dtype == torch.float8_e4m3fn
     k_arg, v_arg = k_i8, v_t
     tma = config.tma and k_i8.is_contiguous() and v_t.is_contiguous()
+    kbar_arg, vbar_arg = kbar, vbar
     if tma:
         k_arg = TensorDescriptor.from_tensor(k_i8.view(-1, hd), [block_n, hd])
         v_arg = TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, block_n])
+        if nkc:  # the fill pass's means too (check_fill: contiguous)
+            kbar_arg = TensorDescriptor.from_tensor(kbar.view(-1, hd), [FILL_BLOCK.value, hd])
+            vbar_arg = TensorDescriptor.from_tensor(vbar.view(-1, nkc), [hd, FILL_BLOCK.value])
     addrs, o_slot = addr_args(out_addr, counts)
     _attn[(B * H * NQ,)](
         q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, addrs, out_perm if out_perm is not None else counts,
-        counts, indices, skipped, pvt, kbar, kbs, kvar, vbar, bias, float(fill_clamp),
+        counts, indices, skipped, pvt, kbar_arg, kbs, kvar, vbar_arg, bias, float(fill_clamp),
         *((lse, q_raw, kmean) if lse is not None else (counts, counts, counts)), *sqr, lse_scale,
         q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),

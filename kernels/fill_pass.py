@@ -22,9 +22,9 @@ FILL_PAD = 128  # the means and biases are padded to a multiple of this (a multi
 
 
 @triton.jit
-def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_base, kbs_base, kvar_base, vbar_base, bias_base, NKC,
-                 n_kb, n_rows, clamp, offs_d, HEAD_DIM: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr,
-                 EMULATE_FP8: tl.constexpr):
+def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kvar_base, vbar_src, vbar_row, bias_base,
+                 NKC, n_kb, n_rows, clamp, offs_d, HEAD_DIM: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr,
+                 EMULATE_FP8: tl.constexpr, TMA: tl.constexpr):
     """Every key block with a finite bias joins the softmax as one key: its mean key (int8, one
     scale per mean: scores q . kbar + bias in log2 units, plus the second-order term of
     reference_predict.fill_logits: (q^2 - qbar^2) . var over VAR_GROUPS channel groups, times q's
@@ -34,7 +34,11 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_base, kbs_base, kvar_base, 
     as well, as a high and a low part (~22 bits; held within +-BIAS_MAX).
     Only the steps that hold some of the n_kb key blocks run: the means are padded to NKC columns
     (FILL_PAD), and a step of padding alone (biases -inf) would add exactly nothing
-    (HunyuanVideo 544p: 528 blocks, 10 steps -> 9)."""
+    (HunyuanVideo 544p: 528 blocks, 10 steps -> 9).
+    TMA: the mean keys and values come by bulk tensor copies, as the main loop's K and V tiles:
+    kbar_src and vbar_src are then 2-D descriptors over (B*Hkv*NKC, HEAD_DIM) and (B*Hkv*HEAD_DIM,
+    NKC) and kbar_row / vbar_row this head's first row in them; else pointers to this head's means
+    (rows 0)."""
     offs_c = tl.arange(0, FILL_BLOCK)
     # the second-order term's operand: each row's squares less the squared mean of the block's
     # n_rows real rows (the padded rows are zeros), averaged over each group of channels, times
@@ -70,7 +74,10 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_base, kbs_base, kvar_base, 
         lo = (finite - hi.to(tl.float32)).to(tl.float16)
         hi = tl.where(kept, float("-inf"), hi.to(tl.float32)).to(tl.float16)
         b2 = tl.where(offs_g[:, None] == 0, hi[None, :], tl.where(offs_g[:, None] == 1, lo[None, :], 0.0))
-        kb = tl.load(kbar_base + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, FILL_BLOCK)
+        if TMA:  # straight into shared memory, no per-thread addresses or registers
+            kb = kbar_src.load([kbar_row + c0, 0]).T  # (HEAD_DIM, FILL_BLOCK)
+        else:
+            kb = tl.load(kbar_src + (c0 + offs_c)[None, :] * HEAD_DIM + offs_d[:, None])
         col_scale = q_scale * tl.load(kbs_base + c0 + offs_c)
         kv2 = tl.load(kvar_base + (c0 + offs_c)[None, :] * VAR_GROUPS + offs_g[:, None])  # (VAR_GROUPS, FILL_BLOCK)
         t = tl.dot(q, kb).to(tl.float32) * col_scale[None, :]
@@ -81,7 +88,10 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_base, kbs_base, kvar_base, 
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(t - (m_use - P_LOG2)[:, None])  # pre-scaled like the main loop's P
         l_i = l_i * alpha + tl.sum(p, 1)
-        vb = tl.load(vbar_base + offs_d[None, :] * NKC + (c0 + offs_c)[:, None])  # (FILL_BLOCK, HEAD_DIM)
+        if TMA:
+            vb = vbar_src.load([vbar_row, c0]).T  # (FILL_BLOCK, HEAD_DIM)
+        else:
+            vb = tl.load(vbar_src + offs_d[None, :] * NKC + (c0 + offs_c)[:, None])
         acc = acc * alpha[:, None] + tl.dot(p_operand(p, PV_FP8, EMULATE_FP8), vb)
         m_i = m_new
     return acc, l_i, m_i

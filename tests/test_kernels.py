@@ -631,22 +631,30 @@ def test_empty_row_gives_zeros_on_both_backends():
     assert rel_l1(out_t[..., :BQ, :], out_r[..., :BQ, :]) < 0.01
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_tma_and_pointer_loads_agree(causal):
-    """Hopper loads K/V tiles by tensor descriptors, older GPUs by pointers: same numbers, bit for
-    bit (GQA, a partial last block and P.V skipping included)."""
+@pytest.mark.parametrize("causal,fill", [(False, False), (True, False), (False, True), (True, True)])
+def test_tma_and_pointer_loads_agree(causal, fill):
+    """Hopper loads K/V tiles (and the fill pass's mean keys and values) by tensor descriptors,
+    older GPUs by pointers: same numbers, bit for bit (GQA, a partial last block, P.V skipping and
+    the skipped-block estimate included)."""
     from dataclasses import replace
 
     from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+    from sparge_attention.sparge_core.reference_predict import FILL_ORDER2_CLAMP
     from sparge_attention.sparge_core.triton_call import prepare_sparse
 
     q, k, v = clustered(1, 4, 300, 64, seed=21, Hkv=2, dtype=torch.bfloat16)
-    params = SpargeParams(simthreshd1=0.3, cdfthreshd=0.9, pvthreshd=4.0, is_causal=causal)
+    if fill:
+        params = SpargeParams(simthreshd1=-1.0, minshare=2.0, pvthreshd=4.0, scoring="lse", fill_skipped=True,
+                              is_causal=causal)
+    else:
+        params = SpargeParams(simthreshd1=0.3, cdfthreshd=0.9, pvthreshd=4.0, is_causal=causal)
     P = prepare_sparse(q, k, v, params, 64 ** -0.5)
+    assert (P["fill"] is not None) == fill
     bm = P["block_mask"]
     outs = [sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], bm.kv_num_blocks,
                             bm.kv_indices, torch.full((4,), 4.0), 300, 300, 64, q.dtype, causal, True,
-                            replace(P["cfg"], tma=tma)) for tma in (False, True)]
+                            replace(P["cfg"], tma=tma), fill=P["fill"], fill_clamp=FILL_ORDER2_CLAMP)
+            for tma in (False, True)]
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert 0 < int(bm.kv_num_blocks.sum()) < bm.kv_num_blocks.numel() * num_blocks(300, BK)
 
