@@ -15,7 +15,6 @@ from common import SHAPES, bench_graph_ms, bench_ms, card_name, realistic_text_t
 from devkit.realistic_inputs import make_video_qkv
 from sparge_attention.kernels import attn_fwd
 from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
-from sparge_attention.kernels.fill_pass import FILL_BLOCK
 from sparge_attention.sparge_core import SpargeParams
 from sparge_attention.sparge_core.reference_predict import FILL_ORDER2_CLAMP
 from sparge_attention.sparge_core.triton_call import prepare_sparse
@@ -68,7 +67,7 @@ def main():
                                    q.dtype, False, False, cfg, out_perm=perm, fill=fill,
                                    fill_clamp=FILL_ORDER2_CLAMP)[0]
 
-        for label, fill in (("kernel, no fill", None), (f"kernel, fill (step {FILL_BLOCK.value})", P1["fill"])):
+        for label, fill in (("kernel, no fill", None), (f"kernel, fill (step {P1['cfg'].fill_block})", P1["fill"])):
             t = bench_ms(lambda fill=fill: kern(fill))
             r["rows"].append({"part": label, "ms": t, "x_cudnn": t / t_cudnn})
         r["density"] = density

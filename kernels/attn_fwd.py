@@ -16,7 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .caller_addrs import addr_args, caller_ptr
 from .config import KernelConfig
-from .fill_pass import FILL_BLOCK, check_fill, fill_skipped
+from .fill_pass import check_fill, fill_skipped
 from .fp8 import INTERPRET, p_operand
 from .host_math import cdiv
 from .launch import Kernel
@@ -107,6 +107,7 @@ def _sparse_attn_fwd(
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
     TMA: tl.constexpr, FILL: tl.constexpr, RETURN_LSE: tl.constexpr, O_SLOT: tl.constexpr,
+    FILL_BLOCK: tl.constexpr, FILL_STAGES: tl.constexpr,
 ):
     # one program per (batch*head, query block), query blocks fastest: the programs running
     # together share one head's K and V in L2
@@ -174,7 +175,8 @@ def _sparse_attn_fwd(
                                      KVAR + b * skv_b + hk * skv_h, vbar_src, vbar_row,
                                      BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC,
                                      tl.cdiv(N_K, BLOCK_N), tl.minimum(N_Q - pid_m * BLOCK_M, BLOCK_M).to(tl.float32),
-                                     fill_clamp, offs_d, HEAD_DIM, P_LOG2, PV_FP8, EMULATE_FP8, TMA)
+                                     fill_clamp, offs_d, HEAD_DIM, P_LOG2, PV_FP8, EMULATE_FP8, TMA, FILL_BLOCK,
+                                     FILL_STAGES)
 
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -218,7 +220,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     fill (fill_skipped): (kbar, kbar_scale, kvar, vbar_t, bias): int8 mean keys (B,Hkv,NKC,head_dim) with
     one fp32 scale each (B,Hkv,NKC), the keys' channel variances summed per VAR_GROUPS groups in fp16
     (B,Hkv,NKC,VAR_GROUPS; kernels.quantize), mean values transposed like v_t (B,Hkv,head_dim,NKC)
-    and in its dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of kernels.fill_pass.FILL_BLOCK (FILL_PAD is); -inf
+    and in its dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of config.fill_block (FILL_PAD is); -inf
     biases add nothing, and the columns past the key blocks are not read. fill_clamp (with fill): the
     bound of the second-order term, log2 units (reference_predict.FILL_ORDER2_CLAMP).
     lse_inputs (q, k_mean, scale): the un-quantized q (B,H,n_q,d_out) in output row order (the
@@ -254,7 +256,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     if out_perm is not None and (out_perm.dtype != torch.int32 or out_perm.shape != (n_q,)):
         raise ValueError(f"out_perm must be int32 ({n_q},)")
     kbar, kbs, kvar, vbar, bias, nkc, fill_clamp = check_fill(fill, fill_clamp, v_t, B, H, Hkv, NQ, hd, n_k, block_n,
-                                                              counts)
+                                                              config.fill_block, counts)
     # without lse_inputs the lse arguments are stand-ins the kernel never reads (RETURN_LSE is off), as
     # for the other optional inputs above: a real tensor, not None, works on every Triton version
     lse = q_raw = kmean = None
@@ -288,8 +290,8 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         k_arg = TensorDescriptor.from_tensor(k_i8.view(-1, hd), [block_n, hd])
         v_arg = TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, block_n])
         if nkc:  # the fill pass's means too (check_fill: contiguous)
-            kbar_arg = TensorDescriptor.from_tensor(kbar.view(-1, hd), [FILL_BLOCK.value, hd])
-            vbar_arg = TensorDescriptor.from_tensor(vbar.view(-1, nkc), [hd, FILL_BLOCK.value])
+            kbar_arg = TensorDescriptor.from_tensor(kbar.view(-1, hd), [config.fill_block, hd])
+            vbar_arg = TensorDescriptor.from_tensor(vbar.view(-1, nkc), [hd, config.fill_block])
     addrs, o_slot = addr_args(out_addr, counts)
     _attn[(B * H * NQ,)](
         q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, addrs, out_perm if out_perm is not None else counts,
@@ -307,6 +309,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
         HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, RETURN_LSE=lse is not None, O_SLOT=o_slot,
+        FILL_BLOCK=config.fill_block, FILL_STAGES=config.fill_stages or config.num_stages,
         num_warps=config.num_warps,
         num_stages=config.num_stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )

@@ -14,6 +14,9 @@ class KernelConfig:
     pv_fp8: bool  # fp8 e4m3 P.V (needs fp8 tensor cores), else fp16
     tma: bool = False  # K/V tiles by bulk tensor copies (TMA descriptors; Hopper)
     maxnreg: int | None = None  # register cap per thread (sets how many programs share an SM)
+    # key-block means per step of the fill_skipped pass (kernels/fill_pass.py; a divisor of FILL_PAD)
+    fill_block: int = 64
+    fill_stages: int = 0  # steps of that pass whose loads are in flight at once; 0: num_stages
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ BLOCK_M, BLOCK_N = 64, 128
 @lru_cache(maxsize=None)  # asked on every attention call; a device's answer never changes
 def default_config(device: torch.device) -> KernelConfig:
     if device.type != "cuda":  # TRITON_INTERPRET on the CPU: the shapes and loads Hopper uses
-        return KernelConfig(BLOCK_M, BLOCK_N, 4, 1, pv_fp8=True, tma=True)
+        return KernelConfig(BLOCK_M, BLOCK_N, 4, 1, pv_fp8=True, tma=True, fill_block=128, fill_stages=1)
     return config_for_capability(*torch.cuda.get_device_capability(device))
 
 
@@ -57,7 +60,10 @@ def config_for_capability(major: int, minor: int) -> KernelConfig:
         # H100, 2026-11-26 (bench/NOTES.md v11-v13): TMA loads, and a 168-register cap so three
         # programs (12 warps) share an SM instead of two: 0.89x -> 0.71x cuDNN at density 1.0.
         # 64x128 with 4 warps stays best; 128-row tiles lose to their lower occupancy.
-        return KernelConfig(BLOCK_M, BLOCK_N, 4, 3, pv_fp8=True, tma=True, maxnreg=168)
+        # The fill pass 128 means a step, its loads (TMA) not multi-buffered: the kernel's 73.8 KB
+        # of shared memory as at 64, so three programs still share an SM (NOTES v58)
+        return KernelConfig(BLOCK_M, BLOCK_N, 4, 3, pv_fp8=True, tma=True, maxnreg=168, fill_block=128,
+                            fill_stages=1)
     # other GPUs: the same tiles and plain loads, until measured there; fp8 tensor cores from sm89.
     # sm86/sm87 (RTX 30xx, Orin) allow 99 KB of shared memory per block: with fp16 P.V, causal
     # masking and no P.V skip, 3 stages need 120 KB (tests/test_gpu_targets.py), 2 stages 72 KB.

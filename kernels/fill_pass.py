@@ -11,20 +11,20 @@ from .fp8 import p_operand
 from .numerics import LN2
 from .quantize import VAR_GROUPS
 
-# key-block means per step of the fill_skipped pass (bench/NOTES.md v18: 128 spilled 66 registers, slower;
-# v42: with the second-order term's product 64 spilled 80 B at sm_90's 168 registers, 32 none in its loop;
-# v43's grouped term: 64 spills in both loops, 32 in neither; v44: with the biases through the tensor
-# cores 64 fit but for 2 spill stores and 7 reloads a step, and ran the kernel 3-4% faster than 32;
-# v47: 128 again spilled 40 registers and ran the pass ~7x slower)
-FILL_BLOCK = tl.constexpr(64)
+# The key-block means per step are the kernel config's fill_block (kernels/config.py). History
+# (bench/NOTES.md): v18 128 spilled 66 registers, slower; v42-v43 the second-order term made 64 spill
+# where 32 did not; v44 (the biases through the tensor cores) 64 fit and ran 3-4% faster than 32;
+# v47 128 ran the pass ~7x slower: the loop's loads triple-buffered took the kernel's shared memory
+# 73.8 -> 128 KB, one program per SM instead of three (v58); without the extra buffers (STAGES 1)
+# 128 runs the pass ~10% faster than 64 on Hopper (v58)
 BIAS_MAX = tl.constexpr(60000.0)  # log2 units: finite biases are held within +-this, inside fp16's range
-FILL_PAD = 128  # the means and biases are padded to a multiple of this (a multiple of FILL_BLOCK)
+FILL_PAD = 128  # the means and biases are padded to a multiple of this (of every config's fill_block)
 
 
 @triton.jit
 def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kvar_base, vbar_src, vbar_row, bias_base,
                  NKC, n_kb, n_rows, clamp, offs_d, HEAD_DIM: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr,
-                 EMULATE_FP8: tl.constexpr, TMA: tl.constexpr):
+                 EMULATE_FP8: tl.constexpr, TMA: tl.constexpr, FILL_BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """Every key block with a finite bias joins the softmax as one key: its mean key (int8, one
     scale per mean: scores q . kbar + bias in log2 units, plus the second-order term of
     reference_predict.fill_logits: (q^2 - qbar^2) . var over VAR_GROUPS channel groups, times q's
@@ -38,7 +38,7 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kv
     TMA: the mean keys and values come by bulk tensor copies, as the main loop's K and V tiles:
     kbar_src and vbar_src are then 2-D descriptors over (B*Hkv*NKC, HEAD_DIM) and (B*Hkv*HEAD_DIM,
     NKC) and kbar_row / vbar_row this head's first row in them; else pointers to this head's means
-    (rows 0)."""
+    (rows 0). STAGES: the steps whose loads are in flight at once (tl.range's num_stages)."""
     offs_c = tl.arange(0, FILL_BLOCK)
     # the second-order term's operand: each row's squares less the squared mean of the block's
     # n_rows real rows (the padded rows are zeros), averaged over each group of channels, times
@@ -65,7 +65,7 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kv
     # the first two rows of a (VAR_GROUPS, FILL_BLOCK) tile. Added as a column vector in the
     # scores' layout, a bias took a register per column a thread holds (16 at 64 means a step)
     ones2 = tl.where(offs_g[None, :] < 2, 1.0, 0.0).to(tl.float16) + tl.zeros([q.shape[0], VAR_GROUPS], tl.float16)
-    for c0 in range(0, tl.cdiv(n_kb, FILL_BLOCK) * FILL_BLOCK, FILL_BLOCK):
+    for c0 in tl.range(0, tl.cdiv(n_kb, FILL_BLOCK) * FILL_BLOCK, FILL_BLOCK, num_stages=STAGES):
         # all-kept steps (every bias -inf) are computed too: testing for them measured slower (v18)
         bias = tl.load(bias_base + c0 + offs_c)
         kept = bias == float("-inf")
@@ -98,7 +98,7 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kv
 
 
 def check_fill(fill, fill_clamp, v_t, B: int, H: int, Hkv: int, NQ: int, hd: int, n_k: int, block_n: int,
-               stand_in: torch.Tensor):
+               fill_block: int, stand_in: torch.Tensor):
     """The attention launcher's fill inputs checked (kernels.attn_fwd.sparse_attn_fwd's docstring):
     (kbar, kbar_scale, kvar, vbar, bias, NKC, clamp); without fill, stand_in for every tensor (the
     kernel never reads them), NKC 0 and clamp 0."""
@@ -110,11 +110,11 @@ def check_fill(fill, fill_clamp, v_t, B: int, H: int, Hkv: int, NQ: int, hd: int
             or vbar.dtype != v_t.dtype or bias.dtype != torch.float32 or kbar.shape != (B, Hkv, nkc, hd)
             or kbs.shape != (B, Hkv, nkc) or kvar.shape != (B, Hkv, nkc, VAR_GROUPS.value)
             or vbar.shape != (B, Hkv, hd, nkc)
-            or bias.shape != (B, H, NQ, nkc) or nkc % FILL_BLOCK.value or nkc * block_n < n_k
+            or bias.shape != (B, H, NQ, nkc) or nkc % fill_block or nkc * block_n < n_k
             or not all(x.is_contiguous() for x in (kbar, kbs, kvar, vbar, bias))):
         raise ValueError(f"fill wants contiguous int8 kbar (B,Hkv,NKC,{hd}), fp32 scales (B,Hkv,NKC), fp16 "
                          f"kvar (B,Hkv,NKC,{VAR_GROUPS.value}), vbar^T (B,Hkv,{hd},NKC) in v's dtype and fp32 bias "
-                         f"(B,H,{NQ},NKC), NKC a multiple of {FILL_BLOCK.value} covering the keys")
+                         f"(B,H,{NQ},NKC), NKC a multiple of {fill_block} covering the keys")
     if fill_clamp is None or not fill_clamp >= 0:
         raise ValueError(f"fill wants fill_clamp >= 0 (the second-order term's bound), got {fill_clamp}")
     return kbar, kbs, kvar, vbar, bias, nkc, float(fill_clamp)

@@ -533,32 +533,63 @@ def _fill_inputs():
     return prepare_sparse(q, k, v, params, 64 ** -0.5)
 
 
-def _fill_attention(P, counts, fill, out_dtype=torch.bfloat16):
-    """The attention kernel on _fill_inputs' P with these key-block counts and fill inputs."""
+def _fill_attention(P, counts, fill, out_dtype=torch.bfloat16, cfg=None):
+    """The attention kernel on _fill_inputs' P with these key-block counts and fill inputs (and
+    another kernel config)."""
     from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
 
     return sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], counts,
                            P["block_mask"].kv_indices, torch.full((2,), INF), 300, 300, 64, out_dtype, False, False,
-                           P["cfg"], fill=fill, fill_clamp=2.0)[0]
+                           cfg or P["cfg"], fill=fill, fill_clamp=2.0)[0]
 
 
 def test_fill_pass_reads_only_the_key_blocks_columns():
     """The means are padded to FILL_PAD columns; the fill pass runs only the steps that hold key
-    blocks (3 here, of 128 columns: one step of FILL_BLOCK), so what the padding holds cannot matter."""
-    from sparge_attention.kernels.fill_pass import FILL_BLOCK
+    blocks (3 here, of 128 columns: one step of 64 means), so what the padding holds cannot matter."""
+    from dataclasses import replace
 
     P = _fill_inputs()
     kbar, kbs, kvar, vbar, bias = P["fill"]
     assert bias.shape[-1] == 128 and num_blocks(300, BK) == 3 and torch.isinf(bias[..., 3:]).all()
     junk = (kbar.clone(), kbs.clone(), kvar.clone(), vbar.clone(), bias.clone())
-    c = FILL_BLOCK.value  # the first column of the padding's steps
+    cfg = replace(P["cfg"], fill_block=64)
+    c = cfg.fill_block  # the first column of the padding's steps
     junk[0][:, :, c:] = 100
     junk[1][:, :, c:] = 1.0
     junk[2][:, :, c:] = 9.0
     junk[3][..., c:] = 64.0
     junk[4][..., c:] = 50.0  # a finite bias, far above the rest, in the padding's steps
-    outs = [_fill_attention(P, P["block_mask"].kv_num_blocks, f) for f in (P["fill"], junk)]
+    outs = [_fill_attention(P, P["block_mask"].kv_num_blocks, f, cfg=cfg) for f in (P["fill"], junk)]
     assert torch.equal(outs[0], outs[1])
+
+
+def test_fill_steps_of_64_and_128_means_agree():
+    """The fill pass's means per step (the config's fill_block: 128 on Hopper, 64 elsewhere) only
+    change the order of its online softmax (and so where fp8 rounds P): over 131 key blocks
+    (three steps of 64, two of 128, the last partly padding) both stay close to the reference.
+    (test_triton_fill_skipped_matches_reference checks more cases at the CPU config's 128.)"""
+    from dataclasses import replace
+
+    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+    from sparge_attention.sparge_core.reference_predict import FILL_ORDER2_CLAMP
+    from sparge_attention.sparge_core.triton_call import prepare_sparse
+
+    n = 131 * BK - 40
+    q, k, v = clustered(1, 1, n, 16, seed=31, dtype=torch.bfloat16)
+    q = q[:, :, n - 5 * BQ:]  # few query blocks (the interpreter's time), every key
+    params = SpargeParams(simthreshd1=-1.0, minshare=2.0, pvthreshd=INF, scoring="lse", fill_skipped=True)
+    P = prepare_sparse(q, k, v, params, 16 ** -0.5)
+    bm = P["block_mask"]
+    assert P["fill"][4].shape[-1] == 256 and 0.5 < 1 - float(bm.kv_num_blocks.sum()) / bm.kv_indices.numel()
+    outs = [sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], bm.kv_num_blocks,
+                            bm.kv_indices, torch.full((1,), INF), 5 * BQ, n, 16, q.dtype, False, False,
+                            replace(P["cfg"], fill_block=fb, fill_stages=1), fill=P["fill"],
+                            fill_clamp=FILL_ORDER2_CLAMP)[0] for fb in (64, 128)]
+    ref, ref_mask, _ = sparge_reference(q, k, v, params, BQ, BK, pv_dtype="fp8")
+    assert torch.equal(ref_mask, bm.to_dense())
+    errs = [rel_l1(o, ref.to(q.dtype)) for o in outs]
+    # here 0.0079 (64) and 0.0049 (128), 0.0043 apart
+    assert 0 < rel_l1(outs[0], outs[1]) and max(errs) < 0.01
 
 
 def test_fill_biases_keep_their_precision():
