@@ -34,11 +34,12 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kv
     as well, as a high and a low part (~22 bits; held within +-BIAS_MAX).
     Only the steps that hold some of the n_kb key blocks run: the means are padded to NKC columns
     (FILL_PAD), and a step of padding alone (biases -inf) would add exactly nothing
-    (HunyuanVideo 544p: 528 blocks, 10 steps -> 9).
+    (HunyuanVideo 544p: 528 blocks, 640 columns; at 64 means a step 10 steps -> 9, at 128 5 -> 5).
     TMA: the mean keys and values come by bulk tensor copies, as the main loop's K and V tiles:
     kbar_src and vbar_src are then 2-D descriptors over (B*Hkv*NKC, HEAD_DIM) and (B*Hkv*HEAD_DIM,
     NKC) and kbar_row / vbar_row this head's first row in them; else pointers to this head's means
-    (rows 0). STAGES: the steps whose loads are in flight at once (tl.range's num_stages)."""
+    (rows 0). STAGES: the steps whose loads are in flight at once (tl.range's num_stages): each
+    one more buffers the step's tiles in shared memory, which the whole kernel shares (NOTES v58)."""
     offs_c = tl.arange(0, FILL_BLOCK)
     # the second-order term's operand: each row's squares less the squared mean of the block's
     # n_rows real rows (the padded rows are zeros), averaged over each group of channels, times
