@@ -71,11 +71,11 @@ def bench_graph_ms(fn, rep=100):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
-def sdpa_cudnn(q, k, v):
+def sdpa_cudnn(q, k, v, is_causal=False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
 
 
 def sdpa_flash(q, k, v):

@@ -293,6 +293,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
             kbar_arg = TensorDescriptor.from_tensor(kbar.view(-1, hd), [config.fill_block, hd])
             vbar_arg = TensorDescriptor.from_tensor(vbar.view(-1, nkc), [hd, config.fill_block])
     addrs, o_slot = addr_args(out_addr, counts)
+    stages = config.stages_for(is_causal, pv_skip)
     _attn[(B * H * NQ,)](
         q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, addrs, out_perm if out_perm is not None else counts,
         counts, indices, skipped, pvt, kbar_arg, kbs, kvar, vbar_arg, bias, float(fill_clamp),
@@ -309,9 +310,8 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
         HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, RETURN_LSE=lse is not None, O_SLOT=o_slot,
-        FILL_BLOCK=config.fill_block, FILL_STAGES=config.fill_stages or config.num_stages,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
+        FILL_BLOCK=config.fill_block, FILL_STAGES=config.fill_stages or stages, num_warps=config.num_warps,
+        num_stages=stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     if lse is not None:
         return out, (skipped if pv_skip else None), lse

@@ -17,6 +17,11 @@ class KernelConfig:
     # key-block means per step of the fill_skipped pass (kernels/fill_pass.py; a divisor of FILL_PAD)
     fill_block: int = 64
     fill_stages: int = 0  # steps of that pass whose loads are in flight at once; 0: num_stages
+    causal_stages: int = 0  # num_stages of causal launches without the P.V skip; 0: num_stages
+
+    def stages_for(self, is_causal: bool, pv_skip: bool) -> int:
+        """num_stages of the attention kernel's launch in this variant."""
+        return self.causal_stages if is_causal and not pv_skip and self.causal_stages else self.num_stages
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,12 @@ def config_for_capability(major: int, minor: int) -> KernelConfig:
         # programs (12 warps) share an SM instead of two: 0.89x -> 0.71x cuDNN at density 1.0.
         # 64x128 with 4 warps stays best; 128-row tiles lose to their lower occupancy.
         # The fill pass 128 means a step, its loads (TMA) not multi-buffered: the kernel's 73.8 KB
-        # of shared memory as at 64, so three programs still share an SM (NOTES v58)
+        # of shared memory as at 64, so three programs still share an SM (NOTES v58).
+        # Causal kernels without the P.V skip at 2 stages: at 3, Triton gives their loop 3-deep K/V
+        # buffers (106.6 KB: two programs per SM), at 2 the non-causal loop's 2-deep (73.8 KB)
+        # (NOTES v59)
         return KernelConfig(BLOCK_M, BLOCK_N, 4, 3, pv_fp8=True, tma=True, maxnreg=168, fill_block=128,
-                            fill_stages=1)
+                            fill_stages=1, causal_stages=2)
     # other GPUs: the same tiles and plain loads, until measured there; fp8 tensor cores from sm89.
     # sm86/sm87 (RTX 30xx, Orin) allow 99 KB of shared memory per block: with fp16 P.V, causal
     # masking and no P.V skip, 3 stages need 120 KB (tests/test_gpu_targets.py), 2 stages 72 KB.

@@ -73,6 +73,21 @@ def test_kernels_fit_shared_memory(compiled, cc):
         f"{r['kernel']} [{r['variant']}] needs {r['shared'] / 1024:.1f} KB" for r in too_big)
 
 
+def test_hopper_attention_keeps_three_programs_per_sm(compiled):
+    """Hopper's config caps the attention kernel at 168 registers so that three programs share an
+    SM (kernels/config.py); their shared memory must fit three too (227 KB per SM), or the cap buys
+    nothing. Causal kernels at 3 stages took 106.6 KB (3-deep K/V buffers, NOTES v59) and the fill
+    pass's triple-buffered means 128 KB (v58): both ran slower."""
+    code, out, err = compiled[90]
+    assert code == 0, err[-4000:]
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if any("unsupported" in r for r in rows):
+        pytest.skip("this Triton cannot compile for sm90 here")
+    attn = [r for r in rows if r["kernel"] == "_sparse_attn_fwd"]
+    assert len(attn) == 4
+    assert all(r["shared"] <= 227 * 1024 // 3 for r in attn), [(r["variant"], r["shared"]) for r in attn]
+
+
 # ---------------------------------------------------------------- the child process ----------
 
 def _child(cc: int) -> None:
