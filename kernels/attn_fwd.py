@@ -44,10 +44,11 @@ def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, of
                 TMA: tl.constexpr):
     start_n = kb * BLOCK_N
     cols = start_n + offs_n
-    if IS_CAUSAL:
-        s = tl.where((cols[None, :] < N_K) & (cols[None, :] <= offs_m[:, None] + (N_K - N_Q)), s, float("-inf"))
-    elif MASK_KEYS:
-        s = tl.where((cols < N_K)[None, :], s, float("-inf"))
+    if MASK_KEYS:  # the partial last key block, and with IS_CAUSAL the blocks across the diagonal
+        if IS_CAUSAL:
+            s = tl.where((cols[None, :] < N_K) & (cols[None, :] <= offs_m[:, None] + (N_K - N_Q)), s, float("-inf"))
+        else:
+            s = tl.where((cols < N_K)[None, :], s, float("-inf"))
     # exact subtraction (both integers < 2^24); -inf stays -inf
     m_loc = (tl.max(s, 1) - MAGIC_F) * qk_scale
     if TMA:
@@ -62,7 +63,7 @@ def _softmax_pv(acc, l_i, m_i, n_skip, s, v_src, v_row, qk_scale, kb, offs_m, of
     if do_pv:
         m_new = tl.maximum(m_i, m_loc)
         m_use = m_new
-        if IS_CAUSAL:  # a row may still have seen no key at all: avoid -inf - -inf
+        if IS_CAUSAL and MASK_KEYS:  # a row may still have seen no key at all: avoid -inf - -inf
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         # P is computed pre-scaled by 2^P_LOG2 (keeps small probabilities out of fp8 subnormals);
         # l carries the same factor, so it cancels in acc / l
@@ -152,11 +153,28 @@ def _sparse_attn_fwd(
         last = tl.load(idx_base + count - 1)
         if (last + 1) * BLOCK_N > N_K:
             n_full = count - 1
+    if IS_CAUSAL:
+        # only the key blocks that reach past the block's first row's diagonal need the causal mask:
+        # in an ascending list they are the last entries (one at 64-row query blocks and 128-key
+        # blocks, more if a list holds future blocks), the rest run unmasked (flash attention's
+        # split; masking every block cost ~20% of the loop's instructions)
+        first_sees = pid_m * BLOCK_M + (N_K - N_Q)  # the last key the first row attends to
+        more = n_full > 0
+        while more:
+            more = (tl.load(idx_base + n_full - 1) + 1) * BLOCK_N - 1 > first_sees
+            if more:
+                n_full -= 1
+            more = more & (n_full > 0)
     for it in range(0, n_full):
         acc, l_i, m_i, n_skip = _key_block(acc, l_i, m_i, n_skip, q, q_scale, tl.load(idx_base + it), ks_base, k_src,
                                            k_row, sk_n, v_src, v_row, offs_m, offs_n, N_Q, N_K, neg_lam, BLOCK_N,
                                            False, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
-    if n_full < count:  # the partial last key block, masked
+    if IS_CAUSAL:  # the blocks across the diagonal (and the partial last one), masked
+        for it in range(n_full, count):
+            acc, l_i, m_i, n_skip = _key_block(acc, l_i, m_i, n_skip, q, q_scale, tl.load(idx_base + it), ks_base,
+                                               k_src, k_row, sk_n, v_src, v_row, offs_m, offs_n, N_Q, N_K, neg_lam,
+                                               BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)
+    elif n_full < count:  # the partial last key block, masked
         acc, l_i, m_i, n_skip = _key_block(acc, l_i, m_i, n_skip, q, q_scale, tl.load(idx_base + n_full), ks_base,
                                            k_src, k_row, sk_n, v_src, v_row, offs_m, offs_n, N_Q, N_K, neg_lam,
                                            BLOCK_N, True, IS_CAUSAL, PV_FP8, PV_SKIP, P_LOG2, EMULATE_FP8, TMA)

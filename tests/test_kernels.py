@@ -690,6 +690,33 @@ def test_tma_and_pointer_loads_agree(causal, fill):
     assert 0 < int(bm.kv_num_blocks.sum()) < bm.kv_num_blocks.numel() * num_blocks(300, BK)
 
 
+@pytest.mark.parametrize("n_q,n_k", [(300, 300), (200, 450)])
+def test_causal_masks_the_blocks_across_the_diagonal_only(n_q, n_k):
+    """Causal calls mask only the key blocks that reach past a query block's first row (the last
+    entries of its ascending list); the others run unmasked. A list holding every key block, the
+    future ones included, must give the causal list's output bit for bit (future blocks add exact
+    zeros), and the reference's causal attention, queries and keys aligned at the end."""
+    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
+    from sparge_attention.sparge_core.blockmask import SpargeBlockMask, causal_block_mask
+    from sparge_attention.sparge_core.triton_call import prepare_sparse
+
+    q, _, _ = clustered(1, 4, n_q, 64, seed=31, Hkv=2, dtype=torch.bfloat16)
+    _, k, v = clustered(1, 4, n_k, 64, seed=32, Hkv=2, dtype=torch.bfloat16)
+    params = SpargeParams(pvthreshd=INF, is_causal=True)
+    NQ, NK = num_blocks(n_q, BQ), num_blocks(n_k, BK)
+    causal = causal_block_mask(NQ, NK, BQ, BK, n_q, n_k).expand(1, 4, NQ, NK)
+    P = prepare_sparse(q, k, v, params, 64 ** -0.5, block_mask=SpargeBlockMask.from_dense(causal, BQ, BK, n_q, n_k))
+    outs = []
+    for dense in (causal, torch.ones_like(causal)):
+        bm = SpargeBlockMask.from_dense(dense, BQ, BK, n_q, n_k)
+        outs.append(sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"],
+                                    bm.kv_num_blocks, bm.kv_indices, torch.full((4,), INF), n_q, n_k, 64, q.dtype,
+                                    True, False, P["cfg"])[0])
+    assert not causal.all() and torch.equal(outs[0], outs[1])
+    ref = sparge_attention(q, k, v, params, backend="reference", block_mask=causal, pv_dtype="fp8")
+    assert rel_l1(outs[0], ref) < 0.01
+
+
 def test_attention_launcher_wants_a_kernel_config():
     from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
 
