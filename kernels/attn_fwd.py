@@ -114,6 +114,8 @@ def _sparse_attn_fwd(
     # together share one head's K and V in L2
     row = tl.program_id(0)
     pid_m = row % NQB
+    if IS_CAUSAL:  # the longest lists first, so that the grid's last programs are short ones (NOTES v59)
+        pid_m = NQB - 1 - pid_m
     bh = row // NQB
     b, h = batch_head(bh, H)
     hk = h // KV_GROUP
