@@ -7,7 +7,7 @@ variants measured slower, 128 means per step and skipping all-kept steps, are in
 
 --causal: causal attention (the selection drops the blocks past the diagonal; token order, no
 Hilbert order) against causal cuDNN. --stages: the kernel rows at each of these num_stages (Hopper
-compiles causal kernels with 3-deep K/V buffers at 3 stages, NOTES after v58); default the config's.
+compiles causal kernels with 3-deep K/V buffers at 3 stages, NOTES v59); default the config's.
 """
 import argparse
 import dataclasses

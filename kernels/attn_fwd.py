@@ -157,9 +157,9 @@ def _sparse_attn_fwd(
             n_full = count - 1
     if IS_CAUSAL:
         # only the key blocks that reach past the block's first row's diagonal need the causal mask:
-        # in an ascending list they are the last entries (one at 64-row query blocks and 128-key
-        # blocks, more if a list holds future blocks), the rest run unmasked (flash attention's
-        # split; masking every block cost ~20% of the loop's instructions)
+        # in an ascending list they are the last entries (one or two at 64-row query blocks and
+        # 128-key blocks, more if a list holds future blocks), the rest run unmasked (flash
+        # attention's split; masking every block took ~30% of the loop's instructions, NOTES v59)
         first_sees = pid_m * BLOCK_M + (N_K - N_Q)  # the last key the first row attends to
         more = n_full > 0
         while more:
