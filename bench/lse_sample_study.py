@@ -124,6 +124,17 @@ def sampled_lse(q_pool, k, block_k, scale, stride, mean_mode, with_norm=False):
     return m + torch.log2(tot), mean
 
 
+def mask_row(variant, minshare, mask, q, k, v, ref, lse, mean, params, head_types):
+    """One sweep row for a block mask: the estimate's bias from lse and mean, the reference's output
+    with it, its density and error (whole, worst head) against ref."""
+    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
+    bias = fill_bias(lse, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
+    out = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, fill=bias)[0]
+    per_head = rel_l1(out, ref, dims=(0, 2, 3))
+    return dict(variant=variant, minshare=minshare, density=mask.float().mean().item(), whole=rel_l1(out, ref),
+                worst_head=per_head.max().item(), worst_head_type=head_types[int(per_head.argmax())])
+
+
 def sweep_shares(variant, shares, q, k, v, ref, qp, qs, select_scores, lse, mean, head_types, log):
     """One row per minshare (Balanced's share rule with the estimate): the blocks chosen by
     select_scores (log2 units), the estimate's bias from lse and mean, the error against ref."""
@@ -134,12 +145,7 @@ def sweep_shares(variant, shares, q, k, v, ref, qp, qs, select_scores, lse, mean
         params = PRESETS["Balanced"].params(minshare=share)
         mask = select_blocks(qp, qs, None, None, params, scale, q.shape[2], k.shape[2], block_q, block_k,
                              select_scores)
-        bias = fill_bias(lse, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
-        out = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, fill=bias)[0]
-        per_head = rel_l1(out, ref, dims=(0, 2, 3))
-        row = dict(variant=variant, minshare=share, density=mask.float().mean().item(),
-                   whole=rel_l1(out, ref), worst_head=per_head.max().item(),
-                   worst_head_type=head_types[int(per_head.argmax())])
+        row = mask_row(variant, share, mask, q, k, v, ref, lse, mean, params, head_types)
         rows.append(row)
         log(f"  {variant:12s} minshare {share:5.1f}  density {row['density']:.4f}  "
             f"rel-L1 {row['whole']:.4f}  worst head {row['worst_head']:.4f} ({row['worst_head_type']})")

@@ -42,12 +42,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
-from lse_sample_study import REGIMES as LSE_REGIMES, regime_inputs, sweep_shares, sweep_study  # noqa: E402
-from devkit.metrics import rel_l1  # noqa: E402
+from lse_sample_study import REGIMES as LSE_REGIMES, mask_row, regime_inputs, sweep_shares, sweep_study  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
-from sparge_attention.sparge_core.reference import sparse_attention_reference  # noqa: E402
-from sparge_attention.sparge_core.reference_predict import fill_bias, lse_stage1  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import lse_stage1  # noqa: E402
 from sparge_attention.sparge_core.reference_quant import block_token_counts, split_blocks, value_scale  # noqa: E402
 
 REGIMES = dict(LSE_REGIMES)
@@ -103,18 +101,12 @@ def oracle_scores(q, k, v, block_q, block_k, scale):
 def sweep_global(variant, err, q, k, v, ref, lse, mean, head_types, log, points=12):
     """sweep_shares' rows for masks that keep every pair whose log2 error err is above a threshold
     over all rows and heads (quantiles of err), plus each row's largest."""
-    block_q, block_k = block_sizes(torch.device("cpu"), "reference")
     top = torch.nn.functional.one_hot(err.argmax(-1), err.shape[-1]).bool()
     params = PRESETS["Balanced"].params()
     rows = []
     for keep in torch.logspace(math.log10(0.005), math.log10(0.25), points).tolist():
         tau = torch.quantile(err.flatten().float(), 1.0 - keep)
-        mask = (err >= tau) | top
-        bias = fill_bias(lse, mean, mask, params, q.shape[2], k.shape[2], block_q, block_k)
-        out = sparse_attention_reference(q, k, v, mask, params, block_q, block_k, fill=bias)[0]
-        per_head = rel_l1(out, ref, dims=(0, 2, 3))
-        row = dict(variant=variant, minshare=None, density=mask.float().mean().item(), whole=rel_l1(out, ref),
-                   worst_head=per_head.max().item(), worst_head_type=head_types[int(per_head.argmax())])
+        row = mask_row(variant, None, (err >= tau) | top, q, k, v, ref, lse, mean, params, head_types)
         rows.append(row)
         log(f"  {variant:12s} kept above quantile  density {row['density']:.4f}  rel-L1 {row['whole']:.4f}  "
             f"worst head {row['worst_head']:.4f} ({row['worst_head_type']})")

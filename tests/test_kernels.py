@@ -705,13 +705,11 @@ def test_causal_masks_the_blocks_across_the_diagonal_only(n_q, n_k):
     params = SpargeParams(pvthreshd=INF, is_causal=True)
     NQ, NK = num_blocks(n_q, BQ), num_blocks(n_k, BK)
     causal = causal_block_mask(NQ, NK, BQ, BK, n_q, n_k).expand(1, 4, NQ, NK)
-    P = prepare_sparse(q, k, v, params, 64 ** -0.5, block_mask=SpargeBlockMask.from_dense(causal, BQ, BK, n_q, n_k))
-    outs = []
-    for dense in (causal, torch.ones_like(causal)):
-        bm = SpargeBlockMask.from_dense(dense, BQ, BK, n_q, n_k)
-        outs.append(sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"],
-                                    bm.kv_num_blocks, bm.kv_indices, torch.full((4,), INF), n_q, n_k, 64, q.dtype,
-                                    True, False, P["cfg"])[0])
+    masks = [SpargeBlockMask.from_dense(d, BQ, BK, n_q, n_k) for d in (causal, torch.ones_like(causal))]
+    P = prepare_sparse(q, k, v, params, 64 ** -0.5, block_mask=masks[0])
+    outs = [sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], bm.kv_num_blocks,
+                            bm.kv_indices, torch.full((4,), INF), n_q, n_k, 64, q.dtype, True, False, P["cfg"])[0]
+            for bm in masks]
     assert not causal.all() and torch.equal(outs[0], outs[1])
     ref = sparge_attention(q, k, v, params, backend="reference", block_mask=causal, pv_dtype="fp8")
     assert rel_l1(outs[0], ref) < 0.01
