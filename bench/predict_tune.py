@@ -52,8 +52,20 @@ def grids(quick: bool) -> dict:
         # only 3; slower, the grid has it no more) and result-tile widths (two key blocks per dot, measured
         # slower, is in NOTES v24);
         # v39: the keys by TMA or by pointers (--quick: the default shape and the same with pointers)
+        # v60: at stride 4 (v56) the keys come by pointers (TMA is for stride 1), 32 a block: more
+        # pooled queries per key tile (128 rows, 4 or 8 warps), wider result tiles, other program counts
         "block_lse": [Launch(num_warps=4, num_stages=s, block=64, programs=256, maxnreg=r, tile=t, tma=m)
-                      for s, r, t, m in itertools.product((3, 2), (168, None), (32, 16), (True, False))],
+                      for s, r, t, m in itertools.product((3, 2), (168, None), (32, 16), (True, False))]
+        + [Launch(num_warps=w, num_stages=s, block=b, programs=256, maxnreg=168, tile=t, tma=True)
+           for (b, w), s, t in itertools.product(((128, 4), (128, 8), (64, 2)), (3, 2), (32, 64))]
+        + [Launch(num_warps=4, num_stages=3, block=64, programs=p, maxnreg=168, tile=t, tma=True)
+           for p, t in ((128, 32), (512, 32), (1024, 32), (256, 64))]
+        + [Launch(num_warps=w, num_stages=s, block=b, programs=256, maxnreg=128, tile=32, tma=True)
+           for (b, w), s in itertools.product(((128, 8), (64, 4)), (3, 2))]
+        + [Launch(num_warps=2, num_stages=s, block=64, programs=256, maxnreg=r, tile=32, tma=True)
+           for s, r in itertools.product((3, 4), (168, 128, 96, None))]
+        + [Launch(num_warps=4, num_stages=s, block=64, programs=256, maxnreg=r, tile=32, tma=True)
+           for s, r in itertools.product((3, 4), (128, 112, 96))],
         "select": [Launch(num_warps=n) for n in (1, 2, 4, 8)],
         "block_lse_nomean": [],  # the default shape only: what the fill_skipped mean scores cost
         # the default shape only, for comparison: v31's V stats before (all of V read for its max,
