@@ -113,7 +113,7 @@ _HELPERS = {
 # kv_stats over 256 programs with the sampled runs' loads ahead (NOTES v57, H100): one wave of
 # programs instead of ~1.6 (96 registers: 5 per SM) and a finish over 4x fewer partials; with its
 # finish 23.4 -> 10.5-11.4 us at Wan 480p, 55.4 -> 42.5 at HunyuanVideo 544p, 17.1 -> 8.9 at 17 frames.
-# The scoring kernel in programs of 2 warps (NOTES v60, H200, 2026-12-06): at 4 keys in 16 (v56)
+# The scoring kernel in programs of 2 warps (NOTES v60, H200, 2026-12-06): reading every 4th key (v56)
 # each step is a small product and its exp2 chain; 2 warps (mma.sync, twice the scores a thread,
 # six programs per SM at 168 registers) took it 53.9 -> 50.1 us at Wan 480p and 421 -> 393 us at
 # HunyuanVideo 544p, the same outputs bit for bit (50 launch shapes swept); on an H100 52.9 -> 49.7
