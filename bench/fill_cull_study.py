@@ -14,7 +14,8 @@ Rules, each with a budget eps of the row's predicted mass (the pooled query's), 
 Reported per regime and minshare: the share of (query block, step) pairs dropped among the
 steps that hold a skipped block, and the rel-L1 (whole, worst head) with and without dropping,
 on sampled query blocks, against fp32 dense attention. Inputs: lse_sample_study's regimes (none
-the presets were tuned on), production's scoring (guarded, every 4th key).
+the presets were tuned on), production's scoring (reference_predict.lse_stage1: guarded, every
+4th key).
 
     python bench/fill_cull_study.py [--regimes ...] [--tag=-x]      # ~3 min on 2 cores
 """
@@ -31,9 +32,7 @@ from lse_sample_study import REGIMES, regime_inputs, sweep_study  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 from sparge_attention.sparge_core.reference import sparse_attention_reference  # noqa: E402
-from sparge_attention.sparge_core.reference_predict import (  # noqa: E402
-    block_lse_scores, block_top_keys, fill_bias, lse_exact_blocks, mean_keys_i8, select_blocks)
-from sparge_attention.sparge_core.reference_quant import quantize_int8_per_block, smooth_k  # noqa: E402
+from sparge_attention.sparge_core.reference_predict import fill_bias, lse_stage1, select_blocks  # noqa: E402
 
 CHUNK = 64
 SHARES = (1.0, 1.5, 3.0, 8.0)
@@ -70,11 +69,7 @@ def run_regime(name, kw, sample_qblocks, variants, log):
     block_q, block_k = block_sizes(torch.device("cpu"), "reference")
     q, k, v, info, ref, qp, qs = regime_inputs(name, kw, sample_qblocks, log)
     scale = q.shape[-1] ** -0.5
-    ksm = smooth_k(k.float())
-    k_i8, k_scale = quantize_int8_per_block(ksm, block_k)
-    lse, mean = block_lse_scores(qp, k_i8, k_scale, scale, k.shape[2], block_k, want_mean=True,
-                                 kbar=mean_keys_i8(ksm, block_k), stride=4, exact=lse_exact_blocks(ksm, block_k, 4),
-                                 top=block_top_keys(ksm, block_k, k.shape[2]))
+    lse, mean = lse_stage1(qp, k, block_k, scale)
     rows = []
     for share in SHARES:
         params = PRESETS["Balanced"].params(minshare=share)
