@@ -44,8 +44,6 @@ def main():
     ap.add_argument("--minshare", type=float, default=1.5)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--stages", default="", help="comma-separated num_stages for the kernel rows")
-    ap.add_argument("--ablate", action="store_true",
-                    help="also the kernel with fill launched in block order (the config's longest_first off)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "causal": args.causal,
@@ -72,12 +70,10 @@ def main():
         density = float(bm.kv_num_blocks.float().sum()) / (bm.kv_indices.numel())
 
         def kern(fill=None, cfg=cfg):
-            # the launch order as production takes it (sparge_core/triton_call.py), its sort timed with it
-            order = bm.longest_first() if cfg.longest_first and not args.causal else None
             return sparse_attn_fwd(P1["q_i8"], P1["k_i8"], P1["v_t"], P1["q_s"], P1["k_s"], P1["v_scale"],
                                    bm.kv_num_blocks, bm.kv_indices, p1.per_head("pvthreshd", H, dev), N, N, D,
                                    q.dtype, args.causal, False, cfg, out_perm=perm, fill=fill,
-                                   fill_clamp=FILL_ORDER2_CLAMP, row_order=order)[0]
+                                   fill_clamp=FILL_ORDER2_CLAMP)[0]
 
         stages = [int(x) for x in args.stages.split(",")] if args.stages else [None]
         for st in stages:
@@ -86,11 +82,6 @@ def main():
             for label, fill in (("kernel, no fill", None), (f"kernel, fill (step {c.fill_block})", P1["fill"])):
                 t = bench_ms(lambda fill=fill, c=c: kern(fill, c))
                 r["rows"].append({"part": label + tag, "ms": t, "x_cudnn": t / t_cudnn})
-        if args.ablate:
-            for off in ("longest_first",):
-                c = dataclasses.replace(cfg, **{off: False})
-                t = bench_ms(lambda c=c: kern(P1["fill"], c))
-                r["rows"].append({"part": f"kernel, fill, without {off}", "ms": t, "x_cudnn": t / t_cudnn})
         r["density"] = density
         r["compiled"] = compiled_stats()
         print(f"\n{name} {tuple(q.shape)} minshare {args.minshare}{' causal' if args.causal else ''}: density {density:.3f}, cuDNN {t_cudnn:.2f} ms")

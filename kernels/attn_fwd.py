@@ -98,7 +98,7 @@ def _key_block(acc, l_i, m_i, n_skip, q, q_scale, kb, ks_base, k_src, k_row, sk_
 
 @triton.jit
 def _sparse_attn_fwd(
-    Q, K, VT, QS, KS, VS, O, ADDRS, OPERM, ORDER, CNT, IDX, SKIP, PVT, KBAR, KBS, KVAR, VBAR, BIAS, fill_clamp,
+    Q, K, VT, QS, KS, VS, O, ADDRS, OPERM, CNT, IDX, SKIP, PVT, KBAR, KBS, KVAR, VBAR, BIAS, fill_clamp,
     LSE, QRAW, KMEAN, sqr_b, sqr_h, sqr_n, lse_scale,  # read only with RETURN_LSE
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
@@ -106,7 +106,7 @@ def _sparse_attn_fwd(
     N_Q, N_K, H, KV_GROUP, NQB, NKC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
-    EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ORDER: tl.constexpr,
+    EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
     TMA: tl.constexpr, FILL: tl.constexpr, RETURN_LSE: tl.constexpr, O_SLOT: tl.constexpr,
     FILL_BLOCK: tl.constexpr, FILL_STAGES: tl.constexpr,
 ):
@@ -114,11 +114,9 @@ def _sparse_attn_fwd(
     # together share one head's K and V in L2
     row = tl.program_id(0)
     pid_m = row % NQB
-    bh = row // NQB
-    if HAS_ORDER:  # the head's query blocks in the caller's order (longest lists first, NOTES v61)
-        pid_m = tl.load(ORDER + row).to(tl.int32)
-    elif IS_CAUSAL:  # the longest lists first, so that the grid's last programs are short ones (NOTES v59)
+    if IS_CAUSAL:  # the longest lists first, so that the grid's last programs are short ones (NOTES v59)
         pid_m = NQB - 1 - pid_m
+    bh = row // NQB
     b, h = batch_head(bh, H)
     hk = h // KV_GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -232,7 +230,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
                     n_q: int, n_k: int, d_out: int, out_dtype, is_causal: bool, pv_skip: bool,
                     config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None,
                     lse_inputs: tuple | None = None, out: torch.Tensor | None = None, out_addr: tuple | None = None,
-                    fill_clamp: float | None = None, row_order: torch.Tensor | None = None):
+                    fill_clamp: float | None = None):
     """Launch the kernel on quantized inputs (kernels.quantize, quantize_v). Returns (out (B,H,n_q,d_out), a view of
     (B,n_q,H,d_out) memory, skipped (B,H,NQ) or None), and lse as a third item when lse_inputs is given.
 
@@ -254,10 +252,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     out: where to write the output, else a new tensor: (B,H,n_q,d_out) in out_dtype, a transposed view of
     contiguous (B,n_q,H,d_out) memory, as the kernel would allocate it (a CUDA graph's caller owns it).
     out_addr (table, slot): write the output at the address table[slot] holds instead, in out's
-    layout (kernels/caller_addrs.py).
-    row_order (int32 or int64 (B,H,NQ), contiguous, each row a permutation of 0..NQ-1): the order in
-    which each head's query blocks run (speed only: every program's output is the same wherever it
-    runs); without it they run in order (causal: in reverse, the longest lists first)."""
+    layout (kernels/caller_addrs.py)."""
     if not isinstance(config, KernelConfig):
         raise TypeError(f"config must be a kernels.config.KernelConfig, got {type(config).__name__}")
     block_m, block_n = config.block_m, config.block_n
@@ -280,9 +275,6 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         raise ValueError("index lists must cover every key block and be contiguous per row")
     if out_perm is not None and (out_perm.dtype != torch.int32 or out_perm.shape != (n_q,)):
         raise ValueError(f"out_perm must be int32 ({n_q},)")
-    if row_order is not None and (row_order.dtype not in (torch.int32, torch.int64) or row_order.shape != (B, H, NQ)
-                                  or not row_order.is_contiguous() or row_order.device != q_i8.device):
-        raise ValueError(f"row_order must be a contiguous int32 or int64 ({B},{H},{NQ}) tensor on {q_i8.device}")
     kbar, kbs, kvar, vbar, bias, nkc, fill_clamp = check_fill(fill, fill_clamp, v_t, B, H, Hkv, NQ, hd, n_k, block_n,
                                                               config.fill_block, counts)
     # without lse_inputs the lse arguments are stand-ins the kernel never reads (RETURN_LSE is off), as
@@ -324,8 +316,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     stages = config.stages_for(is_causal, pv_skip)
     _attn[(B * H * NQ,)](
         q_i8, k_arg, v_arg, q_scale, k_scale, v_scale, out, addrs, out_perm if out_perm is not None else counts,
-        row_order if row_order is not None else counts, counts, indices, skipped, pvt, kbar_arg, kbs, kvar,
-        vbar_arg, bias, float(fill_clamp),
+        counts, indices, skipped, pvt, kbar_arg, kbs, kvar, vbar_arg, bias, float(fill_clamp),
         *((lse, q_raw, kmean) if lse is not None else (counts, counts, counts)), *sqr, lse_scale,
         q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -338,8 +329,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         n_q, n_k, H, H // Hkv, NQ, nkc,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
-        HAS_PERM=out_perm is not None, HAS_ORDER=row_order is not None, TMA=tma, FILL=nkc > 0,
-        RETURN_LSE=lse is not None, O_SLOT=o_slot,
+        HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, RETURN_LSE=lse is not None, O_SLOT=o_slot,
         FILL_BLOCK=config.fill_block, FILL_STAGES=config.fill_stages or stages, num_warps=config.num_warps,
         num_stages=stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )

@@ -18,9 +18,6 @@ class KernelConfig:
     fill_block: int = 64
     fill_stages: int = 0  # steps of that pass whose loads are in flight at once; 0: num_stages
     causal_stages: int = 0  # num_stages of causal launches without the P.V skip; 0: num_stages
-    # each head's query blocks launched longest list first (non-causal; causal grids run in reverse,
-    # which is that already): the grid's last programs are then short ones (NOTES v61)
-    longest_first: bool = False
 
     def stages_for(self, is_causal: bool, pv_skip: bool) -> int:
         """num_stages of the attention kernel's launch in this variant."""
@@ -57,8 +54,7 @@ BLOCK_M, BLOCK_N = 64, 128
 @lru_cache(maxsize=None)  # asked on every attention call; a device's answer never changes
 def default_config(device: torch.device) -> KernelConfig:
     if device.type != "cuda":  # TRITON_INTERPRET on the CPU: the shapes and loads Hopper uses
-        return KernelConfig(BLOCK_M, BLOCK_N, 4, 1, pv_fp8=True, tma=True, fill_block=128, fill_stages=1,
-                            longest_first=True)
+        return KernelConfig(BLOCK_M, BLOCK_N, 4, 1, pv_fp8=True, tma=True, fill_block=128, fill_stages=1)
     return config_for_capability(*torch.cuda.get_device_capability(device))
 
 
@@ -75,7 +71,7 @@ def config_for_capability(major: int, minor: int) -> KernelConfig:
         # buffers (106.6 KB: two programs per SM), at 2 the non-causal loop's 2-deep (73.8 KB)
         # (NOTES v59)
         return KernelConfig(BLOCK_M, BLOCK_N, 4, 3, pv_fp8=True, tma=True, maxnreg=168, fill_block=128,
-                            fill_stages=1, causal_stages=2, longest_first=True)
+                            fill_stages=1, causal_stages=2)
     # other GPUs: the same tiles and plain loads, until measured there; fp8 tensor cores from sm89.
     # sm86/sm87 (RTX 30xx, Orin) allow 99 KB of shared memory per block: with fp16 P.V, causal
     # masking and no P.V skip, 3 stages need 120 KB (tests/test_gpu_targets.py), 2 stages 72 KB.

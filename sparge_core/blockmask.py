@@ -57,12 +57,6 @@ class SpargeBlockMask:
             idx = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
         return cls(counts, idx, block_q, block_k, seq_len_q, seq_len_k)
 
-    def longest_first(self) -> torch.Tensor:
-        """(B, H, NQ) int64: each head's query blocks by descending list length, ties in block
-        order. The attention kernel runs a head's blocks in this order when asked: the grid's last
-        programs are then short ones, so fewer SMs idle at its end (NOTES v61)."""
-        return torch.argsort(self.kv_num_blocks, dim=-1, descending=True, stable=True)
-
     def to_dense(self) -> torch.Tensor:
         nk = self.kv_indices.shape[-1]
         dev = self.kv_indices.device

@@ -128,12 +128,11 @@ def triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_d
     # the lse's smoothing shift reads the un-quantized q (rows in the same order as the output)
     lse_inputs = (q if q.stride(-1) == 1 else q.contiguous(), P["k_mean"], scale) if return_lse else None
     pvthreshd = _thresholds(params, H, q.device, staged)("pvthreshd")
-    row_order = block_mask.longest_first() if cfg.longest_first and not params.is_causal else None
     res = sparse_attn_fwd(
         P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], block_mask.kv_num_blocks, block_mask.kv_indices,
         pvthreshd, N, k.shape[2], D, q.dtype, params.is_causal, pv_skip, cfg,
         out_perm=perm_q, fill=P["fill"], lse_inputs=lse_inputs, out=out,
-        out_addr=(addrs, 3) if addrs is not None else None, fill_clamp=FILL_ORDER2_CLAMP, row_order=row_order,
+        out_addr=(addrs, 3) if addrs is not None else None, fill_clamp=FILL_ORDER2_CLAMP,
     )
     skipped = res[1]
     return res[0], block_mask, (skipped.sum() if skipped is not None else 0), (res[2] if return_lse else None)

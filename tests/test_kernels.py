@@ -543,34 +543,6 @@ def _fill_attention(P, counts, fill, out_dtype=torch.bfloat16, cfg=None):
                            cfg or P["cfg"], fill=fill, fill_clamp=2.0)[0]
 
 
-def test_row_order_changes_only_where_programs_run():
-    """row_order (the longest-lists-first launch, speed only) moves each head's query blocks to
-    other programs; every block's output is what it was, bit for bit, with the fill pass and
-    uneven lists; a malformed order is refused before the launch."""
-    from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
-
-    P = _fill_inputs()
-    bm = P["block_mask"]
-    counts = bm.kv_num_blocks.clone()
-    counts[0, 0, 1] = 0  # uneven lists, an empty one among them
-    counts[0, 1, 3] = 1
-    order = bm.__class__(counts, bm.kv_indices, BQ, BK, 300, 300).longest_first()
-    assert order.shape == counts.shape and order.dtype == torch.int64
-    assert torch.equal(counts.gather(-1, order), counts.sort(-1, descending=True).values)
-    g = torch.Generator().manual_seed(3)
-    shuffled = torch.stack([torch.randperm(counts.shape[-1], generator=g) for _ in range(2)])[None].to(torch.int32)
-
-    def run(row_order):
-        return sparse_attn_fwd(P["q_i8"], P["k_i8"], P["v_t"], P["q_s"], P["k_s"], P["v_scale"], counts,
-                               bm.kv_indices, torch.full((2,), INF), 300, 300, 64, torch.bfloat16, False, False,
-                               P["cfg"], fill=P["fill"], fill_clamp=2.0, row_order=row_order)[0]
-    base = run(None)
-    assert torch.equal(run(order), base) and torch.equal(run(shuffled.contiguous()), base)
-    for bad in (order[..., :-1].contiguous(), order.float(), order.transpose(0, 1).clone()[:, :, :2]):
-        with pytest.raises(ValueError, match="row_order"):
-            run(bad)
-
-
 def test_fill_pass_reads_only_the_key_blocks_columns():
     """The means are padded to FILL_PAD columns; the fill pass runs only the steps that hold key
     blocks (3 here, of 128 columns: one step of 64 means), so what the padding holds cannot matter."""
