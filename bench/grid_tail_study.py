@@ -9,6 +9,9 @@ of 128 means (NOTES v58), on 132 SMs x 3 programs (Hopper's 168-register cap). G
 scheduling gives the makespan in each launch order, against the ideal (all work / slots).
 
     python bench/grid_tail_study.py [--shapes wan480,hunyuan544]
+
+Timed on an H100 (NOTES v61), longest first per head did not pay: the model's tail is not where the
+GPU loses time. Kept as the record of that prediction.
 """
 import argparse
 import datetime
