@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (loads the pack as `sparge_attention`, puts the root on sys.path)
 from lse_sample_study import REGIMES as LSE_REGIMES, mask_row, regime_inputs, sweep_shares, sweep_study  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
+from sparge_attention.sparge_core.blockmask import num_blocks  # noqa: E402
 from sparge_attention.sparge_core.presets import PRESETS  # noqa: E402
 from sparge_attention.sparge_core.reference_predict import lse_stage1  # noqa: E402
 from sparge_attention.sparge_core.reference_quant import block_token_counts, split_blocks, value_scale  # noqa: E402
@@ -80,7 +81,7 @@ def oracle_scores(q, k, v, block_q, block_k, scale):
     exact L1 error of the mean-value estimate under the rows' true weights (see the docstring)."""
     B, H, n, _ = q.shape
     n_k = k.shape[2]
-    NK = (n_k + block_k - 1) // block_k
+    NK = num_blocks(n_k, block_k)
     cnt = block_token_counts(n_k, block_k)
     out = torch.empty(B, H, n // block_q, NK)
     for b in range(B):
