@@ -3,13 +3,11 @@ prediction with and without the extra outputs (GPU time, graph replay), and the 
 without and with the fill pass. Ratios to SDPA-cuDNN measured in the same run. (The fill-pass
 variants measured slower, 128 means per step and skipping all-kept steps, are in bench/NOTES.md v18.)
 
-    python bench/fill_cost.py [--shapes wan480,hunyuan544] [--minshare 1.5] [--causal] [--stages 3,2] [--paired]
+    python bench/fill_cost.py [--shapes wan480,hunyuan544] [--minshare 1.5] [--causal] [--stages 3,2]
 
 --causal: causal attention (the selection drops the blocks past the diagonal; token order, no
 Hilbert order) against causal cuDNN. --stages: the kernel rows at each of these num_stages (Hopper
 compiles causal kernels with 3-deep K/V buffers at 3 stages, NOTES v59); default the config's.
---paired: each kernel row also timed in alternating pairs with cuDNN (`x_paired`, common.paired_ratio):
-alone, a kernel at the H100's power limit reads up to ~5% apart from row to row (NOTES v62).
 """
 import argparse
 import dataclasses
@@ -18,7 +16,7 @@ import math
 
 import torch
 
-from common import SHAPES, bench_graph_ms, bench_ms, card_name, paired_ratio, realistic_text_tokens, save, sdpa_cudnn
+from common import SHAPES, bench_graph_ms, bench_ms, card_name, realistic_text_tokens, save, sdpa_cudnn
 from devkit.realistic_inputs import make_video_qkv
 from sparge_attention.kernels import attn_fwd
 from sparge_attention.kernels.attn_fwd import sparse_attn_fwd
@@ -46,7 +44,6 @@ def main():
     ap.add_argument("--minshare", type=float, default=1.5)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--stages", default="", help="comma-separated num_stages for the kernel rows")
-    ap.add_argument("--paired", action="store_true", help="also time each kernel row paired with cuDNN")
     args = ap.parse_args()
     dev = torch.device("cuda")
     res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "causal": args.causal,
@@ -83,18 +80,13 @@ def main():
             c = cfg if st is None else dataclasses.replace(cfg, num_stages=st, causal_stages=0)
             tag = "" if st is None else f", {st} stages"
             for label, fill in (("kernel, no fill", None), (f"kernel, fill (step {c.fill_block})", P1["fill"])):
-                fn = lambda fill=fill, c=c: kern(fill, c)  # noqa: E731
-                t = bench_ms(fn)
+                t = bench_ms(lambda fill=fill, c=c: kern(fill, c))
                 r["rows"].append({"part": label + tag, "ms": t, "x_cudnn": t / t_cudnn})
-                if args.paired:
-                    x, t_pair, _ = paired_ratio(fn, lambda: sdpa_cudnn(q, k, v, is_causal=args.causal))
-                    r["rows"][-1].update(x_paired=x, ms_paired=t_pair)
         r["density"] = density
         r["compiled"] = compiled_stats()
         print(f"\n{name} {tuple(q.shape)} minshare {args.minshare}{' causal' if args.causal else ''}: density {density:.3f}, cuDNN {t_cudnn:.2f} ms")
         for row in r["rows"]:
-            paired = f"  paired {row['x_paired']:7.4f}x" if "x_paired" in row else ""
-            print(f"  {row['part']:<46} {row['ms']:8.3f} ms {row['x_cudnn']:7.4f}x{paired}")
+            print(f"  {row['part']:<46} {row['ms']:8.3f} ms {row['x_cudnn']:7.4f}x")
         print("  compiled (n_regs, n_spills):", r["compiled"])
         del q, k, v, prep, P0, P1
         torch.cuda.empty_cache()
