@@ -32,12 +32,14 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from common import SHAPES, bench_ms, card_name, paired_ratio, save, sdpa_cudnn  # loads the pack
+from common import SHAPES, bench_ms, card_name, paired_ratio, random_block_mask, save, sdpa_cudnn  # loads the pack
+from devkit.metrics import rel_l1
 from gpu_check import prepare
 from sparge_attention.kernels.attn_fwd import _scores, _softmax_pv, sparse_attn_fwd
 from sparge_attention.kernels.config import KernelConfig, default_config
 from sparge_attention.kernels.fp8 import INTERPRET
 from sparge_attention.kernels.numerics import batch_head
+from sparge_attention.sparge_core import SpargeBlockMask
 
 FIRST = tl.constexpr(1 << 30)  # a tile code's flags above its key block (< 2^24)
 LAST = tl.constexpr(1 << 29)
@@ -79,7 +81,7 @@ def build_schedule(counts: torch.Tensor, indices: torch.Tensor, n_programs: int)
 @triton.jit
 def _persist_attn_fwd(
     Q, K, VT, QS, KS, VS, O, CODES, ROWS, PSTART,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
+    sq_b, sq_h, sq_n, sk_n, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h,
     N_Q, N_K, Q_HEAD_ROWS, K_HEAD_ROWS, H: tl.constexpr, KV_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
@@ -127,6 +129,7 @@ def _persist_attn_fwd(
                 s = tl.where((kb * BLOCK_N + offs_n < N_K)[None, :], s, float("-inf"))
         # a row's first tile: m = -inf makes alpha 0, which zeroes l and acc in their own FMAs
         m_i = tl.where(first, float("-inf"), m_i)
+        # the P.V-skip count is off here; t0 * 0 passes it as a runtime int, as the helper's branches need
         acc, l_i, m_i, _ = _softmax_pv(acc, l_i, m_i, t0 * 0, s, VT, v_row, qk_scale, kb, offs_m0, offs_n, N_Q, N_K, 0.0,
                                        BLOCK_N, False, False, PV_FP8, False, P_LOG2, EMULATE_FP8, True)
         if last:
@@ -144,7 +147,6 @@ def persist_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, schedule, n_q, 
     codes, rows, pstart = schedule
     B, H, nq_pad, hd = q_i8.shape
     Hkv = k_i8.shape[1]
-    NQ = nq_pad // config.block_m
     out = torch.empty(B, n_q, H, d_out, dtype=out_dtype, device=q_i8.device).transpose(1, 2)
     k_arg = TensorDescriptor.from_tensor(k_i8.view(-1, hd), [config.block_n, hd])
     v_arg = TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, config.block_n])
@@ -152,8 +154,7 @@ def persist_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, schedule, n_q, 
     q_arg = TensorDescriptor.from_tensor(q_i8.view(-1, hd), [config.block_m, hd]) if q_tma else q_i8
     _persist_attn_fwd[(pstart.numel() - 1,)](
         q_arg, k_arg, v_arg, q_scale, k_scale, v_scale, out, codes, rows, pstart,
-        q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
-        v_t.stride(0), v_t.stride(1), v_t.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        q_i8.stride(0), q_i8.stride(1), q_i8.stride(2), k_i8.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_scale.stride(0), q_scale.stride(1), k_scale.stride(0), k_scale.stride(1), v_scale.stride(0),
         v_scale.stride(1), n_q, n_k, nq_pad, k_i8.shape[2], H, H // Hkv,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=hd, D_OUT=d_out, PV_FP8=pv_fp8,
@@ -164,14 +165,11 @@ def persist_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, schedule, n_q, 
     return out
 
 
-def _random_lists(B, H, nq, nk, density, dev, seed):
-    g = torch.Generator(device=dev).manual_seed(seed)
-    keep = max(1, round(density * nk))
-    idx = torch.rand(B, H, nq, nk, generator=g, device=dev).topk(keep, dim=-1).indices.sort(-1).values
-    indices = torch.zeros(B, H, nq, nk, dtype=torch.int32, device=dev)
-    indices[..., :keep] = idx.to(torch.int32)
-    counts = torch.full((B, H, nq), keep, dtype=torch.int32, device=dev)
-    return counts, indices
+def _random_lists(B, H, N, block_m, block_n, density, dev, seed):
+    """common.random_block_mask's mask (kernel_variants' masks) as (counts, ascending index lists)."""
+    nq, nk = triton.cdiv(N, block_m), triton.cdiv(N, block_n)
+    bm = SpargeBlockMask.from_dense(random_block_mask(B, H, nq, nk, density, dev, seed), block_m, block_n, N, N)
+    return bm.kv_num_blocks.clone(), bm.kv_indices
 
 
 def cpu_check():
@@ -182,15 +180,14 @@ def cpu_check():
                                               (1, 3, 260, 0.34, 64, False, True), (2, 1, 256, 0.5, 2, True, False)]:
         q, k, v = (torch.randn(B, H, N, 128, dtype=torch.bfloat16) for _ in range(3))
         prep = prepare(q, k, v, 64, 128)
-        nq, nk = triton.cdiv(N, 64), triton.cdiv(N, 128)
-        counts, indices = _random_lists(B, H, nq, nk, dens, q.device, 1)
+        counts, indices = _random_lists(B, H, N, 64, 128, dens, q.device, 1)
         # uneven lists too: every other row keeps one block less (at least one)
         counts[..., ::2] = (counts[..., ::2] - 1).clamp_min(1)
         ref = sparse_attn_fwd(*prep, counts, indices, torch.full((H,), math.inf), N, N, 128, torch.bfloat16,
                               False, False, cfg)[0]
         out = persist_attn_fwd(*prep, build_schedule(counts, indices, P), N, N, 128, torch.bfloat16, cfg, q_each,
                                q_tma)
-        err = ((out.float() - ref.float()).abs().sum() / ref.float().abs().sum()).item()
+        err = rel_l1(out, ref)
         print(f"B{B} H{H} N{N} density {dens} programs {P} q_each {q_each} q_tma {q_tma}: rel-L1 vs production {err:.2e}")
         assert err < 1e-3, err
 
@@ -208,6 +205,7 @@ def main():
     dev = torch.device("cuda")
     cfg = default_config(dev)
     pcfg = dataclasses.replace(cfg, num_stages=2)  # 2-deep K/V buffers, as production's loop has at 3
+    cfg2 = dataclasses.replace(cfg, maxnreg=None)  # production at 198 registers: two programs per SM
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": datetime.date.today().isoformat(), "sms": n_sm, "shapes": {}}
@@ -216,19 +214,17 @@ def main():
         B, H, N, D, _, _ = SHAPES[shape]
         q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
         prep = prepare(q, k, v, cfg.block_m, cfg.block_n)
-        nq, nk = triton.cdiv(N, cfg.block_m), triton.cdiv(N, cfg.block_n)
         pvt = torch.full((H,), math.inf, device=dev)
 
         def dense():
             return sdpa_cudnn(q, k, v)
         rows = res["shapes"][shape] = []
         for dens in map(float, args.densities.split(",")):
-            counts, indices = _random_lists(B, H, nq, nk, dens, dev, 1)
+            counts, indices = _random_lists(B, H, N, cfg.block_m, cfg.block_n, dens, dev, 1)
 
             def prod():
                 return sparse_attn_fwd(*prep, counts, indices, pvt, N, N, D, torch.bfloat16, False, False, cfg)[0]
             ref = prod()
-            cfg2 = dataclasses.replace(cfg, maxnreg=None)  # 198 registers: two programs per SM
 
             def prod2():
                 return sparse_attn_fwd(*prep, counts, indices, pvt, N, N, D, torch.bfloat16, False, False, cfg2)[0]
@@ -249,7 +245,7 @@ def main():
                     rows.append(dict(density=dens, variant=name, failed=str(e)[:200]))
                     lines.append(f"{shape:<11} {dens:>5.2f} {name:<22} failed: {str(e)[:80]}")
                     continue
-                err = ((out.float() - ref.float()).abs().sum() / ref.float().abs().sum()).item()
+                err = rel_l1(out, ref)
                 x_pair, t_pair, t_ref = paired_ratio(fn, dense)
                 t_sched = bench_ms(lambda: build_schedule(counts, indices, sched[2].numel() - 1)) if sched else 0.0
                 rows.append(dict(density=dens, variant=name, x_paired=x_pair, ms_paired=t_pair, cudnn_ms=t_ref,
