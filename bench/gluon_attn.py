@@ -106,6 +106,23 @@ def _issue_scores(q_smem, k_smem, k_bar, j, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _turn_wait(turn_me, t, ME: gl.constexpr, PP: gl.constexpr):
+    """Ping-pong (PP): wait until this consumer may issue its t-th group of wgmmas. The two
+    consumers take turns 0, 0, 1, 1, ... (consumer 0 first); consumer 0's first wait passes at once
+    (parity 1 of a fresh barrier counts as completed), every later one waits for the other
+    consumer's arrive of the turn before."""
+    if PP:
+        mbarrier.wait(turn_me, (t & 1) ^ (1 - ME))
+
+
+@gluon.jit
+def _turn_pass(turn_other, PP: gl.constexpr):
+    """Ping-pong: this consumer's wgmmas of the turn are issued; the other consumer's turn."""
+    if PP:
+        mbarrier.arrive(turn_other, count=1)
+
+
+@gluon.jit
 def _softmax(s_i, m_i, l_i, qk_scale, kb, N_K, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
     """Online-softmax step of one block from its int32 scores: returns P (fp8, as the P.V A
     operand, pre-scaled by 2^P_LOG2), alpha, and the new m, l (as _softmax_pv in attn_fwd.py)."""
@@ -178,14 +195,17 @@ def _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_
 
 @gluon.jit
 def _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, kb, qk_scale, p8, acc, m_i, l_i, zero_o, N_K,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCE: gl.constexpr, empty_bar, MASK: gl.constexpr):
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCE: gl.constexpr, empty_bar, MASK: gl.constexpr,
+              turn_me, turn_other, ME: gl.constexpr, PP: gl.constexpr):
     """Step j >= 1 of _consume_fa3: S_j and P_{j-1}.V_{j-1} issued back to back, block j's softmax
     while P_{j-1}.V_{j-1} runs. No branch may sit between the issue and the waits: at a control-flow
     join ptxas waits for every wgmma in flight (seen in the SASS), so the masked step is a copy."""
     prev = (j - 1) % STAGES
+    _turn_wait(turn_me, j, ME, PP)  # turn j: S_j and P_{j-1}.V_{j-1}
     s_tok = _issue_scores(q_smem, k_smem, k_bar, j, STAGES)
     mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
     o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+    _turn_pass(turn_other, PP)
     s_i = warpgroup_mma_wait(1, deps=(s_tok, ))  # S_j; P_{j-1}.V_{j-1} may still run
     p8_new, alpha, m_i, l_i = _softmax(s_i, m_i, l_i, qk_scale, kb, N_K, BLOCK_N, MASK)
     # l_i as a dep ties the wait to the end of the softmax (its row sums) at the MLIR/LLVM level
@@ -200,12 +220,19 @@ def _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, kb, qk_scale, p8, acc, m_
 @gluon.jit
 def _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row, v_row, count,
                  qs, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCE: gl.constexpr,
-                 empty_bar, HEAD_DIM: gl.constexpr):
+                 empty_bar, HEAD_DIM: gl.constexpr, turn_me, turn_other, count_other, ME: gl.constexpr,
+                 PP: gl.constexpr):
     """_consume with FlashAttention-3's intra-warpgroup order: step j issues S_j and then
     P_{j-1}.V_{j-1}, waits for S_j only (wait(1): groups complete in order), and runs block j's
     softmax while P_{j-1}.V_{j-1} is on the tensor cores. The tensor cores get S_j and P.V back to
     back; the softmax hides behind P.V instead of Q.K^T. About the same registers at the peak as
-    _consume (acc, the P.V result in flight, the scores, two fp8 P)."""
+    _consume (acc, the P.V result in flight, the scores, two fp8 P).
+
+    With PP (FA3's inter-warpgroup ping-pong, by mbarriers where FA3 uses named barriers) each
+    issue of wgmmas is a turn, taken alternately with the other consumer: turn 0 issues S_0, turn j
+    S_j and P_{j-1}.V_{j-1}, turn count the last P.V, so one consumer's softmax runs while the
+    other's products run. A consumer whose list is done keeps passing turns (no work) until the
+    other's are all taken: max(T0, T1) turns each, T = count + 1 (0 for an empty list)."""
     m_i = gl.full([64], float("-inf"), gl.float32, ROW)
     l_i = gl.zeros([64], gl.float32, ROW)
     acc = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
@@ -215,7 +242,10 @@ def _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base,
                         BLOCK_N, STAGES)
     if count > 0:
         kb = gl.load(idx_base)
-        s_i = warpgroup_mma_wait(0, deps=(_issue_scores(q_smem, k_smem, k_bar, 0, STAGES), ))
+        _turn_wait(turn_me, 0, ME, PP)
+        s0_tok = _issue_scores(q_smem, k_smem, k_bar, 0, STAGES)
+        _turn_pass(turn_other, PP)
+        s_i = warpgroup_mma_wait(0, deps=(s0_tok, ))
         # block 0 may be the partial last one (a one-block list)
         p8, alpha, m_i, l_i = _softmax(s_i, m_i, l_i, qs * gl.load(ks_base + kb), kb, N_K, BLOCK_N, True)
         kb = gl.load(idx_base + gl.minimum(1, count - 1))  # index and scale a step ahead
@@ -227,7 +257,8 @@ def _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base,
             kb_next = gl.load(idx_base + j + 1)
             qk_next = qs * gl.load(ks_base + kb_next)
             p8, acc, m_i, l_i = _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, kb, qk_scale, p8, acc, m_i, l_i,
-                                          zero_o, N_K, BLOCK_N, STAGES, PRODUCE, empty_bar, False)
+                                          zero_o, N_K, BLOCK_N, STAGES, PRODUCE, empty_bar, False,
+                                          turn_me, turn_other, ME, PP)
             kb = kb_next
             qk_scale = qk_next
         if count > 1:  # the last block, the only one that can be partial, peeled
@@ -237,14 +268,23 @@ def _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base,
                 _issue_tile(v_desc, v_smem, v_bar, idx_base, v_row, count + STAGES - 3, count, BLOCK_N, STAGES,
                             False)
             p8, acc, m_i, l_i = _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, count - 1, kb, qk_scale, p8, acc,
-                                          m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, PRODUCE, empty_bar, True)
+                                          m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, PRODUCE, empty_bar, True,
+                                          turn_me, turn_other, ME, PP)
         last = (count - 1) % STAGES
+        _turn_wait(turn_me, count, ME, PP)
         mbarrier.wait(v_bar.index(last), ((count - 1) // STAGES) & 1)
         o_tok = warpgroup_mma(p8, v_smem.index(last).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+        _turn_pass(turn_other, PP)
         pv = warpgroup_mma_wait(0, deps=(o_tok, ))
         if not PRODUCE:
             mbarrier.arrive(empty_bar.index(last), count=1)
         acc = acc + pv
+    if PP:  # pass the turns the other consumer still needs
+        t_mine = gl.where(count > 0, count + 1, 0)
+        t_all = gl.maximum(t_mine, gl.where(count_other > 0, count_other + 1, 0))
+        for t in range(t_mine, t_all):
+            _turn_wait(turn_me, t, ME, PP)
+            _turn_pass(turn_other, PP)
     return acc, l_i
 
 
@@ -303,7 +343,8 @@ def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     mbarrier.wait(q_bar, 0)
     if FA3:
         acc, l_i = _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row,
-                                v_row, count, qs, N_K, BLOCK_N, STAGES, True, k_bar, HEAD_DIM)
+                                v_row, count, qs, N_K, BLOCK_N, STAGES, True, k_bar, HEAD_DIM, q_bar, q_bar, 0,
+                                0, False)
     else:
         acc, l_i = _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row, v_row,
                             count, qs, N_K, BLOCK_N, STAGES, True, k_bar, HEAD_DIM)
@@ -343,13 +384,16 @@ def _producer_part(q_desc, k_desc, v_desc, q_smem, k_smem0, v_smem0, k_smem1, v_
 @gluon.jit
 def _consumer_part(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, k_desc, v_desc, idx_base, ks_base,
                    count, qs, N_K, O, VS, b, h, hk, row0, so_b, so_h, so_n, svs_b, svs_h, N_Q,
+                   turn_me, turn_other, count_other,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, D_OUT: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   FA3: gl.constexpr):
-    """One consumer warpgroup: 64 query rows, the "pipe" (or FA3-order) schedule on its own ring."""
+                   FA3: gl.constexpr, ME: gl.constexpr, PP: gl.constexpr):
+    """One consumer warpgroup: 64 query rows, the "pipe" (or FA3-order) schedule on its own ring;
+    with PP the FA3 order in turns with the other consumer (_consume_fa3)."""
     mbarrier.wait(q_bar, 0)
     if FA3:
         acc, l_i = _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, 0, 0,
-                                count, qs, N_K, BLOCK_N, STAGES, False, empty_bar, HEAD_DIM)
+                                count, qs, N_K, BLOCK_N, STAGES, False, empty_bar, HEAD_DIM, turn_me, turn_other,
+                                count_other, ME, PP)
     else:
         acc, l_i = _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, 0, 0, count,
                             qs, N_K, BLOCK_N, STAGES, False, empty_bar, HEAD_DIM)
@@ -376,9 +420,10 @@ def _attn_ws(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
              so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
              N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
-             CONSUMER_REGS: gl.constexpr, FA3: gl.constexpr):
+             CONSUMER_REGS: gl.constexpr, FA3: gl.constexpr, PP: gl.constexpr):
     """Two query blocks per program (2*pid, 2*pid+1), each with its own consumer warpgroup and its
-    own K/V ring (their kept-block lists differ), one producer warp feeding both rings."""
+    own K/V ring (their kept-block lists differ), one producer warp feeding both rings; with PP the
+    consumers issue their wgmmas in turns (ping-pong, see _consume_fa3)."""
     pair = gl.program_id(0)
     npairs = (NQB + 1) // 2
     qb0 = (pair % npairs) * 2
@@ -389,8 +434,10 @@ def _attn_ws(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     has1 = qb0 + 1 < NQB  # the second block of an odd count does not exist: an empty list
     q_smem = gl.allocate_shared_memory(gl.int8, [2, 64, HEAD_DIM], q_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_bar.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
     # one ring per consumer (separate allocations: Triton 3.6 wants power-of-two shapes, 2 x 3 slots is not)
     k0, v0, kb0, vb0, eb0 = _ring(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
     k1, v1, kb1, vb1, eb1 = _ring(k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
@@ -410,10 +457,10 @@ def _attn_ws(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     gl.warp_specialize([
         (_consumer_part, (q_smem.index(0), k0, v0, q_bar.index(0), kb0, vb0, eb0, k_desc, v_desc, idx0, ks_base,
                           count0, qs0, N_K, O, VS, b, h, hk, qb0 * 64, so_b, so_h, so_n, svs_b, svs_h, N_Q,
-                          BLOCK_N, STAGES, D_OUT, HEAD_DIM, FA3)),
+                          turn.index(0), turn.index(1), count1, BLOCK_N, STAGES, D_OUT, HEAD_DIM, FA3, 0, PP)),
         (_consumer_part, (q_smem.index(1), k1, v1, q_bar.index(1), kb1, vb1, eb1, k_desc, v_desc, idx1, ks_base,
                           count1, qs1, N_K, O, VS, b, h, hk, qb0 * 64 + 64, so_b, so_h, so_n, svs_b, svs_h, N_Q,
-                          BLOCK_N, STAGES, D_OUT, HEAD_DIM, FA3)),
+                          turn.index(1), turn.index(0), count0, BLOCK_N, STAGES, D_OUT, HEAD_DIM, FA3, 1, PP)),
         (_producer_part, (q_desc, k_desc, v_desc, q_smem, k0, v0, k1, v1, q_bar, kb0, vb0, eb0, kb1, vb1, eb1,
                           q_row, k_row, v_row, idx0, idx1, count0, count1, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
@@ -430,7 +477,7 @@ def _descs(q_i8, k_i8, v_t, q_rows):
 
 
 def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, n_q, n_k, d_out, out_dtype,
-                          variant="pipe", stages=3, fa3=False):
+                          variant="pipe", stages=3, fa3=False, pp=False):
     """kernels.attn_fwd.sparse_attn_fwd's common case (see the module docstring) in Gluon.
     Returns out (B,H,n_q,d_out), a transposed view of contiguous (B,n_q,H,d_out) memory."""
     B, H, nq_pad, hd = q_i8.shape
@@ -445,7 +492,7 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
     if counts.shape != (B, H, NQ) or indices.shape[:3] != (B, H, NQ):
         raise ValueError("block lists must be (B,H,NQ) counts + (B,H,NQ,NK) indices")
     out = torch.empty(B, n_q, H, d_out, dtype=out_dtype, device=q_i8.device).transpose(1, 2)
-    key = variant + ("_fa3" if fa3 else "") + ("" if stages == 3 else f"_s{stages}")  # a VARIANTS name
+    key = variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("" if stages == 3 else f"_s{stages}")  # VARIANTS
     common = (q_scale, k_scale, v_scale, out, counts, indices,
               out.stride(0), out.stride(1), out.stride(2), q_scale.stride(0), q_scale.stride(1),
               k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
@@ -461,7 +508,7 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
         # setmaxnreg moves the producer's share to the consumers (24 + 2 x 240 = 3 x 168)
         COMPILED[key] = _attn_ws[(B * H * triton.cdiv(NQ, 2),)](
             qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2], BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out,
-            STAGES=stages, CONSUMER_REGS=240, FA3=fa3, num_warps=4, maxnreg=168)
+            STAGES=stages, CONSUMER_REGS=240, FA3=fa3 or pp, PP=pp, num_warps=4, maxnreg=168)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return out
@@ -472,5 +519,7 @@ VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
     "pipe_fa3": dict(variant="pipe", stages=3, fa3=True),  # P_{j-1}.V_{j-1} overlaps softmax_j
     "ws": dict(variant="ws", stages=3),  # two consumer warpgroups + producer warp, "pipe" order
     "ws_fa3": dict(variant="ws", stages=3, fa3=True),
+    "ws_pp": dict(variant="ws", stages=3, fa3=True, pp=True),  # ws_fa3 + FA3's ping-pong between the consumers
+    "ws_pp_s2": dict(variant="ws", stages=2, fa3=True, pp=True),
 }
 KERNELS = {"pipe": _attn_pipe, "ws": _attn_ws}
