@@ -4,9 +4,12 @@ the wgmma (HGMMA/IGMMA/QGMMA) instructions and their waits (WARPGROUP.DEPBAR, WA
 in order with the MUFU.EX2 of the softmax. In the main loop the int8 IGMMAs of S_{j+1} should be
 issued before the block's MUFU.EX2 run and their wait (WARPGROUP.DEPBAR) come after them.
 
-Needs Triton 3.6 (the device's; Gluon's API moves between versions), TRITON_INTERPRET unset:
+Needs Triton 3.6 (the device's; Gluon's API moves between versions), TRITON_INTERPRET unset. On
+the dev box (Triton 3.8 in .venv) put a PyPI Triton 3.6 ahead of it:
 
-    /work/venv36/bin/python bench/gluon_compile.py [--sass]   # --sass: also dump the SASS files
+    python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install --no-deps triton==3.6.0
+    cd bench && PYTHONPATH=/tmp/t36/lib/python3.11/site-packages ../.venv/bin/python gluon_compile.py [--sass]
+    # --sass: also dump the SASS files
 """
 import argparse
 import os
