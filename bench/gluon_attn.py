@@ -49,6 +49,11 @@ fills both rings ahead of the consumers (full/empty mbarrier pairs). setmaxnreg 
 consumers 240 registers each and the producer 24. The two consumers are independent instruction
 streams, so the warp schedulers interleave one's softmax with the other's wgmma; FA3 additionally
 orders them with named barriers, which Gluon 3.6 does not expose.
+
+Variants "ws_pp" / "ws_pp_s2": "ws_fa3" with FA3's ping-pong order between the two consumers, by a
+pair of mbarriers instead of named barriers: each group of wgmma issues is a turn that waits for
+the other consumer's previous turn, so one consumer's softmax runs while the other's products run
+(_consume_fa3). "_s2": 2-deep rings (148 KB of shared memory instead of 214).
 """
 import torch
 import triton
