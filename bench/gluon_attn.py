@@ -54,12 +54,18 @@ Variants "ws_pp" / "ws_pp_s2": "ws_fa3" with FA3's ping-pong order between the t
 pair of mbarriers instead of named barriers: each group of wgmma issues is a turn that waits for
 the other consumer's previous turn, so one consumer's softmax runs while the other's products run
 (_consume_fa3). "_s2": 2-deep rings (148 KB of shared memory instead of 214).
+
+Variants "ws_fa3_ps_s2" / "ws_pp_ps_s2": P.V's A operand from shared memory (two 64 x 128 fp8 slots
+per consumer, 180 KB in all) instead of registers. With P in registers ptxas moves the P.V wait
+above the next block's exponentials (the SASS of pipe_fa3, ws_fa3 and ws_pp; the PTX has it after
+them); from shared memory the wait stays after the softmax, so the product overlaps it in SASS.
 """
 import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BLOCK_M, BLOCK_N, HEAD_DIM = 64, 128, 128
@@ -72,6 +78,7 @@ P_LOG2 = gl.constexpr(8.0)
 # instruction, so S (int32) and the P.V result (fp32) share one layout and P needs no row moves
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32]))
 P_OP = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA.value, k_width=4))  # fp8 A from registers
+P_SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2))  # fp8 P, 64 x 128
 ROW = gl.constexpr(gl.SliceLayout(1, MMA.value))
 COL = gl.constexpr(gl.SliceLayout(0, MMA.value))
 
@@ -125,6 +132,27 @@ def _turn_pass(turn_other, PP: gl.constexpr):
     """Ping-pong: this consumer's wgmmas of the turn are issued; the other consumer's turn."""
     if PP:
         mbarrier.arrive(turn_other, count=1)
+
+
+@gluon.jit
+def _p_store(p8, p_smem, j, PSMEM: gl.constexpr):
+    """PSMEM: P_j into slot j % 2 of the consumer's shared-memory pair, visible to the async proxy
+    (the wgmma) once every thread of the warpgroup has written. Slot j % 2 last held P_{j-2},
+    whose P.V was waited for in step j - 1."""
+    if PSMEM:
+        p_smem.index(j % 2).store(p8)
+        fence_async_shared()
+        gl.thread_barrier()
+
+
+@gluon.jit
+def _p_operand(p8, p_smem, j, PSMEM: gl.constexpr):
+    """P_j as the A operand of P_j.V_j: its registers, or with PSMEM its shared-memory copy, so that
+    no register the in-flight wgmma reads is live across the next softmax."""
+    if PSMEM:
+        return p_smem.index(j % 2)
+    else:
+        return p8
 
 
 @gluon.jit
@@ -201,7 +229,7 @@ def _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_
 @gluon.jit
 def _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, kb, qk_scale, p8, acc, m_i, l_i, zero_o, N_K,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCE: gl.constexpr, empty_bar, MASK: gl.constexpr,
-              turn_me, turn_other, ME: gl.constexpr, PP: gl.constexpr):
+              turn_me, turn_other, ME: gl.constexpr, PP: gl.constexpr, p_smem, PSMEM: gl.constexpr):
     """Step j >= 1 of _consume_fa3: S_j and P_{j-1}.V_{j-1} issued back to back, block j's softmax
     while P_{j-1}.V_{j-1} runs. No branch may sit between the issue and the waits: at a control-flow
     join ptxas waits for every wgmma in flight (seen in the SASS), so the masked step is a copy."""
@@ -209,10 +237,12 @@ def _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, kb, qk_scale, p8, acc, m_
     _turn_wait(turn_me, j, ME, PP)  # turn j: S_j and P_{j-1}.V_{j-1}
     s_tok = _issue_scores(q_smem, k_smem, k_bar, j, STAGES)
     mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
-    o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+    o_tok = warpgroup_mma(_p_operand(p8, p_smem, j - 1, PSMEM), v_smem.index(prev).permute((1, 0)), zero_o,
+                          use_acc=False, is_async=True)
     _turn_pass(turn_other, PP)
     s_i = warpgroup_mma_wait(1, deps=(s_tok, ))  # S_j; P_{j-1}.V_{j-1} may still run
     p8_new, alpha, m_i, l_i = _softmax(s_i, m_i, l_i, qk_scale, kb, N_K, BLOCK_N, MASK)
+    _p_store(p8_new, p_smem, j, PSMEM)
     # l_i as a dep ties the wait to the end of the softmax (its row sums) at the MLIR/LLVM level
     pv, l_i = warpgroup_mma_wait(0, deps=(o_tok, l_i))
     if not PRODUCE:  # slot j-1 (K_{j-1} and V_{j-1}) is free
@@ -226,7 +256,7 @@ def _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, kb, qk_scale, p8, acc, m_
 def _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row, v_row, count,
                  qs, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCE: gl.constexpr,
                  empty_bar, HEAD_DIM: gl.constexpr, turn_me, turn_other, count_other, ME: gl.constexpr,
-                 PP: gl.constexpr):
+                 PP: gl.constexpr, p_smem, PSMEM: gl.constexpr):
     """_consume with FlashAttention-3's intra-warpgroup order: step j issues S_j and then
     P_{j-1}.V_{j-1}, waits for S_j only (wait(1): groups complete in order), and runs block j's
     softmax while P_{j-1}.V_{j-1} is on the tensor cores. The tensor cores get S_j and P.V back to
@@ -237,7 +267,11 @@ def _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base,
     issue of wgmmas is a turn, taken alternately with the other consumer: turn 0 issues S_0, turn j
     S_j and P_{j-1}.V_{j-1}, turn count the last P.V, so one consumer's softmax runs while the
     other's products run. A consumer whose list is done keeps passing turns (no work) until the
-    other's are all taken: max(T0, T1) turns each, T = count + 1 (0 for an empty list)."""
+    other's are all taken: max(T0, T1) turns each, T = count + 1 (0 for an empty list).
+
+    With PSMEM P goes to the P.V wgmma from shared memory (two slots) instead of registers: ptxas
+    moves the wait for P_{j-1}.V_{j-1} above block j's exponentials while its A operand is in
+    registers (the SASS of pipe_fa3 and ws_pp), which undoes the overlap inside the warpgroup."""
     m_i = gl.full([64], float("-inf"), gl.float32, ROW)
     l_i = gl.zeros([64], gl.float32, ROW)
     acc = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
@@ -253,6 +287,7 @@ def _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base,
         s_i = warpgroup_mma_wait(0, deps=(s0_tok, ))
         # block 0 may be the partial last one (a one-block list)
         p8, alpha, m_i, l_i = _softmax(s_i, m_i, l_i, qs * gl.load(ks_base + kb), kb, N_K, BLOCK_N, True)
+        _p_store(p8, p_smem, 0, PSMEM)
         kb = gl.load(idx_base + gl.minimum(1, count - 1))  # index and scale a step ahead
         qk_scale = qs * gl.load(ks_base + kb)
         for j in range(1, count - 1):
@@ -263,7 +298,7 @@ def _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base,
             qk_next = qs * gl.load(ks_base + kb_next)
             p8, acc, m_i, l_i = _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, kb, qk_scale, p8, acc, m_i, l_i,
                                           zero_o, N_K, BLOCK_N, STAGES, PRODUCE, empty_bar, False,
-                                          turn_me, turn_other, ME, PP)
+                                          turn_me, turn_other, ME, PP, p_smem, PSMEM)
             kb = kb_next
             qk_scale = qk_next
         if count > 1:  # the last block, the only one that can be partial, peeled
@@ -274,11 +309,12 @@ def _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base,
                             False)
             p8, acc, m_i, l_i = _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, count - 1, kb, qk_scale, p8, acc,
                                           m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, PRODUCE, empty_bar, True,
-                                          turn_me, turn_other, ME, PP)
+                                          turn_me, turn_other, ME, PP, p_smem, PSMEM)
         last = (count - 1) % STAGES
         _turn_wait(turn_me, count, ME, PP)
         mbarrier.wait(v_bar.index(last), ((count - 1) // STAGES) & 1)
-        o_tok = warpgroup_mma(p8, v_smem.index(last).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+        o_tok = warpgroup_mma(_p_operand(p8, p_smem, count - 1, PSMEM), v_smem.index(last).permute((1, 0)), zero_o,
+                              use_acc=False, is_async=True)
         _turn_pass(turn_other, PP)
         pv = warpgroup_mma_wait(0, deps=(o_tok, ))
         if not PRODUCE:
@@ -349,7 +385,7 @@ def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     if FA3:
         acc, l_i = _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row,
                                 v_row, count, qs, N_K, BLOCK_N, STAGES, True, k_bar, HEAD_DIM, q_bar, q_bar, 0,
-                                0, False)
+                                0, False, k_smem, False)
     else:
         acc, l_i = _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row, v_row,
                             count, qs, N_K, BLOCK_N, STAGES, True, k_bar, HEAD_DIM)
@@ -391,14 +427,19 @@ def _consumer_part(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty_bar, k_des
                    count, qs, N_K, O, VS, b, h, hk, row0, so_b, so_h, so_n, svs_b, svs_h, N_Q,
                    turn_me, turn_other, count_other,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, D_OUT: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   FA3: gl.constexpr, ME: gl.constexpr, PP: gl.constexpr):
+                   FA3: gl.constexpr, ME: gl.constexpr, PP: gl.constexpr, PSMEM: gl.constexpr):
     """One consumer warpgroup: 64 query rows, the "pipe" (or FA3-order) schedule on its own ring;
-    with PP the FA3 order in turns with the other consumer (_consume_fa3)."""
+    with PP the FA3 order in turns with the other consumer, with PSMEM P through shared memory
+    (_consume_fa3)."""
     mbarrier.wait(q_bar, 0)
     if FA3:
+        if PSMEM:
+            p_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, 64, HEAD_DIM], P_SMEM)
+        else:
+            p_smem = k_smem  # not read
         acc, l_i = _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, 0, 0,
                                 count, qs, N_K, BLOCK_N, STAGES, False, empty_bar, HEAD_DIM, turn_me, turn_other,
-                                count_other, ME, PP)
+                                count_other, ME, PP, p_smem, PSMEM)
     else:
         acc, l_i = _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, 0, 0, count,
                             qs, N_K, BLOCK_N, STAGES, False, empty_bar, HEAD_DIM)
@@ -425,7 +466,7 @@ def _attn_ws(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
              so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
              N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
-             CONSUMER_REGS: gl.constexpr, FA3: gl.constexpr, PP: gl.constexpr):
+             CONSUMER_REGS: gl.constexpr, FA3: gl.constexpr, PP: gl.constexpr, PSMEM: gl.constexpr):
     """Two query blocks per program (2*pid, 2*pid+1), each with its own consumer warpgroup and its
     own K/V ring (their kept-block lists differ), one producer warp feeding both rings; with PP the
     consumers issue their wgmmas in turns (ping-pong, see _consume_fa3)."""
@@ -462,10 +503,12 @@ def _attn_ws(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     gl.warp_specialize([
         (_consumer_part, (q_smem.index(0), k0, v0, q_bar.index(0), kb0, vb0, eb0, k_desc, v_desc, idx0, ks_base,
                           count0, qs0, N_K, O, VS, b, h, hk, qb0 * 64, so_b, so_h, so_n, svs_b, svs_h, N_Q,
-                          turn.index(0), turn.index(1), count1, BLOCK_N, STAGES, D_OUT, HEAD_DIM, FA3, 0, PP)),
+                          turn.index(0), turn.index(1), count1, BLOCK_N, STAGES, D_OUT, HEAD_DIM, FA3, 0, PP,
+                          PSMEM)),
         (_consumer_part, (q_smem.index(1), k1, v1, q_bar.index(1), kb1, vb1, eb1, k_desc, v_desc, idx1, ks_base,
                           count1, qs1, N_K, O, VS, b, h, hk, qb0 * 64 + 64, so_b, so_h, so_n, svs_b, svs_h, N_Q,
-                          turn.index(1), turn.index(0), count0, BLOCK_N, STAGES, D_OUT, HEAD_DIM, FA3, 1, PP)),
+                          turn.index(1), turn.index(0), count0, BLOCK_N, STAGES, D_OUT, HEAD_DIM, FA3, 1, PP,
+                          PSMEM)),
         (_producer_part, (q_desc, k_desc, v_desc, q_smem, k0, v0, k1, v1, q_bar, kb0, vb0, eb0, kb1, vb1, eb1,
                           q_row, k_row, v_row, idx0, idx1, count0, count1, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
@@ -482,7 +525,7 @@ def _descs(q_i8, k_i8, v_t, q_rows):
 
 
 def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, n_q, n_k, d_out, out_dtype,
-                          variant="pipe", stages=3, fa3=False, pp=False):
+                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False):
     """kernels.attn_fwd.sparse_attn_fwd's common case (see the module docstring) in Gluon.
     Returns out (B,H,n_q,d_out), a transposed view of contiguous (B,n_q,H,d_out) memory."""
     B, H, nq_pad, hd = q_i8.shape
@@ -497,7 +540,8 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
     if counts.shape != (B, H, NQ) or indices.shape[:3] != (B, H, NQ):
         raise ValueError("block lists must be (B,H,NQ) counts + (B,H,NQ,NK) indices")
     out = torch.empty(B, n_q, H, d_out, dtype=out_dtype, device=q_i8.device).transpose(1, 2)
-    key = variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("" if stages == 3 else f"_s{stages}")  # VARIANTS
+    key = (variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("_ps" if psmem else "")
+           + ("" if stages == 3 else f"_s{stages}"))  # a VARIANTS name
     common = (q_scale, k_scale, v_scale, out, counts, indices,
               out.stride(0), out.stride(1), out.stride(2), q_scale.stride(0), q_scale.stride(1),
               k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
@@ -513,7 +557,7 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
         # setmaxnreg moves the producer's share to the consumers (24 + 2 x 240 = 3 x 168)
         COMPILED[key] = _attn_ws[(B * H * triton.cdiv(NQ, 2),)](
             qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2], BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out,
-            STAGES=stages, CONSUMER_REGS=240, FA3=fa3 or pp, PP=pp, num_warps=4, maxnreg=168)
+            STAGES=stages, CONSUMER_REGS=240, FA3=fa3 or pp or psmem, PP=pp, PSMEM=psmem, num_warps=4, maxnreg=168)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return out
@@ -526,5 +570,8 @@ VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
     "ws_fa3": dict(variant="ws", stages=3, fa3=True),
     "ws_pp": dict(variant="ws", stages=3, fa3=True, pp=True),  # ws_fa3 + FA3's ping-pong between the consumers
     "ws_pp_s2": dict(variant="ws", stages=2, fa3=True, pp=True),
+    # P.V's A operand from shared memory (2-deep rings: 148 + 32 KB): the P.V wait can stay after the softmax
+    "ws_fa3_ps_s2": dict(variant="ws", stages=2, fa3=True, psmem=True),
+    "ws_pp_ps_s2": dict(variant="ws", stages=2, fa3=True, pp=True, psmem=True),
 }
 KERNELS = {"pipe": _attn_pipe, "ws": _attn_ws}
