@@ -540,6 +540,9 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
     if counts.shape != (B, H, NQ) or indices.shape[:3] != (B, H, NQ):
         raise ValueError("block lists must be (B,H,NQ) counts + (B,H,NQ,NK) indices")
     out = torch.empty(B, n_q, H, d_out, dtype=out_dtype, device=q_i8.device).transpose(1, 2)
+    if (pp or psmem) and variant != "ws":
+        raise ValueError("ping-pong turns and P from shared memory are built for the two consumers of 'ws'")
+    fa3 = fa3 or pp or psmem  # both are built on the FA3 order
     key = (variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("_ps" if psmem else "")
            + ("" if stages == 3 else f"_s{stages}"))  # a VARIANTS name
     common = (q_scale, k_scale, v_scale, out, counts, indices,
@@ -557,7 +560,7 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
         # setmaxnreg moves the producer's share to the consumers (24 + 2 x 240 = 3 x 168)
         COMPILED[key] = _attn_ws[(B * H * triton.cdiv(NQ, 2),)](
             qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2], BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out,
-            STAGES=stages, CONSUMER_REGS=240, FA3=fa3 or pp or psmem, PP=pp, PSMEM=psmem, num_warps=4, maxnreg=168)
+            STAGES=stages, CONSUMER_REGS=240, FA3=fa3, PP=pp, PSMEM=psmem, num_warps=4, maxnreg=168)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return out
