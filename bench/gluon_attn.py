@@ -59,6 +59,10 @@ Variants "ws_fa3_ps_s2" / "ws_pp_ps_s2": P.V's A operand from shared memory (two
 per consumer, 180 KB in all) instead of registers. With P in registers ptxas moves the P.V wait
 above the next block's exponentials (the SASS of pipe_fa3, ws_fa3 and ws_pp; the PTX has it after
 them); from shared memory the wait stays after the softmax, so the product overlaps it in SASS.
+
+Measured (H200, 2026-12-07, paired with cuDNN, Wan 480p, density 1.0; bench/NOTES.md v33 and v65):
+production's Triton kernel 0.747, "ws" 0.797, "pipe" 0.855, every FA3-order variant 0.96-1.06, with
+or without the ping-pong and P in shared memory. None went into the pack.
 """
 import torch
 import triton
