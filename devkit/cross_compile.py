@@ -183,15 +183,6 @@ def pack_kernel_jobs(cc: int) -> list:
     v_check_kw = {"rescale_above": 448.0} if v_sampled else {}
     finish_headroom = (4.0,) if v_sampled else ()
     fix_kernel = getattr(quantize_v, "_quant_v_fix_kernel", None)
-
-    def pdl_kw(jit_fn):
-        """The PDL options the pack's launcher (kernels.launch.Kernel) adds on this GPU, for the
-        kernels launched directly below (revisions before kernels/grid_dependency.py took none)."""
-        if jit_fn is None or "PDL" not in jit_fn.arg_names:
-            return {}
-        from kernels.grid_dependency import pdl_options
-
-        return pdl_options(cc)
     # the lse kernel's means from the mean keys (revisions before summed them in the loop)
     lse_kw = {}
     if "kbar" in block_scores.block_lse_scores.__code__.co_varnames:
@@ -214,7 +205,6 @@ def pack_kernel_jobs(cc: int) -> list:
             x(B * HKV, nb, **f32), small * D * HKV, small * D, D, D * HKV, D, vt.stride(0), vt.stride(1), vt.stride(2),
             vbar.stride(0), vbar.stride(1), vbar.stride(2), small, HKV, 448.0, BLOCK=cfg.block_n, HEAD_DIM=D,
             D_TRUE=D, PV_FP8=cfg.pv_fp8, EMULATE_FP8=False, HAS_PERM=True, WANT_MEAN=True, RBLOCK=16, V_SLOT=-1,
-            **pdl_kw(fix_kernel),
             **({"num_warps": helpers["quant_v"].num_warps} if helpers else {}),
             # the rows per step (revisions before it quantized a whole block at once)
             **({"ROWS": min(helpers["quant_v"].block or cfg.block_n, cfg.block_n)} if "ROWS" in fix_kernel.arg_names
@@ -243,7 +233,7 @@ def pack_kernel_jobs(cc: int) -> list:
             x(B * HKV, 4, D, dtype=torch.float32), x(B * HKV, 4, D, dtype=torch.float32),
             x(B, HKV, D, dtype=torch.float32), x(B, HKV, D, dtype=torch.float32), float(small), 4, *finish_headroom,
             448.0,
-            HEAD_DIM=D, D_K=D, D_V=D, SCALE=True, num_warps=1, **pdl_kw(kv_stats._kv_finish_kernel))),
+            HEAD_DIM=D, D_K=D, D_V=D, SCALE=True, num_warps=1)),
         (block_scores._block_lse_kernel, "with means", lambda: block_scores.block_lse_scores(
             x(B, H, nq, D, dtype=torch.float32), x(B, HKV, nk * cfg.block_n, D, dtype=torch.int8),
             x(B, HKV, nk, dtype=torch.float32), 0.088, N, cfg.block_n, want_mean=True, **helper_kw("block_lse"),
@@ -282,8 +272,7 @@ def pack_kernel_jobs(cc: int) -> list:
                 x(8 * B * H * 256 * (D + 1), dtype=torch.float32), x(B, H, small, D), x(1, dtype=torch.float32),
                 x(2, H, dtype=torch.float64), torch.zeros(16, dtype=torch.int64), 0, small * D, D, D * H, H, small,
                 256, 8, BLOCK_R=64, HEAD_DIM=D, D=D, ROUND_BF16=False, HAS_ROWS=False, TABLE=True, num_warps=4,
-                **({"SUMS_AT": se.SUMS_SLOT + 3} if hasattr(se, "SUMS_SLOT") else {}),
-                **pdl_kw(se._rows_error_kernel))),
+                **({"SUMS_AT": se.SUMS_SLOT + 3} if hasattr(se, "SUMS_SLOT") else {}))),
         ]
     return [job for job in jobs if job[0] is not None]
 

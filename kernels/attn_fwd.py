@@ -18,7 +18,6 @@ from .caller_addrs import addr_args, caller_ptr
 from .config import KernelConfig
 from .fill_pass import check_fill, fill_skipped
 from .fp8 import INTERPRET, p_operand
-from .grid_dependency import grid_dependency
 from .host_math import cdiv
 from .launch import Kernel
 from .numerics import LN2, MAGIC_F, batch_head, int32_bits_f32
@@ -109,9 +108,8 @@ def _sparse_attn_fwd(
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
     TMA: tl.constexpr, FILL: tl.constexpr, RETURN_LSE: tl.constexpr, O_SLOT: tl.constexpr,
-    FILL_BLOCK: tl.constexpr, FILL_STAGES: tl.constexpr, PDL: tl.constexpr = False,
+    FILL_BLOCK: tl.constexpr, FILL_STAGES: tl.constexpr,
 ):
-    grid_dependency(PDL)
     # one program per (batch*head, query block), query blocks fastest: the programs running
     # together share one head's K and V in L2
     row = tl.program_id(0)

@@ -3,14 +3,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid_dependency import grid_dependency
 from .host_math import next_pow2
 from .launch import Kernel
 
 
 @triton.jit
-def _block_index_kernel(MASK, CNT, IDX, NK, NK_POW2: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+def _block_index_kernel(MASK, CNT, IDX, NK, NK_POW2: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, NK_POW2)
     keep = tl.load(MASK + row * NK + offs, mask=offs < NK, other=0).to(tl.int32)

@@ -9,7 +9,6 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .config import Launch, helper_launch
-from .grid_dependency import grid_dependency
 from .host_math import cdiv, next_pow2
 from .launch import Kernel
 from .fp8 import INTERPRET
@@ -169,13 +168,12 @@ def _block_lse_kernel(QP, K, KS, TOP, KSIM, KBAR, KBS, OUT, MEAN, sqp_b, sqp_h, 
                       NR, N_K, NKB, H, KV_GROUP, scale_log2, w_full, exact_below,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
                       KB_TILE: tl.constexpr, KEY_STRIDE: tl.constexpr, WANT_MEAN: tl.constexpr,
-                      GUARD: tl.constexpr, TMA: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr = False):
+                      GUARD: tl.constexpr, TMA: tl.constexpr, INTERPRETED: tl.constexpr):
     """One program: BLOCK_R pooled queries against KB_TILE consecutive key blocks. The per-row
     results collect in a (BLOCK_R, KB_TILE) register tile, stored once at the end: a store per
     block would move each row's value through shared memory (the dot's row layout is not the
     store's) behind two barriers, every block. The mean scores are one product of the pooled
     queries with the tile's KB_TILE mean keys, before the loop."""
-    grid_dependency(PDL)
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     bh = tl.program_id(2)

@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid_dependency import grid_dependency
 from .launch import Kernel
 
 @triton.jit
@@ -43,8 +42,7 @@ def caller_ptr(X, ADDRS, SLOT: tl.constexpr):
 
 
 @triton.jit
-def _pull_table_kernel(RING_ADDR, CTR, TABLE, SLOTS: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+def _pull_table_kernel(RING_ADDR, CTR, TABLE, SLOTS: tl.constexpr):
     row = tl.load(CTR)
     ring = RING_ADDR.to(tl.pointer_type(tl.int64))
     offs = tl.arange(0, SLOTS)
@@ -53,8 +51,7 @@ def _pull_table_kernel(RING_ADDR, CTR, TABLE, SLOTS: tl.constexpr, PDL: tl.const
 
 
 @triton.jit
-def _push_counts_kernel(SRC, CTR, RING, ROWS, N: tl.constexpr, WIDTH: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+def _push_counts_kernel(SRC, CTR, RING, ROWS, N: tl.constexpr, WIDTH: tl.constexpr):
     row = tl.load(CTR)
     offs = tl.arange(0, WIDTH)
     tl.store(RING + row * WIDTH + offs, tl.load(SRC + offs, mask=offs < N, other=0), mask=offs < N)
@@ -63,9 +60,7 @@ def _push_counts_kernel(SRC, CTR, RING, ROWS, N: tl.constexpr, WIDTH: tl.constex
 
 
 @triton.jit
-def _pull_values_kernel(TABLE, DST, N, FIRST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                        PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+def _pull_values_kernel(TABLE, DST, N, FIRST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     for i in tl.static_range(ROWS):
         src = tl.load(TABLE + FIRST + i).to(tl.pointer_type(tl.float32))

@@ -11,7 +11,6 @@ import triton.language as tl
 
 from .caller_addrs import addr_args, caller_ptr
 from .config import Launch, helper_launch
-from .grid_dependency import grid_dependency
 from .host_math import cdiv, next_pow2
 from .launch import Kernel
 from .numerics import batch_head
@@ -22,8 +21,7 @@ def _kv_stats_kernel(K, V, ADDRS, PERM, KSUM, VMAX, sk_b, sk_h, sk_n, sv_b, sv_h
                      BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
                      STAGES: tl.constexpr, SAMPLE_ROWS: tl.constexpr, SAMPLE_EVERY: tl.constexpr,
                      HAS_PERM: tl.constexpr, V_SAMPLED: tl.constexpr, K_SLOT: tl.constexpr,
-                     V_SLOT: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+                     V_SLOT: tl.constexpr):
     K = caller_ptr(K, ADDRS, K_SLOT)
     V = caller_ptr(V, ADDRS, V_SLOT)
     c = tl.program_id(0)
@@ -74,8 +72,7 @@ _kv_stats = Kernel(_kv_stats_kernel)
 
 @triton.jit
 def _kv_finish_kernel(KSUM, VMAX, KMEAN, VOUT, k_count, NCHUNK, v_headroom, v_div, HEAD_DIM: tl.constexpr,
-                      D_K: tl.constexpr, D_V: tl.constexpr, SCALE: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+                      D_K: tl.constexpr, D_V: tl.constexpr, SCALE: tl.constexpr):
     bh = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
     ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)

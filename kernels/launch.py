@@ -20,9 +20,6 @@ Inside `addresses_unchecked()` the launcher gets each tensor argument's address 
 Otherwise it asks the driver about every address (cuPointerGetAttribute), which refuses what a CUDA
 graph capture allocates under cudaMallocAsync: graph memory, mapped only when the graph launches.
 A launch there that would go through Triton's own path raises instead (it would run that check).
-
-On Hopper and later every launch also takes the kernel's PDL constexpr and Triton's launch_pdl
-(grid_dependency.py): the kernels launched here all start with `grid_dependency(PDL)`.
 """
 from __future__ import annotations
 
@@ -31,8 +28,6 @@ from contextlib import contextmanager
 
 import torch
 import triton
-
-from .grid_dependency import pdl_options
 
 try:
     from triton import knobs as _knobs  # Triton >= 3.4
@@ -81,30 +76,22 @@ class Kernel:
         self.fn = fn
         self._compiled: dict = {}  # (device, specialization, options) -> CompiledKernel
         # the interpreter's functions have no binder; neither has a Triton without knobs
-        self._compiles = hasattr(fn, "device_caches")
-        self._direct = _knobs is not None and self._compiles
+        self._direct = _knobs is not None and hasattr(fn, "device_caches")
         self._device = self._stream = None
-        self._pdl: dict = {}  # device -> pdl_options of its arch
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
         unchecked = getattr(_unchecked, "on", False)
-        if self._compiles:  # not the interpreter: the device's PDL options
-            if self._device is None:
-                drv = triton.runtime.driver.active
-                self._device, self._stream = drv.get_current_device, drv.get_current_stream
-            device = self._device()
-            pdl = self._pdl.get(device)
-            if pdl is None:
-                pdl = self._pdl[device] = pdl_options(triton.runtime.driver.active.get_current_target().arch)
-            if pdl:
-                kwargs.update(pdl)
         if not self._direct or self.fn.pre_run_hooks or _hooks_active():
             if unchecked:
                 raise RuntimeError("a launch through Triton's own path inside addresses_unchecked()")
             return self.fn[grid](*args, **kwargs)
+        if self._device is None:
+            drv = triton.runtime.driver.active
+            self._device, self._stream = drv.get_current_device, drv.get_current_stream
+        device = self._device()
         caches = self.fn.device_caches.get(device)  # made by the first launch on this device
         if caches is None:
             return self._first(grid, args, kwargs, device, unchecked)

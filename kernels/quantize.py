@@ -7,7 +7,6 @@ import triton.language as tl
 
 from .caller_addrs import addr_args, caller_ptr
 from .config import Launch, helper_launch
-from .grid_dependency import grid_dependency
 from .host_math import cdiv
 from .launch import Kernel
 from .fp8 import INTERPRET
@@ -86,7 +85,7 @@ def _quant_pool_kernel(
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr, WANT_POOL: tl.constexpr, WANT_SIM: tl.constexpr, HAS_PERM: tl.constexpr,
     POOL_I8: tl.constexpr, WANT_TOP: tl.constexpr, X_SLOT: tl.constexpr, ROWS: tl.constexpr,
-    INTERPRETED: tl.constexpr, SIM_ENERGY: tl.constexpr, PDL: tl.constexpr = False,
+    INTERPRETED: tl.constexpr, SIM_ENERGY: tl.constexpr,
 ):
     """One token block, ROWS tokens a step. The first pass takes the block's largest |x| (the
     int8 scale), its sums and unit-vector sums; the second rounds and stores the rows, read again
@@ -96,7 +95,6 @@ def _quant_pool_kernel(
     self-similarity from the sums the block takes anyway (reference_predict.energy_similarity), no
     per-token norms or unit vectors: with it and the top key, K's whole tile takes 166 registers
     (sm_90, v55)."""
-    grid_dependency(PDL)
     X = caller_ptr(X, ADDRS, X_SLOT)
     blk = tl.program_id(0)
     b, h = batch_head(tl.program_id(1), H)

@@ -8,7 +8,6 @@ import triton.language as tl
 from .caller_addrs import addr_args, caller_ptr
 from .config import Launch, helper_launch
 from .fp8 import INTERPRET, to_pv_dtype, v_column
-from .grid_dependency import grid_dependency
 from .host_math import cdiv
 from .launch import Kernel
 from .numerics import batch_head
@@ -58,8 +57,7 @@ def _quant_v_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv_h, 
                     MEAN_BLOCKS,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
                     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,
-                    CHECK: tl.constexpr, V_SLOT: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+                    CHECK: tl.constexpr, V_SLOT: tl.constexpr, ROWS: tl.constexpr):
     V = caller_ptr(V, ADDRS, V_SLOT)
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -85,13 +83,12 @@ def _quant_v_fix_kernel(V, ADDRS, PERM, VSCALE, VT, VBAR, VMAXB, RATIO, sv_b, sv
                         st_d, sb_b, sb_h, sb_d, N, H, format_max,
                         BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, PV_FP8: tl.constexpr,
                         EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr, WANT_MEAN: tl.constexpr,
-                        RBLOCK: tl.constexpr, V_SLOT: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr = False):
+                        RBLOCK: tl.constexpr, V_SLOT: tl.constexpr, ROWS: tl.constexpr):
     """The overflow check of a scale from a sample (reference_quant.value_scale): a head where some block
     has |v| / s above the format's largest value is quantized again at its exact scale, max |v| /
     format_max over every block, which this head's programs (grid axis 1) write back into VSCALE
     and share out block by block. Elsewhere each program reads the head's per-block ratios and
     ends: a few us of a launch on the common path."""
-    grid_dependency(PDL)
     V = caller_ptr(V, ADDRS, V_SLOT)
     bh = tl.program_id(0)
     b, h = batch_head(bh, H)

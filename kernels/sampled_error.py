@@ -26,7 +26,6 @@ import triton.language as tl
 
 from .caller_addrs import caller_ptr
 from .fp8 import INTERPRET
-from .grid_dependency import grid_dependency
 from .host_math import cdiv, next_pow2
 from .launch import Kernel
 from .numerics import batch_head
@@ -85,8 +84,7 @@ def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, ADDRS, SEED, sq_b, sq_h, sq_n,
                          H, GROUP, N, R, NK, KEYS_PER_SPLIT, qk_scale, HEADS_P2: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
                          UPCAST: tl.constexpr, ZERO: tl.constexpr, HAS_ROWS: tl.constexpr, TABLE: tl.constexpr,
-                         SUMS_AT: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+                         SUMS_AT: tl.constexpr):
     Q = _caller(Q, ADDRS, 0, TABLE)
     K = _caller(K, ADDRS, 1, TABLE)
     V = _caller(V, ADDRS, 2, TABLE)
@@ -145,8 +143,7 @@ def _rows_partial_kernel(Q, K, V, ROWS, OP, SUMS, ADDRS, SEED, sq_b, sq_h, sq_n,
 def _rows_error_kernel(OP, OUT, ROWS, SUMS, ADDRS, SEED, so_b, so_h, so_n, H, N, R, SPLITS,
                        BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
                        ROUND_BF16: tl.constexpr, HAS_ROWS: tl.constexpr, TABLE: tl.constexpr,
-                       SUMS_AT: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+                       SUMS_AT: tl.constexpr):
     OUT = _caller(OUT, ADDRS, 3, TABLE)
     SUMS = _caller(SUMS, ADDRS, SUMS_AT, TABLE)
     rt = tl.program_id(0)
@@ -184,8 +181,7 @@ def _rows_error_kernel(OP, OUT, ROWS, SUMS, ADDRS, SEED, so_b, so_h, so_n, H, N,
 
 
 @triton.jit
-def _rows_kernel(OUT, SEED, N, R, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+def _rows_kernel(OUT, SEED, N, R, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(OUT + offs, _row_index(OUT, offs, offs < R, N, SEED, False), mask=offs < R)
 

@@ -6,7 +6,6 @@ import triton
 import triton.language as tl
 
 from .config import Launch, helper_launch
-from .grid_dependency import grid_dependency
 from .host_math import next_pow2
 from .launch import Kernel
 
@@ -14,8 +13,7 @@ from .launch import Kernel
 @triton.jit
 def _select_kernel(S, QSS, KSS, PARAM, CNT, IDX, MEAN, BIAS, NQ, NK, NKC, H, n_q, n_k, block_q, block_k,
                    NK_POW2: tl.constexpr, MODE: tl.constexpr, HAS_QSS: tl.constexpr, HAS_KSS: tl.constexpr,
-                   SINK: tl.constexpr, CAUSAL: tl.constexpr, FILL: tl.constexpr, PDL: tl.constexpr = False):
-    grid_dependency(PDL)
+                   SINK: tl.constexpr, CAUSAL: tl.constexpr, FILL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     i = row % NQ
     bh = row // NQ

@@ -1,9 +1,7 @@
 """The house rules, checked from the source (README, "Architecture"): the pack's import graph has no
 cycle (function-local imports included) and points one way, nodes -> sparge_core -> kernels;
 sparge_core knows no ComfyUI; production code imports nothing of devkit/, tests/ or bench/; no
-module of nodes/ grows past MAX_NODE_LINES; every kernel launched through kernels.launch.Kernel
-starts with grid_dependency(PDL) (kernels/grid_dependency.py: its launches may overlap the kernel
-before it on Hopper)."""
+module of nodes/ grows past MAX_NODE_LINES."""
 import ast
 from pathlib import Path
 
@@ -111,48 +109,3 @@ def test_the_checker_sees_an_upward_and_a_circular_import(tmp_path):
     (tmp_path / "y.py").write_text("def g():\n    from . import x\n    from .x import h\n    from ..devkit import m\n")
     assert imports_of("kernels.a", known["kernels.a"], known) == ({"sparge_core.api"}, {"torch"})
     assert imports_of("nodes.y", known["nodes.y"], known) == ({"nodes.x"}, {"devkit"})
-
-
-def pdl_contract_breaches(path: Path) -> list:
-    """The kernels of one module launched through `Kernel(fn)` whose fn does not take
-    `PDL: tl.constexpr = False` or does not start (after its docstring) with grid_dependency(PDL)."""
-    tree = ast.parse(path.read_text(), str(path))
-    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    launched = [n.value.args[0].id for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
-                and getattr(n.value.func, "id", None) == "Kernel" and n.value.args
-                and isinstance(n.value.args[0], ast.Name)]
-    bad = []
-    for name in launched:
-        fn = defs[name]
-        args = fn.args.args
-        has_param = (args and args[-1].arg == "PDL" and fn.args.defaults
-                     and getattr(fn.args.defaults[-1], "value", None) is False)
-        body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
-        first = ast.unparse(body[0]) if body else ""
-        if not has_param or first != "grid_dependency(PDL)":
-            bad.append(f"{path.name}: {name}")
-    return bad
-
-
-def test_every_launched_kernel_waits_for_the_one_before_it():
-    """With PDL a kernel's programs may start while the kernel before it still runs: a load or
-    store ahead of grid_dependency(PDL) would race with it (kernels/grid_dependency.py)."""
-    paths = sorted((ROOT / "kernels").glob("*.py"))
-    launched = sum(p.read_text().count(" = Kernel(") for p in paths)
-    assert launched >= 15  # every kernel of a call, the measurement's and the graphs' helpers
-    bad = [b for p in paths for b in pdl_contract_breaches(p)]
-    assert not bad, f"these kernels touch memory before grid_dependency(PDL): {bad}"
-
-
-def test_the_pdl_checker_sees_a_late_wait(tmp_path):
-    ok = tmp_path / "ok.py"
-    ok.write_text('@triton.jit\ndef _k(X, PDL: tl.constexpr = False):\n    """doc"""\n    grid_dependency(PDL)\n'
-                  '    tl.store(X, 1)\n\n_k_launch = Kernel(_k)\n')
-    assert pdl_contract_breaches(ok) == []
-    late = tmp_path / "late.py"
-    late.write_text('@triton.jit\ndef _k(X, PDL: tl.constexpr = False):\n    tl.store(X, 1)\n    grid_dependency(PDL)\n'
-                    '\n_k_launch = Kernel(_k)\n')
-    assert pdl_contract_breaches(late) == ["late.py: _k"]
-    missing = tmp_path / "missing.py"
-    missing.write_text('@triton.jit\ndef _k(X):\n    tl.store(X, 1)\n\n_k_launch = Kernel(_k)\n')
-    assert pdl_contract_breaches(missing) == ["missing.py: _k"]

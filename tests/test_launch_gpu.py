@@ -40,16 +40,6 @@ def _bytes(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.uint8)
 
 
-def _pdl() -> dict:
-    """The options the pack's launcher adds to every launch on this GPU (kernels/grid_dependency.py):
-    JITFunction.run must be given them too to pick the same compiled kernel."""
-    import triton
-
-    from sparge_attention.kernels.grid_dependency import pdl_options
-
-    return pdl_options(triton.runtime.driver.active.get_current_target().arch)
-
-
 def test_direct_launches_match_triton():
     """Every launch of three kinds of call, from its arguments as they were before it, once through
     the pack's path (a direct launch: the first call compiled the kernel) and once through
@@ -70,7 +60,7 @@ def test_direct_launches_match_triton():
             assert kern._direct, f"{name}: {kname} is not launched directly on this Triton"
             a1, a2 = twin_args(args), twin_args(args)
             ck1 = kern[grid](*a1, **kwargs)
-            ck2 = kern.fn[grid](*a2, **kwargs, **_pdl())
+            ck2 = kern.fn[grid](*a2, **kwargs)
             torch.cuda.synchronize()
             assert ck1 is ck2, f"{name}: {kname} launched another compiled kernel than Triton would"
             tensors = [(x, y, z) for x, y, z in zip(a1, a2, args) if isinstance(x, torch.Tensor)]
@@ -100,7 +90,7 @@ def test_specializations_are_kept_apart():
         kw = dict(NK_POW2=64, MODE=0, HAS_QSS=False, HAS_KSS=False, SINK=False, CAUSAL=False, FILL=False, num_warps=4)
         kern[(H * NQ,)](*args, **kw)
         ck = kern[(H * NQ,)](*args, **kw)  # direct
-        assert ck is kern.fn[(H * NQ,)](*args, **kw, **_pdl()), case
+        assert ck is kern.fn[(H * NQ,)](*args, **kw), case
         outs[case] = ck
     assert outs["aligned"] is not outs["unaligned"] and outs["aligned"] is not outs["n_q == 1"]
 

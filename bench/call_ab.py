@@ -1,5 +1,5 @@
-"""Programmatic dependent launch between a call's kernels (kernels/grid_dependency.py; bench/NOTES.md
-v66): this checkout against another tree (the code before it) in one process, on one GPU.
+"""The whole sparse call of this checkout against another tree's, in one process on one GPU (first
+used for v66, PDL between a call's kernels: bench/NOTES.md).
 
 Loads this checkout as `sparge_attention` and the other tree as `sparge_before` (as bench/host_ab.py
 does), then per shape, at a preset, on the realistic inputs:
@@ -10,7 +10,7 @@ does), then per shape, at a preset, on the realistic inputs:
 each timed paired with SDPA-cuDNN (common.paired_ratio, as the goals are), the builds alternating
 over rounds so that both see the GPU's same clocks; the median of the rounds is reported.
 
-    python bench/pdl_ab.py --before ../.carry/before [--shapes wan480_17f,wan480,hunyuan544] [--rounds 5]
+    python bench/call_ab.py --before ../.carry/before [--shapes wan480_17f,wan480,hunyuan544] [--rounds 5]
 """
 import argparse
 import datetime
@@ -64,7 +64,7 @@ def main():
                 for _ in range(3):  # a CallGraphs captures at a key's second sighting
                     out = calls[(tag, path)]()
                 outs[(tag, path)] = out.clone()
-            res["shapes"].setdefault(name, {})[f"graphs_{tag}"] = cg.summary()
+            res["shapes"].setdefault(name, {})[f"graphs_{tag}"] = cg.summary()  # after the warm-up: captured?
         equal = {path: bool(torch.equal(outs[("after", path)], outs[("before", path)])) for path in ("node", "launched")}
         rows = {key: [] for key in calls}
         for _ in range(args.rounds):
@@ -82,13 +82,17 @@ def main():
                 med[tag] = (statistics.median(xs), statistics.median(ts))
                 r[f"{path}_{tag}"] = {"x_cudnn": med[tag][0], "ms": med[tag][1], "rounds_x": xs, "rounds_ms": ts,
                                       "cudnn_ms": [c for _, _, c in rows[(tag, path)]]}
-            ratio = med["after"][1] / med["before"][1]
+            # the paired ratios' quotient is the fairer one: each call's ms moves with the clocks of
+            # its pairs, which cuDNN's time beside it shows
+            ratio, xratio = med["after"][1] / med["before"][1], med["after"][0] / med["before"][0]
             r[f"{path}_after_over_before"] = ratio
+            r[f"{path}_after_over_before_paired"] = xratio
             print(f"  {path:9s} after {med['after'][0]:.4f}x cuDNN ({med['after'][1]:.4f} ms)   before "
-                  f"{med['before'][0]:.4f}x ({med['before'][1]:.4f} ms)   after / before {ratio:.3f}")
+                  f"{med['before'][0]:.4f}x ({med['before'][1]:.4f} ms)   after / before {xratio:.3f} paired, "
+                  f"{ratio:.3f} in ms")
         del q, k, v, calls, outs
         torch.cuda.empty_cache()
-    print("saved", save(res, f"{res['date']}-{card_name()}-pdl_ab"))
+    print("saved", save(res, f"{res['date']}-{card_name()}-call_ab"))
 
 
 if __name__ == "__main__":
