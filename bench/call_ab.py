@@ -16,20 +16,13 @@ import argparse
 import datetime
 import importlib
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
 from common import SHAPES, card_name, paired_ratio, realistic_text_tokens, save, sdpa_cudnn
+from devkit.pack import load_pack
 from devkit.realistic_inputs import make_video_qkv
-
-
-def load_tree(root: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
 
 
 def build(pkg: str) -> dict:
@@ -45,7 +38,7 @@ def main():
     ap.add_argument("--preset", default="Balanced")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    load_tree(Path(args.before).resolve(), "sparge_before")
+    load_pack("sparge_before", Path(args.before).resolve())
     builds = {"after": build("sparge_attention"), "before": build("sparge_before")}
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
            "date": datetime.date.today().isoformat(), "before": args.before, "shapes": {}}

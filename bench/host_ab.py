@@ -26,8 +26,7 @@ with each build's runs alternating so that both see the host's same moods (its s
 """
 import argparse
 import datetime
-import importlib.util
-import sys
+import importlib
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,16 +34,9 @@ from types import SimpleNamespace
 import torch
 
 from common import card_name, comfy_sdpa, save
+from devkit.pack import load_pack
 from devkit.sampling_run import sampling_run
 from host_overhead import GRIDS, QUEUE_CYCLES, B, D, H, median, pending_sums
-
-
-def load_tree(root: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return name
 
 
 def build(pkg: str):
@@ -74,7 +66,7 @@ def main():
     ap.add_argument("--queued", action="store_true", help="the override's calls queued (no sync between them)")
     args = ap.parse_args()
     n, grid = args.tokens, GRIDS[args.tokens]
-    load_tree(Path(args.before).resolve(), "sparge_before")
+    load_pack("sparge_before", Path(args.before).resolve())
     builds = {"after": build("sparge_attention"), "before": build("sparge_before")}
     g = torch.Generator(device="cuda").manual_seed(0)
     sets = [[torch.randn(B, n, H * D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
