@@ -60,9 +60,18 @@ per consumer, 180 KB in all) instead of registers. With P in registers ptxas mov
 above the next block's exponentials (the SASS of pipe_fa3, ws_fa3 and ws_pp; the PTX has it after
 them); from shared memory the wait stays after the softmax, so the product overlaps it in SASS.
 
+Variant "seq_s2": production's own order (S_j, its wait, the softmax, P_j.V_j, its wait) and
+registers (one score tile, the 168 cap: three programs per SM, 2-deep rings, 72 KB), with each
+slot refilled as soon as its product is waited for: K_{j+2} right after S_j, V_{j+2} after
+P_j.V_j. Triton's pipeliner issues both loads at the end of an iteration, after the P.V wait, so
+that K's tile arrives just when the next iteration needs it (ncu: ~8% of the warps' samples wait
+for it, bench/NOTES.md v68).
+
 Measured (H200, 2026-12-07, paired with cuDNN, Wan 480p, density 1.0; bench/NOTES.md v33 and v65):
 production's Triton kernel 0.747, "ws" 0.797, "pipe" 0.855, every FA3-order variant 0.96-1.06, with
-or without the ping-pong and P in shared memory. None went into the pack.
+or without the ping-pong and P in shared memory. "seq_s2" (H100, 2026-12-07, two calls, v68a):
+0.732 against production's 0.752 at density 1.0, 0.371 against 0.378 at 0.5, 0.083 against 0.081
+at 0.1 (Wan 480p); HunyuanVideo 544p 0.730-0.735 against 0.750-0.753. None went into the pack.
 """
 import torch
 import triton
@@ -231,6 +240,72 @@ def _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_
 
 
 @gluon.jit
+def _issue_kb(desc, smem, bar, row, kb, j, count, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_K: gl.constexpr):
+    """_issue_tile with the block's index already in a register (loaded a step before)."""
+    if j < count:
+        s = j % STAGES
+        mbarrier.expect(bar.index(s), desc.block_type.nbytes)
+        if IS_K:
+            tma.async_copy_global_to_shared(desc, [row + kb * BLOCK_N, 0], bar.index(s), smem.index(s))
+        else:
+            tma.async_copy_global_to_shared(desc, [row, kb * BLOCK_N], bar.index(s), smem.index(s))
+
+
+@gluon.jit
+def _seq_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, j, kb, qk_scale, kb_ahead,
+              count, acc, m_i, l_i, zero_o, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr):
+    """Block j in production's order (S_j, its wait, the softmax, P_j.V_j, its wait), with each
+    slot refilled the moment its product is waited for: K_{j+STAGES} right after S_j, while the
+    softmax and P.V still run, V_{j+STAGES} right after P_j.V_j."""
+    s = j % STAGES
+    ph = (j // STAGES) & 1
+    mbarrier.wait(k_bar.index(s), ph)
+    zero = gl.zeros([64, 128], gl.int32, MMA)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+    s_i = warpgroup_mma_wait(0, deps=(s_tok, ))
+    _issue_kb(k_desc, k_smem, k_bar, k_row, kb_ahead, j + STAGES, count, BLOCK_N, STAGES, True)
+    p8, alpha, m_i, l_i = _softmax(s_i, m_i, l_i, qk_scale, kb, N_K, BLOCK_N, MASK)
+    mbarrier.wait(v_bar.index(s), ph)
+    o_tok = warpgroup_mma(p8, v_smem.index(s).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+    pv = warpgroup_mma_wait(0, deps=(o_tok, ))
+    _issue_kb(v_desc, v_smem, v_bar, v_row, kb_ahead, j + STAGES, count, BLOCK_N, STAGES, False)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _consume_seq(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row, v_row, count,
+                 qs, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Production's sequential loop (one score tile, so production's registers and three programs
+    per SM) with the loads placed by hand: Triton 3.6's pipeliner issues the next tiles' TMA loads
+    at the end of an iteration, after the P.V wait, so K's arrives just as it is needed (ncu, NOTES
+    v68: ~8% of the warps' samples wait for K). Here K_{j+STAGES} goes out once S_j is done."""
+    m_i = gl.full([64], float("-inf"), gl.float32, ROW)
+    l_i = gl.zeros([64], gl.float32, ROW)
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
+    zero_o = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
+    for i in gl.static_range(STAGES):
+        _issue_tile(k_desc, k_smem, k_bar, idx_base, k_row, i, count, BLOCK_N, STAGES, True)
+        _issue_tile(v_desc, v_smem, v_bar, idx_base, v_row, i, count, BLOCK_N, STAGES, False)
+    if count > 0:
+        kb = gl.load(idx_base)
+        qk_scale = qs * gl.load(ks_base + kb)
+        for j in range(count - 1):
+            # a step ahead: the next block's index and scale, and the index of the block to fetch
+            kb_next = gl.load(idx_base + j + 1)
+            qk_next = qs * gl.load(ks_base + kb_next)
+            kb_ahead = gl.load(idx_base + gl.minimum(j + STAGES, count - 1))
+            acc, m_i, l_i = _seq_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, j, kb,
+                                      qk_scale, kb_ahead, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, False)
+            kb = kb_next
+            qk_scale = qk_next
+        # the last kept block (the only one that can be partial: lists are ascending), peeled
+        acc, m_i, l_i = _seq_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, count - 1, kb,
+                                  qk_scale, kb, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, True)
+    return acc, l_i
+
+
+@gluon.jit
 def _fa3_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, kb, qk_scale, p8, acc, m_i, l_i, zero_o, N_K,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCE: gl.constexpr, empty_bar, MASK: gl.constexpr,
               turn_me, turn_other, ME: gl.constexpr, PP: gl.constexpr, p_smem, PSMEM: gl.constexpr):
@@ -361,7 +436,7 @@ def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
                so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
                N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
-               FA3: gl.constexpr):
+               FA3: gl.constexpr, SEQ: gl.constexpr = False):
     pid_m, b, h, hk = _program_coords(H, KV_GROUP, NQB)
     q_smem = gl.allocate_shared_memory(gl.int8, [64, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -386,7 +461,10 @@ def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     ks_base = KS + b * sks_b + hk * sks_h
     qs = gl.load(QS + b * sqs_b + h * sqs_h + pid_m)
     mbarrier.wait(q_bar, 0)
-    if FA3:
+    if SEQ:
+        acc, l_i = _consume_seq(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row,
+                                v_row, count, qs, N_K, BLOCK_N, STAGES, HEAD_DIM)
+    elif FA3:
         acc, l_i = _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row,
                                 v_row, count, qs, N_K, BLOCK_N, STAGES, True, k_bar, HEAD_DIM, q_bar, q_bar, 0,
                                 0, False, k_smem, False)
@@ -558,6 +636,11 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
         qd, kd, vd = _descs(q_i8, k_i8, v_t, BLOCK_M)
         COMPILED[key] = _attn_pipe[(B * H * NQ,)](qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2],
                                   BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out, STAGES=stages, FA3=fa3, num_warps=4)
+    elif variant == "seq":  # production's order and registers (the 168 cap: three programs per SM)
+        qd, kd, vd = _descs(q_i8, k_i8, v_t, BLOCK_M)
+        COMPILED[key] = _attn_pipe[(B * H * NQ,)](qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2],
+                                  BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out, STAGES=stages, FA3=False,
+                                  SEQ=True, num_warps=4, maxnreg=168)
     elif variant == "ws":
         qd, kd, vd = _descs(q_i8, k_i8, v_t, BLOCK_M)
         # 4 + 4 + 1 warps run as 3 warpgroups; 168 x 384 threads fill the register file and
@@ -572,6 +655,8 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
 
 VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
     "pipe": dict(variant="pipe", stages=3),  # S_{j+1} overlaps softmax_j
+    # production's order, K fetched as soon as its slot frees (2-deep rings: 72 KB, three programs per SM)
+    "seq_s2": dict(variant="seq", stages=2),
     "pipe_fa3": dict(variant="pipe", stages=3, fa3=True),  # P_{j-1}.V_{j-1} overlaps softmax_j
     "ws": dict(variant="ws", stages=3),  # two consumer warpgroups + producer warp, "pipe" order
     "ws_fa3": dict(variant="ws", stages=3, fa3=True),
@@ -581,4 +666,4 @@ VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
     "ws_fa3_ps_s2": dict(variant="ws", stages=2, fa3=True, psmem=True),
     "ws_pp_ps_s2": dict(variant="ws", stages=2, fa3=True, pp=True, psmem=True),
 }
-KERNELS = {"pipe": _attn_pipe, "ws": _attn_ws}
+KERNELS = {"pipe": _attn_pipe, "seq": _attn_pipe, "ws": _attn_ws}

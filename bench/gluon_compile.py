@@ -90,6 +90,7 @@ def report_compile(name, kw, jit_fn, launch_fn, patterns, sass_path=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sass", action="store_true", help="write each variant's SASS to /tmp/gluon_<variant>.sass")
+    ap.add_argument("--variants", default=None, help="comma-separated VARIANTS names (default: all)")
     args = ap.parse_args()
     use_target(90)
     import triton
@@ -101,6 +102,8 @@ def main():
                 ("WARPGROUP.ARRIVE", r"WARPGROUP\.ARRIVE"), ("WARPGROUP.DEPBAR", r"WARPGROUP\.DEPBAR"),
                 ("MUFU.EX2", r"MUFU\.EX2"), ("local ld/st (spill)", r"\b(?:LDL|STL)\b")]
     for variant, kw in ga.VARIANTS.items():
+        if args.variants and variant not in args.variants.split(","):
+            continue
         report_compile(variant, kw, ga.KERNELS[kw["variant"]], launch(ga, variant), patterns,
                        f"/tmp/gluon_{variant}.sass" if args.sass else None)
 
