@@ -45,14 +45,22 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kv
     # n_rows real rows (the padded rows are zeros), averaged over each group of channels, times
     # the term's factor, in fp16 for the tensor cores: (BLOCK_M, VAR_GROUPS), 4 registers a thread
     # where the whole diagonal's (BLOCK_M, HEAD_DIM) took 32 and spilled (v42).
+    # The first step's biases, loaded here so that the setup below (~1,000 instructions) hides
+    # their latency; each step then loads the next one's (ncu: the first step waited for them, NOTES v69)
+    bias_n = tl.load(bias_base + offs_c)
+    offs_g = tl.arange(0, VAR_GROUPS)
     # Q's tile read again (8 KB from L2; volatile, or it is merged with the first load): using the
     # main loop's q here kept its registers live through that loop (sm_90: 8 more bytes spilled)
     q = tl.load(q_src, volatile=True)
-    qbar = tl.sum(q.to(tl.int32), 0).to(tl.float32) / n_rows
-    qf = q.to(tl.float32)
-    d2 = tl.reshape(qf * qf - (qbar * qbar)[None, :], (q.shape[0], VAR_GROUPS, HEAD_DIM // VAR_GROUPS))
+    qi = q.to(tl.int32)
+    qbar = tl.sum(qi, 0).to(tl.float32) / n_rows
+    # each group's sum of q^2 in integers (exact: 32 channels of at most 127^2), less the group's sum
+    # of qbar^2: the same operand as the mean of (q^2 - qbar^2) without converting every value to
+    # float (64 I2F a thread on the conversion unit before, NOTES v69)
+    sq = tl.sum(tl.reshape(qi * qi, (q.shape[0], VAR_GROUPS, HEAD_DIM // VAR_GROUPS)), 2)
+    qb2 = tl.sum(tl.reshape(qbar * qbar, (VAR_GROUPS, HEAD_DIM // VAR_GROUPS)), 1)
     c2 = q_scale * q_scale * (0.5 * LN2)
-    d2 = (tl.sum(d2, 2) * (VAR_GROUPS / HEAD_DIM) * c2).to(tl.float16)
+    d2 = ((sq.to(tl.float32) - qb2[None, :]) * (VAR_GROUPS / HEAD_DIM) * c2).to(tl.float16)
     # the term's bound: the block's group variances capped at clamp over the largest row sum of
     # |d2| (real rows), so that |d2 . var| <= clamp for every row. Bounding the product itself
     # would need it as a tile of its own beside the scores (sm_90: 388 instructions per 32 means);
@@ -61,14 +69,16 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kv
     s_abs = tl.sum(tl.abs(d2.to(tl.float32)), 1)
     s_max = tl.max(tl.where(tl.arange(0, q.shape[0]) < n_rows, s_abs, 0.0), 0)
     cap = tl.minimum(clamp / tl.maximum(s_max, 1e-30), 65504.0).to(tl.float16)
-    offs_g = tl.arange(0, VAR_GROUPS)
     # the biases' product: ones in the first two columns against the biases' high and low parts in
     # the first two rows of a (VAR_GROUPS, FILL_BLOCK) tile. Added as a column vector in the
     # scores' layout, a bias took a register per column a thread holds (16 at 64 means a step)
     ones2 = tl.where(offs_g[None, :] < 2, 1.0, 0.0).to(tl.float16) + tl.zeros([q.shape[0], VAR_GROUPS], tl.float16)
-    for c0 in tl.range(0, tl.cdiv(n_kb, FILL_BLOCK) * FILL_BLOCK, FILL_BLOCK, num_stages=STAGES):
+    n_c = tl.cdiv(n_kb, FILL_BLOCK) * FILL_BLOCK
+    for c0 in tl.range(0, n_c, FILL_BLOCK, num_stages=STAGES):
         # all-kept steps (every bias -inf) are computed too: testing for them measured slower (v18)
-        bias = tl.load(bias_base + c0 + offs_c)
+        bias = bias_n
+        nxt = c0 + FILL_BLOCK  # the next step's biases, in flight during this step (none after the last)
+        bias_n = tl.load(bias_base + nxt + offs_c, mask=nxt < n_c, other=0.0)
         kept = bias == float("-inf")
         finite = tl.where(kept, 0.0, tl.minimum(tl.maximum(bias, -BIAS_MAX), BIAS_MAX))
         hi = finite.to(tl.float16)
