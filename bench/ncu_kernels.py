@@ -103,7 +103,7 @@ def summarize(folder: Path, card: str, tag: str, note: str = NOTE, hot_share=0.0
         lines.append(f"{k['kernel'][:26]:26} {k['us']:8.1f} {k['registers']:4.0f} {k['warps_active_pct']:6.1f} "
                      f"{k['issue_active_pct']:6.1f} {k['tensor_pct']:7.1f} {k['mufu_xu_pct']:6.1f} {k['l2_pct']:5.1f} "
                      f"{k['dram_pct']:6.1f}  " + ", ".join(f"{s} {v:.2f}" for v, s in top))
-    lines.append("the kernel of sass_attn.csv: SASS lines holding >= 1% of its warps' samples")
+    lines.append(f"the kernel of sass_attn.csv: SASS lines holding >= {hot_share:.0%} of its warps' samples")
     for h in hot:
         lines.append(f"  {h['share'] * 100:5.1f}%  {h['sass'][:60]:60} " +
                      ", ".join(f"{n} {v * 100:.1f}%" for n, v in h["main_stalls"].items()))

@@ -3,7 +3,6 @@ NOTES v68; tests/ncu_export: the columns it reads, two kernels, 30 SASS lines of
 loop): durations in the export's unit turned into us, the stall ratios and the SASS lines where
 the samples gather, written as JSON and a table."""
 import json
-import os
 import sys
 from pathlib import Path
 
