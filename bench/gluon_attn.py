@@ -103,7 +103,13 @@ def _issue_tile(desc, smem, bar, idx_base, row, j, count, BLOCK_N: gl.constexpr,
     if j is past the list). K and V are refilled separately: a K slot frees as soon as its
     Q.K^T is waited for, a step before the V slot, so K is fetched a step further ahead."""
     if j < count:
-        kb = gl.load(idx_base + j)
+        _issue_kb(desc, smem, bar, row, gl.load(idx_base + j), j, count, BLOCK_N, STAGES, IS_K)
+
+
+@gluon.jit
+def _issue_kb(desc, smem, bar, row, kb, j, count, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_K: gl.constexpr):
+    """_issue_tile with the block's index kb already in a register (loaded a step before)."""
+    if j < count:
         s = j % STAGES
         mbarrier.expect(bar.index(s), desc.block_type.nbytes)
         if IS_K:
@@ -237,18 +243,6 @@ def _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_
             mbarrier.arrive(empty_bar.index(slot), count=1)
         acc = acc * alpha[:, None] + pv
     return acc, l_i
-
-
-@gluon.jit
-def _issue_kb(desc, smem, bar, row, kb, j, count, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_K: gl.constexpr):
-    """_issue_tile with the block's index already in a register (loaded a step before)."""
-    if j < count:
-        s = j % STAGES
-        mbarrier.expect(bar.index(s), desc.block_type.nbytes)
-        if IS_K:
-            tma.async_copy_global_to_shared(desc, [row + kb * BLOCK_N, 0], bar.index(s), smem.index(s))
-        else:
-            tma.async_copy_global_to_shared(desc, [row, kb * BLOCK_N], bar.index(s), smem.index(s))
 
 
 @gluon.jit
