@@ -67,11 +67,23 @@ P_j.V_j. Triton's pipeliner issues both loads at the end of an iteration, after 
 that K's tile arrives just when the next iteration needs it (ncu: ~8% of the warps' samples wait
 for it, bench/NOTES.md v68).
 
+Variants "ws3_*" (gl.warp_specialize, three partitions of 4 warps): production's three programs per
+SM as three consumer warpgroups of one program, each seq_s2's loop on its own query block and
+2-deep ring (3 x 72 KB = 217 KB; 3 x 128 threads x 168 registers fill the register file). With RR
+their wgmma issues go in a round robin of mbarrier turns (FA3's ping-pong, for three consumers in
+production's order): 0:S, 2:-, 1:S, 0:PV, 2:S, 1:PV, ..., so that the tensor cores run two
+consumers' products during each one's softmax and the three softmaxes follow one another on the
+MUFU. "_rrN": the round robin for each consumer's first N turns only (a staggered start), then
+free; "_noskip": without consumer 2's first turn given away (two softmaxes overlap).
+
 Measured (H200, 2026-12-07, paired with cuDNN, Wan 480p, density 1.0; bench/NOTES.md v33 and v65):
 production's Triton kernel 0.747, "ws" 0.797, "pipe" 0.855, every FA3-order variant 0.96-1.06, with
 or without the ping-pong and P in shared memory. "seq_s2" (H100, 2026-12-07, two calls, v68a):
 0.732 against production's 0.752 at density 1.0, 0.371 against 0.378 at 0.5, 0.083 against 0.081
-at 0.1 (Wan 480p); HunyuanVideo 544p 0.730-0.735 against 0.750-0.753. None went into the pack.
+at 0.1 (Wan 480p); HunyuanVideo 544p 0.730-0.735 against 0.750-0.753. "ws3" (H100, 2026-12-07, v70):
+0.775 free, 0.784 in the round robin, 0.813 without the skip, against seq_s2's 0.732 and
+production's 0.753 (Wan 480p, density 1.0; slower at every density and at HunyuanVideo 544p).
+None went into the pack.
 """
 import torch
 import triton
@@ -246,21 +258,51 @@ def _consume(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_
 
 
 @gluon.jit
+def _rr_wait(turn_me, t, ME: gl.constexpr, RR: gl.constexpr):
+    """Round robin (RR) of three consumers: wait until this consumer may issue its t-th wgmma.
+    Consumer 0's first wait passes at once (parity 1 of a fresh barrier counts as completed),
+    every other waits for its predecessor's arrive (the order 0 -> 2 -> 1 -> 0).
+    RR is the number of each consumer's turns under the round robin (0: none); later issues run
+    free."""
+    if RR > 0:
+        if t < RR:
+            if ME == 0:
+                mbarrier.wait(turn_me, (t & 1) ^ 1)
+            else:
+                mbarrier.wait(turn_me, t & 1)
+
+
+@gluon.jit
+def _rr_pass(turn_next, t, RR: gl.constexpr):
+    """Round robin: this consumer's wgmma of turn t is issued; the next consumer's turn."""
+    if RR > 0:
+        if t < RR:
+            mbarrier.arrive(turn_next, count=1)
+
+
+@gluon.jit
 def _seq_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, j, kb, qk_scale, kb_ahead,
-              count, acc, m_i, l_i, zero_o, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr):
+              count, acc, m_i, l_i, zero_o, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr,
+              turn_me, turn_next, t, ME: gl.constexpr, RR: gl.constexpr):
     """Block j in production's order (S_j, its wait, the softmax, P_j.V_j, its wait), with each
     slot refilled the moment its product is waited for: K_{j+STAGES} right after S_j, while the
-    softmax and P.V still run, V_{j+STAGES} right after P_j.V_j."""
+    softmax and P.V still run, V_{j+STAGES} right after P_j.V_j. With RR each wgmma issue is a
+    turn of the three consumers' round robin (t: this consumer's turn for S_j, t + 1 for P_j.V_j);
+    a tile's wait comes before the turn's, so a late tile never holds the others' turns."""
     s = j % STAGES
     ph = (j // STAGES) & 1
     mbarrier.wait(k_bar.index(s), ph)
     zero = gl.zeros([64, 128], gl.int32, MMA)
+    _rr_wait(turn_me, t, ME, RR)
     s_tok = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+    _rr_pass(turn_next, t, RR)
     s_i = warpgroup_mma_wait(0, deps=(s_tok, ))
     _issue_kb(k_desc, k_smem, k_bar, k_row, kb_ahead, j + STAGES, count, BLOCK_N, STAGES, True)
     p8, alpha, m_i, l_i = _softmax(s_i, m_i, l_i, qk_scale, kb, N_K, BLOCK_N, MASK)
     mbarrier.wait(v_bar.index(s), ph)
+    _rr_wait(turn_me, t + 1, ME, RR)
     o_tok = warpgroup_mma(p8, v_smem.index(s).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+    _rr_pass(turn_next, t + 1, RR)
     pv = warpgroup_mma_wait(0, deps=(o_tok, ))
     _issue_kb(v_desc, v_smem, v_bar, v_row, kb_ahead, j + STAGES, count, BLOCK_N, STAGES, False)
     acc = acc * alpha[:, None] + pv
@@ -269,11 +311,14 @@ def _seq_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row
 
 @gluon.jit
 def _consume_seq(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row, v_row, count,
-                 qs, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr):
+                 qs, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 turn_me, turn_next, t0, ME: gl.constexpr, RR: gl.constexpr):
     """Production's sequential loop (one score tile, so production's registers and three programs
     per SM) with the loads placed by hand: Triton 3.6's pipeliner issues the next tiles' TMA loads
     at the end of an iteration, after the P.V wait, so K's arrives just as it is needed (ncu, NOTES
-    v68: ~8% of the warps' samples wait for K). Here K_{j+STAGES} goes out once S_j is done."""
+    v68: ~8% of the warps' samples wait for K). Here K_{j+STAGES} goes out once S_j is done.
+    With RR (three consumers of one program, _attn_ws3) every wgmma issue is a round-robin turn;
+    this consumer's first is turn t0 and it takes 2 * count turns."""
     m_i = gl.full([64], float("-inf"), gl.float32, ROW)
     l_i = gl.zeros([64], gl.float32, ROW)
     acc = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
@@ -290,12 +335,14 @@ def _consume_seq(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base,
             qk_next = qs * gl.load(ks_base + kb_next)
             kb_ahead = gl.load(idx_base + gl.minimum(j + STAGES, count - 1))
             acc, m_i, l_i = _seq_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, j, kb,
-                                      qk_scale, kb_ahead, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, False)
+                                      qk_scale, kb_ahead, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, False,
+                                      turn_me, turn_next, t0 + 2 * j, ME, RR)
             kb = kb_next
             qk_scale = qk_next
         # the last kept block (the only one that can be partial: lists are ascending), peeled
         acc, m_i, l_i = _seq_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, count - 1, kb,
-                                  qk_scale, kb, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, True)
+                                  qk_scale, kb, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, True,
+                                  turn_me, turn_next, t0 + 2 * (count - 1), ME, RR)
     return acc, l_i
 
 
@@ -457,7 +504,7 @@ def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     mbarrier.wait(q_bar, 0)
     if SEQ:
         acc, l_i = _consume_seq(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row,
-                                v_row, count, qs, N_K, BLOCK_N, STAGES, HEAD_DIM)
+                                v_row, count, qs, N_K, BLOCK_N, STAGES, HEAD_DIM, q_bar, q_bar, 0, 0, 0)
     elif FA3:
         acc, l_i = _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row,
                                 v_row, count, qs, N_K, BLOCK_N, STAGES, True, k_bar, HEAD_DIM, q_bar, q_bar, 0,
@@ -590,6 +637,109 @@ def _attn_ws(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
+@gluon.jit
+def _seq3_part(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, turn_me, turn_next,
+               idx_base, ks_base, q_row, k_row, v_row, count, turns, qs, N_K, O, VS, b, h, hk, row0,
+               so_b, so_h, so_n, svs_b, svs_h, N_Q, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+               D_OUT: gl.constexpr, HEAD_DIM: gl.constexpr, ME: gl.constexpr, RR: gl.constexpr,
+               SKIP: gl.constexpr):
+    """One of _attn_ws3's three consumers: a query block in production's order on its own ring,
+    loading its own tiles (seq_s2's loop). With RR its wgmma issues take turns with the other two;
+    with SKIP consumer 2 gives its first turn away, so that in the steady state the tensor cores
+    run S and P.V of the other two during each consumer's softmax and the three softmaxes follow
+    one another: turns go 0:S, 2:-, 1:S, 0:PV, 2:S, 1:PV, 0:S, 2:PV, ... It then passes turns
+    until all three consumers' turns are taken (a hang otherwise)."""
+    t0 = 0
+    if RR > 0:
+        if SKIP:
+            if ME == 2:
+                _rr_wait(turn_me, 0, ME, RR)
+                _rr_pass(turn_next, 0, RR)
+                t0 = 1
+    if count > 0:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+        mbarrier.wait(q_bar, 0)
+    acc, l_i = _consume_seq(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row, v_row,
+                            count, qs, N_K, BLOCK_N, STAGES, HEAD_DIM, turn_me, turn_next, t0, ME, RR)
+    if RR > 0:
+        for t in range(t0 + 2 * count, gl.minimum(turns, RR)):
+            _rr_wait(turn_me, t, ME, RR)
+            _rr_pass(turn_next, t, RR)
+    _epilogue(acc, l_i, O, VS, b, h, hk, row0, so_b, so_h, so_n, svs_b, svs_h, N_Q, D_OUT, HEAD_DIM)
+
+
+@gluon.jit
+def _seq_ring(q_desc, k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """One consumer's Q tile and K/V^T ring with their barriers (no empty barriers: the consumer
+    refills its own slots)."""
+    q_smem = gl.allocate_shared_memory(gl.int8, [64, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+    return q_smem, k_smem, v_smem, q_bar, k_bar, v_bar
+
+
+@gluon.jit
+def _attn_ws3(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
+              so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
+              N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
+              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
+              RR: gl.constexpr, SKIP: gl.constexpr):
+    """Three query blocks per program (3*pid .. 3*pid+2), each a consumer warpgroup of 64 rows at
+    production's 168 registers on its own 2-deep ring: production's three programs per SM, as one
+    program, so that with RR their wgmma issues can be put in a round robin (FA3's ping-pong for
+    three consumers in production's order; see _seq3_part)."""
+    trio = gl.program_id(0)
+    ntrios = (NQB + 2) // 3
+    qb0 = (trio % ntrios) * 3
+    bh = trio // ntrios
+    b = (bh // H).to(gl.int64)
+    h = (bh % H).to(gl.int64)
+    hk = h // KV_GROUP
+    turn = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(3):
+        mbarrier.init(turn.index(i), count=1)
+    q0, k0, v0, qb_0, kb_0, vb_0 = _seq_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    q1, k1, v1, qb_1, kb_1, vb_1 = _seq_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    q2, k2, v2, qb_2, kb_2, vb_2 = _seq_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+
+    q_row = ((b * H + h) * NQ_PAD + qb0 * 64).to(gl.int32)
+    k_row = ((b * (H // KV_GROUP) + hk) * NK_PAD).to(gl.int32)
+    v_row = ((b * (H // KV_GROUP) + hk) * HEAD_DIM).to(gl.int32)
+    cnt = CNT + b * sc_b + h * sc_h + qb0
+    c0 = gl.load(cnt)
+    c1 = gl.load(cnt + 1, mask=qb0 + 1 < NQB, other=0)  # past the last query block: an empty list
+    c2 = gl.load(cnt + 2, mask=qb0 + 2 < NQB, other=0)
+    turns = gl.maximum(gl.maximum(2 * c0, 2 * c1), 2 * c2 + SKIP)  # each consumer takes this many
+    idx0 = IDX + b * si_b + h * si_h + qb0 * si_q
+    ks_base = KS + b * sks_b + hk * sks_h
+    qsp = QS + b * sqs_b + h * sqs_h + qb0
+    qs0 = gl.load(qsp)
+    qs1 = gl.load(qsp + 1, mask=qb0 + 1 < NQB, other=0.0)
+    qs2 = gl.load(qsp + 2, mask=qb0 + 2 < NQB, other=0.0)
+    # turns go 0 -> 2 -> 1 -> 0: consumer c arrives on the barrier of the next one
+    gl.warp_specialize([
+        (_seq3_part, (q_desc, k_desc, v_desc, q0, k0, v0, qb_0, kb_0, vb_0, turn.index(0), turn.index(2), idx0,
+                      ks_base, q_row, k_row, v_row, c0, turns, qs0, N_K, O, VS, b, h, hk, qb0 * 64,
+                      so_b, so_h, so_n, svs_b, svs_h, N_Q, BLOCK_N, STAGES, D_OUT, HEAD_DIM, 0, RR, SKIP)),
+        (_seq3_part, (q_desc, k_desc, v_desc, q1, k1, v1, qb_1, kb_1, vb_1, turn.index(1), turn.index(0),
+                      idx0 + si_q, ks_base, q_row + 64, k_row, v_row, c1, turns, qs1, N_K, O, VS, b, h, hk,
+                      qb0 * 64 + 64, so_b, so_h, so_n, svs_b, svs_h, N_Q, BLOCK_N, STAGES, D_OUT, HEAD_DIM, 1, RR,
+                      SKIP)),
+        (_seq3_part, (q_desc, k_desc, v_desc, q2, k2, v2, qb_2, kb_2, vb_2, turn.index(2), turn.index(1),
+                      idx0 + 2 * si_q, ks_base, q_row + 128, k_row, v_row, c2, turns, qs2, N_K, O, VS, b, h, hk,
+                      qb0 * 64 + 128, so_b, so_h, so_n, svs_b, svs_h, N_Q, BLOCK_N, STAGES, D_OUT, HEAD_DIM, 2, RR,
+                      SKIP)),
+    ], [4, 4], [168, 168])
+
+
 def _descs(q_i8, k_i8, v_t, q_rows):
     hd = q_i8.shape[-1]
     ql = gl.NVMMASharedLayout.get_default_for([q_rows, hd], gl.int8)
@@ -601,7 +751,7 @@ def _descs(q_i8, k_i8, v_t, q_rows):
 
 
 def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, n_q, n_k, d_out, out_dtype,
-                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False):
+                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False, rr=0, skip=False):
     """kernels.attn_fwd.sparse_attn_fwd's common case (see the module docstring) in Gluon.
     Returns out (B,H,n_q,d_out), a transposed view of contiguous (B,n_q,H,d_out) memory."""
     B, H, nq_pad, hd = q_i8.shape
@@ -619,8 +769,8 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
     if (pp or psmem) and variant != "ws":
         raise ValueError("ping-pong turns and P from shared memory are built for the two consumers of 'ws'")
     fa3 = fa3 or pp or psmem  # both are built on the FA3 order
-    key = (variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("_ps" if psmem else "")
-           + ("" if stages == 3 else f"_s{stages}"))  # a VARIANTS name
+    key = (variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("_ps" if psmem else "") + ("" if not rr else "_rr" if rr >= 1 << 30 else f"_rr{rr}")
+           + ("" if skip or not rr else "_noskip") + ("" if stages == 3 else f"_s{stages}"))  # a VARIANTS name
     common = (q_scale, k_scale, v_scale, out, counts, indices,
               out.stride(0), out.stride(1), out.stride(2), q_scale.stride(0), q_scale.stride(1),
               k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
@@ -642,6 +792,11 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
         COMPILED[key] = _attn_ws[(B * H * triton.cdiv(NQ, 2),)](
             qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2], BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out,
             STAGES=stages, CONSUMER_REGS=240, FA3=fa3, PP=pp, PSMEM=psmem, num_warps=4, maxnreg=168)
+    elif variant == "ws3":  # three consumers of production's registers: 3 x 128 threads x 168 fill the file
+        qd, kd, vd = _descs(q_i8, k_i8, v_t, BLOCK_M)
+        COMPILED[key] = _attn_ws3[(B * H * triton.cdiv(NQ, 3),)](
+            qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2], BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out,
+            STAGES=stages, RR=rr, SKIP=skip, num_warps=4, maxnreg=168)  # rr: turns a consumer takes in turn
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return out
@@ -659,5 +814,11 @@ VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
     # P.V's A operand from shared memory (2-deep rings: 148 + 32 KB): the P.V wait can stay after the softmax
     "ws_fa3_ps_s2": dict(variant="ws", stages=2, fa3=True, psmem=True),
     "ws_pp_ps_s2": dict(variant="ws", stages=2, fa3=True, pp=True, psmem=True),
+    # production's three programs per SM as three consumers of one program (216 KB), free or in a round robin
+    "ws3_s2": dict(variant="ws3", stages=2),
+    "ws3_rr_s2": dict(variant="ws3", stages=2, rr=1 << 30, skip=True),
+    "ws3_rr_noskip_s2": dict(variant="ws3", stages=2, rr=1 << 30),
+    "ws3_rr6_s2": dict(variant="ws3", stages=2, rr=6, skip=True),  # staggered at the start only, then free
+    "ws3_rr32_s2": dict(variant="ws3", stages=2, rr=32, skip=True),
 }
-KERNELS = {"pipe": _attn_pipe, "seq": _attn_pipe, "ws": _attn_ws}
+KERNELS = {"pipe": _attn_pipe, "seq": _attn_pipe, "ws": _attn_ws, "ws3": _attn_ws3}
