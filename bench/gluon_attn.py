@@ -462,23 +462,22 @@ def _epilogue(acc, l_i, O, VS, b, h, hk, row0, so_b, so_h, so_n, svs_b, svs_h, N
 
 
 @gluon.jit
-def _program_coords(H, KV_GROUP, NQB):
-    # query blocks fastest, as production: concurrent programs share one head's K/V in L2
+def _program_coords(H, KV_GROUP, NQB, G: gl.constexpr):
+    """The first of the program's G query blocks, and its batch, head and key head. Query blocks
+    fastest, as production: concurrent programs share one head's K/V in L2."""
     row = gl.program_id(0)
-    pid_m = row % NQB
-    bh = row // NQB
+    groups = (NQB + G - 1) // G
+    qb0 = (row % groups) * G
+    bh = row // groups
     b = (bh // H).to(gl.int64)
     h = (bh % H).to(gl.int64)
-    return pid_m, b, h, h // KV_GROUP
+    return qb0, b, h, h // KV_GROUP
 
 
 @gluon.jit
-def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
-               so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
-               N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
-               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
-               FA3: gl.constexpr, SEQ: gl.constexpr = False):
-    pid_m, b, h, hk = _program_coords(H, KV_GROUP, NQB)
+def _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """One warpgroup's Q tile and K/V^T ring with their barriers (no empty barriers: the warpgroup
+    refills its own slots)."""
     q_smem = gl.allocate_shared_memory(gl.int8, [64, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
@@ -489,6 +488,17 @@ def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bar.index(i), count=1)
         mbarrier.init(v_bar.index(i), count=1)
+    return q_smem, k_smem, v_smem, q_bar, k_bar, v_bar
+
+
+@gluon.jit
+def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
+               so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
+               N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
+               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
+               FA3: gl.constexpr, SEQ: gl.constexpr = False):
+    pid_m, b, h, hk = _program_coords(H, KV_GROUP, NQB, 1)
+    q_smem, k_smem, v_smem, q_bar, k_bar, v_bar = _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
 
     # Q, K, V^T are 2-D descriptors over (B*H*NQ_PAD, D), (B*Hkv*NK_PAD, D), (B*Hkv*D, NK_PAD)
     q_row = ((b * H + h) * NQ_PAD + pid_m * 64).to(gl.int32)
@@ -593,13 +603,7 @@ def _attn_ws(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     """Two query blocks per program (2*pid, 2*pid+1), each with its own consumer warpgroup and its
     own K/V ring (their kept-block lists differ), one producer warp feeding both rings; with PP the
     consumers issue their wgmmas in turns (ping-pong, see _consume_fa3)."""
-    pair = gl.program_id(0)
-    npairs = (NQB + 1) // 2
-    qb0 = (pair % npairs) * 2
-    bh = pair // npairs
-    b = (bh // H).to(gl.int64)
-    h = (bh % H).to(gl.int64)
-    hk = h // KV_GROUP
+    qb0, b, h, hk = _program_coords(H, KV_GROUP, NQB, 2)
     has1 = qb0 + 1 < NQB  # the second block of an odd count does not exist: an empty list
     q_smem = gl.allocate_shared_memory(gl.int8, [2, 64, HEAD_DIM], q_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -670,23 +674,6 @@ def _seq3_part(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_b
 
 
 @gluon.jit
-def _seq_ring(q_desc, k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
-    """One consumer's Q tile and K/V^T ring with their barriers (no empty barriers: the consumer
-    refills its own slots)."""
-    q_smem = gl.allocate_shared_memory(gl.int8, [64, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bar.index(i), count=1)
-        mbarrier.init(v_bar.index(i), count=1)
-    return q_smem, k_smem, v_smem, q_bar, k_bar, v_bar
-
-
-@gluon.jit
 def _attn_ws3(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
               so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
               N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
@@ -696,19 +683,13 @@ def _attn_ws3(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     production's 168 registers on its own 2-deep ring: production's three programs per SM, as one
     program, so that with RR their wgmma issues can be put in a round robin (FA3's ping-pong for
     three consumers in production's order; see _seq3_part)."""
-    trio = gl.program_id(0)
-    ntrios = (NQB + 2) // 3
-    qb0 = (trio % ntrios) * 3
-    bh = trio // ntrios
-    b = (bh // H).to(gl.int64)
-    h = (bh % H).to(gl.int64)
-    hk = h // KV_GROUP
+    qb0, b, h, hk = _program_coords(H, KV_GROUP, NQB, 3)
     turn = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(3):
         mbarrier.init(turn.index(i), count=1)
-    q0, k0, v0, qb_0, kb_0, vb_0 = _seq_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
-    q1, k1, v1, qb_1, kb_1, vb_1 = _seq_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
-    q2, k2, v2, qb_2, kb_2, vb_2 = _seq_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    q0, k0, v0, qb_0, kb_0, vb_0 = _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    q1, k1, v1, qb_1, kb_1, vb_1 = _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
+    q2, k2, v2, qb_2, kb_2, vb_2 = _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
 
     q_row = ((b * H + h) * NQ_PAD + qb0 * 64).to(gl.int32)
     k_row = ((b * (H // KV_GROUP) + hk) * NK_PAD).to(gl.int32)
