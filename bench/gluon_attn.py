@@ -69,7 +69,7 @@ for it, bench/NOTES.md v68).
 
 Variants "ws3_*" (gl.warp_specialize, three partitions of 4 warps): production's three programs per
 SM as three consumer warpgroups of one program, each seq_s2's loop on its own query block and
-2-deep ring (3 x 72 KB = 217 KB; 3 x 128 threads x 168 registers fill the register file). With RR
+2-deep ring (3 x 72 KB = 216.5 KB; 3 x 128 threads x 168 registers fill the register file). With RR
 their wgmma issues go in a round robin of mbarrier turns (FA3's ping-pong, for three consumers in
 production's order): 0:S, 2:-, 1:S, 0:PV, 2:S, 1:PV, ..., so that the tensor cores run two
 consumers' products during each one's softmax and the three softmaxes follow one another on the
@@ -750,7 +750,8 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
     if (pp or psmem) and variant != "ws":
         raise ValueError("ping-pong turns and P from shared memory are built for the two consumers of 'ws'")
     fa3 = fa3 or pp or psmem  # both are built on the FA3 order
-    key = (variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("_ps" if psmem else "") + ("" if not rr else "_rr" if rr >= 1 << 30 else f"_rr{rr}")
+    rr_tag = "" if not rr else "_rr" if rr >= 1 << 30 else f"_rr{rr}"
+    key = (variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("_ps" if psmem else "") + rr_tag
            + ("" if skip or not rr else "_noskip") + ("" if stages == 3 else f"_s{stages}"))  # a VARIANTS name
     common = (q_scale, k_scale, v_scale, out, counts, indices,
               out.stride(0), out.stride(1), out.stride(2), q_scale.stride(0), q_scale.stride(1),
@@ -795,7 +796,7 @@ VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
     # P.V's A operand from shared memory (2-deep rings: 148 + 32 KB): the P.V wait can stay after the softmax
     "ws_fa3_ps_s2": dict(variant="ws", stages=2, fa3=True, psmem=True),
     "ws_pp_ps_s2": dict(variant="ws", stages=2, fa3=True, pp=True, psmem=True),
-    # production's three programs per SM as three consumers of one program (216 KB), free or in a round robin
+    # production's three programs per SM as three consumers of one program (216.5 KB), free or in a round robin
     "ws3_s2": dict(variant="ws3", stages=2),
     "ws3_rr_s2": dict(variant="ws3", stages=2, rr=1 << 30, skip=True),
     "ws3_rr_noskip_s2": dict(variant="ws3", stages=2, rr=1 << 30),
