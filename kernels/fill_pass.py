@@ -41,14 +41,14 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kv
     (rows 0). STAGES: the steps whose loads are in flight at once (tl.range's num_stages): each
     one more buffers the step's tiles in shared memory, which the whole kernel shares (NOTES v58)."""
     offs_c = tl.arange(0, FILL_BLOCK)
-    # the second-order term's operand: each row's squares less the squared mean of the block's
-    # n_rows real rows (the padded rows are zeros), averaged over each group of channels, times
-    # the term's factor, in fp16 for the tensor cores: (BLOCK_M, VAR_GROUPS), 4 registers a thread
-    # where the whole diagonal's (BLOCK_M, HEAD_DIM) took 32 and spilled (v42).
     # The first step's biases, loaded here so that the setup below (~1,000 instructions) hides
     # their latency; each step then loads the next one's (ncu: the first step waited for them, NOTES v69)
     bias_n = tl.load(bias_base + offs_c)
     offs_g = tl.arange(0, VAR_GROUPS)
+    # the second-order term's operand: each row's squares less the squared mean of the block's
+    # n_rows real rows (the padded rows are zeros), averaged over each group of channels, times
+    # the term's factor, in fp16 for the tensor cores: (BLOCK_M, VAR_GROUPS), 4 registers a thread
+    # where the whole diagonal's (BLOCK_M, HEAD_DIM) took 32 and spilled (v42).
     # Q's tile read again (8 KB from L2; volatile, or it is merged with the first load): using the
     # main loop's q here kept its registers live through that loop (sm_90: 8 more bytes spilled)
     q = tl.load(q_src, volatile=True)
