@@ -50,10 +50,26 @@ METRICS = {  # short name: ncu raw metric
     "instructions": "smsp__inst_executed.sum",
     "sm_cycles": "sm__cycles_elapsed.avg",
 }
+UNITS = {  # a short name's suffix -> its unit's factor from each unit the export may use (ncu picks one by size)
+    "us": {"s": 1e6, "ms": 1e3, "us": 1.0, "ns": 1e-3},
+    "mb": {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3},
+    "kb": {"byte/block": 1e-3, "Kbyte/block": 1.0, "Mbyte/block": 1e3},
+}
 STALLS = ("barrier", "wait", "long_scoreboard", "short_scoreboard", "not_selected", "selected", "dispatch_stall",
           "mio_throttle", "math_pipe_throttle", "no_instruction", "branch_resolving")
 SASS_STALLS = ("stall_barrier", "stall_wait", "stall_long_sb", "stall_short_sb", "stall_not_selected",
                "stall_dispatch", "stall_mio", "stall_math", "stall_no_inst")
+
+
+def _in_unit(short, value, unit):
+    """value, given in the export's unit, in the unit the short name ends with (us, mb, kb); other
+    names as exported. An unknown unit raises rather than mislabel the figure."""
+    table = UNITS.get(short.rsplit("_", 1)[-1])
+    if table is None:
+        return value
+    if unit not in table:
+        raise ValueError(f"{short}: the export's unit {unit!r} is not one of {sorted(table)}")
+    return value * table[unit]
 
 
 def _num(text):
@@ -76,8 +92,7 @@ def summarize(folder: Path, card: str, tag: str, note: str = NOTE, hot_share=0.0
     for d in data:
         k = {"kernel": d[col["Kernel Name"]][:48]}
         for short, m in METRICS.items():
-            v = _num(d[col[m]]) if m in col else float("nan")
-            k[short] = v * {"ms": 1e3, "ns": 1e-3}.get(units[col[m]], 1.0) if short == "us" else v
+            k[short] = _in_unit(short, _num(d[col[m]]), units[col[m]]) if m in col else float("nan")
         k["stalls_per_issue"] = {s: round(_num(d[col[f"smsp__average_warps_issue_stalled_{s}_per_issue_active.ratio"]]), 3)
                                  for s in STALLS}
         kernels.append(k)

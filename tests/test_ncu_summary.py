@@ -23,6 +23,7 @@ def test_summary_of_a_real_export(tmp_path, monkeypatch):
     # the export gives ms: 7.526816 ms and 0.056992 ms
     assert abs(attn["us"] - 7526.816) < 1e-3 and abs(quant["us"] - 56.992) < 1e-3
     assert attn["registers"] == 165 and quant["registers"] == 102
+    assert abs(attn["smem_kb"] - 73.78) < 1e-6 and abs(attn["dram_read_mb"] - 159.42912) < 1e-6  # Kbyte, Mbyte
     assert abs(attn["tensor_pct"] - 44.917) < 0.01 and abs(quant["dram_pct"] - 74.58) < 0.01
     assert abs(attn["stalls_per_issue"]["barrier"] - 1.136) < 1e-3
     assert abs(quant["stalls_per_issue"]["long_scoreboard"] - 4.03) < 0.01
@@ -37,3 +38,17 @@ def test_summary_of_a_real_export(tmp_path, monkeypatch):
     assert all(h["share"] >= 0.05 for h in hot)
     log = (tmp_path / f"{ncu_kernels.datetime.date.today().isoformat()}-H100-ncu-test.log").read_text()
     assert "_sparse_attn_fwd" in log and "WARPGROUP.DEPBAR" in log
+
+
+def test_figures_in_the_unit_their_names_say():
+    """ncu picks each column's unit by the figure's size: the summary converts to its names' units."""
+    assert abs(ncu_kernels._in_unit("dram_read_mb", 1.5, "Gbyte") - 1500.0) < 1e-9
+    assert abs(ncu_kernels._in_unit("smem_kb", 73780.0, "byte/block") - 73.78) < 1e-9
+    assert abs(ncu_kernels._in_unit("us", 7.5, "ms") - 7500.0) < 1e-9
+    assert ncu_kernels._in_unit("tensor_pct", 44.9, "%") == 44.9
+    try:
+        ncu_kernels._in_unit("us", 1.0, "cycle")
+    except ValueError as e:
+        assert "cycle" in str(e)
+    else:
+        raise AssertionError("an unknown unit was taken as the name's")
