@@ -3,8 +3,8 @@
 The fill pass gives every skipped key block one key in a row's softmax (its mean key and value,
 fill_order2_study's grp8 weight: the pooled query's lse bias plus the grouped second-order term). Its
 cost is one column per key block of the clip, skipped or not: ceil(NK / 128) steps per query block,
-2 at Wan 480p (256 blocks) and 5 at HunyuanVideo 544p (528 blocks), ~28% of the Balanced kernel at
-HunyuanVideo. Here G adjacent key blocks (Hilbert order: neighbours in space and time) that a query
+2 at Wan 480p (256 blocks) and 5 at HunyuanVideo 544p (528 blocks), by its steps ~25-30% of the
+Balanced kernel at HunyuanVideo. Here G adjacent key blocks (Hilbert order: neighbours in space and time) that a query
 block skips all together join as ONE key: their count-weighted mean key and value, their channel
 variance over all their keys (the spread between the blocks' means included, so the second-order
 term sees it), and the pooled query's exact lse over the group. A group with a kept block keeps its
@@ -21,6 +21,10 @@ fp32 everywhere, so only the estimate differs):
   g1   production's estimate (every skipped block its own key), the term held within +-2
   g2   pairs of blocks, g4 groups of four, g8 of eight
   s16  the 16 skipped blocks of most pooled mass as halves (s56: 56, ...)
+  s16a the same, each half's bias from its parent's lse split by the halves' cumulant expansion for
+       the pooled query (anchored_halves: what a kernel could use without an lse per half)
+Findings (NOTES v71): groups cost more density than the steps they save; halves cut it ~20%, but
+on the GPU their gathered step cost what that saved.
 Per row: density, rel-L1 of the whole output and of the worst head against fp32 dense attention,
 and the fill columns a query block needs as a share of NK (mean and largest), with the steps of
 128 columns they take at the regime's NK against production's.

@@ -16,7 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .caller_addrs import addr_args, caller_ptr
 from .config import KernelConfig
-from .fill_pass import VAR_GROUPS, check_fill, check_split, fill_skipped
+from .fill_pass import check_fill, fill_skipped
 from .fp8 import INTERPRET, p_operand
 from .host_math import cdiv
 from .launch import Kernel
@@ -103,13 +103,12 @@ def _sparse_attn_fwd(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_d, so_b, so_h, so_n,
     sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
     skb_b, skb_h, sks2_b, sks2_h, skv_b, skv_h, svb_b, svb_h, sb_b, sb_h, sb_q,
-    SIDX, SBIAS, KH, KHS, KVH, VH, ss_b, ss_h, ss_q, sh_b, sh_h,  # read only with SPLIT
     N_Q, N_K, H, KV_GROUP, NQB, NKC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_OUT: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr, P_LOG2: tl.constexpr,
     EMULATE_FP8: tl.constexpr, HAS_PERM: tl.constexpr,
     TMA: tl.constexpr, FILL: tl.constexpr, RETURN_LSE: tl.constexpr, O_SLOT: tl.constexpr,
-    FILL_BLOCK: tl.constexpr, FILL_STAGES: tl.constexpr, SPLIT: tl.constexpr,
+    FILL_BLOCK: tl.constexpr, FILL_STAGES: tl.constexpr,
 ):
     # one program per (batch*head, query block), query blocks fastest: the programs running
     # together share one head's K and V in L2
@@ -196,17 +195,12 @@ def _sparse_attn_fwd(
             vbar_src = VBAR + b * svb_b + hk * svb_h
             kbar_row = 0
             vbar_row = 0
-        # the split columns' lists (this query block's) and half tables (this head's): row strides
-        # HEAD_DIM for the means, VAR_GROUPS for the variances, 1 for the scales (check_split)
-        so = b * ss_b + h * ss_h + pid_m * ss_q
-        ho = b * sh_b + hk * sh_h  # in half blocks
-        split = (SIDX + so, SBIAS + so, KH + ho * HEAD_DIM, KHS + ho, KVH + ho * VAR_GROUPS, VH + ho * HEAD_DIM)
         acc, l_i, m_i = fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, KBS + b * sks2_b + hk * sks2_h,
                                      KVAR + b * skv_b + hk * skv_h, vbar_src, vbar_row,
                                      BIAS + b * sb_b + h * sb_h + pid_m * sb_q, NKC,
                                      tl.cdiv(N_K, BLOCK_N), tl.minimum(N_Q - pid_m * BLOCK_M, BLOCK_M).to(tl.float32),
-                                     fill_clamp, offs_d, split, HEAD_DIM, P_LOG2, PV_FP8, EMULATE_FP8, TMA, FILL_BLOCK,
-                                     FILL_STAGES, SPLIT)
+                                     fill_clamp, offs_d, HEAD_DIM, P_LOG2, PV_FP8, EMULATE_FP8, TMA, FILL_BLOCK,
+                                     FILL_STAGES)
 
     vs = tl.load(VS + b * svs_b + hk * svs_h + offs_d, mask=offs_d < D_OUT, other=0.0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -240,7 +234,7 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
                     n_q: int, n_k: int, d_out: int, out_dtype, is_causal: bool, pv_skip: bool,
                     config: KernelConfig, out_perm: torch.Tensor | None = None, fill: tuple | None = None,
                     lse_inputs: tuple | None = None, out: torch.Tensor | None = None, out_addr: tuple | None = None,
-                    fill_clamp: float | None = None, fill_split: tuple | None = None):
+                    fill_clamp: float | None = None):
     """Launch the kernel on quantized inputs (kernels.quantize, quantize_v). Returns (out (B,H,n_q,d_out), a view of
     (B,n_q,H,d_out) memory, skipped (B,H,NQ) or None), and lse as a third item when lse_inputs is given.
 
@@ -253,8 +247,6 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
     and in its dtype, fp32 biases (B,H,NQ,NKC); NKC a multiple of config.fill_block (FILL_PAD is); -inf
     biases add nothing, and the columns past the key blocks are not read. fill_clamp (with fill): the
     bound of the second-order term, log2 units (reference_predict.FILL_ORDER2_CLAMP).
-    fill_split (with fill): the split columns (fill_pass.check_split: each query block's half
-    indices and biases, and the half tables).
     lse_inputs (q, k_mean, scale): the un-quantized q (B,H,n_q,d_out) in output row order (the
     caller's order when out_perm is also the permutation q was quantized through), the mean key
     (B,Hkv,d_out) fp32 that K was smoothed by (zeros if it was not) and the softmax scale. The kernel
@@ -289,7 +281,6 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         raise ValueError(f"out_perm must be int32 ({n_q},)")
     kbar, kbs, kvar, vbar, bias, nkc, fill_clamp = check_fill(fill, fill_clamp, v_t, B, H, Hkv, NQ, hd, n_k, block_n,
                                                               config.fill_block, counts)
-    split, n_split = check_split(fill_split, nkc, v_t, B, H, Hkv, NQ, hd, n_k, block_n, counts)
     # without lse_inputs the lse arguments are stand-ins the kernel never reads (RETURN_LSE is off), as
     # for the other optional inputs above: a real tensor, not None, works on every Triton version
     lse = q_raw = kmean = None
@@ -339,12 +330,11 @@ def sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices,
         kbs.stride(1) if nkc else 0, kvar.stride(0) if nkc else 0, kvar.stride(1) if nkc else 0,
         vbar.stride(0) if nkc else 0, vbar.stride(1) if nkc else 0,
         bias.stride(0) if nkc else 0, bias.stride(1) if nkc else 0, bias.stride(2) if nkc else 0,
-        *split, n_q, n_k, H, H // Hkv, NQ, nkc,
+        n_q, n_k, H, H // Hkv, NQ, nkc,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=hd, D_OUT=d_out, IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, PV_SKIP=pv_skip, P_LOG2=8.0 if pv_fp8 else 0.0, EMULATE_FP8=INTERPRET,
         HAS_PERM=out_perm is not None, TMA=tma, FILL=nkc > 0, RETURN_LSE=lse is not None, O_SLOT=o_slot,
-        FILL_BLOCK=config.fill_block, FILL_STAGES=config.fill_stages or stages, SPLIT=n_split,
-        num_warps=config.num_warps,
+        FILL_BLOCK=config.fill_block, FILL_STAGES=config.fill_stages or stages, num_warps=config.num_warps,
         num_stages=stages, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     if lse is not None:

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import p_operand, to_pv_dtype
+from .fp8 import p_operand
 from .numerics import LN2
 from .quantize import VAR_GROUPS
 
@@ -23,9 +23,8 @@ FILL_PAD = 128  # the means and biases are padded to a multiple of this (of ever
 
 @triton.jit
 def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kvar_base, vbar_src, vbar_row, bias_base,
-                 NKC, n_kb, n_rows, clamp, offs_d, split, HEAD_DIM: tl.constexpr, P_LOG2: tl.constexpr,
-                 PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr, TMA: tl.constexpr, FILL_BLOCK: tl.constexpr,
-                 STAGES: tl.constexpr, SPLIT: tl.constexpr):
+                 NKC, n_kb, n_rows, clamp, offs_d, HEAD_DIM: tl.constexpr, P_LOG2: tl.constexpr, PV_FP8: tl.constexpr,
+                 EMULATE_FP8: tl.constexpr, TMA: tl.constexpr, FILL_BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """Every key block with a finite bias joins the softmax as one key: its mean key (int8, one
     scale per mean: scores q . kbar + bias in log2 units, plus the second-order term of
     reference_predict.fill_logits: (q^2 - qbar^2) . var over VAR_GROUPS channel groups, times q's
@@ -40,8 +39,7 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kv
     kbar_src and vbar_src are then 2-D descriptors over (B*Hkv*NKC, HEAD_DIM) and (B*Hkv*HEAD_DIM,
     NKC) and kbar_row / vbar_row this head's first row in them; else pointers to this head's means
     (rows 0). STAGES: the steps whose loads are in flight at once (tl.range's num_stages): each
-    one more buffers the step's tiles in shared memory, which the whole kernel shares (NOTES v58).
-    SPLIT > 0: then SPLIT split columns (_split_columns; `split` its pointers)."""
+    one more buffers the step's tiles in shared memory, which the whole kernel shares (NOTES v58)."""
     offs_c = tl.arange(0, FILL_BLOCK)
     # The first step's biases, loaded here so that the setup below (~1,000 instructions) hides
     # their latency; each step then loads the next one's (ncu: the first step waited for them, NOTES v69)
@@ -81,7 +79,12 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kv
         bias = bias_n
         nxt = c0 + FILL_BLOCK  # the next step's biases, in flight during this step (none after the last)
         bias_n = tl.load(bias_base + nxt + offs_c, mask=nxt < n_c, other=0.0)
-        b2 = _bias_rows(bias, offs_g)
+        kept = bias == float("-inf")
+        finite = tl.where(kept, 0.0, tl.minimum(tl.maximum(bias, -BIAS_MAX), BIAS_MAX))
+        hi = finite.to(tl.float16)
+        lo = (finite - hi.to(tl.float32)).to(tl.float16)
+        hi = tl.where(kept, float("-inf"), hi.to(tl.float32)).to(tl.float16)
+        b2 = tl.where(offs_g[:, None] == 0, hi[None, :], tl.where(offs_g[:, None] == 1, lo[None, :], 0.0))
         if TMA:  # straight into shared memory, no per-thread addresses or registers
             kb = kbar_src.load([kbar_row + c0, 0]).T  # (HEAD_DIM, FILL_BLOCK)
         else:
@@ -102,49 +105,7 @@ def fill_skipped(acc, l_i, m_i, q_src, q_scale, kbar_src, kbar_row, kbs_base, kv
             vb = tl.load(vbar_src + offs_d[None, :] * NKC + (c0 + offs_c)[:, None])
         acc = acc * alpha[:, None] + tl.dot(p_operand(p, PV_FP8, EMULATE_FP8), vb)
         m_i = m_new
-    if SPLIT > 0:
-        acc, l_i, m_i = _split_columns(acc, l_i, m_i, q, q_scale, d2, cap, ones2, split, offs_d, offs_g, HEAD_DIM,
-                                       P_LOG2, PV_FP8, EMULATE_FP8, SPLIT)
     return acc, l_i, m_i
-
-
-@triton.jit
-def _bias_rows(bias, offs_g):
-    """A step's biases as the rows of its bias product: the high and low fp16 parts in rows 0 and
-    1 of a (VAR_GROUPS, columns) tile (the rest zeros), -inf where a column adds nothing."""
-    kept = bias == float("-inf")
-    finite = tl.where(kept, 0.0, tl.minimum(tl.maximum(bias, -BIAS_MAX), BIAS_MAX))
-    hi = finite.to(tl.float16)
-    lo = (finite - hi.to(tl.float32)).to(tl.float16)
-    hi = tl.where(kept, float("-inf"), hi.to(tl.float32)).to(tl.float16)
-    return tl.where(offs_g[:, None] == 0, hi[None, :], tl.where(offs_g[:, None] == 1, lo[None, :], 0.0))
-
-
-@triton.jit
-def _split_columns(acc, l_i, m_i, q, q_scale, d2, cap, ones2, split, offs_d, offs_g, HEAD_DIM: tl.constexpr,
-                   P_LOG2: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr, SPLIT: tl.constexpr):
-    """The split columns (sparge_core.reference_split): SPLIT more keys for this query block,
-    halves of its top skipped blocks, gathered from the half tables by index, scored and summed
-    like a step of means. split: (half indices, their biases, then the halves' int8 mean keys,
-    scales, grouped variances and mean values (rows in key order, not V^T's fp8 order: P goes in
-    as it is)), each at this head's or query block's first entry."""
-    sidx, sbias, kh, khs, kvh, vh = split
-    offs_s = tl.arange(0, SPLIT)
-    hidx = tl.load(sidx + offs_s)
-    b2 = _bias_rows(tl.load(sbias + offs_s), offs_g)
-    kb = tl.load(kh + hidx[None, :] * HEAD_DIM + offs_d[:, None])  # (HEAD_DIM, SPLIT)
-    kv2 = tl.load(kvh + hidx[None, :] * VAR_GROUPS + offs_g[:, None])  # (VAR_GROUPS, SPLIT)
-    t = tl.dot(q, kb).to(tl.float32) * (q_scale * tl.load(khs + hidx))[None, :]
-    t = tl.dot(d2, tl.minimum(kv2, cap), acc=t)
-    t = tl.dot(ones2, b2.to(tl.float16), acc=t)
-    m_new = tl.maximum(m_i, tl.max(t, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_use)
-    p = tl.math.exp2(t - (m_use - P_LOG2)[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    vb = tl.load(vh + hidx[:, None] * HEAD_DIM + offs_d[None, :])  # (SPLIT, HEAD_DIM)
-    acc = acc * alpha[:, None] + tl.dot(to_pv_dtype(p, PV_FP8, EMULATE_FP8), vb)
-    return acc, l_i, m_new
 
 
 def check_fill(fill, fill_clamp, v_t, B: int, H: int, Hkv: int, NQ: int, hd: int, n_k: int, block_n: int,
@@ -168,32 +129,3 @@ def check_fill(fill, fill_clamp, v_t, B: int, H: int, Hkv: int, NQ: int, hd: int
     if fill_clamp is None or not fill_clamp >= 0:
         raise ValueError(f"fill wants fill_clamp >= 0 (the second-order term's bound), got {fill_clamp}")
     return kbar, kbs, kvar, vbar, bias, nkc, float(fill_clamp)
-
-
-def check_split(split, nkc: int, v_t, B: int, H: int, Hkv: int, NQ: int, hd: int, n_k: int, block_n: int,
-                stand_in: torch.Tensor):
-    """The attention launcher's split columns checked: split = (idx, bias, kh, khs, kvh, vh), each
-    query block's S half indices int32 (B,H,NQ,S) and their fp32 biases (B,H,NQ,S; -inf: none), and
-    the half tables: int8 mean keys (B,Hkv,NH,hd) with fp32 scales (B,Hkv,NH), fp16 grouped
-    variances (B,Hkv,NH,VAR_GROUPS) and mean values (B,Hkv,NH,hd) in v's dtype, rows in key order,
-    NH = 2 * the key blocks, all contiguous (sparge_core.reference_split). The indices must lie
-    in [0, NH) (not checked here: that would wait for the GPU). S a power of two >= 32
-    (the fp8 P.V's depth). Returns the kernel's arguments (the tensors, then the strides of idx's
-    and the tables' first dims in half blocks) and S; without split, stand-ins and 0."""
-    if split is None:
-        return (stand_in,) * 6 + (0,) * 5, 0
-    if not nkc:
-        raise ValueError("fill_split needs fill")
-    idx, sbias, kh, khs, kvh, vh = split
-    S = idx.shape[-1]
-    nh = 2 * -(-n_k // block_n)
-    if (idx.dtype != torch.int32 or sbias.dtype != torch.float32 or idx.shape != (B, H, NQ, S)
-            or sbias.shape != idx.shape or S < 32 or S & (S - 1) or kh.dtype != torch.int8
-            or kh.shape != (B, Hkv, nh, hd) or khs.dtype != torch.float32 or khs.shape != (B, Hkv, nh)
-            or kvh.dtype != torch.float16 or kvh.shape != (B, Hkv, nh, VAR_GROUPS.value)
-            or vh.dtype != v_t.dtype or vh.shape != (B, Hkv, nh, hd)
-            or not all(x.is_contiguous() for x in split)):
-        raise ValueError(f"fill_split wants contiguous int32 idx and fp32 bias (B,H,{NQ},S), S a power of two >= 32, "
-                         f"and half tables: int8 (B,Hkv,{nh},{hd}), fp32 (B,Hkv,{nh}), fp16 (B,Hkv,{nh},"
-                         f"{VAR_GROUPS.value}), (B,Hkv,{nh},{hd}) in v's dtype")
-    return (idx, sbias, kh, khs, kvh, vh, idx.stride(0), idx.stride(1), idx.stride(2), nh * Hkv, nh), S

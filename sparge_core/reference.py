@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from .blockmask import num_blocks
 from .params import SpargeParams
 from .reference_predict import block_means, fill_logits, key_variances, mean_keys_i8, predict_block_mask
-from .reference_split import half_tables
 from .reference_quant import (
     LOG2E,
     TINY,
@@ -50,13 +49,11 @@ def row_lse(m, l, q, k_mean, scale: float):
 
 def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int, block_k: int,
                                scale: float | None = None, pv_dtype: str = "fp8", fill=None,
-                               return_lse: bool = False, fill_split=None):
+                               return_lse: bool = False):
     """Sparse, quantized attention over the kept blocks of `mask` (B,H,NQ,NK), with P.V skipping.
     fill: the fill_skipped bias (B,H,NQ,NK) from fill_bias: after the kept blocks, every key
     block with a finite bias joins the softmax as one key (its mean key and mean value, scored by
-    reference_predict.fill_logits). fill_split (with fill): (idx, bias) (B,H,NQ,C) from
-    reference_split.split_columns: C more columns per query block, halves of key blocks, in the
-    same step (their blocks' own biases in `fill` are -inf).
+    reference_predict.fill_logits).
 
     Returns (out in q.dtype (B,H,N,D), pv_skipped per query block (B,H,NQ) int64), and with
     return_lse a third item: the float32 (B,H,N) log-sum-exp the output was normalized by (row_lse)."""
@@ -113,25 +110,14 @@ def sparse_attention_reference(q, k, v, mask, params: SpargeParams, block_q: int
         # the kernel's last step: one more online-softmax update over the block means, P rounded like the main P
         kbar, vbar = (expand_kv(x, H) for x in block_means(k, v, block_k, pv_dtype, mean_keys_i8(ksm, block_k)))
         kvar = expand_kv(key_variances(k, block_k, k_smooth=ksm), H)
-        q_rows, n_rows = split_blocks(qq.float(), block_q), block_token_counts(N, block_q, dev)
-        t = fill_logits(q_rows, qscale * (scale * LOG2E), kbar, kvar, fill, n_rows)  # (B,H,NQ,BQ,NK) log2 units
-        if fill_split is not None:  # each query block's own columns: halves of its top skipped blocks
-            idx, sbias = fill_split
-            kb_h, kv_h, vb_h, _ = (expand_kv(x, H) if x.dim() == 4 else x
-                                   for x in half_tables(k, v, block_k, pv_dtype, k_smooth=ksm))
-            pick = lambda x: x[:, :, None].expand(-1, -1, NQ, -1, -1).gather(  # noqa: E731
-                3, idx[..., None].expand(-1, -1, -1, -1, x.shape[-1]))
-            t = torch.cat([t, fill_logits(q_rows, qscale * (scale * LOG2E), pick(kb_h), pick(kv_h), sbias, n_rows,
-                                          per_block=True)], -1)
-            vbar = torch.cat([vbar[:, :, None].expand(-1, -1, NQ, -1, -1), pick(vb_h)], -2)
-        else:
-            vbar = vbar[:, :, None]
+        t = fill_logits(split_blocks(qq.float(), block_q), qscale * (scale * LOG2E), kbar, kvar, fill,
+                        block_token_counts(N, block_q, dev))  # (B,H,NQ,BQ,NK) log2 units
         m_new = torch.maximum(m, t.amax(-1))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         alpha = torch.exp2(m - m_safe)
         p = torch.exp2(t - m_safe[..., None])
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + round_p(p, pv_dtype) @ vbar
+        acc = acc * alpha[..., None] + round_p(p, pv_dtype) @ vbar[:, :, None]
         m = m_new
     out = acc / l.clamp_min(TINY)[..., None] * vscale[:, :, None, None, :]
     out = out.flatten(2, 3)[:, :, :N]

@@ -328,7 +328,7 @@ def key_variances(k, block_k: int, k_smooth=None):
 FILL_ORDER2_CLAMP = 2.0  # log2 units: the second-order term moves a block's weight by 4x at most
 
 
-def fill_logits(q_i8, q_scale, kbar, kvar, bias, n_rows, per_block: bool = False):
+def fill_logits(q_i8, q_scale, kbar, kvar, bias, n_rows):
     """The skipped-block estimate's score of every row against every key block's mean key, log2
     units: q_i8 (..., NQ, BQ, D) the int8 query rows (as floats; zeros past the real rows) and
     q_scale (..., NQ) their scales in log2 units, kbar (..., NK, D) the mean keys, kvar (..., NK,
@@ -349,9 +349,7 @@ def fill_logits(q_i8, q_scale, kbar, kvar, bias, n_rows, per_block: bool = False
     straight into the scores' tile). On query rows spread around their pooled query the whole
     diagonal cut the density needed for rel-L1 0.05 by ~30%, the groups of 8 nearly as much
     (bench/fill_order2_study.py, NOTES v42, v43); the full Sigma overshoots (the expansion's higher
-    terms), the diagonal does not.
-    per_block: kbar (..., NQ, C, D) and kvar (..., NQ, C, FILL_VAR_GROUPS) hold each query block's
-    own C columns (the split columns, reference_split) instead of the same NK for every block."""
+    terms), the diagonal does not."""
     qbar = q_i8.sum(-2, keepdim=True) / n_rows.to(q_i8.dtype)[:, None, None]
     c2 = 0.5 * math.log(2.0) * q_scale * q_scale
     # the kernel's operand: the groups' means times the term's factor, in fp16
@@ -361,10 +359,8 @@ def fill_logits(q_i8, q_scale, kbar, kvar, bias, n_rows, per_block: bool = False
     real = torch.arange(q_i8.shape[-2], device=q_i8.device) < n_rows[:, None]  # (NQ, BQ)
     s_max = (d2.abs().sum(-1) * real).amax(-1)  # (..., NQ)
     cap = (FILL_ORDER2_CLAMP / s_max.clamp_min(1e-30)).clamp(max=65504.0).to(torch.float16).float()
-    if not per_block:
-        kbar, kvar = kbar[..., None, :, :], kvar[..., None, :, :]
-    kv = torch.minimum(kvar, cap[..., None, None])  # (..., NQ, NK, G)
-    t = (q_i8 @ kbar.transpose(-1, -2)) * q_scale[..., None, None] + bias[..., None, :]
+    kv = torch.minimum(kvar[..., None, :, :], cap[..., None, None])  # (..., NQ, NK, G)
+    t = (q_i8 @ kbar[..., None, :, :].transpose(-1, -2)) * q_scale[..., None, None] + bias[..., None, :]
     return t + d2 @ kv.transpose(-1, -2)
 
 

@@ -86,7 +86,6 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
         v_t, vbar = v_t
         (kbar, kbar_scale), kvar = k_out[4:6]
 
-    scores = None
     if block_mask is None:
         # the similarity rule's threshold: only where a self-similarity was computed
         theta = threshold("simthreshd1")[None, :, None] if (q_sim is not None or not lse) else None
@@ -111,7 +110,7 @@ def prepare_sparse(q, k, v, params: SpargeParams, scale: float, block_mask=None,
             fill_args = (kbar, kbar_scale, kvar, vbar, sel_out[2])
         block_mask = SpargeBlockMask(counts, idx, cfg.block_m, cfg.block_n, N, Nk)
     return dict(cfg=cfg, q_i8=q_i8, k_i8=k_i8, v_t=v_t, q_s=q_s, k_s=k_s, v_scale=v_scale, block_mask=block_mask,
-                fill=fill_args, k_mean=k_mean, q_pool=q_pool, scores=scores)
+                fill=fill_args, k_mean=k_mean)
 
 
 def triton_forward(q, k, v, params: SpargeParams, scale: float, block_mask, pv_dtype: str, perm_q=None, perm_k=None,
