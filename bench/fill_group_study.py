@@ -21,6 +21,8 @@ fp32 everywhere, so only the estimate differs):
   g1   production's estimate (every skipped block its own key), the term held within +-2
   g2   pairs of blocks, g4 groups of four, g8 of eight
   s16  the 16 skipped blocks of most pooled mass as halves (s56: 56, ...)
+  w16  the window of 16 contiguous blocks holding the most skipped mass, its skipped blocks as halves
+       (one run of half blocks: a kernel could load it as one tile at a per-query-block offset)
   s16a the same, each half's bias from its parent's lse split by the halves' cumulant expansion for
        the pooled query (anchored_halves: what a kernel could use without an lse per half)
 Findings (NOTES v71): groups cost more density than the steps they save; halves cut it ~20%, but
@@ -99,15 +101,23 @@ def anchored_halves(P, H2):
     return dict(H2, lse_pool=c + shift)
 
 
-def estimate_split(P, H2, keep_rows, m, block_q, block_k):
+def estimate_split(P, H2, keep_rows, m, block_q, block_k, window=False):
     """Every sampled row's output with its kept blocks exact, its query block's m skipped blocks of
     most pooled mass as two half-block keys each (table H2: head_parts at block_k / 2) and the other
     skipped blocks as one key each; and each row's fill column count (NK + m)."""
     R, N = P["s"].shape
     NK = P["NK"]
     lse = P["lse_pool"][torch.arange(R) // block_q].masked_fill(keep_rows, -math.inf)
-    top = lse.topk(min(m, NK), -1).indices
-    split = torch.zeros_like(keep_rows).scatter_(1, top, True) & ~keep_rows
+    if window:  # the m contiguous blocks of most skipped mass: one run of halves, loadable as one tile
+        w = torch.exp2(lse - lse.amax(-1, keepdim=True))
+        c = torch.nn.functional.pad(w.cumsum(-1), (1, 0))
+        m_ = min(m, NK)
+        start = (c[:, m_:] - c[:, :-m_]).argmax(-1)
+        pos = torch.arange(NK)[None, :]
+        split = (pos >= start[:, None]) & (pos < start[:, None] + m_) & ~keep_rows
+    else:
+        top = lse.topk(min(m, NK), -1).indices
+        split = torch.zeros_like(keep_rows).scatter_(1, top, True) & ~keep_rows
     singles = dict(kbar=P["kbar"], vbar=P["vbar"], var=P["var"], lse_pool=P["lse_pool"])
     t1 = logits(P, singles, block_q).masked_fill(keep_rows | split, -math.inf)
     halves = dict(kbar=H2["kbar"], vbar=H2["vbar"], var=H2["var"], lse_pool=H2["lse_pool"])
@@ -156,7 +166,7 @@ def run_regime(name, kw, sample_qblocks, variants, log):
     block_q, block_k = block_sizes(torch.device("cpu"), "reference")
     parts, ref, info, qp_all, qs_all, n_k = regime_parts(name, kw, sample_qblocks, log)
     halves = []
-    if any(v.startswith("s") for v in variants):  # the same inputs' tables at half the key block
+    if any(v.startswith(("s", "w")) for v in variants):  # the same inputs' tables at half the key block
         q, k, v, *_ = regime_inputs(name, kw, sample_qblocks, log)
         ksm = smooth_k(k.float())
         H, Hkv = q.shape[1], k.shape[1]
@@ -171,10 +181,11 @@ def run_regime(name, kw, sample_qblocks, variants, log):
         mask = regime_mask(parts, qp_all, qs_all, n_k, lse, share)
         for variant in variants:
             n = int(variant[1:].rstrip("a"))
-            if variant.startswith("s"):
+            if variant.startswith(("s", "w")):
                 tables = [anchored_halves(P, halves[h]) if variant.endswith("a") else halves[h]
                           for h, P in enumerate(parts)]
-                outs, cols = zip(*(estimate_split(P, tables[h], mask[0, h][rows_blk], n, block_q, block_k)
+                outs, cols = zip(*(estimate_split(P, tables[h], mask[0, h][rows_blk], n, block_q, block_k,
+                                                  window=variant.startswith("w"))
                                    for h, P in enumerate(parts)))
             else:
                 outs, cols = zip(*(estimate(P, mask[0, h][rows_blk], n, block_q, block_k)
