@@ -46,7 +46,7 @@ from devkit.metrics import rel_l1  # noqa: E402
 from fill_order2_study import SHARES, head_parts, regime_mask, regime_parts  # noqa: E402
 from lse_sample_study import REGIMES, regime_inputs, sweep_study  # noqa: E402
 from sparge_attention.sparge_core.api import block_sizes  # noqa: E402
-from sparge_attention.sparge_core.reference_quant import smooth_k  # noqa: E402
+from sparge_attention.sparge_core.reference_quant import block_token_counts, smooth_k  # noqa: E402
 
 VARIANTS = ("g1", "g2", "g4", "g8")
 LN2 = math.log(2.0)
@@ -55,14 +55,20 @@ GROUP_CH = 8  # channels per variance group (the kernel's VAR_GROUPS = 16 at hea
 STEP = 128  # fill columns per step on Hopper (kernels/config.py fill_block)
 
 
+def grouped_quad(x2, var):
+    """The grouped second-order term's product: each row's x^2 (R, D) summed over groups of GROUP_CH
+    channels against each column's variance (C, D) averaged over the same groups -> (R, C)."""
+    grp = lambda x: x.view(x.shape[0], -1, GROUP_CH)  # noqa: E731
+    return grp(x2).sum(-1) @ grp(var).mean(-1).T
+
+
 def group_table(P, G, block_k):
     """Per group of G adjacent key blocks (the last one may be shorter): count-weighted mean key and
     value, channel variance over the group's keys, and the pooled queries' exact lse (log2 units)."""
     NK, D = P["NK"], P["kbar"].shape[1]
     gid = torch.arange(NK) // G
     NG = int(gid[-1]) + 1
-    cnt = torch.full((NK,), float(block_k))
-    cnt[-1] = block_k - P["pad"]
+    cnt = block_token_counts(P["s"].shape[1], block_k)
     cg = torch.zeros(NG).index_add_(0, gid, cnt)
     kbar = torch.zeros(NG, D).index_add_(0, gid, cnt[:, None] * P["kbar"]) / cg[:, None]
     vbar = torch.zeros(NG, D).index_add_(0, gid, cnt[:, None] * P["vbar"]) / cg[:, None]
@@ -73,14 +79,13 @@ def group_table(P, G, block_k):
 
 
 def logits(P, T, block_q):
-    """(R, columns) log2 weights of table T's columns (each a mean key) for every sampled row:
-    q . kbar + the pooled query's lse bias + the grouped second-order term within +-CLAMP."""
+    """(R, columns) log2 weights of table T's columns (each a mean key: its kbar, var and lse_pool,
+    as head_parts and group_table hold them) for every sampled row: q . kbar + the pooled query's
+    lse bias + the grouped second-order term within +-CLAMP."""
     qs, qp = P["qs"], P["qp"]
     rows_blk = torch.arange(qs.shape[0]) // block_q
     bias = (T["lse_pool"] - qp @ T["kbar"].T)[rows_blk]
-    d2 = qs * qs - (qp * qp)[rows_blk]
-    grp = lambda x: x.view(x.shape[0], -1, GROUP_CH)  # noqa: E731
-    quad = grp(d2).sum(-1) @ grp(T["var"]).mean(-1).T
+    quad = grouped_quad(qs * qs - (qp * qp)[rows_blk], T["var"])
     return qs @ T["kbar"].T + bias + (0.5 * LN2 * quad).clamp(-CLAMP, CLAMP)
 
 
@@ -88,12 +93,9 @@ def anchored_halves(P, H2):
     """The half-block table with each half's pooled-query lse from the cumulant expansion (log2 n +
     qp . kbar + the grouped second-order term), shifted so that a block's two halves sum to the
     block's own pooled lse: needs no lse per half from the scoring kernel."""
-    qp, NH, n_keys = P["qp"], H2["NK"], P["s"].shape[1]
-    grp = lambda x: x.view(x.shape[0], -1, GROUP_CH)  # noqa: E731
-    half = P["vb"].shape[1] // 2  # keys per half block
-    cnt = torch.full((NH,), float(half))
-    cnt[-1] = n_keys - half * (NH - 1)
-    c = torch.log2(cnt) + qp @ H2["kbar"].T + 0.5 * LN2 * (grp(qp * qp).sum(-1) @ grp(H2["var"]).mean(-1).T)
+    qp, NH = P["qp"], H2["NK"]
+    cnt = block_token_counts(P["s"].shape[1], P["vb"].shape[1] // 2)  # keys per half block
+    c = torch.log2(cnt) + qp @ H2["kbar"].T + 0.5 * LN2 * grouped_quad(qp * qp, H2["var"])
     parent = torch.arange(NH) // 2
     tot = torch.zeros(qp.shape[0], P["NK"]).index_add_(1, parent, torch.exp2(c - c.amax(-1, keepdim=True)))
     tot = torch.log2(tot) + c.amax(-1, keepdim=True)
@@ -101,12 +103,23 @@ def anchored_halves(P, H2):
     return dict(H2, lse_pool=c + shift)
 
 
+def mix(P, keep_rows, estimates, block_k):
+    """Every sampled row's output: its kept blocks' keys exactly, with the estimate's columns
+    [(log2 weights (R, C), mean values (C, D)), ...] in the same softmax."""
+    N = P["s"].shape[1]
+    s = P["s"].masked_fill(~keep_rows[:, torch.arange(N) // block_k], -math.inf)
+    parts = [(s, P["vb"].view(P["NK"] * block_k, -1)[:N]), *estimates]
+    mx = torch.stack([t.amax(-1) for t, _ in parts]).amax(0)[:, None]
+    num = sum(torch.exp2(t - mx) @ v for t, v in parts)
+    den = sum(torch.exp2(t - mx).sum(-1) for t, _ in parts)
+    return num / den[:, None]
+
+
 def estimate_split(P, H2, keep_rows, m, block_q, block_k, window=False):
     """Every sampled row's output with its kept blocks exact, its query block's m skipped blocks of
     most pooled mass as two half-block keys each (table H2: head_parts at block_k / 2) and the other
     skipped blocks as one key each; and each row's fill column count (NK + m)."""
-    R, N = P["s"].shape
-    NK = P["NK"]
+    R, NK = P["s"].shape[0], P["NK"]
     lse = P["lse_pool"][torch.arange(R) // block_q].masked_fill(keep_rows, -math.inf)
     if window:  # the m contiguous blocks of most skipped mass: one run of halves, loadable as one tile
         w = torch.exp2(lse - lse.amax(-1, keepdim=True))
@@ -118,29 +131,17 @@ def estimate_split(P, H2, keep_rows, m, block_q, block_k, window=False):
     else:
         top = lse.topk(min(m, NK), -1).indices
         split = torch.zeros_like(keep_rows).scatter_(1, top, True) & ~keep_rows
-    singles = dict(kbar=P["kbar"], vbar=P["vbar"], var=P["var"], lse_pool=P["lse_pool"])
-    t1 = logits(P, singles, block_q).masked_fill(keep_rows | split, -math.inf)
-    halves = dict(kbar=H2["kbar"], vbar=H2["vbar"], var=H2["var"], lse_pool=H2["lse_pool"])
-    NH = H2["NK"]
-    th = logits(P, halves, block_q)
-    half_split = split.repeat_interleave(2, 1)[:, :NH]
-    th = th.masked_fill(~half_split, -math.inf)
-    key_blk = torch.arange(N) // block_k
-    s = P["s"].masked_fill(~keep_rows[:, key_blk], -math.inf)
-    parts = [(s, P["vb"].view(NK * block_k, -1)[:N]), (t1, P["vbar"]), (th, H2["vbar"])]
-    mx = torch.stack([t.amax(-1) for t, _ in parts]).amax(0)[:, None]
-    num = sum(torch.exp2(t - mx) @ v for t, v in parts)
-    den = sum(torch.exp2(t - mx).sum(-1) for t, _ in parts)
-    return num / den[:, None], NK + split.sum(-1)
+    t1 = logits(P, P, block_q).masked_fill(keep_rows | split, -math.inf)
+    th = logits(P, H2, block_q).masked_fill(~split.repeat_interleave(2, 1)[:, :H2["NK"]], -math.inf)
+    return mix(P, keep_rows, [(t1, P["vbar"]), (th, H2["vbar"])], block_k), NK + split.sum(-1)
 
 
 def estimate(P, keep_rows, G, block_q, block_k):
     """Every sampled row's output with its kept blocks exact, each all-skipped group of G blocks as
     one key and the other skipped blocks as one key each; and each row's fill column count."""
-    R, N = P["s"].shape
-    NK = P["NK"]
-    singles = dict(kbar=P["kbar"], vbar=P["vbar"], var=P["var"], lse_pool=P["lse_pool"])
-    t1 = logits(P, singles, block_q)
+    R, NK = P["s"].shape[0], P["NK"]
+    t1 = logits(P, P, block_q)
+    estimates = []
     if G > 1:
         T = group_table(P, G, block_k)
         kept_in_group = torch.zeros(R, T["NG"]).index_add_(1, T["gid"], keep_rows.float()) > 0
@@ -148,18 +149,11 @@ def estimate(P, keep_rows, G, block_q, block_k):
         single_used = ~keep_rows & kept_in_group[:, T["gid"]]
         t1 = t1.masked_fill(~single_used, -math.inf)
         cols = (~kept_in_group).sum(-1) + single_used.sum(-1)
+        estimates.append((tg, T["vbar"]))
     else:
         t1 = t1.masked_fill(keep_rows, -math.inf)
         cols = torch.full((R,), NK)  # production computes every column, kept ones at weight 0
-    key_blk = torch.arange(N) // block_k
-    s = P["s"].masked_fill(~keep_rows[:, key_blk], -math.inf)
-    parts = [(s, P["vb"].view(NK * block_k, -1)[:N]), (t1, P["vbar"])]
-    if G > 1:
-        parts.append((tg, T["vbar"]))
-    m = torch.stack([t.amax(-1) for t, _ in parts]).amax(0)[:, None]
-    num = sum(torch.exp2(t - m) @ v for t, v in parts)
-    den = sum(torch.exp2(t - m).sum(-1) for t, _ in parts)
-    return num / den[:, None], cols
+    return mix(P, keep_rows, [(t1, P["vbar"]), *estimates], block_k), cols
 
 
 def run_regime(name, kw, sample_qblocks, variants, log):
