@@ -123,7 +123,7 @@ def summarize(folder: Path, card: str, tag: str, note: str = NOTE, hot_share=0.0
         lines.append(f"  {h['share'] * 100:5.1f}%  {h['sass'][:60]:60} " +
                      ", ".join(f"{n} {v * 100:.1f}%" for n, v in h["main_stalls"].items()))
     print("\n".join(lines))
-    path = save(res, f"{datetime.date.today().isoformat()}-{card}-ncu-{tag}")
+    path = save(res, f"{res['date']}-{card}-ncu-{tag}")
     path.with_suffix(".log").write_text("\n".join(lines) + "\n")
 
 
