@@ -76,6 +76,12 @@ consumers' products during each one's softmax and the three softmaxes follow one
 MUFU. "_rrN": the round robin for each consumer's first N turns only (a staggered start), then
 free; "_noskip": without consumer 2's first turn given away (two softmaxes overlap).
 
+Variants "split_s2" / "split_s2_pva" (v72): seq_s2 with each block's scores as two async wgmma
+groups of 64 keys (K and V^T by two 64-key TMA boxes a slot), so that S_a's exponentials could run
+while S_b is computed, at production's registers; "_pva" also issues P_a.V_a right after them.
+Their sm_90 code shows ptxas moving each wait above the exponentials that the PTX puts before it
+(bench/NOTES.md v72): no overlap.
+
 Measured (H200, 2026-12-07, paired with cuDNN, Wan 480p, density 1.0; bench/NOTES.md v33 and v65):
 production's Triton kernel 0.747, "ws" 0.797, "pipe" 0.855, every FA3-order variant 0.96-1.06, with
 or without the ping-pong and P in shared memory. "seq_s2" (H100, 2026-12-07, two calls, v68a):
@@ -721,6 +727,163 @@ def _attn_ws3(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     ], [4, 4], [168, 168])
 
 
+# "split": S_j as two 64-key halves, so that S_j's second half is computed while the first
+# half's exponentials run (one program's own chain shortened by ~a half product) at production's
+# registers: the two int32 halves take the registers of one 64 x 128 score tile
+HALF = gl.constexpr(64)
+MMA_H = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 32]))
+ROW_H = gl.constexpr(gl.SliceLayout(1, MMA_H.value))
+COL_H = gl.constexpr(gl.SliceLayout(0, MMA_H.value))
+
+
+@gluon.jit
+def _issue_halves(desc, smem, bar, row, kb, j, count, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  IS_K: gl.constexpr):
+    """TMA loads of kept block kb's two key halves (K: rows, V^T: columns) into ring slot
+    j % STAGES (buffers 2s, 2s + 1), both on the slot's one barrier; nothing past the list."""
+    if j < count:
+        s = j % STAGES
+        mbarrier.expect(bar.index(s), 2 * desc.block_type.nbytes)
+        for i in gl.static_range(2):
+            if IS_K:
+                tma.async_copy_global_to_shared(desc, [row + kb * BLOCK_N + i * HALF, 0], bar.index(s),
+                                                smem.index(2 * s + i))
+            else:
+                tma.async_copy_global_to_shared(desc, [row, kb * BLOCK_N + i * HALF], bar.index(s),
+                                                smem.index(2 * s + i))
+
+
+@gluon.jit
+def _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, j, kb, qk_scale, kb_ahead,
+                count, acc, m_i, l_i, zero_o, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr,
+                PVA: gl.constexpr):
+    """Block j as seq_s2's _seq_step, with S_j = [S_a | S_b] issued as two async wgmma groups: the
+    exponentials of S_a (relative to max(m, its row max)) run while S_b is computed; once S_b's
+    row max gives the block's, P_a is rescaled by exp2(m_a - m_new) before its fp8 cast, so P is
+    what production's softmax gives (to rounding). P_a.V_a and P_b.V_b accumulate into one fresh
+    accumulator (a 128-key sum, as production's one product).
+    PVA: P_a (relative to m_a) goes into P_a.V_a as soon as it is cast, so that a wgmma issue that
+    needs the exponentials stands between them and S_b's wait (ptxas otherwise moves that wait
+    above them); its fresh accumulator is then rescaled by exp2(m_a - m_new) before P_b.V_b adds to
+    it (64 more live registers during S_b's softmax)."""
+    s = j % STAGES
+    ph = (j // STAGES) & 1
+    mbarrier.wait(k_bar.index(s), ph)
+    zero = gl.zeros([64, HALF], gl.int32, MMA_H)
+    ta = warpgroup_mma(q_smem, k_smem.index(2 * s).permute((1, 0)), zero, use_acc=False, is_async=True)
+    tb = warpgroup_mma(q_smem, k_smem.index(2 * s + 1).permute((1, 0)), zero, use_acc=False, is_async=True)
+    s_ia = warpgroup_mma_wait(1, deps=(ta, ))
+    sa = (s_ia + MAGIC_I).to(gl.float32, bitcast=True)
+    if MASK:  # the last block (peeled): no branch, since at a control-flow join ptxas waits for every wgmma
+        cols = kb * BLOCK_N + gl.arange(0, HALF, COL_H)
+        sa = gl.where((cols < N_K)[None, :], sa, float("-inf"))
+    m_a = gl.maximum(m_i, gl.convert_layout((gl.max(sa, 1) - MAGIC_F) * qk_scale, ROW))
+    m_ah = gl.convert_layout(m_a, ROW_H)
+    pa = gl.exp2(sa * qk_scale - ((m_ah - P_LOG2) + qk_scale * MAGIC_F)[:, None])
+    if PVA:
+        mbarrier.wait(v_bar.index(s), ph)
+        sum_a = gl.sum(pa, 1)
+        o = warpgroup_mma(gl.convert_layout(pa.to(gl.float8e4nv), P_OP), v_smem.index(2 * s).permute((1, 0)),
+                          zero_o, use_acc=False, is_async=True)
+        s_ib = warpgroup_mma_wait(1, deps=(tb, ))
+    else:
+        # pa passes through the wait: LLVM otherwise sinks the exponentials below it, to their uses
+        s_ib, pa = warpgroup_mma_wait(0, deps=(tb, pa))
+    _issue_halves(k_desc, k_smem, k_bar, k_row, kb_ahead, j + STAGES, count, BLOCK_N, STAGES, True)
+    sb = (s_ib + MAGIC_I).to(gl.float32, bitcast=True)
+    if MASK:
+        cols = kb * BLOCK_N + HALF + gl.arange(0, HALF, COL_H)
+        sb = gl.where((cols < N_K)[None, :], sb, float("-inf"))
+    m_new = gl.maximum(m_a, gl.convert_layout((gl.max(sb, 1) - MAGIC_F) * qk_scale, ROW))
+    m_nh = gl.convert_layout(m_new, ROW_H)
+    pb = gl.exp2(sb * qk_scale - ((m_nh - P_LOG2) + qk_scale * MAGIC_F)[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    pb8 = gl.convert_layout(pb.to(gl.float8e4nv), P_OP)
+    if PVA:
+        beta = gl.exp2(m_a - m_new)
+        l_i = l_i * alpha + gl.convert_layout(sum_a, ROW) * beta + gl.convert_layout(gl.sum(pb, 1), ROW)
+        o, pb = warpgroup_mma_wait(0, deps=(o, pb))
+        o = o * beta[:, None]
+    else:
+        pa = pa * gl.exp2(m_ah - m_nh)[:, None]
+        l_i = l_i * alpha + gl.convert_layout(gl.sum(pa, 1) + gl.sum(pb, 1), ROW)
+        pa8 = gl.convert_layout(pa.to(gl.float8e4nv), P_OP)
+        mbarrier.wait(v_bar.index(s), ph)
+        o = warpgroup_mma(pa8, v_smem.index(2 * s).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+    o = warpgroup_mma(pb8, v_smem.index(2 * s + 1).permute((1, 0)), o, use_acc=True, is_async=True)
+    pv = warpgroup_mma_wait(0, deps=(o, ))
+    _issue_halves(v_desc, v_smem, v_bar, v_row, kb_ahead, j + STAGES, count, BLOCK_N, STAGES, False)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@gluon.jit
+def _attn_split(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
+                so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
+                N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
+                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
+                PVA: gl.constexpr):
+    """seq_s2 (one warpgroup, production's order, 2-deep rings, loads placed by hand) with each
+    block's scores in two halves (_split_step). K and V^T tiles arrive as two 64-key boxes each."""
+    pid_m, b, h, hk = _program_coords(H, KV_GROUP, NQB, 1)
+    q_smem = gl.allocate_shared_memory(gl.int8, [64, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.int8, [2 * STAGES, HALF, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, HEAD_DIM, HALF], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+    q_row = ((b * H + h) * NQ_PAD + pid_m * 64).to(gl.int32)
+    k_row = ((b * (H // KV_GROUP) + hk) * NK_PAD).to(gl.int32)
+    v_row = ((b * (H // KV_GROUP) + hk) * HEAD_DIM).to(gl.int32)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    count = gl.load(CNT + b * sc_b + h * sc_h + pid_m)
+    idx_base = IDX + b * si_b + h * si_h + pid_m * si_q
+    ks_base = KS + b * sks_b + hk * sks_h
+    qs = gl.load(QS + b * sqs_b + h * sqs_h + pid_m)
+
+    m_i = gl.full([64], float("-inf"), gl.float32, ROW)
+    l_i = gl.zeros([64], gl.float32, ROW)
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
+    zero_o = gl.zeros([64, HEAD_DIM], gl.float32, MMA)
+    for i in gl.static_range(STAGES):
+        if i < count:
+            kb_i = gl.load(idx_base + i)
+            _issue_halves(k_desc, k_smem, k_bar, k_row, kb_i, i, count, BLOCK_N, STAGES, True)
+            _issue_halves(v_desc, v_smem, v_bar, v_row, kb_i, i, count, BLOCK_N, STAGES, False)
+    mbarrier.wait(q_bar, 0)
+    if count > 0:
+        kb = gl.load(idx_base)
+        qk_scale = qs * gl.load(ks_base + kb)
+        for j in range(count - 1):
+            kb_next = gl.load(idx_base + j + 1)
+            qk_next = qs * gl.load(ks_base + kb_next)
+            kb_ahead = gl.load(idx_base + gl.minimum(j + STAGES, count - 1))
+            acc, m_i, l_i = _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, j, kb,
+                                        qk_scale, kb_ahead, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES,
+                                        False, PVA)
+            kb = kb_next
+            qk_scale = qk_next
+        acc, m_i, l_i = _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, count - 1,
+                                    kb, qk_scale, kb, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, True, PVA)
+    _epilogue(acc, l_i, O, VS, b, h, hk, pid_m * 64, so_b, so_h, so_n, svs_b, svs_h, N_Q, D_OUT, HEAD_DIM)
+
+
+def _descs_split(q_i8, k_i8, v_t):
+    """Q's tile, and K / V^T as 64-key boxes (two per block)."""
+    hd = q_i8.shape[-1]
+    ql = gl.NVMMASharedLayout.get_default_for([BLOCK_M, hd], gl.int8)
+    kl = gl.NVMMASharedLayout.get_default_for([HALF.value, hd], gl.int8)
+    vl = gl.NVMMASharedLayout.get_default_for([hd, HALF.value], gl.float8e4nv)
+    return (TensorDescriptor.from_tensor(q_i8.view(-1, hd), [BLOCK_M, hd], ql),
+            TensorDescriptor.from_tensor(k_i8.view(-1, hd), [HALF.value, hd], kl),
+            TensorDescriptor.from_tensor(v_t.view(-1, v_t.shape[-1]), [hd, HALF.value], vl))
+
+
 def _descs(q_i8, k_i8, v_t, q_rows):
     hd = q_i8.shape[-1]
     ql = gl.NVMMASharedLayout.get_default_for([q_rows, hd], gl.int8)
@@ -732,7 +895,7 @@ def _descs(q_i8, k_i8, v_t, q_rows):
 
 
 def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, n_q, n_k, d_out, out_dtype,
-                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False, rr=0, skip=False):
+                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False, rr=0, skip=False, maxnreg=168, pva=False):
     """kernels.attn_fwd.sparse_attn_fwd's common case (see the module docstring) in Gluon.
     Returns out (B,H,n_q,d_out), a transposed view of contiguous (B,n_q,H,d_out) memory."""
     B, H, nq_pad, hd = q_i8.shape
@@ -752,7 +915,7 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
     fa3 = fa3 or pp or psmem  # both are built on the FA3 order
     rr_tag = "" if not rr else "_rr" if rr >= 1 << 30 else f"_rr{rr}"
     key = (variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("_ps" if psmem else "") + rr_tag
-           + ("" if skip or not rr else "_noskip") + ("" if stages == 3 else f"_s{stages}"))  # a VARIANTS name
+           + ("" if skip or not rr else "_noskip") + ("" if stages == 3 else f"_s{stages}") + ("_pva" if pva else "") + ("" if maxnreg == 168 else f"_r{maxnreg}"))  # a VARIANTS name
     common = (q_scale, k_scale, v_scale, out, counts, indices,
               out.stride(0), out.stride(1), out.stride(2), q_scale.stride(0), q_scale.stride(1),
               k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
@@ -779,6 +942,11 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
         COMPILED[key] = _attn_ws3[(B * H * triton.cdiv(NQ, 3),)](
             qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2], BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out,
             STAGES=stages, RR=rr, SKIP=skip, num_warps=4, maxnreg=168)  # rr: turns a consumer takes in turn
+    elif variant == "split":  # seq_s2 with each block's scores in two 64-key halves
+        qd, kd, vd = _descs_split(q_i8, k_i8, v_t)
+        COMPILED[key] = _attn_split[(B * H * NQ,)](qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2],
+                                   BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out, STAGES=stages, PVA=pva,
+                                   num_warps=4, maxnreg=maxnreg)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return out
@@ -802,5 +970,9 @@ VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
     "ws3_rr_noskip_s2": dict(variant="ws3", stages=2, rr=1 << 30),
     "ws3_rr6_s2": dict(variant="ws3", stages=2, rr=6, skip=True),  # staggered at the start only, then free
     "ws3_rr32_s2": dict(variant="ws3", stages=2, rr=32, skip=True),
+    # seq_s2 with S_j in two 64-key halves: S_b computed during S_a's exponentials (v72)
+    "split_s2": dict(variant="split", stages=2),
+    "split_s2_r232": dict(variant="split", stages=2, maxnreg=232),
+    "split_s2_pva": dict(variant="split", stages=2, pva=True),
 }
-KERNELS = {"pipe": _attn_pipe, "seq": _attn_pipe, "ws": _attn_ws, "ws3": _attn_ws3}
+KERNELS = {"pipe": _attn_pipe, "seq": _attn_pipe, "ws": _attn_ws, "ws3": _attn_ws3, "split": _attn_split}
