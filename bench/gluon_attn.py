@@ -733,6 +733,11 @@ def _attn_ws3(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
 HALF = gl.constexpr(64)
 MMA_H = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 32]))
 ROW_H = gl.constexpr(gl.SliceLayout(1, MMA_H.value))
+# ANCHOR 3: a 64 x 8 product P_a.ones (column 0: P_a's row sums) issued after S_a's exponentials
+MMA_8 = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 32]))
+P_OP8 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA_8.value, k_width=4))
+ONES_SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
+ONES_REG = gl.constexpr(gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0]))
 COL_H = gl.constexpr(gl.SliceLayout(0, MMA_H.value))
 
 
@@ -756,7 +761,7 @@ def _issue_halves(desc, smem, bar, row, kb, j, count, BLOCK_N: gl.constexpr, STA
 @gluon.jit
 def _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, j, kb, qk_scale, kb_ahead,
                 count, acc, m_i, l_i, zero_o, N_K, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr,
-                PVA: gl.constexpr):
+                PVA: gl.constexpr, ANCHOR: gl.constexpr, ones_smem):
     """Block j as seq_s2's _seq_step, with S_j = [S_a | S_b] issued as two async wgmma groups: the
     exponentials of S_a (relative to max(m, its row max)) run while S_b is computed; once S_b's
     row max gives the block's, P_a is rescaled by exp2(m_a - m_new) before its fp8 cast, so P is
@@ -788,7 +793,16 @@ def _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_r
         s_ib = warpgroup_mma_wait(1, deps=(tb, ))
     else:
         # pa passes through the wait: LLVM otherwise sinks the exponentials below it, to their uses
-        s_ib, pa = warpgroup_mma_wait(0, deps=(tb, pa))
+        if ANCHOR == 1:  # ptxas places a wgmma wait right after the last wgmma op: a fence in between
+            fence_async_shared()
+        if ANCHOR == 2:
+            gl.thread_barrier()
+        if ANCHOR == 3:  # a wgmma issue that needs the exponentials pins S_b's wait after them
+            r = warpgroup_mma(gl.convert_layout(pa.to(gl.float8e4nv), P_OP8), ones_smem.permute((1, 0)),
+                              gl.zeros([64, 8], gl.float32, MMA_8), use_acc=False, is_async=True)
+            s_ib = warpgroup_mma_wait(1, deps=(tb, ))
+        else:
+            s_ib, pa = warpgroup_mma_wait(0, deps=(tb, pa))
     _issue_halves(k_desc, k_smem, k_bar, k_row, kb_ahead, j + STAGES, count, BLOCK_N, STAGES, True)
     sb = (s_ib + MAGIC_I).to(gl.float32, bitcast=True)
     if MASK:
@@ -805,8 +819,14 @@ def _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_r
         o, pb = warpgroup_mma_wait(0, deps=(o, pb))
         o = o * beta[:, None]
     else:
-        pa = pa * gl.exp2(m_ah - m_nh)[:, None]
-        l_i = l_i * alpha + gl.convert_layout(gl.sum(pa, 1) + gl.sum(pb, 1), ROW)
+        beta_h = gl.exp2(m_ah - m_nh)
+        pa = pa * beta_h[:, None]
+        if ANCHOR == 3:  # P_a's row sums from the product (of its fp8 values before the rescale)
+            r = warpgroup_mma_wait(0, deps=(r, ))
+            l_i = l_i * alpha + gl.convert_layout(gl.sum(r, 1), ROW) * gl.convert_layout(beta_h, ROW) \
+                + gl.convert_layout(gl.sum(pb, 1), ROW)
+        else:
+            l_i = l_i * alpha + gl.convert_layout(gl.sum(pa, 1) + gl.sum(pb, 1), ROW)
         pa8 = gl.convert_layout(pa.to(gl.float8e4nv), P_OP)
         mbarrier.wait(v_bar.index(s), ph)
         o = warpgroup_mma(pa8, v_smem.index(2 * s).permute((1, 0)), zero_o, use_acc=False, is_async=True)
@@ -822,7 +842,7 @@ def _attn_split(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
                 so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
                 N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
-                PVA: gl.constexpr):
+                PVA: gl.constexpr, ANCHOR: gl.constexpr):
     """seq_s2 (one warpgroup, production's order, 2-deep rings, loads placed by hand) with each
     block's scores in two halves (_split_step). K and V^T tiles arrive as two 64-key boxes each."""
     pid_m, b, h, hk = _program_coords(H, KV_GROUP, NQB, 1)
@@ -836,6 +856,11 @@ def _attn_split(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bar.index(i), count=1)
         mbarrier.init(v_bar.index(i), count=1)
+    # (8, 64) fp8: ones in row 0 (the B operand's column 0), zeros elsewhere
+    ones_rows = gl.arange(0, 8, gl.SliceLayout(1, ONES_REG))
+    ones = gl.where(ones_rows[:, None] == 0, 1.0, 0.0) + gl.zeros([8, HALF], gl.float32, ONES_REG)
+    ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, HALF], ONES_SMEM, ones.to(gl.float8e4nv))
+    fence_async_shared()
     q_row = ((b * H + h) * NQ_PAD + pid_m * 64).to(gl.int32)
     k_row = ((b * (H // KV_GROUP) + hk) * NK_PAD).to(gl.int32)
     v_row = ((b * (H // KV_GROUP) + hk) * HEAD_DIM).to(gl.int32)
@@ -865,11 +890,11 @@ def _attn_split(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
             kb_ahead = gl.load(idx_base + gl.minimum(j + STAGES, count - 1))
             acc, m_i, l_i = _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, j, kb,
                                         qk_scale, kb_ahead, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES,
-                                        False, PVA)
+                                        False, PVA, ANCHOR, ones_smem)
             kb = kb_next
             qk_scale = qk_next
         acc, m_i, l_i = _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, count - 1,
-                                    kb, qk_scale, kb, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, True, PVA)
+                                    kb, qk_scale, kb, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, True, PVA, ANCHOR, ones_smem)
     _epilogue(acc, l_i, O, VS, b, h, hk, pid_m * 64, so_b, so_h, so_n, svs_b, svs_h, N_Q, D_OUT, HEAD_DIM)
 
 
@@ -895,7 +920,7 @@ def _descs(q_i8, k_i8, v_t, q_rows):
 
 
 def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, n_q, n_k, d_out, out_dtype,
-                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False, rr=0, skip=False, maxnreg=168, pva=False):
+                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False, rr=0, skip=False, maxnreg=168, pva=False, anchor=0):
     """kernels.attn_fwd.sparse_attn_fwd's common case (see the module docstring) in Gluon.
     Returns out (B,H,n_q,d_out), a transposed view of contiguous (B,n_q,H,d_out) memory."""
     B, H, nq_pad, hd = q_i8.shape
@@ -915,7 +940,7 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
     fa3 = fa3 or pp or psmem  # both are built on the FA3 order
     rr_tag = "" if not rr else "_rr" if rr >= 1 << 30 else f"_rr{rr}"
     key = (variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("_ps" if psmem else "") + rr_tag
-           + ("" if skip or not rr else "_noskip") + ("" if stages == 3 else f"_s{stages}") + ("_pva" if pva else "") + ("" if maxnreg == 168 else f"_r{maxnreg}"))  # a VARIANTS name
+           + ("" if skip or not rr else "_noskip") + ("" if stages == 3 else f"_s{stages}") + ("_pva" if pva else "") + ("" if not anchor else f"_a{anchor}") + ("" if maxnreg == 168 else f"_r{maxnreg}"))  # a VARIANTS name
     common = (q_scale, k_scale, v_scale, out, counts, indices,
               out.stride(0), out.stride(1), out.stride(2), q_scale.stride(0), q_scale.stride(1),
               k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
@@ -946,7 +971,7 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
         qd, kd, vd = _descs_split(q_i8, k_i8, v_t)
         COMPILED[key] = _attn_split[(B * H * NQ,)](qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2],
                                    BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out, STAGES=stages, PVA=pva,
-                                   num_warps=4, maxnreg=maxnreg)
+                                   ANCHOR=anchor, num_warps=4, maxnreg=maxnreg)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return out
@@ -974,5 +999,8 @@ VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
     "split_s2": dict(variant="split", stages=2),
     "split_s2_r232": dict(variant="split", stages=2, maxnreg=232),
     "split_s2_pva": dict(variant="split", stages=2, pva=True),
+    "split_s2_a1": dict(variant="split", stages=2, anchor=1),  # a proxy fence before S_b's wait
+    "split_s2_a2": dict(variant="split", stages=2, anchor=2),  # a CTA barrier before S_b's wait
+    "split_s2_a3": dict(variant="split", stages=2, anchor=3),  # P_a's row sums by a 64 x 8 product before it
 }
 KERNELS = {"pipe": _attn_pipe, "seq": _attn_pipe, "ws": _attn_ws, "ws3": _attn_ws3, "split": _attn_split}
