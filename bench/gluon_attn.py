@@ -76,11 +76,14 @@ consumers' products during each one's softmax and the three softmaxes follow one
 MUFU. "_rrN": the round robin for each consumer's first N turns only (a staggered start), then
 free; "_noskip": without consumer 2's first turn given away (two softmaxes overlap).
 
-Variants "split_s2" / "split_s2_pva" (v72): seq_s2 with each block's scores as two async wgmma
-groups of 64 keys (K and V^T by two 64-key TMA boxes a slot), so that S_a's exponentials could run
-while S_b is computed, at production's registers; "_pva" also issues P_a.V_a right after them.
-Their sm_90 code shows ptxas moving each wait above the exponentials that the PTX puts before it
-(bench/NOTES.md v72): no overlap.
+Variants "split_s2*" (v72): seq_s2 with each block's scores as two async wgmma groups of 64 keys
+(K and V^T by two 64-key TMA boxes a slot), so that S_a's exponentials could run while S_b is
+computed, at production's registers. In split_s2's sm_90 code they do not: ptxas puts a wgmma
+wait right after the last wgmma op before it, so S_b's wait precedes them. "_a1" / "_a2" (a proxy
+fence / a CTA barrier before the wait) change nothing; "_pva" issues P_a.V_a after them (it then
+spills); "_a4" issues a 64 x 8 product of P_a with a ones column there, which keeps the overlap;
+"_a3" also takes P_a's row sums from it (fails the smoke test, not investigated). Measured (H100,
+v72): split_s2 0.809 and split_s2_a4 0.873 against seq_s2's 0.732 at density 1.0 (Wan 480p).
 
 Measured (H200, 2026-12-07, paired with cuDNN, Wan 480p, density 1.0; bench/NOTES.md v33 and v65):
 production's Triton kernel 0.747, "ws" 0.797, "pipe" 0.855, every FA3-order variant 0.96-1.06, with
@@ -797,7 +800,7 @@ def _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_r
             fence_async_shared()
         if ANCHOR == 2:
             gl.thread_barrier()
-        if ANCHOR == 3:  # a wgmma issue that needs the exponentials pins S_b's wait after them
+        if ANCHOR >= 3:  # a wgmma issue that needs the exponentials pins S_b's wait after them
             r = warpgroup_mma(gl.convert_layout(pa.to(gl.float8e4nv), P_OP8), ones_smem.permute((1, 0)),
                               gl.zeros([64, 8], gl.float32, MMA_8), use_acc=False, is_async=True)
             s_ib = warpgroup_mma_wait(1, deps=(tb, ))
@@ -825,8 +828,11 @@ def _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_r
             r = warpgroup_mma_wait(0, deps=(r, ))
             l_i = l_i * alpha + gl.convert_layout(gl.sum(r, 1), ROW) * gl.convert_layout(beta_h, ROW) \
                 + gl.convert_layout(gl.sum(pb, 1), ROW)
-        else:
+        else:  # ANCHOR 4: the product's result unused (the anchor alone)
             l_i = l_i * alpha + gl.convert_layout(gl.sum(pa, 1) + gl.sum(pb, 1), ROW)
+            if ANCHOR == 4:  # used times 0 (not folded for floats), so that the product is not removed
+                r = warpgroup_mma_wait(0, deps=(r, ))
+                l_i = l_i + gl.convert_layout(gl.sum(r, 1), ROW) * 0.0
         pa8 = gl.convert_layout(pa.to(gl.float8e4nv), P_OP)
         mbarrier.wait(v_bar.index(s), ph)
         o = warpgroup_mma(pa8, v_smem.index(2 * s).permute((1, 0)), zero_o, use_acc=False, is_async=True)
@@ -1002,5 +1008,6 @@ VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
     "split_s2_a1": dict(variant="split", stages=2, anchor=1),  # a proxy fence before S_b's wait
     "split_s2_a2": dict(variant="split", stages=2, anchor=2),  # a CTA barrier before S_b's wait
     "split_s2_a3": dict(variant="split", stages=2, anchor=3),  # P_a's row sums by a 64 x 8 product before it
+    "split_s2_a4": dict(variant="split", stages=2, anchor=4),  # the same product as an anchor only
 }
 KERNELS = {"pipe": _attn_pipe, "seq": _attn_pipe, "ws": _attn_ws, "ws3": _attn_ws3, "split": _attn_split}
