@@ -85,6 +85,10 @@ spills); "_a4" issues a 64 x 8 product of P_a with a ones column there, which ke
 "_a3" also takes P_a's row sums from it (fails the smoke test, not investigated). Measured (H100,
 v72): split_s2 0.809 and split_s2_a4 0.873 against seq_s2's 0.732 at density 1.0 (Wan 480p).
 
+Variant "seq_s2_qreg" (v73): seq_s2 with Q.K^T's A operand in registers (Q loaded once), so that the
+product reads only K from shared memory. Measured (H100): 0.775 against seq_s2's 0.732 (Wan 480p,
+density 1.0); at a 184-register cap (no spills, two programs per SM) 0.843.
+
 Measured (H200, 2026-12-07, paired with cuDNN, Wan 480p, density 1.0; bench/NOTES.md v33 and v65):
 production's Triton kernel 0.747, "ws" 0.797, "pipe" 0.855, every FA3-order variant 0.96-1.06, with
 or without the ping-pong and P in shared memory. "seq_s2" (H100, 2026-12-07, two calls, v68a):
@@ -505,7 +509,7 @@ def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
                so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
                N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, D_OUT: gl.constexpr, STAGES: gl.constexpr,
-               FA3: gl.constexpr, SEQ: gl.constexpr = False):
+               FA3: gl.constexpr, SEQ: gl.constexpr = False, QREG: gl.constexpr = False):
     pid_m, b, h, hk = _program_coords(H, KV_GROUP, NQB, 1)
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar = _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
 
@@ -522,7 +526,10 @@ def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     qs = gl.load(QS + b * sqs_b + h * sqs_h + pid_m)
     mbarrier.wait(q_bar, 0)
     if SEQ:
-        acc, l_i = _consume_seq(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row,
+        # QREG: Q.K^T's A operand from registers (16 a thread), so that the product reads only K
+        # from shared memory (v73)
+        q_op = q_smem.load(P_OP) if QREG else q_smem
+        acc, l_i = _consume_seq(q_op, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row,
                                 v_row, count, qs, N_K, BLOCK_N, STAGES, HEAD_DIM, q_bar, q_bar, 0, 0, 0)
     elif FA3:
         acc, l_i = _consume_fa3(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, ks_base, k_row,
@@ -926,7 +933,7 @@ def _descs(q_i8, k_i8, v_t, q_rows):
 
 
 def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, n_q, n_k, d_out, out_dtype,
-                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False, rr=0, skip=False, maxnreg=168, pva=False, anchor=0):
+                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False, rr=0, skip=False, maxnreg=168, pva=False, anchor=0, qreg=False):
     """kernels.attn_fwd.sparse_attn_fwd's common case (see the module docstring) in Gluon.
     Returns out (B,H,n_q,d_out), a transposed view of contiguous (B,n_q,H,d_out) memory."""
     B, H, nq_pad, hd = q_i8.shape
@@ -946,7 +953,7 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
     fa3 = fa3 or pp or psmem  # both are built on the FA3 order
     rr_tag = "" if not rr else "_rr" if rr >= 1 << 30 else f"_rr{rr}"
     key = (variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("_ps" if psmem else "") + rr_tag
-           + ("" if skip or not rr else "_noskip") + ("" if stages == 3 else f"_s{stages}") + ("_pva" if pva else "") + ("" if not anchor else f"_a{anchor}") + ("" if maxnreg == 168 else f"_r{maxnreg}"))  # a VARIANTS name
+           + ("" if skip or not rr else "_noskip") + ("" if stages == 3 else f"_s{stages}") + ("_pva" if pva else "") + ("" if not anchor else f"_a{anchor}") + ("_qreg" if qreg else "") + ("" if maxnreg == 168 else f"_r{maxnreg}"))  # a VARIANTS name
     common = (q_scale, k_scale, v_scale, out, counts, indices,
               out.stride(0), out.stride(1), out.stride(2), q_scale.stride(0), q_scale.stride(1),
               k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
@@ -960,7 +967,7 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
         qd, kd, vd = _descs(q_i8, k_i8, v_t, BLOCK_M)
         COMPILED[key] = _attn_pipe[(B * H * NQ,)](qd, kd, vd, *common, NQ, nq_pad, k_i8.shape[2],
                                   BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_OUT=d_out, STAGES=stages, FA3=False,
-                                  SEQ=True, num_warps=4, maxnreg=168)
+                                  SEQ=True, QREG=qreg, num_warps=4, maxnreg=maxnreg)
     elif variant == "ws":
         qd, kd, vd = _descs(q_i8, k_i8, v_t, BLOCK_M)
         # 4 + 4 + 1 warps run as 3 warpgroups; 168 x 384 threads fill the register file and
@@ -1009,5 +1016,8 @@ VARIANTS = {  # name -> gluon_sparse_attn_fwd keywords
     "split_s2_a2": dict(variant="split", stages=2, anchor=2),  # a CTA barrier before S_b's wait
     "split_s2_a3": dict(variant="split", stages=2, anchor=3),  # P_a's row sums by a 64 x 8 product before it
     "split_s2_a4": dict(variant="split", stages=2, anchor=4),  # the same product as an anchor only
+    # seq_s2 with Q.K^T's A operand (Q) in registers: the product reads only K from shared memory (v73)
+    "seq_s2_qreg": dict(variant="seq", stages=2, qreg=True),
+    "seq_s2_qreg_r184": dict(variant="seq", stages=2, qreg=True, maxnreg=184),
 }
 KERNELS = {"pipe": _attn_pipe, "seq": _attn_pipe, "ws": _attn_ws, "ws3": _attn_ws3, "split": _attn_split}
