@@ -488,12 +488,14 @@ def _program_coords(H, KV_GROUP, NQB, G: gl.constexpr):
 
 
 @gluon.jit
-def _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+def _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                BOXES: gl.constexpr = 1):
     """One warpgroup's Q tile and K/V^T ring with their barriers (no empty barriers: the warpgroup
-    refills its own slots)."""
+    refills its own slots). BOXES: TMA boxes a slot (2 for the split variants' 64-key halves,
+    buffers 2s and 2s + 1 of slot s)."""
     q_smem = gl.allocate_shared_memory(gl.int8, [64, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.int8, [BOXES * STAGES, BLOCK_N // BOXES, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [BOXES * STAGES, HEAD_DIM, BLOCK_N // BOXES], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -505,6 +507,24 @@ def _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N: gl.constexpr, HEAD_DIM: gl.cons
 
 
 @gluon.jit
+def _program_start(q_desc, q_smem, q_bar, QS, KS, CNT, IDX, sqs_b, sqs_h, sks_b, sks_h, sc_b, sc_h, si_b, si_h, si_q,
+                   pid_m, b, h, hk, H, KV_GROUP, NQ_PAD, NK_PAD, HEAD_DIM: gl.constexpr):
+    """Issue the query block's Q tile (TMA, on q_bar) and return the program's K and V^T rows and
+    its kept list (count, indices, key scales) and Q scale. Q, K, V^T are 2-D descriptors over
+    (B*H*NQ_PAD, D), (B*Hkv*NK_PAD, D), (B*Hkv*D, NK_PAD)."""
+    q_row = ((b * H + h) * NQ_PAD + pid_m * 64).to(gl.int32)
+    k_row = ((b * (H // KV_GROUP) + hk) * NK_PAD).to(gl.int32)
+    v_row = ((b * (H // KV_GROUP) + hk) * HEAD_DIM).to(gl.int32)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    count = gl.load(CNT + b * sc_b + h * sc_h + pid_m)
+    idx_base = IDX + b * si_b + h * si_h + pid_m * si_q
+    ks_base = KS + b * sks_b + hk * sks_h
+    qs = gl.load(QS + b * sqs_b + h * sqs_h + pid_m)
+    return k_row, v_row, count, idx_base, ks_base, qs
+
+
+@gluon.jit
 def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
                so_b, so_h, so_n, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, sc_b, sc_h, si_b, si_h, si_q,
                N_Q, N_K, H, KV_GROUP, NQB, NQ_PAD, NK_PAD,
@@ -512,18 +532,9 @@ def _attn_pipe(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
                FA3: gl.constexpr, SEQ: gl.constexpr = False, QREG: gl.constexpr = False):
     pid_m, b, h, hk = _program_coords(H, KV_GROUP, NQB, 1)
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar = _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES)
-
-    # Q, K, V^T are 2-D descriptors over (B*H*NQ_PAD, D), (B*Hkv*NK_PAD, D), (B*Hkv*D, NK_PAD)
-    q_row = ((b * H + h) * NQ_PAD + pid_m * 64).to(gl.int32)
-    k_row = ((b * (H // KV_GROUP) + hk) * NK_PAD).to(gl.int32)
-    v_row = ((b * (H // KV_GROUP) + hk) * HEAD_DIM).to(gl.int32)
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
-
-    count = gl.load(CNT + b * sc_b + h * sc_h + pid_m)
-    idx_base = IDX + b * si_b + h * si_h + pid_m * si_q
-    ks_base = KS + b * sks_b + hk * sks_h
-    qs = gl.load(QS + b * sqs_b + h * sqs_h + pid_m)
+    k_row, v_row, count, idx_base, ks_base, qs = _program_start(
+        q_desc, q_smem, q_bar, QS, KS, CNT, IDX, sqs_b, sqs_h, sks_b, sks_h, sc_b, sc_h, si_b, si_h, si_q,
+        pid_m, b, h, hk, H, KV_GROUP, NQ_PAD, NK_PAD, HEAD_DIM)
     mbarrier.wait(q_bar, 0)
     if SEQ:
         # QREG: Q.K^T's A operand from registers (16 a thread), so that the product reads only K
@@ -859,30 +870,15 @@ def _attn_split(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
     """seq_s2 (one warpgroup, production's order, 2-deep rings, loads placed by hand) with each
     block's scores in two halves (_split_step). K and V^T tiles arrive as two 64-key boxes each."""
     pid_m, b, h, hk = _program_coords(H, KV_GROUP, NQB, 1)
-    q_smem = gl.allocate_shared_memory(gl.int8, [64, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(gl.int8, [2 * STAGES, HALF, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, HEAD_DIM, HALF], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bar.index(i), count=1)
-        mbarrier.init(v_bar.index(i), count=1)
+    q_smem, k_smem, v_smem, q_bar, k_bar, v_bar = _q_and_ring(q_desc, k_desc, v_desc, BLOCK_N, HEAD_DIM, STAGES, 2)
     # (8, 64) fp8: ones in row 0 (the B operand's column 0), zeros elsewhere
     ones_rows = gl.arange(0, 8, gl.SliceLayout(1, ONES_REG))
     ones = gl.where(ones_rows[:, None] == 0, 1.0, 0.0) + gl.zeros([8, HALF], gl.float32, ONES_REG)
     ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, HALF], ONES_SMEM, ones.to(gl.float8e4nv))
     fence_async_shared()
-    q_row = ((b * H + h) * NQ_PAD + pid_m * 64).to(gl.int32)
-    k_row = ((b * (H // KV_GROUP) + hk) * NK_PAD).to(gl.int32)
-    v_row = ((b * (H // KV_GROUP) + hk) * HEAD_DIM).to(gl.int32)
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
-    count = gl.load(CNT + b * sc_b + h * sc_h + pid_m)
-    idx_base = IDX + b * si_b + h * si_h + pid_m * si_q
-    ks_base = KS + b * sks_b + hk * sks_h
-    qs = gl.load(QS + b * sqs_b + h * sqs_h + pid_m)
+    k_row, v_row, count, idx_base, ks_base, qs = _program_start(
+        q_desc, q_smem, q_bar, QS, KS, CNT, IDX, sqs_b, sqs_h, sks_b, sks_h, sc_b, sc_h, si_b, si_h, si_q,
+        pid_m, b, h, hk, H, KV_GROUP, NQ_PAD, NK_PAD, HEAD_DIM)
 
     m_i = gl.full([64], float("-inf"), gl.float32, ROW)
     l_i = gl.zeros([64], gl.float32, ROW)
@@ -907,7 +903,8 @@ def _attn_split(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
             kb = kb_next
             qk_scale = qk_next
         acc, m_i, l_i = _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_row, count - 1,
-                                    kb, qk_scale, kb, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, True, PVA, ANCHOR, ones_smem)
+                                    kb, qk_scale, kb, count, acc, m_i, l_i, zero_o, N_K, BLOCK_N, STAGES, True, PVA,
+                                    ANCHOR, ones_smem)
     _epilogue(acc, l_i, O, VS, b, h, hk, pid_m * 64, so_b, so_h, so_n, svs_b, svs_h, N_Q, D_OUT, HEAD_DIM)
 
 
