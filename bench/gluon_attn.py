@@ -791,7 +791,10 @@ def _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_r
     PVA: P_a (relative to m_a) goes into P_a.V_a as soon as it is cast, so that a wgmma issue that
     needs the exponentials stands between them and S_b's wait (ptxas otherwise moves that wait
     above them); its fresh accumulator is then rescaled by exp2(m_a - m_new) before P_b.V_b adds to
-    it (64 more live registers during S_b's softmax)."""
+    it (64 more live registers during S_b's softmax).
+    ANCHOR, what stands between S_a's exponentials and S_b's wait: 1 a proxy fence, 2 a CTA barrier,
+    3 a 64 x 8 product of P_a with ones_smem whose row sums then serve l, 4 the same product, its
+    result unused (times 0). Only 3 and 4 keep the wait after the exponentials (bench/NOTES.md v72)."""
     s = j % STAGES
     ph = (j // STAGES) & 1
     mbarrier.wait(k_bar.index(s), ph)
@@ -813,7 +816,6 @@ def _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_r
                           zero_o, use_acc=False, is_async=True)
         s_ib = warpgroup_mma_wait(1, deps=(tb, ))
     else:
-        # pa passes through the wait: LLVM otherwise sinks the exponentials below it, to their uses
         if ANCHOR == 1:  # ptxas places a wgmma wait right after the last wgmma op: a fence in between
             fence_async_shared()
         if ANCHOR == 2:
@@ -822,7 +824,7 @@ def _split_step(q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row, v_r
             r = warpgroup_mma(gl.convert_layout(pa.to(gl.float8e4nv), P_OP8), ones_smem.permute((1, 0)),
                               gl.zeros([64, 8], gl.float32, MMA_8), use_acc=False, is_async=True)
             s_ib = warpgroup_mma_wait(1, deps=(tb, ))
-        else:
+        else:  # pa passes through the wait: LLVM otherwise sinks the exponentials below it, to their uses
             s_ib, pa = warpgroup_mma_wait(0, deps=(tb, pa))
     _issue_halves(k_desc, k_smem, k_bar, k_row, kb_ahead, j + STAGES, count, BLOCK_N, STAGES, True)
     sb = (s_ib + MAGIC_I).to(gl.float32, bitcast=True)
@@ -930,7 +932,8 @@ def _descs(q_i8, k_i8, v_t, q_rows):
 
 
 def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, indices, n_q, n_k, d_out, out_dtype,
-                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False, rr=0, skip=False, maxnreg=168, pva=False, anchor=0, qreg=False):
+                          variant="pipe", stages=3, fa3=False, pp=False, psmem=False, rr=0, skip=False, maxnreg=168,
+                          pva=False, anchor=0, qreg=False):
     """kernels.attn_fwd.sparse_attn_fwd's common case (see the module docstring) in Gluon.
     Returns out (B,H,n_q,d_out), a transposed view of contiguous (B,n_q,H,d_out) memory."""
     B, H, nq_pad, hd = q_i8.shape
@@ -950,7 +953,9 @@ def gluon_sparse_attn_fwd(q_i8, k_i8, v_t, q_scale, k_scale, v_scale, counts, in
     fa3 = fa3 or pp or psmem  # both are built on the FA3 order
     rr_tag = "" if not rr else "_rr" if rr >= 1 << 30 else f"_rr{rr}"
     key = (variant + ("_pp" if pp else "_fa3" if fa3 else "") + ("_ps" if psmem else "") + rr_tag
-           + ("" if skip or not rr else "_noskip") + ("" if stages == 3 else f"_s{stages}") + ("_pva" if pva else "") + ("" if not anchor else f"_a{anchor}") + ("_qreg" if qreg else "") + ("" if maxnreg == 168 else f"_r{maxnreg}"))  # a VARIANTS name
+           + ("" if skip or not rr else "_noskip") + ("" if stages == 3 else f"_s{stages}") + ("_pva" if pva else "")
+           + ("" if not anchor else f"_a{anchor}") + ("_qreg" if qreg else "")
+           + ("" if maxnreg == 168 else f"_r{maxnreg}"))  # a VARIANTS name
     common = (q_scale, k_scale, v_scale, out, counts, indices,
               out.stride(0), out.stride(1), out.stride(2), q_scale.stride(0), q_scale.stride(1),
               k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
