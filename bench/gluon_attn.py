@@ -754,12 +754,12 @@ def _attn_ws3(q_desc, k_desc, v_desc, QS, KS, VS, O, CNT, IDX,
 HALF = gl.constexpr(64)
 MMA_H = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 32]))
 ROW_H = gl.constexpr(gl.SliceLayout(1, MMA_H.value))
-# ANCHOR 3: a 64 x 8 product P_a.ones (column 0: P_a's row sums) issued after S_a's exponentials
+COL_H = gl.constexpr(gl.SliceLayout(0, MMA_H.value))
+# ANCHOR 3 / 4: a 64 x 8 product P_a.ones (column 0: P_a's row sums) issued after S_a's exponentials
 MMA_8 = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 32]))
 P_OP8 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA_8.value, k_width=4))
 ONES_SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
 ONES_REG = gl.constexpr(gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0]))
-COL_H = gl.constexpr(gl.SliceLayout(0, MMA_H.value))
 
 
 @gluon.jit
